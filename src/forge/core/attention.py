@@ -1,0 +1,71 @@
+"""Causal self-attention with optional RoPE and grouped-query attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from forge.config import ModelConfig
+from forge.core import ops
+from forge.core.kv_cache import KVCache
+
+__all__ = ["CausalSelfAttention", "apply_rope", "rope_tables"]
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (max_len, head_dim) in the "rotate half" layout used by HF Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by cos/sin broadcastable to (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # One fused projection for q, k and v: a single matmul instead of three.
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache_pos: int | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, (H + 2Hkv) * D)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = True
+        if cache_pos is not None:
+            assert self.cache is not None, "cache_pos given but no KV cache was set up"
+            k, v = self.cache.update(cache_pos, k, v)
+            # A single new token may attend to every cached key; a prefill from 0 is causal.
+            causal = T > 1
+            assert cache_pos == 0 or T == 1, "chunked prefill is not supported"
+        if self.training and self.dropout:
+            y = nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout, enable_gqa=Hkv != H
+            )
+        else:
+            y = ops.attention(q, k, v, causal=causal, mask=mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return ops.linear(y, self.proj.weight, self.proj.bias)

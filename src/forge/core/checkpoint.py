@@ -1,0 +1,195 @@
+"""Checkpoint directories, written atomically.
+
+A checkpoint is one directory::
+
+    model.safetensors     weights (tied tensors stored once)
+    config.json           the ModelConfig
+    tokenizer.json        the tokenizer (HF tokenizers format)
+    training_state.pt     optimizer, step, RNG states (optional)
+    forge.json            the manifest: format version and a sha256 per file
+
+Everything is written into a hidden sibling directory first and fsynced; the
+manifest is written last, and the directory is then renamed into place. If a
+previous checkpoint exists it is moved aside, the new one renamed in, and the
+old one removed. A crash at any point leaves either the old checkpoint, the new
+one, or a recoverable ``.old`` sibling that :func:`load_checkpoint` restores;
+never a half-written directory that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from forge.errors import CheckpointError
+
+__all__ = ["Checkpoint", "load_checkpoint", "read_manifest", "save_checkpoint"]
+
+FORMAT = "forge-checkpoint"
+VERSION = 1
+MANIFEST = "forge.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STATE = "training_state.pt"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds, loaded."""
+
+    path: Path
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    files: dict[str, bytes] = field(default_factory=dict)
+    training_state: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _recover(path: Path) -> None:
+    """Finish an interrupted swap: put a moved-aside checkpoint back if the new one never arrived."""
+    if path.exists():
+        return
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if (old / MANIFEST).exists():
+            os.replace(old, path)
+            return
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    files: dict[str, bytes] | None = None,
+    training_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: it is a file; choose a directory path")
+    _recover(target)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        # safetensors' save_model stores tied weights once and records which to restore.
+        save_model(model, str(tmp / WEIGHTS))
+        _fsync(tmp / WEIGHTS)
+        _write_bytes(tmp / CONFIG, json.dumps(config, indent=2).encode())
+        for name, data in (files or {}).items():
+            _write_bytes(tmp / name, data)
+        if training_state is not None:
+            with (tmp / STATE).open("wb") as f:
+                torch.save(training_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "version": VERSION, "files": hashes, "meta": meta or {}}
+        _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path``, after checking every file's hash."""
+    root = Path(path)
+    _recover(root)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {str(root)!r} does not exist; pass the directory `forge train --out` wrote")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {str(root)!r} is a file; pass the checkpoint directory")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{str(root)!r} is not a Forge checkpoint (no {MANIFEST}); pass a directory written by `forge train`"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {str(root)!r} is corrupted: {MANIFEST} is not valid JSON") from None
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint {str(root)!r} is corrupted: {MANIFEST} is not a Forge manifest")
+    if verify:
+        for name, digest in manifest["files"].items():
+            file = root / name
+            if not file.exists():
+                raise CheckpointError(f"checkpoint {str(root)!r} is incomplete: {name} is missing; re-save it")
+            if _sha256(file) != digest:
+                raise CheckpointError(
+                    f"checkpoint {str(root)!r} is corrupted: {name} does not match its recorded sha256; "
+                    "re-save it or use an earlier checkpoint"
+                )
+    return manifest
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", with_state: bool = True
+) -> Checkpoint:
+    """Load and verify a checkpoint directory written by :func:`save_checkpoint`."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    names = set(manifest["files"])
+    try:
+        config = json.loads((root / CONFIG).read_text())
+        state_dict = load_file(str(root / WEIGHTS), device=str(map_location))
+        training_state = None
+        if with_state and STATE in names:
+            training_state = torch.load(root / STATE, map_location=map_location, weights_only=True)
+    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {str(root)!r} could not be read ({e}); re-save it") from None
+    files = {n: (root / n).read_bytes() for n in names if n not in {CONFIG, WEIGHTS, STATE, MANIFEST}}
+    return Checkpoint(
+        path=root,
+        config=config,
+        state_dict=state_dict,
+        files=files,
+        training_state=training_state,
+        meta=manifest.get("meta", {}),
+    )

@@ -1,0 +1,123 @@
+"""Token generation with a preallocated KV cache.
+
+Prefill and single-token decode are separate small functions. A batch of
+prompts of different lengths is left-padded; a key mask hides the padding and
+per-row positions make each prompt start at position 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from forge.core.sampling import SamplingParams, sample
+from forge.core.transformer import Transformer
+
+__all__ = ["generate_tokens"]
+
+
+def _prompt_batch(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into tokens (B, T) and a validity mask (B, T)."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            valid[row, width - len(prompt) :] = True
+    return tokens.to(device), valid.to(device)
+
+
+def _attention_mask(valid: torch.Tensor, n_query: int) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool: causal, padding keys hidden; a pad query sees itself so no row is empty."""
+    B, Tk = valid.shape
+    q_pos = torch.arange(Tk - n_query, Tk, device=valid.device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=valid.device)[None, :]  # (1, Tk)
+    causal = k_pos <= q_pos  # (Tq, Tk)
+    mask = causal & (valid[:, None, :] | (k_pos == q_pos))  # (B, Tq, Tk)
+    return mask[:, None]  # (B, 1, Tq, Tk)
+
+
+def _positions(valid: torch.Tensor) -> torch.Tensor:
+    """Per-row positions (B, T): 0 at each prompt's first real token, 0 on padding."""
+    return (valid.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, valid: torch.Tensor, padded: bool) -> torch.Tensor:
+    """Run the prompts, filling the KV cache from position 0; logits (B, V) of the last position."""
+    mask = _attention_mask(valid, tokens.shape[1]) if padded else None
+    positions = _positions(valid) if padded else None
+    return model(tokens, positions=positions, mask=mask, cache_pos=0, last_only=True)[:, -1]
+
+
+def decode_one(
+    model: Transformer, token: torch.Tensor, pos: int, valid: torch.Tensor, padded: bool
+) -> torch.Tensor:
+    """Feed one token per row (B, 1) at cache slot ``pos``; logits (B, V)."""
+    mask = valid[:, None, None, : pos + 1] if padded else None  # (B, 1, 1, pos+1)
+    positions = _positions(valid[:, : pos + 1])[:, -1:] if padded else None
+    return model(token, positions=positions, mask=mask, cache_pos=pos)[:, -1]
+
+
+def _forward_full(model: Transformer, tokens: torch.Tensor, valid: torch.Tensor, padded: bool) -> torch.Tensor:
+    """The uncached reference: recompute the whole sequence, logits (B, V) of the last position."""
+    mask = _attention_mask(valid, tokens.shape[1]) if padded else None
+    positions = _positions(valid) if padded else None
+    return model(tokens, positions=positions, mask=mask, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, (B,) int64, up to ``max_new_tokens`` times.
+
+    The caller stops early by leaving the loop (e.g. when every row hit a stop).
+    ``use_cache=False`` recomputes the whole sequence each step (the reference
+    the cached path is tested against).
+    """
+    device = model.tok_emb.weight.device
+    tokens, valid = _prompt_batch(prompts, device)
+    B, T = tokens.shape
+    total = T + max_new_tokens
+    assert total <= model.config.context_length, "caller must cap max_new_tokens to the context"
+    padded = not bool(valid.all())
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens, valid)
+    valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            if use_cache:
+                model.setup_cache(B, total, dtype=autocast_dtype)
+                logits = prefill(model, tokens, valid[:, :T], padded)
+            else:
+                logits = _forward_full(model, tokens, valid[:, :T], padded)
+            for step in range(max_new_tokens):
+                nxt = sample(logits, params, generator, seen)  # (B,)
+                yield nxt
+                if step == max_new_tokens - 1:
+                    break
+                if seen is not None:
+                    seen[torch.arange(B, device=device), nxt] = True
+                pos = T + step
+                if use_cache:
+                    logits = decode_one(model, nxt[:, None], pos, valid, padded)
+                else:
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                    logits = _forward_full(model, tokens, valid[:, : pos + 1], padded)
+    finally:
+        model.clear_cache()
+        model.train(was_training)

@@ -1,0 +1,90 @@
+"""Sampling: logits in, token ids out. Pure functions driven by a seeded generator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from forge.errors import ConfigError
+
+__all__ = ["SamplingParams", "apply_repetition_penalty", "sample"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """How to pick the next token. ``temperature=0`` is greedy decoding.
+
+    >>> SamplingParams(temperature=0).greedy
+    True
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError.for_field("SamplingParams", name, getattr(self, name), allowed)
+
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise bad("temperature", "must be >= 0 (0 means greedy)")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise bad("top_k", "must be a positive integer or None")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1] or None")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1] or None")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "must be > 0 (1.0 disables it)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (Keskar et al., 2019) on tokens already in the sequence.
+
+    logits (B, V); seen (B, V) bool. Positive logits are divided by the penalty
+    and negative ones multiplied, so a seen token always becomes less likely.
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, V); returns (B,) int64.
+
+    >>> sample(torch.tensor([[0.0, 5.0, 1.0]]), SamplingParams(temperature=0)).tolist()
+    [1]
+    """
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p is not None and params.min_p > 0:
+        # Keep tokens at least min_p times as likely as the most likely one.
+        floor = probs.max(dim=-1, keepdim=True).values * params.min_p
+        probs = probs.masked_fill(probs < floor, 0.0)
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once the mass before it already reaches top_p; the first always stays.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,200 @@
+"""A decoder-only transformer covering the GPT-2 and Llama families.
+
+The model knows nothing about training or tokenizers: token ids in, logits out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from forge.config import ModelConfig
+from forge.core import ops
+from forge.core.attention import CausalSelfAttention, rope_tables
+from forge.core.kv_cache import KVCache
+
+__all__ = ["Transformer"]
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        use_bias = cfg.norm == "layernorm" and cfg.bias
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if use_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        # SwiGLU fuses gate and up projections into one matmul: (d, 2*ff).
+        self.up = nn.Linear(cfg.d_model, cfg.ff_dim * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.linear(x, self.up.weight, self.up.bias)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = ops.silu(gate) * up
+        else:
+            h = ops.gelu(h)
+        return ops.linear(h, self.down.weight, self.down.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = Norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = Norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache_pos: int | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, cache_pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) to logits (B, T, vocab).
+
+    >>> from forge.config import get_preset
+    >>> m = Transformer(get_preset("tiny").replace(vocab_size=256))
+    >>> tuple(m(torch.zeros(2, 5, dtype=torch.long)).shape)
+    (2, 5, 256)
+    """
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # Weight tying: the input embedding doubles as the output projection,
+            # saving vocab*d parameters and improving small models (Press & Wolf, 2017).
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "rope":
+            self.register_buffer("rope_cos", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (RoPE tables), e.g. after ``to_empty()``."""
+        if self.config.position == "rope":
+            cfg = self.config
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            with torch.no_grad():
+                self.rope_cos.copy_(cos)
+                self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), with residual projections scaled by 1/sqrt(2L)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # Each block adds two residual branches; scaling keeps the residual
+        # stream's variance from growing with depth (GPT-2 paper, section 2.3).
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=std)
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        """Parameter count; tied weights count once."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    # -- KV cache -----------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None) -> None:
+        """Preallocate a KV cache of ``max_len`` positions in every layer."""
+        cfg = self.config
+        device = self.tok_emb.weight.device
+        dtype = dtype or self.tok_emb.weight.dtype
+        for block in self.blocks:
+            block.attn.cache = KVCache(
+                batch=batch, n_kv_head=cfg.kv_heads, max_len=max_len, head_dim=cfg.head_dim, dtype=dtype, device=device
+            )
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
+    # -- forward --------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache_pos: int | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for token ids ``idx`` (B, T).
+
+        positions: (B, T) or (T,) absolute positions; default ``cache_pos + arange(T)``.
+        mask: boolean (B, 1, T, Tk), True = may attend; default causal.
+        cache_pos: write keys/values into the KV cache at this offset (see ``setup_cache``).
+        last_only: return logits of the last position only, (B, 1, vocab).
+        """
+        B, T = idx.shape
+        start = cache_pos or 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx)  # (B, T, d)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            # (T, D) -> (1, 1, T, D) or (B, T, D) -> (B, 1, T, D)
+            rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
+            if positions.dim() == 1:
+                rope = (rope[0].unsqueeze(0), rope[1].unsqueeze(0))
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache_pos)
+        if last_only:
+            x = x[:, -1:, :]
+        x = self.norm(x)
+        return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, computed in fp32 for stability."""
+        logits = self(idx)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -1,0 +1,219 @@
+"""Training data: from text to a memory-mapped token file, cached by content hash.
+
+Sources are a text file, a folder of ``.txt``/``.md`` files, or a list of
+strings. Each document is read, checked to be UTF-8 text, and tokenized in
+chunks into a flat ``uint16``/``uint32`` file under the cache directory, named
+by the hash of the corpus and the tokenizer. Later runs map that file instead
+of tokenizing again, and the corpus never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from forge.errors import ConfigError, DataError
+from forge.tokenizer import Tokenizer
+
+__all__ = ["Corpus", "TokenDataset", "cache_dir"]
+
+TEXT_SUFFIXES = (".txt", ".md")
+_CHUNK = 1 << 20  # characters per tokenizer call
+DataSource = str | os.PathLike[str] | Sequence[str]
+
+
+def cache_dir() -> Path:
+    """``$FORGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/forge``, else ``~/.cache/forge``."""
+    if env := os.environ.get("FORGE_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "forge"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A validated set of documents: file paths or in-memory strings.
+
+    >>> Corpus.from_source(["to be or not to be"]).num_documents
+    1
+    """
+
+    files: tuple[Path, ...] = ()
+    texts: tuple[str, ...] = ()
+    label: str = "<list of strings>"
+
+    @classmethod
+    def from_source(cls, source: DataSource) -> Corpus:
+        if isinstance(source, (str, os.PathLike)):
+            return cls._from_path(Path(source))
+        texts = tuple(source)
+        if not all(isinstance(t, str) for t in texts):
+            raise DataError("training data as a list must hold strings only; got a non-str item")
+        if not any(t.strip() for t in texts):
+            raise DataError("training data is empty: the list of strings holds no text; pass at least one document")
+        return cls(texts=texts)
+
+    @classmethod
+    def _from_path(cls, path: Path) -> Corpus:
+        if not path.exists():
+            raise DataError(f"data path {str(path)!r} does not exist; pass a text file or a folder of .txt/.md files")
+        if path.is_dir():
+            files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES))
+            if not files:
+                raise DataError(f"data folder {str(path)!r} holds no .txt or .md files; add some or pass a file")
+        else:
+            files = (path,)
+        corpus = cls(files=files, label=str(path))
+        corpus._check()
+        return corpus
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.files) or len(self.texts)
+
+    def _check(self) -> None:
+        """Every file is readable UTF-8 text, and at least one is non-empty."""
+        any_text = False
+        for f in self.files:
+            for chunk in _read_file(f):
+                any_text = any_text or bool(chunk.strip())
+        if not any_text:
+            what = "file" if len(self.files) == 1 else "files in"
+            raise DataError(f"training data is empty: the {what} {self.label!r} hold(s) no text; add text to train on")
+
+    def documents(self) -> Iterator[Iterator[str]]:
+        """Each document as an iterator of text chunks."""
+        if self.files:
+            for f in self.files:
+                yield _read_file(f)
+        else:
+            for t in self.texts:
+                yield iter([t[i : i + _CHUNK] for i in range(0, len(t), _CHUNK)])
+
+    def chunks(self) -> Iterator[str]:
+        for doc in self.documents():
+            yield from doc
+
+    def fingerprint(self) -> str:
+        """sha256 over every document's bytes, with separators."""
+        h = hashlib.sha256()
+        for doc in self.documents():
+            for chunk in doc:
+                h.update(chunk.encode("utf-8"))
+            h.update(b"\x00<doc>\x00")
+        return h.hexdigest()
+
+
+def _read_file(path: Path) -> Iterator[str]:
+    """Chunks of a UTF-8 file, at line ends; raises DataError on binary content."""
+    try:
+        f = path.open("r", encoding="utf-8", newline="")
+    except OSError as e:
+        raise DataError(f"data file {str(path)!r} cannot be read ({e.strerror}); check its permissions") from None
+    with f:
+        while True:
+            try:
+                chunk = f.read(_CHUNK)
+                if chunk and not chunk.endswith("\n"):
+                    chunk += f.readline()
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"data file {str(path)!r} is not UTF-8 text (it looks binary); pass a plain text file"
+                ) from None
+            if not chunk:
+                return
+            if "\x00" in chunk:
+                raise DataError(f"data file {str(path)!r} holds NUL bytes (it looks binary); pass a plain text file")
+            yield chunk
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+class TokenDataset:
+    """A corpus tokenized into a memory-mapped file, split into train and validation.
+
+    The last ``val_fraction`` of the tokens is the validation split.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, *, val_fraction: float = 0.1) -> None:
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError.for_field("TokenDataset", "val_fraction", val_fraction, "must be in (0, 1)")
+        self.path = path
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        n = len(self.tokens)
+        self.split_at = n - max(1, int(n * val_fraction))
+
+    @classmethod
+    def build(
+        cls,
+        corpus: Corpus,
+        tokenizer: Tokenizer,
+        *,
+        val_fraction: float = 0.1,
+        directory: Path | None = None,
+    ) -> TokenDataset:
+        """Tokenize ``corpus`` once into ``directory`` (the cache by default), or reuse the cached file."""
+        directory = directory or cache_dir() / "tokens"
+        directory.mkdir(parents=True, exist_ok=True)
+        tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+        key = hashlib.sha256(f"{corpus.fingerprint()}:{tok_hash}".encode()).hexdigest()[:32]
+        dtype = _token_dtype(tokenizer.vocab_size)
+        path = directory / f"{key}.{dtype.name}"
+        if not path.exists():
+            _write_tokens(corpus, tokenizer, path, dtype)
+        return cls(path, dtype, val_fraction=val_fraction)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def split_size(self, split: Literal["train", "val"]) -> int:
+        return self.split_at if split == "train" else self.num_tokens - self.split_at
+
+    def check_context(self, context: int) -> None:
+        """Both splits must hold at least one window of ``context + 1`` tokens."""
+        need = context + 1
+        for split in ("train", "val"):
+            have = self.split_size(split)
+            if have < need:
+                raise DataError(
+                    f"the corpus is too small: its {split} split has {have} tokens but one window of "
+                    f"--context {context} needs {need}; add more text or lower --context"
+                )
+
+    def batch(
+        self, split: Literal["train", "val"], batch_size: int, context: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: inputs x (B, T) and next-token targets y (B, T), int64."""
+        lo, hi = (0, self.split_at) if split == "train" else (self.split_at, self.num_tokens)
+        starts = torch.randint(lo, hi - context, (batch_size,), generator=generator).tolist()
+        rows = np.stack([self.tokens[s : s + context + 1] for s in starts]).astype(np.int64)
+        data = torch.from_numpy(rows)  # (B, T+1)
+        return data[:, :-1], data[:, 1:]
+
+
+def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> None:
+    """Tokenize document by document, chunk by chunk; EOS between documents. Atomic."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    eos = tokenizer.eos_id
+    try:
+        with tmp.open("wb") as out:
+            for i, doc in enumerate(corpus.documents()):
+                if i and eos is not None:
+                    out.write(np.asarray([eos], dtype=dtype).tobytes())
+                for chunk in doc:
+                    out.write(np.asarray(tokenizer.encode(chunk), dtype=dtype).tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,135 @@
+"""Tokenizers: byte-level BPE or char-level, trained on your corpus with HF tokenizers.
+
+Both kinds encode any UTF-8 text and decode it back unchanged: byte-level BPE
+works on bytes, and the char-level vocabulary falls back to byte tokens for
+characters it never saw.
+
+>>> tok = Tokenizer.train(["hello world"], kind="char")
+>>> tok.decode(tok.encode("hello, wörld!"))
+'hello, wörld!'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from forge.errors import ConfigError, DataError
+
+__all__ = ["EOS", "Tokenizer", "TokenizerKind"]
+
+EOS = "<|endoftext|>"
+TokenizerKind = Literal["bpe", "char"]
+
+
+class Tokenizer:
+    """A thin, typed wrapper over a ``tokenizers.Tokenizer``."""
+
+    def __init__(self, hf: HFTokenizer, *, eos: str = EOS) -> None:
+        self.hf = hf
+        self.eos = eos
+        self.eos_id: int | None = hf.token_to_id(eos)
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        *,
+        kind: TokenizerKind = "bpe",
+        vocab_size: int = 2048,
+        special_tokens: Sequence[str] = (EOS,),
+    ) -> Tokenizer:
+        """Train on an iterable of texts (documents or chunks; streamed, not held in memory)."""
+        if kind == "char":
+            return cls(_train_char(texts, special_tokens), eos=special_tokens[0] if special_tokens else EOS)
+        if kind != "bpe":
+            raise ConfigError(f"tokenizer kind {kind!r} is unknown: use 'bpe' or 'char'")
+        minimum = 256 + len(special_tokens)
+        if vocab_size < minimum:
+            raise ConfigError(
+                f"vocab_size = {vocab_size} is too small for byte-level BPE: it needs at least {minimum} "
+                "(256 bytes + special tokens); raise it or use the char tokenizer"
+            )
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=list(special_tokens),
+            # Every byte is in the alphabet, so any UTF-8 text encodes.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf, eos=special_tokens[0] if special_tokens else EOS)
+
+    @classmethod
+    def from_str(cls, data: str) -> Tokenizer:
+        try:
+            return cls(HFTokenizer.from_str(data))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"tokenizer JSON could not be parsed ({e}); re-save the tokenizer") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a ``tokenizer.json`` file."""
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"tokenizer file {str(p)!r} does not exist; pass a tokenizer.json saved by Forge or HF")
+        return cls.from_str(p.read_text(encoding="utf-8"))
+
+    # -- persistence ----------------------------------------------------------
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``tokenizer.json`` atomically (temp file, then rename)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(self.to_str(), encoding="utf-8")
+        os.replace(tmp, p)
+
+    # -- use --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode ids, special tokens included, so decode(encode(s)) == s."""
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, model={type(self.hf.model).__name__})"
+
+
+def _train_char(texts: Iterable[str], special_tokens: Sequence[str]) -> HFTokenizer:
+    """Characters seen in the corpus, plus 256 byte tokens for everything else.
+
+    A BPE model with no merges is exactly a char-level tokenizer; HF's
+    ``byte_fallback`` maps unseen characters to their UTF-8 bytes.
+    """
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab: dict[str, int] = {}
+    for token in [*special_tokens, *(f"<0x{b:02X}>" for b in range(256)), *sorted(chars)]:
+        vocab.setdefault(token, len(vocab))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens(list(special_tokens))
+    return hf
+

@@ -1,0 +1,383 @@
+"""The training loop and its events.
+
+>>> result = train(["to be or not to be, that is the question. " * 200], preset="tiny",
+...                steps=2, batch_size=2, context=16, tokenizer="char", eval_every=0)
+>>> result.step
+2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from forge.config import ModelConfig, get_preset
+from forge.core.device import autocast_dtype, resolve_device
+from forge.core.optim import build_adamw, clip_grad_norm
+from forge.core.schedule import Schedule, ScheduleKind
+from forge.core.transformer import Transformer
+from forge.data import Corpus, DataSource, TokenDataset, cache_dir
+from forge.errors import ConfigError
+from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
+from forge.models import create_model, load, padded_vocab, save
+from forge.tokenizer import Tokenizer, TokenizerKind
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]
+
+log = logging.getLogger("forge")
+Precision = Literal["auto", "bf16", "fp32"]
+Listener = Callable[[Event], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """How to train. ``steps`` counts optimizer steps in total, across resumes.
+
+    >>> TrainConfig(steps=100).warmup_steps
+    10
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    context: int | None = None  # None: the model's context length
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup: int | None = None  # None: 10% of steps, at most 100
+    schedule: ScheduleKind = "cosine"
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    eval_every: int = 100  # 0: only at the start and the end
+    eval_batches: int = 10
+    val_fraction: float = 0.1
+    checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    seed: int = 1337
+    precision: Precision = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError.for_field("TrainConfig", name, value, "must be a positive integer")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError.for_field("TrainConfig", name, getattr(self, name), "must be >= 0 (0 disables)")
+        if self.context is not None and self.context < 1:
+            raise ConfigError.for_field("TrainConfig", "context", self.context, "must be a positive integer")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError.for_field("TrainConfig", "lr", self.lr, "must be a positive number, e.g. 1e-3")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError.for_field("TrainConfig", "grad_clip", self.grad_clip, "must be > 0, or None to disable")
+        if self.weight_decay < 0:
+            raise ConfigError.for_field("TrainConfig", "weight_decay", self.weight_decay, "must be >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError.for_field("TrainConfig", "precision", self.precision, "use 'auto', 'bf16' or 'fp32'")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError.for_field("TrainConfig", "val_fraction", self.val_fraction, "must be in (0, 1)")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(100, self.steps // 10)
+
+    def schedule_for(self) -> Schedule:
+        min_lr = self.min_lr if self.min_lr is not None else self.lr / 10
+        return Schedule(kind=self.schedule, lr=self.lr, min_lr=min_lr, warmup=self.warmup_steps, total=self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``losses`` holds (step, train loss); ``evals`` holds (step, val loss)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    step: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.losses[-1][1] if self.losses else None
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.evals[-1][1] if self.evals else None
+
+
+class Trainer:
+    """Runs optimizer steps on a model over a token dataset, emitting events."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        dataset: TokenDataset,
+        config: TrainConfig,
+        *,
+        device: torch.device,
+        out: str | os.PathLike[str] | None = None,
+        listeners: Iterable[Listener] = (),
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.context = config.context or model.config.context_length
+        if self.context > model.config.context_length:
+            raise ConfigError(
+                f"--context {self.context} is longer than the model's context of {model.config.context_length}; "
+                f"use --context {model.config.context_length} or less"
+            )
+        dataset.check_context(self.context)
+        self.model = model.to(device)
+        self.tokenizer, self.dataset, self.device = tokenizer, dataset, device
+        self.out = Path(out) if out is not None else None
+        self.listeners = list(listeners)
+        self.meta = meta or {}
+        self.dtype = _precision(config.precision, device)
+        self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
+        self.schedule = config.schedule_for()
+        self.data_rng = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.result = TrainResult(model=model, tokenizer=tokenizer, step=0)
+
+    # -- state --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_data": self.data_rng.get_state(),
+            "train_config": self.config.to_dict(),
+            "metrics": {"train_loss": self.result.train_loss, "val_loss": self.result.val_loss},
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_torch"])
+        self.data_rng.set_state(state["rng_data"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.result.step = self.step
+
+    # -- events -------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must never kill a training run
+                log.exception("listener %r failed on %s event", listener, event.name)
+
+    # -- loop -----------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        if self.step >= cfg.steps:
+            raise ConfigError(
+                f"--steps {cfg.steps} trains nothing: the checkpoint is already at step {self.step}; "
+                f"--steps counts in total, so pass a number above {self.step}"
+            )
+        self.model.train()
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        tokens_per_step = cfg.batch_size * self.context * cfg.grad_accum
+        self.emit(
+            StartEvent(
+                start_step=self.step,
+                total_steps=cfg.steps,
+                parameters=self.model.num_params(),
+                device=str(self.device),
+                precision=str(self.dtype).removeprefix("torch.") if self.dtype else "float32",
+                train_tokens=self.dataset.split_size("train"),
+                val_tokens=self.dataset.split_size("val"),
+                tokens_per_step=tokens_per_step,
+            )
+        )
+        t0 = time.perf_counter()
+        first_step = self.step
+        try:
+            if cfg.eval_every and self.step == 0:
+                self._evaluate()
+            while self.step < cfg.steps:
+                data_state = self.data_rng.get_state()
+                try:
+                    loss, lr, grad_norm = self._train_step()
+                except KeyboardInterrupt:
+                    # Undo the half-drawn batches so a resume sees exactly the next step's data.
+                    self.data_rng.set_state(data_state)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise
+                self.step += 1
+                self.result.losses.append((self.step, loss))
+                elapsed = time.perf_counter() - t0
+                done = self.step - first_step
+                self.emit(
+                    StepEvent(
+                        step=self.step,
+                        total_steps=cfg.steps,
+                        loss=loss,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        tokens_per_sec=done * tokens_per_step / max(elapsed, 1e-9),
+                        elapsed=elapsed,
+                        eta=elapsed / done * (cfg.steps - self.step),
+                    )
+                )
+                last = self.step == cfg.steps
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or (last and cfg.eval_every):
+                    self._evaluate()
+                if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
+                    self._save()
+        except KeyboardInterrupt:
+            self.result.interrupted = True
+        if self.out:
+            self._save()
+        self.result.step = self.step
+        self.emit(
+            EndEvent(
+                step=self.step,
+                train_loss=self.result.train_loss,
+                val_loss=self.result.val_loss,
+                elapsed=time.perf_counter() - t0,
+                interrupted=self.result.interrupted,
+            )
+        )
+        self.model.eval()
+        return self.result
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def _train_step(self) -> tuple[float, float, float]:
+        cfg = self.config
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            x, y = self.dataset.batch("train", cfg.batch_size, self.context, self.data_rng)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = self.model.loss(x, y) / cfg.grad_accum
+            loss.backward()
+            total += loss.detach()
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip) if cfg.grad_clip else float("nan")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total), lr, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``eval_batches`` fixed windows (the same every time)."""
+        was_training = self.model.training
+        self.model.eval()
+        rng = torch.Generator().manual_seed(self.config.seed + 1)
+        losses = []
+        for _ in range(self.config.eval_batches):
+            x, y = self.dataset.batch("val", self.config.batch_size, self.context, rng)
+            with self._autocast():
+                losses.append(float(self.model.loss(x.to(self.device), y.to(self.device))))
+        self.model.train(was_training)
+        return sum(losses) / len(losses)
+
+    def _evaluate(self) -> None:
+        val = self.evaluate()
+        self.result.evals.append((self.step, val))
+        self.emit(EvalEvent(step=self.step, val_loss=val, val_perplexity=math.exp(min(val, 50.0))))
+
+    def _save(self) -> None:
+        assert self.out is not None
+        save(self.out, self.model, self.tokenizer, training_state=self.state_dict(), meta=self.meta)
+        self.result.checkpoint = self.out
+        self.emit(CheckpointEvent(step=self.step, path=str(self.out)))
+
+
+def _precision(precision: Precision, device: torch.device) -> torch.dtype | None:
+    native = autocast_dtype(device)
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if native is None:
+            raise ConfigError(f"precision 'bf16' is not supported natively on {device}; use 'fp32' or 'auto'")
+        return torch.bfloat16
+    return native
+
+
+def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Tokenizer:
+    """Train a tokenizer on the corpus, cached by corpus content, kind and size."""
+    path = cache_dir() / "tokenizers" / f"{corpus.fingerprint()[:32]}-{kind}-{vocab_size}.json"
+    if path.exists():
+        return Tokenizer.load(path)
+    tokenizer = Tokenizer.train(corpus.chunks(), kind=kind, vocab_size=vocab_size)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def train(
+    data: DataSource,
+    *,
+    preset: str | ModelConfig = "tiny",
+    out: str | os.PathLike[str] | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    tokenizer: TokenizerKind | Tokenizer = "bpe",
+    vocab_size: int | None = None,
+    device: str = "auto",
+    listeners: Iterable[Listener] = (),
+    config: TrainConfig | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train a model on ``data`` (a file, a folder, or a list of strings).
+
+    From scratch, a tokenizer is trained on the corpus and a model built from
+    ``preset``; with ``resume``, both come from that checkpoint and training
+    continues exactly where it stopped. ``options`` are :class:`TrainConfig` fields.
+    """
+    config = dataclasses.replace(config, **options) if config else TrainConfig(**options)
+    dev = resolve_device(device)
+    corpus = Corpus.from_source(data)
+    state = None
+    if resume is not None:
+        loaded = load(resume, with_state=True)
+        model, tok, state = loaded.model, loaded.tokenizer, loaded.training_state
+    else:
+        cfg = get_preset(preset) if isinstance(preset, str) else preset
+        if config.context is not None and config.context > cfg.context_length:
+            raise ConfigError(
+                f"--context {config.context} is longer than the model's context of {cfg.context_length}; "
+                f"use --context {cfg.context_length} or less"
+            )
+        if isinstance(tokenizer, Tokenizer):
+            tok = tokenizer
+        else:
+            tok = _tokenizer_for(corpus, tokenizer, vocab_size or cfg.vocab_size)
+        torch.manual_seed(config.seed)
+        model = create_model(cfg, vocab_size=padded_vocab(tok.vocab_size))
+    dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)
+    trainer = Trainer(
+        model,
+        tok,
+        dataset,
+        config,
+        device=dev,
+        out=out if out is not None else resume,
+        listeners=listeners,
+        meta={"data": corpus.label},
+    )
+    if state is not None:
+        trainer.load_state_dict(state)
+    return trainer.run()
