@@ -85,9 +85,7 @@ def save(
     )
 
 
-def load(
-    path: str | os.PathLike[str], *, device: str | torch.device = "cpu", with_state: bool = False
-) -> LoadedModel:
+def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", with_state: bool = False) -> LoadedModel:
     """Load a checkpoint directory; the training state only if ``with_state``."""
     ckpt = load_checkpoint(path, map_location="cpu", with_state=with_state)
     try:

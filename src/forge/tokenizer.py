@@ -132,4 +132,3 @@ def _train_char(texts: Iterable[str], special_tokens: Sequence[str]) -> HFTokeni
     hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     hf.add_special_tokens(list(special_tokens))
     return hf
-

@@ -32,7 +32,8 @@ def resolve_device(name: str) -> torch.device:
         )
     if base == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(
-            f"device {name!r} is not available: Apple Metal (MPS) needs macOS on Apple silicon; use --device cpu or auto"
+            f"device {name!r} is not available: Apple Metal (MPS) needs macOS on Apple silicon; "
+            "use --device cpu or --device auto"
         )
     return torch.device(name)
 

@@ -31,7 +31,7 @@ def _prompt_batch(prompts: Sequence[Sequence[int]], device: torch.device) -> tup
 
 def _attention_mask(valid: torch.Tensor, n_query: int) -> torch.Tensor:
     """(B, 1, Tq, Tk) bool: causal, padding keys hidden; a pad query sees itself so no row is empty."""
-    B, Tk = valid.shape
+    Tk = valid.shape[1]
     q_pos = torch.arange(Tk - n_query, Tk, device=valid.device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(Tk, device=valid.device)[None, :]  # (1, Tk)
     causal = k_pos <= q_pos  # (Tq, Tk)
@@ -51,9 +51,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, valid: torch.Tensor, padde
     return model(tokens, positions=positions, mask=mask, cache_pos=0, last_only=True)[:, -1]
 
 
-def decode_one(
-    model: Transformer, token: torch.Tensor, pos: int, valid: torch.Tensor, padded: bool
-) -> torch.Tensor:
+def decode_one(model: Transformer, token: torch.Tensor, pos: int, valid: torch.Tensor, padded: bool) -> torch.Tensor:
     """Feed one token per row (B, 1) at cache slot ``pos``; logits (B, V)."""
     mask = valid[:, None, None, : pos + 1] if padded else None  # (B, 1, 1, pos+1)
     positions = _positions(valid[:, : pos + 1])[:, -1:] if padded else None

@@ -170,7 +170,7 @@ class Transformer(nn.Module):
         cache_pos: write keys/values into the KV cache at this offset (see ``setup_cache``).
         last_only: return logits of the last position only, (B, 1, vocab).
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         start = cache_pos or 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)

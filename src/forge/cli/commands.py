@@ -1,0 +1,253 @@
+"""``forge train``, ``forge generate``, ``forge info`` and ``forge demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from forge import models
+from forge.cli.corpus import stdlib_docstrings
+from forge.cli.progress import TrainingDisplay
+from forge.config import preset_names
+from forge.core.device import DEVICES, resolve_device
+from forge.data import cache_dir
+from forge.events import StepEvent
+from forge.generator import Generator
+from forge.trainer import TrainConfig, TrainResult, train
+
+__all__ = ["cli"]
+
+POSITIVE_INT = click.IntRange(min=1)
+POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="forge-llm", prog_name="forge")
+def cli() -> None:
+    """Forge: train a language model on your text, then generate from it."""
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+@cli.command("train")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--preset", default="tiny", show_default=True, help=f"Model preset: {', '.join(preset_names())}.")
+@click.option("--steps", type=POSITIVE_INT, default=1000, show_default=True, help="Optimizer steps in total.")
+@click.option("--batch-size", type=POSITIVE_INT, default=16, show_default=True)
+@click.option("--context", type=POSITIVE_INT, default=None, help="Tokens per window [default: the model's].")
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Checkpoint directory [default: runs/PRESET]."
+)
+@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--tokenizer", type=click.Choice(["bpe", "char"]), default="bpe", show_default=True)
+@click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="BPE vocabulary [default: the preset's].")
+@click.option("--grad-accum", type=POSITIVE_INT, default=1, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+def train_cmd(
+    data: Path,
+    preset: str,
+    steps: int,
+    batch_size: int,
+    context: int | None,
+    lr: float,
+    out: Path | None,
+    resume: Path | None,
+    device: str,
+    seed: int,
+    tokenizer: str,
+    vocab_size: int | None,
+    grad_accum: int,
+    eval_every: int,
+    checkpoint_every: int,
+    precision: str,
+    gradient_checkpointing: bool,
+) -> None:
+    """Train a model on DATA: a text file or a folder of .txt/.md files."""
+    console = _console()
+    resolve_device(device)  # fail before any work if the device is unavailable
+    if resume is None:
+        models.get_preset(preset)  # an unknown preset fails before reading data
+    out = out or resume or Path("runs") / preset
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        context=context,
+        lr=lr,
+        seed=seed,
+        grad_accum=grad_accum,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        precision=precision,  # type: ignore[arg-type]
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    result = train(
+        data,
+        preset=preset,
+        out=out,
+        resume=resume,
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        vocab_size=vocab_size,
+        device=device,
+        config=config,
+        listeners=[TrainingDisplay(console)],
+    )
+    _summary(console, result)
+
+
+def _summary(console: Console, result: TrainResult) -> None:
+    if result.evals:
+        first, last = result.evals[0], result.evals[-1]
+        console.print(f"val loss {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]})")
+    if result.checkpoint:
+        console.print(f"saved to [bold]{result.checkpoint}[/]  (forge generate {result.checkpoint} --prompt ...)")
+
+
+@cli.command("generate")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-tokens", type=POSITIVE_INT, default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=POSITIVE_INT, default=None)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None)
+@click.option("--repetition-penalty", type=POSITIVE_FLOAT, default=1.0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
+@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+def generate_cmd(
+    model_dir: Path,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float,
+    stop: tuple[str, ...],
+    seed: int | None,
+    stream: bool,
+    device: str,
+) -> None:
+    """Continue PROMPT with the model saved in MODEL_DIR."""
+    dev = resolve_device(device)
+    loaded = models.load(model_dir, device=dev)
+    gen = Generator(loaded.model, loaded.tokenizer)
+    options = dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+    )
+    if stream:
+        click.echo(prompt, nl=False)
+        for piece in gen.stream(prompt, **options):
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        click.echo(prompt + gen.generate(prompt, **options))
+
+
+@cli.command("info")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info_cmd(model_dir: Path, as_json: bool) -> None:
+    """Show a checkpoint's architecture, parameter count and training state."""
+    info = models.describe(model_dir)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console = _console()
+    table = Table(title=f"forge checkpoint {model_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    cfg = info["config"]
+    table.add_row("family", info["family"])
+    table.add_row("parameters", f"{info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)")
+    table.add_row(
+        "shape",
+        f"{cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} heads"
+        + (f" ({cfg['n_kv_head']} kv)" if cfg.get("n_kv_head") else ""),
+    )
+    table.add_row("context", str(cfg["context_length"]))
+    table.add_row("vocab", f"{cfg['vocab_size']} (tokenizer {info['tokenizer_vocab']})")
+    table.add_row("norm / mlp / positions", f"{cfg['norm']} / {cfg['activation']} / {cfg['position']}")
+    table.add_row("step", str(info["step"]))
+    metrics = info.get("metrics") or {}
+    for key in ("train_loss", "val_loss"):
+        if metrics.get(key) is not None:
+            table.add_row(key.replace("_", " "), f"{metrics[key]:.4f}")
+    if info["meta"].get("data"):
+        table.add_row("data", str(info["meta"]["data"]))
+    console.print(table)
+
+
+DEMO_PROMPTS = ("Return the", "This module provides", "If the file")
+
+
+@cli.command("demo")
+@click.option("--seconds", type=POSITIVE_FLOAT, default=120.0, show_default=True, help="Training time budget.")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="Train exactly this many steps instead.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("forge-demo"), show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--seed", type=int, default=1337, show_default=True)
+def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: int) -> None:
+    """Train the tiny preset on the Python standard library's docstrings, then sample from it."""
+    console = _console()
+    dev = resolve_device(device)
+    corpus = stdlib_docstrings(cache_dir() / "demo")
+    console.print(
+        f"[bold]forge demo[/]: training the [bold]tiny[/] preset on the docstrings of Python's standard library "
+        f"({corpus.stat().st_size / 1e6:.1f} MB of text every Python install has)."
+    )
+    batch, context = 16, 128
+    if steps is None:
+        steps = _steps_for_budget(corpus, seconds, batch, context, str(dev), seed)
+        console.print(f"measured speed on {dev}: about {steps} steps fit in {seconds:.0f} s")
+    result = train(
+        corpus,
+        preset="tiny",
+        out=out,
+        device=str(dev),
+        steps=steps,
+        batch_size=batch,
+        context=context,
+        lr=2e-3,
+        eval_every=-(-steps // 5),
+        seed=seed,
+        listeners=[TrainingDisplay(console)],
+    )
+    _summary(console, result)
+    gen = Generator(result.model, result.tokenizer)
+    console.rule("samples")
+    for prompt in DEMO_PROMPTS:
+        text = gen.generate(prompt, max_tokens=60, temperature=0.7, top_k=40, seed=seed, stop=["\n\n"])
+        console.print(f"[bold]{prompt}[/]{text}\n", markup=True, emoji=False)
+
+
+def _steps_for_budget(corpus: Path, seconds: float, batch: int, context: int, device: str, seed: int) -> int:
+    """Time a few real steps of the same setup (after the first, which warms up) and scale to the budget."""
+    times: list[float] = []
+    probe = dict(preset="tiny", device=device, batch_size=batch, context=context, eval_every=0, seed=seed)
+    train(
+        corpus, steps=10, listeners=[lambda e: times.append(e.elapsed) if isinstance(e, StepEvent) else None], **probe
+    )
+    per_step = (times[-1] - times[0]) / (len(times) - 1)
+    # Evals (5 x 10 batches, forward only) cost about 5% more than the steps alone.
+    return max(50, int(seconds / per_step / 1.05))

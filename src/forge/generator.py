@@ -1,0 +1,277 @@
+"""Prompt in, text out: full text, a sync stream, or an async stream.
+
+Stop sequences are matched on the decoded text, so a stop string that spans
+token boundaries is found, and text that might be the start of a stop string
+is held back until it is known not to be.
+
+>>> import forge.models as models
+>>> from forge.tokenizer import Tokenizer
+>>> tok = Tokenizer.train(["abc"], kind="char")
+>>> gen = Generator(models.create_model("tiny", vocab_size=320), tok)
+>>> isinstance(gen.generate("ab", max_tokens=3, seed=0), str)
+True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from forge.core.device import resolve_device
+from forge.core.generate import generate_tokens
+from forge.core.sampling import SamplingParams
+from forge.core.transformer import Transformer
+from forge.errors import ConfigError, GenerationError
+from forge.tokenizer import Tokenizer
+
+__all__ = ["Completion", "GenerationConfig", "Generator"]
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationConfig:
+    """Generation options. ``temperature=0`` is greedy; ``seed`` makes sampling reproducible."""
+
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ConfigError.for_field("GenerationConfig", "max_tokens", self.max_tokens, "must be a positive integer")
+        if isinstance(self.stop, str):  # a bare string is one stop sequence, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError.for_field(
+                "GenerationConfig", "stop", self.stop, "stop sequences must be non-empty strings"
+            )
+        self.sampling()  # validates the sampling fields
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+class _Row:
+    """Incremental detokenization and stop matching for one sequence."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], eos_id: int | None, prompt_tokens: int) -> None:
+        self.tokenizer, self.stops, self.eos_id = tokenizer, stops, eos_id
+        self.prompt_tokens = prompt_tokens
+        self.ids: list[int] = []
+        self.text = ""  # the completion so far, cut at a stop sequence
+        self.emitted = 0  # characters already handed out
+        self.finish: FinishReason | None = None
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to emit."""
+        if self.eos_id is not None and token == self.eos_id:
+            return self.end("stop")
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return ""
+        return self._advance(text, final=False)
+
+    def end(self, reason: FinishReason) -> str:
+        """Finish the row; return whatever was held back."""
+        self.finish = reason
+        return self._advance(self.tokenizer.decode(self.ids), final=True)
+
+    def _advance(self, text: str, *, final: bool) -> str:
+        # Held-back text guarantees no stop can start before `emitted`.
+        hits = [i for s in self.stops if (i := text.find(s, self.emitted)) >= 0]
+        if hits:
+            text, final = text[: min(hits)], True
+            self.finish = "stop"
+        self.text = text
+        safe = len(text) if final else len(text) - _held_back(text, self.stops)
+        out = text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class Generator:
+    """Generates text from a model and its tokenizer.
+
+    ``dtype`` casts the model for inference (e.g. ``torch.bfloat16`` on a GPU);
+    by default the weights stay as they are.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if device is not None:
+            model = model.to(resolve_device(str(device)) if isinstance(device, str) else device)
+        if dtype is not None:
+            model = model.to(dtype)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model.tok_emb.weight.device
+        self._lock = threading.Lock()
+
+    # -- the one place requests turn into token loops -------------------------
+    def _config(self, config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+        if "stop" in options and options["stop"] is not None and not isinstance(options["stop"], str):
+            options["stop"] = tuple(options["stop"])
+        return config.replace(**options) if config else GenerationConfig(**options)
+
+    def _stream_rows(
+        self, prompts: Sequence[str], cfg: GenerationConfig, rows: list[_Row] | None = None
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (row index, new text) as tokens arrive; ``rows`` receives each row's state."""
+        rows = [] if rows is None else rows
+        ids = self.tokenizer.encode_batch(list(prompts))
+        context = self.model.config.context_length
+        longest = max(len(p) for p in ids)
+        if longest >= context:
+            raise GenerationError(
+                f"the prompt is {longest} tokens but the model's context is {context}; "
+                f"shorten it to fewer than {context} tokens"
+            )
+        if longest == 0:
+            ids = [[self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0] for _ in ids]
+            longest = 1
+        # Stop at the context length rather than fail: finish_reason says "length".
+        budget = min(cfg.max_tokens, context - longest)
+        eos = self.tokenizer.eos_id if cfg.stop_at_eos else None
+        rows.extend(_Row(self.tokenizer, cfg.stop, eos, len(p)) for p in ids)
+        generator = None
+        if cfg.temperature > 0:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        steps = generate_tokens(self.model, ids, max_new_tokens=budget, params=cfg.sampling(), generator=generator)
+        with self._lock:  # one token loop at a time: the KV cache lives in the model
+            try:
+                for tokens in steps:
+                    for i, token in enumerate(tokens.tolist()):
+                        if rows[i].finish is None and (piece := rows[i].push(token)):
+                            yield i, piece
+                    if all(r.finish for r in rows):
+                        break
+            finally:
+                steps.close()
+        for i, row in enumerate(rows):
+            if row.finish is None and (piece := row.end("length")):
+                yield i, piece
+
+    # -- public API --------------------------------------------------------------
+    def complete(
+        self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **options: Any
+    ) -> list[Completion]:
+        """Generate for one prompt or a batch; a :class:`Completion` per prompt."""
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not batch:
+            raise GenerationError("no prompts given; pass a string or a non-empty list of strings")
+        cfg = self._config(config, options)
+        rows: list[_Row] = []
+        for _ in self._stream_rows(batch, cfg, rows):
+            pass
+        return [
+            Completion(
+                text=row.text,
+                finish_reason=row.finish or "length",
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=len(row.ids),
+                token_ids=list(row.ids),
+            )
+            for row in rows
+        ]
+
+    def generate(
+        self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **options: Any
+    ) -> str | list[str]:
+        """The generated text: a string for one prompt, a list for a batch."""
+        results = [c.text for c in self.complete(prompts, config, **options)]
+        return results[0] if isinstance(prompts, str) else results
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated."""
+        cfg = self._config(config, options)
+        for _, piece in self._stream_rows([prompt], cfg):
+            yield piece
+
+    async def astream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> AsyncIterator[str]:
+        """Async twin of :meth:`stream`: compute runs in a worker thread, the loop stays free."""
+        cfg = self._config(config, options)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def work() -> None:
+            try:
+                for _, piece in self._stream_rows([prompt], cfg):
+                    if cancelled.is_set():
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            except BaseException as e:  # hand every failure to the awaiting side
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    yield str(value)
+                elif kind == "error":
+                    raise value  # type: ignore[misc]
+                else:
+                    break
+        finally:
+            cancelled.set()
+            await asyncio.shield(worker)
+
+    async def agenerate(
+        self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **options: Any
+    ) -> str | list[str]:
+        """Async twin of :meth:`generate`."""
+        return await asyncio.to_thread(self.generate, prompts, config, **options)
