@@ -78,6 +78,10 @@ class ModelConfig:
                 raise ConfigError.for_field("ModelConfig", name, getattr(self, name), f"use one of {allowed}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError.for_field("ModelConfig", "dropout", self.dropout, "must be in [0, 1)")
+        if not self.rope_theta > 0:
+            raise ConfigError.for_field("ModelConfig", "rope_theta", self.rope_theta, "must be > 0")
+        if not self.norm_eps > 0:
+            raise ConfigError.for_field("ModelConfig", "norm_eps", self.norm_eps, "must be > 0, e.g. 1e-5")
         if self.d_ff is not None and self.d_ff < 1:
             raise ConfigError.for_field("ModelConfig", "d_ff", self.d_ff, "must be a positive integer")
 

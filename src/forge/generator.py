@@ -53,6 +53,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ConfigError.for_field("GenerationConfig", "max_tokens", self.max_tokens, "must be a positive integer")
+        if self.stop is None:  # OpenAI-style requests send "stop": null
+            object.__setattr__(self, "stop", ())
         if isinstance(self.stop, str):  # a bare string is one stop sequence, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -177,18 +179,27 @@ class Generator:
                 f"the prompt is {longest} tokens but the model's context is {context}; "
                 f"shorten it to fewer than {context} tokens"
             )
-        if longest == 0:
-            ids = [[self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0] for _ in ids]
-            longest = 1
+        prompt_lengths = [len(p) for p in ids]
+        # An empty prompt starts from EOS, the document boundary the model saw in training.
+        bos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        ids = [p or [bos] for p in ids]
+        longest = max(len(p) for p in ids)
         # Stop at the context length rather than fail: finish_reason says "length".
         budget = min(cfg.max_tokens, context - longest)
         eos = self.tokenizer.eos_id if cfg.stop_at_eos else None
-        rows.extend(_Row(self.tokenizer, cfg.stop, eos, len(p)) for p in ids)
+        rows.extend(_Row(self.tokenizer, cfg.stop, eos, n) for n in prompt_lengths)
         generator = None
         if cfg.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        steps = generate_tokens(self.model, ids, max_new_tokens=budget, params=cfg.sampling(), generator=generator)
+        steps = generate_tokens(
+            self.model,
+            ids,
+            max_new_tokens=budget,
+            params=cfg.sampling(),
+            generator=generator,
+            vocab_limit=self.tokenizer.vocab_size,
+        )
         with self._lock:  # one token loop at a time: the KV cache lives in the model
             try:
                 for tokens in steps:

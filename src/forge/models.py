@@ -98,6 +98,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", wi
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
+    model.tie_weights()
     _load_weights(model, ckpt.state_dict, path)
     return LoadedModel(model=model.to(device), tokenizer=tokenizer, path=Path(path), training_state=ckpt.training_state)
 
@@ -107,6 +108,8 @@ def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], path:
     tied = {"lm_head.weight", "tok_emb.weight"} if model.config.tie_embeddings else set()
     result = model.load_state_dict(state_dict, strict=False)
     missing = set(result.missing_keys) - tied
+    if tied and tied <= set(result.missing_keys):
+        missing |= tied
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match its config: missing {sorted(missing)[:5]}, "

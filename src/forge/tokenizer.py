@@ -34,6 +34,7 @@ class Tokenizer:
         self.hf = hf
         self.eos = eos
         self.eos_id: int | None = hf.token_to_id(eos)
+        self._id_bytes = _byte_table(hf)
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -109,7 +110,17 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Decode ids, special tokens included, so decode(encode(s)) == s."""
+        """Decode ids, special tokens included, so decode(encode(s)) == s.
+
+        Decoding a prefix of ids gives a prefix of the text (up to a trailing
+        incomplete character), which streaming relies on.
+        """
+        if self._id_bytes is not None:
+            # HF's ByteFallback decoder turns a whole run of byte tokens into U+FFFD
+            # when one byte is invalid, changing text already streamed; Python's
+            # UTF-8 decoder replaces only the invalid bytes.
+            table, n = self._id_bytes, len(self._id_bytes)
+            return b"".join(table[i] for i in ids if 0 <= i < n).decode("utf-8", errors="replace")
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def __repr__(self) -> str:
@@ -132,3 +143,16 @@ def _train_char(texts: Iterable[str], special_tokens: Sequence[str]) -> HFTokeni
     hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     hf.add_special_tokens(list(special_tokens))
     return hf
+
+
+def _byte_table(hf: HFTokenizer) -> list[bytes] | None:
+    """For a byte-fallback vocabulary: each id's bytes (``<0xAB>`` is one byte); else None."""
+    model = hf.model
+    if not (isinstance(model, models.BPE) and model.byte_fallback):
+        return None
+    vocab = hf.get_vocab(with_added_tokens=True)
+    table = [b""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        is_byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        table[i] = bytes([int(token[3:5], 16)]) if is_byte else token.encode("utf-8")
+    return table

@@ -211,7 +211,7 @@ class Trainer:
         t0 = time.perf_counter()
         first_step = self.step
         try:
-            if cfg.eval_every and self.step == 0:
+            if self.step == 0:
                 self._evaluate()
             while self.step < cfg.steps:
                 data_state = self.data_rng.get_state()
@@ -239,7 +239,7 @@ class Trainer:
                     )
                 )
                 last = self.step == cfg.steps
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or (last and cfg.eval_every):
+                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     self._evaluate()
                 if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                     self._save()

@@ -29,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
+    except click.UsageError as e:
+        # One line, like every other error: the problem, the value, and where to look.
+        where = e.ctx.command_path if e.ctx else "forge"
+        err.print(f"[bold red]error:[/] {escape(e.format_message())} (see '{where} --help')", emoji=False)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        err.print(f"[bold red]error:[/] {escape(e.format_message())}", emoji=False)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

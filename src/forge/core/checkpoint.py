@@ -79,10 +79,18 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _recover(path: Path) -> None:
-    """Finish an interrupted swap: put a moved-aside checkpoint back if the new one never arrived."""
+    """Finish an interrupted swap.
+
+    If the new checkpoint never arrived, put the moved-aside one back; if it
+    did, delete what the crash left aside.
+    """
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"))
     if path.exists():
+        if (path / MANIFEST).exists():
+            for old in aside:
+                shutil.rmtree(old, ignore_errors=True)
         return
-    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+    for old in aside:
         if (old / MANIFEST).exists():
             os.replace(old, path)
             return
@@ -103,6 +111,8 @@ def save_checkpoint(
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: it is a file; choose a directory path")
     _recover(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -75,12 +75,14 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,) int64, up to ``max_new_tokens`` times.
 
     The caller stops early by leaving the loop (e.g. when every row hit a stop).
     ``use_cache=False`` recomputes the whole sequence each step (the reference
-    the cached path is tested against).
+    the cached path is tested against). ``vocab_limit`` forbids ids at or above
+    it: the model's vocabulary is padded past the tokenizer's, and those ids mean nothing.
     """
     device = model.tok_emb.weight.device
     tokens, valid = _prompt_batch(prompts, device)
@@ -91,7 +93,8 @@ def generate_tokens(
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens, valid)
+        rows = torch.arange(B, device=device)[:, None].expand_as(tokens)
+        seen[rows[valid], tokens[valid]] = True
     valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     was_training = model.training
@@ -104,6 +107,8 @@ def generate_tokens(
             else:
                 logits = _forward_full(model, tokens, valid[:, :T], padded)
             for step in range(max_new_tokens):
+                if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                    logits[:, vocab_limit:] = float("-inf")
                 nxt = sample(logits, params, generator, seen)  # (B,)
                 yield nxt
                 if step == max_new_tokens - 1:

@@ -36,6 +36,8 @@ class Schedule:
             raise ConfigError.for_field("Schedule", "lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError.for_field("Schedule", "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        if not isinstance(self.total, int) or self.total < 1:
+            raise ConfigError.for_field("Schedule", "total", self.total, "must be a positive integer (total steps)")
         if self.warmup < 0:
             raise ConfigError.for_field("Schedule", "warmup", self.warmup, "must be >= 0")
 

@@ -92,16 +92,22 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = Norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            # Weight tying: the input embedding doubles as the output projection,
-            # saving vocab*d parameters and improving small models (Press & Wolf, 2017).
-            self.lm_head.weight = self.tok_emb.weight
+        self.tie_weights()
         if cfg.position == "rope":
             self.register_buffer("rope_cos", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
         self.reset_buffers()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output projection, if the config ties them.
+
+        Weight tying saves vocab*d parameters and helps small models (Press & Wolf, 2017).
+        Call again after ``to_empty()``, which allocates every parameter separately.
+        """
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (RoPE tables), e.g. after ``to_empty()``."""

@@ -1,0 +1,234 @@
+"""The transformer: shapes, parameter counts, weight tying, GQA, checkpointing, causality."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from forge.config import ModelConfig, get_preset
+from forge.core.attention import apply_rope, rope_tables
+from forge.core.kv_cache import KVCache
+from forge.core.transformer import Transformer
+
+FAMILIES = ["gpt2", "llama"]
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request: pytest.FixtureRequest, small_config: Callable[..., ModelConfig]) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(small_config(request.param)).eval()
+
+
+def _tokens(vocab: int, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_shape(model: Transformer) -> None:
+    idx = _tokens(model.config.vocab_size, (3, 17))
+    assert model(idx).shape == (3, 17, model.config.vocab_size)
+    assert model(idx, last_only=True).shape == (3, 1, model.config.vocab_size)
+
+
+def test_last_only_equals_the_last_position(model: Transformer) -> None:
+    idx = _tokens(model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True)[:, 0], model(idx)[:, -1])
+
+
+def test_loss_is_cross_entropy_and_near_uniform_at_init(model: Transformer) -> None:
+    idx = _tokens(model.config.vocab_size, (2, 16))
+    targets = _tokens(model.config.vocab_size, (2, 16), seed=1)
+    loss = model.loss(idx, targets)
+    logits = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    torch.testing.assert_close(loss, expected)
+    # GPT-2 init gives nearly uniform predictions: loss close to ln(vocab).
+    assert abs(loss.item() - torch.log(torch.tensor(float(model.config.vocab_size))).item()) < 0.2
+
+
+@pytest.mark.parametrize(
+    ("name", "expected", "tolerance"),
+    [("tiny", 1.05e6, 0.1), ("llama-tiny", 1.0e6, 0.1), ("small", 10e6, 0.1), ("llama-small", 10e6, 0.15)],
+)
+def test_small_preset_parameter_counts(name: str, expected: float, tolerance: float) -> None:
+    with torch.device("meta"):
+        n = Transformer(get_preset(name)).num_params()
+    assert abs(n - expected) / expected < tolerance, n
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168)],
+)
+def test_gpt2_parameter_counts_match_openai(name: str, expected: int) -> None:
+    """The published GPT-2 counts (tied embeddings, vocab 50257, context 1024)."""
+    with torch.device("meta"):
+        model = Transformer(get_preset(name))
+    assert model.num_params() == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), [("smollm2-135m", 134_515_008), ("smollm2-360m", 361_821_120)])
+def test_smollm2_parameter_counts(name: str, expected: int) -> None:
+    """SmolLM2's published shapes (tied embeddings, no biases)."""
+    with torch.device("meta"):
+        model = Transformer(get_preset(name))
+    assert model.num_params() == expected
+
+
+def test_num_params_counts_tied_weights_once(small_config: Callable[..., ModelConfig]) -> None:
+    cfg = small_config("gpt2")
+    tied, untied = Transformer(cfg), Transformer(cfg.replace(tie_embeddings=False))
+    assert untied.num_params() - tied.num_params() == cfg.vocab_size * cfg.d_model
+    assert tied.num_params(non_embedding=True) == tied.num_params() - cfg.vocab_size * cfg.d_model - 64 * 64
+
+
+def test_weight_tying_shares_storage(model: Transformer) -> None:
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    with torch.no_grad():
+        model.tok_emb.weight[3, 5] = 42.0
+    assert model.lm_head.weight[3, 5].item() == 42.0
+
+
+def test_untied_weights_are_separate(small_config: Callable[..., ModelConfig]) -> None:
+    model = Transformer(small_config("gpt2", tie_embeddings=False))
+    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
+
+
+def test_grouped_query_attention(small_config: Callable[..., ModelConfig]) -> None:
+    cfg = small_config("llama", n_head=4, n_kv_head=1)
+    model = Transformer(cfg).eval()
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.weight.shape == ((4 + 2 * 1) * cfg.head_dim, cfg.d_model)
+    idx = _tokens(cfg.vocab_size, (2, 11))
+    logits = model(idx)
+    assert logits.shape == (2, 11, cfg.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_gqa_equals_full_attention_with_repeated_kv_heads(small_config: Callable[..., ModelConfig]) -> None:
+    """A GQA model computes what a full-head model does with each kv head copied to its query group."""
+    torch.manual_seed(0)
+    gqa = Transformer(small_config("llama", n_kv_head=2)).eval()
+    full = Transformer(small_config("llama", n_kv_head=None)).eval()
+    H, Hkv, D, d = 4, 2, 16, 64
+    state = gqa.state_dict()
+    for i, _ in enumerate(gqa.blocks):
+        w = state[f"blocks.{i}.attn.qkv.weight"]
+        q, k, v = w.split([H * D, Hkv * D, Hkv * D])
+        k = k.view(Hkv, D, d).repeat_interleave(H // Hkv, dim=0).reshape(H * D, d)
+        v = v.view(Hkv, D, d).repeat_interleave(H // Hkv, dim=0).reshape(H * D, d)
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, v])
+    full.load_state_dict(state)
+    idx = _tokens(96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(full(idx), gqa(idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(
+    family: str, small_config: Callable[..., ModelConfig]
+) -> None:
+    torch.manual_seed(0)
+    reference = Transformer(small_config(family)).train()
+    checkpointed = Transformer(small_config(family)).train()
+    checkpointed.load_state_dict(reference.state_dict())
+    checkpointed.gradient_checkpointing = True
+    idx, targets = _tokens(96, (2, 16)), _tokens(96, (2, 16), seed=1)
+    loss_ref = reference.loss(idx, targets)
+    loss_ref.backward()
+    loss_ckpt = checkpointed.loss(idx, targets)
+    loss_ckpt.backward()
+    torch.testing.assert_close(loss_ckpt, loss_ref)
+    grads = dict(reference.named_parameters())
+    for name, p in checkpointed.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("position", [0, 5, 12])
+def test_causal_future_tokens_do_not_change_earlier_logits(model: Transformer, position: int) -> None:
+    vocab = model.config.vocab_size
+    idx = _tokens(vocab, (2, 16))
+    changed = idx.clone()
+    changed[:, position] = (changed[:, position] + 1) % vocab
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :position], b[:, :position], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, position:], b[:, position:])
+
+
+def test_positions_matter(model: Transformer) -> None:
+    """Shifting the positions changes the logits (learned embeddings or RoPE are applied)."""
+    idx = _tokens(model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        base = model(idx)
+        shifted = model(idx, positions=torch.arange(5, 13))
+    assert not torch.allclose(base, shifted)
+
+
+def test_dropout_only_in_training(small_config: Callable[..., ModelConfig]) -> None:
+    model = Transformer(small_config("gpt2", dropout=0.5))
+    idx = _tokens(96, (2, 8))
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward(model: Transformer) -> None:
+    idx = _tokens(model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(2, 12)
+        try:
+            prefill = model(idx[:, :8], cache_pos=0)
+            steps = [model(idx[:, t : t + 1], cache_pos=t) for t in range(8, 12)]
+        finally:
+            model.clear_cache()
+    torch.testing.assert_close(prefill, full[:, :8], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], rtol=1e-4, atol=1e-5)
+    assert all(block.attn.cache is None for block in model.blocks)
+
+
+def test_kv_cache_buffers() -> None:
+    cache = KVCache(batch=2, n_kv_head=3, max_len=10, head_dim=4, dtype=torch.float32, device="cpu")
+    k1, v1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    k, v = cache.update(0, k1, v1)
+    assert k.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(k, k1)
+    k2, v2 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    k, v = cache.update(4, k2, v2)
+    assert k.shape == (2, 3, 5, 4)
+    torch.testing.assert_close(k[:, :, :4], k1)
+    torch.testing.assert_close(v[:, :, 4:], v2)
+    assert cache.max_len == 10
+
+
+def test_rope_preserves_norms_and_relative_positions() -> None:
+    cos, sin = rope_tables(8, 32, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def at(x: torch.Tensor, pos: int) -> torch.Tensor:
+        return apply_rope(x, cos[pos][None, None, None], sin[pos][None, None, None])
+
+    torch.testing.assert_close(at(q, 7).norm(), q.norm())
+    # The score depends only on the distance between positions.
+    s1 = (at(q, 10) * at(k, 7)).sum()
+    s2 = (at(q, 23) * at(k, 20)).sum()
+    torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at(q, 0), q)
+
+
+def test_meta_device_model_can_be_materialised(small_config: Callable[..., ModelConfig]) -> None:
+    cfg = small_config("llama")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.tok_emb.weight.is_meta
+    model.to_empty(device="cpu")
+    model.reset_buffers()
+    reference = Transformer(cfg)
+    torch.testing.assert_close(model.rope_cos, reference.rope_cos)
+    torch.testing.assert_close(model.rope_sin, reference.rope_sin)
