@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=SHAKESPEARE / "hamlet.txt")
     args = p.parse_args()
@@ -96,9 +96,14 @@ def main() -> None:
     vocab = padded_vocab(warm.tokenizer.vocab_size)
 
     runs: dict[str, list[float]] = {"forge": [], "plain_same_precision": [], "plain_fp32": []}
-    for _ in range(args.repeats):
-        runs["forge"].append(forge_run(args.data, args, args.device))
-        runs["plain_same_precision"].append(plain_run(tokens, vocab, args, dev, dtype))
+    for i in range(args.repeats):
+        # Alternate the order (ABBA...) so drift in machine speed hits both sides alike.
+        order = ["forge", "plain_same_precision"] if i % 2 == 0 else ["plain_same_precision", "forge"]
+        for name in order:
+            if name == "forge":
+                runs["forge"].append(forge_run(args.data, args, args.device))
+            else:
+                runs[name].append(plain_run(tokens, vocab, args, dev, dtype))
         if dtype is not None:
             runs["plain_fp32"].append(plain_run(tokens, vocab, args, dev, None))
     med = {k: statistics.median(v) for k, v in runs.items() if v}

@@ -237,7 +237,9 @@ def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: in
     gen = Generator(result.model, result.tokenizer)
     console.rule("samples")
     for prompt in DEMO_PROMPTS:
-        text = gen.generate(prompt, max_tokens=60, temperature=0.7, top_k=40, seed=seed, stop=["\n\n"])
+        text = gen.generate(
+            prompt, max_tokens=60, temperature=0.6, top_k=40, repetition_penalty=1.1, seed=seed, stop=["\n\n"]
+        )
         console.print(f"[bold]{prompt}[/]{text}\n", markup=True, emoji=False)
 
 
