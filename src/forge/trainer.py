@@ -276,10 +276,15 @@ class Trainer:
                 loss = self.model.loss(x, y) / cfg.grad_accum
             loss.backward()
             total += loss.detach()
-        grad_norm = clip_grad_norm(self.model, cfg.grad_clip) if cfg.grad_clip else float("nan")
+        if cfg.grad_clip:
+            grad_norm = clip_grad_norm(self.model, cfg.grad_clip)
+        else:
+            grad_norm = torch.full((), float("nan"), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total), lr, grad_norm
+        # One host-device sync per step, after the optimizer's kernels are queued.
+        loss, norm = torch.stack([total, grad_norm.to(total.dtype)]).tolist()
+        return loss, lr, norm
 
     @torch.no_grad()
     def evaluate(self) -> float:

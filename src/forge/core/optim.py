@@ -39,6 +39,10 @@ def build_adamw(
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm; returns the norm before clipping."""
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns the norm before clipping, as a 0-d tensor.
+
+    A tensor, not a float: reading it would make the host wait for the GPU
+    mid-step; the trainer reads it together with the loss, in one sync.
+    """
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
