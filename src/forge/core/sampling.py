@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forge.core import ops
 from forge.errors import ConfigError
 
 __all__ = ["SamplingParams", "apply_repetition_penalty", "sample"]
@@ -76,7 +77,7 @@ def sample(
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = ops.softmax(logits, dim=-1)
     if params.min_p is not None and params.min_p > 0:
         # Keep tokens at least min_p times as likely as the most likely one.
         floor = probs.max(dim=-1, keepdim=True).values * params.min_p
