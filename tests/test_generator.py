@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from forge.errors import ConfigError, GenerationError
-from forge.generator import Completion, GenerationConfig, Generator, _held_back
+from forge.generator import Completion, GenerationConfig, Generator
 from forge.models import create_model, padded_vocab
 from forge.tokenizer import EOS, Tokenizer
 
@@ -303,32 +303,3 @@ def test_generation_config_validation(field: str, value: object) -> None:
 
 def test_generation_config_bare_stop_string() -> None:
     assert GenerationConfig(stop="###").stop == ("###",)
-
-
-# -- _held_back ---------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("text", "stops", "expected"),
-    [
-        ("hello", [], 0),
-        ("hello", ["xyz"], 0),
-        ("hello wo", ["world"], 2),
-        ("hello w", ["world"], 1),
-        ("hello", ["lo!"], 2),
-        ("abc", ["abc"], 0),  # a complete stop is found, not held back
-        ("ab", ["abc"], 2),
-        ("a", ["abcdef"], 1),
-        ("", ["abc"], 0),
-        ("xab", ["abz", "bq"], 2),  # the longest prefix over all stops
-        ("xab", ["bq", "abz"], 2),
-        ("aaa", ["aab"], 2),
-    ],
-)
-def test_held_back(text: str, stops: list[str], expected: int) -> None:
-    assert _held_back(text, stops) == expected
-
-
-def test_held_back_is_a_proper_prefix_of_some_stop() -> None:
-    text, stops = "the end of the wor", ["world", "the end"]
-    k = _held_back(text, stops)
-    assert k == 3
-    assert any(s.startswith(text[len(text) - k :]) and k < len(s) for s in stops)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from forge.errors import ConfigError, PresetNotFoundError
 
-__all__ = ["PRESETS", "ModelConfig", "get_preset", "preset_names"]
+__all__ = ["PRESETS", "ModelConfig", "get_preset", "preset_names", "register_preset"]
 
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
@@ -157,6 +157,20 @@ PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": _llama(49152, 2048, 30, 9, 3, 576, 1536),  # 135M, SmolLM2's shape
     "smollm2-360m": _llama(49152, 2048, 32, 15, 5, 960, 2560),  # 362M, SmolLM2's shape
 }
+
+
+def register_preset(name: str, config: ModelConfig, *, overwrite: bool = False) -> None:
+    """Add a preset under ``name``; replacing an existing one needs ``overwrite=True``.
+
+    >>> register_preset("my-tiny", get_preset("tiny").replace(n_layer=2))
+    >>> get_preset("my-tiny").n_layer
+    2
+    """
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"register_preset({name!r}, ...) needs a ModelConfig, got {type(config).__name__}")
+    if name in PRESETS and not overwrite:
+        raise ConfigError(f"preset {name!r} already exists; pass overwrite=True to replace it")
+    PRESETS[name] = config
 
 
 def preset_names() -> list[str]:

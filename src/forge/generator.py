@@ -29,9 +29,10 @@ from forge.core.generate import generate_tokens
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, GenerationError
+from forge.textstream import held_back
 from forge.tokenizer import Tokenizer
 
-__all__ = ["Completion", "GenerationConfig", "Generator"]
+__all__ = ["AsyncTextStream", "Completion", "GenerationConfig", "Generator", "TextStream"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -74,6 +75,9 @@ class GenerationConfig:
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -120,21 +124,65 @@ class _Row:
             text, final = text[: min(hits)], True
             self.finish = "stop"
         self.text = text
-        safe = len(text) if final else len(text) - _held_back(text, self.stops)
+        safe = len(text) if final else len(text) - held_back(text, self.stops)
         out = text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return out
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+def _completion(row: _Row) -> Completion:
+    return Completion(
+        text=row.text,
+        finish_reason=row.finish or "length",
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=len(row.ids),
+        token_ids=list(row.ids),
+    )
+
+
+class TextStream(Iterator[str]):
+    """Text pieces as they are generated; ``completion`` is set once the stream is exhausted."""
+
+    def __init__(self, pieces: Iterator[str], rows: list[_Row]) -> None:
+        self._pieces, self._rows = pieces, rows
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close:
+            close()
+
+    @property
+    def completion(self) -> Completion | None:
+        """Text, finish reason and token counts; None until generation has finished."""
+        return _completion(self._rows[0]) if self._rows and self._rows[0].finish else None
+
+
+class AsyncTextStream(AsyncIterator[str]):
+    """Async twin of :class:`TextStream`."""
+
+    def __init__(self, pieces: AsyncIterator[str], rows: list[_Row]) -> None:
+        self._pieces, self._rows = pieces, rows
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._pieces, "aclose", None)
+        if aclose:
+            await aclose()
+
+    @property
+    def completion(self) -> Completion | None:
+        return _completion(self._rows[0]) if self._rows and self._rows[0].finish else None
 
 
 class Generator:
@@ -158,7 +206,8 @@ class Generator:
             model = model.to(dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = model.tok_emb.weight.device
-        self._lock = threading.Lock()
+        #: Held while a token loop runs (the KV cache lives in the model); hold it to keep the model still.
+        self.lock = threading.Lock()
 
     # -- the one place requests turn into token loops -------------------------
     def _config(self, config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
@@ -200,7 +249,7 @@ class Generator:
             generator=generator,
             vocab_limit=self.tokenizer.vocab_size,
         )
-        with self._lock:  # one token loop at a time: the KV cache lives in the model
+        with self.lock:  # one token loop at a time: the KV cache lives in the model
             try:
                 for tokens in steps:
                     for i, token in enumerate(tokens.tolist()):
@@ -226,16 +275,7 @@ class Generator:
         rows: list[_Row] = []
         for _ in self._stream_rows(batch, cfg, rows):
             pass
-        return [
-            Completion(
-                text=row.text,
-                finish_reason=row.finish or "length",
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=len(row.ids),
-                token_ids=list(row.ids),
-            )
-            for row in rows
-        ]
+        return [_completion(row) for row in rows]
 
     def generate(
         self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **options: Any
@@ -244,22 +284,26 @@ class Generator:
         results = [c.text for c in self.complete(prompts, config, **options)]
         return results[0] if isinstance(prompts, str) else results
 
-    def stream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
-        """Yield text pieces as they are generated."""
+    def stream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> TextStream:
+        """Text pieces as they are generated; ``.completion`` once exhausted."""
         cfg = self._config(config, options)
-        for _, piece in self._stream_rows([prompt], cfg):
-            yield piece
+        rows: list[_Row] = []
+        return TextStream((piece for _, piece in self._stream_rows([prompt], cfg, rows)), rows)
 
-    async def astream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> AsyncIterator[str]:
-        """Async twin of :meth:`stream`: compute runs in a worker thread, the loop stays free."""
+    def astream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> AsyncTextStream:
+        """Async twin of :meth:`stream`: compute runs in a worker thread, the event loop stays free."""
         cfg = self._config(config, options)
+        rows: list[_Row] = []
+        return AsyncTextStream(self._apieces(prompt, cfg, rows), rows)
+
+    async def _apieces(self, prompt: str, cfg: GenerationConfig, rows: list[_Row]) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         cancelled = threading.Event()
 
         def work() -> None:
             try:
-                for _, piece in self._stream_rows([prompt], cfg):
+                for _, piece in self._stream_rows([prompt], cfg, rows):
                     if cancelled.is_set():
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))

@@ -109,6 +109,8 @@ class TrainResult:
     evals: list[tuple[int, float]] = field(default_factory=list)
     interrupted: bool = False
     checkpoint: Path | None = None
+    #: The trainer's state at the end (optimizer, step, RNG): continue from it with ``train(state=...)``.
+    state: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def train_loss(self) -> float | None:
@@ -248,6 +250,7 @@ class Trainer:
         if self.out:
             self._save()
         self.result.step = self.step
+        self.result.state = self.state_dict()
         self.emit(
             EndEvent(
                 step=self.step,
@@ -339,6 +342,8 @@ def train(
     preset: str | ModelConfig = "tiny",
     out: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
+    model: Transformer | None = None,
+    state: dict[str, Any] | None = None,
     tokenizer: TokenizerKind | Tokenizer = "bpe",
     vocab_size: int | None = None,
     device: str = "auto",
@@ -350,15 +355,21 @@ def train(
 
     From scratch, a tokenizer is trained on the corpus and a model built from
     ``preset``; with ``resume``, both come from that checkpoint and training
-    continues exactly where it stopped. ``options`` are :class:`TrainConfig` fields.
+    continues exactly where it stopped (saving back there unless ``out`` says
+    otherwise). ``model`` with a ``Tokenizer`` instance trains that model
+    further; add the ``state`` of an earlier :class:`TrainResult` to continue
+    its run. ``options`` are :class:`TrainConfig` fields.
     """
     config = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     dev = resolve_device(device)
     corpus = Corpus.from_source(data)
-    state = None
     if resume is not None:
         loaded = load(resume, with_state=True)
         model, tok, state = loaded.model, loaded.tokenizer, loaded.training_state
+    elif model is not None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")
+        tok = tokenizer
     else:
         cfg = get_preset(preset) if isinstance(preset, str) else preset
         if config.context is not None and config.context > cfg.context_length:

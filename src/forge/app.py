@@ -1,0 +1,363 @@
+"""``Forge``: the chainable app object.
+
+>>> app = Forge(model="tiny").use(timer()).on("step", lambda e: None)
+>>> app.info()["model"]
+'tiny'
+
+Async by default (``await app.generate(...)``); ``app.sync`` is the one sync
+facade for scripts and notebooks (``app.sync.generate(...)``). Heavy compute
+runs in worker threads, so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from forge.config import PRESETS, ModelConfig, get_preset
+from forge.core.device import resolve_device
+from forge.core.transformer import Transformer
+from forge.data import DataSource
+from forge.errors import CheckpointError, ConfigError, ForgeError
+from forge.events import EVENT_NAMES, Emitter, ErrorEvent, Event, Listener, RequestEvent, ResponseEvent, TokenEvent
+from forge.generator import AsyncTextStream, GenerationConfig, Generator
+from forge.middleware import Context, Middleware, compose, recover
+from forge.models import load, save
+from forge.tokenizer import Tokenizer, TokenizerKind
+from forge.trainer import TrainConfig, TrainResult, train
+
+__all__ = ["Forge", "SyncForge"]
+
+T = TypeVar("T")
+ErrorHook = Callable[[Context, Exception], Any]
+
+
+class Forge:
+    """A language model app: middleware around every generation, events for progress.
+
+    ``model`` is a preset name (trained by :meth:`train`) or a checkpoint directory.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = "tiny",
+        *,
+        device: str = "auto",
+        tokenizer: TokenizerKind = "bpe",
+        defaults: GenerationConfig | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.defaults = defaults or GenerationConfig()
+        self._tokenizer_kind = tokenizer
+        self._emitter = Emitter()
+        self._middleware: list[Middleware] = []
+        self._error_hooks: list[ErrorHook] = []
+        self._stack: Callable[[Context], Awaitable[None]] | None = None
+        self._model: Transformer | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._generator: Generator | None = None
+        self._state: dict[str, Any] | None = None
+        self._preset: str | ModelConfig | None = None
+        self._source = str(model)
+        self._sync: SyncForge | None = None
+        if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+            loaded = load(model, device=self.device, with_state=True)
+            self._adopt(loaded.model, loaded.tokenizer, loaded.training_state)
+        elif isinstance(model, str) and model in PRESETS:
+            self._preset = model
+        elif isinstance(model, str) and ("/" in model or os.sep in model or model.startswith(".")):
+            raise CheckpointError(f"model {model!r} is not a checkpoint directory; pass a directory or a preset name")
+        else:
+            get_preset(str(model))  # raises PresetNotFoundError with "did you mean"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **options: Any) -> Forge:
+        """An app around the checkpoint at ``path`` (model, tokenizer and training state)."""
+        if not Path(path).is_dir():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a directory written by app.save")
+        return cls(path, **options)
+
+    # -- configuration (chainable) -------------------------------------------------------------
+    def use(self, middleware: Middleware) -> Forge:
+        """Add ``async def mw(ctx, next)`` around every generation; applied in order."""
+        if self._stack is not None:
+            raise ConfigError(
+                "Forge.use() was called after the app served its first request: the middleware stack is "
+                "built once, at the first generate/stream; register all middleware before that"
+            )
+        if not callable(middleware) or not inspect.iscoroutinefunction(middleware):
+            raise ConfigError(
+                f"Forge.use() needs an `async def mw(ctx, next)` function, got {middleware!r}; "
+                "built-ins are called first, e.g. app.use(timer())"
+            )
+        self._middleware.append(middleware)
+        return self
+
+    def on(self, name: str, listener: Listener) -> Forge:
+        """Call ``listener(event)`` on every ``name`` event (sync or async)."""
+        self._emitter.on(name, listener)
+        return self
+
+    def once(self, name: str, listener: Listener) -> Forge:
+        self._emitter.once(name, listener)
+        return self
+
+    def off(self, name: str, listener: Listener | None = None) -> Forge:
+        self._emitter.off(name, listener)
+        return self
+
+    def emit(self, event: Event) -> Forge:
+        self._emitter.emit(event)
+        return self
+
+    def on_error(self, hook: ErrorHook) -> Forge:
+        """``hook(ctx, error)`` (sync or async) answers a failed request with ``ctx.set_text(...)``.
+
+        Hooks run outside all middleware, in order; if none answers, the error
+        reaches the caller. Every failure is also emitted as an ``error`` event.
+        """
+        if not callable(hook):
+            raise ConfigError(f"Forge.on_error() needs a callable hook(ctx, error), got {hook!r}")
+        self._error_hooks.append(hook)
+        return self
+
+    # -- model management --------------------------------------------------------------------------
+    @property
+    def model(self) -> Transformer | None:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self._tokenizer
+
+    def _adopt(self, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any] | None) -> None:
+        self._model, self._tokenizer, self._state = model, tokenizer, state
+        self._generator = Generator(model, tokenizer)
+
+    def save(self, path: str | os.PathLike[str]) -> Forge:
+        """Write the model, tokenizer and training state to a checkpoint directory (atomically)."""
+        model, tokenizer = self._require_model("save")
+        save(path, model, tokenizer, training_state=self._state, meta={"source": self._source})
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """What the app holds: model, parameters, device, training step, middleware, listeners."""
+        cfg = self._model.config if self._model is not None else None
+        if cfg is None and self._preset is not None:
+            cfg = get_preset(self._preset) if isinstance(self._preset, str) else self._preset
+        return {
+            "model": self._source,
+            "trained": self._model is not None,
+            "family": cfg.family if cfg else None,
+            "config": cfg.to_dict() if cfg else None,
+            "parameters": self._model.num_params() if self._model is not None else None,
+            "device": str(self.device),
+            "tokenizer_vocab": self._tokenizer.vocab_size if self._tokenizer else None,
+            "step": int(self._state["step"]) if self._state else 0,
+            "middleware": [getattr(m, "__name__", repr(m)) for m in self._middleware],
+            "listeners": {n: len(self._emitter.listeners(n)) for n in EVENT_NAMES if self._emitter.listeners(n)},
+            "stack_built": self._stack is not None,
+        }
+
+    def _require_model(self, call: str) -> tuple[Transformer, Tokenizer]:
+        if self._model is None or self._tokenizer is None:
+            raise ForgeError(
+                f"app.{call}() needs a trained model, but preset {self._source!r} has not been trained yet; "
+                "call `await app.train(data)` first or use Forge.load(checkpoint_dir)"
+            )
+        return self._model, self._tokenizer
+
+    # -- training ------------------------------------------------------------------------------------
+    async def train(
+        self, data: DataSource, *, steps: int = 1000, out: str | os.PathLike[str] | None = None, **options: Any
+    ) -> TrainResult:
+        """Train for ``steps`` more optimizer steps on ``data``; events go to the app's listeners.
+
+        The first call builds the model from the preset (and a tokenizer from
+        the data); later calls, or an app loaded from a checkpoint, continue
+        training the same model and optimizer. ``options`` are TrainConfig fields.
+        """
+        self._emitter.bind_loop(asyncio.get_running_loop())
+        return await asyncio.to_thread(self._train, data, steps, out, options)
+
+    def _train(self, data: DataSource, steps: int, out: Any, options: dict[str, Any]) -> TrainResult:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ConfigError(f"app.train(steps={steps!r}) must be a positive integer")
+        kwargs: dict[str, Any] = dict(out=out, device=str(self.device), listeners=[self._emitter.emit], **options)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown := sorted(set(options) - fields - {"vocab_size"}):
+            raise ConfigError(f"app.train() got unknown options {unknown}; options are {sorted(fields)}")
+        if self._model is None:
+            result = train(data, preset=self._preset or "tiny", tokenizer=self._tokenizer_kind, steps=steps, **kwargs)
+        else:
+            done = int(self._state["step"]) if self._state else 0
+            lock = self._generator.lock if self._generator else threading.Lock()
+            with lock:  # no generation while the weights change
+                result = train(
+                    data, model=self._model, tokenizer=self._tokenizer, state=self._state, steps=done + steps, **kwargs
+                )
+        self._adopt(result.model, result.tokenizer, result.state)
+        return result
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _context(self, prompt: str, stream: bool, options: dict[str, Any]) -> Context:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
+        if "stop" in options and options["stop"] is not None and not isinstance(options["stop"], str):
+            options["stop"] = tuple(options["stop"])
+        return Context(prompt=prompt, params=self.defaults.replace(**options), stream=stream)
+
+    def _build(self) -> Callable[[Context], Awaitable[None]]:
+        if self._stack is None:
+            self._stack = compose(self._middleware, self._handle)
+        return self._stack
+
+    async def _handle(self, ctx: Context) -> None:
+        """The innermost handler: the model itself."""
+        _, _ = self._require_model("generate")
+        assert self._generator is not None
+        if ctx.stream:
+            ctx.chunks = _completing(self._generator.astream(ctx.prompt, ctx.params), ctx)
+        else:
+            completion = (await asyncio.to_thread(self._generator.complete, ctx.prompt, ctx.params))[0]
+            ctx.completion, ctx.response = completion, completion.text
+
+    async def _run(self, ctx: Context) -> None:
+        """The stack, with the on_error hooks outside it."""
+        self._emitter.bind_loop(asyncio.get_running_loop())
+        self._emitter.emit(RequestEvent(id=ctx.id, prompt=ctx.prompt, stream=ctx.stream, params=ctx.params.to_dict()))
+        try:
+            await self._build()(ctx)
+        except Exception as e:
+            await self._on_failure(ctx, e)
+
+    async def _on_failure(self, ctx: Context, error: Exception) -> None:
+        self._emitter.emit(ErrorEvent(error=error, source="request"))
+
+        async def hooks(ctx: Context, error: Exception) -> None:
+            for hook in self._error_hooks:
+                result = hook(ctx, error)
+                if inspect.isawaitable(result):
+                    await result
+                if ctx.response is not None or ctx.chunks is not None:
+                    return
+
+        await recover(ctx, error, hooks)
+
+    async def generate(self, prompt: str | Sequence[str], **options: Any) -> str | list[str]:
+        """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list."""
+        if not isinstance(prompt, str):
+            return list(await asyncio.gather(*(self.generate(p, **options) for p in prompt)))  # type: ignore[misc]
+        ctx = self._context(prompt, False, options)
+        start = time.perf_counter()
+        await self._run(ctx)
+        if ctx.response is None and ctx.chunks is not None:  # a middleware answered with chunks
+            ctx.response = "".join([piece async for piece in ctx.chunks])
+        text = ctx.response or ""
+        self._emit_response(ctx, text, start)
+        return text
+
+    async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
+        """Text pieces of the completion as they arrive, through the middleware stack."""
+        ctx = self._context(prompt, True, options)
+        start = time.perf_counter()
+        await self._run(ctx)
+        chunks = ctx.chunks if ctx.chunks is not None else _pieces(ctx.response or "")
+        received: list[str] = []
+        try:
+            async for piece in chunks:
+                if piece:
+                    self._emitter.emit(TokenEvent(id=ctx.id, index=len(received), text=piece))
+                    received.append(piece)
+                    yield piece
+        except Exception as e:
+            self._emitter.emit(ErrorEvent(error=e, source="request"))
+            raise
+        finally:
+            if isinstance(aclose := getattr(chunks, "aclose", None), Callable):  # type: ignore[arg-type]
+                await aclose()
+        self._emit_response(ctx, "".join(received), start)
+
+    def _emit_response(self, ctx: Context, text: str, start: float) -> None:
+        done = ctx.completion
+        self._emitter.emit(
+            ResponseEvent(
+                id=ctx.id,
+                text=text,
+                finish_reason=done.finish_reason if done else None,
+                prompt_tokens=done.prompt_tokens if done else None,
+                completion_tokens=done.completion_tokens if done else None,
+                elapsed=time.perf_counter() - start,
+                cached=ctx.cached,
+            )
+        )
+
+    # -- the sync facade ---------------------------------------------------------------------------------
+    @property
+    def sync(self) -> SyncForge:
+        """Blocking twins of the async methods: ``app.sync.generate(...)``, ``app.sync.train(...)``."""
+        if self._sync is None:
+            self._sync = SyncForge(self)
+        return self._sync
+
+    def __repr__(self) -> str:
+        state = "trained" if self._model is not None else "untrained"
+        return f"Forge(model={self._source!r}, {state}, device={self.device}, middleware={len(self._middleware)})"
+
+
+async def _completing(source: AsyncTextStream, ctx: Context) -> AsyncIterator[str]:
+    """The model's stream; sets ``ctx.completion`` once it has run to the end."""
+    try:
+        async for piece in source:
+            yield piece
+        ctx.completion = source.completion
+    finally:
+        await source.aclose()
+
+
+async def _pieces(text: str) -> AsyncIterator[str]:
+    if text:
+        yield text
+
+
+class SyncForge:
+    """The sync facade: each call runs the async method on the app's own event-loop thread.
+
+    That works in plain scripts and inside notebooks (which already run a loop).
+    """
+
+    def __init__(self, app: Forge) -> None:
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="forge-sync", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def train(self, data: DataSource, **options: Any) -> TrainResult:
+        return self._run(self._app.train(data, **options))
+
+    def generate(self, prompt: str | Sequence[str], **options: Any) -> str | list[str]:
+        return self._run(self._app.generate(prompt, **options))
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        agen = self._app.stream(prompt, **options)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())

@@ -1,0 +1,356 @@
+"""Koa-style middleware around every generation request, and the built-ins.
+
+A middleware is ``async def mw(ctx, next)``. Code before ``await next()`` sees
+the request (and may change ``ctx.prompt`` or ``ctx.params``); code after it
+sees the response. Not calling ``next`` short-circuits (a cache hit sets
+``ctx.response`` and returns). For a streaming request the response is
+``ctx.chunks``, an async iterator of text pieces that a middleware may wrap
+(``ctx.chunks = my_filter(ctx.chunks)``) instead of ``ctx.response``.
+
+Errors are handled explicitly, by :func:`error_handler` or ``Forge.on_error``;
+nothing is inferred from a function's arity.
+
+>>> async def shout(ctx, next):
+...     await next()
+...     ctx.response = ctx.response.upper()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge.errors import ConfigError, ForgeError
+from forge.generator import Completion, GenerationConfig
+from forge.textstream import held_back
+
+__all__ = [
+    "Context",
+    "Middleware",
+    "Next",
+    "RateLimitError",
+    "cache",
+    "compose",
+    "content_filter",
+    "error_handler",
+    "logger",
+    "prompt_template",
+    "rate_limit",
+    "recover",
+    "timer",
+]
+
+Next = Callable[[], Awaitable[None]]
+Middleware = Callable[["Context", Next], Awaitable[None]]
+ErrorHandler = Callable[["Context", Exception], Awaitable[None]]
+
+
+class RateLimitError(ForgeError):
+    """A request was refused by :func:`rate_limit`."""
+
+    exit_code = 7
+    http_status = 429
+    error_type = "rate_limit_error"
+
+
+@dataclass
+class Context:
+    """One generation request as it travels through the middleware stack.
+
+    prompt / messages: the input (``messages`` is for chat requests).
+    params: the generation options; replace them with ``ctx.params = ctx.params.replace(...)``.
+    response: the full text (non-streaming requests), set by the model or a middleware.
+    chunks: the text pieces (streaming requests), which a middleware may wrap.
+    completion: finish reason and token counts from the model, once known.
+    meta: free-form data shared between middleware. timings: seconds, by name.
+    """
+
+    prompt: str
+    params: GenerationConfig
+    stream: bool = False
+    messages: list[dict[str, Any]] | None = None
+    response: str | None = None
+    chunks: AsyncIterator[str] | None = None
+    completion: Completion | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}")
+    cached: bool = False
+
+    def set_text(self, text: str) -> None:
+        """Answer the request with ``text``, whether it streams or not (used by short-circuits)."""
+        if self.stream:
+            self.chunks = _one_piece(text)
+        else:
+            self.response = text
+
+
+async def _one_piece(text: str) -> AsyncIterator[str]:
+    yield text
+
+
+def compose(middleware: Sequence[Middleware], handler: Callable[[Context], Awaitable[None]]) -> Callable[..., Any]:
+    """Chain middleware around ``handler`` (the model); returns ``run(ctx)``."""
+    stack = tuple(middleware)
+
+    async def run(ctx: Context) -> None:
+        async def dispatch(i: int) -> None:
+            if i == len(stack):
+                await handler(ctx)
+                return
+            called = False
+
+            async def next_() -> None:
+                nonlocal called
+                if called:
+                    name = getattr(stack[i], "__name__", repr(stack[i]))
+                    raise ForgeError(f"middleware {name} called next() more than once; call it at most once")
+                called = True
+                await dispatch(i + 1)
+
+            await stack[i](ctx, next_)
+
+        await dispatch(0)
+
+    return run
+
+
+def _wrap_chunks(ctx: Context, transform: Callable[[AsyncIterator[str]], AsyncIterator[str]]) -> None:
+    assert ctx.chunks is not None
+    ctx.chunks = transform(ctx.chunks)
+
+
+# -- built-ins ---------------------------------------------------------------------------------
+
+
+def logger(log: Callable[[str], None] | None = None, *, preview: int = 40) -> Middleware:
+    """Log one line per request: id, prompt preview, characters out, finish reason, time.
+
+    ``log`` defaults to ``logging.getLogger("forge").info``.
+    """
+    emit = log or logging.getLogger("forge").info
+
+    def line(ctx: Context, text: str, elapsed: float) -> str:
+        prompt = ctx.prompt if len(ctx.prompt) <= preview else ctx.prompt[:preview] + "…"
+        reason = ctx.completion.finish_reason if ctx.completion else ("cached" if ctx.cached else "-")
+        kind = "stream" if ctx.stream else "generate"
+        return f"{ctx.id} {kind} {prompt!r} -> {len(text)} chars ({reason}) in {elapsed * 1000:.0f} ms"
+
+    async def logger_mw(ctx: Context, next: Next) -> None:
+        start = time.perf_counter()
+        await next()
+        if not ctx.stream:
+            emit(line(ctx, ctx.response or "", time.perf_counter() - start))
+            return
+
+        async def logged(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+            text = []
+            async for piece in chunks:
+                text.append(piece)
+                yield piece
+            emit(line(ctx, "".join(text), time.perf_counter() - start))
+
+        _wrap_chunks(ctx, logged)
+
+    return logger_mw
+
+
+def timer() -> Middleware:
+    """Record ``ctx.timings["total"]`` and, when streaming, ``ctx.timings["first_token"]`` (seconds)."""
+
+    async def timer_mw(ctx: Context, next: Next) -> None:
+        start = time.perf_counter()
+        await next()
+        if not ctx.stream:
+            ctx.timings["total"] = time.perf_counter() - start
+            return
+
+        async def timed(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+            async for piece in chunks:
+                ctx.timings.setdefault("first_token", time.perf_counter() - start)
+                yield piece
+            ctx.timings["total"] = time.perf_counter() - start
+
+        _wrap_chunks(ctx, timed)
+
+    return timer_mw
+
+
+def cache(max_entries: int = 256) -> Middleware:
+    """An LRU cache keyed on the prompt (or messages) and every generation parameter.
+
+    A hit short-circuits the stack (``ctx.cached = True``); streaming requests
+    are cached once fully streamed. Sampled outputs are cached too: a hit
+    returns the first answer, as a cache should.
+    """
+    if max_entries < 1:
+        raise ConfigError(f"cache(max_entries={max_entries}) must keep at least 1 entry")
+    entries: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def store(key: str, text: str) -> None:
+        entries[key] = text
+        entries.move_to_end(key)
+        while len(entries) > max_entries:
+            entries.popitem(last=False)
+
+    async def cache_mw(ctx: Context, next: Next) -> None:
+        key = json.dumps([ctx.prompt, ctx.messages, ctx.params.to_dict()], sort_keys=True, default=str)
+        if key in entries:
+            entries.move_to_end(key)
+            ctx.cached = True
+            ctx.set_text(entries[key])
+            return
+        await next()
+        if not ctx.stream:
+            if ctx.response is not None:
+                store(key, ctx.response)
+            return
+
+        async def recorded(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+            text = []
+            async for piece in chunks:
+                text.append(piece)
+                yield piece
+            store(key, "".join(text))  # only a stream that ran to the end is cached
+
+        _wrap_chunks(ctx, recorded)
+
+    cache_mw.entries = entries  # type: ignore[attr-defined]
+    return cache_mw
+
+
+def rate_limit(rate: float, *, burst: int = 1, wait: bool = False) -> Middleware:
+    """A token bucket: ``rate`` requests per second on average, ``burst`` at once.
+
+    An empty bucket raises :class:`RateLimitError` (HTTP 429), or, with
+    ``wait=True``, sleeps until a token is free.
+    """
+    if not rate > 0:
+        raise ConfigError(f"rate_limit(rate={rate}) must be > 0 requests per second")
+    if burst < 1:
+        raise ConfigError(f"rate_limit(burst={burst}) must be >= 1")
+    state = {"tokens": float(burst), "at": time.monotonic()}
+
+    def take() -> float:
+        """Take a token if there is one; else return the seconds until one is free."""
+        now = time.monotonic()
+        state["tokens"] = min(burst, state["tokens"] + (now - state["at"]) * rate)
+        state["at"] = now
+        if state["tokens"] >= 1:
+            state["tokens"] -= 1
+            return 0.0
+        return (1 - state["tokens"]) / rate
+
+    async def rate_limit_mw(ctx: Context, next: Next) -> None:
+        while (delay := take()) > 0:
+            if not wait:
+                raise RateLimitError(
+                    f"rate limit exceeded: {rate:g} requests/s with bursts of {burst}; retry in {delay:.2f} s"
+                )
+            await asyncio.sleep(delay)
+        await next()
+
+    return rate_limit_mw
+
+
+def content_filter(blocked: Sequence[str], *, replacement: str = "***") -> Middleware:
+    """Replace every occurrence of a blocked word or phrase (case-insensitive) in the output.
+
+    Streaming output is filtered piece by piece: text that could be the start
+    of a blocked phrase is held back until the next piece decides it.
+    """
+    words = [w.lower() for w in blocked if w]
+    if not words:
+        raise ConfigError("content_filter(blocked=...) needs at least one non-empty word or phrase")
+
+    def mask(text: str) -> str:
+        lower, out, i = text.lower(), [], 0
+        while i < len(text):
+            hit = next((w for w in words if lower.startswith(w, i)), None)
+            if hit:
+                out.append(replacement)
+                i += len(hit)
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+    async def filtered(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        pending = ""
+        async for piece in chunks:
+            pending += piece
+            keep = held_back(pending.lower(), words)
+            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+            if ready:
+                yield mask(ready)
+        if pending:
+            yield mask(pending)
+
+    async def content_filter_mw(ctx: Context, next: Next) -> None:
+        await next()
+        if ctx.stream:
+            _wrap_chunks(ctx, filtered)
+        elif ctx.response is not None:
+            ctx.response = mask(ctx.response)
+
+    return content_filter_mw
+
+
+def prompt_template(template: str) -> Middleware:
+    """Wrap the prompt: ``prompt_template("Q: {prompt}\\nA:")``."""
+    if "{prompt}" not in template:
+        raise ConfigError(f"prompt_template({template!r}) must contain the placeholder {{prompt}}")
+
+    async def prompt_template_mw(ctx: Context, next: Next) -> None:
+        ctx.prompt = template.replace("{prompt}", ctx.prompt)
+        await next()
+
+    return prompt_template_mw
+
+
+def error_handler(handle: ErrorHandler) -> Middleware:
+    """Catch errors from the rest of the stack: ``await handle(ctx, error)``.
+
+    The handler recovers by answering (``ctx.set_text(...)``); if it returns
+    without answering, or raises, the error goes on up. Errors raised while a
+    stream is consumed reach it too.
+    """
+
+    async def error_handler_mw(ctx: Context, next: Next) -> None:
+        try:
+            await next()
+        except Exception as e:
+            await recover(ctx, e, handle)
+            return
+        if ctx.stream and ctx.chunks is not None:
+            _wrap_chunks(ctx, lambda chunks: _guarded(chunks, ctx, handle))
+
+    return error_handler_mw
+
+
+async def recover(ctx: Context, error: Exception, handle: ErrorHandler) -> None:
+    """Let ``handle`` answer for ``error``; re-raise it if the handler gives no answer."""
+    ctx.response, ctx.chunks = None, None
+    await handle(ctx, error)
+    if ctx.response is None and ctx.chunks is None:
+        raise error
+
+
+async def _guarded(chunks: AsyncIterator[str], ctx: Context, handle: ErrorHandler) -> AsyncIterator[str]:
+    try:
+        async for piece in chunks:
+            yield piece
+    except Exception as e:
+        await recover(ctx, e, handle)
+        if ctx.chunks is not None:  # the handler answered: finish with its text
+            async for piece in ctx.chunks:
+                yield piece
+        elif ctx.response:
+            yield ctx.response
