@@ -1,11 +1,13 @@
 """Forge: train, generate, chat and serve language models from Python.
 
->>> import forge
->>> forge.get_preset("tiny").n_layer
-4
+>>> from forge import Forge, logger, timer
+>>> app = Forge(model="tiny").use(logger()).use(timer())
+>>> app.info()["middleware"]
+['logger_mw', 'timer_mw']
 """
 
-from forge.config import PRESETS, ModelConfig, get_preset, preset_names
+from forge.app import Forge, SyncForge
+from forge.config import PRESETS, ModelConfig, get_preset, preset_names, register_preset
 from forge.errors import (
     CheckpointError,
     ConfigError,
@@ -15,8 +17,31 @@ from forge.errors import (
     GenerationError,
     PresetNotFoundError,
 )
-from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
-from forge.generator import Completion, GenerationConfig, Generator
+from forge.events import (
+    CheckpointEvent,
+    Emitter,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    RequestEvent,
+    ResponseEvent,
+    StartEvent,
+    StepEvent,
+    TokenEvent,
+)
+from forge.generator import AsyncTextStream, Completion, GenerationConfig, Generator, TextStream
+from forge.middleware import (
+    Context,
+    RateLimitError,
+    cache,
+    content_filter,
+    error_handler,
+    logger,
+    prompt_template,
+    rate_limit,
+    timer,
+)
 from forge.models import LoadedModel, create_model, load, save
 from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig, Trainer, TrainResult, train
@@ -25,15 +50,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "AsyncTextStream",
     "CheckpointError",
     "CheckpointEvent",
     "Completion",
     "ConfigError",
+    "Context",
     "DataError",
     "DeviceError",
+    "Emitter",
     "EndEvent",
+    "ErrorEvent",
     "EvalEvent",
     "Event",
+    "Forge",
     "ForgeError",
     "GenerationConfig",
     "GenerationError",
@@ -41,16 +71,30 @@ __all__ = [
     "LoadedModel",
     "ModelConfig",
     "PresetNotFoundError",
+    "RateLimitError",
+    "RequestEvent",
+    "ResponseEvent",
     "StartEvent",
     "StepEvent",
+    "SyncForge",
+    "TextStream",
+    "TokenEvent",
     "Tokenizer",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "cache",
+    "content_filter",
     "create_model",
+    "error_handler",
     "get_preset",
     "load",
+    "logger",
     "preset_names",
+    "prompt_template",
+    "rate_limit",
+    "register_preset",
     "save",
+    "timer",
     "train",
 ]

@@ -10,11 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from forge import models
-from forge.cli.corpus import stdlib_docstrings
 from forge.cli.progress import TrainingDisplay
 from forge.config import preset_names
 from forge.core.device import DEVICES, resolve_device
-from forge.data import cache_dir
+from forge.data import stdlib_corpus
 from forge.events import StepEvent
 from forge.generator import Generator
 from forge.trainer import TrainConfig, TrainResult, train
@@ -211,7 +210,7 @@ def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: in
     """Train the tiny preset on the Python standard library's docstrings, then sample from it."""
     console = _console()
     dev = resolve_device(device)
-    corpus = stdlib_docstrings(cache_dir() / "demo")
+    corpus = stdlib_corpus()
     console.print(
         f"[bold]forge demo[/]: training the [bold]tiny[/] preset on the docstrings of Python's standard library "
         f"({corpus.stat().st_size / 1e6:.1f} MB of text every Python install has)."

@@ -1,0 +1,50 @@
+"""Every example runs, as a user runs it (a subprocess), on a real corpus."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, data: Path, steps: int) -> str:
+    env = os.environ | {"FORGE_EXAMPLE_STEPS": str(steps), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), str(data)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, hamlet: Path) -> Path:
+    return hamlet
+
+
+def test_quickstart(corpus: Path) -> None:
+    out = run_example("quickstart.py", corpus, steps=20)
+    assert out.count("generate: ") == 2  # the async program and its sync twin
+    assert out.count(" generate 'Return the' -> ") == 2  # logger middleware, once per generate
+    assert "saved to" in out
+
+
+def test_training(corpus: Path) -> None:
+    out = run_example("training.py", corpus, steps=40)
+    assert "eval @ 0" in out and "eval @ 40" in out
+    assert "checkpoint @ 40" in out
+    assert "the failing listener raised 1 time(s); training went on to step 40" in out
+    assert "resumed run ended at step 50" in out
+    assert "50 steps in total" in out
+
+
+def test_middleware(corpus: Path) -> None:
+    out = run_example("middleware.py", corpus, steps=20)
+    assert "same text from the cache: True" in out
+    assert "(cached)" in out  # the logger saw the cache hit
+    assert "[busy: rate limit exceeded" in out
+    assert "stream: " in out
