@@ -281,7 +281,8 @@ class Forge:
             self._emitter.emit(ErrorEvent(error=e, source="request"))
             raise
         finally:
-            if isinstance(aclose := getattr(chunks, "aclose", None), Callable):  # type: ignore[arg-type]
+            aclose = getattr(chunks, "aclose", None)
+            if callable(aclose):
                 await aclose()
         self._emit_response(ctx, "".join(received), start)
 
@@ -353,10 +354,14 @@ class SyncForge:
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         agen = self._app.stream(prompt, **options)
+
+        async def step() -> str:
+            return await agen.__anext__()
+
         try:
             while True:
                 try:
-                    yield self._run(agen.__anext__())
+                    yield self._run(step())
                 except StopAsyncIteration:
                     return
         finally:

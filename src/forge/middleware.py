@@ -127,6 +127,15 @@ def _wrap_chunks(ctx: Context, transform: Callable[[AsyncIterator[str]], AsyncIt
     ctx.chunks = transform(ctx.chunks)
 
 
+async def _tap(chunks: AsyncIterator[str], done: Callable[[str], None]) -> AsyncIterator[str]:
+    """Pass pieces through; once the stream has run to its end, call ``done(full text)``."""
+    text = []
+    async for piece in chunks:
+        text.append(piece)
+        yield piece
+    done("".join(text))
+
+
 # -- built-ins ---------------------------------------------------------------------------------
 
 
@@ -146,18 +155,10 @@ def logger(log: Callable[[str], None] | None = None, *, preview: int = 40) -> Mi
     async def logger_mw(ctx: Context, next: Next) -> None:
         start = time.perf_counter()
         await next()
-        if not ctx.stream:
+        if ctx.stream:
+            _wrap_chunks(ctx, lambda c: _tap(c, lambda text: emit(line(ctx, text, time.perf_counter() - start))))
+        else:
             emit(line(ctx, ctx.response or "", time.perf_counter() - start))
-            return
-
-        async def logged(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-            text = []
-            async for piece in chunks:
-                text.append(piece)
-                yield piece
-            emit(line(ctx, "".join(text), time.perf_counter() - start))
-
-        _wrap_chunks(ctx, logged)
 
     return logger_mw
 
@@ -208,19 +209,10 @@ def cache(max_entries: int = 256) -> Middleware:
             ctx.set_text(entries[key])
             return
         await next()
-        if not ctx.stream:
-            if ctx.response is not None:
-                store(key, ctx.response)
-            return
-
-        async def recorded(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-            text = []
-            async for piece in chunks:
-                text.append(piece)
-                yield piece
-            store(key, "".join(text))  # only a stream that ran to the end is cached
-
-        _wrap_chunks(ctx, recorded)
+        if ctx.stream:  # only a stream that runs to its end is cached
+            _wrap_chunks(ctx, lambda c: _tap(c, lambda text: store(key, text)))
+        elif ctx.response is not None:
+            store(key, ctx.response)
 
     cache_mw.entries = entries  # type: ignore[attr-defined]
     return cache_mw
