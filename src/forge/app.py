@@ -72,7 +72,7 @@ class Forge:
             self._adopt(loaded.model, loaded.tokenizer, loaded.training_state)
         elif isinstance(model, str) and model in PRESETS:
             self._preset = model
-        elif isinstance(model, str) and ("/" in model or os.sep in model or model.startswith(".")):
+        elif isinstance(model, os.PathLike) or "/" in model or os.sep in model or model.startswith("."):
             raise CheckpointError(f"model {model!r} is not a checkpoint directory; pass a directory or a preset name")
         else:
             get_preset(str(model))  # raises PresetNotFoundError with "did you mean"

@@ -15,7 +15,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +51,7 @@ class Corpus:
     files: tuple[Path, ...] = ()
     texts: tuple[str, ...] = ()
     label: str = "<list of strings>"
+    _fingerprint: list[str] = field(default_factory=list, compare=False, repr=False)  # memo
 
     @classmethod
     def from_source(cls, source: DataSource) -> Corpus:
@@ -105,13 +106,15 @@ class Corpus:
             yield from doc
 
     def fingerprint(self) -> str:
-        """sha256 over every document's bytes, with separators."""
-        h = hashlib.sha256()
-        for doc in self.documents():
-            for chunk in doc:
-                h.update(chunk.encode("utf-8"))
-            h.update(b"\x00<doc>\x00")
-        return h.hexdigest()
+        """sha256 over every document's bytes, with separators (computed once)."""
+        if not self._fingerprint:
+            h = hashlib.sha256()
+            for doc in self.documents():
+                for chunk in doc:
+                    h.update(chunk.encode("utf-8"))
+                h.update(b"\x00<doc>\x00")
+            self._fingerprint.append(h.hexdigest())
+        return self._fingerprint[0]
 
 
 def _read_file(path: Path) -> Iterator[str]:

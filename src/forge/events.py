@@ -190,7 +190,7 @@ class Emitter:
             if listener is None:
                 self._listeners.pop(name, None)
             else:
-                self._listeners[name] = [(fn, o) for fn, o in self._listeners.get(name, []) if fn is not listener]
+                self._listeners[name] = [(fn, o) for fn, o in self._listeners.get(name, []) if fn != listener]
         return self
 
     def listeners(self, name: str) -> list[Listener]:

@@ -74,6 +74,9 @@ class GenerationConfig:
         )
 
     def replace(self, **changes: Any) -> GenerationConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        if unknown := sorted(set(changes) - known):
+            raise ConfigError(f"unknown generation options {unknown}; options are {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import json
 import logging
 import time
@@ -330,7 +331,9 @@ def error_handler(handle: ErrorHandler) -> Middleware:
 async def recover(ctx: Context, error: Exception, handle: ErrorHandler) -> None:
     """Let ``handle`` answer for ``error``; re-raise it if the handler gives no answer."""
     ctx.response, ctx.chunks = None, None
-    await handle(ctx, error)
+    result = handle(ctx, error)
+    if inspect.isawaitable(result):
+        await result
     if ctx.response is None and ctx.chunks is None:
         raise error
 
