@@ -11,8 +11,8 @@ import torch
 
 from forge.config import ModelConfig
 from forge.core.transformer import Transformer
-from forge.models import padded_vocab
-from forge.tokenizer import Tokenizer
+from forge.models import padded_vocab, save
+from forge.tokenizer import EOS, Tokenizer
 
 # tests/conftest.py -> parents[1] is the repository root; the shared data sits beside it.
 # FORGE_SHAKESPEARE_DIR points elsewhere (e.g. on a machine where ../shared is absent).
@@ -163,3 +163,35 @@ def bigram_model() -> BigramFactory:
         return model.eval()
 
     return build
+
+
+#: The bigram checkpoint's table: a -> b -> ... -> h -> a, and v -> w -> x -> end of text.
+BIGRAM_CYCLE = "abcdefgh"
+BIGRAM_TABLE: dict[str | int, str | int] = {
+    **{c: BIGRAM_CYCLE[(i + 1) % len(BIGRAM_CYCLE)] for i, c in enumerate(BIGRAM_CYCLE)},
+    "v": "w",
+    "w": "x",
+    "x": EOS,
+}
+
+
+@pytest.fixture(scope="session")
+def bigram_dir(
+    tmp_path_factory: pytest.TempPathFactory, bigram_model: BigramFactory, char_tokenizer: Tokenizer
+) -> Path:
+    """A checkpoint of the bigram model (char tokenizer) following :data:`BIGRAM_TABLE`.
+
+    Greedy decoding from a prompt ending in "a" gives "bcdefgh..." one
+    character per streamed piece; "v" gives "wx" and then the end of text.
+    """
+    path = tmp_path_factory.mktemp("bigram") / "checkpoint"
+    save(path, bigram_model(char_tokenizer, BIGRAM_TABLE), char_tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def notes(tmp_path_factory: pytest.TempPathFactory, hamlet_text: str) -> Path:
+    """A small text file to train on: the first 8000 characters of Hamlet."""
+    path = tmp_path_factory.mktemp("data") / "notes.txt"
+    path.write_text(hamlet_text[:8000], encoding="utf-8")
+    return path

@@ -27,23 +27,11 @@ from forge.events import Event, StartEvent, StepEvent
 from forge.generator import GenerationConfig
 from forge.middleware import Context, Next, logger, timer
 from forge.models import create_model, padded_vocab, save
-from forge.tokenizer import EOS, Tokenizer
+from forge.tokenizer import Tokenizer
 
 #: Small and quick: short windows, a cheap evaluation.
 FAST: dict[str, Any] = {"batch_size": 2, "context": 16, "eval_batches": 2, "precision": "fp32"}
 SAMPLED: dict[str, Any] = {"temperature": 1.0, "seed": 3, "max_tokens": 30}
-CYCLE = "abcdefgh"
-TABLE: dict[str | int, str | int] = {
-    **{c: CYCLE[(i + 1) % len(CYCLE)] for i, c in enumerate(CYCLE)},
-    "x": EOS,
-}
-
-
-@pytest.fixture(scope="module")
-def notes(tmp_path_factory: pytest.TempPathFactory, hamlet_text: str) -> Path:
-    path = tmp_path_factory.mktemp("data") / "notes.txt"
-    path.write_text(hamlet_text[:8000], encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +40,6 @@ def random_dir(tmp_path_factory: pytest.TempPathFactory, char_tokenizer: Tokeniz
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("random") / "checkpoint"
     save(path, create_model("tiny", vocab_size=padded_vocab(char_tokenizer.vocab_size)), char_tokenizer)
-    return path
-
-
-@pytest.fixture(scope="module")
-def bigram_dir(
-    tmp_path_factory: pytest.TempPathFactory,
-    bigram_model: Callable[..., torch.nn.Module],
-    char_tokenizer: Tokenizer,
-) -> Path:
-    path = tmp_path_factory.mktemp("bigram") / "checkpoint"
-    save(path, bigram_model(char_tokenizer, TABLE), char_tokenizer)  # type: ignore[arg-type]
     return path
 
 
@@ -178,6 +155,18 @@ def test_the_issue_example_sync_twin(in_notes_dir: Path, capsys: Any, caplog: py
 def test_unknown_preset_suggests_close_names() -> None:
     with pytest.raises(PresetNotFoundError, match="did you mean 'tiny'"):
         Forge("tinyy")
+
+
+def test_a_preset_name_wins_over_a_same_named_directory(
+    bigram_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    shutil.copytree(bigram_dir, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert Forge("tiny").info()["trained"] is False  # the preset
+    assert Forge("./tiny").info()["trained"] is True  # the directory
+    assert Forge.load("tiny").info()["trained"] is True
 
 
 def test_a_path_that_is_not_a_directory_is_a_checkpoint_error(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from forge.app import Forge
 from forge.errors import ConfigError
@@ -32,36 +31,11 @@ from forge.events import (
     TokenEvent,
 )
 from forge.generator import GenerationConfig
-from forge.models import save
-from forge.tokenizer import EOS, Tokenizer
 
-CYCLE = "abcdefgh"
-TABLE: dict[str | int, str | int] = {
-    **{c: CYCLE[(i + 1) % len(CYCLE)] for i, c in enumerate(CYCLE)},
-    "x": EOS,
-}
 #: Small and quick: a char tokenizer, short windows, a cheap evaluation.
 FAST: dict[str, Any] = {"batch_size": 2, "context": 16, "eval_batches": 2, "precision": "fp32"}
 TRAINING = ("start", "step", "eval", "checkpoint", "end")
 GENERATION = ("request", "token", "response")
-
-
-@pytest.fixture(scope="module")
-def notes(tmp_path_factory: pytest.TempPathFactory, hamlet_text: str) -> Path:
-    path = tmp_path_factory.mktemp("data") / "notes.txt"
-    path.write_text(hamlet_text[:8000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def bigram_dir(
-    tmp_path_factory: pytest.TempPathFactory,
-    bigram_model: Callable[..., torch.nn.Module],
-    char_tokenizer: Tokenizer,
-) -> Path:
-    path = tmp_path_factory.mktemp("bigram") / "checkpoint"
-    save(path, bigram_model(char_tokenizer, TABLE), char_tokenizer)  # type: ignore[arg-type]
-    return path
 
 
 @pytest.fixture
@@ -362,6 +336,42 @@ def test_async_listener_during_training(untrained: Forge, notes: Path) -> None:
     asyncio.run(run())
     assert sorted(step for step, _ in seen) == [1, 2, 3]
     assert {thread for _, thread in seen} == {main}  # on the app's event loop, not the training thread
+
+
+def test_async_listeners_have_finished_when_train_returns(untrained: Forge, notes: Path) -> None:
+    seen: list[str] = []
+
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(0.05)
+        seen.append(event.name)
+
+    untrained.on("step", slow).on("end", slow)
+    asyncio.run(untrained.train(notes, steps=2, **FAST))
+    assert sorted(seen) == ["end", "step", "step"]
+
+
+def test_async_listeners_have_finished_when_sync_train_returns(untrained: Forge, notes: Path) -> None:
+    seen: list[str] = []
+
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(0.05)
+        seen.append(event.name)
+
+    untrained.on("end", slow)
+    untrained.sync.train(notes, steps=1, **FAST)
+    assert seen == ["end"]
+
+
+def test_an_async_listener_may_generate_after_training(untrained: Forge, notes: Path) -> None:
+    """Waiting for listeners must not deadlock one that uses the app itself."""
+    samples: list[str] = []
+
+    async def sample(event: EndEvent) -> None:
+        samples.append(str(await untrained.generate("to", max_tokens=3, temperature=0)))
+
+    untrained.on("end", sample)
+    asyncio.run(asyncio.wait_for(untrained.train(notes, steps=1, **FAST), timeout=60))
+    assert len(samples) == 1
 
 
 def test_async_listener_that_raises_is_an_error_event(untrained: Forge, notes: Path) -> None:

@@ -26,9 +26,19 @@ from forge.core.device import resolve_device
 from forge.core.transformer import Transformer
 from forge.data import DataSource
 from forge.errors import CheckpointError, ConfigError, ForgeError
-from forge.events import EVENT_NAMES, Emitter, ErrorEvent, Event, Listener, RequestEvent, ResponseEvent, TokenEvent
+from forge.events import (
+    EVENT_NAMES,
+    Emitter,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    Listener,
+    RequestEvent,
+    ResponseEvent,
+    TokenEvent,
+)
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
-from forge.middleware import Context, Middleware, compose, recover
+from forge.middleware import Context, Middleware, compose, guarded, recover
 from forge.models import load, save
 from forge.tokenizer import Tokenizer, TokenizerKind
 from forge.trainer import TrainConfig, TrainResult, train
@@ -67,13 +77,15 @@ class Forge:
         self._preset: str | ModelConfig | None = None
         self._source = str(model)
         self._sync: SyncForge | None = None
-        if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        if isinstance(model, str) and model in PRESETS and not _looks_like_path(model):
+            self._preset = model  # a preset name wins over a same-named directory: use "./name" for that
+        elif Path(model).is_dir():
             loaded = load(model, device=self.device, with_state=True)
             self._adopt(loaded.model, loaded.tokenizer, loaded.training_state)
-        elif isinstance(model, str) and model in PRESETS:
-            self._preset = model
-        elif isinstance(model, os.PathLike) or "/" in model or os.sep in model or model.startswith("."):
-            raise CheckpointError(f"model {model!r} is not a checkpoint directory; pass a directory or a preset name")
+        elif isinstance(model, os.PathLike) or _looks_like_path(model):
+            raise CheckpointError(
+                f"model {str(model)!r} is not a checkpoint directory; pass a directory or a preset name"
+            )
         else:
             get_preset(str(model))  # raises PresetNotFoundError with "did you mean"
 
@@ -82,7 +94,7 @@ class Forge:
         """An app around the checkpoint at ``path`` (model, tokenizer and training state)."""
         if not Path(path).is_dir():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a directory written by app.save")
-        return cls(path, **options)
+        return cls(Path(path), **options)
 
     # -- configuration (chainable) -------------------------------------------------------------
     def use(self, middleware: Middleware) -> Forge:
@@ -92,7 +104,9 @@ class Forge:
                 "Forge.use() was called after the app served its first request: the middleware stack is "
                 "built once, at the first generate/stream; register all middleware before that"
             )
-        if not callable(middleware) or not inspect.iscoroutinefunction(middleware):
+        if not callable(middleware) or not (
+            inspect.iscoroutinefunction(middleware) or inspect.iscoroutinefunction(type(middleware).__call__)
+        ):
             raise ConfigError(
                 f"Forge.use() needs an `async def mw(ctx, next)` function, got {middleware!r}; "
                 "built-ins are called first, e.g. app.use(timer())"
@@ -185,12 +199,20 @@ class Forge:
         training the same model and optimizer. ``options`` are TrainConfig fields.
         """
         self._emitter.bind_loop(asyncio.get_running_loop())
-        return await asyncio.to_thread(self._train, data, steps, out, options)
+        try:
+            return await asyncio.to_thread(self._train, data, steps, out, options)
+        finally:  # async listeners of the run's events have finished when train returns
+            await self._emitter.drain()
 
     def _train(self, data: DataSource, steps: int, out: Any, options: dict[str, Any]) -> TrainResult:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"app.train(steps={steps!r}) must be a positive integer")
-        kwargs: dict[str, Any] = dict(out=out, device=str(self.device), listeners=[self._emitter.emit], **options)
+        ended: list[Event] = []
+
+        def relay(event: Event) -> None:  # "end" waits until the app holds the trained model
+            (ended.append if isinstance(event, EndEvent) else self._emitter.emit)(event)
+
+        kwargs: dict[str, Any] = dict(out=out, device=str(self.device), listeners=[relay], **options)
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := sorted(set(options) - fields - {"vocab_size"}):
             raise ConfigError(f"app.train() got unknown options {unknown}; options are {sorted(fields)}")
@@ -204,6 +226,8 @@ class Forge:
                     data, model=self._model, tokenizer=self._tokenizer, state=self._state, steps=done + steps, **kwargs
                 )
         self._adopt(result.model, result.tokenizer, result.state)
+        for event in ended:
+            self._emitter.emit(event)
         return result
 
     # -- generation ------------------------------------------------------------------------------------
@@ -233,23 +257,23 @@ class Forge:
         """The stack, with the on_error hooks outside it."""
         self._emitter.bind_loop(asyncio.get_running_loop())
         self._emitter.emit(RequestEvent(id=ctx.id, prompt=ctx.prompt, stream=ctx.stream, params=ctx.params.to_dict()))
+        ctx.reporter = lambda error: self._emitter.emit(ErrorEvent(error=error, source="request"))
         try:
             await self._build()(ctx)
         except Exception as e:
-            await self._on_failure(ctx, e)
+            await recover(ctx, e, self._answer_error)
+            return
+        if ctx.stream and ctx.chunks is not None:  # errors raised while the stream is consumed reach on_error too
+            ctx.chunks = guarded(ctx.chunks, ctx, self._answer_error)
 
-    async def _on_failure(self, ctx: Context, error: Exception) -> None:
-        self._emitter.emit(ErrorEvent(error=error, source="request"))
-
-        async def hooks(ctx: Context, error: Exception) -> None:
-            for hook in self._error_hooks:
-                result = hook(ctx, error)
-                if inspect.isawaitable(result):
-                    await result
-                if ctx.response is not None or ctx.chunks is not None:
-                    return
-
-        await recover(ctx, error, hooks)
+    async def _answer_error(self, ctx: Context, error: Exception) -> None:
+        """The on_error hooks, in order, until one answers."""
+        for hook in self._error_hooks:
+            result = hook(ctx, error)
+            if inspect.isawaitable(result):
+                await result
+            if ctx.response is not None or ctx.chunks is not None:
+                return
 
     async def generate(self, prompt: str | Sequence[str], **options: Any) -> str | list[str]:
         """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list."""
@@ -278,7 +302,7 @@ class Forge:
                     received.append(piece)
                     yield piece
         except Exception as e:
-            self._emitter.emit(ErrorEvent(error=e, source="request"))
+            ctx.report_error(e)  # once, even if a middleware already reported it
             raise
         finally:
             aclose = getattr(chunks, "aclose", None)
@@ -321,6 +345,11 @@ async def _completing(source: AsyncTextStream, ctx: Context) -> AsyncIterator[st
         ctx.completion = source.completion
     finally:
         await source.aclose()
+
+
+def _looks_like_path(name: str | os.PathLike[str]) -> bool:
+    name = str(name)
+    return "/" in name or os.sep in name or name.startswith((".", "~"))
 
 
 async def _pieces(text: str) -> AsyncIterator[str]:

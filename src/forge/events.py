@@ -11,6 +11,7 @@ are registered under:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -170,7 +171,8 @@ class Emitter:
         self._listeners: dict[str, list[tuple[Listener, bool]]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # strong refs, so running listeners aren't collected
+        # Async listeners still running: strong refs, so they aren't collected, and so drain() can wait.
+        self._tasks: set[asyncio.Future[None] | concurrent.futures.Future[None]] = set()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -230,14 +232,43 @@ class Emitter:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        future: asyncio.Future[None] | concurrent.futures.Future[None]
         if running is not None:
-            task = running.create_task(run())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            future = running.create_task(run())
         elif self._loop is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(run(), self._loop)
+            future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         else:
             asyncio.run(run())
+            return
+        with self._lock:
+            self._tasks.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Any) -> None:
+        with self._lock:
+            self._tasks.discard(future)
+
+    async def drain(self) -> None:
+        """Wait until every async listener scheduled so far (and any it schedules) has finished.
+
+        ``Forge.train`` awaits this, so async listeners of its events are done when it returns.
+        """
+        while True:
+            loop, me = asyncio.get_running_loop(), asyncio.current_task()
+            with self._lock:  # a task of another event loop can't be awaited here, nor can the caller itself
+                pending = [
+                    f
+                    for f in self._tasks
+                    if f is not me and (isinstance(f, concurrent.futures.Future) or f.get_loop() is loop)
+                ]
+            if not pending:
+                return
+            await asyncio.gather(
+                *(asyncio.wrap_future(f) if isinstance(f, concurrent.futures.Future) else f for f in pending),
+                return_exceptions=True,
+            )
+            with self._lock:
+                self._tasks.difference_update(pending)
 
     def _listener_failed(self, error: Exception, event: Event) -> None:
         if isinstance(event, ErrorEvent) or not self.listeners("error"):

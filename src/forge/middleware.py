@@ -41,6 +41,7 @@ __all__ = [
     "compose",
     "content_filter",
     "error_handler",
+    "guarded",
     "logger",
     "prompt_template",
     "rate_limit",
@@ -84,6 +85,17 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}")
     cached: bool = False
+    #: Set by the app: tells its ``error`` listeners about a failure (see :meth:`report_error`).
+    reporter: Callable[[Exception], None] | None = field(default=None, repr=False, compare=False)
+    _reported: list[Exception] = field(default_factory=list, repr=False, compare=False)
+
+    def report_error(self, error: Exception) -> None:
+        """Report ``error`` to the app (an ``error`` event) once, whether or not it is recovered."""
+        if any(error is seen for seen in self._reported):
+            return
+        self._reported.append(error)
+        if self.reporter is not None:
+            self.reporter(error)
 
     def set_text(self, text: str) -> None:
         """Answer the request with ``text``, whether it streams or not (used by short-circuits)."""
@@ -128,12 +140,24 @@ def _wrap_chunks(ctx: Context, transform: Callable[[AsyncIterator[str]], AsyncIt
     ctx.chunks = transform(ctx.chunks)
 
 
-async def _tap(chunks: AsyncIterator[str], done: Callable[[str], None]) -> AsyncIterator[str]:
-    """Pass pieces through; once the stream has run to its end, call ``done(full text)``."""
+async def _tap(
+    chunks: AsyncIterator[str],
+    done: Callable[[str], None],
+    failed: Callable[[str, Exception], None] | None = None,
+) -> AsyncIterator[str]:
+    """Pass pieces through; once the stream has run to its end, call ``done(full text)``.
+
+    If the stream raises, ``failed(text so far, error)`` is called and the error goes on.
+    """
     text = []
-    async for piece in chunks:
-        text.append(piece)
-        yield piece
+    try:
+        async for piece in chunks:
+            text.append(piece)
+            yield piece
+    except Exception as e:
+        if failed is not None:
+            failed("".join(text), e)
+        raise
     done("".join(text))
 
 
@@ -143,23 +167,42 @@ async def _tap(chunks: AsyncIterator[str], done: Callable[[str], None]) -> Async
 def logger(log: Callable[[str], None] | None = None, *, preview: int = 40) -> Middleware:
     """Log one line per request: id, prompt preview, characters out, finish reason, time.
 
+    A failed request is logged too, with the error (``... failed after 12 chars: ValueError: ...``).
     ``log`` defaults to ``logging.getLogger("forge").info``.
     """
     emit = log or logging.getLogger("forge").info
 
-    def line(ctx: Context, text: str, elapsed: float) -> str:
+    def head(ctx: Context) -> str:
         prompt = ctx.prompt if len(ctx.prompt) <= preview else ctx.prompt[:preview] + "…"
+        return f"{ctx.id} {'stream' if ctx.stream else 'generate'} {prompt!r}"
+
+    def line(ctx: Context, text: str, start: float) -> str:
         reason = ctx.completion.finish_reason if ctx.completion else ("cached" if ctx.cached else "-")
-        kind = "stream" if ctx.stream else "generate"
-        return f"{ctx.id} {kind} {prompt!r} -> {len(text)} chars ({reason}) in {elapsed * 1000:.0f} ms"
+        ms = (time.perf_counter() - start) * 1000
+        return f"{head(ctx)} -> {len(text)} chars ({reason}) in {ms:.0f} ms"
+
+    def failure(ctx: Context, text: str, error: Exception, start: float) -> str:
+        ms = (time.perf_counter() - start) * 1000
+        return f"{head(ctx)} failed after {len(text)} chars in {ms:.0f} ms: {type(error).__name__}: {error}"
 
     async def logger_mw(ctx: Context, next: Next) -> None:
         start = time.perf_counter()
-        await next()
+        try:
+            await next()
+        except Exception as e:
+            emit(failure(ctx, "", e, start))
+            raise
         if ctx.stream:
-            _wrap_chunks(ctx, lambda c: _tap(c, lambda text: emit(line(ctx, text, time.perf_counter() - start))))
+            _wrap_chunks(
+                ctx,
+                lambda c: _tap(
+                    c,
+                    lambda text: emit(line(ctx, text, start)),
+                    lambda text, e: emit(failure(ctx, text, e, start)),
+                ),
+            )
         else:
-            emit(line(ctx, ctx.response or "", time.perf_counter() - start))
+            emit(line(ctx, ctx.response or "", start))
 
     return logger_mw
 
@@ -259,7 +302,8 @@ def content_filter(blocked: Sequence[str], *, replacement: str = "***") -> Middl
     Streaming output is filtered piece by piece: text that could be the start
     of a blocked phrase is held back until the next piece decides it.
     """
-    words = [w.lower() for w in blocked if w]
+    # Longest first, so "bad word" is masked whole even when "bad" is blocked too.
+    words = sorted({w.lower() for w in blocked if w}, key=len, reverse=True)
     if not words:
         raise ConfigError("content_filter(blocked=...) needs at least one non-empty word or phrase")
 
@@ -323,13 +367,17 @@ def error_handler(handle: ErrorHandler) -> Middleware:
             await recover(ctx, e, handle)
             return
         if ctx.stream and ctx.chunks is not None:
-            _wrap_chunks(ctx, lambda chunks: _guarded(chunks, ctx, handle))
+            _wrap_chunks(ctx, lambda chunks: guarded(chunks, ctx, handle))
 
     return error_handler_mw
 
 
 async def recover(ctx: Context, error: Exception, handle: ErrorHandler) -> None:
-    """Let ``handle`` answer for ``error``; re-raise it if the handler gives no answer."""
+    """Let ``handle`` answer for ``error``; re-raise it if the handler gives no answer.
+
+    The error is reported (an ``error`` event) even when it is recovered.
+    """
+    ctx.report_error(error)
     ctx.response, ctx.chunks = None, None
     result = handle(ctx, error)
     if inspect.isawaitable(result):
@@ -338,7 +386,8 @@ async def recover(ctx: Context, error: Exception, handle: ErrorHandler) -> None:
         raise error
 
 
-async def _guarded(chunks: AsyncIterator[str], ctx: Context, handle: ErrorHandler) -> AsyncIterator[str]:
+async def guarded(chunks: AsyncIterator[str], ctx: Context, handle: ErrorHandler) -> AsyncIterator[str]:
+    """``chunks``, with an error raised while they are consumed handed to ``handle`` (see :func:`recover`)."""
     try:
         async for piece in chunks:
             yield piece

@@ -1,0 +1,66 @@
+"""Helpers shared by the middleware tests: run a request, record events, small middleware.
+
+The app under test wraps the bigram checkpoint of conftest (``bigram_dir``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from forge.app import Forge
+from forge.events import Event
+from forge.generator import GenerationConfig
+from forge.middleware import Context, Middleware, Next
+
+#: Greedy, 4 tokens: from "a" the bigram model gives "bcde".
+GREEDY = GenerationConfig(temperature=0, max_tokens=4)
+TOO_LONG = "a" * 100  # the bigram model's context is 64 tokens
+
+
+def generate(app: Forge, prompt: str, **options: Any) -> str:
+    result = asyncio.run(app.generate(prompt, **options))
+    assert isinstance(result, str)
+    return result
+
+
+def stream(app: Forge, prompt: str, **options: Any) -> list[str]:
+    async def collect() -> list[str]:
+        return [piece async for piece in app.stream(prompt, **options)]
+
+    return asyncio.run(collect())
+
+
+def record(app: Forge, *names: str) -> list[Event]:
+    seen: list[Event] = []
+    for name in names:
+        app.on(name, seen.append)
+    return seen
+
+
+def reaches_model(prompts: list[str]) -> Middleware:
+    """Register last: records the prompt of every request that gets through to the model."""
+
+    async def reaches_model(ctx: Context, next: Next) -> None:
+        prompts.append(ctx.prompt)
+        await next()
+
+    return reaches_model
+
+
+def capture(contexts: list[Context]) -> Middleware:
+    async def capture(ctx: Context, next: Next) -> None:
+        contexts.append(ctx)
+        await next()
+
+    return capture
+
+
+async def tagged(chunks: AsyncIterator[str], tag: str) -> AsyncIterator[str]:
+    async for piece in chunks:
+        yield piece + tag
+
+
+class Boom(Exception):
+    pass
