@@ -17,10 +17,11 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from forge.chat import PLAIN_STOP, check_messages, render_chat
 from forge.config import PRESETS, ModelConfig, get_preset
 from forge.core.device import resolve_device
 from forge.core.transformer import Transformer
@@ -39,7 +40,7 @@ from forge.events import (
 )
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
 from forge.middleware import Context, Middleware, compose, guarded, recover
-from forge.models import load, save
+from forge.models import KNOWN_MODELS, export, load, locate, save
 from forge.tokenizer import Tokenizer, TokenizerKind
 from forge.trainer import TrainConfig, TrainResult, train
 
@@ -77,24 +78,32 @@ class Forge:
         self._preset: str | ModelConfig | None = None
         self._source = str(model)
         self._sync: SyncForge | None = None
+        self._pretrained: dict[str, Any] = {}
         if isinstance(model, str) and model in PRESETS and not _looks_like_path(model):
             self._preset = model  # a preset name wins over a same-named directory: use "./name" for that
-        elif Path(model).is_dir():
+        elif Path(model).exists() or str(model) in KNOWN_MODELS:
             loaded = load(model, device=self.device, with_state=True)
             self._adopt(loaded.model, loaded.tokenizer, loaded.training_state)
+            self._pretrained = loaded.meta
         elif isinstance(model, os.PathLike) or _looks_like_path(model):
             raise CheckpointError(
-                f"model {str(model)!r} is not a checkpoint directory; pass a directory or a preset name"
+                f"model {str(model)!r} does not exist; pass a checkpoint directory, a GGUF file, "
+                "a Hugging Face folder, a known model name or a preset name"
             )
         else:
             get_preset(str(model))  # raises PresetNotFoundError with "did you mean"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **options: Any) -> Forge:
-        """An app around the checkpoint at ``path`` (model, tokenizer and training state)."""
-        if not Path(path).is_dir():
-            raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a directory written by app.save")
-        return cls(Path(path), **options)
+        """An app around a model: a Forge checkpoint (with its training state), a GGUF file,
+        a Hugging Face folder, or a known model name such as "smollm2"."""
+        source = locate(path)
+        if not source.exists():
+            raise CheckpointError(
+                f"model {str(path)!r} does not exist; pass a checkpoint directory written by app.save, "
+                "a GGUF file or a Hugging Face folder"
+            )
+        return cls(source, **options)
 
     # -- configuration (chainable) -------------------------------------------------------------
     def use(self, middleware: Middleware) -> Forge:
@@ -161,6 +170,12 @@ class Forge:
         save(path, model, tokenizer, training_state=self._state, meta={"source": self._source})
         return self
 
+    def export(self, path: str | os.PathLike[str], *, format: str = "gguf", dtype: str = "f16") -> Forge:
+        """Write the model for llama.cpp/Ollama (``format="gguf"``) or transformers (``"hf"``)."""
+        model, tokenizer = self._require_model("export")
+        export(model, tokenizer, path, format=format, dtype=dtype, name=Path(self._source).stem or "forge-model")
+        return self
+
     def info(self) -> dict[str, Any]:
         """What the app holds: model, parameters, device, training step, middleware, listeners."""
         cfg = self._model.config if self._model is not None else None
@@ -178,6 +193,8 @@ class Forge:
             "middleware": [getattr(m, "__name__", repr(m)) for m in self._middleware],
             "listeners": {n: len(self._emitter.listeners(n)) for n in EVENT_NAMES if self._emitter.listeners(n)},
             "stack_built": self._stack is not None,
+            "source": self._pretrained or None,
+            "chat_template": bool(self._tokenizer and self._tokenizer.chat_template),
         }
 
     def _require_model(self, call: str) -> tuple[Transformer, Tokenizer]:
@@ -247,6 +264,8 @@ class Forge:
         """The innermost handler: the model itself."""
         _, _ = self._require_model("generate")
         assert self._generator is not None
+        if ctx.messages is not None and ctx.messages != ctx.meta.get("rendered_messages"):
+            ctx.prompt = self.render(ctx.messages)  # a middleware changed the conversation
         if ctx.stream:
             ctx.chunks = _completing(self._generator.astream(ctx.prompt, ctx.params), ctx)
         else:
@@ -279,7 +298,49 @@ class Forge:
         """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list."""
         if not isinstance(prompt, str):
             return list(await asyncio.gather(*(self.generate(p, **options) for p in prompt)))  # type: ignore[misc]
-        ctx = self._context(prompt, False, options)
+        return await self._complete(self._context(prompt, False, options))
+
+    async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
+        """Text pieces of the completion as they arrive, through the middleware stack."""
+        async for piece in self._pieces(self._context(prompt, True, options)):
+            yield piece
+
+    async def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
+        """The assistant's reply to ``messages`` (``[{"role": "user", "content": "Hi"}]``, or a string).
+
+        The prompt is rendered with the model's chat template; generation stops
+        at the model's end-of-turn token. Goes through the middleware stack,
+        with ``ctx.messages`` set.
+        """
+        return await self._complete(self._chat_context(messages, False, options))
+
+    async def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> AsyncIterator[str]:
+        """The assistant's reply to ``messages``, piece by piece."""
+        async for piece in self._pieces(self._chat_context(messages, True, options)):
+            yield piece
+
+    def render(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True) -> str:
+        """The prompt that :meth:`chat` gives the model for ``messages``."""
+        _, tokenizer = self._require_model("render")
+        return render_chat(
+            tokenizer.chat_template,
+            check_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            special_tokens={"bos_token": tokenizer.bos, "eos_token": tokenizer.eos},
+        )
+
+    def _chat_context(
+        self, messages: Sequence[Mapping[str, Any]] | str, stream: bool, options: dict[str, Any]
+    ) -> Context:
+        checked = check_messages(messages)
+        ctx = self._context(self.render(checked), stream, options)
+        ctx.messages = checked
+        ctx.meta["rendered_messages"] = [dict(m) for m in checked]
+        if self._tokenizer is not None and self._tokenizer.chat_template is None and "stop" not in options:
+            ctx.params = ctx.params.replace(stop=PLAIN_STOP)
+        return ctx
+
+    async def _complete(self, ctx: Context) -> str:
         start = time.perf_counter()
         await self._run(ctx)
         if ctx.response is None and ctx.chunks is not None:  # a middleware answered with chunks
@@ -288,9 +349,7 @@ class Forge:
         self._emit_response(ctx, text, start)
         return text
 
-    async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
-        """Text pieces of the completion as they arrive, through the middleware stack."""
-        ctx = self._context(prompt, True, options)
+    async def _pieces(self, ctx: Context) -> AsyncIterator[str]:
         start = time.perf_counter()
         await self._run(ctx)
         chunks = ctx.chunks if ctx.chunks is not None else _pieces(ctx.response or "")
@@ -381,8 +440,16 @@ class SyncForge:
     def generate(self, prompt: str | Sequence[str], **options: Any) -> str | list[str]:
         return self._run(self._app.generate(prompt, **options))
 
+    def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
+        return self._run(self._app.chat(messages, **options))
+
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        agen = self._app.stream(prompt, **options)
+        return self._iterate(self._app.stream(prompt, **options))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> Iterator[str]:
+        return self._iterate(self._app.chat_stream(messages, **options))
+
+    def _iterate(self, agen: AsyncIterator[str]) -> Iterator[str]:
 
         async def step() -> str:
             return await agen.__anext__()

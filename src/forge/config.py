@@ -49,8 +49,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     bias: bool = True
+    qkv_bias: bool | None = None  # None: same as bias (Qwen2 has biases on q, k, v only)
     tie_embeddings: bool = True
     dropout: float = 0.0
+    #: RoPE frequency scaling, as in HF configs: {"rope_type": "linear", "factor": 4.0} or
+    #: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
@@ -82,12 +86,23 @@ class ModelConfig:
             raise ConfigError.for_field("ModelConfig", "rope_theta", self.rope_theta, "must be > 0")
         if not self.norm_eps > 0:
             raise ConfigError.for_field("ModelConfig", "norm_eps", self.norm_eps, "must be > 0, e.g. 1e-5")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("linear", "llama3", "default"):
+                raise ConfigError.for_field(
+                    "ModelConfig", "rope_scaling", self.rope_scaling, "supported rope_type: linear, llama3, default"
+                )
         if self.d_ff is not None and self.d_ff < 1:
             raise ConfigError.for_field("ModelConfig", "d_ff", self.d_ff, "must be a positive integer")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether the q, k, v projections have biases."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def kv_heads(self) -> int:

@@ -97,8 +97,10 @@ class Completion:
 class _Row:
     """Incremental detokenization and stop matching for one sequence."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], eos_id: int | None, prompt_tokens: int) -> None:
-        self.tokenizer, self.stops, self.eos_id = tokenizer, stops, eos_id
+    def __init__(
+        self, tokenizer: Tokenizer, stops: Sequence[str], stop_ids: frozenset[int], prompt_tokens: int
+    ) -> None:
+        self.tokenizer, self.stops, self.stop_ids = tokenizer, stops, stop_ids
         self.prompt_tokens = prompt_tokens
         self.ids: list[int] = []
         self.text = ""  # the completion so far, cut at a stop sequence
@@ -107,7 +109,7 @@ class _Row:
 
     def push(self, token: int) -> str:
         """Add a token; return the text that is now safe to emit."""
-        if self.eos_id is not None and token == self.eos_id:
+        if token in self.stop_ids:
             return self.end("stop")
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
@@ -223,7 +225,7 @@ class Generator:
     ) -> Iterator[tuple[int, str]]:
         """Yield (row index, new text) as tokens arrive; ``rows`` receives each row's state."""
         rows = [] if rows is None else rows
-        ids = self.tokenizer.encode_batch(list(prompts))
+        ids = self.tokenizer.encode_prompts(list(prompts))
         context = self.model.config.context_length
         longest = max(len(p) for p in ids)
         if longest >= context:
@@ -232,14 +234,14 @@ class Generator:
                 f"shorten it to fewer than {context} tokens"
             )
         prompt_lengths = [len(p) for p in ids]
-        # An empty prompt starts from EOS, the document boundary the model saw in training.
-        bos = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        # An empty prompt starts from BOS, or else EOS: the document boundary the model saw in training.
+        bos = next((i for i in (self.tokenizer.bos_id, self.tokenizer.eos_id) if i is not None), 0)
         ids = [p or [bos] for p in ids]
         longest = max(len(p) for p in ids)
         # Stop at the context length rather than fail: finish_reason says "length".
         budget = min(cfg.max_tokens, context - longest)
-        eos = self.tokenizer.eos_id if cfg.stop_at_eos else None
-        rows.extend(_Row(self.tokenizer, cfg.stop, eos, n) for n in prompt_lengths)
+        stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
+        rows.extend(_Row(self.tokenizer, cfg.stop, stop_ids, n) for n in prompt_lengths)
         generator = None
         if cfg.temperature > 0:
             generator = torch.Generator(self.device)

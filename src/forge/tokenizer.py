@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -28,12 +28,33 @@ TokenizerKind = Literal["bpe", "char"]
 
 
 class Tokenizer:
-    """A thin, typed wrapper over a ``tokenizers.Tokenizer``."""
+    """A thin, typed wrapper over a ``tokenizers.Tokenizer``, with the model's special tokens.
 
-    def __init__(self, hf: HFTokenizer, *, eos: str = EOS) -> None:
+    ``eos`` separates documents in training and ends a generation; ``stop``
+    lists more tokens that end one (a chat model's end-of-turn, such as
+    ``<|im_end|>``). ``add_bos``: prompts start with ``bos`` (Llama 2 does).
+    ``chat_template`` is the model's Jinja chat template, if it has one.
+    """
+
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        *,
+        eos: str | None = EOS,
+        bos: str | None = None,
+        stop: Sequence[str] = (),
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
         self.hf = hf
-        self.eos = eos
-        self.eos_id: int | None = hf.token_to_id(eos)
+        self.eos, self.bos = eos, bos
+        self.eos_id: int | None = hf.token_to_id(eos) if eos else None
+        self.bos_id: int | None = hf.token_to_id(bos) if bos else None
+        self.stop = tuple(t for t in stop if hf.token_to_id(t) is not None)
+        #: Every token id that ends a generation: eos and the stop tokens.
+        self.stop_ids = frozenset(i for i in (self.eos_id, *(hf.token_to_id(t) for t in self.stop)) if i is not None)
+        self.add_bos = add_bos and self.bos_id is not None
+        self.chat_template = chat_template
         self._id_bytes = _byte_table(hf)
 
     # -- construction ---------------------------------------------------------
@@ -72,11 +93,26 @@ class Tokenizer:
         return cls(hf, eos=special_tokens[0] if special_tokens else EOS)
 
     @classmethod
-    def from_str(cls, data: str) -> Tokenizer:
+    def from_str(cls, data: str, config: dict[str, Any] | None = None) -> Tokenizer:
+        """From ``tokenizer.json`` text, and the special tokens of :meth:`config` (Forge's defaults if None)."""
         try:
-            return cls(HFTokenizer.from_str(data))
+            hf = HFTokenizer.from_str(data)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise DataError(f"tokenizer JSON could not be parsed ({e}); re-save the tokenizer") from None
+        if config is None:
+            return cls(hf)
+        known = {"eos", "bos", "stop", "add_bos", "chat_template"}
+        return cls(hf, **{k: v for k, v in config.items() if k in known})
+
+    def config(self) -> dict[str, Any]:
+        """The special tokens and chat template, as saved beside ``tokenizer.json``."""
+        return {
+            "eos": self.eos,
+            "bos": self.bos,
+            "stop": list(self.stop),
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -109,6 +145,20 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Like :meth:`encode`, with ``bos`` first when the model wants it (and the text has none)."""
+        return self.encode_prompts([text])[0]
+
+    def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        batch = self.encode_batch(texts)
+        if self.add_bos and self.bos_id is not None:
+            batch = [ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids] for ids in batch]
+        return batch
+
+    def token(self, i: int) -> str | None:
+        """The token string of id ``i``."""
+        return self.hf.id_to_token(i)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids, special tokens included, so decode(encode(s)) == s.
 
@@ -124,7 +174,7 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, model={type(self.hf.model).__name__})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, model={type(self.hf.model).__name__}, eos={self.eos!r})"
 
 
 def _train_char(texts: Iterable[str], special_tokens: Sequence[str]) -> HFTokenizer:

@@ -22,6 +22,7 @@ import torch
 
 from forge.config import ModelConfig, get_preset
 from forge.core.device import autocast_dtype, resolve_device
+from forge.core.lora import apply_lora, has_lora, merge_lora
 from forge.core.optim import build_adamw, clip_grad_norm
 from forge.core.schedule import Schedule, ScheduleKind
 from forge.core.transformer import Transformer
@@ -63,6 +64,8 @@ class TrainConfig:
     seed: int = 1337
     precision: Precision = "auto"
     gradient_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model, merged at the end
+    lora_alpha: float | None = None  # None: 2 * lora_rank
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "eval_batches")
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ConfigError.for_field("TrainConfig", "weight_decay", self.weight_decay, "must be >= 0")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError.for_field("TrainConfig", "precision", self.precision, "use 'auto', 'bf16' or 'fp32'")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ConfigError.for_field("TrainConfig", "lora_rank", self.lora_rank, "must be >= 0 (0: full fine-tune)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError.for_field("TrainConfig", "val_fraction", self.val_fraction, "must be in (0, 1)")
 
@@ -150,6 +155,8 @@ class Trainer:
         self.listeners = list(listeners)
         self.meta = meta or {}
         self.dtype = _precision(config.precision, device)
+        if config.lora_rank:
+            apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
         self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = config.schedule_for()
         self.data_rng = torch.Generator().manual_seed(config.seed)
@@ -160,7 +167,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            # A LoRA run saves merged weights; its adapters (and their optimizer state) start afresh on resume.
+            **({} if self.config.lora_rank else {"optimizer": self.optimizer.state_dict()}),
             "rng_torch": torch.get_rng_state(),
             "rng_data": self.data_rng.get_state(),
             "train_config": self.config.to_dict(),
@@ -172,7 +180,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state and not self.config.lora_rank:
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         self.data_rng.set_state(state["rng_data"])
         if "rng_cuda" in state and self.device.type == "cuda":
@@ -251,6 +260,8 @@ class Trainer:
             self._save()
         self.result.step = self.step
         self.result.state = self.state_dict()
+        if has_lora(self.model):  # the result is a plain model: the adapters folded into its weights
+            merge_lora(self.model)
         self.emit(
             EndEvent(
                 step=self.step,

@@ -14,6 +14,7 @@ from forge.cli.progress import TrainingDisplay
 from forge.config import preset_names
 from forge.core.device import DEVICES, resolve_device
 from forge.data import stdlib_corpus
+from forge.errors import ConfigError
 from forge.events import StepEvent
 from forge.generator import Generator
 from forge.trainer import TrainConfig, TrainResult, train
@@ -54,6 +55,15 @@ def _console() -> Console:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option(
+    "--from",
+    "from_model",
+    default=None,
+    help="Fine-tune this pretrained model (GGUF file, HF folder, Forge checkpoint or known name) instead of a preset.",
+)
+@click.option(
+    "--lora", type=click.IntRange(min=0), default=0, show_default=True, help="LoRA rank; 0 trains all weights."
+)
 def train_cmd(
     data: Path,
     preset: str,
@@ -72,13 +82,26 @@ def train_cmd(
     checkpoint_every: int,
     precision: str,
     gradient_checkpointing: bool,
+    from_model: str | None,
+    lora: int,
 ) -> None:
-    """Train a model on DATA: a text file or a folder of .txt/.md files."""
+    """Train a model on DATA: a text file or a folder of .txt/.md files.
+
+    With --from, fine-tune a pretrained model (all weights, or LoRA adapters with --lora RANK, merged when saved).
+    """
     console = _console()
     resolve_device(device)  # fail before any work if the device is unavailable
-    if resume is None:
+    if from_model is not None and resume is not None:
+        raise ConfigError("--from and --resume both name a starting point; pass one of them")
+    if lora and from_model is None and resume is None:
+        raise ConfigError("--lora adapts a pretrained model; add --from MODEL")
+    pretrained = models.load(from_model) if from_model is not None else None
+    if resume is None and pretrained is None:
         models.get_preset(preset)  # an unknown preset fails before reading data
-    out = out or resume or Path("runs") / preset
+    if pretrained is not None and context is None:  # a pretrained context (e.g. 8192) is too long for a default
+        context = min(512, pretrained.model.config.context_length)
+    name = Path(from_model).stem if from_model else preset
+    out = out or resume or Path("runs") / name
     config = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -90,13 +113,15 @@ def train_cmd(
         checkpoint_every=checkpoint_every,
         precision=precision,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing,
+        lora_rank=lora,
     )
     result = train(
         data,
+        model=pretrained.model if pretrained else None,
         preset=preset,
         out=out,
         resume=resume,
-        tokenizer=tokenizer,  # type: ignore[arg-type]
+        tokenizer=pretrained.tokenizer if pretrained else tokenizer,  # type: ignore[arg-type]
         vocab_size=vocab_size,
         device=device,
         config=config,
@@ -140,7 +165,7 @@ def generate_cmd(
     stream: bool,
     device: str,
 ) -> None:
-    """Continue PROMPT with the model saved in MODEL_DIR."""
+    """Continue PROMPT with MODEL_DIR: a Forge checkpoint, a GGUF file, an HF folder or a known name."""
     dev = resolve_device(device)
     loaded = models.load(model_dir, device=dev)
     gen = Generator(loaded.model, loaded.tokenizer)

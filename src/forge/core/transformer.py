@@ -113,7 +113,7 @@ class Transformer(nn.Module):
         """Recompute non-persistent buffers (RoPE tables), e.g. after ``to_empty()``."""
         if self.config.position == "rope":
             cfg = self.config
-            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
             with torch.no_grad():
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)

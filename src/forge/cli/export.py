@@ -1,0 +1,29 @@
+"""``forge export``: a model for llama.cpp, Ollama (GGUF) or transformers (HF folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from forge import models
+from forge.cli.commands import cli
+
+__all__ = ["export_cmd"]
+
+DTYPES = sorted({d for dtypes in models.EXPORT_FORMATS.values() for d in dtypes})
+
+
+@cli.command("export")
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(list(models.EXPORT_FORMATS)), required=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="f16", show_default=True, help="q8_0 is GGUF only.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="A .gguf file or an HF folder.")
+def export_cmd(model: str, fmt: str, dtype: str, out: Path) -> None:
+    """Write MODEL (a Forge checkpoint, GGUF file, HF folder or known name) as GGUF or an HF folder."""
+    loaded = models.load(model)
+    path = models.export(loaded.model, loaded.tokenizer, out, format=fmt, dtype=dtype, name=Path(model).stem)
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    use = f"llama-cli -m {path}" if fmt == "gguf" else f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    Console(highlight=False).print(f"wrote [bold]{path}[/] ({size / 1e6:.1f} MB, {fmt} {dtype}); try: {use}")
