@@ -164,10 +164,11 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, hamlet_text: str) -> Pa
     return out
 
 
-def _forge_logits(path: Path, ids: list[int]) -> torch.Tensor:
+def _forge_logits(path: Path, ids: list[int], vocab: int | None = None) -> torch.Tensor:
+    """Logits over the first ``vocab`` ids (an exported GGUF pads its token list up to the embedding rows)."""
     loaded = models.load(path)
     with torch.no_grad():
-        return loaded.model(torch.tensor([ids]))[0, :, : loaded.tokenizer.vocab_size].float()
+        return loaded.model(torch.tensor([ids]))[0, :, : vocab or loaded.tokenizer.vocab_size].float()
 
 
 def test_export_to_gguf_and_back(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,15 +177,17 @@ def test_export_to_gguf_and_back(tiny_llama: Path, tmp_path: Path, capsys: pytes
     )
     assert code == 0, err
     assert "m.gguf" in out
-    ids = models.load(tiny_llama).tokenizer.encode("To be, or not to be")
-    torch.testing.assert_close(_forge_logits(tmp_path / "m.gguf", ids), _forge_logits(tiny_llama, ids))
+    tokenizer = models.load(tiny_llama).tokenizer
+    ids = tokenizer.encode("To be, or not to be")
+    vocab = tokenizer.vocab_size
+    torch.testing.assert_close(_forge_logits(tmp_path / "m.gguf", ids, vocab), _forge_logits(tiny_llama, ids))
     a = Forge(tiny_llama).sync.generate("To be", temperature=0, max_tokens=12)
     b = Forge(tmp_path / "m.gguf").sync.generate("To be", temperature=0, max_tokens=12)
     assert a == b
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize(("dtype", "bound"), [("f32", 1e-3), ("f16", 2e-2), ("q8_0", 0.15)])
+@pytest.mark.parametrize(("dtype", "bound"), [("f32", 1e-2), ("f16", 1e-2), ("q8_0", 0.1)])
 def test_exported_gguf_runs_in_llama_cpp(tiny_llama: Path, tmp_path: Path, dtype: str, bound: float) -> None:
     from llama_cpp import Llama
 
@@ -198,8 +201,11 @@ def test_exported_gguf_runs_in_llama_cpp(tiny_llama: Path, tmp_path: Path, dtype
     llm.eval(ids)
     theirs = torch.tensor(llm.scores[: len(ids)])[:, : loaded.tokenizer.vocab_size]
     ours = _forge_logits(tiny_llama, ids)
-    # The bounds: f32 is float noise; f16 and q8_0 weights round each logit by a little (measured ~1e-3 / ~3e-2).
-    assert (theirs - ours).abs().max().item() < bound
+    # The bounds: llama.cpp keeps its KV cache in f16, so even f32 weights differ by a few 1e-3
+    # (measured 2.7e-3 on logits of magnitude ~1; f16 2.4e-3; q8_0 1.8e-2).
+    diff = (theirs - ours).abs().max().item()
+    print(f"llama.cpp {dtype}: max abs logit diff {diff:.2e}")
+    assert diff < bound
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1)) or dtype == "q8_0"
 
 

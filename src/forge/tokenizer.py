@@ -11,6 +11,7 @@ characters it never saw.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -196,9 +197,18 @@ def _train_char(texts: Iterable[str], special_tokens: Sequence[str]) -> HFTokeni
 
 
 def _byte_table(hf: HFTokenizer) -> list[bytes] | None:
-    """For a byte-fallback vocabulary: each id's bytes (``<0xAB>`` is one byte); else None."""
+    """For Forge's char tokenizer: each id's bytes (``<0xAB>`` is one byte); else None.
+
+    Only a byte-fallback BPE whose decoder is just ByteFallback + Fuse decodes
+    token by token this way; SentencePiece-style vocabularies (Llama 2,
+    Mistral) also replace "▁" with spaces, so they keep HF's own decoder.
+    """
     model = hf.model
     if not (isinstance(model, models.BPE) and model.byte_fallback):
+        return None
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" else []
+    if steps != ["ByteFallback", "Fuse"]:
         return None
     vocab = hf.get_vocab(with_added_tokens=True)
     table = [b""] * (max(vocab.values()) + 1)

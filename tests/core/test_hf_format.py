@@ -180,7 +180,7 @@ LLAMA3_ROPE = {
 #: id: (model builder, tokenizer_config.json, prepend bos in tokenizer.json, expected SpecialTokens).
 READ_CASES: dict[str, tuple[Callable[[Tokenizer], Any], dict[str, Any], bool, SpecialTokens]] = {
     "llama": (
-        lambda t: _llama(t),
+        _llama,
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS},
         True,
         SpecialTokens(bos=BOS, eos=EOS, stop=[EOS, IM_END], add_bos=True),
@@ -201,7 +201,7 @@ READ_CASES: dict[str, tuple[Callable[[Tokenizer], Any], dict[str, Any], bool, Sp
         lambda t: _llama(t, attention_bias=True, mlp_bias=True),
         {"eos_token": EOS},
         False,
-        SpecialTokens(bos=BOS, eos=EOS, stop=[EOS, IM_END]),  # bos from config.json's bos_token_id
+        SpecialTokens(bos=BOS, eos=EOS, stop=[EOS, IM_END]),  # bos by id, from generation_config.json
     ),
     "mistral-linear-rope": (
         lambda t: _mistral(t, sliding_window=4096, rope_scaling={"type": "linear", "factor": 2.0}),
@@ -210,13 +210,13 @@ READ_CASES: dict[str, tuple[Callable[[Tokenizer], Any], dict[str, Any], bool, Sp
         SpecialTokens(bos=BOS, eos=EOS, stop=[EOS, IM_END], add_bos=True),
     ),
     "qwen2": (
-        lambda t: _qwen2(t),
+        _qwen2,
         {"eos_token": IM_END, "pad_token": EOS, "chat_template": CHAT_TEMPLATE},
         False,
         SpecialTokens(eos=IM_END, pad=EOS, stop=[IM_END, EOS]),  # EOS from generation_config.json
     ),
     "gpt2": (
-        lambda t: _gpt2(t),
+        _gpt2,
         {"bos_token": EOS, "eos_token": EOS},
         False,
         SpecialTokens(bos=EOS, eos=EOS, stop=[EOS, IM_END]),
@@ -607,9 +607,16 @@ def test_config_from_hf_reads_both_rope_layouts() -> None:
 def test_special_tokens_and_chat_template_sources(broken: Path, tok: Tokenizer) -> None:
     """special_tokens_map.json overrides tokenizer_config.json; chat_template.jinja overrides both templates."""
     named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": CHAT_TEMPLATE}]
-    (broken / "tokenizer_config.json").write_text(json.dumps({"eos_token": BOS, "chat_template": named}))
+    (broken / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": None, "eos_token": BOS, "chat_template": named})
+    )
     (broken / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": IM_END, "special": True}}))
     got = read_hf(broken)
     assert (got.special.eos, got.special.stop[0], got.chat_template) == (IM_END, IM_END, CHAT_TEMPLATE)
     (broken / "chat_template.jinja").write_text("{{ messages }}")
     assert read_hf(broken).chat_template == "{{ messages }}"
+    # An explicit null bos (Qwen2's) is kept although generation_config.json has a bos_token_id.
+    assert json.loads((broken / "generation_config.json").read_text())["bos_token_id"] == tok.hf.token_to_id(BOS)
+    assert read_hf(broken).special.bos is None
+    (broken / "tokenizer_config.json").write_text(json.dumps({}))
+    assert read_hf(broken).special.bos == BOS

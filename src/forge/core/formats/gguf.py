@@ -36,14 +36,18 @@ undoes that, writing redoes it. "qwen2" rotates halves like Forge and is stored 
 
 Tokenizers: ``tokenizer.ggml.model`` "gpt2" is byte-level BPE (tokens + merges, text split by the
 regex that ``tokenizer.ggml.pre`` names); "llama" is SentencePiece (tokens + scores), rebuilt as a
-byte-fallback BPE whose merges rank by score. Control and user-defined tokens become added tokens,
-so "<|im_start|>" in a prompt encodes to its id. Writing supports byte-level BPE tokenizers only.
+byte-fallback BPE whose merges rank by score. Both split text as llama.cpp does, which differs from
+transformers' GGUF loader in two corners: "smollm" files cut digits apart first (as SmolLM's own
+tokenizer does), and SentencePiece text gets its "▁" prefix after every special token. Control and
+user-defined tokens become added tokens, so "<|im_start|>" in a prompt encodes to its id. Writing
+supports byte-level BPE tokenizers only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
@@ -78,7 +82,7 @@ log = logging.getLogger("forge")
 
 #: ``general.architecture`` values Forge reads. Mistral and SmolLM files say "llama".
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "gpt2")
-#: Tensor types Forge dequantizes, each checked against llama.cpp's reference in the tests.
+#: Tensor types Forge dequantizes (with gguf.quants), each covered by the tests.
 SUPPORTED_TYPES: tuple[str, ...] = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
@@ -92,7 +96,7 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_tu
 #: Kept in float32 whatever the dtype, as llama.cpp's converter does: small, and read by index, not matmul.
 _KEEP_F32 = ("position_embd.weight", "rope_freqs.weight")
 
-# Pre-tokenizer regexes, copied from llama.cpp's llama-vocab.cpp for the ``tokenizer.ggml.pre`` names below.
+# The text splits llama.cpp's llama-vocab.cpp uses for the ``tokenizer.ggml.pre`` names below, as HF regexes.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
@@ -110,7 +114,10 @@ def _gpt2_split() -> pre_tokenizers.PreTokenizer:
 
 def _split_then_bytes(regex: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
     return lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
 
 
@@ -142,7 +149,9 @@ def _gguf() -> ModuleType:
     try:
         import gguf
     except ImportError:
-        raise CheckpointError("GGUF files need the `gguf` package, which is not installed; run `pip install gguf`") from None
+        raise CheckpointError(
+            "GGUF files need the `gguf` package, which is not installed; run `pip install gguf`"
+        ) from None
     return gguf
 
 
@@ -293,7 +302,9 @@ def _is_tied(tensors: dict[str, ReaderTensor]) -> bool:
     if out is None or emb is None:
         return out is None
     # GPT-2 converters write the tied matrix twice; identical bytes mean one matrix.
-    return out.tensor_type == emb.tensor_type and out.data.shape == emb.data.shape and np.array_equal(out.data, emb.data)
+    return (
+        out.tensor_type == emb.tensor_type and out.data.shape == emb.data.shape and np.array_equal(out.data, emb.data)
+    )
 
 
 def _f32(value: Any) -> float:
@@ -301,9 +312,7 @@ def _f32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def _read_config(
-    meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], tied: bool, path: Path
-) -> ModelConfig:
+def _read_config(meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], tied: bool, path: Path) -> ModelConfig:
     def count(key: str, default: int | None = None) -> int:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
@@ -354,11 +363,8 @@ def _read_config(
             "norm_eps": _f32(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
             "rope_scaling": _read_rope_scaling(meta, arch, tensors, head_dim, theta, path),
         }
-    d_ff = count("feed_forward_length")
     try:
-        # d_ff=None means "the family's default width"; keep it None when the file's width is that default.
-        config = ModelConfig(**fields)
-        return config if config.ff_dim == d_ff else config.replace(d_ff=d_ff)
+        return ModelConfig(**fields, d_ff=count("feed_forward_length"))
     except ConfigError as e:
         raise CheckpointError(
             f"GGUF file {str(path)!r} describes a model Forge cannot build ({e}); its metadata is inconsistent, "
@@ -373,12 +379,13 @@ def _read_rope_scaling(
     if freqs is not None:
         original = meta.get(f"{arch}.rope.scaling.original_context_length")
         return _llama3_scaling(freqs, head_dim, theta, original, path)
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = float(meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 1.0)))
-    if kind == "linear" or (kind == "none" and factor != 1.0):
-        return None if factor == 1.0 else {"rope_type": "linear", "factor": factor}
-    if kind == "none":
+    kind, factor = meta.get(f"{arch}.rope.scaling.type"), meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")  # files older than rope.scaling.type
+    if kind in (None, "none") or (kind == "linear" and float(factor or 1.0) == 1.0):
         return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
     raise CheckpointError(
         f"GGUF file {str(path)!r} uses {kind!r} RoPE scaling, which Forge does not implement (it supports linear "
         "scaling and Llama 3's rope_freqs); use a model without it"
@@ -394,23 +401,38 @@ def _inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | 
 def _llama3_scaling(
     freqs: torch.Tensor, head_dim: int, theta: float, original: int | None, path: Path
 ) -> dict[str, Any]:
-    # llama.cpp stores Llama 3.1's scaling as one divisor per frequency, not as its parameters. Every
-    # Llama 3.x release uses the parameters below but the factor; keep them only if they reproduce the divisors.
-    scaling = {
-        "rope_type": "llama3",
-        "factor": float(freqs.max()) if freqs.numel() else 1.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": int(original or 8192),
-    }
-    if freqs.shape == (head_dim // 2,):
-        divisors = _inverse_frequencies(head_dim, theta, None) / _inverse_frequencies(head_dim, theta, scaling)
-        if torch.allclose(divisors, freqs.double(), rtol=1e-3):
-            return scaling
+    """Llama 3's RoPE scaling parameters from llama.cpp's rope_freqs (one divisor per frequency).
+
+    The divisors are 1 above the wavelength old/high, ``factor`` below old/low, and in between
+    1/divisor is linear in 1/wavelength, so the two edges follow from the divisors in that band.
+    ``old`` comes from the file, else Llama 3's 8192; Llama 3's low=1, high=4 are tried first.
+    """
+    old = int(original or 8192)
+    factor = float(freqs.max()) if freqs.numel() else 1.0
+    candidates = [(1.0, 4.0)]
+    if freqs.shape == (head_dim // 2,) and factor > 1:
+        f, x = freqs.double(), _inverse_frequencies(head_dim, theta, None) / (2 * math.pi)  # x = 1 / wavelength
+        band = (f > 1.0001) & (f < factor / 1.0001)
+        if int(band.sum()) >= 2:
+            smooth = (1 / f[band] - 1 / factor) / (1 - 1 / factor)  # (old * x - low) / (high - low)
+            slope, intercept = np.polyfit(x[band].numpy(), smooth.numpy(), 1)
+            low = -intercept / slope * old
+            candidates.append((round(low, 4), round(low + old / slope, 4)))
+    for low, high in candidates:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": old,
+        }
+        if freqs.shape == (head_dim // 2,):
+            divisors = _inverse_frequencies(head_dim, theta, None) / _inverse_frequencies(head_dim, theta, scaling)
+            if torch.allclose(divisors, freqs.double(), rtol=1e-3):
+                return scaling
     raise CheckpointError(
-        f"GGUF file {str(path)!r} has a rope_freqs.weight tensor that is not Llama 3's RoPE scaling "
-        f"(factor, 1, 4, {scaling['original_max_position_embeddings']}), which is the only per-frequency scaling "
-        "Forge implements; use a model without it"
+        f"GGUF file {str(path)!r} has a rope_freqs.weight tensor that is not Llama 3's RoPE scaling, the only "
+        "per-frequency scaling Forge implements; use a model without it"
     )
 
 
@@ -439,10 +461,17 @@ def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, pat
             missing.extend(n for n in names if n not in tensors)
             return
         parts = [tensors.pop(n) for n in names]
-        if permute:  # q and k of llama.cpp's "llama" graph
-            parts[0], parts[1] = _unpermute(parts[0], cfg.n_head), _unpermute(parts[1], cfg.kv_heads)
-        sd[dst] = torch.cat(parts) if len(parts) > 1 else parts[0]
         origin[dst] = " + ".join(names)
+        try:
+            if permute:  # q and k of llama.cpp's "llama" graph
+                parts[0], parts[1] = _unpermute(parts[0], cfg.n_head), _unpermute(parts[1], cfg.kv_heads)
+            sd[dst] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        except RuntimeError:  # rows not a multiple of the heads, or widths that differ
+            shapes = [tuple(t.shape) for t in parts]
+            raise CheckpointError(
+                f"GGUF file {str(path)!r}: {origin[dst]} have shapes {shapes}, which do not fit the metadata's "
+                f"{cfg.n_head} heads and width {cfg.d_model}; the file is inconsistent, re-convert it"
+            ) from None
 
     put("tok_emb.weight", "token_embd.weight")
     if cfg.position == "learned":
@@ -472,8 +501,24 @@ def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, pat
             put(f + "attn.qkv.bias", *qkv_bias, permute=permute)
         if cfg.bias:
             put(f + "attn.proj.bias", b + "attn_output.bias")
-            put(f + "mlp.up.bias", *([b + "ffn_up.bias"] if arch == "gpt2" else [b + "ffn_gate.bias", b + "ffn_up.bias"]))
+            put(
+                f + "mlp.up.bias",
+                *([b + "ffn_up.bias"] if arch == "gpt2" else [b + "ffn_gate.bias", b + "ffn_up.bias"]),
+            )
             put(f + "mlp.down.bias", b + "ffn_down.bias")
+    _check_mapping(cfg, arch, sd, origin, missing, sorted(tensors), path)
+    return sd
+
+
+def _check_mapping(
+    cfg: ModelConfig,
+    arch: str,
+    sd: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    missing: list[str],
+    unused: list[str],
+    path: Path,
+) -> None:
     where = f"GGUF file {str(path)!r}"
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -481,9 +526,9 @@ def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, pat
             f"{where} lacks tensors {missing[:5]}{more} that its {arch!r} metadata calls for; the file is incomplete "
             "or was converted wrongly: re-download or re-convert it"
         )
-    if tensors:
+    if unused:
         raise CheckpointError(
-            f"{where} has tensors Forge's {arch!r} model has no place for: {sorted(tensors)[:5]}; it is a variant "
+            f"{where} has tensors Forge's {arch!r} model has no place for: {unused[:5]}; it is a variant "
             "Forge does not support: use a plain Llama, Qwen2 or GPT-2 model"
         )
     for name, shape in _expected_shapes(cfg).items():
@@ -492,10 +537,424 @@ def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, pat
                 f"{where}: {origin.get(name, name)} gives {name} the shape {tuple(sd[name].shape)}, but the metadata "
                 f"implies {tuple(shape)}; the file is inconsistent, re-convert it"
             )
-    return sd
 
 
 def _put_norm(put: Callable[..., None], dst: str, src: str, cfg: ModelConfig) -> None:
     put(f"{dst}.weight", f"{src}.weight")
     if cfg.norm == "layernorm" and cfg.bias:
         put(f"{dst}.bias", f"{src}.bias")
+
+
+# -- tokenizers ---------------------------------------------------------------------------------------------------
+
+
+def _read_tokenizer(meta: _Metadata, path: Path) -> tuple[HFTokenizer, SpecialTokens]:
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    if kind is None or not tokens:
+        raise CheckpointError(
+            f"GGUF file {str(path)!r} has no tokenizer (tokenizer.ggml.model/tokens), and Forge needs one to encode "
+            "prompts; use a GGUF converted together with its tokenizer"
+        )
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    merges = meta.get("tokenizer.ggml.merges")
+    if len(types) != len(tokens):
+        raise CheckpointError(
+            f"GGUF file {str(path)!r} has {len(tokens)} tokens but {len(types)} token types; re-convert it"
+        )
+    try:
+        if kind == "gpt2":
+            hf = _byte_level_tokenizer(tokens, merges or [], str(meta.get("tokenizer.ggml.pre", "default")), path)
+        elif kind == "llama":
+            unk = meta.get("tokenizer.ggml.unknown_token_id")
+            hf = _sentencepiece_tokenizer(
+                tokens,
+                types,
+                meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+                merges,
+                add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                unk=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
+            )
+        else:
+            raise CheckpointError(
+                f"GGUF file {str(path)!r} has a {kind!r} tokenizer; Forge reads 'gpt2' (byte-level BPE) and 'llama' "
+                "(SentencePiece) tokenizers: use a model with one of those"
+            )
+    except CheckpointError:
+        raise
+    except Exception as e:  # tokenizers raises bare Exceptions for merges naming unknown tokens
+        raise CheckpointError(
+            f"GGUF file {str(path)!r} has an invalid tokenizer ({str(e)[:120]}); re-convert it"
+        ) from None
+    # llama.cpp matches control and user-defined tokens whole before splitting text; added tokens do the same,
+    # and keep the id the token already has in the vocabulary.
+    hf.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if t and k in (_CONTROL, _UNKNOWN)
+        ]
+    )
+    hf.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if t and k == _USER_DEFINED
+        ]
+    )
+    return hf, _read_special_tokens(meta, tokens, kind)
+
+
+def _vocab(tokens: Sequence[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)  # a repeated token keeps its first id, as in llama.cpp
+    return vocab
+
+
+def _byte_level_tokenizer(tokens: Sequence[str], merges: Sequence[str], pre: str, path: Path) -> HFTokenizer:
+    split = _PRE_TOKENIZERS.get(pre)
+    if split is None:
+        log.warning(
+            "GGUF file %r names the pre-tokenizer %r, which Forge does not know; splitting text like GPT-2, "
+            "so some texts may encode differently than in llama.cpp",
+            str(path),
+            pre,
+        )
+        split = _gpt2_split
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    model = models.BPE(vocab=_vocab(tokens), merges=pairs, ignore_merges=pre in _IGNORE_MERGES)  # type: ignore[arg-type]
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = split()
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _sentencepiece_tokenizer(
+    tokens: Sequence[str],
+    types: Sequence[int],
+    scores: Sequence[float],
+    merges: Sequence[str] | None,
+    *,
+    add_space_prefix: bool,
+    unk: str | None,
+) -> HFTokenizer:
+    pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else _merges_from_scores(tokens, types, scores)
+    model = models.BPE(vocab=_vocab(tokens), merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)  # type: ignore[arg-type]
+    hf = HFTokenizer(model)
+    # SentencePiece writes spaces as "▁". llama.cpp puts one before every stretch of text that starts the
+    # prompt or follows a special token, even one starting with a space; a normalizer runs on exactly those
+    # stretches. (transformers' Metaspace "first" skips text that starts with a space and text after specials.)
+    replace = normalizers.Replace(" ", "▁")
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if add_space_prefix else replace
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if add_space_prefix else steps)
+    return hf
+
+
+def _merges_from_scores(tokens: Sequence[str], types: Sequence[int], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges for a SentencePiece vocabulary, which ranks pieces by score instead of listing merges.
+
+    SentencePiece joins the adjacent pair whose joined piece scores highest; HF's BPE joins the pair
+    ranked first, so each split of a piece is ranked by the piece's score. Ties are broken as
+    transformers' GGUF converter breaks them.
+    """
+    pieces = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k in (_NORMAL, _USER_DEFINED)}
+    ranked = []
+    for token, index in pieces.items():
+        if types[index] != _NORMAL:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in pieces and right in pieces:
+                ranked.append((-scores[index], -len(left), -len(right), index, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _read_special_tokens(meta: _Metadata, tokens: Sequence[str], kind: str) -> SpecialTokens:
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    eos, present = token("eos_token_id"), set(tokens)
+    stop: list[str] = []
+    for t in (eos, token("eot_token_id"), token("eom_token_id"), *(t for t in _END_OF_TURN if t in present)):
+        if t is not None and t not in stop:
+            stop.append(t)
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    return SpecialTokens(
+        bos=token("bos_token_id"),
+        eos=eos,
+        pad=token("padding_token_id"),
+        unk=token("unknown_token_id"),
+        stop=stop,
+        # Without the key llama.cpp adds BOS for SentencePiece vocabularies and not for byte-level ones.
+        add_bos=kind == "llama" if add_bos is None else bool(add_bos),
+    )
+
+
+def _pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str | None:
+    """The ``tokenizer.ggml.pre`` name whose split equals this tokenizer's pre-tokenizer, if any."""
+    for name, build in _PRE_TOKENIZERS.items():
+        probe = HFTokenizer(models.BPE())
+        probe.pre_tokenizer = build()
+        if json.loads(probe.to_str())["pre_tokenizer"] == tokenizer_json.get("pre_tokenizer"):
+            return name
+    return None
+
+
+def _token_list(tokenizer: HFTokenizer, data: dict[str, Any], n_vocab: int) -> tuple[list[str], list[int]]:
+    """Every token in id order with its gguf.TokenType, padded with unused tokens to ``n_vocab``."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    if sorted(vocab.values()) != list(range(n)):
+        raise CheckpointError(
+            "GGUF export needs token ids 0..n-1 without gaps, and this tokenizer skips some; rebuild it with "
+            "contiguous ids (Tokenizer.train makes them so)"
+        )
+    if n > n_vocab:
+        raise ConfigError(
+            f"write_gguf: the tokenizer has {n} tokens but config.vocab_size is {n_vocab}; the model must have an "
+            "embedding row for every token"
+        )
+    tokens = [""] * n
+    for token, i in vocab.items():
+        tokens[i] = token
+    added = {a["id"]: a["special"] for a in data.get("added_tokens", [])}
+    types = [(_CONTROL if added[i] else _USER_DEFINED) if i in added else _NORMAL for i in range(n)]
+    types = [
+        _UNUSED if t.startswith("[PAD") and t.endswith("]") and k == _NORMAL else k
+        for t, k in zip(tokens, types, strict=True)
+    ]
+    # Forge pads the embedding past the tokenizer (to a multiple of 64); llama.cpp wants a token per row.
+    tokens += [f"[PAD{i}]" for i in range(n, n_vocab)]
+    types += [_UNUSED] * (n_vocab - n)
+    return tokens, types
+
+
+def _write_tokenizer(
+    writer: GGUFWriter, tokenizer: HFTokenizer, special: SpecialTokens, chat_template: str | None, n_vocab: int
+) -> None:
+    data = json.loads(tokenizer.to_str())
+    model = data.get("model") or {}
+    pre = _pre_tokenizer_name(data)
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer") or pre is None:
+        raise CheckpointError(
+            "GGUF export needs a byte-level BPE tokenizer that splits text like GPT-2, SmolLM, Llama 3 or Qwen2 "
+            f"(Forge's Tokenizer.train(kind='bpe')), and this one is a {model.get('type')} model with pre-tokenizer "
+            f"{(data.get('pre_tokenizer') or {}).get('type')}; retrain the tokenizer with kind='bpe'"
+        )
+    tokens, types = _token_list(tokenizer, data, n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    setters = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "pad": writer.add_pad_token_id}
+    setters["unk"] = writer.add_unk_token_id
+    for role, setter in setters.items():
+        token = getattr(special, role)
+        if token is None:
+            continue
+        if (i := tokenizer.token_to_id(token)) is None:
+            raise ConfigError(f"write_gguf: special.{role} = {token!r} is not in the tokenizer's vocabulary")
+        setter(i)
+    # llama.cpp stops on eos and on one end-of-turn token; it finds the usual ones by name too.
+    eot = [i for t in special.stop if t != special.eos and (i := tokenizer.token_to_id(t)) is not None]
+    if eot:
+        writer.add_eot_token_id(eot[0])
+    writer.add_add_bos_token(special.add_bos)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: HFTokenizer,
+    special: SpecialTokens,
+    chat_template: str | None = None,
+    *,
+    dtype: str = "f16",
+    name: str = "forge-model",
+) -> None:
+    """Write a Forge model as a GGUF file that llama.cpp and Ollama run; atomic (temp file, then rename).
+
+    Llama-family configs become "llama" files ("qwen2" when only q, k, v have biases), GPT-2-family
+    configs "gpt2" files. ``dtype`` is one of :data:`WRITE_DTYPES`; norms and biases stay float32, and
+    with "q8_0" a matrix whose rows are not a multiple of 32 long stays float16.
+
+    >>> write_gguf("tiny.gguf", model.config, model.state_dict(), tok.hf, SpecialTokens(eos=EOS))  # doctest: +SKIP
+    """
+    gguf = _gguf()
+    if dtype not in WRITE_DTYPES:
+        raise ConfigError(f"write_gguf(dtype={dtype!r}) is invalid: use one of {', '.join(WRITE_DTYPES)}")
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ConfigError(
+            f"write_gguf needs a tokenizers.Tokenizer, got {type(tokenizer).__name__}; for a Forge Tokenizer pass "
+            "its .hf attribute"
+        )
+    arch = _export_architecture(config)
+    tensors = _from_forge(config, state_dict, arch)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        _write_config(writer, config, arch, name, dtype)
+        _write_tokenizer(writer, tokenizer, special, chat_template, config.vocab_size)
+        for tensor_name, tensor in tensors.items():
+            data, qtype = _encode(tensor_name, tensor, dtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        _fsync(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _export_architecture(config: ModelConfig) -> str:
+    if config.position == "rope" and config.norm == "rmsnorm" and config.activation == "swiglu":
+        if (
+            config.rope_scaling
+            and config.rope_scaling.get("rope_type") == "llama3"
+            and not config.bias
+            and config.attn_bias
+        ):
+            raise ConfigError("write_gguf: llama.cpp's qwen2 graph has no Llama 3 RoPE scaling; drop rope_scaling")
+        # llama.cpp's qwen2 graph is Llama with q, k, v biases and rotate-half RoPE.
+        return "qwen2" if config.attn_bias and not config.bias else "llama"
+    if config.position == "learned" and config.norm == "layernorm" and config.activation == "gelu":
+        return "gpt2"
+    raise ConfigError(
+        f"write_gguf: a model with position={config.position!r}, norm={config.norm!r}, "
+        f"activation={config.activation!r} has no GGUF architecture; GGUF export supports the Llama family "
+        "(rope, rmsnorm, swiglu) and the GPT-2 family (learned, layernorm, gelu)"
+    )
+
+
+def _from_forge(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """Forge's state dict as GGUF tensors, float32 on the CPU."""
+    expected = _expected_shapes(cfg)
+    for key, shape in expected.items():
+        got = state_dict.get(key)
+        if got is None or got.shape != shape:
+            found = "is missing" if got is None else f"has shape {tuple(got.shape)}"
+            raise ConfigError(
+                f"write_gguf: state_dict[{key!r}] {found}, but the config needs {tuple(shape)}; pass the "
+                "state_dict() of a Transformer built from this config"
+            )
+
+    def get(key: str) -> torch.Tensor:
+        if key in expected:
+            return state_dict[key].detach().to("cpu", torch.float32)
+        # llama.cpp's gpt2 graph needs every bias; a zero bias is the same as none.
+        return torch.zeros(expected[key.rsplit(".", 1)[0] + ".weight"][0])
+
+    out = {"token_embd.weight": get("tok_emb.weight")}
+    if arch == "gpt2":
+        out["position_embd.weight"] = get("pos_emb.weight")
+    for i in range(cfg.n_layer):
+        out |= _block_to_gguf(get, cfg, arch, i)
+    out["output_norm.weight"] = get("norm.weight")
+    if arch == "gpt2":
+        out["output_norm.bias"] = get("norm.bias")
+    if arch == "gpt2" or not cfg.tie_embeddings:
+        # GPT-2 files carry the output matrix even when tied; older llama.cpp builds require it.
+        out["output.weight"] = get("lm_head.weight")
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = _rope_freqs(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return out
+
+
+def _block_to_gguf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, arch: str, i: int) -> dict[str, torch.Tensor]:
+    """Layer ``i`` as GGUF tensors; ``get`` fetches a Forge tensor by name."""
+    H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    out: dict[str, torch.Tensor] = {}
+    b, f = f"blk.{i}.", f"blocks.{i}."
+    out[b + "attn_norm.weight"] = get(f + "norm1.weight")
+    if arch == "gpt2":
+        out[b + "attn_norm.bias"] = get(f + "norm1.bias")
+        out[b + "attn_qkv.weight"], out[b + "attn_qkv.bias"] = get(f + "attn.qkv.weight"), get(f + "attn.qkv.bias")
+    else:
+        for part in ("weight", "bias") if cfg.attn_bias else ("weight",):
+            q, k, v = get(f"{f}attn.qkv.{part}").split([H * D, Hkv * D, Hkv * D])
+            if arch == "llama":
+                q, k = _permute(q, H), _permute(k, Hkv)
+            out[f"{b}attn_q.{part}"], out[f"{b}attn_k.{part}"], out[f"{b}attn_v.{part}"] = q, k, v
+    out[b + "attn_output.weight"] = get(f + "attn.proj.weight")
+    out[b + "ffn_norm.weight"] = get(f + "norm2.weight")
+    if arch == "gpt2":
+        out[b + "ffn_norm.bias"] = get(f + "norm2.bias")
+        out[b + "ffn_up.weight"] = get(f + "mlp.up.weight")
+    else:
+        out[b + "ffn_gate.weight"], out[b + "ffn_up.weight"] = get(f + "mlp.up.weight").chunk(2)
+    out[b + "ffn_down.weight"] = get(f + "mlp.down.weight")
+    if cfg.bias or arch == "gpt2":
+        out[b + "attn_output.bias"] = get(f + "attn.proj.bias")
+        if arch == "gpt2":
+            out[b + "ffn_up.bias"] = get(f + "mlp.up.bias")
+        else:
+            out[b + "ffn_gate.bias"], out[b + "ffn_up.bias"] = get(f + "mlp.up.bias").chunk(2)
+        out[b + "ffn_down.bias"] = get(f + "mlp.down.bias")
+    return out
+
+
+def _rope_freqs(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3's RoPE scaling as llama.cpp stores it: a divisor per frequency, as its converter computes them."""
+    factor, old = float(scaling["factor"]), float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi * theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    smooth = (old / wavelen - low) / (high - low)
+    divisors = torch.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    return torch.where(wavelen < old / high, 1.0, divisors).float()
+
+
+def _write_config(writer: GGUFWriter, cfg: ModelConfig, arch: str, name: str, dtype: str) -> None:
+    gguf = _gguf()
+    kinds = gguf.LlamaFileType
+    file_types = {"f32": kinds.ALL_F32, "f16": kinds.MOSTLY_F16, "bf16": kinds.MOSTLY_BF16, "q8_0": kinds.MOSTLY_Q8_0}
+    writer.add_name(name)
+    writer.add_file_type(file_types[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.ff_dim)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.kv_heads)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    elif cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "llama3":
+        # llama.cpp reads only rope_freqs.weight; the reader needs this to recover the parameters.
+        writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling["original_max_position_embeddings"]))
+
+
+def _encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    x = tensor.contiguous().numpy()
+    # Norms, biases, RoPE factors and learned positions stay float32, as llama.cpp's converter keeps them.
+    if dtype == "f32" or x.ndim == 1 or name in _KEEP_F32:
+        return x, Q.F32
+    if dtype == "f16" or (dtype == "q8_0" and x.shape[-1] % 32):  # Q8_0 blocks are 32 values of a row
+        return x.astype(np.float16), Q.F16
+    qtype = Q.BF16 if dtype == "bf16" else Q.Q8_0
+    return gguf.quants.quantize(x, qtype), qtype

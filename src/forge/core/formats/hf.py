@@ -276,12 +276,16 @@ def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _export_architecture(config: ModelConfig) -> str:
+    shape = (
+        f"ModelConfig(position={config.position!r}, norm={config.norm!r}, activation={config.activation!r}, "
+        f"bias={config.bias}, qkv_bias={config.qkv_bias}, n_kv_head={config.n_kv_head})"
+    )
     if config.position == "learned":
         layout_ok = config.norm == "layernorm" and config.activation == "gelu" and config.kv_heads == config.n_head
         if layout_ok and config.bias and config.attn_bias:
             return "GPT2LMHeadModel"
         raise ConfigError(
-            f"{config} has no Hugging Face equivalent: learned positions export as GPT2LMHeadModel, which needs "
+            f"{shape} has no Hugging Face equivalent: learned positions export as GPT2LMHeadModel, which needs "
             "layernorm, gelu, biases everywhere and n_kv_head = n_head"
         )
     if config.norm == "rmsnorm" and config.activation == "swiglu":
@@ -290,7 +294,7 @@ def _export_architecture(config: ModelConfig) -> str:
         if config.attn_bias:
             return "LlamaForCausalLM"  # attention_bias and mlp_bias both true
     raise ConfigError(
-        f"{config} has no Hugging Face equivalent: RoPE models export as Llama or Qwen2, which need rmsnorm, "
+        f"{shape} has no Hugging Face equivalent: RoPE models export as Llama or Qwen2, which need rmsnorm, "
         "swiglu, and biases everywhere, nowhere or on q, k, v only (qkv_bias=True, bias=False)"
     )
 
@@ -372,6 +376,7 @@ def _gpt2_layout(cfg: ModelConfig, prefix: str) -> list[_Entry]:
 def _from_hf_tensors(
     cfg: ModelConfig, arch: str, weights: dict[str, torch.Tensor], root: Path
 ) -> dict[str, torch.Tensor]:
+    """Forge's state dict from the HF tensors, which it consumes."""
     # GPT-2 checkpoints saved from GPT2Model (not the LM head model) lack the "transformer." prefix.
     prefix = "transformer." if any(n.startswith("transformer.") for n in weights) else ""
     layout = _layout(cfg, arch, prefix)
@@ -399,7 +404,7 @@ def _from_hf_tensors(
     for e in layout:
         parts = []
         for name, shape in zip(e.hf, e.shapes, strict=True):
-            t = weights[name]
+            t = weights.pop(name)  # dropped as it is used, so peak memory stays near one model's worth
             if tuple(t.shape) != shape:
                 raise CheckpointError(
                     f"tensor {name} in {str(root)!r} has shape {tuple(t.shape)} but config.json implies {shape}; "
@@ -580,12 +585,14 @@ def _special_tokens(
         # transformers lets special_tokens_map.json override tokenizer_config.json.
         return known(_token(tok_map.get(key)) or _token(tok_config.get(key)))
 
-    def by_id(key: str) -> str | None:
-        ids = _ids(generation.get(key, hf_config.get(key)))
+    def token(key: str) -> str | None:
+        if key in tok_map or key in tok_config:  # even when null, as Qwen2's "bos_token": null
+            return named(key)
+        # Some folders (GPT-2's) name special tokens only by id, in generation_config.json or config.json.
+        ids = _ids(generation.get(f"{key}_id", hf_config.get(f"{key}_id")))
         return known(tokenizer.id_to_token(ids[0])) if ids else None
 
-    bos = named("bos_token") or by_id("bos_token_id")
-    eos = named("eos_token") or by_id("eos_token_id")
+    bos, eos = token("bos_token"), token("eos_token")
     eos_ids = _ids(generation.get("eos_token_id", hf_config.get("eos_token_id")))
     stop: list[str] = []
     for token in (eos, *(tokenizer.id_to_token(i) for i in eos_ids), *_END_OF_TURN):
