@@ -42,7 +42,10 @@ def forge_run(path: Path, dtype: torch.dtype, new_tokens: int, repeats: int) -> 
     speeds, out = [], []
     for _ in range(repeats + 1):  # the first run warms up
         t = time.perf_counter()
-        out = [int(s[0]) for s in generate_tokens(model, [ids], max_new_tokens=new_tokens, params=SamplingParams())]
+        out = [
+            int(s[0])
+            for s in generate_tokens(model, [ids], max_new_tokens=new_tokens, params=SamplingParams(temperature=0))
+        ]
         speeds.append(len(out) / (time.perf_counter() - t))
     reply = next((i for i, t in enumerate(out) if t in tok.stop_ids), len(out))  # tokens before end-of-turn
     return {

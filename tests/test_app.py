@@ -448,3 +448,18 @@ def test_other_requests_are_served_during_training(notes: Path, bigram_dir: Path
 
     asyncio.run(main())
     assert answers == ["bcde"]
+
+
+def test_an_inference_dtype_casts_the_weights_and_refuses_training(bigram_dir: Path, notes: Path) -> None:
+    app = Forge.load(bigram_dir, dtype="bfloat16", defaults=GenerationConfig(temperature=0, max_tokens=4))
+    assert app.info()["dtype"] == "bfloat16"
+    assert app.sync.generate("a") == "bcde"
+    with pytest.raises(ConfigError, match="float32 master weights"):
+        app.sync.train(notes, steps=1)
+    assert Forge.load(bigram_dir).info()["dtype"] == "float32"
+    assert Forge.load(bigram_dir, dtype="auto").info()["dtype"] in ("float32", "bfloat16")
+
+
+def test_float16_is_not_an_inference_dtype(bigram_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="float16"):
+        Forge.load(bigram_dir, dtype="float16")  # type: ignore[arg-type]

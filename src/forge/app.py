@@ -19,11 +19,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+import torch
 
 from forge.chat import PLAIN_STOP, check_messages, render_chat
 from forge.config import PRESETS, ModelConfig, get_preset
-from forge.core.device import resolve_device
+from forge.core.device import autocast_dtype, resolve_device
 from forge.core.transformer import Transformer
 from forge.data import DataSource
 from forge.errors import CheckpointError, ConfigError, ForgeError
@@ -48,6 +50,7 @@ __all__ = ["Forge", "SyncForge"]
 
 T = TypeVar("T")
 ErrorHook = Callable[[Context, Exception], Any]
+InferenceDtype = Literal["auto", "float32", "bfloat16"]
 
 
 class Forge:
@@ -63,9 +66,11 @@ class Forge:
         device: str = "auto",
         tokenizer: TokenizerKind = "bpe",
         defaults: GenerationConfig | None = None,
+        dtype: InferenceDtype | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.defaults = defaults or GenerationConfig()
+        self.dtype = _inference_dtype(dtype, self.device)
         self._tokenizer_kind = tokenizer
         self._emitter = Emitter()
         self._middleware: list[Middleware] = []
@@ -161,6 +166,8 @@ class Forge:
         return self._tokenizer
 
     def _adopt(self, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any] | None) -> None:
+        if self.dtype is not None:
+            model = model.to(self.dtype)
         self._model, self._tokenizer, self._state = model, tokenizer, state
         self._generator = Generator(model, tokenizer)
 
@@ -188,6 +195,7 @@ class Forge:
             "config": cfg.to_dict() if cfg else None,
             "parameters": self._model.num_params() if self._model is not None else None,
             "device": str(self.device),
+            "dtype": str(next(self._model.parameters()).dtype).removeprefix("torch.") if self._model else None,
             "tokenizer_vocab": self._tokenizer.vocab_size if self._tokenizer else None,
             "step": int(self._state["step"]) if self._state else 0,
             "middleware": [getattr(m, "__name__", repr(m)) for m in self._middleware],
@@ -224,6 +232,11 @@ class Forge:
     def _train(self, data: DataSource, steps: int, out: Any, options: dict[str, Any]) -> TrainResult:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"app.train(steps={steps!r}) must be a positive integer")
+        if self.dtype not in (None, torch.float32):
+            raise ConfigError(
+                f"this app holds {str(self.dtype).removeprefix('torch.')} weights for fast inference (dtype=...); "
+                "training needs float32 master weights: create the app without dtype to train it"
+            )
         ended: list[Event] = []
 
         def relay(event: Event) -> None:  # "end" waits until the app holds the trained model
@@ -404,6 +417,19 @@ async def _completing(source: AsyncTextStream, ctx: Context) -> AsyncIterator[st
         ctx.completion = source.completion
     finally:
         await source.aclose()
+
+
+def _inference_dtype(dtype: str | None, device: torch.device) -> torch.dtype | None:
+    """None keeps the weights as loaded (float32); "auto" is bfloat16 where the hardware runs it natively."""
+    if dtype is None:
+        return None
+    if dtype == "auto":
+        return autocast_dtype(device) or torch.float32
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(
+            f"dtype={dtype!r} is not supported; use 'auto', 'float32' or 'bfloat16' (never float16 on a CPU)"
+        )
+    return getattr(torch, dtype)  # type: ignore[no-any-return]
 
 
 def _looks_like_path(name: str | os.PathLike[str]) -> bool:

@@ -27,8 +27,22 @@ HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Weights for inference; auto is bfloat16 where the hardware runs it natively.",
+)
 def chat_cmd(
-    model: str, system: str | None, max_tokens: int, temperature: float, top_p: float, seed: int | None, device: str
+    model: str,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    device: str,
+    dtype: str,
 ) -> None:
     """Chat with MODEL: a GGUF file, a Hugging Face folder, a Forge checkpoint or a known name.
 
@@ -37,10 +51,11 @@ def chat_cmd(
     console = Console(highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
     defaults = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    app = Forge(model, device=device, defaults=defaults)
+    app = Forge(model, device=device, defaults=defaults, dtype=dtype)  # type: ignore[arg-type]
     info = app.info()
     console.print(
-        f"[bold]forge chat[/] with {model} ({info['parameters'] / 1e6:.0f}M parameters on {info['device']}). {HELP}",
+        f"[bold]forge chat[/] with {model} ({info['parameters'] / 1e6:.0f}M parameters, {app.dtype or 'float32'} "
+        f"on {info['device']}). {HELP}",
         emoji=False,
     )
     start = check_messages([{"role": "system", "content": system}]) if system else []
