@@ -239,17 +239,22 @@ def test_export_rejects_what_it_cannot_write(
     assert got == code and needle in err and "Traceback" not in err
 
 
-def test_train_from_a_gguf_with_lora_then_generate(
-    tiny_llama: Path, tmp_path: Path, hamlet: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("lora", ["4", "0"], ids=["lora", "full"])
+def test_train_from_a_gguf_then_generate(
+    tiny_llama: Path, tmp_path: Path, hamlet: Path, capsys: pytest.CaptureFixture[str], lora: str
 ) -> None:
     gguf = tmp_path / "base.gguf"
     loaded = models.load(tiny_llama)
     models.export(loaded.model, loaded.tokenizer, gguf, format="gguf", dtype="f32")
     out = tmp_path / "ft"
-    args = ["train", hamlet, "--from", gguf, "--lora", "4", "--steps", "3", "--batch-size", "2", "--context", "32"]
+    args = ["train", hamlet, "--from", gguf, "--lora", lora, "--steps", "3", "--batch-size", "2", "--context", "32"]
     code, stdout, err = run_cli([*args, "--eval-every", "0", "--out", out, "--precision", "fp32"], capsys)
     assert code == 0, err
     assert "saved to" in stdout
+    tuned, base = models.load(out).model.state_dict(), loaded.model.state_dict()
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])
+    # LoRA adapts only the linear layers; a full fine-tune moves the embeddings too.
+    assert torch.equal(tuned["tok_emb.weight"], base["tok_emb.weight"]) == (lora != "0")
     code, stdout, err = run_cli(
         ["generate", out, "--prompt", "To be", "--max-tokens", "5", "--temperature", "0"], capsys
     )
