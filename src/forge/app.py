@@ -311,11 +311,11 @@ class Forge:
         """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list."""
         if not isinstance(prompt, str):
             return list(await asyncio.gather(*(self.generate(p, **options) for p in prompt)))  # type: ignore[misc]
-        return await self._complete(self._context(prompt, False, options))
+        return await self.handle(self._context(prompt, False, options))
 
     async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
         """Text pieces of the completion as they arrive, through the middleware stack."""
-        async for piece in self._pieces(self._context(prompt, True, options)):
+        async for piece in self.handle_stream(self._context(prompt, True, options)):
             yield piece
 
     async def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
@@ -325,11 +325,11 @@ class Forge:
         at the model's end-of-turn token. Goes through the middleware stack,
         with ``ctx.messages`` set.
         """
-        return await self._complete(self._chat_context(messages, False, options))
+        return await self.handle(self._chat_context(messages, False, options))
 
     async def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> AsyncIterator[str]:
         """The assistant's reply to ``messages``, piece by piece."""
-        async for piece in self._pieces(self._chat_context(messages, True, options)):
+        async for piece in self.handle_stream(self._chat_context(messages, True, options)):
             yield piece
 
     def render(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True) -> str:
@@ -353,7 +353,27 @@ class Forge:
             ctx.params = ctx.params.replace(stop=PLAIN_STOP)
         return ctx
 
-    async def _complete(self, ctx: Context) -> str:
+    def request(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        stream: bool = False,
+        **options: Any,
+    ) -> Context:
+        """A request for :meth:`handle` / :meth:`handle_stream`: a prompt, or chat ``messages``.
+
+        For callers that need more than the text, such as the HTTP server: after
+        handling, ``ctx.completion`` has the finish reason, token counts and logprobs.
+        """
+        if (prompt is None) == (messages is None):
+            raise ConfigError("app.request() needs a prompt or messages, not both and not neither")
+        if messages is not None:
+            return self._chat_context(messages, stream, options)
+        return self._context(prompt, stream, options)  # type: ignore[arg-type]
+
+    async def handle(self, ctx: Context) -> str:
+        """Run a non-streaming request through the middleware stack; the response text."""
         start = time.perf_counter()
         await self._run(ctx)
         if ctx.response is None and ctx.chunks is not None:  # a middleware answered with chunks
@@ -362,7 +382,8 @@ class Forge:
         self._emit_response(ctx, text, start)
         return text
 
-    async def _pieces(self, ctx: Context) -> AsyncIterator[str]:
+    async def handle_stream(self, ctx: Context) -> AsyncIterator[str]:
+        """Run a streaming request through the middleware stack; text pieces as they arrive."""
         start = time.perf_counter()
         await self._run(ctx)
         chunks = ctx.chunks if ctx.chunks is not None else _pieces(ctx.response or "")

@@ -26,13 +26,13 @@ import torch
 
 from forge.core.device import resolve_device
 from forge.core.generate import generate_tokens
-from forge.core.sampling import SamplingParams
+from forge.core.sampling import SamplingParams, top_logprobs
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, GenerationError
 from forge.textstream import held_back
 from forge.tokenizer import Tokenizer
 
-__all__ = ["AsyncTextStream", "Completion", "GenerationConfig", "Generator", "TextStream"]
+__all__ = ["AsyncTextStream", "Completion", "GenerationConfig", "Generator", "TextStream", "TokenLogprob"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -47,9 +47,13 @@ class GenerationConfig:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stop_at_eos: bool = True
+    #: None: no log-probabilities; k >= 0: each token's logprob and the k most likely alternatives (k <= 20).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -62,6 +66,10 @@ class GenerationConfig:
             raise ConfigError.for_field(
                 "GenerationConfig", "stop", self.stop, "stop sequences must be non-empty strings"
             )
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
+        ):
+            raise ConfigError.for_field("GenerationConfig", "logprobs", self.logprobs, "must be an integer in [0, 20]")
         self.sampling()  # validates the sampling fields
 
     def sampling(self) -> SamplingParams:
@@ -71,6 +79,8 @@ class GenerationConfig:
             top_p=self.top_p,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
     def replace(self, **changes: Any) -> GenerationConfig:
@@ -83,6 +93,16 @@ class GenerationConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token: its text, id and log-probability, and the most likely alternatives."""
+
+    token: str
+    id: int
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class Completion:
     """One prompt's result."""
@@ -92,6 +112,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list, repr=False)
+    #: Per generated token, when ``GenerationConfig.logprobs`` asked for them.
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
 
 
 class _Row:
@@ -102,6 +124,8 @@ class _Row:
     ) -> None:
         self.tokenizer, self.stops, self.stop_ids = tokenizer, stops, stop_ids
         self.prompt_tokens = prompt_tokens
+        self.logprobs: list[TokenLogprob] | None = None  # set to [] to collect them
+        self.pending: TokenLogprob | None = None  # the logprob of the token about to be pushed
         self.ids: list[int] = []
         self.text = ""  # the completion so far, cut at a stop sequence
         self.emitted = 0  # characters already handed out
@@ -112,6 +136,8 @@ class _Row:
         if token in self.stop_ids:
             return self.end("stop")
         self.ids.append(token)
+        if self.logprobs is not None and self.pending is not None:
+            self.logprobs.append(self.pending)
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
             return ""
@@ -142,7 +168,20 @@ def _completion(row: _Row) -> Completion:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=len(row.ids),
         token_ids=list(row.ids),
+        logprobs=list(row.logprobs) if row.logprobs is not None else None,
     )
+
+
+def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Per row of ``logits`` (B, V): the chosen token's logprob and the top ``k`` alternatives."""
+    own, top_ids, top_values = top_logprobs(logits, chosen, k)
+    out = []
+    for i, token in enumerate(chosen.tolist()):
+        top = tuple(
+            (tokenizer.decode([t]), float(v)) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist(), strict=True)
+        )
+        out.append(TokenLogprob(tokenizer.decode([token]), int(token), float(own[i]), top))
+    return out
 
 
 class TextStream(Iterator[str]):
@@ -242,6 +281,17 @@ class Generator:
         budget = min(cfg.max_tokens, context - longest)
         stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
         rows.extend(_Row(self.tokenizer, cfg.stop, stop_ids, n) for n in prompt_lengths)
+        observe = None
+        if cfg.logprobs is not None:
+            for row in rows:
+                row.logprobs = []
+
+            def observe(logits: torch.Tensor, chosen: torch.Tensor) -> None:
+                for row, lp in zip(
+                    rows, token_logprobs(self.tokenizer, logits, chosen, cfg.logprobs or 0), strict=True
+                ):
+                    row.pending = lp
+
         generator = None
         if cfg.temperature > 0:
             generator = torch.Generator(self.device)
@@ -253,6 +303,7 @@ class Generator:
             params=cfg.sampling(),
             generator=generator,
             vocab_limit=self.tokenizer.vocab_size,
+            observe=observe,
         )
         with self.lock:  # one token loop at a time: the KV cache lives in the model
             try:

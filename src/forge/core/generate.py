@@ -7,11 +7,11 @@ per-row positions make each prompt start at position 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from forge.core.sampling import SamplingParams, sample
+from forge.core.sampling import SamplingParams, process_logits, sample
 from forge.core.transformer import Transformer
 
 __all__ = ["generate_tokens"]
@@ -76,6 +76,7 @@ def generate_tokens(
     use_cache: bool = True,
     autocast_dtype: torch.dtype | None = None,
     vocab_limit: int | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,) int64, up to ``max_new_tokens`` times.
 
@@ -83,6 +84,7 @@ def generate_tokens(
     ``use_cache=False`` recomputes the whole sequence each step (the reference
     the cached path is tested against). ``vocab_limit`` forbids ids at or above
     it: the model's vocabulary is padded past the tokenizer's, and those ids mean nothing.
+    ``observe(logits, tokens)`` sees each step's penalised logits (B, V) and chosen tokens (B,), e.g. for logprobs.
     """
     device = model.tok_emb.weight.device
     tokens, valid = _prompt_batch(prompts, device)
@@ -95,6 +97,7 @@ def generate_tokens(
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         rows = torch.arange(B, device=device)[:, None].expand_as(tokens)
         seen[rows[valid], tokens[valid]] = True
+    counts = torch.zeros(B, model.config.vocab_size, device=device) if params.penalised else None
     valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     was_training = model.training
@@ -109,12 +112,16 @@ def generate_tokens(
             for step in range(max_new_tokens):
                 if vocab_limit is not None and vocab_limit < logits.shape[-1]:
                     logits[:, vocab_limit:] = float("-inf")
-                nxt = sample(logits, params, generator, seen)  # (B,)
+                nxt = sample(logits, params, generator, seen, counts)  # (B,)
+                if observe is not None:
+                    observe(process_logits(logits, params, seen, counts), nxt)
                 yield nxt
                 if step == max_new_tokens - 1:
                     break
                 if seen is not None:
                     seen[torch.arange(B, device=device), nxt] = True
+                if counts is not None:
+                    counts[torch.arange(B, device=device), nxt] += 1
                 pos = T + step
                 if use_cache:
                     logits = decode_one(model, nxt[:, None], pos, valid, padded)

@@ -10,7 +10,14 @@ import torch
 from forge.core import ops
 from forge.errors import ConfigError
 
-__all__ = ["SamplingParams", "apply_repetition_penalty", "sample"]
+__all__ = [
+    "SamplingParams",
+    "apply_penalties",
+    "apply_repetition_penalty",
+    "process_logits",
+    "sample",
+    "top_logprobs",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,6 +33,8 @@ class SamplingParams:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -41,6 +50,15 @@ class SamplingParams:
             raise bad("min_p", "must be in [0, 1] or None")
         if not self.repetition_penalty > 0:
             raise bad("repetition_penalty", "must be > 0 (1.0 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2.0 <= value <= 2.0):
+                raise bad(name, "must be a number in [-2, 2] (0 disables it)")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether presence or frequency penalties apply (they need counts of the generated tokens)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def greedy(self) -> bool:
@@ -57,20 +75,40 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: ``logit -= presence * [count > 0] + frequency * count``.
+
+    logits (B, V); counts (B, V), how often each token was generated so far.
+    """
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under ``logits`` (B, V).
+
+    Returns those of the ``chosen`` tokens (B,), and the ids and values of the top ``k`` (B, k).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(max(k, 1), dim=-1)
+    return logp.gather(-1, chosen[:, None]).squeeze(-1), ids[:, :k], values[:, :k]
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, V); returns (B,) int64.
+
+    ``seen`` (B, V) bool drives the repetition penalty, ``counts`` (B, V) the
+    presence and frequency penalties.
 
     >>> sample(torch.tensor([[0.0, 5.0, 1.0]]), SamplingParams(temperature=0)).tolist()
     [1]
     """
-    logits = logits.float()
-    if seen is not None and params.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = process_logits(logits, params, seen, counts)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
@@ -89,3 +127,18 @@ def sample(
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The penalties of ``params`` applied to ``logits`` (B, V), in fp32: what sampling and logprobs see."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None and params.penalised:
+        logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
+    return logits
