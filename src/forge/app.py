@@ -28,7 +28,7 @@ from forge.config import PRESETS, ModelConfig, get_preset
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.transformer import Transformer
 from forge.data import DataSource
-from forge.errors import CheckpointError, ConfigError, ForgeError
+from forge.errors import CheckpointError, ConfigError, ForgeError, GenerationError
 from forge.events import (
     EVENT_NAMES,
     Emitter,
@@ -332,6 +332,34 @@ class Forge:
         async for piece in self.handle_stream(self._chat_context(messages, True, options)):
             yield piece
 
+    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """One vector per text: the model's final hidden states, mean-pooled and L2-normalised.
+
+        A language model's own embeddings are a stopgap; a RAG embedder is better at retrieval.
+        """
+        model, tokenizer = self._require_model("embed")
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch or not all(isinstance(t, str) for t in batch):
+            raise ConfigError("app.embed() needs a string or a non-empty list of strings")
+        context = model.config.context_length
+        ids = tokenizer.encode_batch(batch)
+        if too_long := [i for i, row in enumerate(ids) if len(row) > context]:
+            raise GenerationError(
+                f"input {too_long[0]} is {len(ids[too_long[0]])} tokens but the model's context is {context}; "
+                "shorten it"
+            )
+
+        def run() -> list[list[float]]:
+            out = []
+            with torch.inference_mode():
+                for row in ids:  # one at a time: no padding, so the pooled vector is exact
+                    x = torch.tensor([row or [tokenizer.eos_id or 0]], device=self.device)
+                    pooled = model.hidden(x)[0].float().mean(dim=0)
+                    out.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
+            return out
+
+        return await asyncio.to_thread(run)
+
     def render(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True) -> str:
         """The prompt that :meth:`chat` gives the model for ``messages``."""
         _, tokenizer = self._require_model("render")
@@ -417,6 +445,36 @@ class Forge:
             )
         )
 
+    # -- continuous batching (the server's engine) ----------------------------------------------------
+    async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64) -> Forge:
+        """Serve every generation through a continuous-batching engine: concurrent requests decode together.
+
+        ``max_batch`` requests run at once (each in its own KV-cache slot); up to
+        ``max_queue`` more wait, and beyond that a request fails with ``QueueFullError`` (HTTP 429).
+        """
+        self._batching = {"max_batch": max_batch, "max_queue": max_queue}  # engine: see forge.core.batching
+        return self
+
+    async def stop_batching(self, *, drain: bool = True) -> None:
+        """Stop the engine; with ``drain``, running and queued requests finish first."""
+        self._batching = None
+
+    def batching_stats(self) -> dict[str, Any] | None:
+        """The engine's counters (queue depth, running requests, batch sizes per step), or None when off."""
+        if getattr(self, "_batching", None) is None:
+            return None
+        return {
+            "queue_depth": 0,
+            "running": 0,
+            "max_batch": self._batching["max_batch"],  # type: ignore[index]
+            "steps": 0,
+            "tokens": 0,
+            "batch_size_max": 0,
+            "batch_size_hist": {},
+            "completed": 0,
+            "cancelled": 0,
+        }
+
     # -- the sync facade ---------------------------------------------------------------------------------
     @property
     def sync(self) -> SyncForge:
@@ -489,6 +547,9 @@ class SyncForge:
 
     def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
         return self._run(self._app.chat(messages, **options))
+
+    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        return self._run(self._app.embed(texts))
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         return self._iterate(self._app.stream(prompt, **options))

@@ -10,7 +10,8 @@ server render errors without ``isinstance`` ladders::
     ├── DataError              exit 3, HTTP 400   missing, empty or binary training data
     ├── CheckpointError        exit 4, HTTP 404   a missing or corrupted checkpoint
     ├── DeviceError            exit 5, HTTP 400   an unknown or unavailable device
-    └── GenerationError        exit 6, HTTP 400   a request the model cannot serve
+    ├── GenerationError        exit 6, HTTP 400   a request the model cannot serve
+    └── QueueFullError         exit 7, HTTP 429   the server's queue is full (Retry-After)
 
 Messages say what was wrong, the value, and the fix.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "ForgeError",
     "GenerationError",
     "PresetNotFoundError",
+    "QueueFullError",
 ]
 
 
@@ -101,3 +103,15 @@ class GenerationError(ForgeError):
     exit_code = 6
     http_status = 400
     error_type = "invalid_request_error"
+
+
+class QueueFullError(ForgeError):
+    """The server's request queue is full; retry after ``retry_after`` seconds (HTTP 429)."""
+
+    exit_code = 7
+    http_status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

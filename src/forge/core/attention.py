@@ -10,7 +10,7 @@ from torch import nn
 
 from forge.config import ModelConfig
 from forge.core import ops
-from forge.core.kv_cache import KVCache
+from forge.core.kv_cache import CacheWrite, KVCache
 
 __all__ = ["CausalSelfAttention", "apply_rope", "rope_tables"]
 
@@ -67,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache_pos: int | None,
+        cache_pos: int | CacheWrite | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -80,7 +80,11 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = True
-        if cache_pos is not None:
+        if isinstance(cache_pos, CacheWrite):
+            assert self.cache is not None, "a CacheWrite needs a KV cache"
+            k, v = self.cache.write(cache_pos, k, v)
+            causal = T > 1  # a prefill from 0 is causal; a decode step attends under the caller's mask
+        elif cache_pos is not None:
             assert self.cache is not None, "cache_pos given but no KV cache was set up"
             k, v = self.cache.update(cache_pos, k, v)
             # A single new token may attend to every cached key; a prefill from 0 is causal.

@@ -7,10 +7,28 @@ recomputes the prefix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-__all__ = ["KVCache"]
+__all__ = ["CacheWrite", "KVCache"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheWrite:
+    """Where a forward pass writes into a cache shared by many sequences (continuous batching).
+
+    ``rows``: the cache rows the batch's rows map to, in order. ``pos``: an int
+    offset for every row (a prefill), or a (B,) tensor of per-row positions
+    with one new token each (a decode step). ``length``: how many positions
+    the attention reads back, [0, length); the caller's mask hides each row's
+    positions past its own end.
+    """
+
+    rows: slice
+    pos: int | torch.Tensor
+    length: int
 
 
 class KVCache(nn.Module):
@@ -51,3 +69,21 @@ class KVCache(nn.Module):
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write(self, w: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) as ``w`` says; return keys and values (B, Hkv, w.length, D) of those rows."""
+        assert w.length <= self.max_len, f"KV cache overflow: {w.length} > {self.max_len}"
+        if isinstance(w.pos, int):
+            self.k[w.rows, :, w.pos : w.pos + k.shape[2]] = k
+            self.v[w.rows, :, w.pos : w.pos + k.shape[2]] = v
+        else:
+            assert k.shape[2] == 1, "per-row positions take one new token per row"
+            rows = torch.arange(w.rows.start, w.rows.stop, device=self.k.device)  # (B,)
+            self.k[rows, :, w.pos] = k[:, :, 0]  # (B, Hkv, D) at each row's own position
+            self.v[rows, :, w.pos] = v[:, :, 0]
+        return self.k[w.rows, :, : w.length], self.v[w.rows, :, : w.length]
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` onto row ``dst`` (compacting the rows of a batch after one leaves)."""
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]

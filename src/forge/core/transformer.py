@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from forge.config import ModelConfig
 from forge.core import ops
 from forge.core.attention import CausalSelfAttention, rope_tables
-from forge.core.kv_cache import KVCache
+from forge.core.kv_cache import CacheWrite, KVCache
 
 __all__ = ["Transformer"]
 
@@ -65,7 +65,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache_pos: int | None,
+        cache_pos: int | CacheWrite | None,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, mask, cache_pos)
         return x + self.mlp(self.norm2(x))
@@ -147,13 +147,24 @@ class Transformer(nn.Module):
     # -- KV cache -----------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None) -> None:
         """Preallocate a KV cache of ``max_len`` positions in every layer."""
+        self.use_caches(self.make_caches(batch, max_len, dtype=dtype))
+
+    def make_caches(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One KV cache per layer, not installed (see :meth:`use_caches`)."""
         cfg = self.config
         device = self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
-        for block in self.blocks:
-            block.attn.cache = KVCache(
+        return [
+            KVCache(
                 batch=batch, n_kv_head=cfg.kv_heads, max_len=max_len, head_dim=cfg.head_dim, dtype=dtype, device=device
             )
+            for _ in self.blocks
+        ]
+
+    def use_caches(self, caches: list[KVCache] | None) -> None:
+        """Install per-layer caches (None removes them): a batching engine keeps its own between steps."""
+        for i, block in enumerate(self.blocks):
+            block.attn.cache = caches[i] if caches is not None else None
 
     def clear_cache(self) -> None:
         for block in self.blocks:
@@ -166,18 +177,19 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        cache_pos: int | None = None,
+        cache_pos: int | CacheWrite | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T).
 
         positions: (B, T) or (T,) absolute positions; default ``cache_pos + arange(T)``.
         mask: boolean (B, 1, T, Tk), True = may attend; default causal.
-        cache_pos: write keys/values into the KV cache at this offset (see ``setup_cache``).
+        cache_pos: write keys/values into the KV cache at this offset (see ``setup_cache``), or
+            as a ``CacheWrite`` says (continuous batching; ``positions`` must be given).
         last_only: return logits of the last position only, (B, 1, vocab).
         """
         T = idx.shape[1]
-        start = cache_pos or 0
+        start = cache_pos if isinstance(cache_pos, int) else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, d)
@@ -199,6 +211,20 @@ class Transformer(nn.Module):
             x = x[:, -1:, :]
         x = self.norm(x)
         return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
+
+    def hidden(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d): what the output head sees (used for embeddings)."""
+        T = idx.shape[1]
+        positions = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx)  # (B, T, d)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = (self.rope_cos[positions][None, None], self.rope_sin[positions][None, None])  # (1, 1, T, D)
+        for block in self.blocks:
+            x = block(x, rope, mask, None)
+        return self.norm(x)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy, computed in fp32 for stability."""

@@ -1,0 +1,157 @@
+"""Continuous batching: many sequences share one KV cache and decode together, one forward per step.
+
+Each running sequence owns a row of the cache. A sequence joins between
+steps with its own prefill (a forward over its prompt, written into a free
+row); every step then feeds one token per running sequence in a single
+batched forward, each at its own position, with a mask that hides the rest
+of the row. A sequence that finishes leaves between steps: the last row is
+copied into its place, so the running rows are always 0..n-1 and every
+step works on a contiguous slice of the cache.
+
+This module is torch only and single-threaded; ``forge.engine`` runs it in
+a worker thread and feeds it requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from forge.core.kv_cache import CacheWrite, KVCache
+from forge.core.sampling import SamplingParams, process_logits, sample, top_logprobs
+from forge.core.transformer import Transformer
+
+__all__ = ["Batcher", "Sequence", "StepResult"]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the batcher."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k
+    # state, owned by the batcher
+    row: int = -1
+    length: int = 0  # tokens in the cache
+    generated: int = 0
+    last: int = 0  # the token to feed next
+    counts: torch.Tensor | None = field(default=None, repr=False)  # (V,) for presence/frequency penalties
+    seen: torch.Tensor | None = field(default=None, repr=False)  # (V,) for the repetition penalty
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A token for a sequence; ``finished`` when it was the sequence's last (a stop token or the budget)."""
+
+    seq: Sequence
+    token: int
+    finished: bool
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Batcher:
+    """Runs up to ``max_batch`` sequences of at most ``max_len`` tokens each on ``model``."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch: int,
+        max_len: int,
+        vocab_limit: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model, self.max_batch, self.max_len, self.vocab_limit = model, max_batch, max_len, vocab_limit
+        self.caches: list[KVCache] = model.make_caches(max_batch, max_len, dtype=dtype)
+        self.running: list[Sequence] = []  # running[i].row == i
+        self.device = model.tok_emb.weight.device
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - len(self.running)
+
+    @torch.inference_mode()
+    def add(self, seq: Sequence) -> StepResult:
+        """Prefill ``seq`` into a free row and sample its first token."""
+        assert self.free > 0, "no free row: check Batcher.free first"
+        T = len(seq.prompt)
+        assert T > 0 and T + seq.max_new_tokens <= self.max_len, "the caller checks prompt and budget"
+        seq.row, seq.length = len(self.running), T
+        vocab = self.model.config.vocab_size
+        if seq.params.penalised:
+            seq.counts = torch.zeros(vocab, device=self.device)
+        if seq.params.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
+        self.running.append(seq)
+        tokens = torch.tensor([seq.prompt], device=self.device)  # (1, T)
+        write = CacheWrite(rows=slice(seq.row, seq.row + 1), pos=0, length=T)
+        logits = self._forward(tokens, None, None, write)  # (1, V)
+        return self._pick(seq, logits[0])
+
+    @torch.inference_mode()
+    def step(self) -> list[StepResult]:
+        """One batched forward: the next token of every running sequence."""
+        n = len(self.running)
+        if n == 0:
+            return []
+        tokens = torch.tensor([[s.last] for s in self.running], device=self.device)  # (n, 1)
+        pos = torch.tensor([s.length for s in self.running], device=self.device)  # (n,)
+        length = int(pos.max()) + 1
+        mask = torch.arange(length, device=self.device)[None, :] <= pos[:, None]  # (n, length)
+        write = CacheWrite(rows=slice(0, n), pos=pos, length=length)
+        logits = self._forward(tokens, pos[:, None], mask[:, None, None, :], write)  # (n, V)
+        for s in self.running:
+            s.length += 1
+        return [self._pick(s, logits[i]) for i, s in enumerate(list(self.running))]
+
+    def remove(self, seq: Sequence) -> None:
+        """Free ``seq``'s row (the last running row moves into it)."""
+        if seq.row < 0 or seq.row >= len(self.running) or self.running[seq.row] is not seq:
+            return
+        last = self.running.pop()
+        if last is not seq:
+            for cache in self.caches:
+                cache.move_row(last.row, seq.row)
+            last.row = seq.row
+            self.running[seq.row] = last
+        seq.row, seq.done = -1, True
+
+    # -- internals --------------------------------------------------------------------
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, mask: torch.Tensor | None, write: CacheWrite
+    ) -> torch.Tensor:
+        self.model.use_caches(self.caches)
+        try:
+            return self.model(tokens, positions=positions, mask=mask, cache_pos=write, last_only=True)[:, -1]
+        finally:
+            self.model.use_caches(None)
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> StepResult:
+        """Sample ``seq``'s next token from its logits (V,) and update its state."""
+        logits = logits[None].float()  # (1, V)
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit :] = float("-inf")
+        counts = seq.counts[None] if seq.counts is not None else None
+        seen = seq.seen[None] if seq.seen is not None else None
+        token = sample(logits, seq.params, seq.generator, seen, counts)  # (1,)
+        logprob, top = None, ()
+        if seq.logprobs is not None:
+            own, ids, values = top_logprobs(process_logits(logits, seq.params, seen, counts), token, seq.logprobs)
+            logprob = float(own[0])
+            top = tuple(zip(ids[0].tolist(), values[0].tolist(), strict=True))
+        t = int(token[0])
+        seq.last, seq.generated = t, seq.generated + 1
+        if seq.counts is not None:
+            seq.counts[t] += 1
+        if seq.seen is not None:
+            seq.seen[t] = True
+        finished = t in seq.stop_ids or seq.generated >= seq.max_new_tokens
+        return StepResult(seq, t, finished, logprob, top)
