@@ -28,6 +28,7 @@ from forge.config import PRESETS, ModelConfig, get_preset
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.transformer import Transformer
 from forge.data import DataSource
+from forge.engine import Engine
 from forge.errors import CheckpointError, ConfigError, ForgeError, GenerationError
 from forge.events import (
     EVENT_NAMES,
@@ -84,6 +85,7 @@ class Forge:
         self._source = str(model)
         self._sync: SyncForge | None = None
         self._pretrained: dict[str, Any] = {}
+        self._engine: Engine | None = None
         if isinstance(model, str) and model in PRESETS and not _looks_like_path(model):
             self._preset = model  # a preset name wins over a same-named directory: use "./name" for that
         elif Path(model).exists() or str(model) in KNOWN_MODELS:
@@ -279,7 +281,17 @@ class Forge:
         assert self._generator is not None
         if ctx.messages is not None and ctx.messages != ctx.meta.get("rendered_messages"):
             ctx.prompt = self.render(ctx.messages)  # a middleware changed the conversation
-        if ctx.stream:
+        if self._engine is not None:  # serving: continuous batching
+            stream = self._engine.stream(ctx.prompt, ctx.params)
+            if ctx.stream:
+                ctx.chunks = _completing(stream, ctx)
+            else:
+                try:
+                    ctx.response = "".join([piece async for piece in stream])
+                finally:
+                    await stream.aclose()
+                ctx.completion = stream.completion
+        elif ctx.stream:
             ctx.chunks = _completing(self._generator.astream(ctx.prompt, ctx.params), ctx)
         else:
             completion = (await asyncio.to_thread(self._generator.complete, ctx.prompt, ctx.params))[0]
@@ -446,34 +458,32 @@ class Forge:
         )
 
     # -- continuous batching (the server's engine) ----------------------------------------------------
-    async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64) -> Forge:
+    async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> Forge:
         """Serve every generation through a continuous-batching engine: concurrent requests decode together.
 
         ``max_batch`` requests run at once (each in its own KV-cache slot); up to
-        ``max_queue`` more wait, and beyond that a request fails with ``QueueFullError`` (HTTP 429).
+        ``max_queue`` more wait, and beyond that a request fails with ``QueueFullError``
+        (HTTP 429). ``context`` caps prompt + completion tokens (default: the model's).
         """
-        self._batching = {"max_batch": max_batch, "max_queue": max_queue}  # engine: see forge.core.batching
+        model, tokenizer = self._require_model("start_batching")
+        if self._engine is not None:
+            raise ConfigError("batching is already on; call app.stop_batching() first")
+        assert self._generator is not None
+        self._engine = Engine(
+            model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_len=context, lock=self._generator.lock
+        ).start()
         return self
 
     async def stop_batching(self, *, drain: bool = True) -> None:
         """Stop the engine; with ``drain``, running and queued requests finish first."""
-        self._batching = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.stop(drain=drain)
 
     def batching_stats(self) -> dict[str, Any] | None:
-        """The engine's counters (queue depth, running requests, batch sizes per step), or None when off."""
-        if getattr(self, "_batching", None) is None:
-            return None
-        return {
-            "queue_depth": 0,
-            "running": 0,
-            "max_batch": self._batching["max_batch"],  # type: ignore[index]
-            "steps": 0,
-            "tokens": 0,
-            "batch_size_max": 0,
-            "batch_size_hist": {},
-            "completed": 0,
-            "cancelled": 0,
-        }
+        """The engine's counters (queue_depth, running, max_batch, steps, tokens, batch_size_max,
+        batch_size_hist, completed, cancelled), or None when batching is off."""
+        return self._engine.snapshot() if self._engine is not None else None
 
     # -- the sync facade ---------------------------------------------------------------------------------
     @property

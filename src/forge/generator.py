@@ -32,7 +32,16 @@ from forge.errors import ConfigError, GenerationError
 from forge.textstream import held_back
 from forge.tokenizer import Tokenizer
 
-__all__ = ["AsyncTextStream", "Completion", "GenerationConfig", "Generator", "TextStream", "TokenLogprob"]
+__all__ = [
+    "AsyncTextStream",
+    "Completion",
+    "GenerationConfig",
+    "Generator",
+    "StreamRow",
+    "TextStream",
+    "TokenLogprob",
+    "token_logprobs",
+]
 
 FinishReason = Literal["stop", "length"]
 
@@ -116,7 +125,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
 
 
-class _Row:
+class StreamRow:
     """Incremental detokenization and stop matching for one sequence."""
 
     def __init__(
@@ -161,7 +170,7 @@ class _Row:
         return out
 
 
-def _completion(row: _Row) -> Completion:
+def _completion(row: StreamRow) -> Completion:
     return Completion(
         text=row.text,
         finish_reason=row.finish or "length",
@@ -187,7 +196,7 @@ def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: torch.Ten
 class TextStream(Iterator[str]):
     """Text pieces as they are generated; ``completion`` is set once the stream is exhausted."""
 
-    def __init__(self, pieces: Iterator[str], rows: list[_Row]) -> None:
+    def __init__(self, pieces: Iterator[str], rows: list[StreamRow]) -> None:
         self._pieces, self._rows = pieces, rows
 
     def __iter__(self) -> TextStream:
@@ -210,7 +219,7 @@ class TextStream(Iterator[str]):
 class AsyncTextStream(AsyncIterator[str]):
     """Async twin of :class:`TextStream`."""
 
-    def __init__(self, pieces: AsyncIterator[str], rows: list[_Row]) -> None:
+    def __init__(self, pieces: AsyncIterator[str], rows: list[StreamRow]) -> None:
         self._pieces, self._rows = pieces, rows
 
     def __aiter__(self) -> AsyncTextStream:
@@ -260,7 +269,7 @@ class Generator:
         return config.replace(**options) if config else GenerationConfig(**options)
 
     def _stream_rows(
-        self, prompts: Sequence[str], cfg: GenerationConfig, rows: list[_Row] | None = None
+        self, prompts: Sequence[str], cfg: GenerationConfig, rows: list[StreamRow] | None = None
     ) -> Iterator[tuple[int, str]]:
         """Yield (row index, new text) as tokens arrive; ``rows`` receives each row's state."""
         rows = [] if rows is None else rows
@@ -280,7 +289,7 @@ class Generator:
         # Stop at the context length rather than fail: finish_reason says "length".
         budget = min(cfg.max_tokens, context - longest)
         stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
-        rows.extend(_Row(self.tokenizer, cfg.stop, stop_ids, n) for n in prompt_lengths)
+        rows.extend(StreamRow(self.tokenizer, cfg.stop, stop_ids, n) for n in prompt_lengths)
         observe = None
         if cfg.logprobs is not None:
             for row in rows:
@@ -328,7 +337,7 @@ class Generator:
         if not batch:
             raise GenerationError("no prompts given; pass a string or a non-empty list of strings")
         cfg = self._config(config, options)
-        rows: list[_Row] = []
+        rows: list[StreamRow] = []
         for _ in self._stream_rows(batch, cfg, rows):
             pass
         return [_completion(row) for row in rows]
@@ -343,16 +352,16 @@ class Generator:
     def stream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> TextStream:
         """Text pieces as they are generated; ``.completion`` once exhausted."""
         cfg = self._config(config, options)
-        rows: list[_Row] = []
+        rows: list[StreamRow] = []
         return TextStream((piece for _, piece in self._stream_rows([prompt], cfg, rows)), rows)
 
     def astream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> AsyncTextStream:
         """Async twin of :meth:`stream`: compute runs in a worker thread, the event loop stays free."""
         cfg = self._config(config, options)
-        rows: list[_Row] = []
+        rows: list[StreamRow] = []
         return AsyncTextStream(self._apieces(prompt, cfg, rows), rows)
 
-    async def _apieces(self, prompt: str, cfg: GenerationConfig, rows: list[_Row]) -> AsyncIterator[str]:
+    async def _apieces(self, prompt: str, cfg: GenerationConfig, rows: list[StreamRow]) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         cancelled = threading.Event()

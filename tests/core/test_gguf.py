@@ -638,10 +638,8 @@ def test_smollm2_survives_a_forge_round_trip(smollm: Pretrained, tmp_path: Path)
 # -- SentencePiece ("llama") tokenizers --
 
 
-def test_sentencepiece_tokenizer_matches_transformers(
-    tokenizer: Tokenizer, small_config: Callable[..., ModelConfig], tmp_path: Path
-) -> None:
-    transformers = pytest.importorskip("transformers")
+def _sentencepiece_gguf(tokenizer: Tokenizer, small_config: Callable[..., ModelConfig], tmp_path: Path) -> Path:
+    """A llama GGUF with a SentencePiece-style tokenizer: bytes, pieces ranked by score, control and user tokens."""
     words = ["▁hello", "▁world", "▁test", "▁this", "▁is", "▁a", "ing", "▁the"]
     pieces = sorted({w[i:j] for w in words for i in range(len(w)) for j in range(i + 2, len(w) + 1)}, key=len)
     chars = sorted({c for w in words for c in w})
@@ -650,7 +648,7 @@ def test_sentencepiece_tokenizer_matches_transformers(
     scores = [0.0, 0.0, 0.0, *[0.0] * 256, *[-float(i) for i in range(len(chars) + len(pieces))], 0.0, 0.0]
     model = _model("llama", tokenizer, small_config, vocab_size=len(tokens))
     src = _write(tmp_path / "bpe.gguf", model, tokenizer, dtype="f32")
-    path = _rewrite(
+    return _rewrite(
         src,
         tmp_path / "spm.gguf",
         drop_keys=("tokenizer.",),
@@ -664,7 +662,13 @@ def test_sentencepiece_tokenizer_matches_transformers(
             "tokenizer.ggml.unknown_token_id": (0, V.UINT32, None),
         },
     )
-    pre = read_gguf(path)
+
+
+def test_sentencepiece_tokenizer_matches_transformers(
+    tokenizer: Tokenizer, small_config: Callable[..., ModelConfig], tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    pre = read_gguf(_sentencepiece_gguf(tokenizer, small_config, tmp_path))
     assert pre.special == SpecialTokens(bos="<s>", eos="</s>", unk="<unk>", stop=["</s>", "<|im_end|>"], add_bos=True)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
     for text in ["hello world", "this is a test", "the  thing ", "héllo ☃ world", "<s>", "a<tool>", "x <|im_end|>"]:
@@ -676,6 +680,17 @@ def test_sentencepiece_tokenizer_matches_transformers(
     # or starts with a space still gets SentencePiece's "▁" prefix.
     for text, tokens in [(" is", ["▁", "▁is"]), ("<s>is", ["<s>", "▁is"]), ("a<tool>is", ["▁a", "<tool>", "▁is"])]:
         assert pre.tokenizer.encode(text, add_special_tokens=False).tokens == tokens, text
+
+
+def test_sentencepiece_tokenizer_decodes_spaces_in_forge(
+    tokenizer: Tokenizer, small_config: Callable[..., ModelConfig], tmp_path: Path
+) -> None:
+    """Forge's own Tokenizer turns SentencePiece's "▁" back into spaces, as the GGUF tokenizer's decoder does."""
+    pre = read_gguf(_sentencepiece_gguf(tokenizer, small_config, tmp_path))
+    tok = Tokenizer(pre.tokenizer, eos=pre.special.eos, bos=pre.special.bos, add_bos=pre.special.add_bos)
+    ids = tok.encode("hi hi")
+    assert any("▁" in str(tok.token(i)) for i in ids)  # the space really is encoded as "▁"
+    assert tok.decode(ids) == "hi hi"
 
 
 # -- bad input --

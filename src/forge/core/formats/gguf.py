@@ -34,7 +34,7 @@ llama.cpp's "llama" graph rotates adjacent pairs (x0, x1) where HF and Forge rot
 (x0, x_{D/2}), so its converter permutes the rows of attn_q and attn_k within each head: reading
 undoes that, writing redoes it. "qwen2" rotates halves like Forge and is stored unpermuted.
 
-Tokens, special tokens and the chat template: see :mod:`forge.core.formats.gguf_tokenizer`.
+Tokenizers and special tokens (``tokenizer.ggml.*``) are read and written by :mod:`forge.core.formats.gguf_tokenizer`.
 """
 
 from __future__ import annotations

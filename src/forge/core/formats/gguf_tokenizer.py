@@ -1,6 +1,6 @@
 """GGUF tokenizers: ``tokenizer.ggml.*`` metadata to a ``tokenizers.Tokenizer`` and :class:`SpecialTokens`, and back.
 
-Tokenizers: ``tokenizer.ggml.model`` "gpt2" is byte-level BPE (tokens + merges, text split by the
+``tokenizer.ggml.model`` "gpt2" is byte-level BPE (tokens + merges, text split by the
 regex that ``tokenizer.ggml.pre`` names); "llama" is SentencePiece (tokens + scores), rebuilt as a
 byte-fallback BPE whose merges rank by score. Both split text as llama.cpp does, which differs from
 transformers' GGUF loader in two corners: "smollm" files cut digits apart first (as SmolLM's own
@@ -93,7 +93,11 @@ class _Metadata(Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...
 
 
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
 def read_tokenizer(meta: _Metadata, path: Path) -> tuple[HFTokenizer, SpecialTokens]:
+    """The tokenizer and special tokens of a GGUF file's ``tokenizer.ggml.*`` metadata; ``path`` names it in errors."""
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise CheckpointError(
@@ -238,6 +242,9 @@ def _read_special_tokens(meta: _Metadata, tokens: Sequence[str], kind: str) -> S
     )
 
 
+# -- writing ------------------------------------------------------------------------------------------------------
+
+
 def _pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str | None:
     """The ``tokenizer.ggml.pre`` name whose split equals this tokenizer's pre-tokenizer, if any."""
     for name, build in _PRE_TOKENIZERS.items():
@@ -280,6 +287,7 @@ def _token_list(tokenizer: HFTokenizer, data: dict[str, Any], n_vocab: int) -> t
 def write_tokenizer(
     writer: GGUFWriter, tokenizer: HFTokenizer, special: SpecialTokens, chat_template: str | None, n_vocab: int
 ) -> None:
+    """Add a byte-level BPE tokenizer, its special tokens and chat template to a GGUF file, padded to ``n_vocab``."""
     data = json.loads(tokenizer.to_str())
     model = data.get("model") or {}
     pre = _pre_tokenizer_name(data)

@@ -38,7 +38,6 @@ transpose of ``nn.Linear``. Weights are read into fp32 whatever their stored dty
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -50,11 +49,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 
 from forge.config import ModelConfig
 from forge.core.checkpoint import _fsync, _write_bytes
 from forge.core.formats import Pretrained, SpecialTokens
+from forge.core.formats.hf_tokenizer import (
+    json_bytes,
+    read_chat_template,
+    read_json,
+    read_special_tokens,
+    read_tokenizer,
+    tokenizer_files,
+)
 from forge.errors import CheckpointError, ConfigError
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "config_to_hf", "read_hf", "write_hf"]
@@ -72,8 +78,6 @@ _MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
     "GPT2LMHeadModel": "gpt2",
 }
-#: End-of-turn tokens of common chat formats: ChatML (Qwen2, SmolLM2), Llama 3, Phi-3.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")
 #: Buffers some checkpoints store although they hold nothing to load: causal masks, RoPE frequencies.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 #: Both are GELU's tanh approximation, which Forge's GELU computes.
@@ -82,7 +86,6 @@ _DTYPES = {"f32": (torch.float32, "float32"), "f16": (torch.float16, "float16"),
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _CONFIG = "config.json"
-_TOKENIZER = "tokenizer.json"
 
 
 # -- configs ------------------------------------------------------------------------------------------------------
@@ -464,7 +467,7 @@ def read_hf(path: str | os.PathLike[str]) -> Pretrained:
         )
     if not root.is_dir():
         raise CheckpointError(f"{str(root)!r} is a file; pass the Hugging Face model folder that holds it")
-    hf_config = _read_json(root / _CONFIG)
+    hf_config = read_json(root / _CONFIG)
     if hf_config is None:
         raise CheckpointError(
             f"{str(root)!r} has no {_CONFIG}, so it is not a Hugging Face model folder; pass the folder that has one"
@@ -472,16 +475,7 @@ def read_hf(path: str | os.PathLike[str]) -> Pretrained:
     arch = _architecture(hf_config)
     config = config_from_hf(hf_config)
     state_dict = _from_hf_tensors(config, arch, _load_weights(root), root)
-    if not (root / _TOKENIZER).is_file():
-        raise CheckpointError(
-            f"{str(root)!r} has no {_TOKENIZER}; Forge needs the fast-tokenizer file, which "
-            "`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)` in transformers writes"
-        )
-    try:
-        tokenizer = HFTokenizer.from_file(str(root / _TOKENIZER))
-        tokenizer_json = json.loads((root / _TOKENIZER).read_text(encoding="utf-8"))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise CheckpointError(f"{str(root / _TOKENIZER)!r} could not be read ({e}); download it again") from None
+    tokenizer, tokenizer_json = read_tokenizer(root)
     meta: dict[str, Any] = {
         "format": "hf",
         "architecture": arch,
@@ -496,25 +490,15 @@ def read_hf(path: str | os.PathLike[str]) -> Pretrained:
         config=config,
         state_dict=state_dict,
         tokenizer=tokenizer,
-        special=_special_tokens(root, hf_config, tokenizer, tokenizer_json),
-        chat_template=_chat_template(root),
+        special=read_special_tokens(root, hf_config, tokenizer, tokenizer_json),
+        chat_template=read_chat_template(root),
         meta=meta,
     )
 
 
-def _read_json(path: Path) -> Any:
-    """The parsed file, or None if it does not exist."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); download or write it again") from None
-
-
 def _load_weights(root: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors file(s), in fp32."""
-    index = _read_json(root / _INDEX)
+    index = read_json(root / _INDEX)
     if index is not None:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
@@ -558,96 +542,6 @@ def _sliding_window(hf: dict[str, Any], arch: str) -> int | None:
     return None
 
 
-def _token(value: Any) -> str | None:
-    """A special token from tokenizer_config.json: a string, or an AddedToken dict with "content"."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _ids(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    return [i for i in value if isinstance(i, int)] if isinstance(value, list) else []
-
-
-def _special_tokens(
-    root: Path, hf_config: dict[str, Any], tokenizer: HFTokenizer, tokenizer_json: dict[str, Any]
-) -> SpecialTokens:
-    tok_config = _read_json(root / "tokenizer_config.json") or {}
-    tok_map = _read_json(root / "special_tokens_map.json") or {}
-    generation = _read_json(root / "generation_config.json") or {}
-
-    def known(token: str | None) -> str | None:
-        return token if token is not None and tokenizer.token_to_id(token) is not None else None
-
-    def named(key: str) -> str | None:
-        # transformers lets special_tokens_map.json override tokenizer_config.json.
-        return known(_token(tok_map.get(key)) or _token(tok_config.get(key)))
-
-    def token(key: str) -> str | None:
-        if key in tok_map or key in tok_config:  # even when null, as Qwen2's "bos_token": null
-            return named(key)
-        # Some folders (GPT-2's) name special tokens only by id, in generation_config.json or config.json.
-        ids = _ids(generation.get(f"{key}_id", hf_config.get(f"{key}_id")))
-        return known(tokenizer.id_to_token(ids[0])) if ids else None
-
-    bos, eos = token("bos_token"), token("eos_token")
-    eos_ids = _ids(generation.get("eos_token_id", hf_config.get("eos_token_id")))
-    stop: list[str] = []
-    for token in (eos, *(tokenizer.id_to_token(i) for i in eos_ids), *_END_OF_TURN):
-        if known(token) and token not in stop:
-            stop.append(token)  # type: ignore[arg-type]
-    return SpecialTokens(
-        bos=bos,
-        eos=eos,
-        pad=named("pad_token"),
-        unk=named("unk_token"),
-        stop=stop,
-        add_bos=bos is not None and _adds_bos(tok_config, tokenizer_json.get("post_processor"), bos),
-    )
-
-
-def _adds_bos(tok_config: dict[str, Any], post_processor: dict[str, Any] | None, bos: str) -> bool:
-    """Whether transformers' tokenizer prepends bos: Forge encodes without special tokens and adds it itself."""
-    flag = tok_config.get("add_bos_token")
-    llama_class = str(tok_config.get("tokenizer_class", "")).startswith(("LlamaTokenizer", "CodeLlamaTokenizer"))
-    if flag is not None and llama_class:
-        return bool(flag)  # LlamaTokenizerFast rebuilds its post-processor from this flag
-    if _post_processor_bos(post_processor) == bos:
-        return True  # e.g. Llama 3, whose PreTrainedTokenizerFast ignores the flag
-    return bool(flag) if flag is not None else llama_class  # LlamaTokenizer defaults to True
-
-
-def _post_processor_bos(processor: dict[str, Any] | None) -> str | None:
-    """The special token a tokenizer.json post-processor puts first in a single sequence, if any."""
-    if not isinstance(processor, dict):
-        return None
-    kind = processor.get("type")
-    if kind == "Sequence":
-        firsts = [_post_processor_bos(p) for p in processor.get("processors", [])]
-        return next((t for t in firsts if t is not None), None)
-    if kind == "TemplateProcessing":
-        single = processor.get("single") or [{}]
-        return single[0].get("SpecialToken", {}).get("id")
-    if kind in ("BertProcessing", "RobertaProcessing"):
-        return processor.get("cls", [None])[0]
-    return None
-
-
-def _chat_template(root: Path) -> str | None:
-    """From chat_template.jinja, chat_template.json or tokenizer_config.json, in the order transformers prefers."""
-    if (root / "chat_template.jinja").is_file():
-        return (root / "chat_template.jinja").read_text(encoding="utf-8")
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        template = (_read_json(root / name) or {}).get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if isinstance(template, str):
-            return template
-    return None
-
-
 # -- writing ------------------------------------------------------------------------------------------------------
 
 
@@ -674,62 +568,10 @@ def write_hf(
     hf_config = config_to_hf(config)
     tensors = _to_hf_tensors(config, hf_config["architectures"][0], state_dict, torch_dtype)
 
-    def token_id(role: str, token: str | None) -> int | None:
-        if token is None:
-            return None
-        i = tokenizer.token_to_id(token)
-        if i is None:
-            raise ConfigError(f"write_hf(): special.{role} = {token!r} is not in the tokenizer's vocabulary")
-        return i
-
-    bos_id, eos_id, pad_id = (token_id(r, getattr(special, r)) for r in ("bos", "eos", "pad"))
-    token_id("unk", special.unk)
-    # Like forge.tokenizer.Tokenizer, skip stop tokens the vocabulary lacks.
-    stop_ids = list(dict.fromkeys(i for i in (eos_id, *map(tokenizer.token_to_id, special.stop)) if i is not None))
-    hf_config.update(torch_dtype=dtype_name, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
-    specials = {"bos_token": special.bos, "eos_token": special.eos, "pad_token": special.pad, "unk_token": special.unk}
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "add_bos_token": special.add_bos,
-        "add_eos_token": False,
-        "model_max_length": config.context_length,
-        "clean_up_tokenization_spaces": False,
-        **({"chat_template": chat_template} if chat_template is not None else {}),
-    }
-    generation = {
-        "bos_token_id": bos_id,
-        # Every stop token ends HF's generate() too, as it ends Forge's.
-        "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else (stop_ids or None),
-        "pad_token_id": pad_id,
-    }
-    files = {
-        _CONFIG: hf_config,
-        "tokenizer_config.json": tok_config,
-        "special_tokens_map.json": {k: v for k, v in specials.items() if v is not None},
-        "generation_config.json": generation,
-    }
-    data = {name: json.dumps(value, indent=2, ensure_ascii=False).encode() for name, value in files.items()}
-    data[_TOKENIZER] = _with_bos(tokenizer, special).to_str().encode()
+    token_ids, files = tokenizer_files(tokenizer, special, chat_template, config.context_length)
+    hf_config.update(torch_dtype=dtype_name, **token_ids)
+    data = {_CONFIG: json_bytes(hf_config), **files}
     _write_folder(Path(path), tensors, data)
-
-
-def _with_bos(tokenizer: HFTokenizer, special: SpecialTokens) -> HFTokenizer:
-    """The tokenizer, made to prepend bos when the model wants it.
-
-    PreTrainedTokenizerFast adds what tokenizer.json's post-processor adds, and
-    ignores the add_bos_token flag, so the post-processor must say it.
-    """
-    post = json.loads(tokenizer.to_str()).get("post_processor")
-    if not special.add_bos or special.bos is None or _post_processor_bos(post) == special.bos:
-        return tokenizer
-    bos, bos_id = special.bos, tokenizer.token_to_id(special.bos)
-    template = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
-    )
-    copy = HFTokenizer.from_str(tokenizer.to_str())
-    copy.post_processor = processors.Sequence([copy.post_processor, template]) if copy.post_processor else template
-    return copy
 
 
 def _recover(target: Path) -> None:

@@ -1,0 +1,232 @@
+"""The serving engine: continuous batching behind an async API.
+
+A worker thread owns a :class:`forge.core.batching.Batcher`. Async callers
+submit a prompt and get an :class:`AsyncTextStream` back; between two batched
+steps the thread admits waiting requests into free cache rows and drops the
+ones that finished or were cancelled, so no request waits for another to
+finish. Text (detokenization, stop strings, logprobs) is assembled on the
+caller's side by the same ``StreamRow`` the plain generator uses.
+
+>>> engine = Engine(model, tokenizer, max_batch=8, max_queue=64)   # doctest: +SKIP
+>>> stream = engine.stream("Once upon a time", GenerationConfig(max_tokens=20))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forge.core.batching import Batcher, Sequence, StepResult
+from forge.core.transformer import Transformer
+from forge.errors import ConfigError, GenerationError, QueueFullError
+from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, TokenLogprob
+from forge.tokenizer import Tokenizer
+
+__all__ = ["Engine"]
+
+
+@dataclass(eq=False)
+class _Job:
+    seq: Sequence
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[tuple[str, Any]]
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """Continuous batching of every request on ``model``; see the module docstring.
+
+    ``lock`` is held for each step (the plain generator and training take it
+    too), so weights never change under a step.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_len: int | None = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        context = model.config.context_length
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if max_len is not None and not 1 < max_len <= context:
+            raise ConfigError(f"context {max_len} must be between 2 and the model's context of {context}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len = max_len or context
+        self.max_queue = max_queue
+        self.lock = lock or threading.Lock()
+        self.batcher = Batcher(model, max_batch=max_batch, max_len=self.max_len, vocab_limit=tokenizer.vocab_size)
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[int, _Job] = {}  # id(seq) -> job, for the running ones
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.stats: dict[str, Any] = {
+            "steps": 0,
+            "tokens": 0,
+            "batch_size_max": 0,
+            "batch_size_hist": collections.Counter(),
+            "completed": 0,
+            "cancelled": 0,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="forge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Stop the worker; with ``drain``, running and waiting requests finish first."""
+        with self._cond:
+            self._stopping, self._drain = True, drain
+            if not drain:
+                for job in [*self._waiting, *self._jobs.values()]:
+                    job.cancelled = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for metrics: queue depth, running requests, batch sizes per step."""
+        with self._cond:
+            return {
+                "queue_depth": len(self._waiting),
+                "running": len(self.batcher.running),
+                "max_batch": self.batcher.max_batch,
+                **{k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()},
+            }
+
+    # -- requests -------------------------------------------------------------------------------
+    def stream(self, prompt: str, cfg: GenerationConfig) -> AsyncTextStream:
+        """Generate for ``prompt``; pieces as they come. Raises QueueFullError when the queue is full."""
+        ids = self.tokenizer.encode_prompt(prompt)
+        if len(ids) >= self.max_len:
+            raise GenerationError(
+                f"the prompt is {len(ids)} tokens but the context is {self.max_len}; "
+                f"shorten it to fewer than {self.max_len} tokens"
+            )
+        prompt_tokens = len(ids)
+        ids = ids or [next((i for i in (self.tokenizer.bos_id, self.tokenizer.eos_id) if i is not None), 0)]
+        budget = min(cfg.max_tokens, self.max_len - len(ids))
+        stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
+        generator = torch.Generator(self.batcher.device)
+        generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        seq = Sequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs)
+        row = StreamRow(self.tokenizer, cfg.stop, stop_ids, prompt_tokens)
+        if cfg.logprobs is not None:
+            row.logprobs = []
+        job = _Job(seq, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            if self._stopping:
+                raise QueueFullError("the server is shutting down; retry on another instance", retry_after=5.0)
+            if self._error is not None:
+                raise GenerationError(f"the engine stopped after an internal error: {self._error!r}")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the queue is full ({self.max_queue} requests waiting, {self.batcher.max_batch} running); "
+                    "retry shortly",
+                    retry_after=1.0,
+                )
+            self._waiting.append(job)
+            self._cond.notify_all()
+        rows = [row]
+        return AsyncTextStream(self._pieces(job, row, cfg), rows)
+
+    async def _pieces(self, job: _Job, row: StreamRow, cfg: GenerationConfig) -> AsyncIterator[str]:
+        try:
+            while row.finish is None:
+                kind, value = await job.queue.get()
+                if kind == "error":
+                    raise value
+                r: StepResult = value
+                if cfg.logprobs is not None and r.logprob is not None:
+                    decode = self.tokenizer.decode
+                    top = tuple((decode([t]), lp) for t, lp in r.top)
+                    row.pending = TokenLogprob(decode([r.token]), r.token, r.logprob, top)
+                if piece := row.push(r.token):
+                    yield piece
+                if r.finished and row.finish is None and (piece := row.end("length")):
+                    yield piece
+                if r.finished and row.finish is None:
+                    row.finish = "length"
+        finally:
+            if row.finish is None or not job.seq.done:  # left early, a stop string, or cancelled: free the slot
+                with self._cond:
+                    job.cancelled = True
+                    self._cond.notify_all()
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self.batcher.running:
+                        self._cond.wait()
+                    if self._stopping and (not self._drain or (not self._waiting and not self.batcher.running)):
+                        self._fail_all(QueueFullError("the server is shutting down", retry_after=5.0))
+                        return
+                    admit = []
+                    while self._waiting and len(admit) < self.batcher.free:
+                        job = self._waiting.popleft()
+                        if job.cancelled:
+                            self.stats["cancelled"] += 1
+                        else:
+                            admit.append(job)
+                            self._jobs[id(job.seq)] = job
+                    dropped = [j for j in self._jobs.values() if j.cancelled and j not in admit]
+                with self.lock:
+                    for job in dropped:
+                        self._finish(job, cancelled=True)
+                    for job in admit:
+                        self._deliver(job, self.batcher.add(job.seq))
+                    results = self.batcher.step()
+                    for r in results:
+                        self._deliver(self._jobs[id(r.seq)], r)
+                if results:
+                    with self._cond:
+                        n = len(results)
+                        self.stats["steps"] += 1
+                        self.stats["batch_size_hist"][n] += 1
+                        self.stats["batch_size_max"] = max(self.stats["batch_size_max"], n)
+        except BaseException as e:  # a bug: fail every request rather than hang them
+            self._error = e
+            self._fail_all(e)
+            raise
+
+    def _deliver(self, job: _Job, r: StepResult) -> None:
+        self.stats["tokens"] += 1
+        if r.finished:  # before the caller can see the last token, so its slot is already free
+            self._finish(job, cancelled=False)
+        job.loop.call_soon_threadsafe(job.queue.put_nowait, ("token", r))
+
+    def _finish(self, job: _Job, *, cancelled: bool) -> None:
+        with self._cond:
+            self.batcher.remove(job.seq)
+            self._jobs.pop(id(job.seq), None)
+            self.stats["cancelled" if cancelled else "completed"] += 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        for job in [*self._waiting, *self._jobs.values()]:
+            job.loop.call_soon_threadsafe(job.queue.put_nowait, ("error", error))
+            self.batcher.remove(job.seq)
+        self._waiting.clear()
+        self._jobs.clear()

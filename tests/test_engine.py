@@ -1,0 +1,197 @@
+"""The serving engine: continuous batching through the app, with the same text the plain generator gives.
+
+Uses a random tiny model with a char tokenizer (varied text, ~1 ms a token)
+and the bigram checkpoint of conftest for known outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from forge.app import Forge
+from forge.errors import ConfigError, GenerationError, QueueFullError
+from forge.generator import GenerationConfig
+from forge.models import create_model, padded_vocab, save
+from forge.tokenizer import Tokenizer
+
+T = TypeVar("T")
+PROMPTS = ["to be", "or not", "that is the question", "a", "whether 'tis nobler in the mind", "q"]
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory: pytest.TempPathFactory, char_tokenizer: Tokenizer) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("engine") / "ckpt"
+    save(path, create_model("tiny", vocab_size=padded_vocab(char_tokenizer.vocab_size)), char_tokenizer)
+    return path
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(main())
+
+
+async def serving(path: Path, **options: Any) -> Forge:
+    app = Forge.load(path, defaults=GenerationConfig(temperature=0, max_tokens=24))
+    return await app.start_batching(**options)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def test_concurrent_requests_decode_together_and_match_the_plain_generator(random_dir: Path) -> None:
+    plain = Forge.load(random_dir, defaults=GenerationConfig(temperature=0, max_tokens=24))
+    expected = [plain.sync.generate(p) for p in PROMPTS]
+
+    async def main() -> tuple[list[str], dict[str, Any]]:
+        app = await serving(random_dir, max_batch=4)
+        texts = await asyncio.gather(*(app.generate(p) for p in PROMPTS))
+        stats = app.batching_stats()
+        await app.stop_batching()
+        return list(texts), stats or {}
+
+    texts, stats = run(main)
+    assert texts == expected
+    assert stats["batch_size_max"] == 4  # six requests, four rows: they really shared steps
+    assert stats["completed"] == len(PROMPTS) and stats["running"] == 0 and stats["queue_depth"] == 0
+
+
+def test_seeded_sampling_is_reproducible_under_batching(random_dir: Path) -> None:
+    async def main() -> list[str]:
+        app = await serving(random_dir, max_batch=3)
+        options = dict(temperature=1.0, top_p=0.9, max_tokens=20)
+        texts = await asyncio.gather(*(app.generate("to be", seed=s, **options) for s in (1, 2, 1, 3)))
+        await app.stop_batching()
+        return list(texts)
+
+    a, b, c, d = run(main)
+    assert a == c and len({a, b, d}) > 1
+    plain = Forge.load(random_dir)
+    assert plain.sync.generate("to be", seed=1, temperature=1.0, top_p=0.9, max_tokens=20) == a
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(random_dir: Path) -> None:
+    async def main() -> list[str]:
+        app = await serving(random_dir, max_batch=2)
+        order: list[str] = []
+
+        async def one(name: str, tokens: int) -> None:
+            await app.generate("to be", max_tokens=tokens, stop_at_eos=False)
+            order.append(name)
+
+        await asyncio.gather(one("long", 200), one("short", 5))
+        await app.stop_batching()
+        return order
+
+    assert run(main) == ["short", "long"]
+
+
+def test_streams_stop_strings_and_logprobs_work_under_batching(bigram_dir: Path) -> None:
+    async def main() -> tuple[list[str], str, Any]:
+        app = await serving(bigram_dir)
+        pieces = [p async for p in app.stream("a", max_tokens=6)]
+        stopped = await app.generate("a", max_tokens=6, stop=["de"])
+        ctx = app.request("a", max_tokens=3, logprobs=2)
+        await app.handle(ctx)
+        await app.stop_batching()
+        return pieces, stopped, ctx.completion
+
+    pieces, stopped, completion = run(main)
+    assert pieces == ["b", "c", "d", "e", "f", "g"]
+    assert stopped == "bc"
+    assert completion.text == "bcd" and completion.finish_reason == "length"
+    assert [lp.token for lp in completion.logprobs] == ["b", "c", "d"]
+    assert all(lp.logprob <= 0 and lp.top[0][0] == lp.token for lp in completion.logprobs)
+
+
+def test_a_full_queue_is_refused_with_retry_after(random_dir: Path) -> None:
+    async def main() -> QueueFullError:
+        app = await serving(random_dir, max_batch=1, max_queue=1)
+        running = [asyncio.create_task(app.generate("to be", max_tokens=300, stop_at_eos=False))]
+        await until(lambda: (app.batching_stats() or {}).get("running") == 1)
+        running.append(asyncio.create_task(app.generate("to be", max_tokens=300, stop_at_eos=False)))
+        await until(lambda: (app.batching_stats() or {}).get("queue_depth") == 1)  # one runs, one waits
+        try:
+            with pytest.raises(QueueFullError) as refused:
+                await app.generate("one too many")
+        finally:
+            await asyncio.gather(*running)
+            await app.stop_batching()
+        return refused.value
+
+    error = run(main)
+    assert error.http_status == 429 and error.retry_after > 0 and "queue is full" in error.message
+
+
+def test_leaving_a_stream_early_frees_its_slot(random_dir: Path) -> None:
+    async def main() -> dict[str, Any]:
+        app = await serving(random_dir, max_batch=1)
+        stream = app.stream("to be", max_tokens=500, stop_at_eos=False)
+        got = [await stream.__anext__() for _ in range(3)]
+        await stream.aclose()
+        assert len(got) == 3
+        # The only row is free again: the next request runs at once.
+        text = await asyncio.wait_for(app.generate("or", max_tokens=5), timeout=30)
+        assert isinstance(text, str)
+        stats = app.batching_stats() or {}
+        await app.stop_batching()
+        return stats
+
+    stats = run(main)
+    assert stats["cancelled"] == 1 and stats["completed"] == 1
+
+
+def test_cancelling_a_request_task_frees_its_slot(random_dir: Path) -> None:
+    async def main() -> dict[str, Any]:
+        app = await serving(random_dir, max_batch=1)
+        task = asyncio.create_task(app.generate("to be", max_tokens=500, stop_at_eos=False))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(app.generate("or", max_tokens=5), timeout=30)
+        stats = app.batching_stats() or {}
+        await app.stop_batching()
+        return stats
+
+    stats = run(main)
+    assert stats["cancelled"] == 1 and stats["completed"] == 1
+
+
+def test_stopping_with_drain_lets_running_requests_finish(random_dir: Path) -> None:
+    async def main() -> tuple[str, int]:
+        app = await serving(random_dir, max_batch=2)
+        task = asyncio.create_task(app.generate("to be", max_tokens=40, stop_at_eos=False))
+        await asyncio.sleep(0.02)
+        await app.stop_batching(drain=True)
+        text = await task
+        return text, len(app.tokenizer.encode(text)) if app.tokenizer else 0  # type: ignore[union-attr]
+
+    _, n = run(main)
+    assert n >= 30  # all 40 tokens came (a char tokenizer: about one token per character)
+
+
+def test_engine_errors_are_clear(random_dir: Path, bigram_dir: Path) -> None:
+    async def main() -> None:
+        app = await serving(bigram_dir, context=16)
+        with pytest.raises(GenerationError, match="20 tokens but the context is 16"):
+            await app.generate("a" * 20)
+        with pytest.raises(ConfigError, match="already on"):
+            await app.start_batching()
+        await app.stop_batching()
+        with pytest.raises(ConfigError, match="max_batch=0"):
+            await Forge.load(random_dir).start_batching(max_batch=0)
+        with pytest.raises(ConfigError, match="context 10000"):
+            await Forge.load(random_dir).start_batching(context=10000)
+
+    run(main)
