@@ -16,6 +16,7 @@ from forge.errors import (
     ForgeError,
     GenerationError,
     PresetNotFoundError,
+    QueueFullError,
 )
 from forge.events import (
     CheckpointEvent,
@@ -42,7 +43,7 @@ from forge.middleware import (
     rate_limit,
     timer,
 )
-from forge.models import LoadedModel, create_model, load, save
+from forge.models import LoadedModel, create_model, export, load, save
 from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig, Trainer, TrainResult, train
 
@@ -71,6 +72,7 @@ __all__ = [
     "LoadedModel",
     "ModelConfig",
     "PresetNotFoundError",
+    "QueueFullError",
     "RateLimitError",
     "RequestEvent",
     "ResponseEvent",
@@ -87,6 +89,7 @@ __all__ = [
     "content_filter",
     "create_model",
     "error_handler",
+    "export",
     "get_preset",
     "load",
     "logger",
