@@ -91,14 +91,14 @@ def test_crash_midway_keeps_the_previous_checkpoint(
     _save(path, model, meta={"n": 1})
     original = load_checkpoint(path).state_dict
 
-    real_write = ckpt_module._write_bytes
+    real_write = ckpt_module.write_durably
 
     def crash_on_manifest(target: Path, data: bytes) -> None:
         if target.name == "forge.json":
             raise OSError("disk full")
         real_write(target, data)
 
-    monkeypatch.setattr(ckpt_module, "_write_bytes", crash_on_manifest)
+    monkeypatch.setattr(ckpt_module, "write_durably", crash_on_manifest)
     with torch.no_grad():
         model.tok_emb.weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):

@@ -18,11 +18,13 @@ never a half-written directory that loads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,16 @@ from safetensors.torch import load_file, save_model
 
 from forge.errors import CheckpointError
 
-__all__ = ["Checkpoint", "load_checkpoint", "read_manifest", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "atomic_directory",
+    "fsync_file",
+    "load_checkpoint",
+    "read_manifest",
+    "recover_swap",
+    "save_checkpoint",
+    "write_durably",
+]
 
 FORMAT = "forge-checkpoint"
 VERSION = 1
@@ -63,7 +74,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -71,65 +83,50 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk before returning."""
     with path.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _recover(path: Path) -> None:
-    """Finish an interrupted swap.
+def recover_swap(path: Path, marker: str = MANIFEST) -> None:
+    """Finish a directory swap a crash interrupted (see :func:`atomic_directory`).
 
-    If the new checkpoint never arrived, put the moved-aside one back; if it
-    did, delete what the crash left aside.
+    If the new directory never arrived, put the moved-aside one back (if it is
+    complete: it has ``marker``); if it did, delete what the crash left aside.
     """
     aside = sorted(path.parent.glob(f".{path.name}.old-*"))
     if path.exists():
-        if (path / MANIFEST).exists():
+        if (path / marker).exists():
             for old in aside:
                 shutil.rmtree(old, ignore_errors=True)
         return
     for old in aside:
-        if (old / MANIFEST).exists():
+        if (old / marker).exists():
             os.replace(old, path)
             return
 
 
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    model: torch.nn.Module,
-    config: dict[str, Any],
-    files: dict[str, bytes] | None = None,
-    training_state: dict[str, Any] | None = None,
-    meta: dict[str, Any] | None = None,
-) -> Path:
-    """Write a checkpoint directory at ``path`` atomically; returns the path."""
-    target = Path(path)
+@contextlib.contextmanager
+def atomic_directory(target: Path, *, marker: str = MANIFEST) -> Iterator[Path]:
+    """Yield a hidden sibling directory to fill; on success it replaces ``target`` in two renames.
+
+    The old directory is moved aside, the new one renamed into place, and the
+    old one deleted; the parent is fsynced. A crash leaves the old directory or
+    the new one, and :func:`recover_swap` (run here first, and by readers)
+    finishes a swap interrupted between the renames. ``marker`` is the file
+    that makes a directory complete (written last by the caller).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: it is a file; choose a directory path")
-    _recover(target)
+    recover_swap(target, marker)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        # safetensors' save_model stores tied weights once and records which to restore.
-        save_model(model, str(tmp / WEIGHTS))
-        _fsync(tmp / WEIGHTS)
-        _write_bytes(tmp / CONFIG, json.dumps(config, indent=2).encode())
-        for name, data in (files or {}).items():
-            _write_bytes(tmp / name, data)
-        if training_state is not None:
-            with (tmp / STATE).open("wb") as f:
-                torch.save(training_state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "version": VERSION, "files": hashes, "meta": meta or {}}
-        _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        yield tmp
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -145,13 +142,43 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    files: dict[str, bytes] | None = None,
+    training_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically; returns the path."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {str(target)!r}: it is a file; choose a directory path")
+    with atomic_directory(target, marker=MANIFEST) as tmp:
+        # safetensors' save_model stores tied weights once and records which to restore.
+        save_model(model, str(tmp / WEIGHTS))
+        fsync_file(tmp / WEIGHTS)
+        write_durably(tmp / CONFIG, json.dumps(config, indent=2).encode())
+        for name, data in (files or {}).items():
+            write_durably(tmp / name, data)
+        if training_state is not None:
+            with (tmp / STATE).open("wb") as f:
+                torch.save(training_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "version": VERSION, "files": hashes, "meta": meta or {}}
+        write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())  # last: it marks the checkpoint complete
     return target
 
 
 def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
     """The manifest of the checkpoint at ``path``, after checking every file's hash."""
     root = Path(path)
-    _recover(root)
+    recover_swap(root)
     if not root.exists():
         raise CheckpointError(f"checkpoint {str(root)!r} does not exist; pass the directory `forge train --out` wrote")
     if not root.is_dir():

@@ -52,7 +52,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
 from forge.core.attention import rope_tables
-from forge.core.checkpoint import _fsync
+from forge.core.checkpoint import fsync_file
 from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.gguf_tokenizer import read_tokenizer, write_tokenizer
 from forge.core.transformer import Transformer
@@ -529,7 +529,7 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, out)
     except BaseException:
         writer.close()

@@ -39,8 +39,6 @@ transpose of ``nn.Linear``. Weights are read into fp32 whatever their stored dty
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
-from forge.core.checkpoint import _fsync, _write_bytes
+from forge.core.checkpoint import atomic_directory, fsync_file, recover_swap, write_durably
 from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.hf_tokenizer import (
     json_bytes,
@@ -459,7 +457,7 @@ def read_hf(path: str | os.PathLike[str]) -> Pretrained:
     >>> Transformer(pretrained.config).load_state_dict(pretrained.state_dict)  # doctest: +SKIP
     """
     root = Path(path)
-    _recover(root)
+    recover_swap(root, _CONFIG)
     if not root.exists():
         raise CheckpointError(
             f"Hugging Face model folder {str(root)!r} does not exist; "
@@ -574,51 +572,18 @@ def write_hf(
     _write_folder(Path(path), tensors, data)
 
 
-def _recover(target: Path) -> None:
-    """Finish a swap a crash interrupted: restore the moved-aside folder, or delete it if the new one arrived."""
-    aside = sorted(target.parent.glob(f".{target.name}.old-*"))
-    if target.exists():
-        for old in aside:
-            shutil.rmtree(old, ignore_errors=True)
-        return
-    for old in aside:
-        if (old / _CONFIG).is_file():
-            os.replace(old, target)
-            return
-
-
 def _write_folder(target: Path, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
     """Write into a hidden sibling, then rename it into place; a crash never leaves a half-written folder."""
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"cannot write a Hugging Face folder to {str(target)!r}: it is a file; choose a new path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
+    recover_swap(target, _CONFIG)
     if target.is_dir() and any(target.iterdir()) and not (target / _CONFIG).is_file():
         raise CheckpointError(
             f"refusing to replace {str(target)!r}: it is a non-empty folder but not a Hugging Face model folder "
             f"(no {_CONFIG}); choose a new path or empty it"
         )
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(target, marker=_CONFIG) as tmp:
         save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
-        _fsync(tmp / _WEIGHTS)
+        fsync_file(tmp / _WEIGHTS)
         for name, data in files.items():
-            _write_bytes(tmp / name, data)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_durably(tmp / name, data)
