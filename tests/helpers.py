@@ -64,3 +64,19 @@ async def tagged(chunks: AsyncIterator[str], tag: str) -> AsyncIterator[str]:
 
 class Boom(Exception):
     pass
+
+
+def breaks_at(bad: str) -> Middleware:
+    """A middleware whose stream raises ``Boom`` when the piece ``bad`` comes (after the ones before it)."""
+
+    async def fail(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for piece in chunks:
+            if piece == bad:
+                raise Boom(f"no {bad}")
+            yield piece
+
+    async def breaks(ctx: Context, next: Next) -> None:
+        await next()
+        ctx.chunks = fail(ctx.chunks)  # type: ignore[arg-type]
+
+    return breaks

@@ -7,7 +7,6 @@ output is known in advance (from "a": "bcde", one character per piece).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from forge.errors import ConfigError, ForgeError, GenerationError
 from forge.events import ResponseEvent, TokenEvent
 from forge.middleware import (
     Context,
-    Next,
     RateLimitError,
     cache,
     content_filter,
@@ -27,7 +25,7 @@ from forge.middleware import (
     rate_limit,
     timer,
 )
-from helpers import GREEDY, TOO_LONG, Boom, capture, generate, reaches_model, record, stream
+from helpers import GREEDY, TOO_LONG, Boom, breaks_at, capture, generate, reaches_model, record, stream
 
 
 @pytest.fixture
@@ -82,18 +80,7 @@ def test_logger_writes_a_line_for_a_failed_request(app: Forge) -> None:
 def test_logger_writes_a_line_for_a_stream_that_breaks_midway(app: Forge) -> None:
     lines: list[str] = []
 
-    async def breaks(ctx: Context, next: Next) -> None:
-        await next()
-
-        async def fail_at_d(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-            async for piece in chunks:
-                if piece == "d":
-                    raise Boom("no d")
-                yield piece
-
-        ctx.chunks = fail_at_d(ctx.chunks)  # type: ignore[arg-type]
-
-    app.use(logger(lines.append)).use(breaks)
+    app.use(logger(lines.append)).use(breaks_at("d"))
     with pytest.raises(Boom):
         stream(app, "a")
     [line] = lines

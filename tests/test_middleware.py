@@ -29,7 +29,7 @@ from forge.middleware import (
     prompt_template,
     timer,
 )
-from helpers import GREEDY, TOO_LONG, Boom, generate, reaches_model, record, stream, tagged
+from helpers import GREEDY, TOO_LONG, Boom, breaks_at, generate, reaches_model, record, stream, tagged
 
 
 @pytest.fixture
@@ -323,15 +323,7 @@ def test_error_handler_recovers_a_stream(app: Forge) -> None:
 
 
 def test_error_handler_finishes_a_stream_that_broke_midway(app: Forge) -> None:
-    async def fail_at_d(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        async for piece in chunks:
-            if piece == "d":
-                raise Boom("no d")
-            yield piece
-
-    async def breaks(ctx: Context, next: Next) -> None:
-        await next()
-        ctx.chunks = fail_at_d(ctx.chunks)  # type: ignore[arg-type]
+    breaks = breaks_at("d")
 
     async def apologise(ctx: Context, error: Exception) -> None:
         ctx.set_text("[cut]")
@@ -405,15 +397,7 @@ def test_on_error_recovers_a_stream_that_fails_in_a_middleware(app: Forge) -> No
 def test_on_error_recovers_a_stream_that_breaks_while_it_is_consumed(app: Forge) -> None:
     """The model's stream starts lazily, so its errors come after the stack has returned."""
 
-    async def fail_at_d(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        async for piece in chunks:
-            if piece == "d":
-                raise Boom("no d")
-            yield piece
-
-    async def breaks(ctx: Context, next: Next) -> None:
-        await next()
-        ctx.chunks = fail_at_d(ctx.chunks)  # type: ignore[arg-type]
+    breaks = breaks_at("d")
 
     handled: list[Exception] = []
 
