@@ -48,3 +48,15 @@ def test_middleware(corpus: Path) -> None:
     assert "(cached)" in out  # the logger saw the cache hit
     assert "[busy: rate limit exceeded" in out
     assert "stream: " in out
+
+
+def test_server(corpus: Path) -> None:
+    out = run_example("server.py", corpus, steps=20)
+    assert "models: ['tiny']" in out
+    assert out.count("audit: req-") == 2  # the app's middleware saw each request, with the server's id
+    assert "from 'alice'" in out
+    assert "chat: '" in out and "stream: " in out
+    assert out.count(" -> ") == 2  # the logger middleware, once per request, with the same id
+    first_id = out.split("audit: ", 1)[1].split()[0]
+    assert f"{first_id} generate " in out
+    assert out.rstrip().endswith("server stopped")

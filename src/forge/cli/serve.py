@@ -1,0 +1,82 @@
+"""``forge serve``: an OpenAI-compatible HTTP server for a model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from forge.app import Forge
+from forge.cli.commands import POSITIVE_INT, cli
+from forge.core.device import DEVICES
+from forge.server import serve
+from forge.server.config import DEFAULT_MAX_BODY_SIZE
+
+__all__ = ["serve_cmd"]
+
+
+@cli.command("serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--api-key",
+    envvar="FORGE_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on every route but /health [env: FORGE_API_KEY].",
+)
+@click.option("--max-batch", type=POSITIVE_INT, default=8, show_default=True, help="Requests decoded together.")
+@click.option("--max-queue", type=POSITIVE_INT, default=64, show_default=True, help="Requests waiting; beyond: 429.")
+@click.option("--context", type=click.IntRange(min=2), default=None, help="Cap on prompt + completion tokens.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Weights for inference; auto is bfloat16 where the hardware runs it natively.",
+)
+@click.option("--cors-origin", "cors_origins", multiple=True, help="An origin browsers may call from (repeatable).")
+@click.option("--max-body-size", type=POSITIVE_INT, default=DEFAULT_MAX_BODY_SIZE, show_default=True, help="Bytes.")
+@click.option("--model-name", default=None, help="The model id clients see [default: MODEL's name].")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+def serve_cmd(
+    model: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch: int,
+    max_queue: int,
+    context: int | None,
+    device: str,
+    dtype: str,
+    cors_origins: tuple[str, ...],
+    max_body_size: int,
+    model_name: str | None,
+    log_level: str,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (chat, completions, embeddings, models).
+
+    MODEL is a Forge checkpoint, a GGUF file, a Hugging Face folder or a known name such as smollm2.
+    Ctrl-C shuts down gracefully: requests in flight finish first.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    asyncio.run(
+        serve(
+            app,
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            context=context,
+            cors_origins=cors_origins,
+            max_body_size=max_body_size,
+            model_name=model_name,
+            log_level=log_level,
+        )
+    )

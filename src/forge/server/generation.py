@@ -1,0 +1,337 @@
+"""Chat and text completions: requests become app contexts, contexts become OpenAI responses.
+
+Every choice is its own ``app.request(...)`` context, handled through the app's
+middleware stack (``app.handle`` / ``app.handle_stream``), all choices at once so
+the batching engine decodes them together. Prompts are measured with the
+tokenizer before anything runs: a prompt that does not fit, or a ``max_tokens``
+that does not fit after it, is a 400 with both counts, never a silent truncation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from forge.errors import ForgeError
+from forge.middleware import Context
+from forge.server import responses as shapes
+from forge.server.errors import ApiError, error_payload, forge_error_param
+from forge.server.schemas import ChatRequest, CompletionRequest
+from forge.server.state import Served
+from forge.server.streaming import DONE, ClientGone, EventStream, Fanin, Piece, gather_or_cancel, sse, until_disconnect
+
+__all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "Job", "chat_job", "completion_job", "count_tokens", "run"]
+
+#: Below these, sampling would divide logits into infinities, or a float32 top_p would round to 0
+#: and drop every token: both mean "only the most likely token", which is greedy decoding.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
+#: Longer texts are tokenized in a worker thread, so the event loop keeps streaming meanwhile.
+THREAD_CHARS = 8192
+#: GenerationConfig names -> the request's, for errors the app raises.
+CHAT_FIELDS: Mapping[str, str] = {"logprobs": "top_logprobs"}
+COMPLETION_FIELDS: Mapping[str, str] = {}
+
+
+@dataclass
+class Job:
+    """One HTTP request's generations: a context per choice, in choice order."""
+
+    kind: shapes.Kind
+    route: str
+    contexts: list[Context]
+    group: list[int]  # the prompt each choice answers (usage counts a prompt once)
+    prompt_tokens: list[int]  # per prompt, measured before generating
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    fields: Mapping[str, str]
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _options(req: ChatRequest | CompletionRequest) -> dict[str, Any]:
+    """The GenerationConfig options a request sets; the app's defaults fill the rest."""
+    options: dict[str, Any] = {}
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        if (value := getattr(req, name)) is not None:
+            options[name] = value
+    if options.get("temperature") is not None and options["temperature"] < MIN_TEMPERATURE:
+        options["temperature"] = 0.0
+    if options.get("top_p") is not None and options["top_p"] < MIN_TOP_P:  # OpenAI allows top_p=0
+        options.pop("top_p")
+        options["temperature"] = 0.0
+    if req.stop is not None:
+        options["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    return options
+
+
+def _contexts(
+    served: Served, prompts: Sequence[dict[str, Any]], req: ChatRequest | CompletionRequest, options: dict[str, Any]
+) -> tuple[list[Context], list[int]]:
+    """``req.n`` contexts per prompt; choice i samples with ``seed + i``."""
+    contexts, group = [], []
+    for p, prompt in enumerate(prompts):
+        for k in range(req.n):
+            index = p * req.n + k
+            seed = {"seed": req.seed + index} if req.seed is not None else {}
+            ctx = served.app.request(**prompt, stream=bool(req.stream), **options, **seed)
+            contexts.append(ctx)
+            group.append(p)
+    return contexts, group
+
+
+def _request_error(error: ForgeError, fields: Mapping[str, str], default: str | None) -> ApiError:
+    return ApiError(
+        error.message,
+        status=error.http_status,
+        param=forge_error_param(error, fields) or default,
+        error_type=error.error_type,
+    )
+
+
+async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) -> Job:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError("top_logprobs needs 'logprobs': true", param="top_logprobs")
+    options = _options(req)
+    max_tokens, max_param = req.max_tokens, "max_tokens"
+    if req.max_completion_tokens is not None:
+        max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+    if req.logprobs:
+        options["logprobs"] = req.top_logprobs or 0
+    # OpenAI's "developer" role is the system prompt of newer models.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        contexts, group = _contexts(served, [{"messages": messages}], req, options)
+    except ForgeError as e:
+        raise _request_error(e, CHAT_FIELDS, "messages") from None
+    job = Job(
+        kind="chat",
+        route="/v1/chat/completions",
+        contexts=contexts,
+        group=group,
+        prompt_tokens=[],
+        stream=bool(req.stream),
+        include_usage=req.include_usage,
+        logprobs=bool(req.logprobs),
+        fields=CHAT_FIELDS,
+    )
+    await _fit(served, job, max_tokens, max_param, "messages", meta)
+    return job
+
+
+async def completion_job(served: Served, req: CompletionRequest, meta: Mapping[str, Any]) -> Job:
+    options = _options(req)
+    if req.logprobs is not None:
+        options["logprobs"] = req.logprobs
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    try:
+        contexts, group = _contexts(served, [{"prompt": p} for p in prompts], req, options)
+    except ForgeError as e:
+        raise _request_error(e, COMPLETION_FIELDS, "prompt") from None
+    job = Job(
+        kind="completion",
+        route="/v1/completions",
+        contexts=contexts,
+        group=group,
+        prompt_tokens=[],
+        stream=bool(req.stream),
+        include_usage=req.include_usage,
+        logprobs=req.logprobs is not None,
+        fields=COMPLETION_FIELDS,
+    )
+    await _fit(served, job, req.max_tokens, "max_tokens", "prompt", meta)
+    return job
+
+
+async def count_tokens(served: Served, text: str, *, prompt: bool = True) -> int:
+    """Tokens of ``text`` (as a prompt: with BOS when the model wants one)."""
+    tokenizer = served.app.tokenizer
+    assert tokenizer is not None
+    encode = tokenizer.encode_prompt if prompt else tokenizer.encode
+    return len(encode(text) if len(text) < THREAD_CHARS else await asyncio.to_thread(encode, text))
+
+
+async def _fit(
+    served: Served, job: Job, max_tokens: int | None, max_param: str, prompt_param: str, meta: Mapping[str, Any]
+) -> None:
+    """Measure each prompt and set every choice's ``max_tokens``; 400 with the counts if it cannot fit."""
+    limit = served.context
+    if len(job.contexts) > served.config.capacity:
+        raise ApiError(
+            f"this request asks for {len(job.contexts)} completions but the server runs or queues at most "
+            f"{served.config.capacity} at once; lower n (or the number of prompts)",
+            param="n",
+        )
+    measured: dict[int, int] = {}
+    for ctx, p in zip(job.contexts, job.group, strict=True):
+        if p not in measured:
+            # An empty prompt still takes one position: the generator starts it from BOS/EOS.
+            measured[p] = n = max(1, await count_tokens(served, ctx.prompt))
+            where = f"{prompt_param}[{p}]" if prompt_param == "prompt" and len(set(job.group)) > 1 else prompt_param
+            if n >= limit:
+                raise ApiError(
+                    f"the prompt is {n} tokens but this model's maximum context length is {limit} tokens "
+                    f"(prompt and completion together); shorten the prompt to at most {limit - 1} tokens",
+                    param=where,
+                    code="context_length_exceeded",
+                )
+            if max_tokens is not None and n + max_tokens > limit:
+                raise ApiError(
+                    f"this model's maximum context length is {limit} tokens, but {n + max_tokens} were requested "
+                    f"({n} in the prompt + {max_tokens} in {max_param}); reduce the prompt or {max_param} "
+                    f"(at most {limit - n} here)",
+                    param=max_param,
+                    code="context_length_exceeded",
+                )
+        room = limit - measured[p]
+        budget = max_tokens if max_tokens is not None else min(room, served.config.default_max_tokens or room)
+        ctx.params = ctx.params.replace(max_tokens=budget)
+        ctx.meta.update(meta)
+    request_id = meta.get("request_id")
+    if request_id:  # the app's events and logger lines carry the server's id (one per choice when n > 1)
+        for i, ctx in enumerate(job.contexts):
+            ctx.id = request_id if len(job.contexts) == 1 else f"{request_id}-{i}"
+    job.prompt_tokens = [measured[p] for p in sorted(measured)]
+
+
+# -- running a job ----------------------------------------------------------------------------------------------
+
+
+def _finish(ctx: Context) -> str:
+    return ctx.completion.finish_reason if ctx.completion is not None else "stop"
+
+
+def _logprobs(job: Job, ctx: Context) -> dict[str, Any] | None:
+    if not job.logprobs or ctx.completion is None:
+        return None  # a middleware answered (a cache hit): there are no model logprobs
+    if job.kind == "chat":
+        return shapes.chat_logprobs(ctx.completion.logprobs)
+    return shapes.completion_logprobs(ctx.completion.logprobs)
+
+
+async def _tally(served: Served, job: Job, texts: Sequence[str], done: Sequence[int]) -> shapes.Usage:
+    """Usage over the finished choices ``done``; the token counters of /metrics go up by the same."""
+    usage = shapes.Usage()
+    counted: set[int] = set()
+    for i in done:
+        ctx, p = job.contexts[i], job.group[i]
+        if p not in counted:
+            counted.add(p)
+            usage.prompt_tokens += ctx.completion.prompt_tokens if ctx.completion else job.prompt_tokens[p]
+        if ctx.completion is not None:
+            usage.completion_tokens += ctx.completion.completion_tokens
+        else:  # a middleware answered: count what it answered with
+            usage.completion_tokens += await count_tokens(served, texts[i], prompt=False)
+    served.metrics.prompt_tokens.inc(usage.prompt_tokens)
+    served.metrics.generation_tokens.inc(usage.completion_tokens)
+    return usage
+
+
+async def run(served: Served, job: Job, request: Request) -> Response:
+    """Admit the job, run it, answer: JSON, or server-sent events when it streams."""
+    n = len(job.contexts)
+    served.admission.acquire(n)
+    if job.stream:
+        return await _stream(served, job, request)  # releases the slots when the stream ends
+    work = gather_or_cancel([served.app.handle(ctx) for ctx in job.contexts])
+    try:
+        texts = await until_disconnect(work, request.receive)
+    except ClientGone:
+        served.metrics.cancelled.inc(route=job.route)
+        raise
+    finally:
+        served.admission.release(n)
+    usage = await _tally(served, job, texts, range(n))
+    choices = [
+        shapes.whole_choice(job.kind, i, text, _finish(ctx), _logprobs(job, ctx))
+        for i, (ctx, text) in enumerate(zip(job.contexts, texts, strict=True))
+    ]
+    served.metrics.duration.observe(time.perf_counter() - job.start)
+    return JSONResponse(shapes.response(job.kind, shapes.new_id(job.kind), served.model_name, choices, usage))
+
+
+async def _stream(served: Served, job: Job, request: Request) -> Response:
+    fanin = Fanin([served.app.handle_stream(ctx) for ctx in job.contexts])
+
+    async def close() -> None:
+        await fanin.aclose()
+        served.admission.release(len(job.contexts))
+
+    # Wait for the first piece before sending headers: a refusal (a full queue, a prompt the
+    # model rejects) is still an HTTP status, not an error event inside a 200 stream.
+    try:
+        first = await until_disconnect(fanin.get(), request.receive)
+    except ClientGone:
+        served.metrics.cancelled.inc(route=job.route)
+        await close()
+        raise
+    except BaseException:
+        await close()
+        raise
+    if first[2] is not None:
+        await close()
+        raise first[2]
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    return EventStream(
+        _events(served, job, fanin, first, request_id),
+        closed=close,
+        on_disconnect=lambda: served.metrics.cancelled.inc(route=job.route),
+    )
+
+
+async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_id: str) -> AsyncIterator[bytes]:
+    """The SSE body: role chunks (chat), a chunk per piece, a final chunk per choice, usage, ``[DONE]``."""
+    n, kind, model = len(job.contexts), job.kind, served.model_name
+    ident, created = shapes.new_id(kind), int(time.time())
+
+    def event(choices: list[dict[str, Any]], usage: shapes.Usage | None = None) -> bytes:
+        return sse(shapes.chunk(kind, ident, model, created, choices, with_usage=job.include_usage, usage=usage))
+
+    if kind == "chat":
+        for i in range(n):
+            yield event([shapes.role_choice(i)])
+    texts: list[list[str]] = [[] for _ in range(n)]
+    last: dict[int, float] = {}
+    done: list[int] = []
+    item = first
+    while True:
+        i, piece, error = item
+        if error is not None:
+            _, body, _ = error_payload(error, request_id=request_id, fields=job.fields)
+            yield sse(body)
+            break
+        if piece is None:
+            ctx = job.contexts[i]
+            yield event([shapes.final_choice(kind, i, _finish(ctx), _logprobs(job, ctx))])
+            done.append(i)
+            if len(done) == n:
+                break
+        else:
+            now = time.perf_counter()
+            if not last:
+                served.metrics.ttft.observe(now - job.start)
+            if i in last:
+                served.metrics.itl.observe(now - last[i])
+            last[i] = now
+            texts[i].append(piece)
+            yield event([shapes.piece_choice(kind, i, piece)])
+        item = await fanin.get()
+    usage = await _tally(served, job, ["".join(t) for t in texts], done)
+    if job.include_usage and len(done) == n:
+        yield event([], usage)
+    yield DONE
+    served.metrics.duration.observe(time.perf_counter() - job.start)

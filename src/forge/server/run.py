@@ -1,0 +1,105 @@
+"""``serve(app, ...)``: run the server with uvicorn until cancelled or shut down by a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+
+import uvicorn
+
+from forge.app import Forge
+from forge.errors import ForgeError
+from forge.server.app import create_server
+from forge.server.config import DEFAULT_MAX_BODY_SIZE
+
+__all__ = ["serve"]
+
+log = logging.getLogger("forge.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling ``ready`` once it listens."""
+
+    def __init__(self, config: uvicorn.Config, ready: asyncio.Event | None) -> None:
+        super().__init__(config)
+        self.ready = ready
+        self.port: int | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.port = self.servers[0].sockets[0].getsockname()[1] if self.servers else self.config.port
+            log.info("Forge serves an OpenAI-compatible API on http://%s:%s/v1", self.config.host, self.port)
+            if self.ready is not None:
+                self.ready.set()
+
+
+async def serve(
+    app: Forge,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    context: int | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    model_name: str | None = None,
+    shutdown_timeout: float | None = None,
+    log_level: str = "info",
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve ``app`` over HTTP (see :func:`create_server` for the routes) until cancelled.
+
+    Cancelling the task shuts down gracefully: the server stops accepting
+    connections, in-flight requests finish (for at most ``shutdown_timeout``
+    seconds, None waits), then the batching engine drains. In the main thread
+    SIGINT/SIGTERM do the same. ``ready`` is set once the socket listens.
+
+    >>> task = asyncio.create_task(serve(app, port=8000, ready=ready))  # doctest: +SKIP
+    >>> await ready.wait(); ...; task.cancel()  # doctest: +SKIP
+    """
+    server_app = create_server(
+        app,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        context=context,
+        cors_origins=tuple(cors_origins),
+        max_body_size=max_body_size,
+        model_name=model_name,
+    )
+    config = uvicorn.Config(
+        server_app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_config=None,  # the caller's logging setup applies; forge.server logs one line per request
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(shutdown_timeout) if shutdown_timeout is not None else None,
+    )
+    server = _Server(config, ready)
+
+    async def run() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits on startup failures, e.g. a port in use
+            raise ForgeError(
+                f"the server could not start on {host}:{port} (the log above says why; is the port in use?)"
+            ) from None
+
+    task = asyncio.ensure_future(run())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:  # cancelled again: stop waiting for requests
+                server.force_exit = True
+        raise

@@ -1,0 +1,152 @@
+"""Request bodies of the OpenAI API, as strict pydantic models.
+
+Strict: ``"max_tokens": "10"`` or ``"n": true`` is a 400 naming the field, not
+a silent coercion. Fields OpenAI has and Forge does not use (``tools``,
+``logit_bias``, ...) are ignored, as OpenAI ignores unknown ones.
+
+>>> parse(CompletionRequest, {"prompt": "Hi", "max_tokens": 4}).max_tokens
+4
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from forge.server.errors import ApiError
+
+__all__ = [
+    "ChatMessage",
+    "ChatRequest",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "StreamOptions",
+    "TextPart",
+    "parse",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+#: torch seeds are 64-bit; choice i uses seed + i, and n <= 128.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_N = 128
+MAX_STOPS = 16
+MAX_INPUTS = 2048
+
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class TextPart(_Request):
+    """A text part of a message's content (``{"type": "text", "text": "..."}``); images are not supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _Sampling(_Request):
+    """Fields chat and completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # extension, as vLLM
+    min_p: float | None = Field(None, ge=0, le=1)  # extension
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10)  # extension
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class EmbeddingRequest(_Request):
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=MAX_INPUTS)]
+    )
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+# Union members and wrappers show up in pydantic's error locations ("str", "list[str]", "function-after[...]").
+_FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def param_of(loc: tuple[int | str, ...]) -> str | None:
+    """``("messages", 0, "content", "str")`` -> ``"messages[0].content"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _FIELD_NAME.match(part) and part not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def parse(model: type[M], data: Any) -> M:
+    """Validate a parsed JSON body; a 400 ``ApiError`` naming the first field at fault."""
+    if not isinstance(data, dict):
+        raise ApiError(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        first = errors[0]["loc"][:1]
+        # Of a union's alternatives, the deepest error says most ("messages[0].content[0].type").
+        error = max((err for err in errors if err["loc"][:1] == first), key=lambda err: len(err["loc"]))
+        param = param_of(error["loc"])
+        if error["type"] == "missing":
+            raise ApiError(
+                f"missing required parameter: '{param}'", param=param, code="missing_required_parameter"
+            ) from None
+        got = repr(error.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        raise ApiError(f"invalid value for '{param}': {error['msg']} (got {got})", param=param) from None

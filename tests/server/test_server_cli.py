@@ -1,0 +1,63 @@
+"""`forge serve` refuses what it cannot serve with one line and an exit code, before listening."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from forge.cli import main
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip().startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0].lower()
+
+
+def test_untrained_preset(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["serve", "tiny", "--device", "cpu"], capsys)
+    assert code == 2
+    assert "trained model" in one_line(err)
+
+
+def test_context_longer_than_the_model(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["serve", tiny_ckpt, "--device", "cpu", "--context", "100000"], capsys)
+    assert code == 2
+    line = one_line(err)
+    assert "context" in line and "100000" in line and "512" in line
+
+
+def test_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["serve", tmp_path / "nothing", "--device", "cpu"], capsys)
+    assert code == 4
+    assert "does not exist" in one_line(err)
+
+
+def test_port_in_use(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(["serve", tiny_ckpt, "--device", "cpu", "--port", port], capsys)
+    assert code == 1
+    assert f"127.0.0.1:{port}" in one_line(err)
+
+
+def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["serve", "--help"], capsys)
+    assert code == 0
+    for option in ("--host", "--port", "--api-key", "--max-batch", "--max-queue", "--context", "--device", "--dtype"):
+        assert option in out
