@@ -12,6 +12,8 @@ runs in worker threads, so the event loop stays responsive.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -44,6 +46,7 @@ from forge.events import (
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
 from forge.middleware import Context, Middleware, compose, guarded, recover
 from forge.models import KNOWN_MODELS, export, load, locate, save
+from forge.server.run import serve
 from forge.tokenizer import Tokenizer, TokenizerKind
 from forge.trainer import TrainConfig, TrainResult, train
 
@@ -282,20 +285,20 @@ class Forge:
         if ctx.messages is not None and ctx.messages != ctx.meta.get("rendered_messages"):
             ctx.prompt = self.render(ctx.messages)  # a middleware changed the conversation
         if self._engine is not None:  # serving: continuous batching
-            stream = self._engine.stream(ctx.prompt, ctx.params)
-            if ctx.stream:
-                ctx.chunks = _completing(stream, ctx)
-            else:
-                try:
-                    ctx.response = "".join([piece async for piece in stream])
-                finally:
-                    await stream.aclose()
-                ctx.completion = stream.completion
-        elif ctx.stream:
-            ctx.chunks = _completing(self._generator.astream(ctx.prompt, ctx.params), ctx)
+            ids = None
+            if len(ctx.prompt) > 4096:  # tokenizing a long prompt would stall the event loop
+                ids = await asyncio.to_thread(self._engine.tokenizer.encode_prompt, ctx.prompt)
+            stream = self._engine.stream(ctx.prompt, ctx.params, ids=ids)
         else:
-            completion = (await asyncio.to_thread(self._generator.complete, ctx.prompt, ctx.params))[0]
-            ctx.completion, ctx.response = completion, completion.text
+            stream = self._generator.astream(ctx.prompt, ctx.params)
+        if ctx.stream:
+            ctx.chunks = _completing(stream, ctx)
+            return
+        try:  # cancelling this task closes the stream, which stops the generation
+            ctx.response = "".join([piece async for piece in stream])
+        finally:
+            await stream.aclose()
+        ctx.completion = stream.completion
 
     async def _run(self, ctx: Context) -> None:
         """The stack, with the on_error hooks outside it."""
@@ -389,8 +392,9 @@ class Forge:
         ctx = self._context(self.render(checked), stream, options)
         ctx.messages = checked
         ctx.meta["rendered_messages"] = [dict(m) for m in checked]
-        if self._tokenizer is not None and self._tokenizer.chat_template is None and "stop" not in options:
-            ctx.params = ctx.params.replace(stop=PLAIN_STOP)
+        if self._tokenizer is not None and self._tokenizer.chat_template is None:
+            # The plain template's turns end at the next "User:" line, whatever else the caller stops at.
+            ctx.params = ctx.params.replace(stop=tuple(dict.fromkeys((*ctx.params.stop, *PLAIN_STOP))))
         return ctx
 
     def request(
@@ -457,6 +461,19 @@ class Forge:
             )
         )
 
+    # -- serving ---------------------------------------------------------------------------------------
+    async def listen(self, port: int = 8000, *, host: str = "127.0.0.1", **options: Any) -> None:
+        """Serve this app, its model and its middleware, as an OpenAI-compatible API until cancelled.
+
+        ``options`` go to :func:`forge.server.serve`: ``api_key``, ``max_batch``,
+        ``max_queue``, ``context``, ``cors_origins``, ``max_body_size``,
+        ``model_name``, ``ready`` (an ``asyncio.Event`` set once it listens).
+        Cancelling the task shuts down gracefully: in-flight requests finish.
+
+        >>> await Forge.load("runs/notes").use(logger()).listen(8000)  # doctest: +SKIP
+        """
+        await serve(self, host=host, port=port, **options)
+
     # -- continuous batching (the server's engine) ----------------------------------------------------
     async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> Forge:
         """Serve every generation through a continuous-batching engine: concurrent requests decode together.
@@ -476,9 +493,10 @@ class Forge:
 
     async def stop_batching(self, *, drain: bool = True) -> None:
         """Stop the engine; with ``drain``, running and queued requests finish first."""
-        engine, self._engine = self._engine, None
+        engine = self._engine
         if engine is not None:
-            await engine.stop(drain=drain)
+            await engine.stop(drain=drain)  # requests arriving meanwhile are refused with a 429
+            self._engine = None
 
     def batching_stats(self) -> dict[str, Any] | None:
         """The engine's counters (queue_depth, running, max_batch, steps, tokens, batch_size_max,
@@ -543,11 +561,7 @@ class SyncForge:
         self._lock = threading.Lock()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="forge-sync", daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._submit(coro).result()
 
     def train(self, data: DataSource, **options: Any) -> TrainResult:
         return self._run(self._app.train(data, **options))
@@ -558,8 +572,34 @@ class SyncForge:
     def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
         return self._run(self._app.chat(messages, **options))
 
-    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
-        return self._run(self._app.embed(texts))
+    def listen(self, port: int = 8000, *, host: str = "127.0.0.1", **options: Any) -> None:
+        """Serve until Ctrl-C, then shut down gracefully (in-flight requests finish)."""
+        stop = threading.Event()
+
+        async def until_stopped() -> None:
+            server = asyncio.create_task(self._app.listen(port, host=host, **options))
+            while not server.done() and not stop.is_set():
+                await asyncio.wait({server}, timeout=0.1)
+            if not server.done():
+                server.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await server
+            if not server.cancelled():
+                server.result()  # re-raise a failure, e.g. the port is in use
+
+        future = self._submit(until_stopped())
+        try:
+            future.result()
+        except KeyboardInterrupt:
+            stop.set()
+            future.result()
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="forge-sync", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         return self._iterate(self._app.stream(prompt, **options))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import threading
 import time
@@ -26,11 +27,13 @@ import torch
 
 from forge.core.batching import Batcher, Sequence, StepResult
 from forge.core.transformer import Transformer
-from forge.errors import ConfigError, GenerationError, QueueFullError
+from forge.errors import ConfigError, ForgeError, GenerationError, QueueFullError
 from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, TokenLogprob
 from forge.tokenizer import Tokenizer
 
 __all__ = ["Engine"]
+
+log = logging.getLogger("forge.engine")
 
 
 @dataclass(eq=False)
@@ -84,6 +87,7 @@ class Engine:
             "batch_size_hist": collections.Counter(),
             "completed": 0,
             "cancelled": 0,
+            "failed": 0,
         }
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -116,9 +120,12 @@ class Engine:
             }
 
     # -- requests -------------------------------------------------------------------------------
-    def stream(self, prompt: str, cfg: GenerationConfig) -> AsyncTextStream:
-        """Generate for ``prompt``; pieces as they come. Raises QueueFullError when the queue is full."""
-        ids = self.tokenizer.encode_prompt(prompt)
+    def stream(self, prompt: str, cfg: GenerationConfig, *, ids: list[int] | None = None) -> AsyncTextStream:
+        """Generate for ``prompt``; pieces as they come. Raises QueueFullError when the queue is full.
+
+        ``ids``: the prompt already encoded (``tokenizer.encode_prompt``), e.g. in a worker thread for a long one.
+        """
+        ids = self.tokenizer.encode_prompt(prompt) if ids is None else list(ids)
         if len(ids) >= self.max_len:
             raise GenerationError(
                 f"the prompt is {len(ids)} tokens but the context is {self.max_len}; "
@@ -139,8 +146,9 @@ class Engine:
             if self._stopping:
                 raise QueueFullError("the server is shutting down; retry on another instance", retry_after=5.0)
             if self._error is not None:
-                raise GenerationError(f"the engine stopped after an internal error: {self._error!r}")
-            if len(self._waiting) >= self.max_queue:
+                raise ForgeError(f"the engine stopped after an internal error: {self._error!r}; restart the server")
+            # Rows not yet filled count as room: the worker admits waiting jobs between steps.
+            if len(self._waiting) + len(self.batcher.running) >= self.max_queue + self.batcher.max_batch:
                 raise QueueFullError(
                     f"the queue is full ({self.max_queue} requests waiting, {self.batcher.max_batch} running); "
                     "retry shortly",
@@ -197,8 +205,18 @@ class Engine:
                     for job in dropped:
                         self._finish(job, cancelled=True)
                     for job in admit:
-                        self._deliver(job, self.batcher.add(job.seq))
-                    results = self.batcher.step()
+                        try:
+                            first = self.batcher.add(job.seq)
+                        except Exception as e:  # this request only: the others go on
+                            self._fail(job, e)
+                        else:
+                            self._deliver(job, first)
+                    try:
+                        results = self.batcher.step()
+                    except Exception as e:  # the batch is lost, the engine is not
+                        for job in list(self._jobs.values()):
+                            self._fail(job, e)
+                        results = []
                     for r in results:
                         self._deliver(self._jobs[id(r.seq)], r)
                 if results:
@@ -223,6 +241,18 @@ class Engine:
             self.batcher.remove(job.seq)
             self._jobs.pop(id(job.seq), None)
             self.stats["cancelled" if cancelled else "completed"] += 1
+
+    def _fail(self, job: _Job, error: Exception) -> None:
+        """Fail one job with a server-side error (HTTP 500: not the client's fault) and free its row."""
+        log.exception("generation %s failed", id(job.seq), exc_info=error)
+        wrapped = (
+            error if isinstance(error, ForgeError) else ForgeError(f"generation failed inside the engine: {error!r}")
+        )
+        with self._cond:
+            self.batcher.remove(job.seq)
+            self._jobs.pop(id(job.seq), None)
+            self.stats["failed"] = self.stats.get("failed", 0) + 1
+        job.loop.call_soon_threadsafe(job.queue.put_nowait, ("error", wrapped))
 
     def _fail_all(self, error: BaseException) -> None:
         for job in [*self._waiting, *self._jobs.values()]:

@@ -111,6 +111,7 @@ class QueueFullError(ForgeError):
     exit_code = 7
     http_status = 429
     error_type = "rate_limit_error"
+    code = "queue_full"
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)

@@ -62,7 +62,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5, logits / temperature overflows float32: the limit is greedy decoding anyway.
+        return self.temperature < 1e-5
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -124,6 +125,7 @@ def sample(
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token once the mass before it already reaches top_p; the first always stays.
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        drop[..., 0] = False  # a top_p that rounds to 0 in float32 must still keep the most likely token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -17,7 +17,7 @@ import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,7 +27,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from forge.app import Forge
 from forge.errors import ConfigError
 from forge.server.config import ServerConfig
 from forge.server.errors import ApiError, error_body, error_response
@@ -36,6 +35,9 @@ from forge.server.middleware import ApiKeyAuth, RequestContext
 from forge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, parse
 from forge.server.state import Served
 from forge.server.streaming import ClientGone, until_disconnect
+
+if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
+    from forge.app import Forge
 
 __all__ = ["create_server"]
 

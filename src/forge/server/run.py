@@ -6,13 +6,16 @@ import asyncio
 import logging
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from forge.app import Forge
 from forge.errors import ForgeError
 from forge.server.app import create_server
 from forge.server.config import DEFAULT_MAX_BODY_SIZE
+
+if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
+    from forge.app import Forge
 
 __all__ = ["serve"]
 

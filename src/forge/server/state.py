@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from forge.app import Forge
 from forge.server.config import ServerConfig
 from forge.server.errors import ApiError
 from forge.server.metrics import Metrics
+
+if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
+    from forge.app import Forge
 
 __all__ = ["Admission", "Served"]
 
