@@ -80,6 +80,7 @@ class Engine:
         self._drain = True
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[tuple[str, Any]], StepResult]]] = {}
         self.stats: dict[str, Any] = {
             "steps": 0,
             "tokens": 0,
@@ -219,6 +220,7 @@ class Engine:
                         results = []
                     for r in results:
                         self._deliver(self._jobs[id(r.seq)], r)
+                self._flush()
                 if results:
                     with self._cond:
                         n = len(results)
@@ -234,7 +236,13 @@ class Engine:
         self.stats["tokens"] += 1
         if r.finished:  # before the caller can see the last token, so its slot is already free
             self._finish(job, cancelled=False)
-        job.loop.call_soon_threadsafe(job.queue.put_nowait, ("token", r))
+        self._outbox.setdefault(job.loop, []).append((job.queue, r))
+
+    def _flush(self) -> None:
+        """Hand the step's tokens over: one wake-up per event loop, not one per token."""
+        for loop, items in self._outbox.items():
+            loop.call_soon_threadsafe(_put_all, items)
+        self._outbox = {}
 
     def _finish(self, job: _Job, *, cancelled: bool) -> None:
         with self._cond:
@@ -260,3 +268,8 @@ class Engine:
             self.batcher.remove(job.seq)
         self._waiting.clear()
         self._jobs.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue[tuple[str, Any]], StepResult]]) -> None:
+    for queue, r in items:
+        queue.put_nowait(("token", r))

@@ -106,7 +106,8 @@ class Batcher:
         pos = torch.tensor([s.length for s in self.running], device=self.device)  # (n,)
         length = int(pos.max()) + 1
         mask = torch.arange(length, device=self.device)[None, :] <= pos[:, None]  # (n, length)
-        write = CacheWrite(rows=slice(0, n), pos=pos, length=length)
+        rows = slice(0, n)
+        write = CacheWrite(rows=rows, pos=pos, length=length, flat_index=self.caches[0].flat_index(rows, pos))
         logits = self._forward(tokens, pos[:, None], mask[:, None, None, :], write)  # (n, V)
         for s in self.running:
             s.length += 1

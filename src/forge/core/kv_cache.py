@@ -29,6 +29,9 @@ class CacheWrite:
     rows: slice
     pos: int | torch.Tensor
     length: int
+    #: For per-row positions: the rows' slots in the flat cache view (see :meth:`KVCache.flat_index`),
+    #: computed once per step for every layer.
+    flat_index: torch.Tensor | None = None
 
 
 class KVCache(nn.Module):
@@ -78,10 +81,19 @@ class KVCache(nn.Module):
             self.v[w.rows, :, w.pos : w.pos + k.shape[2]] = v
         else:
             assert k.shape[2] == 1, "per-row positions take one new token per row"
-            rows = torch.arange(w.rows.start, w.rows.stop, device=self.k.device)  # (B,)
-            self.k[rows, :, w.pos] = k[:, :, 0]  # (B, Hkv, D) at each row's own position
-            self.v[rows, :, w.pos] = v[:, :, 0]
+            # One index_copy_ into the flat (rows * heads * positions, D) view: each row's heads at its own position.
+            index = w.flat_index if w.flat_index is not None else self.flat_index(w.rows, w.pos)
+            D = k.shape[-1]
+            self.k.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # k (B, Hkv, 1, D) -> (B * Hkv, D)
+            self.v.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
         return self.k[w.rows, :, : w.length], self.v[w.rows, :, : w.length]
+
+    def flat_index(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
+        """Indices into ``k.view(-1, D)`` of each row's every head at that row's position ``pos`` (B,)."""
+        _, H, L, _ = self.k.shape
+        r = torch.arange(rows.start, rows.stop, device=self.k.device)[:, None]  # (B, 1)
+        h = torch.arange(H, device=self.k.device)[None, :]  # (1, H)
+        return ((r * H + h) * L + pos[:, None]).reshape(-1)  # (B * H,)
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` onto row ``dst`` (compacting the rows of a batch after one leaves)."""
