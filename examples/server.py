@@ -18,7 +18,6 @@ from openai import AsyncOpenAI
 
 from forge import Forge, logger
 from forge.data import stdlib_corpus
-from forge.server import serve
 
 DATA = sys.argv[1] if len(sys.argv) > 1 else str(stdlib_corpus())
 STEPS = int(os.environ.get("FORGE_EXAMPLE_STEPS", "200"))
@@ -42,7 +41,7 @@ async def main() -> None:
     await app.train(DATA, steps=STEPS, batch_size=16, context=128, eval_every=0)
 
     port, ready = free_port(), asyncio.Event()
-    server = asyncio.create_task(serve(app, port=port, api_key=API_KEY, ready=ready, log_level="warning"))
+    server = asyncio.create_task(app.listen(port, api_key=API_KEY, ready=ready, log_level="warning"))
     await ready.wait()
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY)
 
