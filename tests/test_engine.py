@@ -195,3 +195,41 @@ def test_engine_errors_are_clear(random_dir: Path, bigram_dir: Path) -> None:
             await Forge.load(random_dir).start_batching(context=10000)
 
     run(main)
+
+
+def test_a_request_that_breaks_the_model_fails_alone(random_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal failure in one request's prefill is that request's 500; the others and the engine go on.
+
+    Both join in one batched prefill, which fails; one at a time, only the culprit's fails.
+    """
+    from forge.core.batching import Batcher
+    from forge.errors import ForgeError
+
+    real_add_many = Batcher.add_many
+
+    def add_many(self: Batcher, seqs: list[Any]) -> list[Any]:
+        if any(seq.prompt[:3] == app_tokens for seq in seqs):  # the forward fails after the rows were taken
+            for seq in seqs:
+                seq.row = len(self.running)
+                self.running.append(seq)
+            raise RuntimeError("simulated kernel failure")
+        return real_add_many(self, seqs)
+
+    plain = Forge.load(random_dir, defaults=GenerationConfig(temperature=0, max_tokens=8))
+    app_tokens = plain.tokenizer.encode_prompt("zzz")[:3]  # type: ignore[union-attr]
+    expected = plain.sync.generate("to be")
+    monkeypatch.setattr(Batcher, "add_many", add_many)
+
+    async def main() -> tuple[list[Any], dict[str, Any], str]:
+        app = await serving(random_dir, max_batch=4)
+        app.defaults = GenerationConfig(temperature=0, max_tokens=8)
+        results = await asyncio.gather(app.generate("to be"), app.generate("zzz"), return_exceptions=True)
+        after = await app.generate("to be")
+        stats = app.batching_stats() or {}
+        await app.stop_batching()
+        return list(results), stats, str(after)
+
+    (ok, failed), stats, after = run(main)
+    assert ok == expected and after == expected
+    assert isinstance(failed, ForgeError) and failed.http_status == 500 and "simulated kernel failure" in str(failed)
+    assert stats["failed"] == 1 and stats["running"] == 0

@@ -205,13 +205,7 @@ class Engine:
                 with self.lock:
                     for job in dropped:
                         self._finish(job, cancelled=True)
-                    for job in admit:
-                        try:
-                            first = self.batcher.add(job.seq)
-                        except Exception as e:  # this request only: the others go on
-                            self._fail(job, e)
-                        else:
-                            self._deliver(job, first)
+                    self._admit(admit)
                     try:
                         results = self.batcher.step()
                     except Exception as e:  # the batch is lost, the engine is not
@@ -231,6 +225,29 @@ class Engine:
             self._error = e
             self._fail_all(e)
             raise
+
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone."""
+        chunk: list[_Job] = []
+        for job in [*jobs, None]:
+            if job is not None and (not chunk or sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) <= 4096):
+                chunk.append(job)
+                continue
+            try:
+                firsts = self.batcher.add_many([j.seq for j in chunk])
+            except Exception:  # find the culprit: one at a time
+                for j in chunk:
+                    self.batcher.remove(j.seq)
+                firsts = []
+                for j in chunk:
+                    try:
+                        firsts.append(self.batcher.add(j.seq))
+                    except Exception as e:  # this request only: the others go on
+                        self._fail(j, e)
+                chunk = [j for j in chunk if not j.seq.done and j.seq.row >= 0]
+            for j, first in zip(chunk, firsts, strict=True):
+                self._deliver(j, first)
+            chunk = [job] if job is not None else []
 
     def _deliver(self, job: _Job, r: StepResult) -> None:
         self.stats["tokens"] += 1

@@ -111,3 +111,21 @@ def test_logprobs_come_with_each_token(model: Transformer) -> None:
     with torch.no_grad():
         expected = torch.log_softmax(model(torch.tensor([p]))[0, -1].float(), -1)[r.token]
     assert r.logprob == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_joining_together_in_one_prefill_equals_each_alone(model: Transformer) -> None:
+    ps = prompts(model.config, [6, 1, 9, 3], seed=4)
+    batcher = Batcher(model, max_batch=4, max_len=32)
+    seqs = [Sequence(p, 7, GREEDY, logprobs=2) for p in ps]
+    firsts = batcher.add_many(seqs)
+    out = {id(s): [r.token] for s, r in zip(seqs, firsts, strict=True)}
+    while batcher.running:
+        for r in batcher.step():
+            out[id(r.seq)].append(r.token)
+            if r.finished:
+                batcher.remove(r.seq)
+    for seq, p in zip(seqs, ps, strict=True):
+        assert out[id(seq)] == alone(model, p, 7)
+    with torch.no_grad():  # the first token's logprob is the padded prefill's, and equals the unpadded one
+        expected = torch.log_softmax(model(torch.tensor([ps[1]]))[0, -1].float(), -1)[firsts[1].token]
+    assert firsts[1].logprob == pytest.approx(float(expected), abs=1e-4)

@@ -80,21 +80,42 @@ class Batcher:
     @torch.inference_mode()
     def add(self, seq: Sequence) -> StepResult:
         """Prefill ``seq`` into a free row and sample its first token."""
-        assert self.free > 0, "no free row: check Batcher.free first"
-        T = len(seq.prompt)
-        assert T > 0 and T + seq.max_new_tokens <= self.max_len, "the caller checks prompt and budget"
-        seq.row, seq.length = len(self.running), T
+        return self.add_many([seq])[0]
+
+    @torch.inference_mode()
+    def add_many(self, seqs: list[Sequence]) -> list[StepResult]:
+        """Prefill several sequences in one forward (right-padded to the longest) and sample their first tokens.
+
+        Padding is written into the cache past each prompt's end, where the
+        decode mask never looks and the row's next tokens overwrite it.
+        """
+        assert 0 < len(seqs) <= self.free, "not enough free rows: check Batcher.free first"
+        first = len(self.running)
         vocab = self.model.config.vocab_size
-        if seq.params.penalised:
-            seq.counts = torch.zeros(vocab, device=self.device)
-        if seq.params.repetition_penalty != 1.0:
-            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-            seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
-        self.running.append(seq)
-        tokens = torch.tensor([seq.prompt], device=self.device)  # (1, T)
-        write = CacheWrite(rows=slice(seq.row, seq.row + 1), pos=0, length=T)
-        logits = self._forward(tokens, None, None, write)  # (1, V)
-        return self._pick(seq, logits[0])
+        for seq in seqs:
+            T = len(seq.prompt)
+            assert T > 0 and T + seq.max_new_tokens <= self.max_len, "the caller checks prompt and budget"
+            seq.row, seq.length, seq.done = len(self.running), T, False
+            if seq.params.penalised:
+                seq.counts = torch.zeros(vocab, device=self.device)
+            if seq.params.repetition_penalty != 1.0:
+                seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+                seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
+            self.running.append(seq)
+        lengths = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (k,)
+        T = int(lengths.max())
+        tokens = torch.zeros(len(seqs), T, dtype=torch.long, device=self.device)  # (k, T), right-padded
+        for i, seq in enumerate(seqs):
+            tokens[i, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
+        mask = None
+        if bool((lengths != T).any()):
+            q = torch.arange(T, device=self.device)[:, None]  # (T, 1)
+            k = torch.arange(T, device=self.device)[None, :]  # (1, T)
+            valid = k[None] < lengths[:, None, None]  # (k, 1, T): real keys of each row
+            mask = ((k <= q)[None] & (valid | (k == q)[None]))[:, None]  # (k, 1, T, T); a pad query sees itself
+        write = CacheWrite(rows=slice(first, first + len(seqs)), pos=0, length=T)
+        logits = self._forward(tokens, None, mask, write, select=lengths - 1)  # (k, V)
+        return [self._pick(seq, logits[i]) for i, seq in enumerate(seqs)]
 
     @torch.inference_mode()
     def step(self) -> list[StepResult]:
@@ -127,11 +148,19 @@ class Batcher:
 
     # -- internals --------------------------------------------------------------------
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None, mask: torch.Tensor | None, write: CacheWrite
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        write: CacheWrite,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.model.use_caches(self.caches)
         try:
-            return self.model(tokens, positions=positions, mask=mask, cache_pos=write, last_only=True)[:, -1]
+            out = self.model(
+                tokens, positions=positions, mask=mask, cache_pos=write, last_only=select is None, select=select
+            )
+            return out[:, -1]
         finally:
             self.model.use_caches(None)
 

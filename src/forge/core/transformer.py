@@ -179,6 +179,7 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         cache_pos: int | CacheWrite | None = None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T).
 
@@ -187,6 +188,7 @@ class Transformer(nn.Module):
         cache_pos: write keys/values into the KV cache at this offset (see ``setup_cache``), or
             as a ``CacheWrite`` says (continuous batching; ``positions`` must be given).
         last_only: return logits of the last position only, (B, 1, vocab).
+        select: (B,) one position per row whose logits to return, (B, 1, vocab) (a padded batch's last tokens).
         """
         T = idx.shape[1]
         start = cache_pos if isinstance(cache_pos, int) else 0
@@ -209,6 +211,8 @@ class Transformer(nn.Module):
                 x = block(x, rope, mask, cache_pos)
         if last_only:
             x = x[:, -1:, :]
+        elif select is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, d)
         x = self.norm(x)
         return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
 
