@@ -47,3 +47,85 @@ def test_cached_generation_matches_uncached_on_cuda() -> None:
     a = torch.stack(list(generate_tokens(model, prompts, max_new_tokens=24, params=params)), 1)
     b = torch.stack(list(generate_tokens(model, prompts, max_new_tokens=24, params=params, use_cache=False)), 1)
     assert torch.equal(a, b)
+
+
+def _peaked_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(get_preset("llama-tiny").replace(vocab_size=300)).cuda().float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def test_continuous_batching_on_cuda_equals_each_alone() -> None:
+    from forge.core.batching import Batcher, Sequence
+
+    model = _peaked_llama()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20]]
+    params = SamplingParams(temperature=0)
+    batcher = Batcher(model, max_batch=3, max_len=64)  # fewer rows than prompts: one joins later
+    seqs = [Sequence(p, 12, params) for p in prompts]
+    out = {id(s): [r.token] for s, r in zip(seqs[:3], batcher.add_many(seqs[:3]), strict=True)}
+    waiting = seqs[3:]
+    while batcher.running or waiting:
+        for r in batcher.step():
+            out[id(r.seq)].append(r.token)
+            if r.finished:
+                batcher.remove(r.seq)
+        if waiting and batcher.free:
+            seq = waiting.pop()
+            out[id(seq)] = [batcher.add(seq).token]
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        alone = [int(t[0]) for t in generate_tokens(model, [prompt], max_new_tokens=12, params=params)]
+        assert out[id(seq)] == alone
+
+
+def test_the_serving_engine_runs_on_cuda(tmp_path: object) -> None:
+    import asyncio
+
+    from forge.app import Forge
+    from forge.generator import GenerationConfig
+    from forge.models import save
+    from forge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, kind="char")
+    torch.manual_seed(0)
+    path = f"{tmp_path}/ckpt"
+    save(path, create_model("tiny", vocab_size=320), tok)
+    prompts = ["to be", "or not", "that is the question", "whether"]
+    plain = Forge.load(path, device="cuda", defaults=GenerationConfig(temperature=0, max_tokens=16))
+    expected = [plain.sync.generate(p) for p in prompts]
+
+    async def main() -> tuple[list[str], int]:
+        app = await Forge.load(
+            path, device="cuda", defaults=GenerationConfig(temperature=0, max_tokens=16)
+        ).start_batching(max_batch=4)
+        texts = await asyncio.gather(*(app.generate(p) for p in prompts))
+        seeded = await asyncio.gather(*(app.generate("to be", temperature=1.0, seed=s) for s in (1, 1)))
+        stats = app.batching_stats() or {}
+        await app.stop_batching()
+        assert seeded[0] == seeded[1]
+        return list(texts), int(stats["batch_size_max"])
+
+    texts, widest = asyncio.run(main())
+    assert texts == expected and widest > 1
+
+
+def test_lora_fine_tune_on_cuda() -> None:
+    result = train(
+        TEXT,
+        preset="llama-tiny",
+        tokenizer="char",
+        steps=20,
+        batch_size=8,
+        context=64,
+        device="cuda",
+        lr=3e-3,
+        lora_rank=4,
+    )
+    from forge.core.lora import has_lora
+
+    assert not has_lora(result.model) and next(result.model.parameters()).is_cuda
+    assert result.evals[-1][1] < result.evals[0][1]
