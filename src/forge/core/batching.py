@@ -102,20 +102,21 @@ class Batcher:
                 seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
                 seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
             self.running.append(seq)
-        lengths = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (k,)
-        T = int(lengths.max())
+        sizes = [len(s.prompt) for s in seqs]
+        lengths = torch.tensor(sizes, device=self.device)  # (k,)
+        T = max(sizes)
         tokens = torch.zeros(len(seqs), T, dtype=torch.long, device=self.device)  # (k, T), right-padded
         for i, seq in enumerate(seqs):
             tokens[i, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
         mask = None
-        if bool((lengths != T).any()):
+        if min(sizes) != T:
             q = torch.arange(T, device=self.device)[:, None]  # (T, 1)
             k = torch.arange(T, device=self.device)[None, :]  # (1, T)
             valid = k[None] < lengths[:, None, None]  # (k, 1, T): real keys of each row
             mask = ((k <= q)[None] & (valid | (k == q)[None]))[:, None]  # (k, 1, T, T); a pad query sees itself
         write = CacheWrite(rows=slice(first, first + len(seqs)), pos=0, length=T)
         logits = self._forward(tokens, None, mask, write, select=lengths - 1)  # (k, V)
-        return [self._pick(seq, logits[i]) for i, seq in enumerate(seqs)]
+        return self._pick(seqs, logits)
 
     @torch.inference_mode()
     def step(self) -> list[StepResult]:
@@ -124,15 +125,16 @@ class Batcher:
         if n == 0:
             return []
         tokens = torch.tensor([[s.last] for s in self.running], device=self.device)  # (n, 1)
-        pos = torch.tensor([s.length for s in self.running], device=self.device)  # (n,)
-        length = int(pos.max()) + 1
+        lengths = [s.length for s in self.running]
+        pos = torch.tensor(lengths, device=self.device)  # (n,)
+        length = max(lengths) + 1  # from the host: no device sync
         mask = torch.arange(length, device=self.device)[None, :] <= pos[:, None]  # (n, length)
         rows = slice(0, n)
         write = CacheWrite(rows=rows, pos=pos, length=length, flat_index=self.caches[0].flat_index(rows, pos))
         logits = self._forward(tokens, pos[:, None], mask[:, None, None, :], write)  # (n, V)
         for s in self.running:
             s.length += 1
-        return [self._pick(s, logits[i]) for i, s in enumerate(list(self.running))]
+        return self._pick(list(self.running), logits)
 
     def remove(self, seq: Sequence) -> None:
         """Free ``seq``'s row (the last running row moves into it)."""
@@ -164,24 +166,44 @@ class Batcher:
         finally:
             self.model.use_caches(None)
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor) -> StepResult:
-        """Sample ``seq``'s next token from its logits (V,) and update its state."""
-        logits = logits[None].float()  # (1, V)
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepResult]:
+        """Sample each sequence's next token from its row of ``logits`` (n, V) and update its state.
+
+        Plain greedy rows share one argmax; the others sample one by one (each
+        with its own seed and penalties). Token ids come back to the host in one
+        transfer, so a GPU step synchronises once, not once per row.
+        """
+        logits = logits.float()  # (n, V)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
-        counts = seq.counts[None] if seq.counts is not None else None
-        seen = seq.seen[None] if seq.seen is not None else None
-        token = sample(logits, seq.params, seq.generator, seen, counts)  # (1,)
-        logprob, top = None, ()
-        if seq.logprobs is not None:
-            own, ids, values = top_logprobs(process_logits(logits, seq.params, seen, counts), token, seq.logprobs)
-            logprob = float(own[0])
-            top = tuple(zip(ids[0].tolist(), values[0].tolist(), strict=True))
-        t = int(token[0])
-        seq.last, seq.generated = t, seq.generated + 1
-        if seq.counts is not None:
-            seq.counts[t] += 1
-        if seq.seen is not None:
-            seq.seen[t] = True
-        finished = t in seq.stop_ids or seq.generated >= seq.max_new_tokens
-        return StepResult(seq, t, finished, logprob, top)
+        plain = [i for i, s in enumerate(seqs) if s.params.greedy and s.counts is None and s.seen is None]
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)  # (n,)
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            tokens[index] = logits[index].argmax(dim=-1)
+        greedy_rows = set(plain)
+        wanted: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for i, seq in enumerate(seqs):
+            counts = seq.counts[None] if seq.counts is not None else None
+            seen = seq.seen[None] if seq.seen is not None else None
+            if i not in greedy_rows:
+                tokens[i : i + 1] = sample(logits[i : i + 1], seq.params, seq.generator, seen, counts)
+            if seq.logprobs is not None:
+                processed = process_logits(logits[i : i + 1], seq.params, seen, counts)
+                wanted.append((i, *top_logprobs(processed, tokens[i : i + 1], seq.logprobs)))
+        ids = tokens.tolist()  # the one host sync of the step
+        logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+        for i, own, top_ids, top_values in wanted:
+            pairs = zip(top_ids[0].tolist(), top_values[0].tolist(), strict=True)
+            logprobs[i] = (float(own[0]), tuple(pairs))
+        results = []
+        for i, (seq, t) in enumerate(zip(seqs, ids, strict=True)):
+            seq.last, seq.generated = t, seq.generated + 1
+            if seq.counts is not None:
+                seq.counts[t] += 1
+            if seq.seen is not None:
+                seq.seen[t] = True
+            finished = t in seq.stop_ids or seq.generated >= seq.max_new_tokens
+            logprob, top = logprobs.get(i, (None, ()))
+            results.append(StepResult(seq, t, finished, logprob, top))
+        return results
