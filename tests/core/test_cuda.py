@@ -129,3 +129,17 @@ def test_lora_fine_tune_on_cuda() -> None:
 
     assert not has_lora(result.model) and next(result.model.parameters()).is_cuda
     assert result.evals[-1][1] < result.evals[0][1]
+
+
+@pytest.mark.parametrize("new_tokens", [5, 17, 40])
+def test_cuda_graph_decoding_equals_eager(new_tokens: int) -> None:
+    model = _peaked_llama()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # left padding, per-row positions
+    params = SamplingParams(temperature=0)
+    graphed = torch.stack(list(generate_tokens(model, prompts, max_new_tokens=new_tokens, params=params)), 1)
+    eager = torch.stack(
+        list(generate_tokens(model, prompts, max_new_tokens=new_tokens, params=params, cuda_graphs=False)), 1
+    )
+    assert torch.equal(graphed, eager)
+    limited = list(generate_tokens(model, prompts, max_new_tokens=new_tokens, params=params, vocab_limit=100))
+    assert max(int(t.max()) for t in limited) < 100

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from forge.core.cuda_graphs import GraphedGreedyDecoder
 from forge.core.sampling import SamplingParams, process_logits, sample
 from forge.core.transformer import Transformer
 
@@ -77,6 +78,8 @@ def generate_tokens(
     autocast_dtype: torch.dtype | None = None,
     vocab_limit: int | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    cuda_graphs: bool = True,
+    graph_chunk: int = 8,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,) int64, up to ``max_new_tokens`` times.
 
@@ -85,6 +88,8 @@ def generate_tokens(
     the cached path is tested against). ``vocab_limit`` forbids ids at or above
     it: the model's vocabulary is padded past the tokenizer's, and those ids mean nothing.
     ``observe(logits, tokens)`` sees each step's penalised logits (B, V) and chosen tokens (B,), e.g. for logprobs.
+    On CUDA, greedy decoding replays the decode step from a CUDA graph, ``graph_chunk``
+    steps per launch (see ``forge.core.cuda_graphs``); ``cuda_graphs=False`` keeps it eager.
     """
     device = model.tok_emb.weight.device
     tokens, valid = _prompt_batch(prompts, device)
@@ -123,6 +128,10 @@ def generate_tokens(
                 if counts is not None:
                     counts[torch.arange(B, device=device), nxt] += 1
                 pos = T + step
+                graphable = use_cache and cuda_graphs and device.type == "cuda" and params.greedy
+                if graphable and step == 0 and seen is None and counts is None and observe is None:
+                    yield from _graphed(model, nxt, valid, T, max_new_tokens, vocab_limit, padded, graph_chunk)
+                    return
                 if use_cache:
                     logits = decode_one(model, nxt[:, None], pos, valid, padded)
                 else:
@@ -131,3 +140,31 @@ def generate_tokens(
     finally:
         model.clear_cache()
         model.train(was_training)
+
+
+def _graphed(
+    model: Transformer,
+    first: torch.Tensor,
+    valid: torch.Tensor,
+    T: int,
+    max_new_tokens: int,
+    vocab_limit: int | None,
+    padded: bool,
+    chunk: int,
+) -> Iterator[torch.Tensor]:
+    """Greedy tokens 2..max_new_tokens: whole chunks from a CUDA graph, the tail (under a chunk) eagerly."""
+    done, nxt = 1, first
+    for block in GraphedGreedyDecoder(model, valid, start=T, first=first, vocab_limit=vocab_limit, chunk=chunk):
+        for j in range(block.shape[1]):
+            nxt = block[:, j]
+            yield nxt
+            done += 1
+            if done == max_new_tokens:
+                return
+    while done < max_new_tokens:  # token `done + 1` comes from the one written at slot T + done - 1
+        logits = decode_one(model, nxt[:, None], T + done - 1, valid, padded)
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")
+        nxt = logits.argmax(dim=-1)
+        yield nxt
+        done += 1
