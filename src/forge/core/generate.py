@@ -154,7 +154,14 @@ def _graphed(
 ) -> Iterator[torch.Tensor]:
     """Greedy tokens 2..max_new_tokens: whole chunks from a CUDA graph, the tail (under a chunk) eagerly."""
     done, nxt = 1, first
-    for block in GraphedGreedyDecoder(model, valid, start=T, first=first, vocab_limit=vocab_limit, chunk=chunk):
+    # Capturing costs a few eager steps: worth it for two chunks or more (and the warm-up must fit in the cache).
+    worth_it = max_new_tokens > 2 * chunk
+    chunks = (
+        GraphedGreedyDecoder(model, valid, start=T, first=first, vocab_limit=vocab_limit, chunk=chunk)
+        if worth_it
+        else ()
+    )
+    for block in chunks:
         for j in range(block.shape[1]):
             nxt = block[:, j]
             yield nxt
