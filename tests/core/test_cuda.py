@@ -143,3 +143,12 @@ def test_cuda_graph_decoding_equals_eager(new_tokens: int) -> None:
     assert torch.equal(graphed, eager)
     limited = list(generate_tokens(model, prompts, max_new_tokens=new_tokens, params=params, vocab_limit=100))
     assert max(int(t.max()) for t in limited) < 100
+
+
+def test_compiled_cuda_graph_decoding_equals_eager() -> None:
+    model = _peaked_llama()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    params = SamplingParams(temperature=0)
+    compiled = list(generate_tokens(model, prompts, max_new_tokens=40, params=params, compile=True))
+    eager = list(generate_tokens(model, prompts, max_new_tokens=40, params=params, cuda_graphs=False))
+    assert torch.equal(torch.stack(compiled, 1), torch.stack(eager, 1))

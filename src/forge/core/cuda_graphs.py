@@ -45,8 +45,12 @@ class GraphedGreedyDecoder:
         first: torch.Tensor,
         vocab_limit: int | None,
         chunk: int = 8,
+        compile: bool = False,
     ) -> None:
         self.model, self.chunk, self.vocab_limit = model, chunk, vocab_limit
+        # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
+        # the graph then launches fewer, larger kernels. It costs a compile on first use.
+        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
         B, total = valid.shape
         device = valid.device
         self.total = total
@@ -64,15 +68,19 @@ class GraphedGreedyDecoder:
         self.out = torch.empty(B, chunk, dtype=torch.long, device=device)  # (B, chunk)
         self.graph = self._capture()
 
-    def _one(self, j: int) -> None:
-        pos = self.step.expand(self.token.shape[0])  # (B,)
-        mask = (self.valid & (self.slots <= self.step))[:, None, None, :]  # (B, 1, 1, total)
-        positions = self.positions.index_select(1, self.step.view(1))  # (B, 1)
+    def _forward(self, token: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """One greedy step: the next token (B,) after ``token`` (B, 1) written at slot ``step``."""
+        pos = step.expand(token.shape[0])  # (B,)
+        mask = (self.valid & (self.slots <= step))[:, None, None, :]  # (B, 1, 1, total)
+        positions = self.positions.index_select(1, step.view(1))  # (B, 1)
         write = CacheWrite(rows=self.rows, pos=pos, length=self.total, flat_index=self.cache.flat_index(self.rows, pos))
-        logits = self.model(self.token, positions=positions, mask=mask, cache_pos=write)[:, -1]  # (B, V)
+        logits = self.model(token, positions=positions, mask=mask, cache_pos=write)[:, -1]  # (B, V)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
-        nxt = logits.argmax(dim=-1)  # (B,)
+        return logits.argmax(dim=-1)  # (B,)
+
+    def _one(self, j: int) -> None:
+        nxt = self.forward(self.token, self.step)
         self.out[:, j] = nxt
         self.token.copy_(nxt[:, None])
         self.step.add_(1)

@@ -80,6 +80,7 @@ def generate_tokens(
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     cuda_graphs: bool = True,
     graph_chunk: int = 8,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,) int64, up to ``max_new_tokens`` times.
 
@@ -130,7 +131,7 @@ def generate_tokens(
                 pos = T + step
                 graphable = use_cache and cuda_graphs and device.type == "cuda" and params.greedy
                 if graphable and step == 0 and seen is None and counts is None and observe is None:
-                    yield from _graphed(model, nxt, valid, T, max_new_tokens, vocab_limit, padded, graph_chunk)
+                    yield from _graphed(model, nxt, valid, T, max_new_tokens, vocab_limit, padded, graph_chunk, compile)
                     return
                 if use_cache:
                     logits = decode_one(model, nxt[:, None], pos, valid, padded)
@@ -151,6 +152,7 @@ def _graphed(
     vocab_limit: int | None,
     padded: bool,
     chunk: int,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Greedy tokens 2..max_new_tokens: whole chunks from a CUDA graph, the tail (under a chunk) eagerly."""
     done, nxt = 1, first
