@@ -9,7 +9,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from forge.app import Forge
+from forge.cli import main
 from forge.events import Event
 from forge.generator import GenerationConfig
 from forge.middleware import Context, Middleware, Next
@@ -80,3 +83,14 @@ def breaks_at(bad: str) -> Middleware:
         ctx.chunks = fail(ctx.chunks)  # type: ignore[arg-type]
 
     return breaks
+
+
+def run_cli(args: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `forge ARGS` in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -12,19 +12,9 @@ import pytest
 import torch
 
 from forge.cli import main
+from helpers import run_cli
 
 HAMLET_LINES = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 60
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `forge ARGS` in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

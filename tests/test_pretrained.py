@@ -14,15 +14,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from forge import models
 from forge.app import Forge
-from forge.cli import main
 from forge.generator import GenerationConfig
+from helpers import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,16 +36,6 @@ CHATS: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Écris « bonjour » en japonais 🙂"}],
 ]
 GREEDY = GenerationConfig(temperature=0, max_tokens=24)
-
-
-def run_cli(args: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forge.cli import main
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run_cli
 
 
 def one_line(err: str) -> str:

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from forge.app import Forge
 from forge.chat import check_messages
-from forge.cli.commands import POSITIVE_INT, cli
+from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.core.device import DEVICES
 from forge.generator import GenerationConfig
 from forge.models import DEFAULT_CHAT_MODEL
@@ -27,13 +27,7 @@ HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Weights for inference; auto is bfloat16 where the hardware runs it natively.",
-)
+@DTYPE_OPTION
 def chat_cmd(
     model: str,
     system: str | None,

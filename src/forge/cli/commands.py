@@ -23,6 +23,14 @@ __all__ = ["cli"]
 
 POSITIVE_INT = click.IntRange(min=1)
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+#: `--dtype` of the inference commands (chat, serve).
+DTYPE_OPTION = click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Weights for inference; auto is bfloat16 where the hardware runs it natively.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

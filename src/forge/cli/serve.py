@@ -8,7 +8,7 @@ import logging
 import click
 
 from forge.app import Forge
-from forge.cli.commands import POSITIVE_INT, cli
+from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.core.device import DEVICES
 from forge.server import serve
 from forge.server.config import DEFAULT_MAX_BODY_SIZE
@@ -30,13 +30,7 @@ __all__ = ["serve_cmd"]
 @click.option("--max-queue", type=POSITIVE_INT, default=64, show_default=True, help="Requests waiting; beyond: 429.")
 @click.option("--context", type=click.IntRange(min=2), default=None, help="Cap on prompt + completion tokens.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Weights for inference; auto is bfloat16 where the hardware runs it natively.",
-)
+@DTYPE_OPTION
 @click.option("--cors-origin", "cors_origins", multiple=True, help="An origin browsers may call from (repeatable).")
 @click.option("--max-body-size", type=POSITIVE_INT, default=DEFAULT_MAX_BODY_SIZE, show_default=True, help="Bytes.")
 @click.option("--model-name", default=None, help="The model id clients see [default: MODEL's name].")
