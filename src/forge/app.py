@@ -292,6 +292,8 @@ class Forge:
         else:
             stream = self._generator.astream(ctx.prompt, ctx.params)
         if ctx.stream:
+            if ctx.params.logprobs is not None:  # for servers that send logprobs with each chunk
+                ctx.meta["partial_logprobs"] = lambda: stream.partial_logprobs
             ctx.chunks = _completing(stream, ctx)
             return
         try:  # cancelling this task closes the stream, which stops the generation

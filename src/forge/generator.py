@@ -237,6 +237,11 @@ class AsyncTextStream(AsyncIterator[str]):
     def completion(self) -> Completion | None:
         return _completion(self._rows[0]) if self._rows and self._rows[0].finish else None
 
+    @property
+    def partial_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens generated so far (when asked for), while the stream runs."""
+        return list(self._rows[0].logprobs or []) if self._rows else []
+
 
 class Generator:
     """Generates text from a model and its tokenizer.

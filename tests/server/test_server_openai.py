@@ -196,8 +196,22 @@ def test_chat_logprobs_stream(bigram_server: ServerProcess) -> None:
     stream = bigram_server.client().chat.completions.create(
         model="bigram", messages=chat("a"), max_tokens=3, logprobs=True, stream=True, **GREEDY
     )
-    tokens = [t.token for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    chunks = [c.choices[0] for c in stream if c.choices]
+    tokens = [t.token for c in chunks if c.logprobs for t in c.logprobs.content]
     assert tokens == ["b", "c", "d"]
+    # Each piece of text comes with the logprobs of its own tokens, not all of them at the end.
+    with_text = [c for c in chunks if c.delta.content]
+    assert [c.delta.content for c in with_text] == ["b", "c", "d"]
+    assert all(c.logprobs and "".join(t.token for t in c.logprobs.content) == c.delta.content for c in with_text)
+
+
+def test_completion_logprobs_stream_keep_their_text_offsets(bigram_server: ServerProcess) -> None:
+    stream = bigram_server.client().completions.create(
+        model="bigram", prompt="a", max_tokens=3, logprobs=1, stream=True, **GREEDY
+    )
+    chunks = [c.choices[0] for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.logprobs.tokens] == ["b", "c", "d"]  # type: ignore[union-attr]
+    assert [o for c in chunks for o in c.logprobs.text_offset] == [0, 1, 2]  # type: ignore[union-attr]
 
 
 def test_completion_logprobs(bigram_server: ServerProcess) -> None:

@@ -215,12 +215,40 @@ def _finish(ctx: Context) -> str:
     return ctx.completion.finish_reason if ctx.completion is not None else "stop"
 
 
-def _logprobs(job: Job, ctx: Context) -> dict[str, Any] | None:
+def _logprobs(job: Job, ctx: Context, since: tuple[int, int] = (0, 0)) -> dict[str, Any] | None:
+    """The choice's logprobs after the first ``since[0]`` (already streamed, covering ``since[1]`` characters)."""
     if not job.logprobs or ctx.completion is None:
         return None  # a middleware answered (a cache hit): there are no model logprobs
+    rest = (ctx.completion.logprobs or [])[since[0] :]
+    if since[0] and not rest:
+        return None
     if job.kind == "chat":
-        return shapes.chat_logprobs(ctx.completion.logprobs)
-    return shapes.completion_logprobs(ctx.completion.logprobs)
+        return shapes.chat_logprobs(rest)
+    return shapes.completion_logprobs(rest, start=since[1])
+
+
+def _new_logprobs(job: Job, ctx: Context, sent: list[tuple[int, int]], i: int, text: int) -> dict[str, Any] | None:
+    """Logprobs of choice ``i``'s tokens that the first ``text`` characters streamed so far cover.
+
+    The model may already be a token or two ahead of the text sent; those
+    tokens' logprobs wait for the chunk that carries their text (or the last one).
+    """
+    partial = ctx.meta.get("partial_logprobs")
+    if not job.logprobs or partial is None:
+        return None
+    done, offset = sent[i]
+    new = []
+    for lp in partial()[done:]:
+        if offset + len(lp.token) > text:
+            break
+        new.append(lp)
+        offset += len(lp.token)
+    if not new:
+        return None
+    sent[i] = (done + len(new), offset)
+    if job.kind == "chat":
+        return shapes.chat_logprobs(new)
+    return shapes.completion_logprobs(new, start=sent[i][1] - sum(len(lp.token) for lp in new))
 
 
 async def _tally(served: Served, job: Job, texts: Sequence[str], done: Sequence[int]) -> shapes.Usage:
@@ -305,6 +333,8 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
         for i in range(n):
             yield event([shapes.role_choice(i)])
     texts: list[list[str]] = [[] for _ in range(n)]
+    sent: list[tuple[int, int]] = [(0, 0)] * n  # per choice: logprobs already sent, and their text length
+    chars = [0] * n  # per choice: characters streamed
     last: dict[int, float] = {}
     done: list[int] = []
     item = first
@@ -316,7 +346,8 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
             break
         if piece is None:
             ctx = job.contexts[i]
-            yield event([shapes.final_choice(kind, i, _finish(ctx), _logprobs(job, ctx))])
+            rest = _logprobs(job, ctx, since=sent[i])
+            yield event([shapes.final_choice(kind, i, _finish(ctx), rest)])
             done.append(i)
             if len(done) == n:
                 break
@@ -328,7 +359,8 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
                 served.metrics.itl.observe(now - last[i])
             last[i] = now
             texts[i].append(piece)
-            yield event([shapes.piece_choice(kind, i, piece)])
+            chars[i] += len(piece)
+            yield event([shapes.piece_choice(kind, i, piece, _new_logprobs(job, job.contexts[i], sent, i, chars[i]))])
         item = await fanin.get()
     usage = await _tally(served, job, ["".join(t) for t in texts], done)
     if job.include_usage and len(done) == n:

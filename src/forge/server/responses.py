@@ -106,14 +106,15 @@ def role_choice(index: int) -> dict[str, Any]:
     return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
 
-def piece_choice(kind: Kind, index: int, text: str) -> dict[str, Any]:
+def piece_choice(kind: Kind, index: int, text: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A chunk of a choice's text, with the logprobs of the tokens that came since the last chunk."""
     if kind == "chat":
-        return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+        return {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
 
 
 def final_choice(kind: Kind, index: int, finish_reason: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-    """A choice's last chunk: its finish reason, and (Forge knows them only at the end) all its logprobs."""
+    """A choice's last chunk: its finish reason, and the logprobs no earlier chunk carried."""
     if kind == "chat":
         return {"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"index": index, "text": "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -144,11 +145,14 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | N
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
-    """The legacy shape: parallel lists of tokens, their logprobs, top alternatives and text offsets."""
+def completion_logprobs(logprobs: Sequence[TokenLogprob] | None, start: int = 0) -> dict[str, Any] | None:
+    """The legacy shape: parallel lists of tokens, their logprobs, top alternatives and text offsets.
+
+    ``start``: the text offset of the first token (a stream's later chunks continue the count).
+    """
     if logprobs is None:
         return None
-    offsets, at = [], 0
+    offsets, at = [], start
     for lp in logprobs:
         offsets.append(at)
         at += len(lp.token)
