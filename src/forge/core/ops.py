@@ -74,5 +74,23 @@ def attention(
     fast = kernels.lookup("attention", q.device.type)
     if fast:
         return fast(q, k, v, causal=causal, mask=mask)
+    if q.shape[2] == 1:
+        return _decode_attention(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row: a few plain kernels, no SDPA dispatch (which, with a mask, is the slow path).
+
+    Grouped heads are handled by viewing the query heads as (Hkv, group), so keys
+    and values are never repeated. q (B, H, 1, D); k, v (B, Hkv, Tk, D); mask (B, 1, 1, Tk).
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (D**-0.5)  # (B, Hkv, G, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))  # broadcasts over B
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).view(B, H, 1, D)  # (B, H, 1, D)
