@@ -152,3 +152,21 @@ def test_compiled_cuda_graph_decoding_equals_eager() -> None:
     compiled = list(generate_tokens(model, prompts, max_new_tokens=40, params=params, compile=True))
     eager = list(generate_tokens(model, prompts, max_new_tokens=40, params=params, cuda_graphs=False))
     assert torch.equal(torch.stack(compiled, 1), torch.stack(eager, 1))
+
+
+def test_decode_attention_equals_sdpa_on_cuda() -> None:
+    from forge.core.ops import _decode_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, device="cuda")
+    k, v = torch.randn(3, 2, 10, 16, device="cuda"), torch.randn(3, 2, 10, 16, device="cuda")
+    mask = torch.rand(3, 1, 1, 10, device="cuda") > 0.3
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(_decode_attention(q, k, v, mask), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _decode_attention(q, k, v, None),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        rtol=1e-4,
+        atol=1e-5,
+    )

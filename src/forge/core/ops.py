@@ -74,14 +74,14 @@ def attention(
     fast = kernels.lookup("attention", q.device.type)
     if fast:
         return fast(q, k, v, causal=causal, mask=mask)
-    if q.shape[2] == 1:
+    if q.shape[2] == 1 and q.device.type == "cuda":  # on CPUs SDPA's fused kernel is faster (measured)
         return _decode_attention(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row: a few plain kernels, no SDPA dispatch (which, with a mask, is the slow path).
+    """One query per row: a few plain kernels, no SDPA dispatch (with a mask, SDPA's slow path on a GPU).
 
     Grouped heads are handled by viewing the query heads as (Hkv, group), so keys
     and values are never repeated. q (B, H, 1, D); k, v (B, Hkv, Tk, D); mask (B, 1, 1, Tk).
