@@ -48,7 +48,7 @@ def chat_cmd(
     app = Forge(model, device=device, defaults=defaults, dtype=dtype)  # type: ignore[arg-type]
     info = app.info()
     console.print(
-        f"[bold]forge chat[/] with {model} ({info['parameters'] / 1e6:.0f}M parameters, {app.dtype or 'float32'} "
+        f"[bold]forge chat[/] with {model} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']} "
         f"on {info['device']}). {HELP}",
         emoji=False,
     )
