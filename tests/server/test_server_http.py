@@ -134,6 +134,7 @@ def test_metrics(tiny_server: ServerProcess) -> None:
     assert metric(text, "forge_requests_total", route="/v1/completions", status="400") >= 1
     assert metric(text, "forge_prompt_tokens_total") >= 7
     assert metric(text, "forge_generation_tokens_total") >= 7
+    # How many observations the latency histograms hold (one stream was served), not how long anything took.
     assert metric(text, "forge_time_to_first_token_seconds_count") >= 1
     assert metric(text, "forge_inter_token_latency_seconds_count") >= 1
     for name in ("forge_queue_depth", "forge_running_requests", "forge_batch_size_max", "forge_generations_in_flight"):
