@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from forge import server
 from forge.chat import PLAIN_STOP, check_messages, render_chat
 from forge.config import PRESETS, ModelConfig, get_preset
 from forge.core.device import autocast_dtype, resolve_device
@@ -46,7 +47,6 @@ from forge.events import (
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
 from forge.middleware import Context, Middleware, compose, guarded, recover
 from forge.models import KNOWN_MODELS, export, load, locate, save
-from forge.server.run import serve
 from forge.tokenizer import Tokenizer, TokenizerKind
 from forge.trainer import TrainConfig, TrainResult, train
 
@@ -285,8 +285,9 @@ class Forge:
         if ctx.messages is not None and ctx.messages != ctx.meta.get("rendered_messages"):
             ctx.prompt = self.render(ctx.messages)  # a middleware changed the conversation
         if self._engine is not None:  # serving: continuous batching
-            ids = None
-            if len(ctx.prompt) > 4096:  # tokenizing a long prompt would stall the event loop
+            # A caller that already tokenized this very prompt (the server, to check its length) passes the ids on.
+            ids = ctx.encoded[1] if ctx.encoded is not None and ctx.encoded[0] == ctx.prompt else None
+            if ids is None and len(ctx.prompt) > 4096:  # tokenizing a long prompt would stall the event loop
                 ids = await asyncio.to_thread(self._engine.tokenizer.encode_prompt, ctx.prompt)
             stream = self._engine.stream(ctx.prompt, ctx.params, ids=ids)
         else:
@@ -380,9 +381,9 @@ class Forge:
     def render(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True) -> str:
         """The prompt that :meth:`chat` gives the model for ``messages``."""
         _, tokenizer = self._require_model("render")
-        return render_chat(
+        return render_chat(  # render_chat validates the messages
             tokenizer.chat_template,
-            check_messages(messages),
+            messages,  # type: ignore[arg-type]
             add_generation_prompt=add_generation_prompt,
             special_tokens={"bos_token": tokenizer.bos, "eos_token": tokenizer.eos},
         )
@@ -474,7 +475,7 @@ class Forge:
 
         >>> await Forge.load("runs/notes").use(logger()).listen(8000)  # doctest: +SKIP
         """
-        await serve(self, host=host, port=port, **options)
+        await server.serve(self, host=host, port=port, **options)
 
     # -- continuous batching (the server's engine) ----------------------------------------------------
     async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> Forge:

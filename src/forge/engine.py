@@ -18,9 +18,8 @@ import collections
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +41,6 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[tuple[str, Any]]
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class Engine:

@@ -85,6 +85,9 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}")
     cached: bool = False
+    #: (prompt, token ids) from a caller that already tokenized the prompt (the server, to check its
+    #: length); the model reuses the ids while ``ctx.prompt`` is still that prompt.
+    encoded: tuple[str, list[int]] | None = field(default=None, repr=False, compare=False)
     #: Set by the app: tells its ``error`` listeners about a failure (see :meth:`report_error`).
     reporter: Callable[[Exception], None] | None = field(default=None, repr=False, compare=False)
     _reported: list[Exception] = field(default_factory=list, repr=False, compare=False)

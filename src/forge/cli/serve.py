@@ -7,10 +7,10 @@ import logging
 
 import click
 
+from forge import server
 from forge.app import Forge
 from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.core.device import DEVICES
-from forge.server import serve
 from forge.server.config import DEFAULT_MAX_BODY_SIZE
 
 __all__ = ["serve_cmd"]
@@ -60,7 +60,7 @@ def serve_cmd(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
     asyncio.run(
-        serve(
+        server.serve(
             app,
             host=host,
             port=port,

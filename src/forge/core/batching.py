@@ -176,17 +176,16 @@ class Batcher:
         logits = logits.float()  # (n, V)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
-        plain = [i for i, s in enumerate(seqs) if s.params.greedy and s.counts is None and s.seen is None]
+        plain = {i for i, s in enumerate(seqs) if s.params.greedy and s.counts is None and s.seen is None}
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)  # (n,)
         if plain:
-            index = torch.tensor(plain, device=logits.device)
+            index = torch.tensor(sorted(plain), device=logits.device)
             tokens[index] = logits[index].argmax(dim=-1)
-        greedy_rows = set(plain)
         wanted: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, seq in enumerate(seqs):
             counts = seq.counts[None] if seq.counts is not None else None
             seen = seq.seen[None] if seq.seen is not None else None
-            if i not in greedy_rows:
+            if i not in plain:
                 tokens[i : i + 1] = sample(logits[i : i + 1], seq.params, seq.generator, seen, counts)
             if seq.logprobs is not None:
                 processed = process_logits(logits[i : i + 1], seq.params, seen, counts)

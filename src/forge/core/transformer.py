@@ -190,6 +190,26 @@ class Transformer(nn.Module):
         last_only: return logits of the last position only, (B, 1, vocab).
         select: (B,) one position per row whose logits to return, (B, 1, vocab) (a padded batch's last tokens).
         """
+        x = self._trunk(idx, positions, mask, cache_pos)  # (B, T, d)
+        if last_only:
+            x = x[:, -1:, :]
+        elif select is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, d)
+        x = self.norm(x)  # after the slice: only the rows that get logits
+        return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
+
+    def hidden(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d): what the output head sees (used for embeddings)."""
+        return self.norm(self._trunk(idx, None, mask, None))
+
+    def _trunk(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache_pos: int | CacheWrite | None,
+    ) -> torch.Tensor:
+        """Embeddings through every block: hidden states (B, T, d) before the final norm."""
         T = idx.shape[1]
         start = cache_pos if isinstance(cache_pos, int) else 0
         if positions is None:
@@ -209,26 +229,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, rope, mask, cache_pos, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache_pos)
-        if last_only:
-            x = x[:, -1:, :]
-        elif select is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, d)
-        x = self.norm(x)
-        return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
-
-    def hidden(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normalised hidden states (B, T, d): what the output head sees (used for embeddings)."""
-        T = idx.shape[1]
-        positions = torch.arange(T, device=idx.device)
-        x = self.tok_emb(idx)  # (B, T, d)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        else:
-            rope = (self.rope_cos[positions][None, None], self.rope_sin[positions][None, None])  # (1, 1, T, D)
-        for block in self.blocks:
-            x = block(x, rope, mask, None)
-        return self.norm(x)
+        return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy, computed in fp32 for stability."""

@@ -44,15 +44,22 @@ class Job:
     """One HTTP request's generations: a context per choice, in choice order."""
 
     kind: shapes.Kind
-    route: str
     contexts: list[Context]
     group: list[int]  # the prompt each choice answers (usage counts a prompt once)
-    prompt_tokens: list[int]  # per prompt, measured before generating
     stream: bool
     include_usage: bool
     logprobs: bool
-    fields: Mapping[str, str]
+    prompt_tokens: list[int] = field(default_factory=list)  # per prompt, measured before generating
     start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def route(self) -> str:
+        return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
+
+    @property
+    def fields(self) -> Mapping[str, str]:
+        """GenerationConfig names -> this route's, for errors the app raises."""
+        return CHAT_FIELDS if self.kind == "chat" else COMPLETION_FIELDS
 
 
 def _options(req: ChatRequest | CompletionRequest) -> dict[str, Any]:
@@ -118,17 +125,7 @@ async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) ->
         contexts, group = _contexts(served, [{"messages": messages}], req, options)
     except ForgeError as e:
         raise _request_error(e, CHAT_FIELDS, "messages") from None
-    job = Job(
-        kind="chat",
-        route="/v1/chat/completions",
-        contexts=contexts,
-        group=group,
-        prompt_tokens=[],
-        stream=bool(req.stream),
-        include_usage=req.include_usage,
-        logprobs=bool(req.logprobs),
-        fields=CHAT_FIELDS,
-    )
+    job = Job("chat", contexts, group, bool(req.stream), req.include_usage, logprobs=bool(req.logprobs))
     await _fit(served, job, max_tokens, max_param, "messages", meta)
     return job
 
@@ -142,27 +139,21 @@ async def completion_job(served: Served, req: CompletionRequest, meta: Mapping[s
         contexts, group = _contexts(served, [{"prompt": p} for p in prompts], req, options)
     except ForgeError as e:
         raise _request_error(e, COMPLETION_FIELDS, "prompt") from None
-    job = Job(
-        kind="completion",
-        route="/v1/completions",
-        contexts=contexts,
-        group=group,
-        prompt_tokens=[],
-        stream=bool(req.stream),
-        include_usage=req.include_usage,
-        logprobs=req.logprobs is not None,
-        fields=COMPLETION_FIELDS,
-    )
+    job = Job("completion", contexts, group, bool(req.stream), req.include_usage, logprobs=req.logprobs is not None)
     await _fit(served, job, req.max_tokens, "max_tokens", "prompt", meta)
     return job
 
 
-async def count_tokens(served: Served, text: str, *, prompt: bool = True) -> int:
-    """Tokens of ``text`` (as a prompt: with BOS when the model wants one)."""
+async def encode(served: Served, text: str, *, prompt: bool = True) -> list[int]:
+    """The token ids of ``text`` (as a prompt: with BOS when the model wants one); long texts in a thread."""
     tokenizer = served.app.tokenizer
     assert tokenizer is not None
-    encode = tokenizer.encode_prompt if prompt else tokenizer.encode
-    return len(encode(text) if len(text) < THREAD_CHARS else await asyncio.to_thread(encode, text))
+    encoder = tokenizer.encode_prompt if prompt else tokenizer.encode
+    return encoder(text) if len(text) < THREAD_CHARS else await asyncio.to_thread(encoder, text)
+
+
+async def count_tokens(served: Served, text: str, *, prompt: bool = True) -> int:
+    return len(await encode(served, text, prompt=prompt))
 
 
 async def _fit(
@@ -177,10 +168,12 @@ async def _fit(
             param="n",
         )
     measured: dict[int, int] = {}
+    encoded: dict[int, list[int]] = {}
     for ctx, p in zip(job.contexts, job.group, strict=True):
-        if p not in measured:
+        if p not in encoded:
+            encoded[p] = await encode(served, ctx.prompt)
             # An empty prompt still takes one position: the generator starts it from BOS/EOS.
-            measured[p] = n = max(1, await count_tokens(served, ctx.prompt))
+            measured[p] = n = max(1, len(encoded[p]))
             where = f"{prompt_param}[{p}]" if prompt_param == "prompt" and len(set(job.group)) > 1 else prompt_param
             if n >= limit:
                 raise ApiError(
@@ -197,6 +190,7 @@ async def _fit(
                     param=max_param,
                     code="context_length_exceeded",
                 )
+        ctx.encoded = (ctx.prompt, encoded[p])  # the engine reuses them: one tokenization
         room = limit - measured[p]
         budget = max_tokens if max_tokens is not None else min(room, served.config.default_max_tokens or room)
         ctx.params = ctx.params.replace(max_tokens=budget)
