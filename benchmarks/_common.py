@@ -14,12 +14,8 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
 
 
 def environment(device: torch.device) -> dict[str, object]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    # FORGE_COMMIT: where the checkout's git metadata is stale (a copied working tree).
+    commit = os.environ.get("FORGE_COMMIT") or _git_commit()
     env: dict[str, object] = {
         "commit": commit,
         "torch": torch.__version__,
@@ -32,6 +28,15 @@ def environment(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def sync(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""Batch-1 greedy decoding on a GPU: Forge (CUDA-graph decode) against HF transformers `generate`, same run.
+"""Batch-1 greedy decoding on a GPU: Forge (CUDA-graph decode, fused kernels) against HF `generate`, same run.
 
 Prints JSON and saves it under benchmarks/results/. Random weights, bf16, for
 the SmolLM2-135M shape and a 1B Llama shape; also a batch-64 run. Reports
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, environment
+from forge import kernels
 from forge.config import ModelConfig
 from forge.core.generate import generate_tokens
 from forge.core.sampling import SamplingParams
@@ -107,18 +108,30 @@ def main() -> None:
             row: dict[str, object] = {"shape": name, "batch": batch, "new_tokens": args.new_tokens}
             ids = prompts.tolist()
 
-            def forge_run(graphs: bool, compiled: bool, model: Transformer = model, ids: list = ids) -> None:
+            def forge_run(
+                graphs: bool, compiled: bool, fused: bool, model: Transformer = model, ids: list = ids
+            ) -> None:
                 steps = generate_tokens(
                     model, ids, max_new_tokens=args.new_tokens, params=greedy, cuda_graphs=graphs, compile=compiled
                 )
-                for _ in steps:
-                    pass
+                if fused:
+                    for _ in steps:
+                        pass
+                    return
+                with kernels.disabled():  # PyTorch's ops only: what the kernels add
+                    for _ in steps:
+                        pass
 
-            variants = [("forge_graphs", True, False), ("forge_eager", False, False)]
+            # (label, CUDA graphs, torch.compile, Forge's kernels)
+            variants = [
+                ("forge_graphs", True, False, True),
+                ("forge_graphs_no_kernels", True, False, False),
+                ("forge_eager", False, False, True),
+            ]
             if args.compile:
-                variants.insert(0, ("forge_graphs_compiled", True, True))
-            for label, graphs, compiled in variants:
-                s = timed(lambda graphs=graphs, compiled=compiled: forge_run(graphs, compiled))
+                variants.insert(0, ("forge_graphs_compiled", True, True, False))
+            for label, graphs, compiled, fused in variants:
+                s = timed(lambda g=graphs, c=compiled, f=fused: forge_run(g, c, f))
                 row[label] = {
                     "tokens_per_s": batch * args.new_tokens / s,
                     "roofline": roofline(model, batch, args.prompt_tokens, args.new_tokens, s, args.bandwidth),

@@ -165,6 +165,20 @@ def test_gradient_checkpointing_trains_the_same() -> None:
     assert [loss for _, loss in checkpointed.losses] == pytest.approx([loss for _, loss in plain.losses], rel=1e-5)
 
 
+def test_compiled_step_trains_the_same(tmp_path: Path) -> None:
+    """--compile runs the step under torch.compile (Inductor on CPUs too): same losses, a plain checkpoint."""
+    plain_events, compiled_events = Recorder(), Recorder()
+    plain = train(TEXT, steps=4, eval_every=0, seed=1, listeners=[plain_events], **FAST)
+    compiled = train(
+        TEXT, steps=4, eval_every=0, seed=1, compile=True, out=tmp_path / "run", listeners=[compiled_events], **FAST
+    )
+    assert compiled_events.of(StartEvent)[0].compiled and not plain_events.of(StartEvent)[0].compiled
+    assert [loss for _, loss in compiled.losses] == pytest.approx([loss for _, loss in plain.losses], rel=1e-4)
+    reloaded = load(tmp_path / "run").model  # saved weights carry no compile wrapper prefixes
+    for name, tensor in compiled.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
 def test_same_seed_same_run_different_seed_differs() -> None:
     a = train(TEXT, steps=3, eval_every=0, seed=1, **FAST)
     b = train(TEXT, steps=3, eval_every=0, seed=1, **FAST)

@@ -58,6 +58,7 @@ class StartEvent(Event):
     train_tokens: int
     val_tokens: int
     tokens_per_step: int
+    compiled: bool = False  # the training step runs under torch.compile
 
 
 @dataclass(frozen=True, slots=True)

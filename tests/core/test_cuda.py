@@ -10,6 +10,7 @@ from forge.core.device import autocast_dtype
 from forge.core.generate import generate_tokens
 from forge.core.optim import build_adamw
 from forge.core.sampling import SamplingParams
+from forge.events import StartEvent
 from forge.models import create_model
 from forge.trainer import train
 
@@ -27,9 +28,14 @@ def test_adamw_is_fused_on_cuda() -> None:
     assert opt.defaults["fused"] is True
 
 
-def test_training_on_cuda_uses_bf16_and_learns() -> None:
+def test_training_on_cuda_uses_bf16_compiles_and_learns() -> None:
     assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
-    result = train(TEXT, preset="tiny", tokenizer="char", steps=40, batch_size=8, context=64, device="cuda", lr=3e-3)
+    starts: list[StartEvent] = []
+    result = train(
+        TEXT, preset="tiny", tokenizer="char", steps=40, batch_size=8, context=64, device="cuda", lr=3e-3,
+        listeners=[lambda e: starts.append(e) if isinstance(e, StartEvent) else None],
+    )  # fmt: skip
+    assert starts[0].compiled and starts[0].precision == "bfloat16"  # the fast path is the default on CUDA
     assert next(result.model.parameters()).is_cuda
     first, last = result.evals[0][1], result.evals[-1][1]
     assert last < first - 1.0, result.evals

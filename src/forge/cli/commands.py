@@ -64,6 +64,12 @@ def _console() -> Console:
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
 @click.option(
+    "--compile/--no-compile",
+    "compile_step",
+    default=None,
+    help="torch.compile the training step [default: on for CUDA, off elsewhere].",
+)
+@click.option(
     "--from",
     "from_model",
     default=None,
@@ -90,6 +96,7 @@ def train_cmd(
     checkpoint_every: int,
     precision: str,
     gradient_checkpointing: bool,
+    compile_step: bool | None,
     from_model: str | None,
     lora: int,
 ) -> None:
@@ -121,6 +128,7 @@ def train_cmd(
         checkpoint_every=checkpoint_every,
         precision=precision,  # type: ignore[arg-type]
         gradient_checkpointing=gradient_checkpointing,
+        compile=compile_step,
         lora_rank=lora,
     )
     result = train(

@@ -47,9 +47,7 @@ def rope_tables(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, T, D) by cos/sin broadcastable to (B, 1, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return ops.rope(x, cos, sin)
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,13 +70,11 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, (H + 2Hkv) * D)
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D)
+        if rope is not None:  # queries and keys rotate together: one op for both
+            qk = ops.rope(qk, *rope)
+        q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         causal = True
         if isinstance(cache_pos, CacheWrite):
             assert self.cache is not None, "a CacheWrite needs a KV cache"

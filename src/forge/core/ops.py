@@ -1,23 +1,52 @@
 """The tensor ops every model calls: the one place where kernels are chosen per device.
 
-Each op has the plain PyTorch implementation here. A backend in ``forge.kernels``
-can register a faster one for a device type; ``ops`` asks the registry first,
-so models never know which kernel ran.
+Each op has the plain PyTorch implementation here. ``forge.kernels`` holds
+Forge's Triton kernels and registers, per device type, the ones measured to
+beat this PyTorch path (benchmarks/kernels_gpu.py); ``ops`` asks the registry
+first, so models never know which kernel ran.
+
+Inside ``torch.compile`` the PyTorch path is always taken: Inductor fuses
+these ops into its own kernels, and tracing through a hand-written kernel
+would only cut its graph.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from forge import kernels
 
-__all__ = ["attention", "gelu", "layer_norm", "linear", "matmul", "rms_norm", "silu", "softmax"]
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "attention",
+    "decode_attention",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "linear_cross_entropy",
+    "matmul",
+    "rms_norm",
+    "rope",
+    "silu",
+    "softmax",
+    "swiglu",
+]
+
+
+def _kernel(op: str, x: torch.Tensor) -> Callable[..., Any] | None:
+    if torch.compiler.is_compiling():
+        return None
+    return kernels.lookup(op, x.device.type)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with broadcasting."""
-    fast = kernels.lookup("matmul", a.device.type)
+    """``a @ b`` with broadcasting (cuBLAS on GPUs: no Forge kernel beats it)."""
+    fast = _kernel("matmul", a)
     return fast(a, b) if fast else torch.matmul(a, b)
 
 
@@ -27,13 +56,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    fast = kernels.lookup("softmax", x.device.type)
+    fast = _kernel("softmax", x)
     return fast(x, dim) if fast else torch.softmax(x, dim=dim)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU with the tanh approximation, as GPT-2 was trained."""
-    fast = kernels.lookup("gelu", x.device.type)
+    fast = _kernel("gelu", x)
     return fast(x) if fast else F.gelu(x, approximate="tanh")
 
 
@@ -41,21 +70,56 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    fast = kernels.lookup("layer_norm", x.device.type)
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where h (..., 2F) is [gate | up] from one fused projection; returns (..., F)."""
+    fast = _kernel("swiglu", h)
     if fast:
-        return fast(x, weight, bias, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return fast(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return add_layer_norm(x, None, weight, bias, eps)[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    fast = kernels.lookup("rms_norm", x.device.type)
+    return add_rms_norm(x, None, weight, eps)[0]
+
+
+def add_layer_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x + delta), x + delta): a block's residual add fused with the next norm."""
+    fast = _kernel("add_layer_norm", x)
     if fast:
-        return fast(x, weight, eps)
+        return fast(x, delta, weight, bias, eps)
+    s = x if delta is None else x + delta
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta) * weight, x + delta): a block's residual add fused with the next norm."""
+    fast = _kernel("add_rms_norm", x)
+    if fast:
+        return fast(x, delta, weight, eps)
+    s = x if delta is None else x + delta
     # Normalise in fp32: the mean of squares loses precision in bf16.
-    xf = x.float()
-    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (out * weight.float()).to(x.dtype)
+    sf = s.float()
+    out = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * weight.float()).to(s.dtype), s
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by cos/sin broadcastable to (B, 1, T, D), "rotate half" layout."""
+    fast = _kernel("rope", x)
+    if fast:
+        return fast(x, cos, sin)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def attention(
@@ -71,26 +135,46 @@ def attention(
     ``mask`` is a boolean (B, 1, Tq, Tk) where True means "may attend"; it
     replaces ``causal``. Grouped-query attention is handled when Hkv < H.
     """
-    fast = kernels.lookup("attention", q.device.type)
+    if q.shape[2] == 1 and (mask is not None or q.is_cuda):  # a decode step: one query per row
+        keep = mask.reshape(mask.shape[0], -1) if mask is not None else q.new_ones(1, k.shape[2], dtype=torch.bool)
+        return decode_attention(q, k, v, keep)
+    fast = _kernel("attention", q) if mask is None else None
     if fast:
-        return fast(q, k, v, causal=causal, mask=mask)
-    if q.shape[2] == 1 and q.device.type == "cuda":  # on CPUs SDPA's fused kernel is faster (measured)
-        return _decode_attention(q, k, v, mask)
+        return fast(q, k, v, causal=causal)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row: a few plain kernels, no SDPA dispatch (with a mask, SDPA's slow path on a GPU).
-
-    Grouped heads are handled by viewing the query heads as (Hkv, group), so keys
-    and values are never repeated. q (B, H, 1, D); k, v (B, Hkv, Tk, D); mask (B, 1, 1, Tk).
-    """
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over a padded cache; q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask (B or 1, Tk) bool."""
+    fast = _kernel("decode_attention", q)
+    if fast:
+        return fast(q, k, v, mask.expand(q.shape[0], -1))
+    if q.device.type != "cuda":  # on CPUs SDPA's fused kernel is faster (measured)
+        gqa = k.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], enable_gqa=gqa)
+    # Without the kernel on a GPU: a few plain kernels, no SDPA dispatch (with a mask, SDPA's slow path).
+    # Grouped heads are a view of the query heads as (Hkv, group): keys and values are never repeated.
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * (D**-0.5)  # (B, Hkv, G, Tk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))  # broadcasts over B
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # broadcasts over B
     weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return torch.matmul(weights, v).view(B, H, 1, D)  # (B, H, 1, D)
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of ``x @ weight.T`` (x (N, d), weight (V, d)) against targets (N,), in fp32.
+
+    The fused kernel never holds the full (N, V) logits; the PyTorch path does.
+    """
+    fast = kernels.lookup("linear_cross_entropy", x.device.type)
+    if fast:
+        # Run eagerly even inside torch.compile (a graph break at the loss): Inductor's own
+        # cross-entropy would materialise the logits this kernel exists to avoid.
+        return torch.compiler.disable(fast)(x, weight, targets, ignore_index=ignore_index)
+    logits = F.linear(x, weight)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,9 +28,13 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add(x, None)[0]
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): the residual add before a norm, fused with it where a kernel can."""
         if self.kind == "rmsnorm":
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+            return ops.add_rms_norm(x, delta, self.weight, self.eps)
+        return ops.add_layer_norm(x, delta, self.weight, self.bias, self.eps)
 
 
 class MLP(nn.Module):
@@ -44,11 +47,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ops.linear(x, self.up.weight, self.up.bias)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = ops.silu(gate) * up
-        else:
-            h = ops.gelu(h)
+        h = ops.swiglu(h) if self.swiglu else ops.gelu(h)  # swiglu: (.., 2 * ff) -> (.., ff)
         return ops.linear(h, self.down.weight, self.down.bias)
 
 
@@ -63,12 +62,15 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache_pos: int | CacheWrite | None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask, cache_pos)
-        return x + self.mlp(self.norm2(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, this block's MLP output): the caller adds the second, fused with its next norm."""
+        h, x = self.norm1.add(x, delta)  # x += the previous block's MLP output
+        h, x = self.norm2.add(x, self.attn(h, rope, mask, cache_pos))
+        return x, self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -190,17 +192,18 @@ class Transformer(nn.Module):
         last_only: return logits of the last position only, (B, 1, vocab).
         select: (B,) one position per row whose logits to return, (B, 1, vocab) (a padded batch's last tokens).
         """
-        x = self._trunk(idx, positions, mask, cache_pos)  # (B, T, d)
+        x, delta = self._trunk(idx, positions, mask, cache_pos)  # (B, T, d) each
         if last_only:
-            x = x[:, -1:, :]
+            x, delta = x[:, -1:, :], delta[:, -1:, :]
         elif select is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, d)
-        x = self.norm(x)  # after the slice: only the rows that get logits
+            rows = torch.arange(x.shape[0], device=x.device)
+            x, delta = x[rows, select][:, None], delta[rows, select][:, None]  # (B, 1, d)
+        x = self.norm.add(x, delta)[0]  # after the slice: only the rows that get logits
         return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
 
     def hidden(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, d): what the output head sees (used for embeddings)."""
-        return self.norm(self._trunk(idx, None, mask, None))
+        return self.norm.add(*self._trunk(idx, None, mask, None))[0]
 
     def _trunk(
         self,
@@ -208,8 +211,8 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None,
         mask: torch.Tensor | None,
         cache_pos: int | CacheWrite | None,
-    ) -> torch.Tensor:
-        """Embeddings through every block: hidden states (B, T, d) before the final norm."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings through every block: the residual stream (B, T, d) and the last MLP output still to add."""
         T = idx.shape[1]
         start = cache_pos if isinstance(cache_pos, int) else 0
         if positions is None:
@@ -224,14 +227,19 @@ class Transformer(nn.Module):
             if positions.dim() == 1:
                 rope = (rope[0].unsqueeze(0), rope[1].unsqueeze(0))
         x = self.drop(x)
+        delta = None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache_pos, use_reentrant=False)
+                x, delta = checkpoint(block, x, delta, rope, mask, cache_pos, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache_pos)
-        return x
+                x, delta = block(x, delta, rope, mask, cache_pos)
+        assert delta is not None, "a model has at least one block"
+        return x, delta
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy, computed in fp32 for stability."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        """Mean next-token cross-entropy, computed in fp32 for stability.
+
+        On GPUs the output head and the loss are one fused kernel that never holds the full logits.
+        """
+        h = self.norm.add(*self._trunk(idx, None, None, None))[0]  # (B, T, d)
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
