@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+#: Head dims the attention kernels are built for; others take PyTorch's path.
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+
+
 def _kernel(op: str, x: torch.Tensor) -> Callable[..., Any] | None:
     if torch.compiler.is_compiling():
         return None
@@ -138,7 +142,7 @@ def attention(
     if q.shape[2] == 1 and (mask is not None or q.is_cuda):  # a decode step: one query per row
         keep = mask.reshape(mask.shape[0], -1) if mask is not None else q.new_ones(1, k.shape[2], dtype=torch.bool)
         return decode_attention(q, k, v, keep)
-    fast = _kernel("attention", q) if mask is None else None
+    fast = _kernel("attention", q) if mask is None and q.shape[-1] in KERNEL_HEAD_DIMS else None
     if fast:
         return fast(q, k, v, causal=causal)
     gqa = k.shape[1] != q.shape[1]
@@ -147,7 +151,7 @@ def attention(
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One query per row over a padded cache; q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask (B or 1, Tk) bool."""
-    fast = _kernel("decode_attention", q)
+    fast = _kernel("decode_attention", q) if q.shape[-1] in KERNEL_HEAD_DIMS else None
     if fast:
         return fast(q, k, v, mask.expand(q.shape[0], -1))
     if q.device.type != "cuda":  # on CPUs SDPA's fused kernel is faster (measured)
