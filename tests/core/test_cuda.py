@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -160,8 +162,11 @@ def test_compiled_cuda_graph_decoding_equals_eager() -> None:
     assert torch.equal(torch.stack(compiled, 1), torch.stack(eager, 1))
 
 
-def test_decode_attention_equals_sdpa_on_cuda() -> None:
-    from forge.core.ops import _decode_attention
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_attention_equals_sdpa_on_cuda(fused: bool) -> None:
+    """A decode step's attention, with Forge's kernel and with the plain-matmul path it replaced, against SDPA."""
+    from forge import kernels
+    from forge.core import ops
 
     torch.manual_seed(0)
     q = torch.randn(3, 8, 1, 16, device="cuda")
@@ -169,10 +174,8 @@ def test_decode_attention_equals_sdpa_on_cuda() -> None:
     mask = torch.rand(3, 1, 1, 10, device="cuda") > 0.3
     mask[..., 0] = True
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(_decode_attention(q, k, v, mask), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(
-        _decode_attention(q, k, v, None),
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-        rtol=1e-4,
-        atol=1e-5,
-    )
+    unmasked = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with contextlib.nullcontext() if fused else kernels.disabled():
+        assert (kernels.lookup("decode_attention", "cuda") is not None) == fused
+        torch.testing.assert_close(ops.attention(q, k, v, causal=False, mask=mask), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ops.attention(q, k, v, causal=False), unmasked, rtol=1e-4, atol=1e-5)
