@@ -179,3 +179,25 @@ def test_decode_attention_equals_sdpa_on_cuda(fused: bool) -> None:
         assert (kernels.lookup("decode_attention", "cuda") is not None) == fused
         torch.testing.assert_close(ops.attention(q, k, v, causal=False, mask=mask), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ops.attention(q, k, v, causal=False), unmasked, rtol=1e-4, atol=1e-5)
+
+
+def test_captured_decode_graph_is_reused_across_generations() -> None:
+    """A second generation of the same batch size replays the first one's graph, with its own prompt."""
+    model = _peaked_llama()
+    params = SamplingParams(temperature=0)
+
+    def both(prompts: list[list[int]], new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        graphed = torch.stack(list(generate_tokens(model, prompts, max_new_tokens=new, params=params)), 1)
+        eager = torch.stack(list(generate_tokens(model, prompts, max_new_tokens=new, params=params, cuda_graphs=False)))
+        return graphed, eager.T
+
+    first, eager = both([[1, 2, 3, 4, 5], [7, 8]], 40)
+    assert torch.equal(first, eager)
+    kept = dict(model.__dict__["_decode_graphs"])
+    second, eager = both([[9, 10], [11, 12, 13, 14, 15, 16, 17]], 33)  # other prompts, lengths and padding
+    assert torch.equal(second, eager)
+    assert dict(model.__dict__["_decode_graphs"]) == kept  # no new capture
+    model.to(torch.bfloat16)  # new weights in new memory: a new capture, never a stale replay
+    third, eager = both([[1, 2, 3]], 24)
+    assert torch.equal(third, eager)
+    assert len(model.__dict__["_decode_graphs"]) == 2

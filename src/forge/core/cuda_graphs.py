@@ -15,18 +15,29 @@ current step hidden), so shapes never change between steps.
 
 Prefill stays eager (its shape depends on the prompt); sampling other than
 greedy stays on the eager path.
+
+Capturing costs about as much as a hundred replayed steps, so captured
+decoders are kept on the model (:func:`reusable`, the last two shapes) with
+the KV caches their graphs read; a later generation of the same batch size,
+cache length and weights only copies its prompt's mask into the static
+buffers (:meth:`GraphedGreedyDecoder.restart`) and replays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 
 import torch
 
+from forge import kernels
 from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.transformer import Transformer
 
-__all__ = ["GraphedGreedyDecoder"]
+__all__ = ["GraphedGreedyDecoder", "graph_key", "keep", "reusable"]
+
+#: How many captured decoders a model keeps (each holds its own KV caches).
+KEEP = 2
 
 
 class GraphedGreedyDecoder:
@@ -54,7 +65,7 @@ class GraphedGreedyDecoder:
         B, total = valid.shape
         device = valid.device
         self.total = total
-        self.valid = valid
+        self.valid = valid.clone()  # static: restart() copies a new prompt's mask in
         # Each row's position for RoPE: how many real tokens come before the slot (left padding has none).
         self.positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, total)
         self.slots = torch.arange(total, device=device)  # (total,)
@@ -62,11 +73,21 @@ class GraphedGreedyDecoder:
         cache = model.blocks[0].attn.cache
         assert isinstance(cache, KVCache), "set up the KV cache and prefill first"
         self.cache = cache
+        self.caches = [block.attn.cache for block in model.blocks]  # what the graph reads: reinstall to reuse it
         self.token = first[:, None].clone()  # (B, 1): the next input
         self.step = torch.tensor(start, device=device)  # the slot the next input is written to
         self.host_step = start  # the same, on the host: no sync to read it
         self.out = torch.empty(B, chunk, dtype=torch.long, device=device)  # (B, chunk)
         self.graph = self._capture()
+
+    def restart(self, valid: torch.Tensor, *, start: int, first: torch.Tensor) -> None:
+        """Reuse the captured graph for a new generation, its prompt already prefilled into ``self.caches``."""
+        assert valid.shape == self.valid.shape, "a captured decoder is reused only for the same shape"
+        self.valid.copy_(valid)
+        self.positions.copy_((valid.long().cumsum(dim=-1) - 1).clamp(min=0))
+        self.token.copy_(first[:, None])
+        self.step.fill_(start)
+        self.host_step = start
 
     def _forward(self, token: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """One greedy step: the next token (B,) after ``token`` (B, 1) written at slot ``step``."""
@@ -109,3 +130,30 @@ class GraphedGreedyDecoder:
             self.graph.replay()
             self.host_step += self.chunk
             yield self.out.clone()
+
+
+def graph_key(
+    model: Transformer, batch: int, total: int, *, chunk: int, vocab_limit: int | None, compile: bool
+) -> tuple:
+    """What a captured graph depends on: shapes, options, kernels on or off, and where the weights live."""
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    dtype = model.tok_emb.weight.dtype
+    return (batch, total, chunk, vocab_limit, compile, kernels.enabled(), dtype, hash(weights))
+
+
+def reusable(model: Transformer, key: Hashable) -> GraphedGreedyDecoder | None:
+    """The decoder captured for ``key`` on this model, if it is still kept."""
+    kept: OrderedDict[Hashable, GraphedGreedyDecoder] | None = model.__dict__.get("_decode_graphs")
+    if kept is None or key not in kept:
+        return None
+    kept.move_to_end(key)
+    return kept[key]
+
+
+def keep(model: Transformer, key: Hashable, decoder: GraphedGreedyDecoder) -> None:
+    """Keep ``decoder`` for reuse, dropping the least recently used beyond :data:`KEEP`."""
+    kept = model.__dict__.setdefault("_decode_graphs", OrderedDict())
+    kept[key] = decoder
+    kept.move_to_end(key)
+    while len(kept) > KEEP:
+        kept.popitem(last=False)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from forge.core.cuda_graphs import GraphedGreedyDecoder
+from forge.core.cuda_graphs import GraphedGreedyDecoder, graph_key, keep, reusable
 from forge.core.sampling import SamplingParams, process_logits, sample
 from forge.core.transformer import Transformer
 
@@ -104,14 +104,25 @@ def generate_tokens(
         rows = torch.arange(B, device=device)[:, None].expand_as(tokens)
         seen[rows[valid], tokens[valid]] = True
     counts = torch.zeros(B, model.config.vocab_size, device=device) if params.penalised else None
-    valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    graphable = use_cache and cuda_graphs and device.type == "cuda" and params.greedy
+    graphable = graphable and seen is None and counts is None and observe is None
+    key, decoder = None, None
+    if graphable:
+        # A cache rounded up to 256 slots lets generations of other lengths replay the same captured graph.
+        total = min(model.config.context_length, -(-total // 256) * 256)
+        key = (graph_key(model, B, total, chunk=graph_chunk, vocab_limit=vocab_limit, compile=compile), autocast_dtype)
+        decoder = reusable(model, key)
+    valid = torch.cat([valid, torch.ones(B, total - T, dtype=torch.bool, device=device)], dim=1)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     was_training = model.training
     model.eval()
     try:
         with autocast:
             if use_cache:
-                model.setup_cache(B, total, dtype=autocast_dtype)
+                if decoder is not None:  # its graph reads these caches: the prompt goes there
+                    model.use_caches(decoder.caches)
+                else:
+                    model.setup_cache(B, total, dtype=autocast_dtype)
                 logits = prefill(model, tokens, valid[:, :T], padded)
             else:
                 logits = _forward_full(model, tokens, valid[:, :T], padded)
@@ -129,9 +140,10 @@ def generate_tokens(
                 if counts is not None:
                     counts[torch.arange(B, device=device), nxt] += 1
                 pos = T + step
-                graphable = use_cache and cuda_graphs and device.type == "cuda" and params.greedy
-                if graphable and step == 0 and seen is None and counts is None and observe is None:
-                    yield from _graphed(model, nxt, valid, T, max_new_tokens, vocab_limit, padded, graph_chunk, compile)
+                if graphable and step == 0:
+                    yield from _graphed(
+                        model, nxt, valid, T, max_new_tokens, vocab_limit, padded, graph_chunk, compile, decoder, key
+                    )
                     return
                 if use_cache:
                     logits = decode_one(model, nxt[:, None], pos, valid, padded)
@@ -152,17 +164,25 @@ def _graphed(
     vocab_limit: int | None,
     padded: bool,
     chunk: int,
-    compile: bool = False,
+    compile: bool,
+    decoder: GraphedGreedyDecoder | None,
+    key: tuple,
 ) -> Iterator[torch.Tensor]:
-    """Greedy tokens 2..max_new_tokens: whole chunks from a CUDA graph, the tail (under a chunk) eagerly."""
+    """Greedy tokens 2..max_new_tokens: whole chunks from a CUDA graph, the tail (under a chunk) eagerly.
+
+    ``decoder`` is one captured earlier for the same ``key`` (its caches already hold the prompt).
+    """
     done, nxt = 1, first
-    # Capturing costs a few eager steps: worth it for two chunks or more (and the warm-up must fit in the cache).
-    worth_it = max_new_tokens > 2 * chunk
-    chunks = (
-        GraphedGreedyDecoder(model, valid, start=T, first=first, vocab_limit=vocab_limit, chunk=chunk)
-        if worth_it
-        else ()
-    )
+    chunks: Iterator[torch.Tensor] | tuple[()] = ()
+    if decoder is not None:
+        decoder.restart(valid, start=T, first=first)
+        chunks = iter(decoder)
+    elif max_new_tokens > 2 * chunk:  # capturing costs ~100 steps; for a short run the eager path is enough
+        decoder = GraphedGreedyDecoder(
+            model, valid, start=T, first=first, vocab_limit=vocab_limit, chunk=chunk, compile=compile
+        )
+        keep(model, key, decoder)
+        chunks = iter(decoder)
     for block in chunks:
         for j in range(block.shape[1]):
             nxt = block[:, j]

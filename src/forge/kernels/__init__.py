@@ -20,7 +20,17 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ALL_KERNELS", "CUDA_KERNELS", "disabled", "load", "lookup", "register", "registered", "unload"]
+__all__ = [
+    "ALL_KERNELS",
+    "CUDA_KERNELS",
+    "disabled",
+    "enabled",
+    "load",
+    "lookup",
+    "register",
+    "registered",
+    "unload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +116,11 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def enabled() -> bool:
+    """False inside :func:`disabled`: whatever was captured with kernels must not be replayed there."""
+    return _enabled
 
 
 def registered() -> dict[tuple[str, str], str]:
