@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -28,6 +29,15 @@ def environment(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def save_gpu_result(name: str, out: dict[str, object]) -> None:
+    """Print ``out`` as JSON and save it as benchmarks/results/<name>_<GPU name>.json."""
+    text = json.dumps(out, indent=2)
+    print(text)
+    dest = ROOT / "benchmarks" / "results"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"{name}_{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(text + "\n")
 
 
 def _git_commit() -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, environment
+from _common import environment, save_gpu_result
 from forge import kernels
 from forge.config import ModelConfig
 from forge.core.generate import generate_tokens
@@ -153,11 +153,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
     out = {"benchmark": "decode_gpu", "results": results, "env": environment(torch.device("cuda"))}
-    text = json.dumps(out, indent=2)
-    print(text)
-    dest = ROOT / "benchmarks" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"decode_gpu_{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(text + "\n")
+    save_gpu_result("decode_gpu", out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, environment
+from _common import environment, save_gpu_result
 from forge.core import ops
 from forge.kernels import disabled, load
 
@@ -159,11 +159,7 @@ def main() -> None:
         "results": rows,
         "env": environment(dev),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    dest = ROOT / "benchmarks" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"kernels_gpu_{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(text + "\n")
+    save_gpu_result("kernels_gpu", out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, environment
+from _common import environment, save_gpu_result
 from forge import kernels
 from forge.core.optim import clip_grad_norm
 from forge.data import TokenDataset
@@ -172,11 +172,7 @@ def main() -> None:
         out["speedup_vs_transformers_compiled"] = (
             results["forge_compiled"]["tokens_per_s"] / results["transformers_compiled"]["tokens_per_s"]
         )
-    text = json.dumps(out, indent=2)
-    print(text)
-    dest = ROOT / "benchmarks" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"train_gpu_{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(text + "\n")
+    save_gpu_result("train_gpu", out)
 
 
 def _without_kernels(fn: object) -> dict:
