@@ -1,4 +1,4 @@
-"""The Triton attention kernels against their PyTorch twins in ``forge.kernels.reference``.
+"""The Triton flash attention kernel against its PyTorch twin in ``forge.kernels.reference``.
 
 On CPUs these run through Triton's interpreter, so the shapes are small; the ``tiles`` fixture also
 shrinks the kernels' tiles to 16 so that even short sequences cross several tiles (the causal diagonal,
@@ -14,6 +14,7 @@ from kernel_checks import DEVICE, ON_GPU, close
 
 from forge.kernels import attention as attn
 from forge.kernels import reference
+from forge.kernels.decode_attention import decode_attention
 
 
 @pytest.fixture(params=["default tiles", "small tiles", "small tiles, pointer loads"])
@@ -27,7 +28,6 @@ def tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
         monkeypatch.setattr(attn, "_fwd_config", small)
         monkeypatch.setattr(attn, "_bwd_dq_config", small)
         monkeypatch.setattr(attn, "_bwd_dkdv_config", small)
-        monkeypatch.setattr(attn, "_decode_config", lambda *_: attn._Config(16, 16, 4, 2))
     return request.param
 
 
@@ -150,86 +150,10 @@ def test_attention_rejects_unsupported_head_dims(D: int) -> None:
     with pytest.raises(ValueError, match=rf"head dim {D} is not supported.*power of two from 16 to 128"):
         attn.attention(q, k, v, causal=True)
     with pytest.raises(ValueError, match=rf"head dim {D} is not supported"):
-        attn.decode_attention(q[:, :, :1], k, v, torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
+        decode_attention(q[:, :, :1], k, v, torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
 
 
 def test_attention_rejects_mismatched_heads() -> None:
     q, k, v = _qkv(1, 3, 2, 4, 4, 16, torch.float32)
     with pytest.raises(ValueError, match="multiple of the kv heads"):
         attn.attention(q, k, v, causal=False)
-
-
-def _decode_mask(B: int, Tk: int) -> torch.Tensor:
-    """Rows of random holes, then: one allowed key; a left-padded prompt in a cache filled halfway; one
-    allowed key at the very end; a cache filled only at its start, as early in a generation."""
-    mask = torch.rand(B, Tk, device=DEVICE) > 0.3
-    pos = torch.arange(Tk, device=DEVICE)
-    if B > 1:
-        mask[1] = pos == Tk // 3
-    if B > 2:
-        mask[2] = (pos >= Tk // 5) & (pos < max(Tk // 2, Tk // 5 + 1))
-    if B > 3:
-        mask[3] = pos == Tk - 1
-    if B > 4:
-        mask[4] = pos < 3
-    mask[:, 0] |= ~mask.any(dim=1)  # every row attends somewhere
-    return mask
-
-
-# (B, H, Hkv, Tk, D): one split and several, grouped heads of 1, 2 and 4.
-DECODE_SHAPES = [
-    (5, 4, 2, 20, 32),
-    (5, 4, 1, 300, 16),
-    (3, 2, 2, 130, 64),
-    (1, 8, 2, 64, 16),
-]
-if ON_GPU:  # the last has one split of 3000 keys, scanned for its mask in two pieces
-    DECODE_SHAPES += [(8, 32, 8, 4096, 128), (5, 16, 16, 3000, 64), (1, 32, 4, 1024, 128), (64, 16, 8, 3000, 64)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "B{}H{}kv{}k{}D{}".format(*s))
-def test_decode_attention_matches_reference(shape: tuple, dtype: torch.dtype, tiles: str) -> None:
-    B, H, Hkv, Tk, D = shape
-    q, k, v = _qkv(B, H, Hkv, 1, Tk, D, dtype)
-    mask = _decode_mask(B, Tk)
-    out = attn.decode_attention(q, k, v, mask)
-    assert out.shape == (B, H, 1, D) and out.dtype == dtype
-    close(out, reference.decode_attention(q, k, v, mask), dtype, scale=5)
-
-
-def test_decode_attention_ignores_masked_garbage() -> None:
-    """Masked cache slots may hold anything, even inf or NaN left by an earlier sequence."""
-    B, H, Hkv, Tk, D = 2, 4, 2, 40, 32
-    q, k, v = _qkv(B, H, Hkv, 1, Tk, D, torch.float32)
-    mask = _decode_mask(B, Tk)
-    want = reference.decode_attention(q, k, v, mask)
-    k = k.masked_fill(~mask[:, None, :, None], float("nan"))
-    v = v.masked_fill(~mask[:, None, :, None], float("inf"))
-    close(attn.decode_attention(q, k, v, mask), want, torch.float32, scale=5)
-
-
-def test_decode_attention_takes_a_broadcast_mask() -> None:
-    """forge.core.ops expands one (1, Tk) mask over the batch: a stride-0 view."""
-    B, H, Hkv, Tk, D = 3, 4, 2, 50, 16
-    q, k, v = _qkv(B, H, Hkv, 1, Tk, D, torch.float32)
-    mask = _decode_mask(1, Tk).expand(B, -1)
-    close(attn.decode_attention(q, k, v, mask), reference.decode_attention(q, k, v, mask), torch.float32, scale=5)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_decode_attention_replays_in_a_cuda_graph() -> None:
-    B, H, Hkv, Tk, D = 4, 16, 4, 2048, 128
-    q, k, v = _qkv(B, H, Hkv, 1, Tk, D, torch.bfloat16)
-    mask = _decode_mask(B, Tk)
-    attn.decode_attention(q, k, v, mask)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attn.decode_attention(q, k, v, mask)
-    for _ in range(2):  # new contents in the same buffers, as a decode loop does
-        q.copy_(torch.randn_like(q))
-        mask.copy_(_decode_mask(B, Tk))
-        graph.replay()
-        torch.cuda.synchronize()
-        close(out, reference.decode_attention(q, k, v, mask), torch.bfloat16, scale=5)

@@ -43,7 +43,7 @@ ALL_KERNELS: dict[str, str] = {
     "softmax": "softmax:softmax",
     "rope": "rope:rope",
     "attention": "attention:attention",
-    "decode_attention": "attention:decode_attention",
+    "decode_attention": "decode_attention:decode_attention",
     "linear_cross_entropy": "cross_entropy:linear_cross_entropy",
 }
 

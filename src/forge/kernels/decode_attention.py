@@ -1,0 +1,249 @@
+"""Triton split-K flash decoding: attention for one query per sequence, over a KV cache, during generation.
+
+``decode_attention`` serves one query per sequence over a preallocated, padded KV cache. A single query
+gives each (batch, kv head) far too little work to fill the GPU, so the cache is cut into splits
+processed in parallel and merged by a second small kernel ("flash decoding"). Every launch parameter
+depends on shapes alone, so the call can be captured in a CUDA graph.
+
+It is a separate op from ``forge.kernels.attention`` (training and prefill) but shares its input checks,
+dot and launch-config tuple, imported from there. As there, query head h reads kv head h // (H // Hkv)
+inside the kernels, so keys and values are never repeated in memory. ``forge.kernels.reference`` holds
+the PyTorch twin this is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from forge.kernels.attention import _LOG2E, _check, _Config, _dot, _dot_precision, _upcast
+
+__all__ = ["decode_attention"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split(
+    Q,
+    K,
+    V,
+    MASK,
+    Out,
+    PART_M,
+    PART_L,
+    PART_ACC,
+    sqb,
+    sqh,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    smb,
+    smt,
+    sob,
+    soh,
+    sod,
+    H,
+    Hkv,
+    G,
+    Tk,
+    chunk,
+    splits,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
+    SINGLE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One split of the cache for all G query heads of one kv head: K and V are read once per group."""
+    bhkv = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bhkv // Hkv
+    hkv = bhkv % Hkv
+    b64 = b.to(tl.int64)
+    hkv64 = hkv.to(tl.int64)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < G
+    heads = hkv * G + offs_g
+    # The G heads are rows of one matrix so the scores are a tensor-core dot; rows past G are padding.
+    q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+
+    k_ptrs = K + b64 * skb + hkv64 * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
+    v_ptrs = V + b64 * svb + hkv64 * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+    mask_ptr = MASK + b64 * smb
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, Tk)
+    # A preallocated cache is mostly empty early in a generation, and prompts may be left-padded: find the
+    # span of allowed keys in this split first (one byte per key, against 4 * D for K and V) and walk only
+    # that. The bounds come from data on the device, so the launch stays the same for a CUDA graph.
+    offs_s = tl.arange(0, SCAN)
+    first = hi
+    last = lo
+    for start in range(lo, hi, SCAN):
+        cols = start + offs_s
+        ok = tl.load(mask_ptr + cols * smt, mask=cols < hi, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(ok, cols, hi), 0))
+        last = tl.maximum(last, tl.max(tl.where(ok, cols + 1, lo), 0))
+    for start_n in range(lo + (first - lo) // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        allowed = tl.load(mask_ptr + cols * smt, mask=cols < hi, other=0) != 0
+        # Loads predicated on the mask fetch nothing for the holes inside the span.
+        k = tl.load(k_ptrs + start_n * skt, mask=allowed[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * svt, mask=allowed[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        qk = tl.where(allowed[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+        m_i = m_ij
+
+    if SINGLE:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = Out + b64 * sob + heads[:, None] * soh + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        part = (b64 * H + heads) * splits + split  # partials laid out (B, H, splits[, D])
+        tl.store(PART_M + part, m_i, mask=g_ok)
+        tl.store(PART_L + part, l_i, mask=g_ok)
+        tl.store(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def _decode_merge(
+    PART_M,
+    PART_L,
+    PART_ACC,
+    Out,
+    sob,
+    soh,
+    sod,
+    H,
+    splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Combine the splits' (max, sum, unnormalised output) of one (batch, head) into its output row."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < splits
+    part = bh.to(tl.int64) * splits + offs_s
+    m = tl.load(PART_M + part, mask=s_ok, other=-1.0e30)
+    l_s = tl.load(PART_L + part, mask=s_ok, other=0.0)
+    acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - m_max)  # splits with no allowed key have m = -1e30 and weigh 0
+    denom = tl.sum(l_s * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_d * sod
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> _Config:
+    """block_m is unused by decoding (the group's heads form the rows)."""
+    if dtype == torch.float32:
+        return _Config(16, 32, 4, 2)
+    return _Config(16, 64 if head_dim > 64 else 128, 4, 3)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count_cuda(index: int) -> int:
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _decode_splits(batch_kv_heads: int, tk: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(splits, keys per split): about two programs per SM, each with at least a couple of tiles."""
+    tiles = triton.cdiv(tk, block_n)
+    splits = max(1, min(triton.cdiv(2 * sms, batch_kv_heads), triton.cdiv(tiles, 2), 64))
+    chunk = triton.cdiv(tiles, splits) * block_n
+    return triton.cdiv(tk, chunk), chunk
+
+
+# ----------------------------------------------------------------------------------------------------
+# Python entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over a padded cache: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask (B, Tk) bool.
+
+    True in ``mask`` means the key may be attended to; every row must have at least one. Forward only.
+    Launches one kernel, or two when the cache is split; the launch depends on shapes alone (no host
+    sync), so it can be captured in a CUDA graph.
+    """
+    B, H, Hkv, Tq, Tk, D = _check(q, k, v, "decode_attention")
+    if Tq != 1:
+        raise ValueError(f"decode_attention: q must hold one query per row, (B, H, 1, D); got {tuple(q.shape)}")
+    if mask.shape != (B, Tk) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"decode_attention: mask must be a bool (B, Tk) = ({B}, {Tk}); got {mask.dtype} {tuple(mask.shape)}"
+        )
+    G = H // Hkv
+    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+    if B * H == 0:
+        return out
+    cfg = _decode_config(D, q.dtype)
+    splits, chunk = _decode_splits(B * Hkv, Tk, cfg.block_n, _sm_count(q.device))
+    if splits > 1:
+        part_m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+    else:  # never touched by the kernel when there is one split
+        part_m = part_l = part_acc = out
+    mask_u8 = mask.view(torch.uint8)  # same bytes; bool pointers are awkward in Triton
+    _decode_split[(B * Hkv, splits)](
+        q, k, v, mask_u8, out, part_m, part_l, part_acc,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_u8.stride(),
+        out.stride(0), out.stride(1), out.stride(3),
+        H, Hkv, G, Tk, chunk, splits, D**-0.5 * _LOG2E,
+        HEAD_DIM=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=cfg.block_n,
+        SCAN=max(cfg.block_n, min(2048, triton.next_power_of_2(chunk))), SINGLE=splits == 1,
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _decode_merge[(B * H,)](
+            part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(3), H, splits,
+            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+        )  # fmt: skip
+    return out
