@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -29,6 +30,11 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.ready = ready
         self.port: int | None = None
+        self.signalled: int | None = None
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self.signalled = sig  # remembered: Ctrl-C must end in KeyboardInterrupt after the graceful shutdown
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -98,6 +104,10 @@ async def serve(
     task = asyncio.ensure_future(run())
     try:
         await asyncio.shield(task)
+        # uvicorn re-raises a captured Ctrl-C once it has shut down, but whether that still reaches this
+        # task depends on timing; say it here, so `forge serve` always exits as interrupted (130).
+        if server.signalled == signal.SIGINT:
+            raise KeyboardInterrupt
     except asyncio.CancelledError:
         server.should_exit = True
         while not task.done():
