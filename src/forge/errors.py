@@ -11,7 +11,9 @@ server render errors without ``isinstance`` ladders::
     ├── CheckpointError        exit 4, HTTP 404   a missing or corrupted checkpoint
     ├── DeviceError            exit 5, HTTP 400   an unknown or unavailable device
     ├── GenerationError        exit 6, HTTP 400   a request the model cannot serve
-    └── QueueFullError         exit 7, HTTP 429   the server's queue is full (Retry-After)
+    ├── QueueFullError         exit 7, HTTP 429   the server's queue is full (Retry-After)
+    ├── StoreError             exit 8, HTTP 400   a vector store that can't be opened or used as asked
+    └── EmbeddingError         exit 9, HTTP 502   an embedding server failed or could not be reached
 
 Messages say what was wrong, the value, and the fix.
 """
@@ -23,10 +25,12 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DeviceError",
+    "EmbeddingError",
     "ForgeError",
     "GenerationError",
     "PresetNotFoundError",
     "QueueFullError",
+    "StoreError",
 ]
 
 
@@ -116,3 +120,18 @@ class QueueFullError(ForgeError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StoreError(ForgeError):
+    """A RAG vector store can't be opened, or is used with vectors it wasn't built from."""
+
+    exit_code = 8
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class EmbeddingError(ForgeError):
+    """An embedding server failed, answered with something that is not embeddings, or could not be reached."""
+
+    exit_code = 9
+    http_status = 502  # the upstream embedding server failed, not the request

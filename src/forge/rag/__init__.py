@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: loaders, chunking, embedders, stores, retrieval."""

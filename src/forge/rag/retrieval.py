@@ -1,0 +1,216 @@
+"""``Rag``: documents in, cited answers out.
+
+Ingest: load each file (``loaders``), skip it if its sha256 matches what the
+store recorded, chunk it by tokens (``chunking``), drop chunks whose content
+hash is already stored, embed the rest in batches, and replace the source's
+chunks in one transaction. A bad file is reported and skipped; the rest go on.
+
+Answer: embed the question, take the top k chunks, pack as many as fit the
+chat model's context (best first, each numbered), and ask the model to answer
+from them citing ``[n]``. The answer comes back with the sources it cites.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forge.app import Forge
+from forge.errors import ConfigError
+from forge.rag.chunking import chunk_text, content_hash
+from forge.rag.embed import Embedder, LocalEmbedder
+from forge.rag.loaders import Document, LoadFailure, load_documents
+from forge.rag.store import Hit, NewChunk, SqliteStore, VectorStore
+
+__all__ = ["Answer", "Citation", "IngestReport", "Rag"]
+
+SYSTEM_PROMPT = (
+    "Answer the question using only the numbered sources. After each claim, cite the source it came from "
+    "as [1], [2], and so on. If the sources do not contain the answer, say that you don't know."
+)
+
+
+@dataclass
+class IngestReport:
+    """What ``Rag.add`` did: files (re)embedded, unchanged files skipped, failures, chunk counts."""
+
+    added: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failures: list[LoadFailure] = field(default_factory=list)
+    chunks: int = 0
+    duplicates: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"{len(self.added)} added, {len(self.unchanged)} unchanged, {len(self.failures)} failed; "
+            f"{self.chunks} chunks stored, {self.duplicates} duplicates dropped"
+        )
+        return text + "".join(f"\n  skipped {f.source}: {f.reason}" for f in self.failures)
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """Source ``number`` as the answer cites it: where the passage is, and its text."""
+
+    number: int
+    source: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    text: str
+    citations: list[Citation]  # the sources the answer cites, in order of number
+    sources: list[Citation]  # every source the model was given
+
+
+class Rag:
+    """Retrieval over a vector store, answering with a Forge app's chat model.
+
+    >>> rag = Rag(":memory:", embedder=my_embedder)  # doctest: +SKIP
+    >>> rag.add(["notes/"]).summary()  # doctest: +SKIP
+    '3 added, 0 unchanged, 0 failed; 41 chunks stored, 0 duplicates dropped'
+    >>> rag.query("when is the launch?", k=3)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        store: str | Path | VectorStore = "forge-rag.db",
+        *,
+        embedder: Embedder | None = None,
+        app: Forge | None = None,
+        chunk_tokens: int = 200,
+        chunk_overlap: int = 40,
+        context_tokens: int = 1536,
+    ) -> None:
+        self.store: VectorStore = SqliteStore(store) if isinstance(store, (str, Path)) else store
+        self.embedder = embedder if embedder is not None else LocalEmbedder.default()
+        if chunk_tokens > self.embedder.max_tokens:
+            raise ConfigError(
+                f"chunk_tokens={chunk_tokens} is longer than the embedder's {self.embedder.max_tokens}-token "
+                f"window; use {self.embedder.max_tokens} or less"
+            )
+        self.chunk_tokens, self.chunk_overlap, self.context_tokens = chunk_tokens, chunk_overlap, context_tokens
+        self._app = app
+
+    # -- ingest ---------------------------------------------------------------
+    def add(
+        self,
+        paths: str | Path | Iterable[str | Path] = (),
+        *,
+        texts: Sequence[str] | Mapping[str, str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> IngestReport:
+        """Ingest files and folders (recursively), and/or raw ``texts`` (a list, or {source name: text}).
+
+        Unchanged files (same sha256 as last time) are skipped; a bad file is reported in the result.
+        """
+        report = IngestReport()
+        items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        for item in load_documents(items):
+            if isinstance(item, LoadFailure):
+                report.failures.append(item)
+            else:
+                self._ingest(item, metadata, report)
+        named = texts.items() if isinstance(texts, Mapping) else ((f"text:{i}", t) for i, t in enumerate(texts))
+        for source, text in named:
+            doc = Document(source=source, text=text, sha256=content_hash(text), kind="text")
+            self._ingest(doc, metadata, report)
+        return report
+
+    def _ingest(self, doc: Document, metadata: Mapping[str, Any] | None, report: IngestReport) -> None:
+        if self.store.source_hash(doc.source) == doc.sha256:
+            report.unchanged.append(doc.source)
+            return
+        pieces = chunk_text(
+            doc.text, self.embedder.count_tokens, max_tokens=self.chunk_tokens, overlap=self.chunk_overlap
+        )
+        seen: set[str] = set()
+        chunks = []
+        for piece in pieces:
+            digest = content_hash(piece.text)
+            if digest in seen:  # repeated within the document
+                report.duplicates += 1
+                continue
+            seen.add(digest)
+            meta = {"kind": doc.kind, **(metadata or {})}
+            chunks.append(NewChunk(piece.text, piece.start, piece.end, digest, meta))
+        vectors = self.embedder.embed([c.text for c in chunks])
+        name = self.embedder.name
+        stored, dropped = self.store.replace_source(doc.source, doc.sha256, chunks, vectors, embedder=name)
+        report.added.append(doc.source)
+        report.chunks += stored
+        report.duplicates += dropped
+
+    # -- retrieval ------------------------------------------------------------
+    def query(self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` chunks closest to ``question``, best first, each with its source, span and score."""
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"the question must be a non-empty string, got {question!r}")
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        return self.store.search(self.embedder.embed([question])[0], k, filter)
+
+    # -- answering --------------------------------------------------------------
+    @property
+    def app(self) -> Forge:
+        """The chat app answering questions: SmolLM2 unless one was given."""
+        if self._app is None:  # loaded on first use: ingest and retrieval don't need a chat model
+            self._app = Forge("smollm2")
+        return self._app
+
+    def messages(self, question: str, hits: Sequence[Hit]) -> tuple[list[dict[str, str]], list[Citation]]:
+        """The chat messages for ``question``: as many sources as fit the context budget, numbered."""
+        tokenizer = self.app.tokenizer
+        assert tokenizer is not None, "the app has a model"
+        budget = self.context_tokens - len(tokenizer.encode(SYSTEM_PROMPT + question)) - 32
+        sources: list[Citation] = []
+        blocks: list[str] = []
+        for hit in hits:
+            n = len(sources) + 1
+            block = f"[{n}] ({Path(hit.chunk.source).name})\n{hit.chunk.text.strip()}"
+            cost = len(tokenizer.encode(block))
+            if cost > budget:
+                break
+            budget -= cost
+            blocks.append(block)
+            c = hit.chunk
+            sources.append(Citation(n, c.source, c.start, c.end, c.text, hit.score))
+        content = "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}], sources
+
+    def answer(self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any) -> Answer:
+        """The chat model's answer from the top ``k`` chunks, with the sources it cites."""
+        messages, sources = self.messages(question, self.query(question, k, filter))
+        text = self.app.sync.chat(messages, **{"temperature": 0.0, "max_tokens": 256, **options})
+        return Answer(text=text, citations=cited(text, sources), sources=sources)
+
+    def answer_stream(
+        self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any
+    ) -> tuple[Iterator[str], list[Citation]]:
+        """The answer piece by piece, and the numbered sources it may cite."""
+        messages, sources = self.messages(question, self.query(question, k, filter))
+        return self.app.sync.chat_stream(messages, **{"temperature": 0.0, "max_tokens": 256, **options}), sources
+
+    async def astream(
+        self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncIterator[str]:
+        """The answer piece by piece, in an event loop."""
+        messages, _ = self.messages(question, self.query(question, k, filter))
+        async for piece in self.app.chat_stream(messages, **{"temperature": 0.0, "max_tokens": 256, **options}):
+            yield piece
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def cited(text: str, sources: Sequence[Citation]) -> list[Citation]:
+    """The sources an answer refers to as [n], in order of number."""
+    numbers = {int(m) for m in re.findall(r"\[(\d+)\]", text)}
+    return [s for s in sources if s.number in numbers]

@@ -1,0 +1,304 @@
+"""Vector stores: chunks, their metadata and embeddings, searched by exact cosine similarity.
+
+``SqliteStore`` is the embedded default: one SQLite file. It runs in WAL mode,
+so readers keep searching while a writer ingests, and every source is
+replaced in one transaction: a crash mid-ingest leaves the store as it was
+before that source, and the source's recorded hash is written in the same
+transaction, so a re-run re-embeds exactly what is missing.
+
+Search is exact: the vectors (unit length, so cosine is a dot product) are
+read once into one float32 matrix and kept until another write changes the
+file (SQLite's ``data_version`` says when). A query is one matrix-vector
+product and a partial sort; at a million 384-d chunks that is 1.5 GB and a
+few tens of milliseconds. Metadata filters run in SQL (``json_extract``) and
+mask the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from forge.errors import ConfigError, StoreError
+
+__all__ = ["Hit", "NewChunk", "SourceInfo", "SqliteStore", "StoreError", "StoredChunk", "VectorStore"]
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True, slots=True)
+class NewChunk:
+    """A chunk to store: its text, where it sits in its source, its content hash and metadata."""
+
+    text: str
+    start: int
+    end: int
+    hash: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    id: int
+    source: str
+    start: int
+    end: int
+    text: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A retrieved chunk and its cosine similarity to the query."""
+
+    chunk: StoredChunk
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    source: str
+    sha256: str
+    chunks: int
+    added_at: float
+
+
+class VectorStore(Protocol):
+    """What ``Rag`` needs from a store; ``SqliteStore`` and ``PgVectorStore`` implement it."""
+
+    def embedder_name(self) -> str | None: ...
+
+    def source_hash(self, source: str) -> str | None: ...
+
+    def replace_source(
+        self, source: str, sha256: str, chunks: Sequence[NewChunk], vectors: np.ndarray, *, embedder: str
+    ) -> tuple[int, int]: ...
+
+    def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]: ...
+
+    def sources(self) -> list[SourceInfo]: ...
+
+    def delete(self, source: str) -> int: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (
+    source TEXT PRIMARY KEY, sha256 TEXT NOT NULL, chunks INTEGER NOT NULL, added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    end INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    metadata TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_source ON chunks (source);
+"""
+
+_FILTER_KEY = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
+
+
+class SqliteStore:
+    """Chunks, metadata and vectors in one SQLite file; exact cosine search.
+
+    >>> store = SqliteStore(":memory:")
+    >>> store.count()
+    0
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            parent = Path(self.path).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise StoreError(f"can't create the store {self.path!r}: folder {str(parent)!r} does not exist")
+        try:
+            # One connection shared by threads (the server's workers), guarded by a lock.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._meta("schema")
+            if version is None:
+                with self._db:
+                    self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                raise StoreError(f"{self.path!r} has store schema {version}; this Forge reads {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"can't open {self.path!r} as a Forge store: {exc}") from exc
+        self._lock = threading.RLock()
+        self._ids: np.ndarray | None = None  # (N,) int64, ascending
+        self._matrix: np.ndarray | None = None  # (N, dim) float32
+        self._version: int | None = None
+
+    # -- metadata ---------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def embedder_name(self) -> str | None:
+        """The embedder the stored vectors came from (queries must use the same one)."""
+        with self._lock:
+            return self._meta("embedder")
+
+    def dim(self) -> int | None:
+        with self._lock:
+            value = self._meta("dim")
+            return None if value is None else int(value)
+
+    # -- writes -----------------------------------------------------------------
+    def source_hash(self, source: str) -> str | None:
+        """The sha256 recorded when ``source`` was last ingested completely, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT sha256 FROM sources WHERE source = ?", (source,)).fetchone()
+            return None if row is None else str(row[0])
+
+    def replace_source(
+        self, source: str, sha256: str, chunks: Sequence[NewChunk], vectors: np.ndarray, *, embedder: str
+    ) -> tuple[int, int]:
+        """Atomically replace ``source``'s chunks; returns (stored, dropped as duplicates of stored chunks)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
+            raise StoreError(f"{len(chunks)} chunks need {len(chunks)} vectors, got an array of {vectors.shape}")
+        dim = vectors.shape[1]
+        if len(vectors) and not _is_unit(vectors):
+            raise StoreError("vectors must be unit length (normalise each row): the store searches by dot product")
+        with self._lock, self._db:  # one transaction: all of it or none of it
+            self._check_embedder(embedder, dim)
+            self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
+            stored = 0
+            for chunk, vector in zip(chunks, vectors, strict=True):
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO chunks (source, start, end, text, hash, metadata, vector)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        source,
+                        chunk.start,
+                        chunk.end,
+                        chunk.text,
+                        chunk.hash,
+                        json.dumps(dict(chunk.metadata)),
+                        vector.tobytes(),
+                    ),
+                )
+                stored += cur.rowcount
+            self._db.execute(
+                "INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?)", (source, sha256, stored, time.time())
+            )
+        return stored, len(chunks) - stored
+
+    def _check_embedder(self, embedder: str, dim: int) -> None:
+        known, known_dim = self._meta("embedder"), self._meta("dim")
+        if known is None:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (embedder,))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(dim),))
+        elif known != embedder or int(known_dim or 0) != dim:
+            raise StoreError(
+                f"{self.path!r} holds vectors from {known!r} ({known_dim}-d); these come from {embedder!r} "
+                f"({dim}-d): use the same embedder, or a new store"
+            )
+
+    def delete(self, source: str) -> int:
+        """Remove a source and its chunks; returns how many chunks went."""
+        with self._lock, self._db:
+            n = self._db.execute("DELETE FROM chunks WHERE source = ?", (source,)).rowcount
+            self._db.execute("DELETE FROM sources WHERE source = ?", (source,))
+        return n
+
+    # -- reads ------------------------------------------------------------------
+    def sources(self) -> list[SourceInfo]:
+        with self._lock:
+            rows = self._db.execute("SELECT source, sha256, chunks, added_at FROM sources ORDER BY source").fetchall()
+        return [SourceInfo(*row) for row in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, matrix), reread only when the file changed since the last read."""
+        version = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
+        if self._matrix is None or self._ids is None or version != self._version:
+            rows = self._db.execute("SELECT id, vector FROM chunks ORDER BY id").fetchall()
+            dim = self.dim() or 0
+            self._ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            self._matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            self._version = version
+        return self._ids, self._matrix
+
+    def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` chunks most similar to ``vector`` (unit length), best first, among those ``filter`` allows.
+
+        ``filter`` maps metadata keys (or ``source``) to a value, or a list of allowed values.
+        """
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        with self._lock:
+            ids, matrix = self._vectors()
+            if len(ids) == 0:
+                return []
+            if query.shape[0] != matrix.shape[1]:
+                raise StoreError(f"a {query.shape[0]}-d query against {matrix.shape[1]}-d vectors: wrong embedder")
+            scores = matrix @ query  # (N,)
+            if filter:
+                allowed = np.isin(ids, self._filtered_ids(filter), assume_unique=True)
+                scores = np.where(allowed, scores, -np.inf)
+            k = min(k, len(ids))
+            top = np.argpartition(-scores, k - 1)[:k]
+            top = top[np.argsort(-scores[top], kind="stable")]
+            top = top[np.isfinite(scores[top])]
+            chunks = self._chunks([int(ids[i]) for i in top])
+        return [Hit(chunk=chunks[int(ids[i])], score=float(scores[i])) for i in top]
+
+    def _filtered_ids(self, filter: Mapping[str, Any]) -> np.ndarray:
+        clauses, params = [], []
+        for key, wanted in filter.items():
+            if not key or any(c not in _FILTER_KEY for c in key):
+                raise ConfigError(f"filter key {key!r} must be a metadata name (letters, digits, '_' and '.')")
+            column = "source" if key == "source" else f"json_extract(metadata, '$.{key}')"
+            values = list(wanted) if isinstance(wanted, (list, tuple, set)) else [wanted]
+            clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params.extend(values)
+        rows = self._db.execute(f"SELECT id FROM chunks WHERE {' AND '.join(clauses)}", params).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def _chunks(self, ids: list[int]) -> dict[int, StoredChunk]:
+        if not ids:
+            return {}
+        rows = self._db.execute(
+            f"SELECT id, source, start, end, text, metadata FROM chunks WHERE id IN ({', '.join('?' * len(ids))})", ids
+        ).fetchall()
+        return {r[0]: StoredChunk(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_unit(vectors: np.ndarray) -> bool:
+    norms = np.linalg.norm(vectors, axis=-1)
+    return bool(np.all(np.abs(norms - 1) < 1e-3)) and not math.isnan(float(norms.sum()))
