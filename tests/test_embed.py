@@ -58,7 +58,7 @@ def minilm_path() -> Path:
 
 @pytest.fixture(scope="module")
 def embedder(minilm_path: Path) -> LocalEmbedder:
-    return LocalEmbedder.default()
+    return LocalEmbedder.default(dtype=torch.float32)  # the parity checks need fp32
 
 
 # -- LocalEmbedder ----------------------------------------------------------------------------
