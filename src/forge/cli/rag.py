@@ -44,7 +44,7 @@ def rag() -> None:
 @click.option("--overlap", type=click.IntRange(min=0), default=40, show_default=True, help="Tokens shared by chunks.")
 def add_cmd(paths: tuple[Path, ...], db: Path, chunk_tokens: int, overlap: int) -> None:
     """Ingest PATHS (files or folders, recursively) into the store; unchanged files are skipped."""
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     rag = Rag(db, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
     try:
         with console.status("ingesting..."):
@@ -66,7 +66,7 @@ def add_cmd(paths: tuple[Path, ...], db: Path, chunk_tokens: int, overlap: int) 
 @DTYPE_OPTION
 def ask_cmd(question: str, db: Path, model: str, k: int, max_tokens: int, device: str, dtype: str) -> None:
     """Answer QUESTION from the store, citing the passages used."""
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     store = _existing_store(db)
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
     rag = Rag(store, app=app)
@@ -90,7 +90,7 @@ def ask_cmd(question: str, db: Path, model: str, k: int, max_tokens: int, device
 @DB_OPTION
 def ls_cmd(db: Path) -> None:
     """List the sources in the store."""
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     with _existing_store(db) as store:
         sources = store.sources()
         for s in sources:
@@ -103,7 +103,7 @@ def ls_cmd(db: Path) -> None:
 @DB_OPTION
 def rm_cmd(sources: tuple[str, ...], db: Path) -> None:
     """Remove SOURCES (as `forge rag ls` names them) and their chunks."""
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     with _existing_store(db) as store:
         known = {s.source for s in store.sources()}
         missing = [s for s in sources if s not in known and str(Path(s).resolve()) not in known]
