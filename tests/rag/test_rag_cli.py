@@ -62,3 +62,12 @@ def test_ask_answers_with_sources(tmp_path: Path, notes: Path, capsys: pytest.Ca
     answer, _, sources = out.partition("\nsources\n") if "\nsources\n" in out else out.partition("\nretrieved\n")
     assert answer.strip() and sources
     assert "[1]" in sources and "launch.md" in sources.splitlines()[0]
+
+
+def test_the_same_commands_on_postgres(postgres_url: str, notes: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["rag", "add", notes, "--db", postgres_url], capsys)
+    assert code == 0 and "2 added" in out
+    code, out, _ = run_cli(["rag", "ls", "--db", postgres_url], capsys)
+    assert code == 0 and "2 sources" in out and "menu.txt" in out
+    code, out, _ = run_cli(["rag", "rm", notes / "menu.txt", "--db", postgres_url], capsys)
+    assert code == 0 and "removed" in out

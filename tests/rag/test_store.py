@@ -1,15 +1,18 @@
-"""The SQLite vector store: exact search, filters, atomic source replacement, readers during writes."""
+"""Both vector stores (SQLite, PostgreSQL + pgvector): search, filters, atomic replacement, readers during writes."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from forge.errors import ConfigError, StoreError
-from forge.rag.store import NewChunk, SqliteStore
+from forge.rag.store import NewChunk, SqliteStore, VectorStore
+
+Opener = Callable[[], VectorStore]
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int = 8) -> np.ndarray:
@@ -21,10 +24,10 @@ def _chunks(source: str, n: int, **meta: object) -> list[NewChunk]:
     return [NewChunk(f"{source} chunk {i}", i * 10, i * 10 + 9, f"{source}-{i}", dict(meta)) for i in range(n)]
 
 
-def test_search_is_exact_cosine_best_first(tmp_path: Path) -> None:
+def test_search_is_cosine_best_first(open_store: Opener) -> None:
     rng = np.random.default_rng(0)
     vectors = _unit(rng, 50)
-    with SqliteStore(tmp_path / "s.db") as store:
+    with open_store() as store:
         assert store.replace_source("a.txt", "h1", _chunks("a", 50), vectors, embedder="e") == (50, 0)
         query = _unit(rng, 1)[0]
         hits = store.search(query, k=5)
@@ -34,9 +37,9 @@ def test_search_is_exact_cosine_best_first(tmp_path: Path) -> None:
         assert hits[0].chunk.source == "a.txt" and hits[0].chunk.end - hits[0].chunk.start == 9
 
 
-def test_filters_sources_and_metadata(tmp_path: Path) -> None:
+def test_filters_sources_and_metadata(open_store: Opener) -> None:
     rng = np.random.default_rng(1)
-    with SqliteStore(tmp_path / "s.db") as store:
+    with open_store() as store:
         store.replace_source("a.txt", "h", _chunks("a", 10, play="hamlet"), _unit(rng, 10), embedder="e")
         store.replace_source("b.txt", "h", _chunks("b", 10, play="lear"), _unit(rng, 10), embedder="e")
         q = _unit(rng, 1)[0]
@@ -48,9 +51,9 @@ def test_filters_sources_and_metadata(tmp_path: Path) -> None:
             store.search(q, 5, {"play') OR 1=1 --": "x"})
 
 
-def test_replacing_a_source_and_dropping_duplicates(tmp_path: Path) -> None:
+def test_replacing_a_source_and_dropping_duplicates(open_store: Opener) -> None:
     rng = np.random.default_rng(2)
-    with SqliteStore(tmp_path / "s.db") as store:
+    with open_store() as store:
         store.replace_source("a.txt", "v1", _chunks("a", 5), _unit(rng, 5), embedder="e")
         assert store.source_hash("a.txt") == "v1"
         store.replace_source("a.txt", "v2", _chunks("a", 3), _unit(rng, 3), embedder="e")
@@ -61,9 +64,9 @@ def test_replacing_a_source_and_dropping_duplicates(tmp_path: Path) -> None:
         assert store.delete("a.txt") == 3 and store.count() == 0
 
 
-def test_a_failed_write_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+def test_a_failed_write_leaves_the_store_as_it_was(open_store: Opener) -> None:
     rng = np.random.default_rng(3)
-    with SqliteStore(tmp_path / "s.db") as store:
+    with open_store() as store:
         store.replace_source("a.txt", "v1", _chunks("a", 4), _unit(rng, 4), embedder="e")
         bad = [*_chunks("a", 3), NewChunk("x", 0, 1, "x", {"when": object()})]  # fails on the 4th row
         with pytest.raises(TypeError):
@@ -71,12 +74,11 @@ def test_a_failed_write_leaves_the_store_as_it_was(tmp_path: Path) -> None:
         assert store.count() == 4 and store.source_hash("a.txt") == "v1"
 
 
-def test_readers_search_while_a_writer_ingests(tmp_path: Path) -> None:
+def test_readers_search_while_a_writer_ingests(open_store: Opener) -> None:
     rng = np.random.default_rng(4)
-    path = tmp_path / "s.db"
-    writer = SqliteStore(path)
+    writer = open_store()
     writer.replace_source("seed.txt", "h", _chunks("seed", 20), _unit(rng, 20), embedder="e")
-    reader = SqliteStore(path)
+    reader = open_store()
     errors: list[BaseException] = []
     counts: list[int] = []
 
@@ -94,13 +96,11 @@ def test_readers_search_while_a_writer_ingests(tmp_path: Path) -> None:
     thread.join()
     assert not errors and set(counts) == {5}
     assert reader.count() == 20 + 20 * 50  # the reader sees the writer's commits
-    writer.close()
-    reader.close()
 
 
-def test_mismatched_embedder_and_bad_vectors_are_refused(tmp_path: Path) -> None:
+def test_mismatched_embedder_and_bad_vectors_are_refused(open_store: Opener) -> None:
     rng = np.random.default_rng(5)
-    with SqliteStore(tmp_path / "s.db") as store:
+    with open_store() as store:
         store.replace_source("a.txt", "h", _chunks("a", 2), _unit(rng, 2), embedder="minilm")
         with pytest.raises(StoreError, match="'minilm'"):
             store.replace_source("b.txt", "h", _chunks("b", 2), _unit(rng, 2, dim=4), embedder="other")

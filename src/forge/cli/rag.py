@@ -12,24 +12,23 @@ from forge.app import Forge
 from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.core.device import DEVICES
 from forge.errors import StoreError
-from forge.rag.retrieval import Rag, cited
-from forge.rag.store import SqliteStore
+from forge.rag.retrieval import Rag, cited, open_store
+from forge.rag.store import VectorStore
 
 __all__ = ["rag"]
 
 DB_OPTION = click.option(
     "--db",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("forge-rag.db"),
+    default="forge-rag.db",
     show_default=True,
-    help="The store: one SQLite file.",
+    help="The store: a SQLite file, or a postgresql:// URL (pgvector).",
 )
 
 
-def _existing_store(db: Path) -> SqliteStore:
-    if not db.exists():
-        raise StoreError(f"no store at {str(db)!r}; create it with: forge rag add PATH --db {db}")
-    return SqliteStore(db)
+def _existing_store(db: str) -> VectorStore:
+    if not db.startswith(("postgresql://", "postgres://")) and not Path(db).is_file():
+        raise StoreError(f"no store at {db!r}; create it with: forge rag add PATH --db {db}")
+    return open_store(db)
 
 
 @cli.group("rag")
@@ -42,7 +41,7 @@ def rag() -> None:
 @DB_OPTION
 @click.option("--chunk-tokens", type=POSITIVE_INT, default=200, show_default=True, help="Tokens per chunk.")
 @click.option("--overlap", type=click.IntRange(min=0), default=40, show_default=True, help="Tokens shared by chunks.")
-def add_cmd(paths: tuple[Path, ...], db: Path, chunk_tokens: int, overlap: int) -> None:
+def add_cmd(paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -> None:
     """Ingest PATHS (files or folders, recursively) into the store; unchanged files are skipped."""
     console = Console(highlight=False, soft_wrap=True)
     rag = Rag(db, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
@@ -64,7 +63,7 @@ def add_cmd(paths: tuple[Path, ...], db: Path, chunk_tokens: int, overlap: int) 
 @click.option("--max-tokens", type=POSITIVE_INT, default=256, show_default=True, help="Longest answer, in tokens.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @DTYPE_OPTION
-def ask_cmd(question: str, db: Path, model: str, k: int, max_tokens: int, device: str, dtype: str) -> None:
+def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, device: str, dtype: str) -> None:
     """Answer QUESTION from the store, citing the passages used."""
     console = Console(highlight=False, soft_wrap=True)
     store = _existing_store(db)
@@ -88,7 +87,7 @@ def ask_cmd(question: str, db: Path, model: str, k: int, max_tokens: int, device
 
 @rag.command("ls")
 @DB_OPTION
-def ls_cmd(db: Path) -> None:
+def ls_cmd(db: str) -> None:
     """List the sources in the store."""
     console = Console(highlight=False, soft_wrap=True)
     with _existing_store(db) as store:
@@ -101,7 +100,7 @@ def ls_cmd(db: Path) -> None:
 @rag.command("rm")
 @click.argument("sources", nargs=-1, required=True)
 @DB_OPTION
-def rm_cmd(sources: tuple[str, ...], db: Path) -> None:
+def rm_cmd(sources: tuple[str, ...], db: str) -> None:
     """Remove SOURCES (as `forge rag ls` names them) and their chunks."""
     console = Console(highlight=False, soft_wrap=True)
     with _existing_store(db) as store:

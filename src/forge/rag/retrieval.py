@@ -23,9 +23,10 @@ from forge.errors import ConfigError
 from forge.rag.chunking import chunk_text, content_hash
 from forge.rag.embed import Embedder, LocalEmbedder
 from forge.rag.loaders import Document, LoadFailure, load_documents
+from forge.rag.pgvector import PgVectorStore
 from forge.rag.store import Hit, NewChunk, SqliteStore, VectorStore
 
-__all__ = ["Answer", "Citation", "IngestReport", "Rag"]
+__all__ = ["Answer", "Citation", "IngestReport", "Rag", "cited", "open_store"]
 
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources. After each claim, cite the source it came from "
@@ -89,7 +90,7 @@ class Rag:
         chunk_overlap: int = 40,
         context_tokens: int = 1536,
     ) -> None:
-        self.store: VectorStore = SqliteStore(store) if isinstance(store, (str, Path)) else store
+        self.store: VectorStore = open_store(store) if isinstance(store, (str, Path)) else store
         self.embedder = embedder if embedder is not None else LocalEmbedder.default()
         if chunk_tokens > self.embedder.max_tokens:
             raise ConfigError(
@@ -208,6 +209,13 @@ class Rag:
 
     def close(self) -> None:
         self.store.close()
+
+
+def open_store(spec: str | Path) -> VectorStore:
+    """A ``postgresql://`` URL opens a PgVectorStore; anything else is a SQLite file."""
+    if isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://")):
+        return PgVectorStore(spec)
+    return SqliteStore(spec)
 
 
 def cited(text: str, sources: Sequence[Citation]) -> list[Citation]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from forge.errors import ConfigError, StoreError
 
-__all__ = ["Hit", "NewChunk", "SourceInfo", "SqliteStore", "StoreError", "StoredChunk", "VectorStore"]
+__all__ = ["Hit", "NewChunk", "SourceInfo", "SqliteStore", "StoreError", "StoredChunk", "VectorStore", "unit_rows"]
 
 SCHEMA_VERSION = "1"
 
@@ -92,6 +92,10 @@ class VectorStore(Protocol):
     def count(self) -> int: ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> VectorStore: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 _SCHEMA = """
@@ -174,12 +178,8 @@ class SqliteStore:
         self, source: str, sha256: str, chunks: Sequence[NewChunk], vectors: np.ndarray, *, embedder: str
     ) -> tuple[int, int]:
         """Atomically replace ``source``'s chunks; returns (stored, dropped as duplicates of stored chunks)."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] != len(chunks):
-            raise StoreError(f"{len(chunks)} chunks need {len(chunks)} vectors, got an array of {vectors.shape}")
+        vectors = unit_rows(vectors, len(chunks))
         dim = vectors.shape[1]
-        if len(vectors) and not _is_unit(vectors):
-            raise StoreError("vectors must be unit length (normalise each row): the store searches by dot product")
         with self._lock, self._db:  # one transaction: all of it or none of it
             self._check_embedder(embedder, dim)
             self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
@@ -299,6 +299,12 @@ class SqliteStore:
         self.close()
 
 
-def _is_unit(vectors: np.ndarray) -> bool:
+def unit_rows(vectors: np.ndarray, n: int) -> np.ndarray:
+    """``vectors`` as contiguous float32 (n, dim) rows of unit length, or a StoreError saying what is wrong."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != n:
+        raise StoreError(f"{n} chunks need {n} vectors, got an array of {vectors.shape}")
     norms = np.linalg.norm(vectors, axis=-1)
-    return bool(np.all(np.abs(norms - 1) < 1e-3)) and not math.isnan(float(norms.sum()))
+    if n and not (np.all(np.abs(norms - 1) < 1e-3) and not math.isnan(float(norms.sum()))):
+        raise StoreError("vectors must be unit length (normalise each row): stores search by dot product")
+    return vectors

@@ -1,0 +1,203 @@
+"""``PgVectorStore``: the same store on PostgreSQL + pgvector, for corpora that outgrow one file.
+
+The interface is ``SqliteStore``'s, so ``Rag`` moves by changing the store
+argument: ``Rag("postgresql://...")``. Embeddings live in a ``vector(dim)``
+column with an HNSW index (cosine); a query is one ``ORDER BY embedding <=>
+query LIMIT k``. Metadata is ``jsonb``, filtered in the same query, with
+pgvector's iterative index scan so a selective filter still returns k rows.
+Each source is replaced in one transaction, as in SQLite. Needs ``psycopg``
+(``pip install 'psycopg[binary]'``) and the ``vector`` extension.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from forge.errors import ConfigError, StoreError
+from forge.rag.store import Hit, NewChunk, SourceInfo, StoredChunk, unit_rows
+
+try:
+    import psycopg
+except ImportError:  # optional: only this store needs it
+    psycopg = None  # type: ignore[assignment]
+
+__all__ = ["PgVectorStore"]
+
+_SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS {p}meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS {p}sources (
+    source text PRIMARY KEY, sha256 text NOT NULL, chunks integer NOT NULL, added_at double precision NOT NULL
+);
+"""
+
+_FILTER_KEY = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.8g}" for x in vector.tolist()) + "]"
+
+
+class PgVectorStore:
+    """Chunks in PostgreSQL with pgvector: HNSW cosine search, jsonb metadata, transactional writes.
+
+    ``url`` is a libpq connection string; ``prefix`` names the tables (several stores per database).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "forge_") -> None:
+        if psycopg is None:
+            raise StoreError(f"{url!r} is a PostgreSQL store; it needs psycopg: pip install 'psycopg[binary]'")
+        if not prefix or any(c not in _FILTER_KEY for c in prefix):
+            raise ConfigError(f"prefix {prefix!r} must be letters, digits and '_'")
+        self.url, self.p = url, prefix
+        try:
+            self._db = psycopg.connect(url, autocommit=True)
+            self._db.execute(_SCHEMA.format(p=prefix))
+            # Filters are applied during the index scan, not after it: k rows even when few match.
+            self._db.execute("SET hnsw.iterative_scan = relaxed_order")
+        except psycopg.Error as exc:
+            raise StoreError(f"can't open the PostgreSQL store {url!r}: {str(exc).strip()}") from None
+        self._lock = threading.RLock()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute(f"SELECT value FROM {self.p}meta WHERE key = %s", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def embedder_name(self) -> str | None:
+        with self._lock:
+            return self._meta("embedder")
+
+    def dim(self) -> int | None:
+        with self._lock:
+            value = self._meta("dim")
+            return None if value is None else int(value)
+
+    def source_hash(self, source: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT sha256 FROM {self.p}sources WHERE source = %s", (source,)).fetchone()
+            return None if row is None else str(row[0])
+
+    def _ensure_chunks(self, embedder: str, dim: int) -> None:
+        known, known_dim = self._meta("embedder"), self._meta("dim")
+        if known is None:
+            p = self.p
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {p}chunks (id bigserial PRIMARY KEY, source text NOT NULL,"
+                f' start integer NOT NULL, "end" integer NOT NULL, text text NOT NULL, hash text NOT NULL UNIQUE,'
+                f" metadata jsonb NOT NULL, embedding vector({dim}) NOT NULL)"
+            )
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {p}chunks_source ON {p}chunks (source)")
+            self._db.execute(
+                f"CREATE INDEX IF NOT EXISTS {p}chunks_hnsw ON {p}chunks USING hnsw (embedding vector_cosine_ops)"
+            )
+            self._db.execute(f"INSERT INTO {p}meta VALUES ('embedder', %s), ('dim', %s)", (embedder, str(dim)))
+        elif known != embedder or int(known_dim or 0) != dim:
+            raise StoreError(
+                f"{self.url!r} holds vectors from {known!r} ({known_dim}-d); these come from {embedder!r} "
+                f"({dim}-d): use the same embedder, or another table prefix"
+            )
+
+    def replace_source(
+        self, source: str, sha256: str, chunks: Sequence[NewChunk], vectors: np.ndarray, *, embedder: str
+    ) -> tuple[int, int]:
+        """Atomically replace ``source``'s chunks; returns (stored, dropped as duplicates)."""
+        vectors = unit_rows(vectors, len(chunks))
+        p = self.p
+        with self._lock, self._db.transaction():
+            self._ensure_chunks(embedder, vectors.shape[1])
+            self._db.execute(f"DELETE FROM {p}chunks WHERE source = %s", (source,))
+            stored = 0
+            with self._db.cursor() as cur:
+                for chunk, vector in zip(chunks, vectors, strict=True):
+                    cur.execute(
+                        f'INSERT INTO {p}chunks (source, start, "end", text, hash, metadata, embedding)'
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s::vector) ON CONFLICT (hash) DO NOTHING",
+                        (source, chunk.start, chunk.end, chunk.text, chunk.hash, json.dumps(dict(chunk.metadata)),
+                         _literal(vector)),
+                    )  # fmt: skip
+                    stored += cur.rowcount
+            self._db.execute(
+                f"INSERT INTO {p}sources VALUES (%s, %s, %s, %s) ON CONFLICT (source) DO UPDATE"
+                " SET sha256 = EXCLUDED.sha256, chunks = EXCLUDED.chunks, added_at = EXCLUDED.added_at",
+                (source, sha256, stored, time.time()),
+            )
+        return stored, len(chunks) - stored
+
+    def delete(self, source: str) -> int:
+        with self._lock, self._db.transaction():
+            n = 0
+            if self._meta("dim") is not None:
+                n = self._db.execute(f"DELETE FROM {self.p}chunks WHERE source = %s", (source,)).rowcount
+            self._db.execute(f"DELETE FROM {self.p}sources WHERE source = %s", (source,))
+        return n
+
+    def sources(self) -> list[SourceInfo]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT source, sha256, chunks, added_at FROM {self.p}sources ORDER BY source"
+            ).fetchall()
+        return [SourceInfo(*row) for row in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            if self._meta("dim") is None:
+                return 0
+            return int(self._db.execute(f"SELECT COUNT(*) FROM {self.p}chunks").fetchone()[0])
+
+    def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` nearest chunks by cosine (approximate: HNSW), best first, among those ``filter`` allows."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        with self._lock:
+            dim = self.dim()
+            if dim is None:
+                return []
+            if query.shape[0] != dim:
+                raise StoreError(f"a {query.shape[0]}-d query against {dim}-d vectors: wrong embedder")
+            where, params = self._where(filter or {})
+            literal = _literal(query)
+            rows = self._db.execute(
+                f'SELECT id, source, start, "end", text, metadata, 1 - (embedding <=> %s::vector) FROM {self.p}chunks'
+                f" {where} ORDER BY embedding <=> %s::vector LIMIT %s",
+                (literal, *params, literal, k),
+            ).fetchall()
+        return [Hit(StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5]), float(r[6])) for r in rows]
+
+    @staticmethod
+    def _where(filter: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for key, wanted in filter.items():
+            if not key or any(c not in _FILTER_KEY | {"."} for c in key):
+                raise ConfigError(f"filter key {key!r} must be a metadata name (letters, digits, '_' and '.')")
+            column = "source" if key == "source" else "metadata #>> %s"
+            if key != "source":
+                params.append("{" + key.replace(".", ",") + "}")
+            values = list(wanted) if isinstance(wanted, (list, tuple, set)) else [wanted]
+            clauses.append(f"{column} = ANY(%s)")
+            params.append([v if key == "source" else _as_text(v) for v in values])
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> PgVectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_text(value: Any) -> str:
+    """How ``#>>`` renders a jsonb value, so filters compare like with like."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)
