@@ -15,7 +15,7 @@ from forge.errors import StoreError
 from forge.rag.retrieval import Rag, cited, open_store
 from forge.rag.store import VectorStore
 
-__all__ = ["rag"]
+__all__ = ["existing_store", "rag"]
 
 DB_OPTION = click.option(
     "--db",
@@ -25,7 +25,7 @@ DB_OPTION = click.option(
 )
 
 
-def _existing_store(db: str) -> VectorStore:
+def existing_store(db: str) -> VectorStore:
     if not db.startswith(("postgresql://", "postgres://")) and not Path(db).is_file():
         raise StoreError(f"no store at {db!r}; create it with: forge rag add PATH --db {db}")
     return open_store(db)
@@ -66,7 +66,7 @@ def add_cmd(paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -
 def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, device: str, dtype: str) -> None:
     """Answer QUESTION from the store, citing the passages used."""
     console = Console(highlight=False, soft_wrap=True)
-    store = _existing_store(db)
+    store = existing_store(db)
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
     rag = Rag(store, app=app)
     try:
@@ -90,7 +90,7 @@ def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, device:
 def ls_cmd(db: str) -> None:
     """List the sources in the store."""
     console = Console(highlight=False, soft_wrap=True)
-    with _existing_store(db) as store:
+    with existing_store(db) as store:
         sources = store.sources()
         for s in sources:
             console.print(f"{s.chunks:6d} chunks  {escape(s.source)}")
@@ -103,7 +103,7 @@ def ls_cmd(db: str) -> None:
 def rm_cmd(sources: tuple[str, ...], db: str) -> None:
     """Remove SOURCES (as `forge rag ls` names them) and their chunks."""
     console = Console(highlight=False, soft_wrap=True)
-    with _existing_store(db) as store:
+    with existing_store(db) as store:
         known = {s.source for s in store.sources()}
         missing = [s for s in sources if s not in known and str(Path(s).resolve()) not in known]
         if missing:

@@ -10,7 +10,9 @@ import click
 from forge import server
 from forge.app import Forge
 from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
+from forge.cli.rag import existing_store
 from forge.core.device import DEVICES
+from forge.rag.retrieval import Rag
 from forge.server.config import DEFAULT_MAX_BODY_SIZE
 
 __all__ = ["serve_cmd"]
@@ -37,6 +39,8 @@ __all__ = ["serve_cmd"]
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
+@click.option("--rag", "rag_db", default=None, help="Answer chats from this RAG store (forge rag add ... --db DB).")
+@click.option("--rag-k", type=POSITIVE_INT, default=5, show_default=True, help="Chunks retrieved per chat answer.")
 def serve_cmd(
     model: str,
     host: str,
@@ -51,6 +55,8 @@ def serve_cmd(
     max_body_size: int,
     model_name: str | None,
     log_level: str,
+    rag_db: str | None,
+    rag_k: int,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (chat, completions, embeddings, models).
 
@@ -59,6 +65,7 @@ def serve_cmd(
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    retriever = Rag(existing_store(rag_db), app=app) if rag_db is not None else None
     asyncio.run(
         server.serve(
             app,
@@ -72,5 +79,7 @@ def serve_cmd(
             max_body_size=max_body_size,
             model_name=model_name,
             log_level=log_level,
+            retriever=retriever,
+            rag_k=rag_k,
         )
     )

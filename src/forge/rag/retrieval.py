@@ -168,9 +168,11 @@ class Rag:
 
     def messages(self, question: str, hits: Sequence[Hit]) -> tuple[list[dict[str, str]], list[Citation]]:
         """The chat messages for ``question``: as many sources as fit the context budget, numbered."""
-        tokenizer = self.app.tokenizer
-        assert tokenizer is not None, "the app has a model"
-        budget = self.context_tokens - len(tokenizer.encode(SYSTEM_PROMPT + question)) - 32
+        tokenizer, model = self.app.tokenizer, self.app.model
+        assert tokenizer is not None and model is not None, "the app has a model"
+        # Sources get at most 3/4 of the model's window: the answer needs the rest.
+        window = min(self.context_tokens, model.config.context_length * 3 // 4)
+        budget = window - len(tokenizer.encode(SYSTEM_PROMPT + question)) - 32
         sources: list[Citation] = []
         blocks: list[str] = []
         for hit in hits:
@@ -206,6 +208,35 @@ class Rag:
         messages, _ = self.messages(question, self.query(question, k, filter))
         async for piece in self.app.chat_stream(messages, **{"temperature": 0.0, "max_tokens": 256, **options}):
             yield piece
+
+    # -- the server's Retriever protocol ---------------------------------------------
+    def search(self, query: str, k: int = 5, filter: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """``query`` as JSON-ready dicts: text, source, start, end, score, metadata."""
+        return [
+            {
+                "text": h.chunk.text,
+                "source": h.chunk.source,
+                "start": h.chunk.start,
+                "end": h.chunk.end,
+                "score": h.score,
+                "metadata": h.chunk.metadata,
+            }
+            for h in self.query(query, k, filter)
+        ]
+
+    def augment(
+        self, messages: Sequence[Mapping[str, str]], k: int = 5
+    ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+        """A chat grounded in the store: the last user turn becomes its sources plus the question."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        question = messages[last]["content"]
+        grounded, sources = self.messages(question, self.query(question, k))
+        history = [dict(m) for m in messages[:last] if m["role"] != "system"]
+        out = [grounded[0], *history, grounded[1], *(dict(m) for m in messages[last + 1 :])]
+        return out, [
+            {"number": s.number, "source": s.source, "start": s.start, "end": s.end, "text": s.text, "score": s.score}
+            for s in sources
+        ]
 
     def close(self) -> None:
         self.store.close()

@@ -150,7 +150,8 @@ class SqliteStore:
         self._lock = threading.RLock()
         self._ids: np.ndarray | None = None  # (N,) int64, ascending
         self._matrix: np.ndarray | None = None  # (N, dim) float32
-        self._version: int | None = None
+        self._version: tuple[int, int] | None = None
+        self._filters: dict[str, np.ndarray] = {}  # filter -> allowed rows, until the next write
 
     # -- metadata ---------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -241,6 +242,7 @@ class SqliteStore:
             self._ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             self._matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             self._version = version
+            self._filters.clear()
         return self._ids, self._matrix
 
     def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
@@ -259,8 +261,10 @@ class SqliteStore:
                 raise StoreError(f"a {query.shape[0]}-d query against {matrix.shape[1]}-d vectors: wrong embedder")
             scores = matrix @ query  # (N,)
             if filter:
-                allowed = np.isin(ids, self._filtered_ids(filter), assume_unique=True)
-                scores = np.where(allowed, scores, -np.inf)
+                key = json.dumps(filter, sort_keys=True, default=str)
+                if key not in self._filters:
+                    self._filters[key] = np.isin(ids, self._filtered_ids(filter), assume_unique=True)
+                scores = np.where(self._filters[key], scores, -np.inf)
             k = min(k, len(ids))
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top], kind="stable")]

@@ -11,6 +11,7 @@ given). Each generation then runs through the app's own middleware stack.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -32,7 +33,7 @@ from forge.server.config import ServerConfig
 from forge.server.errors import ApiError, error_body, error_response
 from forge.server.generation import CHAT_FIELDS, COMPLETION_FIELDS, chat_job, completion_job, count_tokens, run
 from forge.server.middleware import ApiKeyAuth, RequestContext
-from forge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, parse
+from forge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, RagQueryRequest, parse
 from forge.server.state import Served
 from forge.server.streaming import ClientGone, until_disconnect
 
@@ -75,6 +76,7 @@ def create_server(app: Forge, **options: Any) -> Starlette:
         Route("/v1/embeddings", _endpoint(served, _embeddings), methods=["POST"]),
         Route("/v1/models", _endpoint(served, _models), methods=["GET"]),
         Route("/v1/models/{model:path}", _endpoint(served, _model), methods=["GET"]),
+        Route("/v1/rag/query", _endpoint(served, _rag_query), methods=["POST"]),
         Route("/health", _endpoint(served, _health), methods=["GET"]),
         Route("/metrics", _endpoint(served, _metrics), methods=["GET"]),
     ]
@@ -189,6 +191,19 @@ def _meta(request: Request, user: str | None) -> dict[str, Any]:
 async def _chat(served: Served, request: Request) -> Response:
     req = parse(ChatRequest, await read_json(request, served.config.max_body_size))
     return await run(served, await chat_job(served, req, _meta(request, req.user)), request)
+
+
+async def _rag_query(served: Served, request: Request) -> Response:
+    """Search the server's RAG store: {"query": ..., "k": 5, "filter": {...}} -> the best chunks, scored."""
+    retriever = served.config.retriever
+    if retriever is None:
+        raise ApiError("this server has no RAG store; start it with forge serve MODEL --rag DB", status=404)
+    req = parse(RagQueryRequest, await read_json(request, served.config.max_body_size))
+    try:
+        hits = await asyncio.to_thread(retriever.search, req.query, req.k, req.filter)
+    except ConfigError as e:
+        raise ApiError(e.message, param="filter") from None
+    return JSONResponse({"object": "list", "data": hits, "model": served.model_name})
 
 
 async def _completions(served: Served, request: Request) -> Response:

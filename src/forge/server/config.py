@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from forge.errors import ConfigError
+from forge.server.retrieval import Retriever
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "ServerConfig"]
 
@@ -23,6 +24,8 @@ class ServerConfig:
     model_name: the id in ``/v1/models`` and responses (None: the model's name).
     default_max_tokens: completion length when a request gives none (None: the rest of the context).
     batching: start the app's batching engine with the server (and stop it, draining, at shutdown).
+    retriever: a RAG pipeline (``forge.rag.Rag``): adds ``/v1/rag/query`` and grounds chat answers in it.
+    rag_k: how many chunks a chat answer retrieves.
 
     >>> ServerConfig(max_batch=4).max_batch
     4
@@ -37,6 +40,8 @@ class ServerConfig:
     model_name: str | None = None
     default_max_tokens: int | None = None
     batching: bool = True
+    retriever: Retriever | None = None
+    rag_k: int = 5
 
     def __post_init__(self) -> None:
         def positive(name: str, value: object, minimum: int = 1) -> None:
@@ -46,6 +51,11 @@ class ServerConfig:
         positive("max_batch", self.max_batch)
         positive("max_queue", self.max_queue)
         positive("max_body_size", self.max_body_size)
+        positive("rag_k", self.rag_k)
+        if self.retriever is not None and not isinstance(self.retriever, Retriever):
+            raise ConfigError.for_field(
+                "ServerConfig", "retriever", self.retriever, "must have search() and augment(), e.g. forge.rag.Rag"
+            )
         if self.context is not None:
             positive("context", self.context, 2)
         if self.default_max_tokens is not None:

@@ -50,6 +50,7 @@ class Job:
     include_usage: bool
     logprobs: bool
     prompt_tokens: list[int] = field(default_factory=list)  # per prompt, measured before generating
+    sources: list[dict[str, Any]] | None = None  # retrieved passages the answer may cite (a RAG server)
     start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -121,11 +122,16 @@ async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) ->
         options["logprobs"] = req.top_logprobs or 0
     # OpenAI's "developer" role is the system prompt of newer models.
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    sources = None
+    if served.config.retriever is not None and any(m["role"] == "user" for m in messages):
+        retriever = served.config.retriever
+        messages, sources = await asyncio.to_thread(retriever.augment, messages, served.config.rag_k)
     try:
         contexts, group = _contexts(served, [{"messages": messages}], req, options)
     except ForgeError as e:
         raise _request_error(e, CHAT_FIELDS, "messages") from None
     job = Job("chat", contexts, group, bool(req.stream), req.include_usage, logprobs=bool(req.logprobs))
+    job.sources = sources
     await _fit(served, job, max_tokens, max_param, "messages", meta)
     return job
 
@@ -283,7 +289,10 @@ async def run(served: Served, job: Job, request: Request) -> Response:
         for i, (ctx, text) in enumerate(zip(job.contexts, texts, strict=True))
     ]
     served.metrics.duration.observe(time.perf_counter() - job.start)
-    return JSONResponse(shapes.response(job.kind, shapes.new_id(job.kind), served.model_name, choices, usage))
+    body = shapes.response(job.kind, shapes.new_id(job.kind), served.model_name, choices, usage)
+    if job.sources is not None:
+        body["sources"] = job.sources
+    return JSONResponse(body)
 
 
 async def _stream(served: Served, job: Job, request: Request) -> Response:
@@ -325,6 +334,10 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
 
     if kind == "chat":
         for i in range(n):
+            if i == 0 and job.sources is not None:  # the sources travel with the first chunk
+                body = shapes.chunk(kind, ident, model, created, [shapes.role_choice(i)], with_usage=job.include_usage)
+                yield sse({**body, "sources": job.sources})
+                continue
             yield event([shapes.role_choice(i)])
     texts: list[list[str]] = [[] for _ in range(n)]
     sent: list[tuple[int, int]] = [(0, 0)] * n  # per choice: logprobs already sent, and their text length

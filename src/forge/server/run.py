@@ -14,6 +14,7 @@ import uvicorn
 from forge.errors import ForgeError
 from forge.server.app import create_server
 from forge.server.config import DEFAULT_MAX_BODY_SIZE
+from forge.server.retrieval import Retriever
 
 if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
     from forge.app import Forge
@@ -60,6 +61,8 @@ async def serve(
     shutdown_timeout: float | None = None,
     log_level: str = "info",
     ready: asyncio.Event | None = None,
+    retriever: Retriever | None = None,
+    rag_k: int = 5,
 ) -> None:
     """Serve ``app`` over HTTP (see :func:`create_server` for the routes) until cancelled.
 
@@ -80,6 +83,8 @@ async def serve(
         cors_origins=tuple(cors_origins),
         max_body_size=max_body_size,
         model_name=model_name,
+        retriever=retriever,
+        rag_k=rag_k,
     )
     config = uvicorn.Config(
         server_app,

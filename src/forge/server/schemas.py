@@ -22,6 +22,7 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "EmbeddingRequest",
+    "RagQueryRequest",
     "StreamOptions",
     "TextPart",
     "parse",
@@ -100,6 +101,12 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
     logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class RagQueryRequest(_Request):
+    query: Annotated[str, Field(min_length=1)]
+    k: int = Field(5, ge=1, le=100)
+    filter: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(_Request):

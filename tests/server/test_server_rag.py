@@ -1,0 +1,64 @@
+"""`forge serve --rag DB`: the query route and chat answers grounded in the store, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from serving import ServerProcess
+
+from forge import models
+from forge.rag.embed import LocalEmbedder
+from forge.rag.retrieval import Rag
+
+
+@pytest.fixture(scope="module")
+def rag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    try:
+        smol = models.locate("smollm2")
+    except Exception as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    root = tmp_path_factory.mktemp("rag-notes")
+    (root / "launch.md").write_text("The Apollo-X launch is scheduled for March 14 at Cape Canaveral.\n")
+    (root / "menu.txt").write_text("The cafeteria serves tomato soup on Fridays.\n")
+    db = root / "s.db"
+    rag = Rag(db, embedder=LocalEmbedder.default())
+    rag.add([root])
+    rag.close()
+    server = ServerProcess(smol, "--rag", str(db), "--rag-k", "2", log=root / "serve.log")
+    yield server.ready(timeout=180)
+    server.stop()
+
+
+def test_query_route_returns_scored_chunks(rag_server: ServerProcess) -> None:
+    with rag_server.http() as http:
+        r = http.post("/v1/rag/query", json={"query": "when does the rocket launch?", "k": 2})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert Path(data[0]["source"]).name == "launch.md" and "March 14" in data[0]["text"]
+        assert data[0]["score"] > data[1]["score"] and {"start", "end", "metadata"} <= set(data[0])
+        bad = http.post("/v1/rag/query", json={"query": "x", "k": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "k"
+        sneaky = http.post("/v1/rag/query", json={"query": "x", "filter": {"a') OR 1=1 --": 1}})
+        assert sneaky.status_code == 400 and "filter key" in sneaky.json()["error"]["message"]
+
+
+def test_chat_answers_carry_their_sources(rag_server: ServerProcess) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "When is the launch?"}], "max_tokens": 8}
+    with rag_server.http() as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        sources = r.json()["sources"]
+        assert [s["number"] for s in sources] == [1, 2] and Path(sources[0]["source"]).name == "launch.md"
+        assert r.json()["choices"][0]["message"]["content"].strip()
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            first = next(json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {"))
+        assert Path(first["sources"][0]["source"]).name == "launch.md"
+
+
+def test_a_server_without_a_store_says_how_to_add_one(tiny_server: ServerProcess) -> None:
+    with tiny_server.http() as http:
+        r = http.post("/v1/rag/query", json={"query": "anything"})
+    assert r.status_code == 404 and "--rag" in r.json()["error"]["message"]
