@@ -60,3 +60,12 @@ def test_server(corpus: Path) -> None:
     first_id = out.split("audit: ", 1)[1].split()[0]
     assert f"{first_id} generate " in out
     assert out.rstrip().endswith("server stopped")
+
+
+def test_rag(hamlet: Path) -> None:
+    out = run_example("rag.py", hamlet.parent / "macbeth.txt", steps=0)
+    assert "ingest: 1 added, 0 unchanged, 0 failed" in out
+    assert "again: 0 added, 1 unchanged" in out
+    assert out.count("hit ") == 3 and "macbeth.txt" in out
+    assert "answer: " in out and out.split("answer: ", 1)[1].strip()
+    assert "[1] macbeth.txt chars " in out

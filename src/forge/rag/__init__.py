@@ -1,1 +1,24 @@
-"""Retrieval-augmented generation: loaders, chunking, embedders, stores, retrieval."""
+"""Retrieval-augmented generation: loaders, chunking, embedders, stores, retrieval.
+
+>>> from forge.rag import Rag
+>>> rag = Rag("notes.db")  # doctest: +SKIP
+>>> rag.add(["notes/"]); rag.answer("when is the launch?").citations  # doctest: +SKIP
+"""
+
+from forge.rag.embed import Embedder, HttpEmbedder, LocalEmbedder
+from forge.rag.retrieval import Answer, Citation, IngestReport, Rag, open_store
+from forge.rag.store import Hit, SqliteStore, VectorStore
+
+__all__ = [
+    "Answer",
+    "Citation",
+    "Embedder",
+    "Hit",
+    "HttpEmbedder",
+    "IngestReport",
+    "LocalEmbedder",
+    "Rag",
+    "SqliteStore",
+    "VectorStore",
+    "open_store",
+]
