@@ -117,3 +117,17 @@ def test_a_file_that_is_not_a_store_is_named(tmp_path: Path) -> None:
         SqliteStore(junk)
     with pytest.raises(StoreError, match="does not exist"):
         SqliteStore(tmp_path / "missing" / "s.db")
+
+
+def test_hybrid_search_finds_the_words_the_vectors_miss(open_store: Opener) -> None:
+    rng = np.random.default_rng(6)
+    vectors = _unit(rng, 40)
+    chunks = [NewChunk(f"filler text number {i} about nothing", i, i + 1, f"f{i}") for i in range(40)]
+    chunks[7] = NewChunk("Something is rotten in the state of Denmark.", 7, 8, "denmark")
+    with open_store() as store:
+        store.replace_source("play.txt", "h", chunks, vectors, embedder="e")
+        away = -vectors[7]  # the vector ranking puts chunk 7 last
+        assert 7 not in [h.chunk.start for h in store.search(away, 5)]
+        hits = store.search(away, 5, text="Who says something is rotten in Denmark?")
+        assert 7 in [h.chunk.start for h in hits]
+        assert [h.chunk.start for h in store.search(away, 5, {"source": "other.txt"}, text="rotten")] == []

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from forge.errors import ConfigError, StoreError
-from forge.rag.store import Hit, NewChunk, SourceInfo, StoredChunk, unit_rows
+from forge.rag.store import HYBRID_POOL, RRF_K, Hit, NewChunk, SourceInfo, StoredChunk, keyword_terms, unit_rows
 
 try:
     import psycopg
@@ -99,6 +99,9 @@ class PgVectorStore:
             self._db.execute(
                 f"CREATE INDEX IF NOT EXISTS {p}chunks_hnsw ON {p}chunks USING hnsw (embedding vector_cosine_ops)"
             )
+            self._db.execute(
+                f"CREATE INDEX IF NOT EXISTS {p}chunks_fts ON {p}chunks USING gin (to_tsvector('english', text))"
+            )
             self._db.execute(f"INSERT INTO {p}meta VALUES ('embedder', %s), ('dim', %s)", (embedder, str(dim)))
         elif known != embedder or int(known_dim or 0) != dim:
             raise StoreError(
@@ -153,8 +156,14 @@ class PgVectorStore:
                 return 0
             return int(self._db.execute(f"SELECT COUNT(*) FROM {self.p}chunks").fetchone()[0])
 
-    def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
-        """The ``k`` nearest chunks by cosine (approximate: HNSW), best first, among those ``filter`` allows."""
+    def search(
+        self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None, *, text: str | None = None
+    ) -> list[Hit]:
+        """The ``k`` nearest chunks by cosine (approximate: HNSW), best first, among those ``filter`` allows.
+
+        With ``text``, hybrid as in ``SqliteStore``: the vector ranking fused with a full-text ranking
+        (``ts_rank`` over an English ``tsvector``, GIN-indexed) by reciprocal rank.
+        """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -166,12 +175,25 @@ class PgVectorStore:
                 raise StoreError(f"a {query.shape[0]}-d query against {dim}-d vectors: wrong embedder")
             where, params = self._where(filter or {})
             literal = _literal(query)
+            columns = f'id, source, start, "end", text, metadata, 1 - (embedding <=> %s::vector) FROM {self.p}chunks'
+            pool = max(HYBRID_POOL, k) if text else k
             rows = self._db.execute(
-                f'SELECT id, source, start, "end", text, metadata, 1 - (embedding <=> %s::vector) FROM {self.p}chunks'
-                f" {where} ORDER BY embedding <=> %s::vector LIMIT %s",
-                (literal, *params, literal, k),
+                f"SELECT {columns} {where} ORDER BY embedding <=> %s::vector LIMIT %s",
+                (literal, *params, literal, pool),
             ).fetchall()
-        return [Hit(StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5]), float(r[6])) for r in rows]
+            terms = keyword_terms(text) if text else []
+            if terms:
+                tsquery = " | ".join(terms)
+                match = "to_tsvector('english', text) @@ to_tsquery('english', %s)"
+                keyword_rows = self._db.execute(
+                    f"SELECT {columns} {where + ' AND' if where else 'WHERE'} {match}"
+                    f" ORDER BY ts_rank(to_tsvector('english', text), to_tsquery('english', %s)) DESC LIMIT %s",
+                    (literal, *params, tsquery, tsquery, HYBRID_POOL),
+                ).fetchall()
+                rows = _fused(rows, keyword_rows)
+            elif text:
+                rows = rows[:k]
+        return [Hit(StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5]), float(r[6])) for r in rows[:k]]
 
     @staticmethod
     def _where(filter: Mapping[str, Any]) -> tuple[str, list[Any]]:
@@ -197,6 +219,17 @@ class PgVectorStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fused(*rankings: list[Any]) -> list[Any]:
+    """Rows of several rankings (first column: id) ordered by reciprocal rank fusion."""
+    score: dict[int, float] = {}
+    row_of: dict[int, Any] = {}
+    for ranking in rankings:
+        for rank, row in enumerate(ranking):
+            score[row[0]] = score.get(row[0], 0.0) + 1.0 / (RRF_K + rank)
+            row_of[row[0]] = row
+    return [row_of[i] for i in sorted(score, key=lambda i: -score[i])]
 
 
 def _as_text(value: Any) -> str:

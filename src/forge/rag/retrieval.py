@@ -156,7 +156,7 @@ class Rag:
             raise ConfigError(f"the question must be a non-empty string, got {question!r}")
         if not isinstance(k, int) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
-        return self.store.search(self.embedder.embed([question])[0], k, filter)
+        return self.store.search(self.embedder.embed([question])[0], k, filter, text=question)
 
     # -- answering --------------------------------------------------------------
     @property

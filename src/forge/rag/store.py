@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -33,6 +34,15 @@ from forge.errors import ConfigError, StoreError
 __all__ = ["Hit", "NewChunk", "SourceInfo", "SqliteStore", "StoreError", "StoredChunk", "VectorStore", "unit_rows"]
 
 SCHEMA_VERSION = "1"
+#: Candidates each ranking contributes to a hybrid search, and the reciprocal-rank constant (Cormack et al.).
+HYBRID_POOL, RRF_K = 50, 60
+#: Words too common to help a keyword search (BM25 would weigh them near zero anyway).
+_STOPWORDS = (
+    "a an and are as at be by did do does for from had has have he her his how i if in is it its me my no not "
+    "of on or our she so than that the their them then there these they this to was we were what when where "
+    "which who whom why will with you your says say said"
+)
+STOPWORDS = frozenset(_STOPWORDS.split())
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +93,9 @@ class VectorStore(Protocol):
         self, source: str, sha256: str, chunks: Sequence[NewChunk], vectors: np.ndarray, *, embedder: str
     ) -> tuple[int, int]: ...
 
-    def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]: ...
+    def search(
+        self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None, *, text: str | None = None
+    ) -> list[Hit]: ...
 
     def sources(self) -> list[SourceInfo]: ...
 
@@ -114,6 +126,15 @@ CREATE TABLE IF NOT EXISTS chunks (
     vector BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunks_source ON chunks (source);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, content='chunks', content_rowid='id', tokenize='porter unicode61'
+);
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
 """
 
 _FILTER_KEY = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
@@ -245,10 +266,14 @@ class SqliteStore:
             self._filters.clear()
         return self._ids, self._matrix
 
-    def search(self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None) -> list[Hit]:
+    def search(
+        self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None, *, text: str | None = None
+    ) -> list[Hit]:
         """The ``k`` chunks most similar to ``vector`` (unit length), best first, among those ``filter`` allows.
 
-        ``filter`` maps metadata keys (or ``source``) to a value, or a list of allowed values.
+        ``filter`` maps metadata keys (or ``source``) to a value, or a list of allowed values. With
+        ``text`` (the query's words) the ranking is hybrid: the vector ranking and a BM25 keyword
+        ranking (FTS5) fused by reciprocal rank. ``Hit.score`` is the cosine similarity either way.
         """
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
@@ -265,12 +290,32 @@ class SqliteStore:
                 if key not in self._filters:
                     self._filters[key] = np.isin(ids, self._filtered_ids(filter), assume_unique=True)
                 scores = np.where(self._filters[key], scores, -np.inf)
-            k = min(k, len(ids))
-            top = np.argpartition(-scores, k - 1)[:k]
-            top = top[np.argsort(-scores[top], kind="stable")]
-            top = top[np.isfinite(scores[top])]
+            top = _best(scores, min(k if not text else max(HYBRID_POOL, k), len(ids)))
+            if text:
+                top = self._fuse(top, scores, ids, text, k)
             chunks = self._chunks([int(ids[i]) for i in top])
         return [Hit(chunk=chunks[int(ids[i])], score=float(scores[i])) for i in top]
+
+    def _fuse(self, by_vector: np.ndarray, scores: np.ndarray, ids: np.ndarray, text: str, k: int) -> np.ndarray:
+        """Reciprocal rank fusion of the vector ranking and FTS5's BM25 ranking of ``text``."""
+        terms = keyword_terms(text)
+        fused: dict[int, float] = {}
+        for rank, row in enumerate(by_vector):
+            fused[int(row)] = 1.0 / (RRF_K + rank)
+        if terms:
+            query = " OR ".join(f'"{t}"' for t in terms)
+            found = self._db.execute(
+                "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
+                (query, HYBRID_POOL),
+            ).fetchall()
+            rows = np.searchsorted(ids, np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found)))
+            rank = 0
+            for row in rows:
+                if np.isfinite(scores[row]):  # filtered out rows stay out
+                    fused[int(row)] = fused.get(int(row), 0.0) + 1.0 / (RRF_K + rank)
+                    rank += 1
+        order = sorted(fused, key=lambda row: -fused[row])[:k]
+        return np.asarray(order, dtype=np.int64)
 
     def _filtered_ids(self, filter: Mapping[str, Any]) -> np.ndarray:
         clauses, params = [], []
@@ -301,6 +346,19 @@ class SqliteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _best(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest finite scores, best first."""
+    top = np.argpartition(-scores, k - 1)[:k]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return top[np.isfinite(scores[top])]
+
+
+def keyword_terms(text: str) -> list[str]:
+    """The words of a query for keyword search: letters and digits only (nothing reaches the query syntax)."""
+    words = re.findall(r"[^\W_]+", text.lower())
+    return list(dict.fromkeys(w for w in words if len(w) > 1 and w not in STOPWORDS))[:32]
 
 
 def unit_rows(vectors: np.ndarray, n: int) -> np.ndarray:
