@@ -3,7 +3,8 @@
 The stores are measured on their own with random unit vectors (384-d, as
 all-MiniLM-L6-v2's), so the numbers are the store's and not the embedder's;
 the embedder's own rate (chunks/s on real 200-token chunks) is measured in
-the same run and reported beside them. Ingest writes sources of 1,000 chunks,
+the same run and reported beside them. Hybrid queries add the keyword ranking
+(FTS5 / tsvector) to the vector one. Ingest writes sources of 1,000 chunks,
 one transaction each, as ``Rag.add`` does. Queries are exact (SQLite) and
 HNSW (pgvector); pgvector's recall@10 against the exact answer is reported.
 
@@ -47,12 +48,13 @@ def ingest(store: VectorStore, n: int, rng: np.random.Generator) -> tuple[float,
     return time.perf_counter() - t0, vectors
 
 
-def latency(store: VectorStore, queries: np.ndarray, k: int, filter: dict | None = None) -> dict:
+def latency(store: VectorStore, queries: np.ndarray, k: int, filter: dict | None = None, hybrid: bool = False) -> dict:
     store.search(queries[0], k, filter)  # warm: SQLite reads its matrix once
     times = []
-    for q in queries:
+    for i, q in enumerate(queries):
+        text = f"chunk {i * 7919 % 100_000} ipsum" if hybrid else None
         t0 = time.perf_counter()
-        store.search(q, k, filter)
+        store.search(q, k, filter, text=text)
         times.append((time.perf_counter() - t0) * 1000)
     return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
@@ -68,6 +70,7 @@ def measure(name: str, store: VectorStore, n: int, n_queries: int) -> dict:
         "ingest_chunks_per_s": n / seconds,
         "query_k10": latency(store, queries, 10),
         "query_k10_filtered": latency(store, queries, 10, {"shard": 3}),
+        "query_k10_hybrid": latency(store, queries, 10, hybrid=True),
     }
     exact = np.argsort(-(vectors @ queries[:50].T), axis=0)[:10].T  # (50, 10) row indices
     found = [{h.chunk.id for h in store.search(q, 10)} for q in queries[:50]]
