@@ -6,6 +6,8 @@
 ['logger_mw', 'timer_mw']
 """
 
+from typing import Any
+
 from forge.app import Forge, SyncForge
 from forge.config import PRESETS, ModelConfig, get_preset, preset_names, register_preset
 from forge.errors import (
@@ -13,10 +15,12 @@ from forge.errors import (
     ConfigError,
     DataError,
     DeviceError,
+    EmbeddingError,
     ForgeError,
     GenerationError,
     PresetNotFoundError,
     QueueFullError,
+    StoreError,
 )
 from forge.events import (
     CheckpointEvent,
@@ -49,6 +53,16 @@ from forge.trainer import TrainConfig, Trainer, TrainResult, train
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    """``forge.Rag`` loads the RAG stack (pypdf, the stores) on first use: ``import forge`` stays light."""
+    if name == "Rag":
+        from forge.rag import Rag
+
+        return Rag
+    raise AttributeError(f"module 'forge' has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS",
     "AsyncTextStream",
@@ -59,6 +73,7 @@ __all__ = [
     "Context",
     "DataError",
     "DeviceError",
+    "EmbeddingError",
     "Emitter",
     "EndEvent",
     "ErrorEvent",
@@ -73,11 +88,13 @@ __all__ = [
     "ModelConfig",
     "PresetNotFoundError",
     "QueueFullError",
+    "Rag",
     "RateLimitError",
     "RequestEvent",
     "ResponseEvent",
     "StartEvent",
     "StepEvent",
+    "StoreError",
     "SyncForge",
     "TextStream",
     "TokenEvent",
