@@ -45,7 +45,7 @@ def evaluate(rag: Rag, questions: list[dict], k: int) -> tuple[float, list[str]]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--settings", default="200:40,128:32,256:48", help="chunk_tokens:overlap pairs")
+    p.add_argument("--settings", default="64:16,96:24,128:32", help="chunk_tokens:overlap pairs")
     p.add_argument("--corpus", type=Path, default=SHAKESPEARE)
     args = p.parse_args()
     questions = json.loads(QUESTIONS.read_text())

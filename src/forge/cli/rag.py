@@ -39,8 +39,8 @@ def rag() -> None:
 @rag.command("add")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @DB_OPTION
-@click.option("--chunk-tokens", type=POSITIVE_INT, default=200, show_default=True, help="Tokens per chunk.")
-@click.option("--overlap", type=click.IntRange(min=0), default=40, show_default=True, help="Tokens shared by chunks.")
+@click.option("--chunk-tokens", type=POSITIVE_INT, default=128, show_default=True, help="Tokens per chunk.")
+@click.option("--overlap", type=click.IntRange(min=0), default=32, show_default=True, help="Tokens shared by chunks.")
 def add_cmd(paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -> None:
     """Ingest PATHS (files or folders, recursively) into the store; unchanged files are skipped."""
     console = Console(highlight=False, soft_wrap=True)

@@ -86,8 +86,8 @@ class Rag:
         *,
         embedder: Embedder | None = None,
         app: Forge | None = None,
-        chunk_tokens: int = 200,
-        chunk_overlap: int = 40,
+        chunk_tokens: int = 128,
+        chunk_overlap: int = 32,
         context_tokens: int = 1536,
     ) -> None:
         self.store: VectorStore = open_store(store) if isinstance(store, (str, Path)) else store
