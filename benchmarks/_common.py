@@ -31,13 +31,18 @@ def environment(device: torch.device) -> dict[str, object]:
     return env
 
 
-def save_gpu_result(name: str, out: dict[str, object]) -> None:
-    """Print ``out`` as JSON and save it as benchmarks/results/<name>_<GPU name>.json."""
+def save_result(name: str, out: dict[str, object]) -> None:
+    """Print ``out`` as JSON and save it as benchmarks/results/<name>.json."""
     text = json.dumps(out, indent=2)
     print(text)
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{name}_{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(text + "\n")
+    (dest / f"{name}.json").write_text(text + "\n")
+
+
+def save_gpu_result(name: str, out: dict[str, object]) -> None:
+    """``save_result`` under <name>_<GPU name>.json."""
+    save_result(f"{name}_{torch.cuda.get_device_name().replace(' ', '_')}", out)
 
 
 def _git_commit() -> str:

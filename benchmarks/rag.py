@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, SHAKESPEARE, environment
+from _common import SHAKESPEARE, environment, save_result
 from forge.rag.chunking import chunk_text
 from forge.rag.embed import LocalEmbedder
 from forge.rag.store import NewChunk, SqliteStore, VectorStore
@@ -121,11 +121,7 @@ def main() -> None:
         "embedder": embedder_rate(),
         "env": environment(torch.device("cpu")),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    dest = ROOT / "benchmarks" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "rag_cpu.json").write_text(text + "\n")
+    save_result("rag_cpu", out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, SHAKESPEARE, environment
+from _common import ROOT, SHAKESPEARE, environment, save_result
 from forge.rag.embed import LocalEmbedder
 from forge.rag.retrieval import Rag
 
@@ -80,11 +80,7 @@ def main() -> None:
         "results": rows,
         "env": environment(torch.device("cpu")),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    dest = ROOT / "benchmarks" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "rag_recall_cpu.json").write_text(text + "\n")
+    save_result("rag_recall_cpu", out)
 
 
 if __name__ == "__main__":
