@@ -28,6 +28,9 @@ from forge.rag.store import Hit, NewChunk, SqliteStore, VectorStore
 
 __all__ = ["Answer", "Citation", "IngestReport", "Rag", "cited", "open_store"]
 
+#: Greedy, with a light repetition penalty: small chat models otherwise loop on a retrieved phrase.
+ANSWER_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256, "repetition_penalty": 1.1}
+
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources. After each claim, cite the source it came from "
     "as [1], [2], and so on. If the sources do not contain the answer, say that you don't know."
@@ -191,7 +194,7 @@ class Rag:
     def answer(self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any) -> Answer:
         """The chat model's answer from the top ``k`` chunks, with the sources it cites."""
         messages, sources = self.messages(question, self.query(question, k, filter))
-        text = self.app.sync.chat(messages, **{"temperature": 0.0, "max_tokens": 256, **options})
+        text = self.app.sync.chat(messages, **{**ANSWER_DEFAULTS, **options})
         return Answer(text=text, citations=cited(text, sources), sources=sources)
 
     def answer_stream(
@@ -199,14 +202,14 @@ class Rag:
     ) -> tuple[Iterator[str], list[Citation]]:
         """The answer piece by piece, and the numbered sources it may cite."""
         messages, sources = self.messages(question, self.query(question, k, filter))
-        return self.app.sync.chat_stream(messages, **{"temperature": 0.0, "max_tokens": 256, **options}), sources
+        return self.app.sync.chat_stream(messages, **{**ANSWER_DEFAULTS, **options}), sources
 
     async def astream(
         self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any
     ) -> AsyncIterator[str]:
         """The answer piece by piece, in an event loop."""
         messages, _ = self.messages(question, self.query(question, k, filter))
-        async for piece in self.app.chat_stream(messages, **{"temperature": 0.0, "max_tokens": 256, **options}):
+        async for piece in self.app.chat_stream(messages, **{**ANSWER_DEFAULTS, **options}):
             yield piece
 
     # -- the server's Retriever protocol ---------------------------------------------
