@@ -70,10 +70,8 @@ class GraphedGreedyDecoder:
         self.positions = (valid.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, total)
         self.slots = torch.arange(total, device=device)  # (total,)
         self.rows = slice(0, B)
-        cache = model.blocks[0].attn.cache
-        assert isinstance(cache, KVCache), "set up the KV cache and prefill first"
-        self.cache = cache
         self.caches = [block.attn.cache for block in model.blocks]  # what the graph reads: reinstall to reuse it
+        assert isinstance(self.caches[0], KVCache), "set up the KV cache and prefill first"
         self.token = first[:, None].clone()  # (B, 1): the next input
         self.step = torch.tensor(start, device=device)  # the slot the next input is written to
         self.host_step = start  # the same, on the host: no sync to read it
@@ -94,7 +92,9 @@ class GraphedGreedyDecoder:
         pos = step.expand(token.shape[0])  # (B,)
         mask = (self.valid & (self.slots <= step))[:, None, None, :]  # (B, 1, 1, total)
         positions = self.positions.index_select(1, step.view(1))  # (B, 1)
-        write = CacheWrite(rows=self.rows, pos=pos, length=self.total, flat_index=self.cache.flat_index(self.rows, pos))
+        write = CacheWrite(
+            rows=self.rows, pos=pos, length=self.total, flat_index=self.caches[0].flat_index(self.rows, pos)
+        )
         logits = self.model(token, positions=positions, mask=mask, cache_pos=write)[:, -1]  # (B, V)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge.kernels.rows import as_rows, block_for, reduction_programs
+from forge.kernels.rows import as_rows, block_for, reduction_programs, warps_for
 
 __all__ = ["add_layer_norm"]
 
@@ -66,10 +66,6 @@ def _bwd(DY, DS, S, W, MEAN, RSTD, DX, DW, DB, M, N, programs, HAS_DS: tl.conste
     tl.store(DB + pid * N + cols, db, mask=inside)
 
 
-def _warps(block: int) -> int:
-    return min(16, max(1, block // 256))
-
-
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -104,7 +100,7 @@ class _AddLayerNorm(torch.autograd.Function):
             HAS_DELTA=d2 is not None,
             HAS_BIAS=bias is not None,
             BLOCK=block,
-            num_warps=_warps(block),
+            num_warps=warps_for(block),
         )
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has_delta, ctx.has_bias = delta is not None, bias is not None
@@ -139,7 +135,7 @@ class _AddLayerNorm(torch.autograd.Function):
             programs,
             HAS_DS=ds2 is not None,
             BLOCK=block,
-            num_warps=_warps(block),
+            num_warps=warps_for(block),
         )
         x_dtype, delta_dtype, bias_dtype = ctx.dtypes
         dx = dx.view(dy.shape)

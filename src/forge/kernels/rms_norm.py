@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge.kernels.rows import as_rows, block_for, reduction_programs
+from forge.kernels.rows import as_rows, block_for, reduction_programs, warps_for
 
 __all__ = ["add_rms_norm"]
 
@@ -59,10 +59,6 @@ def _bwd(DY, DS, S, W, RSTD, DX, DW, M, N, programs, HAS_DS: tl.constexpr, BLOCK
     tl.store(DW + pid * N + cols, dw, mask=inside)
 
 
-def _warps(block: int) -> int:
-    return min(16, max(1, block // 256))
-
-
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> Any:
@@ -86,7 +82,7 @@ class _AddRMSNorm(torch.autograd.Function):
             eps,
             HAS_DELTA=d2 is not None,
             BLOCK=block,
-            num_warps=_warps(block),
+            num_warps=warps_for(block),
         )
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_delta = delta is not None
@@ -118,7 +114,7 @@ class _AddRMSNorm(torch.autograd.Function):
             programs,
             HAS_DS=ds2 is not None,
             BLOCK=block,
-            num_warps=_warps(block),
+            num_warps=warps_for(block),
         )
         shape = dy.shape
         x_dtype, delta_dtype = ctx.dtypes

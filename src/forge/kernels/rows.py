@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-__all__ = ["as_rows", "block_for", "reduction_programs"]
+__all__ = ["as_rows", "block_for", "reduction_programs", "warps_for"]
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -33,3 +33,8 @@ def reduction_programs(device: torch.device, rows: int) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(rows, 4 * sms))
     return max(1, min(rows, 4))
+
+
+def warps_for(block: int) -> int:
+    """Warps for a program that owns a row of ``block`` elements: one per 256, 1 to 16."""
+    return min(16, max(1, block // 256))

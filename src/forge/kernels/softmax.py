@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge.kernels.rows import as_rows
+from forge.kernels.rows import as_rows, warps_for
 
 __all__ = ["softmax"]
 
@@ -76,7 +76,7 @@ class _Softmax(torch.autograd.Function):
         M, N = x2.shape
         y = torch.empty_like(x2)
         block = _block(N)
-        _fwd[(M,)](x2, y, N, BLOCK=block, ONE_PASS=block >= N, num_warps=min(16, max(1, block // 256)))
+        _fwd[(M,)](x2, y, N, BLOCK=block, ONE_PASS=block >= N, num_warps=warps_for(block))
         ctx.save_for_backward(y)
         return y.view(x.shape)
 
@@ -86,7 +86,7 @@ class _Softmax(torch.autograd.Function):
         M, N = y.shape
         dx = torch.empty_like(y)
         block = _block(N)
-        _bwd[(M,)](y, as_rows(dy), dx, N, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        _bwd[(M,)](y, as_rows(dy), dx, N, BLOCK=block, num_warps=warps_for(block))
         return dx.view(dy.shape)
 
 

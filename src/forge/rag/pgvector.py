@@ -12,6 +12,7 @@ Each source is replaced in one transaction, as in SQLite. Needs ``psycopg``
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,18 @@ from typing import Any
 import numpy as np
 
 from forge.errors import ConfigError, StoreError
-from forge.rag.store import HYBRID_POOL, RRF_K, Hit, NewChunk, SourceInfo, StoredChunk, keyword_terms, unit_rows
+from forge.rag.store import (
+    HYBRID_POOL,
+    RRF_K,
+    Hit,
+    NewChunk,
+    SourceInfo,
+    StoredChunk,
+    check_filter_key,
+    first_vectors,
+    keyword_terms,
+    unit_rows,
+)
 
 try:
     import psycopg
@@ -37,7 +49,7 @@ CREATE TABLE IF NOT EXISTS {p}sources (
 );
 """
 
-_FILTER_KEY = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_PREFIX = re.compile(r"[A-Za-z0-9_]+")
 
 
 def _literal(vector: np.ndarray) -> str:
@@ -53,7 +65,7 @@ class PgVectorStore:
     def __init__(self, url: str, *, prefix: str = "forge_") -> None:
         if psycopg is None:
             raise StoreError(f"{url!r} is a PostgreSQL store; it needs psycopg: pip install 'psycopg[binary]'")
-        if not prefix or any(c not in _FILTER_KEY for c in prefix):
+        if not _PREFIX.fullmatch(prefix):
             raise ConfigError(f"prefix {prefix!r} must be letters, digits and '_'")
         self.url, self.p = url, prefix
         try:
@@ -87,8 +99,7 @@ class PgVectorStore:
             return None if row is None else str(row[0])
 
     def _ensure_chunks(self, embedder: str, dim: int) -> None:
-        known, known_dim = self._meta("embedder"), self._meta("dim")
-        if known is None:
+        if first_vectors(self.url, self._meta("embedder"), self._meta("dim"), embedder, dim, "another table prefix"):
             p = self.p
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS {p}chunks (id bigserial PRIMARY KEY, source text NOT NULL,"
@@ -103,11 +114,6 @@ class PgVectorStore:
             )
             self._db.execute(f"CREATE INDEX IF NOT EXISTS {p}chunks_fts ON {p}chunks USING gin (tsv)")
             self._db.execute(f"INSERT INTO {p}meta VALUES ('embedder', %s), ('dim', %s)", (embedder, str(dim)))
-        elif known != embedder or int(known_dim or 0) != dim:
-            raise StoreError(
-                f"{self.url!r} holds vectors from {known!r} ({known_dim}-d); these come from {embedder!r} "
-                f"({dim}-d): use the same embedder, or another table prefix"
-            )
 
     def replace_source(
         self, source: str, sha256: str, chunks: Sequence[NewChunk], vectors: np.ndarray, *, embedder: str
@@ -200,8 +206,7 @@ class PgVectorStore:
         clauses: list[str] = []
         params: list[Any] = []
         for key, wanted in filter.items():
-            if not key or any(c not in _FILTER_KEY | {"."} for c in key):
-                raise ConfigError(f"filter key {key!r} must be a metadata name (letters, digits, '_' and '.')")
+            check_filter_key(key)
             column = "source" if key == "source" else "metadata #>> %s"
             if key != "source":
                 params.append("{" + key.replace(".", ",") + "}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,17 +215,8 @@ class Rag:
     # -- the server's Retriever protocol ---------------------------------------------
     def search(self, query: str, k: int = 5, filter: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """``query`` as JSON-ready dicts: text, source, start, end, score, metadata."""
-        return [
-            {
-                "text": h.chunk.text,
-                "source": h.chunk.source,
-                "start": h.chunk.start,
-                "end": h.chunk.end,
-                "score": h.score,
-                "metadata": h.chunk.metadata,
-            }
-            for h in self.query(query, k, filter)
-        ]
+        hits = self.query(query, k, filter)
+        return [{**{k: v for k, v in asdict(h.chunk).items() if k != "id"}, "score": h.score} for h in hits]
 
     def augment(
         self, messages: Sequence[Mapping[str, str]], k: int = 5
@@ -236,10 +227,7 @@ class Rag:
         grounded, sources = self.messages(question, self.query(question, k))
         history = [dict(m) for m in messages[:last] if m["role"] != "system"]
         out = [grounded[0], *history, grounded[1], *(dict(m) for m in messages[last + 1 :])]
-        return out, [
-            {"number": s.number, "source": s.source, "start": s.start, "end": s.end, "text": s.text, "score": s.score}
-            for s in sources
-        ]
+        return out, [asdict(s) for s in sources]
 
     def close(self) -> None:
         self.store.close()

@@ -31,7 +31,18 @@ import numpy as np
 
 from forge.errors import ConfigError, StoreError
 
-__all__ = ["Hit", "NewChunk", "SourceInfo", "SqliteStore", "StoreError", "StoredChunk", "VectorStore", "unit_rows"]
+__all__ = [
+    "Hit",
+    "NewChunk",
+    "SourceInfo",
+    "SqliteStore",
+    "StoreError",
+    "StoredChunk",
+    "VectorStore",
+    "check_filter_key",
+    "first_vectors",
+    "unit_rows",
+]
 
 SCHEMA_VERSION = "1"
 #: Candidates each ranking contributes to a hybrid search, and the reciprocal-rank constant (Cormack et al.).
@@ -137,7 +148,8 @@ CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
 END;
 """
 
-_FILTER_KEY = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.]+")
 
 
 class SqliteStore:
@@ -227,15 +239,9 @@ class SqliteStore:
         return stored, len(chunks) - stored
 
     def _check_embedder(self, embedder: str, dim: int) -> None:
-        known, known_dim = self._meta("embedder"), self._meta("dim")
-        if known is None:
+        if first_vectors(self.path, self._meta("embedder"), self._meta("dim"), embedder, dim, "a new store"):
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (embedder,))
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(dim),))
-        elif known != embedder or int(known_dim or 0) != dim:
-            raise StoreError(
-                f"{self.path!r} holds vectors from {known!r} ({known_dim}-d); these come from {embedder!r} "
-                f"({dim}-d): use the same embedder, or a new store"
-            )
 
     def delete(self, source: str) -> int:
         """Remove a source and its chunks; returns how many chunks went."""
@@ -320,8 +326,7 @@ class SqliteStore:
     def _filtered_ids(self, filter: Mapping[str, Any]) -> np.ndarray:
         clauses, params = [], []
         for key, wanted in filter.items():
-            if not key or any(c not in _FILTER_KEY for c in key):
-                raise ConfigError(f"filter key {key!r} must be a metadata name (letters, digits, '_' and '.')")
+            check_filter_key(key)
             column = "source" if key == "source" else f"json_extract(metadata, '$.{key}')"
             values = list(wanted) if isinstance(wanted, (list, tuple, set)) else [wanted]
             clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
@@ -346,6 +351,24 @@ class SqliteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_filter_key(key: str) -> None:
+    """A filter key goes into SQL: letters, digits, '_' and '.' (nested keys) only."""
+    if not isinstance(key, str) or not _METADATA_KEY.fullmatch(key):
+        raise ConfigError(f"filter key {key!r} must be a metadata name (letters, digits, '_' and '.')")
+
+
+def first_vectors(where: str, known: str | None, known_dim: str | None, embedder: str, dim: int, fix: str) -> bool:
+    """True when a store holds no vectors yet; a StoreError when ``embedder``/``dim`` differ from its own."""
+    if known is None:
+        return True
+    if known != embedder or int(known_dim or 0) != dim:
+        raise StoreError(
+            f"{where!r} holds vectors from {known!r} ({known_dim}-d); these come from {embedder!r} "
+            f"({dim}-d): use the same embedder, or {fix}"
+        )
+    return False
 
 
 def _best(scores: np.ndarray, k: int) -> np.ndarray:
