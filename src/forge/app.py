@@ -47,6 +47,7 @@ from forge.events import (
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
 from forge.middleware import Context, Middleware, compose, guarded, recover
 from forge.models import KNOWN_MODELS, export, load, locate, save
+from forge.structured import OutputSpec, ToolFormat, output_spec
 from forge.tokenizer import Tokenizer, TokenizerKind
 from forge.trainer import TrainConfig, TrainResult, train
 
@@ -283,7 +284,7 @@ class Forge:
         _, _ = self._require_model("generate")
         assert self._generator is not None
         if ctx.messages is not None and ctx.messages != ctx.meta.get("rendered_messages"):
-            ctx.prompt = self.render(ctx.messages)  # a middleware changed the conversation
+            ctx.prompt = self.render(ctx.messages, tools=ctx.meta.get("tools"))  # a middleware changed the conversation
         if self._engine is not None:  # serving: continuous batching
             # A caller that already tokenized this very prompt (the server, to check its length) passes the ids on.
             ids = ctx.encoded[1] if ctx.encoded is not None and ctx.encoded[0] == ctx.prompt else None
@@ -325,25 +326,42 @@ class Forge:
             if ctx.response is not None or ctx.chunks is not None:
                 return
 
-    async def generate(self, prompt: str | Sequence[str], **options: Any) -> str | list[str]:
-        """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list."""
+    async def generate(self, prompt: str | Sequence[str], *, schema: Any = None, **options: Any) -> Any:
+        """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list.
+
+        ``schema`` constrains the output and returns it parsed and validated: a
+        pydantic model class gives an instance, a JSON-schema dict gives JSON
+        values, a regex gives the matching string. Tokens that would break the
+        schema are masked out while sampling, so even a tiny model's output fits.
+
+        >>> await app.generate("A city:", schema=City)  # doctest: +SKIP
+        City(name='Paris', population=2100000)
+        """
         if not isinstance(prompt, str):
-            return list(await asyncio.gather(*(self.generate(p, **options) for p in prompt)))  # type: ignore[misc]
-        return await self.handle(self._context(prompt, False, options))
+            if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+                return list(await asyncio.gather(*(self.generate(p, schema=schema, **options) for p in prompt)))
+            raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
+        spec = _spec(schema, options)
+        ctx = self._context(prompt, False, options)
+        return _parsed(spec, await self.handle(ctx), ctx)
 
     async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
         """Text pieces of the completion as they arrive, through the middleware stack."""
         async for piece in self.handle_stream(self._context(prompt, True, options)):
             yield piece
 
-    async def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
+    async def chat(self, messages: Sequence[Mapping[str, Any]] | str, *, schema: Any = None, **options: Any) -> Any:
         """The assistant's reply to ``messages`` (``[{"role": "user", "content": "Hi"}]``, or a string).
+
+        ``schema`` works as in :meth:`generate`: the reply is parsed and validated.
 
         The prompt is rendered with the model's chat template; generation stops
         at the model's end-of-turn token. Goes through the middleware stack,
         with ``ctx.messages`` set.
         """
-        return await self.handle(self._chat_context(messages, False, options))
+        spec = _spec(schema, options)
+        ctx = self._chat_context(messages, False, options)
+        return _parsed(spec, await self.handle(ctx), ctx)
 
     async def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> AsyncIterator[str]:
         """The assistant's reply to ``messages``, piece by piece."""
@@ -378,23 +396,48 @@ class Forge:
 
         return await asyncio.to_thread(run)
 
-    def render(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True) -> str:
-        """The prompt that :meth:`chat` gives the model for ``messages``."""
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]] | str,
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The prompt that :meth:`chat` gives the model for ``messages`` (and ``tools``, OpenAI ``tools`` entries)."""
         _, tokenizer = self._require_model("render")
         return render_chat(  # render_chat validates the messages
             tokenizer.chat_template,
             messages,  # type: ignore[arg-type]
             add_generation_prompt=add_generation_prompt,
             special_tokens={"bos_token": tokenizer.bos, "eos_token": tokenizer.eos},
+            tools=tools,
         )
+
+    def tool_format(self) -> ToolFormat:
+        """How this model writes tool calls: its chat template's own format, or Forge's default."""
+        _, tokenizer = self._require_model("tool_format")
+        return ToolFormat.for_template(tokenizer.chat_template)
 
     def _chat_context(
         self, messages: Sequence[Mapping[str, Any]] | str, stream: bool, options: dict[str, Any]
     ) -> Context:
+        """A chat request. ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (OpenAI's meanings) put the
+        tools in the prompt and constrain the reply to the model's tool-call format; ``ctx.meta["tool_format"]``
+        then parses it."""
+        tools = options.pop("tools", None) or None
+        choice = options.pop("tool_choice", None) or "auto"
+        parallel = bool(options.pop("parallel_tool_calls", False))
         checked = check_messages(messages)
-        ctx = self._context(self.render(checked), stream, options)
+        ctx = self._context(self.render(checked, tools=tools), stream, options)
+        if tools and choice != "none":
+            if ctx.params.grammar is not None:
+                raise ConfigError("pass tools or a schema / response_format, not both: a reply is one or the other")
+            fmt = self.tool_format()
+            ctx.params = ctx.params.replace(grammar=fmt.grammar(tools, choice, parallel=parallel))
+            ctx.meta["tool_format"] = fmt
         ctx.messages = checked
         ctx.meta["rendered_messages"] = [dict(m) for m in checked]
+        ctx.meta["tools"] = tools
         if self._tokenizer is not None and self._tokenizer.chat_template is None:
             # The plain template's turns end at the next "User:" line, whatever else the caller stops at.
             ctx.params = ctx.params.replace(stop=tuple(dict.fromkeys((*ctx.params.stop, *PLAIN_STOP))))
@@ -519,6 +562,21 @@ class Forge:
         return f"Forge(model={self._source!r}, {state}, device={self.device}, middleware={len(self._middleware)})"
 
 
+def _spec(schema: Any, options: dict[str, Any]) -> OutputSpec | None:
+    """Turn ``schema=`` into a grammar option; the spec parses the output afterwards."""
+    if schema is None:
+        return None
+    spec = output_spec(schema)
+    options["grammar"] = spec.grammar
+    return spec
+
+
+def _parsed(spec: OutputSpec | None, text: str, ctx: Context) -> Any:
+    if spec is None:
+        return text
+    return spec.parse(text, ctx.completion.finish_reason if ctx.completion is not None else None)
+
+
 async def _completing(source: AsyncTextStream, ctx: Context) -> AsyncIterator[str]:
     """The model's stream; sets ``ctx.completion`` once it has run to the end."""
     try:
@@ -569,10 +627,10 @@ class SyncForge:
     def train(self, data: DataSource, **options: Any) -> TrainResult:
         return self._run(self._app.train(data, **options))
 
-    def generate(self, prompt: str | Sequence[str], **options: Any) -> str | list[str]:
+    def generate(self, prompt: str | Sequence[str], **options: Any) -> Any:
         return self._run(self._app.generate(prompt, **options))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> str:
+    def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> Any:
         return self._run(self._app.chat(messages, **options))
 
     def listen(self, port: int = 8000, *, host: str = "127.0.0.1", **options: Any) -> None:

@@ -23,6 +23,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from forge.errors import ConfigError
+from forge.structured import ToolCall, ToolFormat
 
 __all__ = ["PLAIN_STOP", "PLAIN_TEMPLATE", "ROLES", "Message", "check_messages", "render_chat"]
 
@@ -57,10 +58,66 @@ def check_messages(messages: object) -> list[dict[str, Any]]:
             )
         if m["role"] not in ROLES:
             raise ConfigError(f"messages[{i}] has role {m['role']!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ConfigError(f"messages[{i}]['content'] must be a string, got {type(m['content']).__name__}")
-        out.append(dict(m))
+        calls = m.get("tool_calls")
+        if calls is not None and (
+            m["role"] != "assistant" or isinstance(calls, str) or not isinstance(calls, Sequence)
+        ):
+            raise ConfigError(f"messages[{i}]['tool_calls'] must be a list, on an assistant message")
+        if not isinstance(m["content"], str) and not (m["content"] is None and calls):
+            raise ConfigError(
+                f"messages[{i}]['content'] must be a string, got {type(m['content']).__name__} "
+                "(null is allowed only on an assistant message with tool_calls)"
+            )
+        out.append({**m, "tool_calls": [_tool_call(c, i) for c in calls]} if calls else dict(m))
     return out
+
+
+def _tool_call(call: object, i: int) -> ToolCall:
+    """An OpenAI tool_calls entry ({"id", "type": "function", "function": {"name", "arguments"}}) as a ToolCall."""
+    if isinstance(call, ToolCall):
+        return call
+    f = call.get("function") if isinstance(call, Mapping) else None
+    arguments = f.get("arguments", {}) if isinstance(f, Mapping) else None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            arguments = None
+    if not isinstance(f, Mapping) or not isinstance(f.get("name"), str) or not isinstance(arguments, dict):
+        raise ConfigError(
+            f"messages[{i}] has a malformed tool call {call!r:.120}; expected "
+            "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': '<JSON object>'}}"
+        )
+    assert isinstance(call, Mapping)
+    return ToolCall(f["name"], arguments, **({"id": str(call["id"])} if call.get("id") else {}))
+
+
+def _for_template(messages: list[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, Any]]:
+    """Tool calls as the template expects them: HF's {"function": {"name", "arguments": dict}} for a template
+    with tool support, the call's exact text in the content for one without."""
+    out = []
+    for m in messages:
+        calls: list[ToolCall] = m.get("tool_calls") or []
+        if calls and fmt.native:
+            functions = [{"name": c.name, "arguments": c.arguments} for c in calls]
+            m = {
+                **m,
+                "tool_calls": [
+                    {"id": c.id, "type": "function", "function": f} for c, f in zip(calls, functions, strict=True)
+                ],
+            }
+        elif calls:
+            text = "\n".join(fmt.call_text(c) for c in calls)
+            m = {k: v for k, v in m.items() if k != "tool_calls"} | {"content": ((m["content"] or "") + text)}
+        out.append(m)
+    return out
+
+
+def _with_tool_prompt(messages: list[dict[str, Any]], prompt: str) -> list[dict[str, Any]]:
+    """Forge's tool instructions added to the system message (or as one, first)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
 
 
 def render_chat(
@@ -69,17 +126,27 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     special_tokens: Mapping[str, str | None] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     **variables: Any,
 ) -> str:
     """The prompt for ``messages`` under ``template`` (:data:`PLAIN_TEMPLATE` when None).
 
     ``special_tokens`` fills ``bos_token``/``eos_token`` as templates expect.
+    ``tools`` (OpenAI ``tools`` entries) go to a template that renders them
+    itself; for any other template Forge describes them in the system message
+    (see :class:`forge.structured.ToolFormat`).
     """
     compiled = _compile(template or PLAIN_TEMPLATE)
     context = {"bos_token": "", "eos_token": "", **{k: v or "" for k, v in (special_tokens or {}).items()}}
+    fmt = ToolFormat.for_template(template)
+    checked = check_messages(messages)
+    if tools and fmt.native:
+        variables["tools"] = [{"type": "function", "function": f} for f in fmt.functions(tools)]
+    elif tools:
+        checked = _with_tool_prompt(checked, fmt.system_prompt(tools))
     try:
         return compiled.render(
-            messages=check_messages(messages), add_generation_prompt=add_generation_prompt, **context, **variables
+            messages=_for_template(checked, fmt), add_generation_prompt=add_generation_prompt, **context, **variables
         )
     except TemplateError as e:
         raise ConfigError(f"the chat template refused these messages: {e}") from None

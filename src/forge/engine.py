@@ -28,6 +28,7 @@ from forge.core.batching import Batcher, Sequence, StepResult
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, ForgeError, GenerationError, QueueFullError
 from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, TokenLogprob
+from forge.structured import Constraint
 from forge.tokenizer import Tokenizer
 
 __all__ = ["Engine"]
@@ -136,7 +137,10 @@ class Engine:
         stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
         generator = torch.Generator(self.batcher.device)
         generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        seq = Sequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs)
+        constraint = None
+        if cfg.grammar is not None:
+            constraint = Constraint(cfg.grammar, self.tokenizer, self.model.config.vocab_size)
+        seq = Sequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs, constraint=constraint)
         row = StreamRow(self.tokenizer, cfg.stop, stop_ids, prompt_tokens)
         if cfg.logprobs is not None:
             row.logprobs = []

@@ -29,6 +29,7 @@ from forge.core.generate import generate_tokens
 from forge.core.sampling import SamplingParams, top_logprobs
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, GenerationError
+from forge.structured import Constraint, Grammar
 from forge.textstream import held_back
 from forge.tokenizer import Tokenizer
 
@@ -63,6 +64,8 @@ class GenerationConfig:
     stop_at_eos: bool = True
     #: None: no log-probabilities; k >= 0: each token's logprob and the k most likely alternatives (k <= 20).
     logprobs: int | None = None
+    #: Constrained decoding: only text in this grammar can be generated (see ``forge.structured``).
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -79,6 +82,13 @@ class GenerationConfig:
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
         ):
             raise ConfigError.for_field("GenerationConfig", "logprobs", self.logprobs, "must be an integer in [0, 20]")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ConfigError.for_field(
+                "GenerationConfig",
+                "grammar",
+                self.grammar,
+                "must be a forge.structured.Grammar; for app.generate pass schema=PydanticModel | dict | regex instead",
+            )
         self.sampling()  # validates the sampling fields
 
     def sampling(self) -> SamplingParams:
@@ -306,6 +316,10 @@ class Generator:
                 ):
                     row.pending = lp
 
+        constraints = None
+        if cfg.grammar is not None:
+            vocab = self.model.config.vocab_size
+            constraints = [Constraint(cfg.grammar, self.tokenizer, vocab) for _ in rows]
         generator = None
         if cfg.temperature > 0:
             generator = torch.Generator(self.device)
@@ -318,6 +332,7 @@ class Generator:
             generator=generator,
             vocab_limit=self.tokenizer.vocab_size,
             observe=observe,
+            constraints=constraints,
         )
         with self.lock:  # one token loop at a time: the KV cache lives in the model
             try:

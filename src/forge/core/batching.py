@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 from forge.core.kv_cache import CacheWrite, KVCache
-from forge.core.sampling import SamplingParams, process_logits, sample, top_logprobs
+from forge.core.sampling import (
+    SamplingParams,
+    TokenConstraint,
+    apply_token_bitmask,
+    constraint_mask,
+    process_logits,
+    sample,
+    top_logprobs,
+)
 from forge.core.transformer import Transformer
 
 __all__ = ["Batcher", "Sequence", "StepResult"]
@@ -35,6 +43,7 @@ class Sequence:
     generator: torch.Generator | None = None
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k
+    constraint: TokenConstraint | None = None  # e.g. a JSON schema: masks what may come next
     # state, owned by the batcher
     row: int = -1
     length: int = 0  # tokens in the cache
@@ -173,9 +182,13 @@ class Batcher:
         with its own seed and penalties). Token ids come back to the host in one
         transfer, so a GPU step synchronises once, not once per row.
         """
+        # The CPU computes grammar masks while a GPU still runs the forward that made `logits`.
+        words = constraint_mask([s.constraint for s in seqs], logits.shape[-1])
         logits = logits.float()  # (n, V)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
+        if words is not None:
+            logits = apply_token_bitmask(logits, words)
         plain = {i for i, s in enumerate(seqs) if s.params.greedy and s.counts is None and s.seen is None}
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)  # (n,)
         if plain:
@@ -198,6 +211,8 @@ class Batcher:
         results = []
         for i, (seq, t) in enumerate(zip(seqs, ids, strict=True)):
             seq.last, seq.generated = t, seq.generated + 1
+            if seq.constraint is not None:
+                seq.constraint.accept(t)
             if seq.counts is not None:
                 seq.counts[t] += 1
             if seq.seen is not None:

@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from forge.core.cuda_graphs import GraphedGreedyDecoder, graph_key, keep, reusable
-from forge.core.sampling import SamplingParams, process_logits, sample
+from forge.core.sampling import (
+    SamplingParams,
+    TokenConstraint,
+    apply_token_bitmask,
+    constraint_mask,
+    process_logits,
+    sample,
+)
 from forge.core.transformer import Transformer
 
 __all__ = ["generate_tokens"]
@@ -81,6 +88,7 @@ def generate_tokens(
     cuda_graphs: bool = True,
     graph_chunk: int = 8,
     compile: bool = False,
+    constraints: Sequence[TokenConstraint | None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,) int64, up to ``max_new_tokens`` times.
 
@@ -91,6 +99,9 @@ def generate_tokens(
     ``observe(logits, tokens)`` sees each step's penalised logits (B, V) and chosen tokens (B,), e.g. for logprobs.
     On CUDA, greedy decoding replays the decode step from a CUDA graph, ``graph_chunk``
     steps per launch (see ``forge.core.cuda_graphs``); ``cuda_graphs=False`` keeps it eager.
+    ``constraints`` holds one :class:`TokenConstraint` per prompt (or None for a free row):
+    each step, tokens a row's constraint forbids are masked out before sampling.
+    Constrained generation always runs eagerly: the mask changes every step.
     """
     device = model.tok_emb.weight.device
     tokens, valid = _prompt_batch(prompts, device)
@@ -106,6 +117,8 @@ def generate_tokens(
     counts = torch.zeros(B, model.config.vocab_size, device=device) if params.penalised else None
     graphable = use_cache and cuda_graphs and device.type == "cuda" and params.greedy
     graphable = graphable and seen is None and counts is None and observe is None
+    rows = list(constraints) if constraints is not None and any(c is not None for c in constraints) else None
+    graphable = graphable and rows is None
     key, decoder = None, None
     if graphable:
         # A cache rounded up to 256 slots lets generations of other lengths replay the same captured graph.
@@ -127,11 +140,19 @@ def generate_tokens(
             else:
                 logits = _forward_full(model, tokens, valid[:, :T], padded)
             for step in range(max_new_tokens):
+                # The CPU computes the masks while a GPU still runs the forward that made `logits`.
+                words = constraint_mask(rows, logits.shape[-1]) if rows is not None else None
                 if vocab_limit is not None and vocab_limit < logits.shape[-1]:
                     logits[:, vocab_limit:] = float("-inf")
+                if words is not None:
+                    logits = apply_token_bitmask(logits, words)
                 nxt = sample(logits, params, generator, seen, counts)  # (B,)
                 if observe is not None:
                     observe(process_logits(logits, params, seen, counts), nxt)
+                if rows is not None:
+                    for constraint, token in zip(rows, nxt.tolist(), strict=True):
+                        if constraint is not None:
+                            constraint.accept(token)
                 yield nxt
                 if step == max_new_tokens - 1:
                     break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -12,8 +13,11 @@ from forge.errors import ConfigError
 
 __all__ = [
     "SamplingParams",
+    "TokenConstraint",
     "apply_penalties",
     "apply_repetition_penalty",
+    "apply_token_bitmask",
+    "constraint_mask",
     "process_logits",
     "sample",
     "top_logprobs",
@@ -64,6 +68,45 @@ class SamplingParams:
     def greedy(self) -> bool:
         # Below 1e-5, logits / temperature overflows float32: the limit is greedy decoding anyway.
         return self.temperature < 1e-5
+
+
+class TokenConstraint(Protocol):
+    """What one sequence may generate next, e.g. a JSON schema compiled by ``forge.structured``.
+
+    Each step, the sampler asks for the allowed tokens as a packed bitmask
+    (bit ``t % 32`` of word ``t // 32`` is set when token ``t`` is allowed),
+    samples, and reports the chosen token back.
+    """
+
+    def fill_mask(self, words: torch.Tensor) -> None:
+        """Write the allowed next tokens into ``words``: a contiguous int32 CPU row of ceil(V / 32)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """The token that was sampled (always one the last mask allowed)."""
+        ...
+
+
+def constraint_mask(constraints: list[TokenConstraint | None], vocab: int) -> torch.Tensor | None:
+    """The packed masks (B, ceil(V / 32)) int32 of a batch's constraints (all ones for a row without); None if none.
+
+    Computed on the CPU: on a GPU this runs while the step's forward is still in flight.
+    """
+    if all(c is None for c in constraints):
+        return None
+    words = torch.full((len(constraints), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for row, constraint in enumerate(constraints):
+        if constraint is not None:
+            constraint.fill_mask(words[row])
+    return words
+
+
+def apply_token_bitmask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B, V) with every token whose bit is clear in ``words`` (B, ceil(V / 32)) set to -inf."""
+    words = words.to(logits.device, non_blocking=True)
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, : logits.shape[-1]]  # (B, V)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
