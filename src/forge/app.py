@@ -425,6 +425,7 @@ class Forge:
         tools in the prompt and constrain the reply to the model's tool-call format; ``ctx.meta["tool_format"]``
         then parses it."""
         tools = options.pop("tools", None) or None
+        allowed = options.pop("allowed_tools", None) or tools  # the ones the grammar admits (an agent narrows it)
         choice = options.pop("tool_choice", None) or "auto"
         parallel = bool(options.pop("parallel_tool_calls", False))
         checked = check_messages(messages)
@@ -433,7 +434,7 @@ class Forge:
             if ctx.params.grammar is not None:
                 raise ConfigError("pass tools or a schema / response_format, not both: a reply is one or the other")
             fmt = self.tool_format()
-            ctx.params = ctx.params.replace(grammar=fmt.grammar(tools, choice, parallel=parallel))
+            ctx.params = ctx.params.replace(grammar=fmt.grammar(allowed, choice, parallel=parallel))
             ctx.meta["tool_format"] = fmt
         ctx.messages = checked
         ctx.meta["rendered_messages"] = [dict(m) for m in checked]

@@ -93,8 +93,9 @@ def _tool_call(call: object, i: int) -> ToolCall:
 
 
 def _for_template(messages: list[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, Any]]:
-    """Tool calls as the template expects them: HF's {"function": {"name", "arguments": dict}} for a template
-    with tool support, the call's exact text in the content for one without."""
+    """Tool calls and results as the template expects them: HF's {"function": {"name", "arguments": dict}} for a
+    template with tool support; for one without, the call's exact text in the content and the result in a user turn.
+    """
     out = []
     for m in messages:
         calls: list[ToolCall] = m.get("tool_calls") or []
@@ -106,6 +107,10 @@ def _for_template(messages: list[dict[str, Any]], fmt: ToolFormat) -> list[dict[
                     {"id": c.id, "type": "function", "function": f} for c, f in zip(calls, functions, strict=True)
                 ],
             }
+        elif m["role"] == "tool" and not fmt.native:
+            # Without a tool role of its own, a template gets Hermes' wrapping, in a user turn: small chat models
+            # read a result there and move on, where an unknown "tool" role makes them repeat their call.
+            m = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
         elif calls:
             text = "\n".join(fmt.call_text(c) for c in calls)
             m = {k: v for k, v in m.items() if k != "tool_calls"} | {"content": ((m["content"] or "") + text)}

@@ -44,8 +44,11 @@ class Tool:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        """The JSON schema of the arguments (an object), as OpenAI's ``tools`` expect it."""
-        return self.arguments.model_json_schema()
+        """The JSON schema of the arguments (an object), as OpenAI's ``tools`` expect it.
+
+        pydantic's generated "title" keys are left out: they repeat the names and cost prompt tokens.
+        """
+        return _untitled(self.arguments.model_json_schema())
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI ``tools`` entry: ``{"type": "function", "function": {name, description, parameters}}``."""
@@ -132,6 +135,23 @@ def _build(fn: Callable[..., Any], *, name: str | None, description: str | None,
     return Tool(
         name=tool_name, description=description or summary or tool_name, fn=fn, arguments=model, timeout=timeout
     )
+
+
+def _untitled(schema: Any) -> Any:
+    """``schema`` without pydantic's "title" annotations (a property named "title" stays)."""
+    if isinstance(schema, list):
+        return [_untitled(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: _untitled(sub) for name, sub in value.items()}
+        else:
+            out[key] = _untitled(value)
+    return out
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
