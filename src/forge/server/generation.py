@@ -18,13 +18,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from forge.errors import ForgeError
+from forge.errors import ConfigError, ForgeError
 from forge.middleware import Context
 from forge.server import responses as shapes
 from forge.server.errors import ApiError, error_payload, forge_error_param
-from forge.server.schemas import ChatRequest, CompletionRequest
+from forge.server.schemas import ChatMessage, ChatRequest, CompletionRequest, NamedToolChoice
 from forge.server.state import Served
 from forge.server.streaming import DONE, ClientGone, EventStream, Fanin, Piece, gather_or_cancel, sse, until_disconnect
+from forge.structured import Grammar, ToolCallParser, ToolFormat
 
 __all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "Job", "chat_job", "completion_job", "count_tokens", "run"]
 
@@ -120,8 +121,8 @@ async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) ->
         max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
     if req.logprobs:
         options["logprobs"] = req.top_logprobs or 0
-    # OpenAI's "developer" role is the system prompt of newer models.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    options.update(_structured(req))
+    messages = [_message(m) for m in req.messages]
     sources = None
     if served.config.retriever is not None and any(m["role"] == "user" for m in messages):
         retriever = served.config.retriever
@@ -134,6 +135,58 @@ async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) ->
     job.sources = sources
     await _fit(served, job, max_tokens, max_param, "messages", meta)
     return job
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """A chat message for the app; OpenAI's "developer" role is the system prompt of newer models."""
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        out["content"] = m.text() or None
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _structured(req: ChatRequest) -> dict[str, Any]:
+    """The app options for ``tools`` / ``tool_choice`` and ``response_format``."""
+    options: dict[str, Any] = {}
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if req.tools and req.tool_choice != "none":
+            raise ApiError(
+                "response_format and tools can't be combined here: a reply is either a tool call or the "
+                "formatted answer; send tool_choice 'none' or leave one out",
+                param="response_format",
+            )
+        schema: dict[str, Any] = {"type": "object"}
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ApiError(
+                    "response_format of type 'json_schema' needs json_schema.schema (a JSON schema object)",
+                    param="response_format.json_schema",
+                )
+            schema = fmt.json_schema.schema_
+        try:
+            options["grammar"] = Grammar.json_schema(schema, "response_format schema")
+        except ConfigError as e:
+            raise ApiError(e.message, param="response_format.json_schema.schema") from None
+    if req.tools:
+        options["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        choice = req.tool_choice
+        options["tool_choice"] = choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto"
+        options["parallel_tool_calls"] = req.parallel_tool_calls is not False
+        names = [t.function.name for t in req.tools]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(
+                f"tool_choice names {choice.function.name!r}, which is not among the tools {names}",
+                param="tool_choice",
+            )
+    elif req.tool_choice not in (None, "none", "auto"):
+        raise ApiError("tool_choice needs tools: send the tools the model may call", param="tool_choice")
+    return options
 
 
 async def completion_job(served: Served, req: CompletionRequest, meta: Mapping[str, Any]) -> Job:
@@ -284,10 +337,13 @@ async def run(served: Served, job: Job, request: Request) -> Response:
     finally:
         served.admission.release(n)
     usage = await _tally(served, job, texts, range(n))
-    choices = [
-        shapes.whole_choice(job.kind, i, text, _finish(ctx), _logprobs(job, ctx))
-        for i, (ctx, text) in enumerate(zip(job.contexts, texts, strict=True))
-    ]
+    choices = []
+    for i, (ctx, text) in enumerate(zip(job.contexts, texts, strict=True)):
+        fmt: ToolFormat | None = ctx.meta.get("tool_format")
+        content, calls = fmt.parse(text) if fmt is not None else (text, [])
+        finish = "tool_calls" if calls else _finish(ctx)
+        tool_calls = [c.to_openai() for c in calls] or None
+        choices.append(shapes.whole_choice(job.kind, i, content, finish, _logprobs(job, ctx), tool_calls))
     served.metrics.duration.observe(time.perf_counter() - job.start)
     body = shapes.response(job.kind, shapes.new_id(job.kind), served.model_name, choices, usage)
     if job.sources is not None:
@@ -324,6 +380,18 @@ async def _stream(served: Served, job: Job, request: Request) -> Response:
     )
 
 
+def _delta(delta: tuple[Any, ...]) -> dict[str, Any]:
+    """A :class:`ToolCallParser` delta as the ``delta`` of an OpenAI chat chunk."""
+    if delta[0] == "text":
+        return {"content": delta[1]}
+    if delta[0] == "call":
+        _, index, call_id, name = delta
+        call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return {"tool_calls": [call]}
+    _, index, piece = delta
+    return {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+
+
 async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_id: str) -> AsyncIterator[bytes]:
     """The SSE body: role chunks (chat), a chunk per piece, a final chunk per choice, usage, ``[DONE]``."""
     n, kind, model = len(job.contexts), job.kind, served.model_name
@@ -339,6 +407,7 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
                 yield sse({**body, "sources": job.sources})
                 continue
             yield event([shapes.role_choice(i)])
+    parsers = [ToolCallParser(fmt) if (fmt := ctx.meta.get("tool_format")) else None for ctx in job.contexts]
     texts: list[list[str]] = [[] for _ in range(n)]
     sent: list[tuple[int, int]] = [(0, 0)] * n  # per choice: logprobs already sent, and their text length
     chars = [0] * n  # per choice: characters streamed
@@ -353,8 +422,14 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
             break
         if piece is None:
             ctx = job.contexts[i]
+            parser = parsers[i]
+            finish = _finish(ctx)
+            if parser is not None:
+                for delta in parser.finish():
+                    yield event([shapes.delta_choice(i, _delta(delta))])
+                finish = "tool_calls" if parser.calls else finish
             rest = _logprobs(job, ctx, since=sent[i])
-            yield event([shapes.final_choice(kind, i, _finish(ctx), rest)])
+            yield event([shapes.final_choice(kind, i, finish, rest)])
             done.append(i)
             if len(done) == n:
                 break
@@ -367,7 +442,13 @@ async def _events(served: Served, job: Job, fanin: Fanin, first: Piece, request_
             last[i] = now
             texts[i].append(piece)
             chars[i] += len(piece)
-            yield event([shapes.piece_choice(kind, i, piece, _new_logprobs(job, job.contexts[i], sent, i, chars[i]))])
+            parser = parsers[i]
+            if parser is not None:  # tool calls stream as OpenAI's tool_calls deltas
+                for delta in parser.feed(piece):
+                    yield event([shapes.delta_choice(i, _delta(delta))])
+            else:
+                lps = _new_logprobs(job, job.contexts[i], sent, i, chars[i])
+                yield event([shapes.piece_choice(kind, i, piece, lps)])
         item = await fanin.get()
     usage = await _tally(served, job, ["".join(t) for t in texts], done)
     if job.include_usage and len(done) == n:

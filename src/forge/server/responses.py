@@ -20,6 +20,7 @@ __all__ = [
     "chat_logprobs",
     "chunk",
     "completion_logprobs",
+    "delta_choice",
     "final_choice",
     "new_id",
     "piece_choice",
@@ -93,10 +94,17 @@ def chunk(
 
 
 def whole_choice(
-    kind: Kind, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
+    kind: Kind,
+    index: int,
+    text: str | None,
+    finish_reason: str,
+    logprobs: dict[str, Any] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     if kind == "chat":
-        message = {"role": "assistant", "content": text, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -111,6 +119,11 @@ def piece_choice(kind: Kind, index: int, text: str, logprobs: dict[str, Any] | N
     if kind == "chat":
         return {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+
+
+def delta_choice(index: int, delta: dict[str, Any]) -> dict[str, Any]:
+    """A chat chunk with any ``delta``: content, or a tool call's id and name, or its next arguments."""
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 def final_choice(kind: Kind, index: int, finish_reason: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI API, as strict pydantic models.
 
 Strict: ``"max_tokens": "10"`` or ``"n": true`` is a 400 naming the field, not
-a silent coercion. Fields OpenAI has and Forge does not use (``tools``,
-``logit_bias``, ...) are ignored, as OpenAI ignores unknown ones.
+a silent coercion. Fields OpenAI has and Forge does not use (``logit_bias``,
+...) are ignored, as OpenAI ignores unknown ones.
 
 >>> parse(CompletionRequest, {"prompt": "Hi", "max_tokens": 4}).max_tokens
 4
@@ -23,8 +23,10 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "RagQueryRequest",
+    "ResponseFormat",
     "StreamOptions",
     "TextPart",
+    "ToolDef",
     "parse",
 ]
 
@@ -54,10 +56,25 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Request):
+    """A tool call of an earlier assistant message, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -91,11 +108,48 @@ class _Sampling(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class FunctionDef(_Request):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
