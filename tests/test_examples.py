@@ -69,3 +69,21 @@ def test_rag(hamlet: Path) -> None:
     assert out.count("hit ") == 3 and "macbeth.txt" in out
     assert "answer: " in out and out.split("answer: ", 1)[1].strip()
     assert "[1] macbeth.txt chars " in out
+
+
+def test_agent(hamlet: Path) -> None:
+    try:
+        from forge import models
+
+        models.locate("smollm2")
+    except Exception as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "agent.py")], capture_output=True, text=True, timeout=600, env=os.environ
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "call   lookup({'topic': 'Eiffel Tower'})" in out
+    assert "result The Eiffel Tower is 330 metres tall." in out
+    assert out.count("answer ") == 1 and out.split("answer ", 1)[1].split("\n", 1)[0].strip()
+    assert "done   after " in out

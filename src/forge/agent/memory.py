@@ -29,6 +29,7 @@ Strategy = Literal["window", "summary"]
 #: Tokens a chat template spends around each message (role header, end-of-turn), on top of the content.
 MESSAGE_OVERHEAD = 4
 
+SUMMARY_PREFIX = "Summary of the conversation so far: "
 SUMMARY_PROMPT = (
     "Summarize the conversation below in a few sentences. Keep every fact, number and name that was found; "
     "leave out greetings."
@@ -86,20 +87,19 @@ class Memory:
         encode = tokenizer.encode
         sizes = [count_tokens(encode, m) for m in self.messages]
         summary_size = count_tokens(encode, self._summary_message()) if self.summary else 0
-        keep = _newest_fitting(sizes, budget - summary_size)
-        keep = _without_orphans(self.messages, keep)
-        dropped = self.messages[: len(self.messages) - keep]
-        if dropped and self.strategy == "summary":
+        keep = _without_orphans(self.messages, _newest_fitting(sizes, budget - summary_size))
+        if keep < len(self.messages) and self.strategy == "summary":
+            # Room for the new summary first: it is at most budget // 4 tokens (its max_tokens), plus its prefix.
+            reserve = budget // 4 + count_tokens(encode, {"content": SUMMARY_PREFIX}) + 4
+            keep = _without_orphans(self.messages, _newest_fitting(sizes, budget - reserve))
+            dropped = self.messages[: len(self.messages) - keep]
             self.summary = await self._summarize(app, dropped, budget)
             self.messages = self.messages[len(self.messages) - keep :]
-            summary_size = count_tokens(encode, self._summary_message())
-            sizes = sizes[len(sizes) - keep :]
-            keep = _without_orphans(self.messages, _newest_fitting(sizes, budget - summary_size))
         head = [self._summary_message()] if self.summary else []
         return head + self.messages[len(self.messages) - keep :]
 
     def _summary_message(self) -> dict[str, Any]:
-        return {"role": "system", "content": f"Summary of the conversation so far: {self.summary}"}
+        return {"role": "system", "content": f"{SUMMARY_PREFIX}{self.summary}"}
 
     async def _summarize(self, app: Forge, dropped: Sequence[Mapping[str, Any]], budget: int) -> str:
         lines = [f"Earlier summary: {self.summary}"] if self.summary else []

@@ -1,0 +1,172 @@
+"""The agent loop with SmolLM2-135M: a two-step task, events, limits, failing tools, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from forge import Forge, models
+from forge.agent import (
+    Agent,
+    ErrorEvent,
+    FinalEvent,
+    Memory,
+    TokenEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    tool,
+)
+from forge.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "agent.py"
+#: Of 10 seeded runs of the example's two-step task, at least this many must end with the right number.
+#: Measured on the development machine: 4 of 10 (see the closing note); the floor leaves room for noise.
+SUCCESS_FLOOR = 2
+
+
+@pytest.fixture(scope="module")
+def smol() -> Forge:
+    try:
+        path = models.locate("smollm2")
+    except Exception as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    return Forge.load(path)
+
+
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("agent_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["agent_example"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_step_task_success_rate(smol: Forge, example: ModuleType) -> None:
+    """Look a height up, multiply it: 10 runs with seeds 0-9 at temperature 0.3."""
+    successes, runs = 0, []
+    for seed in range(10):
+        result = example.make_agent(smol, temperature=0.3, seed=seed).sync.run(example.TASK)
+        calls = [(e.name, e.arguments) for e in result.tool_calls]
+        # Whatever the answer, every call was well-formed and every argument valid for its tool.
+        for event in result.tool_calls:
+            if event.name != "final_answer":
+                example.lookup.validate(event.arguments) if event.name == "lookup" else example.calculator.validate(
+                    event.arguments
+                )
+        looked_up = ("lookup", {"topic": "Eiffel Tower"}) in calls
+        ok = looked_up and "1082" in result.answer
+        successes += ok
+        runs.append((seed, ok, result.reason, calls, result.answer[:80]))
+    print(f"\ntwo-step agent task: {successes}/10 succeeded")
+    for run in runs:
+        print("  ", run)
+    assert successes >= SUCCESS_FLOOR, runs
+
+
+def test_events_stream_in_order_and_failures_become_results(smol: Forge) -> None:
+    """A tool that raises and one that hangs answer with their errors; the run still ends in an answer."""
+
+    @tool
+    def explode(city: str) -> str:
+        """Look up the population of a city."""
+        raise RuntimeError(f"the census office for {city} is closed")
+
+    @tool(timeout=0.2)
+    async def slow(city: str) -> str:
+        """Look up the area of a city."""
+        await asyncio.sleep(5)
+        return "never"
+
+    agent = Agent(smol, [explode, slow], max_iterations=3, temperature=0.7, seed=0)
+    task = "Use explode to find the population of Paris, then slow to find its area."
+
+    async def collect() -> list[object]:
+        return [event async for event in agent.stream(task)]
+
+    events = asyncio.run(collect())
+    kinds = [e.type for e in events]  # type: ignore[attr-defined]
+    assert kinds[-1] == "final" and "error" not in kinds and kinds[0] == "token"
+    results = [e for e in events if isinstance(e, ToolResultEvent)]
+    calls = [e for e in events if isinstance(e, ToolCallEvent)]
+    assert len(results) == len([c for c in calls if c.name != "final_answer"]) >= 2
+    for result in results:
+        assert result.error
+        if result.name == "explode" and "already called" not in result.content:
+            assert "RuntimeError: the census office for" in result.content
+        if result.name == "slow" and "already called" not in result.content:
+            assert "did not finish within 0.2 s" in result.content and result.elapsed < 2
+    final = events[-1]
+    assert isinstance(final, FinalEvent) and final.answer
+    assert (
+        "".join(e.text for e in events if isinstance(e, TokenEvent) and e.step == final.steps).strip() == final.answer
+    )
+
+
+def test_limits_end_with_the_models_own_answer(smol: Forge) -> None:
+    @tool
+    def lookup(topic: str) -> str:
+        """Look a topic up in the encyclopedia."""
+        return f"{topic}: the Seine flows through Paris."
+
+    capped = Agent(smol, [lookup], max_iterations=1, temperature=0).sync.run("Which river flows through Paris?")
+    assert capped.reason in ("max_iterations", "answer") and capped.steps <= 2
+    assert capped.answer and "stopped" not in capped.answer.lower()
+    if capped.reason == "max_iterations":
+        assert capped.tool_calls[0].name == "lookup"
+        assert "the Seine flows through Paris" in capped.messages[-2]["content"]  # what it gathered was asked about
+    # A budget spent before the first call ends: that call is not run, and no other step starts.
+    timed = Agent(smol, [lookup], time_budget=1e-6, temperature=0).sync.run("Which river flows through Paris?")
+    assert timed.reason == "time_budget" and [c.name for c in timed.tool_calls] == ["lookup"] and timed.answer
+    result = next(e for e in timed.trace if isinstance(e, ToolResultEvent))
+    assert result.error and "time budget is spent" in result.content
+
+
+def test_memory_carries_a_conversation_across_runs(smol: Forge) -> None:
+    memory = Memory(budget=600)
+    agent = Agent(smol, [], memory=memory, temperature=0, max_iterations=1)
+    agent.sync.run("My name is Ada and my favourite colour is green.")
+    assert memory.messages[0]["content"].startswith("My name is Ada") and memory.messages[-1]["role"] == "assistant"
+    second = agent.sync.run("What is my favourite colour?")
+    assert any("favourite colour is green" in str(m.get("content")) for m in second.messages)
+
+
+def test_memory_window_and_summary_respect_the_budget(smol: Forge) -> None:
+    tokenizer = smol.tokenizer
+    assert tokenizer is not None
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"Fact {i}: the code word number {i} is {w}."}
+        for i, w in enumerate(["apple", "river", "candle", "falcon", "marble", "violet", "copper", "harbor"])
+    ]
+    window = Memory(budget=80)
+    window.add(*turns)
+    kept = asyncio.run(window.context(smol))
+    size = sum(len(tokenizer.encode(m["content"])) + 4 for m in kept)
+    assert size <= 80 and kept == turns[-len(kept) :] and 1 < len(kept) < len(turns)
+
+    summary = Memory(budget=80, strategy="summary")
+    summary.add(*turns)
+    sent = asyncio.run(summary.context(smol))
+    assert sent[0]["role"] == "system" and sent[0]["content"].startswith("Summary of the conversation so far: ")
+    assert summary.summary and len(summary) < len(turns) and sent[1:] == summary.messages
+    assert sent[-1] == turns[-1]
+
+
+def test_bad_agent_input_is_a_config_error(smol: Forge) -> None:
+    with pytest.raises(ConfigError, match="max_iterations"):
+        Agent(smol, [], max_iterations=0)
+    with pytest.raises(ConfigError, match="sets \\['tool_choice'\\] itself"):
+        Agent(smol, [], tool_choice="auto")
+    with pytest.raises(ConfigError, match=r"forge\.Forge app"):
+        Agent("smollm2", [])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="non-empty string"):
+        Agent(smol, []).sync.run("  ")
+    with pytest.raises(ConfigError, match="budget"):
+        Memory(budget=3)
+    assert ErrorEvent.__dataclass_fields__["type"].default == "error"
