@@ -71,7 +71,7 @@ def test_rag(hamlet: Path) -> None:
     assert "[1] macbeth.txt chars " in out
 
 
-def test_agent(hamlet: Path) -> None:
+def test_agent() -> None:
     try:
         from forge import models
 

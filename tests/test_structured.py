@@ -18,8 +18,9 @@ from forge.config import ModelConfig
 from forge.core.batching import Batcher, Sequence
 from forge.core.sampling import SamplingParams, apply_token_bitmask
 from forge.core.transformer import Transformer
+from forge.engine import Engine
 from forge.errors import ConfigError, GenerationError
-from forge.generator import Generator
+from forge.generator import GenerationConfig, Generator
 from forge.structured import Constraint, Grammar, ToolCall, ToolCallParser, ToolFormat, output_spec
 from forge.tokenizer import Tokenizer
 
@@ -393,3 +394,30 @@ def test_app_generate_and_chat_return_validated_values(smol: Forge) -> None:
     assert all(s["color"] in ("red", "green", "blue") for s in shirts)
     with pytest.raises(GenerationError, match="max_tokens"):
         smol.sync.chat("Write a customer record as JSON.", schema=Customer, temperature=0, max_tokens=5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_masks_apply_on_cuda_in_the_generator_and_the_engine(
+    bpe_tokenizer: Tokenizer, small_config: Callable[..., ModelConfig]
+) -> None:
+    torch.manual_seed(0)
+    model = Transformer(small_config("llama", vocab_size=bpe_tokenizer.vocab_size, context_length=256)).cuda()
+    gen = Generator(model, bpe_tokenizer, dtype=torch.bfloat16)
+    spec = output_spec(SMALL_SCHEMA)
+    for options in ({"temperature": 0}, {"temperature": 1.0, "seed": 2}):  # greedy stays off the CUDA-graph path
+        for r in gen.complete(["{"] * 4, grammar=spec.grammar, max_tokens=120, **options):
+            assert r.finish_reason == "stop", r.text
+            jsonschema.validate(json.loads(r.text), SMALL_SCHEMA)
+
+    async def engine_run() -> list[str]:
+        engine = Engine(gen.model, bpe_tokenizer, max_batch=4).start()
+        try:
+            cfg = GenerationConfig(grammar=spec.grammar, temperature=1.0, max_tokens=120)
+            streams = [engine.stream("{", cfg.replace(seed=i)) for i in range(4)]
+            return ["".join([p async for p in s]) for s in streams]
+        finally:
+            await engine.stop()
+
+    for text in asyncio.run(engine_run()):
+        jsonschema.validate(json.loads(text), SMALL_SCHEMA)
