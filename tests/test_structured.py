@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Literal
 
 import jsonschema
@@ -415,7 +415,11 @@ def test_masks_apply_on_cuda_in_the_generator_and_the_engine(
         try:
             cfg = GenerationConfig(grammar=spec.grammar, temperature=1.0, max_tokens=120)
             streams = [engine.stream("{", cfg.replace(seed=i)) for i in range(4)]
-            return ["".join([p async for p in s]) for s in streams]
+
+            async def text(stream: AsyncIterator[str]) -> str:
+                return "".join([piece async for piece in stream])
+
+            return list(await asyncio.gather(*(text(s) for s in streams)))
         finally:
             await engine.stop()
 
