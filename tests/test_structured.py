@@ -398,9 +398,8 @@ def test_app_generate_and_chat_return_validated_values(smol: Forge) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_masks_apply_on_cuda_in_the_generator_and_the_engine(
-    bpe_tokenizer: Tokenizer, small_config: Callable[..., ModelConfig]
-) -> None:
+def test_masks_apply_on_cuda_in_the_generator_and_the_engine(small_config: Callable[..., ModelConfig]) -> None:
+    bpe_tokenizer = Tokenizer.train([json.dumps(SMALL_SCHEMA) * 20], vocab_size=300)
     torch.manual_seed(0)
     model = Transformer(small_config("llama", vocab_size=bpe_tokenizer.vocab_size, context_length=256)).cuda()
     gen = Generator(model, bpe_tokenizer, dtype=torch.bfloat16)

@@ -86,6 +86,8 @@ class TokenConstraint(Protocol):
         """The token that was sampled (always one the last mask allowed)."""
         ...
 
+    # Optionally, a classmethod ``fill_masks(rows: list[tuple[int, Self]], words)`` fills many rows at once.
+
 
 def constraint_mask(constraints: list[TokenConstraint | None], vocab: int) -> torch.Tensor | None:
     """The packed masks (B, ceil(V / 32)) int32 of a batch's constraints (all ones for a row without); None if none.
@@ -95,9 +97,14 @@ def constraint_mask(constraints: list[TokenConstraint | None], vocab: int) -> to
     if all(c is None for c in constraints):
         return None
     words = torch.full((len(constraints), (vocab + 31) // 32), -1, dtype=torch.int32)
-    for row, constraint in enumerate(constraints):
-        if constraint is not None:
-            constraint.fill_mask(words[row])
+    active = [(row, c) for row, c in enumerate(constraints) if c is not None]
+    kind = type(active[0][1])
+    fill_rows = getattr(kind, "fill_masks", None)  # a batch method, e.g. filling rows in parallel threads
+    if len(active) > 1 and fill_rows is not None and all(type(c) is kind for _, c in active):
+        fill_rows(active, words)
+        return words
+    for row, constraint in active:
+        constraint.fill_mask(words[row])
     return words
 
 
