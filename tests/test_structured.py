@@ -13,7 +13,7 @@ import pydantic
 import pytest
 import torch
 
-from forge import Forge, models
+from forge import Forge
 from forge.config import ModelConfig
 from forge.core.batching import Batcher, Sequence
 from forge.core.sampling import SamplingParams, apply_token_bitmask
@@ -354,12 +354,8 @@ SCHEMAS: list[tuple[str, str, object]] = [
 
 
 @pytest.fixture(scope="module")
-def smol() -> Forge:
-    try:
-        path = models.locate("smollm2")
-    except Exception as e:
-        pytest.skip(f"SmolLM2 is not installed: {e}")
-    return Forge.load(path)
+def smol(smollm2_app: Forge) -> Forge:
+    return smollm2_app
 
 
 def test_100_constrained_generations_from_smollm2_are_all_valid(smol: Forge) -> None:

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from forge import Forge, models
+from forge import Forge
 from forge.agent import (
     Agent,
     ErrorEvent,
@@ -30,12 +30,8 @@ SUCCESS_FLOOR = 2
 
 
 @pytest.fixture(scope="module")
-def smol() -> Forge:
-    try:
-        path = models.locate("smollm2")
-    except Exception as e:
-        pytest.skip(f"SmolLM2 is not installed: {e}")
-    return Forge.load(path)
+def smol(smollm2_app: Forge) -> Forge:
+    return smollm2_app
 
 
 @pytest.fixture(scope="module")
