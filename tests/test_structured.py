@@ -151,6 +151,7 @@ def test_the_parser_reads_calls_split_anywhere() -> None:
         assert parser.content is None
     assert fmt.parse("Just <b>text</b>, no call.") == ("Just <b>text</b>, no call.", [])
     assert fmt.parse("<tool") == ("<tool", [])
+    assert fmt.parse("\n<tool_call>{") == ("\n<tool_call>{", [])  # the grammar's text: it does not open a call
 
 
 def test_tool_grammars_admit_exactly_the_format(random_gen: Generator) -> None:

@@ -420,10 +420,9 @@ class ToolCallParser:
                 self._buffer = ""
             elif self._mode == "start":
                 start = self.fmt.open or '{"name"'
-                stripped = self._buffer.lstrip("\n")
-                if stripped.startswith(start):
-                    self._buffer, self._mode = stripped[len(self.fmt.open) :], "call"
-                elif start.startswith(stripped):
+                if self._buffer.startswith(start):  # as the grammar has it: a call opens the reply
+                    self._buffer, self._mode = self._buffer[len(self.fmt.open) :], "call"
+                elif start.startswith(self._buffer):
                     return  # could still become a call: wait for more
                 else:
                     self._mode = "text"
