@@ -201,3 +201,23 @@ def test_captured_decode_graph_is_reused_across_generations() -> None:
     third, eager = both([[1, 2, 3], [4]], 24)
     assert torch.equal(third, eager)
     assert len(model.__dict__["_decode_graphs"]) == 2 and dict(model.__dict__["_decode_graphs"]) != kept
+
+
+def test_sampled_decoding_replays_a_logits_graph_equal_to_eager() -> None:
+    """Temperature, top-p, penalties and logprobs sample outside a graph of the forward: same tokens as eager."""
+    model = _peaked_llama()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    params = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.2)
+
+    def run(graphs: bool, seed: int, new: int = 48) -> torch.Tensor:
+        generator = torch.Generator("cuda").manual_seed(seed)
+        steps = generate_tokens(
+            model, prompts, max_new_tokens=new, params=params, generator=generator, cuda_graphs=graphs
+        )
+        return torch.stack(list(steps), 1)
+
+    assert torch.equal(run(True, 0), run(False, 0))
+    kept = dict(model.__dict__["_decode_graphs"])
+    assert any(key[0][5] for key in kept)  # a logits-mode graph was captured and kept
+    assert torch.equal(run(True, 1, 40), run(False, 1, 40))  # reused, with another seed and length
+    assert dict(model.__dict__["_decode_graphs"]) == kept

@@ -13,8 +13,10 @@ no host round trip between them; the caller reads them after the replay.
 Attention reads the whole preallocated cache under a mask (keys past the
 current step hidden), so shapes never change between steps.
 
-Prefill stays eager (its shape depends on the prompt); sampling other than
-greedy stays on the eager path.
+Prefill stays eager (its shape depends on the prompt). Decoding that is not
+plain greedy (temperature, penalties, grammar masks, logprobs) replays a
+graph of the forward alone, one step per replay (``logits=True``), and
+samples from its logits outside the graph.
 
 Capturing costs about as much as a hundred replayed steps, so captured
 decoders are kept on the model (:func:`reusable`, the last two shapes) with
@@ -57,8 +59,14 @@ class GraphedGreedyDecoder:
         vocab_limit: int | None,
         chunk: int = 8,
         compile: bool = False,
+        logits: bool = False,
     ) -> None:
+        assert not logits or chunk == 1, "a logits graph runs one step per replay: the host samples in between"
         self.model, self.chunk, self.vocab_limit = model, chunk, vocab_limit
+        #: logits mode: each replay runs one step and leaves its logits (B, V) in ``self.logits``, for sampling
+        #: that stays on the host side (temperature, penalties, grammar masks, logprobs); see :meth:`decode`.
+        self.logits_mode = logits
+        self.logits = torch.empty(0)
         # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
         # the graph then launches fewer, larger kernels. It costs a compile on first use.
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -88,7 +96,7 @@ class GraphedGreedyDecoder:
         self.host_step = start
 
     def _forward(self, token: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """One greedy step: the next token (B,) after ``token`` (B, 1) written at slot ``step``."""
+        """One step: the logits (B, V) after ``token`` (B, 1) written at slot ``step``."""
         pos = step.expand(token.shape[0])  # (B,)
         mask = (self.valid & (self.slots <= step))[:, None, None, :]  # (B, 1, 1, total)
         positions = self.positions.index_select(1, step.view(1))  # (B, 1)
@@ -98,12 +106,16 @@ class GraphedGreedyDecoder:
         logits = self.model(token, positions=positions, mask=mask, cache_pos=write)[:, -1]  # (B, V)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
-        return logits.argmax(dim=-1)  # (B,)
+        return logits
 
     def _one(self, j: int) -> None:
-        nxt = self.forward(self.token, self.step)
-        self.out[:, j] = nxt
-        self.token.copy_(nxt[:, None])
+        logits = self.forward(self.token, self.step)
+        if self.logits_mode:
+            self.logits = logits  # allocated while capturing: the graph's static output
+        else:
+            nxt = logits.argmax(dim=-1)  # (B,)
+            self.out[:, j] = nxt
+            self.token.copy_(nxt[:, None])
         self.step.add_(1)
 
     def _steps(self) -> None:
@@ -124,6 +136,14 @@ class GraphedGreedyDecoder:
             self._steps()
         return graph
 
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits mode: feed ``token`` (B,) at the next slot; its logits (B, V), valid until the next call."""
+        assert self.logits_mode and self.host_step < self.total, "decode() is for logits mode, within the cache"
+        self.token.copy_(token[:, None])
+        self.graph.replay()
+        self.host_step += 1
+        return self.logits
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Chunks of tokens (B, chunk), as long as a whole chunk fits in the cache."""
         while self.host_step + self.chunk <= self.total:
@@ -133,12 +153,19 @@ class GraphedGreedyDecoder:
 
 
 def graph_key(
-    model: Transformer, batch: int, total: int, *, chunk: int, vocab_limit: int | None, compile: bool
+    model: Transformer,
+    batch: int,
+    total: int,
+    *,
+    chunk: int,
+    vocab_limit: int | None,
+    compile: bool,
+    logits: bool = False,
 ) -> tuple:
     """What a captured graph depends on: shapes, options, kernels on or off, and where the weights live."""
     weights = tuple(p.data_ptr() for p in model.parameters())
     dtype = model.tok_emb.weight.dtype
-    return (batch, total, chunk, vocab_limit, compile, kernels.enabled(), dtype, hash(weights))
+    return (batch, total, chunk, vocab_limit, compile, logits, kernels.enabled(), dtype, hash(weights))
 
 
 def reusable(model: Transformer, key: Hashable) -> GraphedGreedyDecoder | None:

@@ -24,6 +24,9 @@ from forge.core.transformer import Transformer
 
 __all__ = ["generate_tokens"]
 
+#: A sampled generation captures a logits graph (see ``forge.core.cuda_graphs``) only past this many tokens.
+LOGITS_GRAPH_MIN_TOKENS = 32
+
 
 def _prompt_batch(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts into tokens (B, T) and a validity mask (B, T)."""
@@ -98,10 +101,10 @@ def generate_tokens(
     it: the model's vocabulary is padded past the tokenizer's, and those ids mean nothing.
     ``observe(logits, tokens)`` sees each step's penalised logits (B, V) and chosen tokens (B,), e.g. for logprobs.
     On CUDA, greedy decoding replays the decode step from a CUDA graph, ``graph_chunk``
-    steps per launch (see ``forge.core.cuda_graphs``); ``cuda_graphs=False`` keeps it eager.
+    steps per launch (see ``forge.core.cuda_graphs``); other decoding replays a graph of the
+    forward alone, a step per launch, and samples outside it. ``cuda_graphs=False`` keeps it eager.
     ``constraints`` holds one :class:`TokenConstraint` per prompt (or None for a free row):
     each step, tokens a row's constraint forbids are masked out before sampling.
-    Constrained generation always runs eagerly: the mask changes every step.
     """
     device = model.tok_emb.weight.device
     tokens, valid = _prompt_batch(prompts, device)
@@ -115,16 +118,21 @@ def generate_tokens(
         rows = torch.arange(B, device=device)[:, None].expand_as(tokens)
         seen[rows[valid], tokens[valid]] = True
     counts = torch.zeros(B, model.config.vocab_size, device=device) if params.penalised else None
-    graphable = use_cache and cuda_graphs and device.type == "cuda" and params.greedy
-    graphable = graphable and seen is None and counts is None and observe is None
     rows = list(constraints) if constraints is not None and any(c is not None for c in constraints) else None
-    graphable = graphable and rows is None
+    on_graphs = use_cache and cuda_graphs and device.type == "cuda"
+    plain = params.greedy and seen is None and counts is None and observe is None and rows is None
+    graphable = on_graphs and plain  # greedy: chunks of steps per replay, tokens chosen inside the graph
+    logits_graph = on_graphs and not plain  # anything else: the forward per replay, sampling outside it
     key, decoder = None, None
-    if graphable:
+    if graphable or logits_graph:
         # A cache rounded up to 256 slots lets generations of other lengths replay the same captured graph.
         total = min(model.config.context_length, -(-total // 256) * 256)
-        key = (graph_key(model, B, total, chunk=graph_chunk, vocab_limit=vocab_limit, compile=compile), autocast_dtype)
+        chunk = graph_chunk if graphable else 1
+        options = dict(chunk=chunk, vocab_limit=vocab_limit, compile=compile, logits=logits_graph)
+        key = (graph_key(model, B, total, **options), autocast_dtype)  # type: ignore[arg-type]
         decoder = reusable(model, key)
+        # Capturing costs about a hundred steps: a short sampled run without a kept graph stays eager.
+        logits_graph = logits_graph and (decoder is not None or max_new_tokens > LOGITS_GRAPH_MIN_TOKENS)
     valid = torch.cat([valid, torch.ones(B, total - T, dtype=torch.bool, device=device)], dim=1)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     was_training = model.training
@@ -166,7 +174,23 @@ def generate_tokens(
                         model, nxt, valid, T, max_new_tokens, vocab_limit, padded, graph_chunk, compile, decoder, key
                     )
                     return
-                if use_cache:
+                if logits_graph:
+                    if decoder is None:  # the caches hold the prompt now: capture the decode step
+                        decoder = GraphedGreedyDecoder(
+                            model,
+                            valid,
+                            start=T,
+                            first=nxt,
+                            vocab_limit=vocab_limit,
+                            chunk=1,
+                            compile=compile,
+                            logits=True,
+                        )
+                        keep(model, key, decoder)
+                    elif step == 0:
+                        decoder.restart(valid, start=T, first=nxt)
+                    logits = decoder.decode(nxt)
+                elif use_cache:
                     logits = decode_one(model, nxt[:, None], pos, valid, padded)
                 else:
                     tokens = torch.cat([tokens, nxt[:, None]], dim=1)
