@@ -55,16 +55,21 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """``forge.Rag`` loads the RAG stack (pypdf, the stores) on first use: ``import forge`` stays light."""
+    """``forge.Rag`` (the RAG stack: pypdf, the stores) and ``forge.Agent`` / ``forge.tool`` load on first use."""
     if name == "Rag":
         from forge.rag import Rag
 
         return Rag
+    if name in ("Agent", "tool"):
+        import forge.agent
+
+        return getattr(forge.agent, name)
     raise AttributeError(f"module 'forge' has no attribute {name!r}")
 
 
 __all__ = [
     "PRESETS",
+    "Agent",
     "AsyncTextStream",
     "CheckpointError",
     "CheckpointEvent",
@@ -116,5 +121,6 @@ __all__ = [
     "register_preset",
     "save",
     "timer",
+    "tool",
     "train",
 ]
