@@ -74,10 +74,16 @@ def test_events_stream_in_order_and_failures_become_results(smol: Forge) -> None
         """Look up the population of a city."""
         raise RuntimeError(f"the census office for {city} is closed")
 
+    cancelled: list[str] = []
+
     @tool(timeout=0.2)
     async def slow(city: str) -> str:
         """Look up the area of a city."""
-        await asyncio.sleep(5)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:  # the timeout cancels the call, it does not wait it out
+            cancelled.append(city)
+            raise
         return "never"
 
     agent = Agent(smol, [explode, slow], max_iterations=3, temperature=0.7, seed=0)
@@ -97,7 +103,7 @@ def test_events_stream_in_order_and_failures_become_results(smol: Forge) -> None
         if result.name == "explode" and "already called" not in result.content:
             assert "RuntimeError: the census office for" in result.content
         if result.name == "slow" and "already called" not in result.content:
-            assert "did not finish within 0.2 s" in result.content and result.elapsed < 2
+            assert "did not finish within 0.2 s" in result.content and cancelled
     final = events[-1]
     assert isinstance(final, FinalEvent) and final.answer
     assert (
