@@ -32,6 +32,7 @@ than xgrammar or outlines-core:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -102,10 +103,17 @@ class Grammar:
 
     @classmethod
     def _checked(cls, source: str, description: str) -> Grammar:
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source)
+        is_error, messages = _validate(source)
         if is_error:
             raise ConfigError(f"the {description} cannot be used for constrained decoding: {'; '.join(messages)}")
         return cls(source, description)
+
+
+@functools.lru_cache(maxsize=256)
+def _validate(source: str) -> tuple[bool, list[str]]:
+    """llguidance's check of a grammar, once per grammar: an agent or a server rebuilds the same tool grammars
+    every step and request."""
+    return llguidance.LLMatcher.validate_grammar_with_warnings(source)  # type: ignore[no-any-return]
 
 
 def _closed(schema: Any) -> Any:

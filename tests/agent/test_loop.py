@@ -123,11 +123,11 @@ def test_limits_end_with_the_models_own_answer(smol: Forge) -> None:
     if capped.reason == "max_iterations":
         assert capped.tool_calls[0].name == "lookup"
         assert "the Seine flows through Paris" in capped.messages[-2]["content"]  # what it gathered was asked about
-    # A budget spent before the first call ends: that call is not run, and no other step starts.
+    # A budget spent at once: no tool runs (a step that already started is told so), no second step starts.
     timed = Agent(smol, [lookup], time_budget=1e-6, temperature=0).sync.run("Which river flows through Paris?")
-    assert timed.reason == "time_budget" and [c.name for c in timed.tool_calls] == ["lookup"] and timed.answer
-    result = next(e for e in timed.trace if isinstance(e, ToolResultEvent))
-    assert result.error and "time budget is spent" in result.content
+    assert timed.reason == "time_budget" and len(timed.tool_calls) <= 1 and timed.answer
+    for result in (e for e in timed.trace if isinstance(e, ToolResultEvent)):
+        assert result.error and "time budget is spent" in result.content
 
 
 def test_memory_carries_a_conversation_across_runs(smol: Forge) -> None:

@@ -222,13 +222,14 @@ class Agent:
         memory = self.memory if self.memory is not None else Memory()
         first = len(memory)  # where this run's messages start
         memory.add({"role": "user", "content": task})
-        gathered: list[tuple[ToolCall, str]] = []
         system = {"role": "system", "content": f"{self.system}\n\n{INSTRUCTIONS}" if self.system else INSTRUCTIONS}
         schemas = [t.schema() for t in self.tools.values()]
         tool_prompt = len(tokenizer.encode(self.app.render([system], tools=schemas, add_generation_prompt=True)))
         budget = memory.budget or model.config.context_length - self.generation["max_tokens"] - tool_prompt - 16
+        fmt = self.app.tool_format()
         start = time.monotonic()
-        results: dict[tuple[str, str], str] = {}  # (tool, arguments) -> what it returned, this run
+        # (tool, arguments) -> the call and what it returned, this run, in call order
+        results: dict[tuple[str, str], tuple[ToolCall, str]] = {}
         blocked: set[str] = set()  # tools the next step may not call
         reason: Literal["answer", "max_iterations", "time_budget"] = "max_iterations"
         step = 0
@@ -241,8 +242,7 @@ class Agent:
             seen[:] = messages
             allowed = [t for t in schemas if t["function"]["name"] not in blocked]
             try:
-                call = None
-                parser = ToolCallParser(self.app.tool_format())
+                parser = ToolCallParser(fmt)
                 stream = self.app.chat_stream(
                     messages, tools=schemas, tool_choice="required", allowed_tools=allowed, **self.generation
                 )
@@ -268,14 +268,13 @@ class Agent:
             key = (call.name, json.dumps(call.arguments, sort_keys=True))
             if key in results:  # the same call again: a small model stuck in a loop
                 blocked = {call.name}
-                content = REPEATED.format(name=call.name, result=results[key])
+                content = REPEATED.format(name=call.name, result=results[key][1])
                 result = ToolResultEvent(call.id, call.name, content, True, 0.0, step)
             else:
                 blocked = set()
                 left = None if self.time_budget is None else max(0.0, self.time_budget - (time.monotonic() - start))
                 result = await self._call(call, step, left)
-                results[key] = result.content
-                gathered.append((call, result.content))
+                results[key] = (call, result.content)
             yield result
             memory.add(
                 {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
@@ -287,7 +286,7 @@ class Agent:
         earlier = history[: max(0, len(history) - (len(memory) - first))]
         # Newest first: the last result is usually the one that completes the task, and small models favour
         # what they read first (on the two-step test task, 5 of 5 answers used it, against 2 of 5 oldest first).
-        found = "\n".join(f"- {c.name}({_arguments(c.arguments)}) returned: {r}" for c, r in reversed(gathered))
+        found = "\n".join(f"- {c.name}({_arguments(c.arguments)}) returned: {r}" for c, r in reversed(results.values()))
         ask = ANSWER.format(task=task, results=found or "- none")
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages += [*earlier, {"role": "user", "content": ask}]
