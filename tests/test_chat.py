@@ -9,14 +9,15 @@ test_pretrained.py.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from forge.app import Forge
-from forge.chat import PLAIN_TEMPLATE, check_messages, render_chat
-from forge.errors import ConfigError
+from forge.chat import PLAIN_TEMPLATE, TemplateLimits, check_messages, render_chat
+from forge.errors import ChatTemplateError, ConfigError
 from forge.events import Event
 from forge.generator import GenerationConfig, Generator
 from forge.middleware import Context, Next
@@ -94,6 +95,82 @@ def test_an_invalid_template_is_a_config_error() -> None:
 def test_templates_are_sandboxed() -> None:
     with pytest.raises(ConfigError):
         render_chat("{{ messages.__class__.__mro__[1].__subclasses__() }}", [{"role": "user", "content": "x"}])
+
+
+# -- untrusted templates: bounded work, bounded memory -------------------------------------------------
+HI = [{"role": "user", "content": "hi"}]
+DOUBLING = "{% set ns = namespace(s='a') %}{% for i in range(64) %}{% set ns.s = ns.s X ns.s %}{% endfor %}{{ ns.s }}"
+
+
+@pytest.mark.parametrize(
+    ("template", "limit"),
+    [
+        # A nested 100000 x 100000 loop hung the server until kill -9.
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "TemplateLimits.steps"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "TemplateLimits.steps"),
+        ("{% for m in messages recursive %}{{ loop(messages) }}{% endfor %}", "TemplateLimits.depth"),
+        # RecursionError, a 500 when served.
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "TemplateLimits.depth"),
+        # MemoryError, or the process killed: strings sized before they are built.
+        ("{{ 'a' * 10**10 }}", "TemplateLimits.string_chars"),
+        ("{{ 'a' * 10000000000 }}", "TemplateLimits.string_chars"),  # a constant Jinja would fold at compile time
+        ("{{ ([1] * 10**10) | length }}", "TemplateLimits.string_chars"),
+        (DOUBLING.replace("X", "~"), "TemplateLimits.string_chars"),
+        (DOUBLING.replace("X", "+"), "TemplateLimits.string_chars"),
+        (
+            "{% set s = namespace(v='a') %}{% for i in range(64) %}{% set t %}{{ s.v }}{{ s.v }}{% endset %}"
+            "{% set s.v = t %}{% endfor %}",
+            "TemplateLimits.string_chars",
+        ),
+        ("{{ 'a' | center(10**10) }}", "TemplateLimits.string_chars"),
+        ("{{ 'a'.ljust(10**10) }}", "TemplateLimits.string_chars"),
+        ("{{ 'a\nb' | indent(10**10) }}", "TemplateLimits.string_chars"),
+        ("{{ '%10000000000d' % 1 }}", "TemplateLimits.string_chars"),
+        ("{{ '{:>10000000000}'.format(1) }}", "TemplateLimits.string_chars"),
+        ("{{ '{:>{}}'.format(1, 10**10) }}", "TemplateLimits.string_chars"),
+        ("{% set s = 'a' * 100000 %}{{ s.replace('', s) }}", "TemplateLimits.string_chars"),
+        ("{% set s = 'a' * 100000 %}{{ s.join(range(100000) | map('string')) }}", "TemplateLimits.string_chars"),
+        ("{{ messages | tojson(indent=10**10) }}", "TemplateLimits.string_chars"),
+        ("{{ [1] | slice(10**10) | list }}", "TemplateLimits.string_chars"),
+        ("{{ lipsum(10**10) }}", "TemplateLimits.string_chars"),
+        ("{{ 2 ** 10000000000 }}", "bits"),
+        ("{% set n = namespace(x=3) %}{% for i in range(64) %}{% set n.x = n.x * n.x %}{% endfor %}", "bits"),
+        ("{{ range(10**10) | list }}", "Range too big"),
+    ],
+)
+def test_a_template_past_its_limits_is_a_chat_template_error(template: str, limit: str) -> None:
+    with pytest.raises(ChatTemplateError, match=re.escape(limit)) as caught:
+        render_chat(template, HI)
+    assert caught.value.http_status == 400 and "\n" not in str(caught.value)
+
+
+def test_rendering_has_a_time_limit() -> None:
+    nested = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match=r"TemplateLimits\.seconds"):
+        render_chat(nested, HI, limits=TemplateLimits(steps=10**12, seconds=0.05))
+
+
+def test_the_template_source_is_bounded() -> None:
+    with pytest.raises(ChatTemplateError, match=r"TemplateLimits\.source_chars"):
+        render_chat("x" * 300_000, HI)
+    with pytest.raises(ChatTemplateError, match="nested too deeply"):
+        render_chat("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", HI)
+
+
+def test_any_failure_inside_a_template_is_a_chat_template_error() -> None:
+    with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
+        render_chat("{{ 1 / 0 }}", HI)
+
+
+def test_limits_leave_ordinary_templates_alone() -> None:
+    template = (
+        "{% macro turn(m) %}<|{{ m.role }}|>{{ m.content | trim }}{% endmacro %}"
+        "{% for m in messages %}{{ turn(m) ~ '\n' }}{% if loop.last %}{{ '%-6s|' % 'end' }}{% endif %}{% endfor %}"
+        "{{ ', '.join(messages | map(attribute='role')) }}{{ '{:>3}'.format(messages | length) }}"
+    )
+    messages = [{"role": "user", "content": f" m{i} "} for i in range(200)]
+    text = render_chat(template, messages, limits=TemplateLimits(steps=5_000))
+    assert text.startswith("<|user|>m0\n<|user|>m1\n") and text.endswith("end   |" + ", ".join(["user"] * 200) + "200")
 
 
 # -- app.chat --------------------------------------------------------------------------------------

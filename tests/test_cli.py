@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
+import forge.core.checkpoint as checkpoint_module
+import forge.trainer as trainer_module
 from forge.cli import main
+from forge.cli.progress import TrainingDisplay
+from forge.events import StartEvent, StepEvent
+from forge.models import create_model, load, padded_vocab, save
+from forge.tokenizer import Tokenizer
 from helpers import run_cli
 
 HAMLET_LINES = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 60
@@ -216,3 +227,289 @@ def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, err
     assert "val loss" in out and "samples" in out
     assert (tmp_path / "demo" / "model.safetensors").exists()
+
+
+# -- forge chat, as a new user meets it ---------------------------------------------------------------
+
+
+def _forge(*args: object) -> list[str]:
+    return [sys.executable, "-m", "forge", *(str(a) for a in args)]
+
+
+@pytest.fixture(scope="module")
+def looping_chat_model(tmp_path_factory: pytest.TempPathFactory, bigram_model, char_tokenizer) -> Path:
+    """A char model whose greedy reply to any chat is "abcdefgh" repeated until max_tokens or Ctrl-C.
+
+    The plain chat prompt ends in "Assistant:"; the table sends ":" to "a" and cycles a..h.
+    """
+    from forge.models import save
+
+    table = {":": "a", **{c: "abcdefgh"[(i + 1) % 8] for i, c in enumerate("abcdefgh")}}
+    path = tmp_path_factory.mktemp("looping") / "checkpoint"
+    save(path, bigram_model(char_tokenizer, table, context_length=8192), char_tokenizer)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m"])
+def test_chat_on_an_untrained_preset_says_so(preset: str) -> None:
+    """It crashed with `TypeError: unsupported operand type(s) for /: 'NoneType' and 'float'`."""
+    proc = subprocess.run(_forge("chat", preset), input="hi\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no trained weights" in proc.stderr and "forge train" in proc.stderr and "forge chat smollm2" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["nowhere.gguf", "model.safetensors"])
+def test_chat_on_a_missing_file_says_it_does_not_exist(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare file name that is no preset was reported as "unknown preset"."""
+    code, _, err = run_cli(["chat", name], capsys)
+    assert_user_error(code, err, 4, name, "does not exist")
+    assert "unknown preset" not in err
+
+
+def test_an_over_long_chat_message_is_refused_and_the_session_goes_on(bigram_dir: Path) -> None:
+    """The bigram model's context is 64 tokens; a 100-character message does not fit."""
+    script = "a" * 100 + "\nhello\n"
+    proc = subprocess.run(
+        _forge("chat", bigram_dir, "--temperature", "0", "--max-tokens", "4", "--device", "cpu"),
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"NO_COLOR": "1", "COLUMNS": "300"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = proc.stdout
+    assert "not sent: the prompt is 1" in out and "tokens but the model's context is 64" in out
+    assert "you> hello" in out and out.count("bot>") == 2  # the next message is answered
+
+
+def _read_until(stream, needle: str, seen: list[str]) -> str:
+    """Read ``stream`` char by char until ``needle`` appears (the child's output is unbuffered)."""
+    text = ""
+    while needle not in text:
+        c = stream.read(1)
+        if not c:
+            raise AssertionError(f"{needle!r} never came; output so far: {''.join(seen) + text!r}")
+        text += c
+    seen.append(text)
+    return text
+
+
+@pytest.mark.parametrize("leave", ["eof", "ctrl-c"])
+def test_chat_ctrl_c_stops_the_reply_and_the_session_goes_on(looping_chat_model: Path, leave: str) -> None:
+    """SIGINT mid-reply printed two chained tracebacks and generation ran on; now the reply stops.
+
+    Each reply would run for 8000 tokens; Ctrl-C ends it, the next message is answered, and then end
+    of input (Ctrl-D) or a Ctrl-C at the prompt leaves quietly. Were a generation still running, the
+    process could not exit before the timeout.
+    """
+    import signal
+
+    args = ("chat", looping_chat_model, "--temperature", "0", "--max-tokens", "8000", "--device", "cpu")
+    child = subprocess.Popen(
+        _forge(*args),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"NO_COLOR": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    assert child.stdin is not None and child.stdout is not None
+    seen: list[str] = []
+    try:
+        for message in ("hi", "again"):
+            child.stdin.write(message + "\n")
+            child.stdin.flush()
+            _read_until(child.stdout, "bot> abcdefghabcdefgh", seen)  # mid-reply
+            child.send_signal(signal.SIGINT)
+            _read_until(child.stdout, "(reply stopped", seen)
+        if leave == "ctrl-c":
+            _read_until(child.stdout, "\n", seen)  # back at the prompt
+            child.send_signal(signal.SIGINT)
+        rest, err = child.communicate(timeout=60)  # closes stdin: end of input
+    finally:
+        child.kill()
+    assert child.returncode in ((0,) if leave == "eof" else (0, 130)), err
+    assert "Traceback" not in err and "aclose" not in err
+    out = "".join(seen) + rest
+    assert out.count("you> ") == 2 and out.count("(reply stopped") == 2
+
+
+# -- forge train / export: never the user's data, a full disk, Ctrl-C, progress in a log (issue 14) -------------
+
+TRAIN_FAST = ["--batch-size", "2", "--context", "32", "--tokenizer", "char", "--eval-every", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def bpe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model with a byte-level BPE tokenizer: what GGUF export needs."""
+    tokenizer = Tokenizer.train([HAMLET_LINES], kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bpe") / "model"
+    save(path, create_model("tiny", vocab_size=padded_vocab(tokenizer.vocab_size)), tokenizer)
+    return path
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_train_never_writes_over_its_own_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text(HAMLET_LINES)
+    code, _, err = run_cli(["train", notes, "--out", notes, "--steps", "2", *TRAIN_FAST], capsys)
+    assert_user_error(code, err, 4, "refusing to replace", str(notes), "choose a new or empty folder")
+    assert _contents(notes) == {"a.txt": HAMLET_LINES.encode()}
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"]
+
+
+def test_train_on_a_full_disk_fails_in_one_line_and_keeps_the_checkpoint(
+    trained: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = _contents(run)
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module, "write_durably", full)
+    code, _, err = run_cli(["train", text_file, "--resume", run, "--steps", "8", *TRAIN_FAST], capsys)
+    assert_user_error(code, err, 4, "could not write", str(run), "no space left on device", "unchanged")
+    assert _contents(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]  # no temporary folder left
+
+
+def test_export_never_overwrites_what_forge_did_not_write(
+    bpe_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run_cli(["export", bpe_checkpoint, "--format", "gguf", "--out", notes], capsys)
+    assert_user_error(code, err, 4, "refusing to replace", str(notes), "not a GGUF file")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("mine")
+    code, _, err = run_cli(["export", bpe_checkpoint, "--format", "gguf", "--out", folder], capsys)
+    assert_user_error(code, err, 4, str(folder), "is a folder")
+    code, _, err = run_cli(["export", bpe_checkpoint, "--format", "hf", "--out", folder], capsys)
+    assert_user_error(code, err, 4, "refusing to replace", "Forge did not write")
+    assert notes.read_text() == "mine" and _contents(folder) == {"a.txt": b"mine"}
+    # What Forge wrote is replaced: a second export over the first succeeds.
+    for fmt, out in (("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "hf")):
+        for _ in range(2):
+            code, _, err = run_cli(["export", bpe_checkpoint, "--format", fmt, "--out", out], capsys)
+            assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "hf", "m.gguf", "notes.txt"]
+
+
+def test_export_on_a_full_disk_fails_in_one_line_keeping_the_old_file(bpe_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(bpe_checkpoint), "--format", "gguf", "--dtype", "f32", "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def small_disk() -> None:  # writes past 256 KiB fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+
+    proc = subprocess.run(
+        _forge("export", bpe_checkpoint, "--format", "gguf", "--dtype", "f32", "--out", out),
+        capture_output=True,
+        text=True,
+        env=os.environ | {"COLUMNS": "200"},
+        preexec_fn=small_disk,
+        timeout=300,
+    )
+    assert_user_error(proc.returncode, proc.stderr, 4, "could not write the GGUF file", "file too large")
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left
+
+
+def test_ctrl_c_in_train_saves_says_how_to_resume_and_exits_130(
+    text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_step = trainer_module.Trainer._train_step
+    calls: list[int] = []
+
+    def step(self: trainer_module.Trainer) -> tuple[float, float, float]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third step
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", step)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", text_file, "--out", out, "--steps", "10", *TRAIN_FAST], capsys)
+    assert code == 130, err  # so `forge train ... && forge export ...` stops here
+    assert "Traceback" not in err
+    assert f"checkpoint saved to {out}" in err and f"--resume {out} --steps 10" in err
+    assert load(out, with_state=True).step == 2
+
+
+def test_train_prints_plain_progress_lines_when_not_a_terminal(
+    text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["train", text_file, "--out", tmp_path / "run", "--steps", "3", *TRAIN_FAST], capsys)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert lines and lines[0].startswith("step 1/3") and lines[-1].startswith("step 3/3"), out
+    assert all("loss" in line and "tok/s" in line and "eta" in line for line in lines)
+
+
+def test_plain_progress_prints_a_line_per_interval() -> None:
+    now = [0.0]
+    buffer = io.StringIO()
+    display = TrainingDisplay(Console(file=buffer, width=200), interval=10.0, clock=lambda: now[0])
+    display(
+        StartEvent(
+            start_step=0,
+            total_steps=40,
+            parameters=10**6,
+            device="cpu",
+            precision="float32",
+            compiled=False,
+            train_tokens=1000,
+            val_tokens=100,
+            tokens_per_step=64,
+        )
+    )
+    for step in range(1, 41):
+        now[0] = float(step)  # one step a second
+        display(
+            StepEvent(
+                step=step,
+                total_steps=40,
+                loss=2.0,
+                lr=1e-3,
+                grad_norm=1.0,
+                tokens_per_sec=64.0,
+                elapsed=float(step),
+                eta=float(40 - step),
+            )
+        )
+    steps = [line.split()[1] for line in buffer.getvalue().splitlines() if line.startswith("step ")]
+    assert steps == ["1/40", "11/40", "21/40", "31/40", "40/40"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_info_reads_gguf_files_and_hf_folders(
+    trained: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`forge info` refused the GGUF files that chat, generate and export accept."""
+    exported = tmp_path / ("model.gguf" if fmt == "gguf" else "model-hf")
+    code, _, err = run_cli(["export", trained, "--format", fmt, "--out", exported], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["info", exported, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["format"] == fmt and info["source"]["architecture"] and info["family"] == "gpt2"
+    _, original, _ = run_cli(["info", trained, "--json"], capsys)
+    assert info["parameters"] == json.loads(original)["parameters"]
+    assert info["config"]["context_length"] == json.loads(original)["config"]["context_length"]
+    assert info["chat_template"] is False
+    code, out, err = run_cli(["info", exported], capsys)
+    assert code == 0, err
+    assert "architecture" in out and "context" in out and "chat template" in out
+    assert ("quantization" in out) == (fmt == "gguf")

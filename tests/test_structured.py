@@ -21,7 +21,7 @@ from forge.core.transformer import Transformer
 from forge.engine import Engine
 from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig, Generator
-from forge.structured import Constraint, Grammar, ToolCall, ToolCallParser, ToolFormat, output_spec
+from forge.structured import Constraint, Grammar, SchemaLimits, ToolCall, ToolCallParser, ToolFormat, output_spec
 from forge.tokenizer import Tokenizer
 
 # -- without a pretrained model: a random model must still produce valid output --------------------------------------
@@ -421,3 +421,58 @@ def test_masks_apply_on_cuda_in_the_generator_and_the_engine(small_config: Calla
 
     for text in asyncio.run(engine_run()):
         jsonschema.validate(json.loads(text), SMALL_SCHEMA)
+
+
+# -- hostile schemas: clear ConfigErrors, never RecursionError / ValueError / llguidance's internal state --------------
+
+
+def _nested(levels: int) -> dict[str, object]:
+    schema: dict[str, object] = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        (_nested(150), "nested more than 64 levels"),
+        ({"type": "integer", "minimum": 2**64}, "does not fit in 64 bits"),
+        ({"enum": [1, -(2**70)]}, "does not fit in 64 bits"),
+        ({"const": 2**64}, "does not fit in 64 bits"),
+    ],
+)
+def test_hostile_schemas_are_config_errors(schema: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        Grammar.json_schema(schema)
+    with pytest.raises(ConfigError, match=words):  # a tool's parameters take the same path
+        ToolFormat().grammar([{"type": "function", "function": {"name": "f", "parameters": schema}}])
+
+
+def test_schema_limits_bound_size_properties_and_depth() -> None:
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(50)}}
+    SchemaLimits().check(wide)
+    with pytest.raises(ConfigError, match="50 properties; at most 10"):
+        SchemaLimits(max_properties=10).check(wide)
+    with pytest.raises(ConfigError, match="bytes as JSON; at most 100"):
+        SchemaLimits(max_bytes=100).check(wide)
+    with pytest.raises(ConfigError, match="nested more than 3"):
+        SchemaLimits(max_depth=3).check(_nested(3))
+
+
+def test_a_recursive_ref_is_a_clean_error(bpe_tokenizer: Tokenizer) -> None:
+    grammar = Grammar.json_schema(
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    )
+    with pytest.raises(ConfigError, match="no base case") as e:
+        Constraint(grammar, bpe_tokenizer, bpe_tokenizer.vocab_size)
+    assert "<state>" not in e.value.message and "grammars" not in e.value.message  # llguidance's internals stay in
+
+
+def test_constraints_copy_a_compiled_grammar(bpe_tokenizer: Tokenizer) -> None:
+    grammar = Grammar.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    first = Constraint(grammar, bpe_tokenizer, bpe_tokenizer.vocab_size)
+    second = Constraint(grammar, bpe_tokenizer, bpe_tokenizer.vocab_size)
+    assert first.matcher is not second.matcher  # each sequence has its own state
+    first.accept(bpe_tokenizer.encode("{")[0])
+    assert not second.matcher.is_error() and not first.matcher.is_error()

@@ -601,9 +601,13 @@ def _inference_dtype(dtype: str | None, device: torch.device) -> torch.dtype | N
     return getattr(torch, dtype)  # type: ignore[no-any-return]
 
 
+#: Suffixes of model files: a name ending in one is a path that is missing, never a preset.
+_MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".onnx")
+
+
 def _looks_like_path(name: str | os.PathLike[str]) -> bool:
     name = str(name)
-    return "/" in name or os.sep in name or name.startswith((".", "~"))
+    return "/" in name or os.sep in name or name.startswith((".", "~")) or name.lower().endswith(_MODEL_SUFFIXES)
 
 
 async def _pieces(text: str) -> AsyncIterator[str]:
@@ -623,7 +627,12 @@ class SyncForge:
         self._lock = threading.Lock()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._submit(coro).result()
+        future = self._submit(coro)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()  # Ctrl-C stops the work on the loop too (a generation ends), not just the wait
+            raise
 
     def train(self, data: DataSource, **options: Any) -> TrainResult:
         return self._run(self._app.train(data, **options))
@@ -670,9 +679,25 @@ class SyncForge:
         return self._iterate(self._app.chat_stream(messages, **options))
 
     def _iterate(self, agen: AsyncIterator[str]) -> Iterator[str]:
+        pending: set[asyncio.Task[Any]] = set()
 
         async def step() -> str:
-            return await agen.__anext__()
+            task = asyncio.current_task()
+            assert task is not None
+            pending.add(task)
+            try:
+                return await agen.__anext__()
+            finally:
+                pending.discard(task)
+
+        async def close() -> None:
+            # Ctrl-C (or a `break`) can leave a step running on the loop: cancel it, which stops the
+            # generation, and let it unwind before closing the generator it is still inside.
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            await agen.aclose()  # type: ignore[attr-defined]
 
         try:
             while True:
@@ -681,4 +706,4 @@ class SyncForge:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(agen.aclose())
+            self._run(close())

@@ -6,7 +6,8 @@ server render errors without ``isinstance`` ladders::
 
     ForgeError                 exit 1, HTTP 500
     ├── ConfigError            exit 2, HTTP 400   a bad option or field value
-    │   └── PresetNotFoundError                   an unknown preset name
+    │   ├── PresetNotFoundError                   an unknown preset name
+    │   └── ChatTemplateError                     a chat template that fails or exceeds its limits
     ├── DataError              exit 3, HTTP 400   missing, empty or binary training data
     ├── CheckpointError        exit 4, HTTP 404   a missing or corrupted checkpoint
     ├── DeviceError            exit 5, HTTP 400   an unknown or unavailable device
@@ -21,6 +22,7 @@ Messages say what was wrong, the value, and the fix.
 from __future__ import annotations
 
 __all__ = [
+    "ChatTemplateError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -75,6 +77,10 @@ class PresetNotFoundError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message
+
+
+class ChatTemplateError(ConfigError):
+    """A chat template (untrusted: it comes with the model file) failed to render or exceeded a rendering limit."""
 
 
 class DataError(ForgeError):

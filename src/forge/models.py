@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from forge.config import PRESETS, ModelConfig, get_preset, preset_names
 from forge.core.checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
 from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.gguf import read_gguf, write_gguf
 from forge.core.formats.hf import read_hf, write_hf
-from forge.core.lora import merged_copy
+from forge.core.lora import adapter_tensors, attach_adapters, base_copy, has_lora, merge_lora, merged_copy
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
 from forge.tokenizer import Tokenizer
@@ -45,6 +48,7 @@ __all__ = [
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special tokens and chat template
+ADAPTERS_FILE = "adapters.safetensors"  # LoRA adapters of a checkpoint saved mid-fine-tune
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -88,15 +92,26 @@ def save(
     training_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Save model, tokenizer and optional training state as one checkpoint directory (atomically)."""
+    """Save model, tokenizer and optional training state as one checkpoint directory (atomically).
+
+    A model with LoRA adapters is saved as its frozen weights plus the adapters
+    (``adapters.safetensors``), so a resumed run continues them exactly;
+    :func:`load` merges them unless asked to keep them.
+    """
+    files = {
+        TOKENIZER_FILE: tokenizer.to_str().encode("utf-8"),
+        TOKENIZER_CONFIG_FILE: json.dumps(tokenizer.config(), indent=2).encode("utf-8"),
+    }
+    if has_lora(model):
+        tensors, alpha = adapter_tensors(model)
+        files[ADAPTERS_FILE] = save_tensors(
+            {k: v.contiguous().cpu() for k, v in tensors.items()}, {"alpha": str(alpha)}
+        )
     return save_checkpoint(
         path,
-        model=merged_copy(model),  # LoRA adapters are saved folded into the weights
+        model=base_copy(model),
         config=model.config.to_dict(),
-        files={
-            TOKENIZER_FILE: tokenizer.to_str().encode("utf-8"),
-            TOKENIZER_CONFIG_FILE: json.dumps(tokenizer.config(), indent=2).encode("utf-8"),
-        },
+        files=files,
         training_state=training_state,
         meta=meta,
     )
@@ -136,13 +151,20 @@ def locate(model: str | os.PathLike[str]) -> Path:
     return Path(model)
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", with_state: bool = False) -> LoadedModel:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    with_state: bool = False,
+    keep_adapters: bool = False,
+) -> LoadedModel:
     """Load a model with its tokenizer from any source Forge reads.
 
     ``path`` is a Forge checkpoint directory, a GGUF file, a Hugging Face
     folder (``config.json`` + ``*.safetensors`` + ``tokenizer.json``), or a
     known model name (:data:`KNOWN_MODELS`). The training state comes only from
-    Forge checkpoints, and only if ``with_state``.
+    Forge checkpoints, and only if ``with_state``. A checkpoint's LoRA adapters
+    are merged into a plain model, or kept on it with ``keep_adapters`` (to resume training them).
     """
     source = locate(path)
     if source.is_file():
@@ -154,7 +176,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", wi
         return _from_pretrained(read_gguf(source), source, device)
     if source.is_dir() and not _is_forge_dir(source) and (source / "config.json").is_file():
         return _from_pretrained(read_hf(source), source, device)
-    return _load_forge(source, device=device, with_state=with_state)
+    return _load_forge(source, device=device, with_state=with_state, keep_adapters=keep_adapters)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -184,7 +206,7 @@ def _from_pretrained(pre: Pretrained, path: Path, device: str | torch.device) ->
     return LoadedModel(model=model.eval().to(device), tokenizer=tokenizer, path=path, meta=pre.meta)
 
 
-def _load_forge(path: Path, *, device: str | torch.device, with_state: bool) -> LoadedModel:
+def _load_forge(path: Path, *, device: str | torch.device, with_state: bool, keep_adapters: bool) -> LoadedModel:
     ckpt = load_checkpoint(path, map_location="cpu", with_state=with_state)
     try:
         cfg = ModelConfig.from_dict(ckpt.config)
@@ -201,7 +223,22 @@ def _load_forge(path: Path, *, device: str | torch.device, with_state: bool) -> 
     model.to_empty(device="cpu")
     model.tie_weights()
     _load_weights(model, ckpt.state_dict, path)
+    if ADAPTERS_FILE in ckpt.files:
+        _attach(model, ckpt.files[ADAPTERS_FILE], path)
+        if not keep_adapters:
+            merge_lora(model)
     return LoadedModel(model=model.to(device), tokenizer=tokenizer, path=Path(path), training_state=ckpt.training_state)
+
+
+def _attach(model: Transformer, data: bytes, path: Path) -> None:
+    try:
+        tensors = load_tensors(data)
+        # The header: 8 bytes of length, then JSON whose "__metadata__" holds the adapters' alpha.
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        alpha = float(header["__metadata__"]["alpha"])
+        attach_adapters(model, tensors, alpha=alpha)
+    except (SafetensorError, ValueError, KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has unusable LoRA adapters ({e}); re-save it") from None
 
 
 def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], path: object) -> None:
@@ -220,13 +257,21 @@ def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], path:
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``forge info`` shows: architecture, parameter count, training state."""
-    manifest = read_manifest(path)
+    """What ``forge info`` shows: architecture, parameter count, training state.
+
+    ``path`` is anything :func:`load` reads; ``format`` says which ("forge", "gguf" or "hf"), and
+    ``source`` what a pretrained file declares (architecture, name, quantization).
+    """
     loaded = load(path, with_state=True)
+    pretrained = bool(loaded.meta)  # only GGUF files and HF folders carry where they came from
+    manifest = {} if pretrained else read_manifest(loaded.path)
     model, state = loaded.model, loaded.training_state or {}
     cfg = model.config
     return {
         "path": str(path),
+        "format": loaded.meta.get("format", "forge"),
+        "source": loaded.meta,
+        "chat_template": loaded.tokenizer.chat_template is not None,
         "family": cfg.family,
         "config": cfg.to_dict(),
         "parameters": model.num_params(),

@@ -54,6 +54,7 @@ __all__ = [
     "Constraint",
     "Grammar",
     "OutputSpec",
+    "SchemaLimits",
     "ToolCall",
     "ToolCallParser",
     "ToolFormat",
@@ -87,7 +88,11 @@ class Grammar:
         _check_schema(schema)
         closed = _closed(dict(schema))
         styled = {**closed, "x-guidance": {**JSON_STYLE, **dict(schema.get("x-guidance") or {})}}
-        return cls._checked(llguidance.LLMatcher.grammar_from_json_schema(styled), description)
+        try:
+            source = llguidance.LLMatcher.grammar_from_json_schema(styled)
+        except (ValueError, TypeError) as e:  # e.g. an integer llguidance cannot hold
+            raise ConfigError(f"the {description} cannot be used for constrained decoding: {_brief(e)}") from None
+        return cls._checked(source, description)
 
     @classmethod
     def regex(cls, pattern: str) -> Grammar:
@@ -105,7 +110,9 @@ class Grammar:
     def _checked(cls, source: str, description: str) -> Grammar:
         is_error, messages = _validate(source)
         if is_error:
-            raise ConfigError(f"the {description} cannot be used for constrained decoding: {'; '.join(messages)}")
+            raise ConfigError(
+                f"the {description} cannot be used for constrained decoding: {_brief('; '.join(messages))}"
+            )
         return cls(source, description)
 
 
@@ -113,7 +120,70 @@ class Grammar:
 def _validate(source: str) -> tuple[bool, list[str]]:
     """llguidance's check of a grammar, once per grammar: an agent or a server rebuilds the same tool grammars
     every step and request."""
-    return llguidance.LLMatcher.validate_grammar_with_warnings(source)  # type: ignore[no-any-return]
+    return llguidance.LLMatcher.validate_grammar_with_warnings(source, limits=_limits())  # type: ignore[no-any-return]
+
+
+def _limits() -> llguidance.LLParserLimits:
+    # Not verbose: llguidance's verbose errors carry its parser state and the whole grammar, not for a client's eyes.
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
+def _brief(error: object) -> str:
+    """llguidance's message, first line only and short: its later lines quote the grammar back."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+#: Integers llguidance can hold: it reads JSON numbers as 64-bit.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchemaLimits:
+    """Bounds on a JSON schema: compiling one takes time that grows with its size (seconds for thousands of keys).
+
+    ``max_bytes``: its JSON text; ``max_properties``: property names over the whole schema; ``max_depth``:
+    nesting of objects and lists. None: no bound. The defaults admit what OpenAI's structured outputs admit.
+
+    >>> SchemaLimits().check({"type": "object", "properties": {"n": {"type": "integer"}}})
+    """
+
+    max_bytes: int | None = 64 * 1024
+    max_properties: int | None = 1000
+    max_depth: int = 64
+
+    def check(self, schema: object, what: str = "the JSON schema") -> None:
+        """ConfigError naming the bound ``schema`` breaks; also integers beyond 64 bits, which llguidance can't hold."""
+        properties = 0
+        stack: list[tuple[object, int, str]] = [(schema, 1, "")]
+        while stack:  # a loop, not recursion: the schema may be nested deeper than Python's stack
+            node, depth, path = stack.pop()
+            if depth > self.max_depth:
+                raise ConfigError(
+                    f"{what} is nested more than {self.max_depth} levels deep (at {path[:60]}...); "
+                    "flatten it, e.g. with $defs"
+                )
+            if isinstance(node, Mapping):
+                if isinstance(node.get("properties"), Mapping):
+                    properties += len(node["properties"])
+                stack.extend((v, depth + 1, f"{path}/{k}") for k, v in node.items())
+            elif isinstance(node, list):
+                stack.extend((v, depth + 1, f"{path}/{i}") for i, v in enumerate(node))
+            elif isinstance(node, int) and not isinstance(node, bool) and not _INT_MIN <= node <= _INT_MAX:
+                raise ConfigError(
+                    f"{what} has the integer {node} (at {path or 'the root'}), which does not fit in 64 bits; "
+                    f"use a value between {_INT_MIN} and {_INT_MAX}"
+                )
+        if self.max_properties is not None and properties > self.max_properties:
+            raise ConfigError(
+                f"{what} has {properties} properties; at most {self.max_properties} are allowed; split it up"
+            )
+        if self.max_bytes is not None and (size := len(json.dumps(schema))) > self.max_bytes:
+            raise ConfigError(f"{what} is {size} bytes as JSON; at most {self.max_bytes} are allowed; shorten it")
+
+
+#: What every schema must meet, even a trusted caller's: deeper nesting overflows jsonschema's recursion.
+_ANY_SCHEMA = SchemaLimits(max_bytes=None, max_properties=None)
 
 
 def _closed(schema: Any) -> Any:
@@ -131,6 +201,7 @@ def _closed(schema: Any) -> Any:
 def _check_schema(schema: object) -> None:
     if not isinstance(schema, Mapping):
         raise ConfigError(f"a JSON schema must be a dict, got {type(schema).__name__}")
+    _ANY_SCHEMA.check(schema)  # before anything recurses into it
     try:
         jsonschema.Draft202012Validator.check_schema(dict(schema))
     except jsonschema.SchemaError as e:
@@ -219,6 +290,18 @@ def _ll_tokenizer(tokenizer: Tokenizer, vocab: int) -> llguidance.LLTokenizer:
     return cached[vocab]
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(ll_tokenizer: llguidance.LLTokenizer, source: str, vocab: int) -> llguidance.LLMatcher:
+    """A grammar compiled for a tokenizer, at its start: each :class:`Constraint` copies it (about 1000x cheaper
+    than compiling, which takes seconds for a large schema). So a server can compile in a worker thread first,
+    and the constraint built on its event loop afterwards only copies."""
+    matcher = llguidance.LLMatcher(ll_tokenizer, source, limits=_limits())
+    if not matcher.is_error():  # the first mask finds grammars with no sentence at all (a $ref loop)
+        words = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+    return matcher
+
+
 class Constraint:
     """One sequence's grammar state: a :class:`forge.core.sampling.TokenConstraint` over llguidance.
 
@@ -227,7 +310,12 @@ class Constraint:
 
     def __init__(self, grammar: Grammar, tokenizer: Tokenizer, vocab: int) -> None:
         self.grammar, self.stop_ids = grammar, tokenizer.stop_ids
-        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab), grammar.source)
+        compiled = _compiled(_ll_tokenizer(tokenizer, vocab), grammar.source, vocab)
+        if compiled.is_error():
+            error = _brief(compiled.get_error())
+            hint = "; a $ref that only refers to itself has no base case: give it one" if "NoExtension" in error else ""
+            raise ConfigError(f"the {grammar.description} admits no text to generate ({error}){hint}")
+        self.matcher = compiled.deep_copy()
         self.ended = False  # a stop token was accepted: the sequence is over
         self._check()
 
@@ -254,7 +342,8 @@ class Constraint:
 
     def _check(self) -> None:
         if self.matcher.is_error():
-            raise GenerationError(f"the {self.grammar.description} failed while generating: {self.matcher.get_error()}")
+            error = _brief(self.matcher.get_error())
+            raise GenerationError(f"the {self.grammar.description} failed while generating: {error}")
 
 
 # -- tool calls ------------------------------------------------------------------------------------------------------

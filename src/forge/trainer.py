@@ -21,8 +21,9 @@ from typing import Any, Literal
 import torch
 
 from forge.config import ModelConfig, get_preset
+from forge.core.checkpoint import check_replaceable
 from forge.core.device import autocast_dtype, resolve_device
-from forge.core.lora import apply_lora, has_lora, merge_lora
+from forge.core.lora import apply_lora, has_lora, lora_rank, merge_lora
 from forge.core.optim import build_adamw, clip_grad_norm
 from forge.core.schedule import Schedule, ScheduleKind
 from forge.core.transformer import Transformer
@@ -153,11 +154,22 @@ class Trainer:
         self.model = model.to(device)
         self.tokenizer, self.dataset, self.device = tokenizer, dataset, device
         self.out = Path(out) if out is not None else None
+        if self.out is not None:
+            check_replaceable(self.out)  # before training, not at the first save: never the user's own folder
         self.listeners = list(listeners)
         self.meta = meta or {}
         self.dtype = _precision(config.precision, device)
-        if config.lora_rank:
-            apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+        #: Whether the model came with adapters (a resumed LoRA run): their optimizer state then applies.
+        self.resumed_adapters = has_lora(model)
+        if self.resumed_adapters and lora_rank(model) != config.lora_rank:
+            raise ConfigError(
+                f"the model has rank-{lora_rank(model)} LoRA adapters but lora_rank is {config.lora_rank}; "
+                f"continue them with --lora {lora_rank(model)}, or merge them (merge_lora) first"
+            )
+        if config.lora_rank and not self.resumed_adapters:
+            # Seeded by the run, not the global RNG: the same seed gives the same adapters and losses.
+            generator = torch.Generator().manual_seed(config.seed)
+            apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, generator=generator)
         self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
         self.compiled = config.compile if config.compile is not None else device.type == "cuda"
         # Inductor fuses each block's norms, RoPE and activations; shapes are fixed (B, context) windows.
@@ -171,8 +183,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "step": self.step,
-            # A LoRA run saves merged weights; its adapters (and their optimizer state) start afresh on resume.
-            **({} if self.config.lora_rank else {"optimizer": self.optimizer.state_dict()}),
+            # A LoRA run's checkpoint holds its adapters, so their optimizer state resumes with them.
+            "optimizer": self.optimizer.state_dict(),
+            "lora_rank": self.config.lora_rank,
             "rng_torch": torch.get_rng_state(),
             "rng_data": self.data_rng.get_state(),
             "train_config": self.config.to_dict(),
@@ -184,7 +197,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        if "optimizer" in state and not self.config.lora_rank:
+        # Optimizer state fits only the same parameters: all weights, or the very adapters it was saved with.
+        same_params = state.get("lora_rank", 0) == self.config.lora_rank and (
+            not self.config.lora_rank or self.resumed_adapters
+        )
+        if "optimizer" in state and same_params:
             self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_torch"])
         self.data_rng.set_state(state["rng_data"])
@@ -384,10 +401,14 @@ def train(
     """
     config = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     dev = resolve_device(device)
+    if out is not None:
+        check_replaceable(Path(out))  # fail before tokenizing, not after training
     corpus = Corpus.from_source(data)
     if resume is not None:
-        loaded = load(resume, with_state=True)
+        loaded = load(resume, with_state=True, keep_adapters=True)
         model, tok, state = loaded.model, loaded.tokenizer, loaded.training_state
+        if has_lora(model) and not config.lora_rank:  # a LoRA run resumes as one
+            config = dataclasses.replace(config, lora_rank=lora_rank(model))
     elif model is not None:
         if not isinstance(tokenizer, Tokenizer):
             raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")

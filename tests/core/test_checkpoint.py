@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,13 +98,14 @@ def test_crash_midway_keeps_the_previous_checkpoint(
 
     def crash_on_manifest(target: Path, data: bytes) -> None:
         if target.name == "forge.json":
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(target, data)
 
     monkeypatch.setattr(ckpt_module, "write_durably", crash_on_manifest)
     with torch.no_grad():
         model.tok_emb.weight.add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
+    # A full disk is a user error in one line, not an OSError traceback.
+    with pytest.raises(CheckpointError, match=r"No space left on device.*unchanged"):
         _save(path, model, meta={"n": 2})
     monkeypatch.undo()
 
@@ -215,3 +219,106 @@ def test_errors_carry_exit_code_and_status(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nowhere")
     assert info.value.exit_code == 4
     assert info.value.http_status == 404
+
+
+# -- what a save may replace; what a manifest may name; what a training state may hold (issue 14) ----------------
+
+
+def test_refuses_to_replace_a_folder_forge_did_not_write(model: Transformer, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("my notes")
+    with pytest.raises(CheckpointError, match=r"refusing to replace.*Forge did not write.*choose a new or empty"):
+        _save(notes, model)
+    assert [p.name for p in notes.iterdir()] == ["a.txt"]
+    assert (notes / "a.txt").read_text() == "my notes"
+    assert _siblings(notes) == []
+
+
+def test_an_empty_folder_becomes_a_checkpoint(model: Transformer, tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.mkdir()
+    _save(path, model, meta={"n": 1})
+    assert load_checkpoint(path).meta == {"n": 1}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _list_in_manifest(path: Path, name: str, digest: str | None = None) -> None:
+    """Edit the manifest as an attacker could: its entries are trusted only as far as they are checked."""
+    manifest = json.loads((path / "forge.json").read_text())
+    if digest is None:
+        del manifest["files"][name]
+    else:
+        manifest["files"][name] = digest
+    (path / "forge.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_manifest_entries_outside_the_folder_are_refused(model: Transformer, tmp_path: Path, where: str) -> None:
+    path = _save(tmp_path / "ckpt", model)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (path / "sub").mkdir()
+    (path / "sub" / "secret.txt").write_text("not yours")
+    name = {"parent": "../secret.txt", "absolute": str(secret), "subfolder": "sub/secret.txt"}[where]
+    _list_in_manifest(path, name, _sha256(secret))
+    with pytest.raises(CheckpointError, match="not a file name inside the checkpoint"):
+        load_checkpoint(path)
+
+
+def test_manifest_entries_must_be_regular_files(model: Transformer, tmp_path: Path) -> None:
+    path = _save(tmp_path / "ckpt", model)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (path / "link").symlink_to(secret)
+    _list_in_manifest(path, "link", _sha256(secret))
+    with pytest.raises(CheckpointError, match="link is not a regular file"):
+        load_checkpoint(path)
+    _list_in_manifest(path, "link")
+    # A FIFO (like /dev/zero, a device) would block the hash forever; a writer unblocks the unfixed read.
+    fifo = path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.open("wb").close(), daemon=True)
+    writer.start()
+    _list_in_manifest(path, "pipe", "0" * 64)
+    try:
+        with pytest.raises(CheckpointError, match="pipe is not a regular file"):
+            load_checkpoint(path)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_every_file_loaded_must_be_listed_and_verified(model: Transformer, tmp_path: Path, name: str) -> None:
+    path = _save(tmp_path / "ckpt", model)
+    _list_in_manifest(path, name)  # then the file could be swapped unnoticed
+    with pytest.raises(CheckpointError, match=f"does not list {name}"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    """Unpickling this runs os.mkdir: what a malicious training_state.pt would do with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (self.marker,)
+
+
+def test_a_pickle_payload_in_the_training_state_is_refused_in_one_line(model: Transformer, tmp_path: Path) -> None:
+    path = _save(tmp_path / "ckpt", model, training_state={"step": 1})
+    marker = tmp_path / "pwned"
+    torch.save({"step": _Payload(marker)}, path / "training_state.pt")
+    _list_in_manifest(path, "training_state.pt", _sha256(path / "training_state.pt"))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "refuses to unpickle" in message and "training_state.pt" in message
+    assert "weights_only" not in message and "\n" not in message  # never torch's advice to unpickle anything
+    assert not marker.exists()
+    assert load_checkpoint(path, with_state=False).training_state is None  # the weights still load

@@ -8,7 +8,9 @@ Parity bound: fp32 logits of Forge and transformers differ by at most ``FP32_BOU
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
+import forge.core.formats.hf as hf_module
 from forge.config import ModelConfig
 from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.hf import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf, read_hf, write_hf
@@ -465,7 +468,7 @@ def test_write_hf_bad_arguments(
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=r"refusing to replace.*not a Hugging Face model folder"):
+    with pytest.raises(CheckpointError, match=r"refusing to replace.*Forge did not write"):
         write_hf(other, cfg, state, tok.hf, SPECIAL)
     assert (other / "keep.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".*"))  # nothing half-written left behind
@@ -620,3 +623,43 @@ def test_special_tokens_and_chat_template_sources(broken: Path, tok: Tokenizer) 
     assert read_hf(broken).special.bos is None
     (broken / "tokenizer_config.json").write_text(json.dumps({}))
     assert read_hf(broken).special.bos == BOS
+
+
+# -- what an export may replace, and a full disk (issue 14) -------------------------------------------------------
+
+
+def test_write_hf_never_replaces_a_model_folder_forge_did_not_write(
+    tmp_path: Path, small_config: Callable[..., ModelConfig], peaked_model: Callable[..., Transformer], tok: Tokenizer
+) -> None:
+    """A downloaded model has config.json too: only a folder Forge exported (its weights say so) is replaced."""
+    model = peaked_model(_forge_case(small_config, tok, "llama"))
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    (downloaded / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    save_file({"w": torch.ones(2)}, str(downloaded / "model.safetensors"), metadata={"format": "pt"})
+    before = sorted((p.name, p.read_bytes()) for p in downloaded.iterdir())
+    with pytest.raises(CheckpointError, match=r"refusing to replace.*Forge did not write.*choose a new or empty"):
+        write_hf(downloaded, model.config, model.state_dict(), tok.hf, SPECIAL)
+    assert sorted((p.name, p.read_bytes()) for p in downloaded.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloaded"]
+
+
+def test_write_hf_on_a_full_disk_keeps_the_previous_export(
+    tmp_path: Path,
+    small_config: Callable[..., ModelConfig],
+    peaked_model: Callable[..., Transformer],
+    tok: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, out = _export(tmp_path, "llama", small_config, peaked_model, tok)
+    second = peaked_model(first.config, seed=9)
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hf_module, "write_durably", full)
+    with pytest.raises(CheckpointError, match=r"could not write the Hugging Face folder.*No space left on device"):
+        write_hf(out, second.config, second.state_dict(), tok.hf, SPECIAL)
+    monkeypatch.undo()
+    assert torch.equal(read_hf(out).state_dict["tok_emb.weight"], first.tok_emb.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary folder left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from forge.config import ModelConfig
 from forge.core.lora import DEFAULT_TARGETS, apply_lora, has_lora, merge_lora, merged_copy
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError
-from forge.models import load, save
+from forge.events import Event, StepEvent
+from forge.models import load, padded_vocab, save
 from forge.tokenizer import Tokenizer
 from forge.trainer import train
 
@@ -113,5 +115,91 @@ def test_lora_training_fine_tunes_and_saves_a_plain_checkpoint(
     loaded = load(tmp_path / "ft", with_state=True)
     x = torch.randint(0, bpe_tokenizer.vocab_size, (1, 16))
     torch.testing.assert_close(loaded.model(x), result.model(x))
-    assert "optimizer" not in (loaded.training_state or {})
+    assert not has_lora(loaded.model)  # loaded plain: the saved adapters are merged
+    assert "optimizer" in (loaded.training_state or {})  # the adapters' optimizer state, for a resume
     save(tmp_path / "again", loaded.model, loaded.tokenizer)  # a plain model saves like any other
+
+
+# -- seeded adapters, saved and resumed exactly (issue 14) ------------------------------------------------------
+
+LORA_TEXT = ["to be, or not to be: that is the question.\n" * 80]
+LORA_RUN = dict(batch_size=2, context=16, eval_batches=1, eval_every=0, precision="fp32", device="cpu", lr=1e-2)
+
+
+def _base(small_config: Callable[..., ModelConfig], tokenizer: Tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(small_config("llama", vocab_size=padded_vocab(tokenizer.vocab_size)))
+
+
+def _losses(into: list[tuple[int, float]]) -> Callable[[Event], None]:
+    return lambda e: into.append((e.step, e.loss)) if isinstance(e, StepEvent) else None
+
+
+def test_lora_adapters_follow_the_seed_not_the_global_rng(
+    small_config: Callable[..., ModelConfig], char_tokenizer: Tokenizer
+) -> None:
+    base = _base(small_config, char_tokenizer)
+    runs = []
+    for global_seed, seed in ((1, 7), (2, 7), (3, 8)):
+        torch.manual_seed(global_seed)  # what a preset-less (--from) run used to draw its adapters from
+        losses: list[tuple[int, float]] = []
+        model = copy.deepcopy(base)
+        train(
+            LORA_TEXT,
+            model=model,
+            tokenizer=char_tokenizer,
+            steps=3,
+            seed=seed,
+            lora_rank=2,
+            listeners=[_losses(losses)],
+            **LORA_RUN,
+        )
+        runs.append(losses)
+    assert runs[0] == runs[1]  # the same --seed: the same adapters, the same losses
+    assert runs[0] != runs[2]
+
+
+def test_a_resumed_lora_run_equals_an_uninterrupted_one(
+    tmp_path: Path, small_config: Callable[..., ModelConfig], char_tokenizer: Tokenizer
+) -> None:
+    base = _base(small_config, char_tokenizer)
+    whole: list[tuple[int, float]] = []
+    done = train(
+        LORA_TEXT,
+        model=copy.deepcopy(base),
+        tokenizer=char_tokenizer,
+        steps=6,
+        lora_rank=2,
+        listeners=[_losses(whole)],
+        **LORA_RUN,
+    )
+
+    def interrupt_at_3(event: Event) -> None:
+        if isinstance(event, StepEvent) and event.step == 3:
+            raise KeyboardInterrupt
+
+    first: list[tuple[int, float]] = []
+    out = tmp_path / "ft"
+    stopped = train(
+        LORA_TEXT,
+        model=copy.deepcopy(base),
+        tokenizer=char_tokenizer,
+        steps=6,
+        lora_rank=2,
+        out=out,
+        listeners=[_losses(first), interrupt_at_3],
+        **LORA_RUN,
+    )
+    assert stopped.interrupted and stopped.step == 3
+    saved = load(out, with_state=True, keep_adapters=True)
+    assert has_lora(saved.model)  # the adapters themselves, not only their merged result
+    assert saved.training_state is not None and "optimizer" in saved.training_state
+
+    second: list[tuple[int, float]] = []
+    resumed = train(LORA_TEXT, resume=out, steps=6, listeners=[_losses(second)], **LORA_RUN)  # lora rank from the file
+    assert first + second == whole  # bit-exact: the same adapters, optimizer state and data
+    assert not has_lora(resumed.model)
+    for name, value in done.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    x = torch.randint(0, char_tokenizer.vocab_size, (1, 8))
+    assert torch.equal(load(out).model(x), done.model(x))  # the final checkpoint loads as the merged model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from forge.rag.loaders import (
     iter_files,
     load_document,
     load_documents,
+    printable,
 )
 
 
@@ -113,10 +115,14 @@ def test_unreadable_file_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # chmod does not stop root, so the test makes reading fail the way it does for other users.
     path = write(tmp_path / "secret.txt", "x")
 
-    def denied(self: Path) -> bytes:
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    def denied(file: str | os.PathLike[str], flags: int, *args: int) -> int:
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", denied)
     assert "permission denied" in failed(path).reason
 
 
@@ -296,3 +302,139 @@ def test_file_sha256_streams_in_blocks(tmp_path: Path) -> None:
     path = write(tmp_path / "blob.txt", data)
     assert file_sha256(path, block_size=97) == hashlib.sha256(data).hexdigest()
     assert file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+
+
+# Hostile and unlucky input (issue 14)
+
+
+def cyclic_pdf_bytes() -> bytes:
+    """A PDF whose page tree lists itself among its own kids: pypdf raises when it walks the pages."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 2 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def test_a_cyclic_pdf_page_tree_is_a_failure_and_the_rest_still_load(tmp_path: Path) -> None:
+    write(tmp_path / "a.pdf", cyclic_pdf_bytes())
+    write(tmp_path / "b.txt", "after the bad PDF")
+    items = list(load_documents([tmp_path]))
+    assert [type(item).__name__ for item in items] == ["LoadFailure", "Document"]
+    assert "corrupt or unreadable PDF" in items[0].reason and "cyclic" in items[0].reason
+
+
+def test_any_loader_crash_costs_only_that_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "a.html", "<p>first</p>")
+    write(tmp_path / "b.txt", "second")
+    monkeypatch.setattr("forge.rag.loaders.html_to_text", lambda html: [][1])  # a parser bug: IndexError
+    items = list(load_documents([tmp_path]))
+    assert isinstance(items[0], LoadFailure) and "IndexError" in items[0].reason
+    assert isinstance(items[1], Document) and items[1].text == "second"
+
+    def interrupted(html: str) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("forge.rag.loaders.html_to_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops the run
+        list(load_documents([tmp_path]))
+
+
+def _load_in_thread(path: Path) -> Document | LoadFailure | None:
+    """load_document(path), or None if it is still blocked after a minute (a hang guard, not a timing test)."""
+    result: list[Document | LoadFailure] = []
+    thread = threading.Thread(target=lambda: result.append(load_document(path)), daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():  # unblock it: a writer lets the read of the FIFO finish
+        with open(path, "wb"):
+            pass
+    return result[0] if result else None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    item = _load_in_thread(fifo)
+    assert isinstance(item, LoadFailure), "load_document blocked on a FIFO"
+    assert "named pipe (FIFO)" in item.reason and "not a regular file" in item.reason
+    write(tmp_path / "ok.md", "fine")
+    items = list(load_documents([tmp_path]))  # inside a folder: reported, and the walk goes on
+    found = [(Path(i.source).name, type(i).__name__) for i in items]
+    assert found == [("ok.md", "Document"), ("pipe.txt", "LoadFailure")]
+    assert list(iter_files([tmp_path])) == [tmp_path / "ok.md"]
+
+
+def test_devices_named_directly_are_refused(tmp_path: Path) -> None:
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    link = tmp_path / "zero.txt"
+    link.symlink_to("/dev/zero")  # a supported name, so it reaches the reader
+    assert "a device, not a regular file" in failed(link).reason
+
+
+def test_symlinks_leaving_the_folder_are_reported_not_followed(tmp_path: Path) -> None:
+    outside = write(tmp_path / "secret" / "passwd.txt", "root:x:0:0")
+    docs = tmp_path / "docs"
+    write(docs / "a.txt", "inside")
+    write(docs / "sub" / "b.md", "also inside")
+    try:
+        (docs / "passwd.txt").symlink_to(outside)
+        (docs / "up.md").symlink_to(Path("..") / "secret" / "passwd.txt")
+        (docs / "inner.md").symlink_to(docs / "sub" / "b.md")  # stays in the tree: followed (once)
+        (docs / "broken.txt").symlink_to(docs / "gone.txt")
+    except OSError:
+        pytest.skip("symbolic links are not available here")
+    items = list(load_documents([docs]))
+    by_name = {Path(i.source).name: i for i in items}
+    assert set(by_name) == {"a.txt", "inner.md", "passwd.txt", "up.md"}
+    for name in ["passwd.txt", "up.md"]:
+        failure = by_name[name]
+        assert isinstance(failure, LoadFailure) and "outside the folder" in failure.reason
+        assert str(outside) in failure.reason
+    assert by_name["a.txt"].text == "inside" and by_name["inner.md"].text == "also inside"  # type: ignore[union-attr]
+    assert [p.name for p in iter_files([docs])] == ["a.txt", "inner.md"]  # sub/b.md is inner.md's target
+    assert loaded(docs / "passwd.txt").text == "root:x:0:0"  # named directly, the user asked for it
+
+
+def test_html_drops_hidden_elements() -> None:
+    page = (
+        '<p>shown <span style="color: red; DISPLAY : none !important">secret one</span>too</p>'
+        '<div style="display:none"><div>secret two</div><p>secret three<br>unclosed</div>'
+        "<p hidden>secret four<p>after a hidden p"
+        '<ul><li style="visibility:hidden">secret five<li>item</ul>'
+        '<img style="display:none" src="x.png">still shown<span style="display:none"/> here'
+    )
+    assert html_to_text(page) == "shown too\n\nafter a hidden p\n\nitem\n\nstill shown here"
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "<p>shown</p><script>var secret = 1;",  # never closed
+        '<p>shown</p><script src="x.js" secret text',  # a start tag cut off at the end
+        "<p>shown</p><script>secret()</ script>secret too</script>",  # "</ script>" does not close it
+        "<p>shown</p><style>.secret { }",
+        "<p>shown</p><!-- secret comment never closed",
+    ],
+)
+def test_html_drops_broken_scripts_and_styles(page: str) -> None:
+    assert html_to_text(page) == "shown"
+
+
+def test_printable_escapes_control_characters() -> None:
+    assert printable("plain name.txt") == "plain name.txt"
+    assert printable("a\nb\x1b[31m\u202e.txt") == "a\\nb\\x1b[31m\\u202e.txt"
+    assert printable("line 1\nline 2\t\x07", keep="\n\t") == "line 1\nline 2\t\\x07"
+    assert str(LoadFailure("evil\nname.txt", "bad\x1b[2J")) == "evil\\nname.txt: bad\\x1b[2J"

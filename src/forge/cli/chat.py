@@ -6,11 +6,13 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from forge.app import Forge
 from forge.chat import check_messages
 from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.core.device import DEVICES
+from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig
 from forge.models import DEFAULT_CHAT_MODEL
 
@@ -47,8 +49,14 @@ def chat_cmd(
     defaults = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     app = Forge(model, device=device, defaults=defaults, dtype=dtype)  # type: ignore[arg-type]
     info = app.info()
+    if not info["trained"]:
+        raise ConfigError(
+            f"{model!r} is a preset, a model shape with no trained weights, so there is nothing to chat with; "
+            f"train it first (`forge train notes.txt --preset {model}`, then `forge chat runs/{model}`) "
+            f"or chat with a pretrained model: `forge chat {DEFAULT_CHAT_MODEL}`"
+        )
     console.print(
-        f"[bold]forge chat[/] with {model} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']} "
+        f"[bold]forge chat[/] with {escape(model)} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']} "
         f"on {info['device']}). {HELP}",
         emoji=False,
     )
@@ -57,7 +65,8 @@ def chat_cmd(
     while True:
         try:
             line = console.input("[bold green]you>[/] ") if interactive else _read_line()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave quietly
+            console.print()
             break
         text = line.strip()
         if not text:
@@ -72,15 +81,33 @@ def chat_cmd(
             console.print(f"[yellow]unknown command {text.split()[0]!r}[/]: {HELP}", emoji=False)
             continue
         if not interactive:
-            console.print(f"[bold green]you>[/] {text}", emoji=False, markup=True)
-        history.append({"role": "user", "content": text})
-        console.print("[bold cyan]bot>[/] ", end="")
-        reply = []
-        for piece in app.sync.chat_stream(history):
-            reply.append(piece)
+            console.print(f"[bold green]you>[/] {escape(text)}", emoji=False, markup=True)
+        reply = _reply(console, app, [*history, {"role": "user", "content": text}])
+        if reply is not None:
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+def _reply(console: Console, app: Forge, messages: list[dict[str, str]]) -> str | None:
+    """Stream the reply to ``messages``; None if it was stopped (Ctrl-C) or could not be made."""
+    console.print("[bold cyan]bot>[/] ", end="")
+    pieces: list[str] = []
+    try:
+        for piece in app.sync.chat_stream(messages):
+            pieces.append(piece)
             console.print(piece, end="", markup=False, emoji=False)
-        console.print()
-        history.append({"role": "assistant", "content": "".join(reply).strip()})
+    except KeyboardInterrupt:
+        # As in Ollama: Ctrl-C stops this reply (the generation is cancelled) and the session goes on.
+        console.print(f"\n[dim](reply stopped; the message was dropped. {HELP})[/]", emoji=False)
+        return None
+    except GenerationError as e:  # e.g. the conversation no longer fits the model's context
+        console.print(
+            f"\n[yellow]not sent:[/] {escape(e.message)}; the message was dropped, the session goes on "
+            "(shorten the message, or /reset to clear the conversation)",
+            emoji=False,
+        )
+        return None
+    console.print()
+    return "".join(pieces).strip()
 
 
 def _read_line() -> str:

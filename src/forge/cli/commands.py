@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -143,7 +144,24 @@ def train_cmd(
         config=config,
         listeners=[TrainingDisplay(console)],
     )
+    if result.interrupted:
+        _interrupted(result, data, steps)
     _summary(console, result)
+
+
+def _interrupted(result: TrainResult, data: Path, steps: int) -> None:
+    """Ctrl-C saved a checkpoint: say where and how to go on, and exit 130 so `forge train ... && next` stops."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if result.checkpoint is None:
+        err.print(f"interrupted at step {result.step} of {steps}; no checkpoint was saved", markup=False)
+    else:
+        ckpt = shlex.quote(str(result.checkpoint))
+        err.print(
+            f"interrupted at step {result.step} of {steps}; checkpoint saved to {result.checkpoint}; resume with: "
+            f"forge train {shlex.quote(str(data))} --resume {ckpt} --steps {steps} (plus this run's other options)",
+            markup=False,
+        )
+    raise SystemExit(130)
 
 
 def _summary(console: Console, result: TrainResult) -> None:
@@ -208,16 +226,22 @@ def generate_cmd(
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info_cmd(model_dir: Path, as_json: bool) -> None:
-    """Show a checkpoint's architecture, parameter count and training state."""
+    """Show a model's architecture, parameter count and training state.
+
+    MODEL_DIR is a Forge checkpoint, a GGUF file, a Hugging Face folder or a known name.
+    """
     info = models.describe(model_dir)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     console = _console()
-    table = Table(title=f"forge checkpoint {model_dir}", show_header=False)
+    kind = {"gguf": "GGUF file", "hf": "Hugging Face folder"}.get(info["format"], "forge checkpoint")
+    table = Table(title=f"{kind} {model_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    cfg = info["config"]
+    cfg, source = info["config"], info["source"]
+    if source:
+        table.add_row("architecture", f"{source.get('architecture')} ({source.get('name') or 'unnamed'})")
     table.add_row("family", info["family"])
     table.add_row("parameters", f"{info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)")
     table.add_row(
@@ -228,7 +252,13 @@ def info_cmd(model_dir: Path, as_json: bool) -> None:
     table.add_row("context", str(cfg["context_length"]))
     table.add_row("vocab", f"{cfg['vocab_size']} (tokenizer {info['tokenizer_vocab']})")
     table.add_row("norm / mlp / positions", f"{cfg['norm']} / {cfg['activation']} / {cfg['position']}")
-    table.add_row("step", str(info["step"]))
+    if source.get("quant_types"):  # GGUF: the file type and the tensor types it holds
+        table.add_row("quantization", f"{source.get('file_type')} (tensors: {', '.join(source['quant_types'])})")
+    elif source.get("torch_dtype"):
+        table.add_row("dtype", str(source["torch_dtype"]))
+    table.add_row("chat template", "yes" if info["chat_template"] else "no (chat uses a plain User:/Assistant: format)")
+    if not source:
+        table.add_row("step", str(info["step"]))
     metrics = info.get("metrics") or {}
     for key in ("train_loss", "val_loss"):
         if metrics.get(key) is not None:

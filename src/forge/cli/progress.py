@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -16,11 +19,28 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-class TrainingDisplay:
-    """A listener that draws a progress bar with loss, lr and tokens/s, and logs evals."""
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
-    def __init__(self, console: Console) -> None:
+
+class TrainingDisplay:
+    """A listener that draws a progress bar with loss, lr and tokens/s, and logs evals.
+
+    When the console is not a terminal (output to a log file or a pipe) there is
+    no bar to redraw, so it prints a plain line every ``interval`` seconds instead
+    (and at the first and last step): step/total, loss, lr, tok/s and the ETA.
+    """
+
+    def __init__(
+        self, console: Console, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console = console
+        self.plain = not console.is_terminal
+        self.interval, self.clock = interval, clock
+        self.last_line: float | None = None
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -42,10 +62,14 @@ class TrainingDisplay:
                 f"data {event.train_tokens:,} train / {event.val_tokens:,} val tokens; "
                 f"{event.tokens_per_step:,} tokens per step"
             )
+            if self.plain:
+                return
             self.progress.start()
             self.task = self.progress.add_task(
                 "train", total=event.total_steps, completed=event.start_step, loss="-", lr="-", tps="-"
             )
+        elif isinstance(event, StepEvent) and self.plain:
+            self._plain_step(event)
         elif isinstance(event, StepEvent):
             self.progress.update(
                 self.task,
@@ -62,6 +86,20 @@ class TrainingDisplay:
         elif isinstance(event, CheckpointEvent):
             self.progress.console.print(f"  step {event.step:>6}  saved checkpoint to {event.path}")
         elif isinstance(event, EndEvent):
-            self.progress.stop()
+            if not self.plain:
+                self.progress.stop()
             if event.interrupted:
                 self.console.print(f"[yellow]interrupted at step {event.step}[/]")
+
+    def _plain_step(self, event: StepEvent) -> None:
+        now = self.clock()
+        due = self.last_line is None or now - self.last_line >= self.interval or event.step == event.total_steps
+        if not due:
+            return
+        self.last_line = now
+        self.console.print(
+            f"step {event.step}/{event.total_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+            f"{event.tokens_per_sec:,.0f} tok/s  eta {_fmt_duration(event.eta)}",
+            markup=False,
+            highlight=False,
+        )

@@ -13,7 +13,13 @@ from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.cli.rag import existing_store
 from forge.core.device import DEVICES
 from forge.rag.retrieval import Rag
-from forge.server.config import DEFAULT_MAX_BODY_SIZE
+from forge.server.config import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_CONNECTIONS,
+    TIMEOUT_RANGE,
+)
 
 __all__ = ["serve_cmd"]
 
@@ -41,6 +47,27 @@ __all__ = ["serve_cmd"]
 )
 @click.option("--rag", "rag_db", default=None, help="Answer chats from this RAG store (forge rag add ... --db DB).")
 @click.option("--rag-k", type=POSITIVE_INT, default=5, show_default=True, help="Chunks retrieved per chat answer.")
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(*TIMEOUT_RANGE),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's headers; then 408.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(*TIMEOUT_RANGE),
+    default=DEFAULT_BODY_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's body; then 408.",
+)
+@click.option(
+    "--max-connections",
+    type=POSITIVE_INT,
+    default=DEFAULT_MAX_CONNECTIONS,
+    show_default=True,
+    help="Open connections at most; beyond: the slowest to send its headers is dropped, or 503.",
+)
 def serve_cmd(
     model: str,
     host: str,
@@ -57,6 +84,9 @@ def serve_cmd(
     log_level: str,
     rag_db: str | None,
     rag_k: int,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (chat, completions, embeddings, models).
 
@@ -64,6 +94,12 @@ def serve_cmd(
     Ctrl-C shuts down gracefully: requests in flight finish first.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(
+            f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+            "model; pass --api-key KEY (or set FORGE_API_KEY)",
+            err=True,
+        )
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
     retriever = Rag(existing_store(rag_db), app=app) if rag_db is not None else None
     asyncio.run(
@@ -81,5 +117,8 @@ def serve_cmd(
             log_level=log_level,
             retriever=retriever,
             rag_k=rag_k,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
         )
     )

@@ -377,3 +377,6 @@ def html_to_text(html: str) -> str:
     parser.feed(html)
     parser.close()
     return parser.text()
+
+def printable(t, keep=""):
+    return t

@@ -31,7 +31,7 @@ from starlette.routing import Route
 from forge.errors import ConfigError
 from forge.server.config import ServerConfig
 from forge.server.errors import ApiError, error_body, error_response
-from forge.server.generation import CHAT_FIELDS, COMPLETION_FIELDS, chat_job, completion_job, count_tokens, run
+from forge.server.generation import CHAT_FIELDS, COMPLETION_FIELDS, chat_job, completion_job, run
 from forge.server.middleware import ApiKeyAuth, RequestContext
 from forge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, RagQueryRequest, parse
 from forge.server.state import Served
@@ -45,6 +45,8 @@ __all__ = ["create_server"]
 Endpoint = Callable[[Request], Awaitable[Response]]
 #: What the server answers with when the client has already gone (nginx's "client closed request").
 CLIENT_CLOSED = 499
+#: Texts embedded per worker-thread call: a request whose client left stops within one batch.
+EMBED_BATCH = 16
 
 
 def create_server(app: Forge, **options: Any) -> Starlette:
@@ -69,7 +71,9 @@ def create_server(app: Forge, **options: Any) -> Starlette:
                 "ServerConfig", "context", config.context, f"must be at most the model's context length, {context}"
             )
         context = config.context
-    served = Served(app=app, config=config, model_name=config.model_name or _model_name(app), context=context)
+    aliases = frozenset({_model_name(app), str(app.info()["model"])})  # the model's own name, and as given
+    name = config.model_name or _model_name(app)
+    served = Served(app=app, config=config, model_name=name, context=context, aliases=aliases)
     routes = [
         Route("/v1/chat/completions", _endpoint(served, _chat, CHAT_FIELDS), methods=["POST"]),
         Route("/v1/completions", _endpoint(served, _completions, COMPLETION_FIELDS), methods=["POST"]),
@@ -118,6 +122,7 @@ def _lifespan(served: Served) -> Callable[[Starlette], contextlib.AbstractAsyncC
         try:
             yield
         finally:
+            served.compiler.shutdown(wait=False, cancel_futures=True)
             if started:
                 await app.stop_batching(drain=True)
 
@@ -190,6 +195,7 @@ def _meta(request: Request, user: str | None) -> dict[str, Any]:
 
 async def _chat(served: Served, request: Request) -> Response:
     req = parse(ChatRequest, await read_json(request, served.config.max_body_size))
+    served.check_model(req.model)
     return await run(served, await chat_job(served, req, _meta(request, req.user)), request)
 
 
@@ -198,7 +204,15 @@ async def _rag_query(served: Served, request: Request) -> Response:
     retriever = served.config.retriever
     if retriever is None:
         raise ApiError("this server has no RAG store; start it with forge serve MODEL --rag DB", status=404)
-    req = parse(RagQueryRequest, await read_json(request, served.config.max_body_size))
+    try:
+        req = parse(RagQueryRequest, await read_json(request, served.config.max_body_size))
+    except ApiError as e:
+        if e.param is None or not e.param.startswith("filter"):
+            raise
+        raise ApiError(  # the keys are the client's own text: name the field, and say what a filter holds
+            f"{e.message}; a filter maps metadata keys to a string, number, boolean or null, or a list of them",
+            param="filter",
+        ) from None
     try:
         hits = await asyncio.to_thread(retriever.search, req.query, req.k, req.filter)
     except ConfigError as e:
@@ -208,15 +222,17 @@ async def _rag_query(served: Served, request: Request) -> Response:
 
 async def _completions(served: Served, request: Request) -> Response:
     req = parse(CompletionRequest, await read_json(request, served.config.max_body_size))
+    served.check_model(req.model)
     return await run(served, await completion_job(served, req, _meta(request, req.user)), request)
 
 
 async def _embeddings(served: Served, request: Request) -> Response:
     req = parse(EmbeddingRequest, await read_json(request, served.config.max_body_size))
+    served.check_model(req.model)
     tokenizer, model = served.app.tokenizer, served.app.model
     assert tokenizer is not None and model is not None
     texts = _embedding_texts(served, req.input)
-    counts = [await count_tokens(served, text, prompt=False) for text in texts]
+    counts = await asyncio.to_thread(lambda: [len(tokenizer.encode(text)) for text in texts])
     limit = served.context
     for i, n in enumerate(counts):
         if n > limit:
@@ -231,7 +247,14 @@ async def _embeddings(served: Served, request: Request) -> Response:
             f"dimensions={req.dimensions} is not supported (omit it)",
             param="dimensions",
         )
-    vectors = await until_disconnect(served.app.embed(texts), request.receive)
+    served.admission.acquire(1)  # one request at a time of the model's time, as a generation is
+    try:
+        vectors = await until_disconnect(_embed(served, texts), request.receive)
+    except ClientGone:
+        served.metrics.cancelled.inc(route="/v1/embeddings")
+        raise
+    finally:
+        served.admission.release(1)
     data = [
         {
             "object": "embedding",
@@ -242,6 +265,14 @@ async def _embeddings(served: Served, request: Request) -> Response:
     ]
     usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
     return JSONResponse({"object": "list", "data": data, "model": served.model_name, "usage": usage})
+
+
+async def _embed(served: Served, texts: list[str]) -> list[list[float]]:
+    """The vectors of ``texts``, a batch at a time: a client that leaves (cancelling this) stops it between two."""
+    vectors: list[list[float]] = []
+    for start in range(0, len(texts), EMBED_BATCH):
+        vectors += await served.app.embed(texts[start : start + EMBED_BATCH])
+    return vectors
 
 
 def _embedding_texts(served: Served, given: str | list[str] | list[int] | list[list[int]]) -> list[str]:

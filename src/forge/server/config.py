@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from forge.errors import ConfigError
 from forge.server.retrieval import Retriever
+from forge.structured import SchemaLimits
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "ServerConfig"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_COMPILE_TIMEOUT",
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_CONNECTIONS",
+    "TIMEOUT_RANGE",
+    "ServerConfig",
+]
 
 DEFAULT_MAX_BODY_SIZE = 1 << 20  # 1 MiB
+#: Defaults of the limits on clients (see ServerConfig), shared with serve() and the CLI.
+DEFAULT_HEADER_TIMEOUT, DEFAULT_BODY_TIMEOUT, DEFAULT_COMPILE_TIMEOUT = 10.0, 60.0, 10.0
+DEFAULT_MAX_CONNECTIONS = 1024
+#: Seconds allowed for the timeouts below: above an hour a timeout no longer protects anything.
+TIMEOUT_RANGE = (0.01, 3600.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,6 +40,13 @@ class ServerConfig:
     batching: start the app's batching engine with the server (and stop it, draining, at shutdown).
     retriever: a RAG pipeline (``forge.rag.Rag``): adds ``/v1/rag/query`` and grounds chat answers in it.
     rag_k: how many chunks a chat answer retrieves.
+    header_timeout: seconds a connection may take to send a request's headers (from connecting, or from
+        the end of the previous response); then it is closed with 408. Slow clients can't hold sockets.
+    body_timeout: seconds a request may take to send its body once its headers are in; then 408.
+    max_connections: open connections at most; beyond it the connection waiting longest for its headers
+        is closed, or, if every one is busy, the newcomer gets 503. Kept below the file-descriptor limit.
+    compile_timeout: seconds a request's JSON schema or tools may take to compile into a grammar; then 400.
+    schema_limits: bounds on a request's JSON schema and tool parameters (bytes, properties, depth).
 
     >>> ServerConfig(max_batch=4).max_batch
     4
@@ -42,6 +63,11 @@ class ServerConfig:
     batching: bool = True
     retriever: Retriever | None = None
     rag_k: int = 5
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
+    schema_limits: SchemaLimits = field(default_factory=SchemaLimits)
 
     def __post_init__(self) -> None:
         def positive(name: str, value: object, minimum: int = 1) -> None:
@@ -52,6 +78,14 @@ class ServerConfig:
         positive("max_queue", self.max_queue)
         positive("max_body_size", self.max_body_size)
         positive("rag_k", self.rag_k)
+        positive("max_connections", self.max_connections)
+        low, high = TIMEOUT_RANGE
+        for name in ("header_timeout", "body_timeout", "compile_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError.for_field("ServerConfig", name, value, f"must be seconds between {low} and {high}")
+        if not isinstance(self.schema_limits, SchemaLimits):
+            raise ConfigError.for_field("ServerConfig", "schema_limits", self.schema_limits, "must be a SchemaLimits")
         if self.retriever is not None and not isinstance(self.retriever, Retriever):
             raise ConfigError.for_field(
                 "ServerConfig", "retriever", self.retriever, "must have search() and augment(), e.g. forge.rag.Rag"

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from forge.errors import ConfigError, ForgeError
+from forge.errors import ChatTemplateError, ConfigError, ForgeError
 from forge.middleware import Context
 from forge.server import responses as shapes
 from forge.server.errors import ApiError, error_payload, forge_error_param
 from forge.server.schemas import ChatMessage, ChatRequest, CompletionRequest, NamedToolChoice
 from forge.server.state import Served
 from forge.server.streaming import DONE, ClientGone, EventStream, Fanin, Piece, gather_or_cancel, sse, until_disconnect
-from forge.structured import Grammar, ToolCallParser, ToolFormat
+from forge.structured import Constraint, Grammar, ToolCallParser, ToolFormat
 
 __all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "Job", "chat_job", "completion_job", "count_tokens", "run"]
 
@@ -38,6 +38,7 @@ THREAD_CHARS = 8192
 #: GenerationConfig names -> the request's, for errors the app raises.
 CHAT_FIELDS: Mapping[str, str] = {"logprobs": "top_logprobs"}
 COMPLETION_FIELDS: Mapping[str, str] = {}
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,26 +116,73 @@ def _request_error(error: ForgeError, fields: Mapping[str, str], default: str | 
 async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) -> Job:
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("top_logprobs needs 'logprobs': true", param="top_logprobs")
+    for i, m in enumerate(req.messages):
+        if m.role == "tool" and not m.tool_call_id:
+            raise ApiError(
+                f"messages[{i}] has role 'tool' but no tool_call_id; give the id of the call it answers",
+                param=f"messages[{i}].tool_call_id",
+            )
     options = _options(req)
     max_tokens, max_param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:
         max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
     if req.logprobs:
         options["logprobs"] = req.top_logprobs or 0
-    options.update(_structured(req))
     messages = [_message(m) for m in req.messages]
     sources = None
     if served.config.retriever is not None and any(m["role"] == "user" for m in messages):
         retriever = served.config.retriever
         messages, sources = await asyncio.to_thread(retriever.augment, messages, served.config.rag_k)
-    try:
-        contexts, group = _contexts(served, [{"messages": messages}], req, options)
-    except ForgeError as e:
-        raise _request_error(e, CHAT_FIELDS, "messages") from None
+    # Rendering the template and compiling grammars take as long as the client makes them: never on the loop.
+    fmt = req.response_format
+    grammar = "tools" if req.tools else "response_format" if fmt is not None and fmt.type != "text" else None
+    contexts, group = await _off_loop(served, _chat_contexts, served, req, options, messages, compile=grammar)
     job = Job("chat", contexts, group, bool(req.stream), req.include_usage, logprobs=bool(req.logprobs))
     job.sources = sources
     await _fit(served, job, max_tokens, max_param, "messages", meta)
     return job
+
+
+async def _off_loop(served: Served, fn: Callable[..., T], *args: Any, compile: str | None) -> T:
+    """``fn(*args)`` in a worker thread. Grammar compilation gets the server's own small pool (so it can't
+    take every thread the loop relies on) and ``compile_timeout``; ``compile`` names the request's field that
+    holds the grammar. A thread that runs past the timeout, bounded by ``schema_limits``, finishes on its own."""
+    if not compile:
+        return await asyncio.to_thread(fn, *args)
+    future = asyncio.get_running_loop().run_in_executor(served.compiler, fn, *args)
+    try:
+        return await asyncio.wait_for(future, served.config.compile_timeout)
+    except TimeoutError:
+        raise ApiError(
+            f"the request's JSON schema or tools did not compile into a grammar within "
+            f"{served.config.compile_timeout:g} s; make them smaller or simpler",
+            param=compile,
+            code="schema_too_complex",
+        ) from None
+
+
+def _chat_contexts(
+    served: Served, req: ChatRequest, options: dict[str, Any], messages: list[dict[str, Any]]
+) -> tuple[list[Context], list[int]]:
+    """The chat's contexts, with their grammars compiled (in a worker thread: see ``chat_job``)."""
+    options.update(_structured(served, req))
+    schema_param = "tools" if req.tools else "response_format.json_schema.schema"
+    try:
+        contexts, group = _contexts(served, [{"messages": messages}], req, options)
+    except ChatTemplateError as e:
+        raise _request_error(e, CHAT_FIELDS, "messages") from None
+    except ConfigError as e:
+        raise _request_error(e, CHAT_FIELDS, schema_param if req.tools else "messages") from None
+    except ForgeError as e:
+        raise _request_error(e, CHAT_FIELDS, "messages") from None
+    model, tokenizer = served.app.model, served.app.tokenizer
+    assert model is not None and tokenizer is not None
+    for grammar in {ctx.params.grammar for ctx in contexts if ctx.params.grammar is not None}:
+        try:  # compiled once here, then cached: the engine's own Constraint only copies it
+            Constraint(grammar, tokenizer, model.config.vocab_size)
+        except ConfigError as e:
+            raise ApiError(e.message, param=schema_param) from None
+    return contexts, group
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:
@@ -150,9 +198,15 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _structured(req: ChatRequest) -> dict[str, Any]:
+def _structured(served: Served, req: ChatRequest) -> dict[str, Any]:
     """The app options for ``tools`` / ``tool_choice`` and ``response_format``."""
     options: dict[str, Any] = {}
+    limits = served.config.schema_limits
+    if req.tools:
+        try:  # all the tools' schemas together: they compile into one grammar
+            limits.check([t.function.parameters for t in req.tools], "the tools' parameter schemas")
+        except ConfigError as e:
+            raise ApiError(e.message, param="tools") from None
     fmt = req.response_format
     if fmt is not None and fmt.type != "text":
         if req.tools and req.tool_choice != "none":
@@ -170,6 +224,7 @@ def _structured(req: ChatRequest) -> dict[str, Any]:
                 )
             schema = fmt.json_schema.schema_
         try:
+            limits.check(schema, "the response_format schema")
             options["grammar"] = Grammar.json_schema(schema, "response_format schema")
         except ConfigError as e:
             raise ApiError(e.message, param="response_format.json_schema.schema") from None

@@ -13,7 +13,15 @@ import uvicorn
 
 from forge.errors import ForgeError
 from forge.server.app import create_server
-from forge.server.config import DEFAULT_MAX_BODY_SIZE
+from forge.server.config import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_COMPILE_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_CONNECTIONS,
+    ServerConfig,
+)
+from forge.server.connections import ConnectionLimits, connection_cap, guarded_protocol
 from forge.server.retrieval import Retriever
 
 if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
@@ -63,6 +71,10 @@ async def serve(
     ready: asyncio.Event | None = None,
     retriever: Retriever | None = None,
     rag_k: int = 5,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
 ) -> None:
     """Serve ``app`` over HTTP (see :func:`create_server` for the routes) until cancelled.
 
@@ -70,6 +82,8 @@ async def serve(
     connections, in-flight requests finish (for at most ``shutdown_timeout``
     seconds, None waits), then the batching engine drains. In the main thread
     SIGINT/SIGTERM do the same. ``ready`` is set once the socket listens.
+    ``header_timeout``, ``body_timeout`` and ``max_connections`` bound what a slow or
+    idle client can hold (see :class:`ServerConfig`).
 
     >>> task = asyncio.create_task(serve(app, port=8000, ready=ready))  # doctest: +SKIP
     >>> await ready.wait(); ...; task.cancel()  # doctest: +SKIP
@@ -85,7 +99,13 @@ async def serve(
         model_name=model_name,
         retriever=retriever,
         rag_k=rag_k,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+        compile_timeout=compile_timeout,
     )
+    options: ServerConfig = server_app.state.forge.config
+    limits = ConnectionLimits(options.header_timeout, options.body_timeout, connection_cap(options.max_connections))
     config = uvicorn.Config(
         server_app,
         host=host,
@@ -94,6 +114,7 @@ async def serve(
         log_config=None,  # the caller's logging setup applies; forge.server logs one line per request
         log_level=log_level,
         access_log=False,
+        http=guarded_protocol(limits),  # h11, with deadlines for reading requests and a cap on connections
         timeout_graceful_shutdown=int(shutdown_timeout) if shutdown_timeout is not None else None,
     )
     server = _Server(config, ready)

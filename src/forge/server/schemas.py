@@ -37,6 +37,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_N = 128
 MAX_STOPS = 16
 MAX_INPUTS = 2048
+MAX_FILTER_KEYS, MAX_FILTER_VALUES = 16, 256
 
 Stop = Annotated[str, Field(min_length=1)]
 
@@ -157,10 +158,21 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
+#: A metadata value a filter can match: what SQLite stores (its integers are 64-bit).
+FilterValue = str | Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | float | bool | None
+
+
 class RagQueryRequest(_Request):
     query: Annotated[str, Field(min_length=1)]
     k: int = Field(5, ge=1, le=100)
-    filter: dict[str, Any] | None = None
+    # key -> a value, or a list of the values allowed; never objects or nested lists
+    filter: (
+        Annotated[
+            dict[str, FilterValue | Annotated[list[FilterValue], Field(max_length=MAX_FILTER_VALUES)]],
+            Field(max_length=MAX_FILTER_KEYS),
+        ]
+        | None
+    ) = None
 
 
 class EmbeddingRequest(_Request):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,9 +54,28 @@ class Served:
     config: ServerConfig
     model_name: str
     context: int
+    #: Names a request's ``model`` may give: ``model_name`` (what /v1/models lists) and the aliases in
+    #: docs/API.md (the model's own name when ``model_name`` renamed it); any other is a 404.
+    aliases: frozenset[str] = frozenset()
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     admission: Admission = field(init=False)
+    #: Where requests' grammars compile: two threads, so heavy schemas wait for each other, not for the loop.
+    compiler: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="forge-compile")
+    )
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.config.capacity)
+
+    def check_model(self, name: str | None) -> None:
+        """A 404 ``model_not_found`` for a ``model`` this server does not serve, as OpenAI answers."""
+        if name is None or name == self.model_name or name in self.aliases:
+            return
+        raise ApiError(
+            f"the model {name[:100]!r} does not exist on this server; it serves {self.model_name!r} "
+            "(see GET /v1/models)",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )

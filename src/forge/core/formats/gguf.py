@@ -39,6 +39,7 @@ Tokenizers and special tokens (``tokenizer.ggml.*``) are read and written by :mo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -516,9 +517,13 @@ def write_gguf(
     arch = _export_architecture(config)
     tensors = _from_forge(config, state_dict, arch)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_gguf_target(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(tmp, arch)
+    except OSError as e:
+        raise _gguf_write_error(out, e) from None
     try:
         _write_config(writer, config, arch, name, dtype)
         write_tokenizer(writer, tokenizer, special, chat_template, config.vocab_size)
@@ -531,10 +536,35 @@ def write_gguf(
         writer.close()
         fsync_file(tmp)
         os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+            writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _gguf_write_error(out, e) from None
         raise
+
+
+def _check_gguf_target(out: Path) -> None:
+    """Replace a GGUF file, never a folder or a file of another kind: it may be the user's data."""
+    if out.is_dir():
+        raise CheckpointError(f"cannot write a GGUF file to {str(out)!r}: it is a folder; pass a path ending .gguf")
+    if out.is_file():
+        with out.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CheckpointError(
+                f"refusing to replace {str(out)!r}: it is not a GGUF file, and exporting there would overwrite it; "
+                "choose a new path ending .gguf"
+            )
+
+
+def _gguf_write_error(out: Path, error: OSError) -> CheckpointError:
+    reason = error.strerror or str(error) or type(error).__name__
+    return CheckpointError(
+        f"could not write the GGUF file {str(out)!r}: {reason}; free some disk space or check permissions, "
+        "or choose another path (an existing file there is unchanged)"
+    )
 
 
 def _export_architecture(config: ModelConfig) -> str:

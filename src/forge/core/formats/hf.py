@@ -84,6 +84,8 @@ _DTYPES = {"f32": (torch.float32, "float32"), "f16": (torch.float16, "float16"),
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _CONFIG = "config.json"
+#: safetensors metadata of exports: "format" is what transformers checks; "writer" marks a folder Forge may replace.
+_WRITER = {"format": "pt", "writer": "forge"}
 
 
 # -- configs ------------------------------------------------------------------------------------------------------
@@ -555,8 +557,8 @@ def write_hf(
 ) -> None:
     """Write a folder transformers loads with ``AutoModelForCausalLM`` and ``AutoTokenizer``, atomically.
 
-    ``dtype`` is the weights' dtype on disk: "f32", "f16" or "bf16". An existing
-    Hugging Face folder at ``path`` (one with config.json) is replaced.
+    ``dtype`` is the weights' dtype on disk: "f32", "f16" or "bf16". A folder
+    Forge exported earlier at ``path`` is replaced; any other non-empty folder is refused.
 
     >>> write_hf("out", model.config, model.state_dict(), tok.hf, SpecialTokens(eos="<|endoftext|>"))  # doctest: +SKIP
     """
@@ -573,17 +575,24 @@ def write_hf(
 
 
 def _write_folder(target: Path, tensors: dict[str, torch.Tensor], files: dict[str, bytes]) -> None:
-    """Write into a hidden sibling, then rename it into place; a crash never leaves a half-written folder."""
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"cannot write a Hugging Face folder to {str(target)!r}: it is a file; choose a new path")
-    recover_swap(target, _CONFIG)
-    if target.is_dir() and any(target.iterdir()) and not (target / _CONFIG).is_file():
-        raise CheckpointError(
-            f"refusing to replace {str(target)!r}: it is a non-empty folder but not a Hugging Face model folder "
-            f"(no {_CONFIG}); choose a new path or empty it"
-        )
-    with atomic_directory(target, marker=_CONFIG) as tmp:
-        save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+    """Write into a hidden sibling, then rename it into place; a crash never leaves a half-written folder.
+
+    Only an empty folder or one Forge exported is replaced: a downloaded model
+    or anything else of the user's is refused (see :func:`_forge_export`).
+    """
+    with atomic_directory(target, marker=_CONFIG, owned=_forge_export, what="Hugging Face folder") as tmp:
+        save_file(tensors, str(tmp / _WEIGHTS), metadata=_WRITER)
         fsync_file(tmp / _WEIGHTS)
         for name, data in files.items():
             write_durably(tmp / name, data)
+
+
+def _forge_export(folder: Path) -> bool:
+    """Whether ``folder`` is an HF folder Forge wrote: its weights carry Forge's metadata."""
+    if not (folder / _CONFIG).is_file() or not (folder / _WEIGHTS).is_file():
+        return False
+    try:
+        with safe_open(str(folder / _WEIGHTS), framework="pt") as f:
+            return (f.metadata() or {}).get("writer") == _WRITER["writer"]
+    except (OSError, SafetensorError):
+        return False
