@@ -15,7 +15,7 @@ from pathlib import Path
 
 from forge.rag import Rag
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "shakespeare"  # public-domain plays, in the repository
 PATHS = sys.argv[1:] or [SHAKESPEARE / name for name in ("macbeth.txt", "julius_caesar.txt", "tempest.txt")]
 QUESTION = "What do the witches chant around the cauldron?"
 
@@ -25,6 +25,9 @@ def main() -> None:
         rag = Rag(Path(tmp) / "plays.db")  # one SQLite file; Rag("postgresql://...") for pgvector
         report = rag.add(PATHS)
         print("ingest:", report.summary())
+        if not report.added and not report.unchanged:  # answering from an empty store would make things up
+            rag.close()
+            sys.exit(f"nothing was ingested from {', '.join(map(str, PATHS))}; pass files or folders of text")
         print("again:", rag.add(PATHS).summary())  # unchanged files are not embedded twice
 
         for hit in rag.query(QUESTION, k=3):

@@ -15,10 +15,10 @@ from forge.core.transformer import Transformer
 from forge.models import locate, padded_vocab, save
 from forge.tokenizer import EOS, Tokenizer
 
-# tests/conftest.py -> parents[1] is the repository root; the shared data sits beside it.
-# FORGE_SHAKESPEARE_DIR points elsewhere (e.g. on a machine where ../shared is absent).
+# The few public-domain plays the tests and examples use ship with the repository, so a fresh clone
+# runs every test; FORGE_SHAKESPEARE_DIR points elsewhere (the benchmarks use all 42 texts in ../shared).
 SHAKESPEARE = Path(
-    os.environ.get("FORGE_SHAKESPEARE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
+    os.environ.get("FORGE_SHAKESPEARE_DIR") or Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare"
 )
 
 #: A short, fixed training text for char tokenizers.
@@ -41,7 +41,7 @@ def forge_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def shakespeare_dir() -> Path:
     if not SHAKESPEARE.is_dir():
-        pytest.skip(f"Shakespeare corpus not found at {SHAKESPEARE}; it lives in shared/data beside the repository")
+        pytest.skip(f"Shakespeare corpus not found at {SHAKESPEARE}; it ships in examples/data/shakespeare")
     return SHAKESPEARE
 
 

@@ -35,6 +35,38 @@ def app(bigram_dir: Path) -> Forge:
 
 
 # -- logger and timer -------------------------------------------------------------------------
+LOGGED_SCRIPT = """
+import logging, sys
+from forge import Forge, logger
+from forge.generator import GenerationConfig
+if sys.argv[2] == "configured":
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(name)s %(message)s")
+app = Forge(sys.argv[1], defaults=GenerationConfig(temperature=0, max_tokens=4)).use(logger())
+print("got", app.sync.generate("a"))
+"""
+
+
+@pytest.mark.parametrize("logging_state", ["unconfigured", "configured"])
+def test_logger_without_arguments_is_visible(bigram_dir: Path, logging_state: str) -> None:
+    """The README's `app.use(logger())` printed nothing: Python logging drops INFO lines until configured."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", LOGGED_SCRIPT, str(bigram_dir), logging_state],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "got bcde" in proc.stdout
+    line = "generate 'a' -> 4 chars (length) in "
+    if logging_state == "unconfigured":  # to stderr, as morgan prints by default
+        assert line in proc.stderr and line not in proc.stdout
+    else:  # through the program's logging, once
+        assert proc.stdout.count(line) == 1 and "LOG forge " in proc.stdout and line not in proc.stderr
+
+
 def test_logger_writes_one_line_per_request(app: Forge) -> None:
     lines: list[str] = []
     requests = record(app, "request")

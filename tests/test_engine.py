@@ -233,3 +233,75 @@ def test_a_request_that_breaks_the_model_fails_alone(random_dir: Path, monkeypat
     assert ok == expected and after == expected
     assert isinstance(failed, ForgeError) and failed.http_status == 500 and "simulated kernel failure" in str(failed)
     assert stats["failed"] == 1 and stats["running"] == 0
+
+
+# -- the KV cache fits in memory ----------------------------------------------------------------------------------
+# Llama 3.1 and Qwen2.5 declare 131072 positions: a cache that long for 8 rows (24 GB for SmolLM2) was allocated at
+# start, and the server was OOM-killed without a word.
+LONG = 131072
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory: pytest.TempPathFactory, char_tokenizer: Tokenizer) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("engine") / "long"
+    model = create_model("llama-tiny", vocab_size=padded_vocab(char_tokenizer.vocab_size), context_length=LONG)
+    save(path, model, char_tokenizer)
+    return path
+
+
+@pytest.fixture
+def memory_64mb(monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama-tiny: 2 (k, v) x 4 layers x 2 heads x 32 dims x 4 bytes = 2 kB a position a row; half of 64 MB is 2048 x 8.
+    monkeypatch.setattr("forge.core.kv_cache.free_memory", lambda device: 64 << 20)
+
+
+def test_a_long_context_model_gets_a_cache_that_fits(
+    long_dir: Path, memory_64mb: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> tuple[list[torch.Size], str, GenerationError]:
+        app = await serving(long_dir)
+        engine = app._engine
+        assert engine is not None
+        shapes = [c.k.shape for c in engine.batcher.caches]
+        text = await app.generate("to be")
+        with pytest.raises(GenerationError) as caught:
+            await app.generate("x" * 3000)  # longer than the cache: a 400, not a crash
+        await app.stop_batching()
+        return shapes, text, caught.value
+
+    with caplog.at_level("INFO", logger="forge.engine"):
+        shapes, text, error = run(main)
+    assert set(shapes) == {torch.Size([8, 2, 2048, 32])}
+    assert text and error.http_status == 400 and "context is 2048" in str(error)
+    assert "KV cache: context 2048 tokens (the model allows 131072) x 8 requests" in caplog.text
+
+
+def test_asking_for_a_cache_that_cannot_fit_is_a_config_error(long_dir: Path, memory_64mb: None) -> None:
+    app = Forge.load(long_dir)
+    with pytest.raises(ConfigError, match=r"context 131072 x 8 requests needs 2\.0 GB.*lower --context or --max-batch"):
+        run(lambda: app.start_batching(max_batch=8, context=LONG))
+    run(lambda: app.start_batching(max_batch=1, context=16384))  # 32 MB: allowed up to 90% of free memory
+    run(app.stop_batching)
+
+
+def test_forge_serve_sizes_the_cache_and_says_so(
+    long_dir: Path, memory_64mb: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import run_cli
+
+    served: dict[str, Any] = {}
+
+    async def fake_serve(app: Forge, **options: Any) -> None:
+        served.update(options)
+
+    monkeypatch.setattr("forge.server.serve", fake_serve)
+    code, _, err = run_cli(["serve", long_dir, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert served["context"] == 2048 and served["max_batch"] == 8
+    assert "KV cache: context 2048 tokens (the model allows 131072) x 8 requests at once = 32 MB" in err
+    assert "change with --context and --max-batch" in err
+    code, _, err = run_cli(["serve", long_dir, "--device", "cpu", "--context", "24576"], capsys)
+    assert code == 0 and served["context"] == 24576 and served["max_batch"] == 1  # fewer rows, the context asked for
+    code, _, err = run_cli(["serve", long_dir, "--device", "cpu", "--context", LONG, "--max-batch", 8], capsys)
+    assert code == 2 and "Traceback" not in err and "lower --context or --max-batch" in err

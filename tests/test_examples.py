@@ -87,3 +87,26 @@ def test_agent() -> None:
     assert "result The Eiffel Tower is 330 metres tall." in out
     assert out.count("answer ") == 1 and out.split("answer ", 1)[1].split("\n", 1)[0].strip()
     assert "done   after " in out
+
+
+def test_the_corpus_ships_with_the_repository() -> None:
+    """A fresh clone skipped 121 tests: the plays lived outside the repository, in ../shared/data."""
+    plays = EXAMPLES / "data" / "shakespeare"
+    used = ["hamlet", "macbeth", "julius_caesar", "tempest", "othello", "as_you_like_it"]  # tests, examples, README
+    assert sorted(p.stem for p in plays.glob("*.txt")) == sorted(used)
+    assert sum(p.stat().st_size for p in plays.glob("*.txt")) < 1_000_000  # small enough to ship
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    assert "../shared" not in readme and "forge rag add examples/data/shakespeare" in readme
+
+
+def test_rag_fails_when_nothing_was_ingested(tmp_path: Path) -> None:
+    """It printed an answer from an empty store and exited 0."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "rag.py"), str(tmp_path / "missing.txt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "nothing was ingested" in proc.stderr and "Traceback" not in proc.stderr
+    assert "answer:" not in proc.stdout

@@ -12,7 +12,7 @@ import torch
 
 import forge.trainer as trainer_module
 from forge.data import Corpus, TokenDataset
-from forge.errors import ConfigError
+from forge.errors import CheckpointError, ConfigError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
 from forge.models import create_model, load, padded_vocab
 from forge.tokenizer import Tokenizer
@@ -354,3 +354,32 @@ def test_tiny_learns_hamlet(hamlet: Path) -> None:
     assert final < start - 2.0
     assert final < 5.5
     assert all(math.isfinite(loss) for _, loss in result.losses)
+
+
+def test_an_out_folder_forge_did_not_write_is_refused_before_training(tmp_path: Path) -> None:
+    """`forge train notes --out notes` used to delete the training data when it saved."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text(TEXT[0])
+    rec = Recorder()
+    with pytest.raises(CheckpointError, match=r"refusing to replace.*choose a new or empty folder"):
+        train(notes, steps=2, eval_every=0, out=notes, listeners=[rec], **FAST)
+    assert rec.events == []  # refused before any work, not after training
+    assert [p.name for p in notes.iterdir()] == ["a.txt"] and (notes / "a.txt").read_text() == TEXT[0]
+
+
+def test_max_seconds_stops_the_run_on_time(hamlet: Path, tmp_path: Path) -> None:
+    """A time budget ends the run at the first step past it (the demo overran its budget sevenfold)."""
+    result = train(
+        hamlet, preset="tiny", steps=1000, batch_size=2, context=32, eval_every=0, max_seconds=1e-3, out=tmp_path / "r"
+    )
+    # The clock starts before the first evaluation, which alone takes longer than 1 ms.
+    assert result.step == 1 and not result.interrupted
+    assert result.evals[-1][0] == 1  # evaluated at the end, as at a last step
+    assert load(tmp_path / "r", with_state=True).step == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_max_seconds_is_validated(bad: float) -> None:
+    with pytest.raises(ConfigError, match="max_seconds"):
+        TrainConfig(max_seconds=bad)

@@ -21,11 +21,24 @@ from typing import Any, Literal
 
 from forge.errors import ConfigError, PresetNotFoundError
 
-__all__ = ["PRESETS", "ModelConfig", "get_preset", "preset_names", "register_preset"]
+__all__ = ["MAX_SIZES", "PRESETS", "ModelConfig", "get_preset", "preset_names", "register_preset"]
 
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
 Position = Literal["learned", "rope"]
+
+
+#: Upper bounds on a config's sizes, far past any released model (Llama 3.1 405B: 126 layers, width 16384, FFN 53248,
+#: a 256k vocabulary, 128k positions): a model file that declares more is damaged or hostile, and would make Forge
+#: allocate terabytes.
+MAX_SIZES: dict[str, int] = {
+    "vocab_size": 1 << 22,
+    "context_length": 1 << 24,
+    "n_layer": 1024,
+    "n_head": 4096,
+    "d_model": 1 << 17,
+    "d_ff": 1 << 20,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +74,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError.for_field("ModelConfig", name, value, "must be a positive integer")
+        for name, most in MAX_SIZES.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > most:
+                raise ConfigError.for_field("ModelConfig", name, value, f"must be at most {most}")
         if self.d_model % self.n_head:
             raise ConfigError.for_field(
                 "ModelConfig", "d_model", self.d_model, f"must be divisible by n_head={self.n_head}"

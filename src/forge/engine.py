@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from forge.core.batching import Batcher, Sequence, StepResult
+from forge.core.kv_cache import plan_cache
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, ForgeError, GenerationError, QueueFullError
 from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, TokenLogprob
@@ -68,10 +69,15 @@ class Engine:
         if max_len is not None and not 1 < max_len <= context:
             raise ConfigError(f"context {max_len} must be between 2 and the model's context of {context}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_len = max_len or context
+        # The cache is allocated whole, now: a model declaring 131072 positions gets what fits in memory.
+        weight = model.tok_emb.weight
+        plan = plan_cache(model.config, dtype=weight.dtype, device=weight.device, max_batch=max_batch, context=max_len)
+        if plan.chosen:
+            log.info("%s", plan.describe())
+        self.max_len = plan.context
         self.max_queue = max_queue
         self.lock = lock or threading.Lock()
-        self.batcher = Batcher(model, max_batch=max_batch, max_len=self.max_len, vocab_limit=tokenizer.vocab_size)
+        self.batcher = Batcher(model, max_batch=plan.max_batch, max_len=self.max_len, vocab_limit=tokenizer.vocab_size)
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: dict[int, _Job] = {}  # id(seq) -> job, for the running ones
         self._cond = threading.Condition()

@@ -22,6 +22,7 @@ import collections
 import inspect
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -171,9 +172,10 @@ def logger(log: Callable[[str], None] | None = None, *, preview: int = 40) -> Mi
     """Log one line per request: id, prompt preview, characters out, finish reason, time.
 
     A failed request is logged too, with the error (``... failed after 12 chars: ValueError: ...``).
-    ``log`` defaults to ``logging.getLogger("forge").info``.
+    ``log`` defaults to ``logging.getLogger("forge").info`` once logging is configured, and until then
+    to standard error, so ``app.use(logger())`` shows its lines as Express's morgan does.
     """
-    emit = log or logging.getLogger("forge").info
+    emit = log or _log_or_stderr
 
     def head(ctx: Context) -> str:
         prompt = ctx.prompt if len(ctx.prompt) <= preview else ctx.prompt[:preview] + "…"
@@ -208,6 +210,15 @@ def logger(log: Callable[[str], None] | None = None, *, preview: int = 40) -> Mi
             emit(line(ctx, ctx.response or "", start))
 
     return logger_mw
+
+
+def _log_or_stderr(message: str) -> None:
+    # Checked per line, not at import: a program may configure logging after building its app.
+    forge_log = logging.getLogger("forge")
+    if forge_log.hasHandlers():
+        forge_log.info(message)
+    else:  # unconfigured, logging would drop INFO lines: print rather than stay silent
+        print(message, file=sys.stderr, flush=True)
 
 
 def timer() -> Middleware:

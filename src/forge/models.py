@@ -191,6 +191,7 @@ def _is_forge_dir(path: Path) -> bool:
 def _from_pretrained(pre: Pretrained, path: Path, device: str | torch.device) -> LoadedModel:
     with torch.device("meta"):
         model = Transformer(pre.config)
+    _check_shapes(model, pre.state_dict, path)
     model.to_empty(device="cpu")
     model.tie_weights()
     _load_weights(model, pre.state_dict, path)
@@ -220,6 +221,7 @@ def _load_forge(path: Path, *, device: str | torch.device, with_state: bool, kee
     )
     with torch.device("meta"):
         model = Transformer(cfg)
+    _check_shapes(model, ckpt.state_dict, path)
     model.to_empty(device="cpu")
     model.tie_weights()
     _load_weights(model, ckpt.state_dict, path)
@@ -239,6 +241,21 @@ def _attach(model: Transformer, data: bytes, path: Path) -> None:
         attach_adapters(model, tensors, alpha=alpha)
     except (SafetensorError, ValueError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has unusable LoRA adapters ({e}); re-save it") from None
+
+
+def _check_shapes(model: Transformer, state_dict: dict[str, torch.Tensor], path: object) -> None:
+    """The weights against the shapes of a model still on the meta device, before ``to_empty`` allocates what the
+    config claims: a damaged or hostile config.json can claim terabytes that no file holds."""
+    tied = {"lm_head.weight", "tok_emb.weight"} if model.config.tie_embeddings else set()
+    either = any(name in state_dict for name in tied)  # tied weights are stored under either name
+    for name, want in model.state_dict().items():
+        got = state_dict.get(name)
+        if (got is None and not (name in tied and either)) or (got is not None and got.shape != want.shape):
+            found = "is missing" if got is None else f"has shape {tuple(got.shape)}"
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not match its config: {name} {found} but the config implies "
+                f"{tuple(want.shape)}; re-save it"
+            )
 
 
 def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], path: object) -> None:

@@ -68,6 +68,7 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the training step; None: on CUDA only (a CPU compile costs ~25 s)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model, merged at the end
     lora_alpha: float | None = None  # None: 2 * lora_rank
+    max_seconds: float | None = None  # stop (evaluate, save) at the first step end past this many seconds
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "eval_batches")
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ConfigError.for_field("TrainConfig", "lora_rank", self.lora_rank, "must be >= 0 (0: full fine-tune)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError.for_field("TrainConfig", "val_fraction", self.val_fraction, "must be in (0, 1)")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ConfigError.for_field("TrainConfig", "max_seconds", self.max_seconds, "must be > 0, or None")
 
     @property
     def warmup_steps(self) -> int:
@@ -275,11 +278,15 @@ class Trainer:
                         eta=elapsed / done * (cfg.steps - self.step),
                     )
                 )
-                last = self.step == cfg.steps
+                # A time budget is checked after every step, so a slow machine stops on time, not on a step count.
+                out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+                last = self.step == cfg.steps or out_of_time
                 if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     self._evaluate()
                 if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                     self._save()
+                if out_of_time:
+                    break
         except KeyboardInterrupt:
             self.result.interrupted = True
         finally:

@@ -811,3 +811,78 @@ def test_write_rejects_bad_arguments(
     with pytest.raises(CheckpointError, match="GGUF export needs a byte-level BPE tokenizer"):
         write_gguf(out, model.config, model.state_dict(), char.hf, SPECIAL)
     assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left behind
+
+
+# -- sizes from metadata are checked before they size anything --
+
+
+def _with_count(src: Path, dst: Path, key: str, value: int) -> Path:
+    return _rewrite(src, dst, drop_keys=(f"llama.{key}",), kv={f"llama.{key}": (value, V.UINT32, None)})
+
+
+def test_a_huge_context_length_is_refused(small_gguf: Path, tmp_path: Path) -> None:
+    # 2e9 positions made loading build 256 GB of RoPE tables.
+    path = _with_count(small_gguf, tmp_path / "ctx.gguf", "context_length", 2_000_000_000)
+    with pytest.raises(CheckpointError, match=r"context_length = 2000000000 is invalid: must be at most 16777216"):
+        read_gguf(path)
+
+
+def test_a_long_context_loads_without_tables_for_every_position(small_gguf: Path, tmp_path: Path) -> None:
+    from forge.core.transformer import ROPE_INITIAL_LEN
+    from forge.models import load
+
+    path = _with_count(small_gguf, tmp_path / "long.gguf", "context_length", 1 << 24)
+    model = load(path).model
+    assert model.config.context_length == 1 << 24
+    assert model.rope_cos.shape[0] == ROPE_INITIAL_LEN  # not 16M positions: tables grow as sequences need them
+    model.make_caches(1, 20_000)
+    assert model.rope_cos.shape[0] >= 20_000
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("block_count", 1_000_000_000, "block_count = 1000000000, but it holds 2 layers"),
+        ("block_count", 3, "block_count = 3, but it holds 2 layers"),
+        ("embedding_length", 1 << 16, r"embedding_length = 65536, but token_embd.weight is \(320, 64\)"),
+    ],
+)
+def test_sizes_in_the_metadata_must_match_the_tensors(
+    small_gguf: Path, tmp_path: Path, key: str, value: int, message: str
+) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        read_gguf(_with_count(small_gguf, tmp_path / "bad.gguf", key, value))
+
+
+def test_more_tokens_than_embedding_rows_is_refused(small_gguf: Path, tmp_path: Path) -> None:
+    tokens = gguf.GGUFReader(small_gguf).fields["tokenizer.ggml.tokens"].contents()
+    extra = [*tokens, "<extra>"]
+    path = _rewrite(
+        small_gguf,
+        tmp_path / "tokens.gguf",
+        drop_keys=("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"),
+        kv={
+            "tokenizer.ggml.tokens": (extra, V.ARRAY, V.STRING),
+            "tokenizer.ggml.token_type": ([1] * len(extra), V.ARRAY, V.INT32),
+        },
+    )
+    with pytest.raises(CheckpointError, match=rf"has {len(extra)} tokens but token_embd.weight has only 320 rows"):
+        read_gguf(path)
+
+
+def test_a_sentencepiece_piece_too_long_to_split_is_refused(
+    tokenizer: Tokenizer, small_config: Callable[..., ModelConfig], tmp_path: Path
+) -> None:
+    # Every split of every piece is tried: one 1 MB piece would take 10^12 steps.
+    src = _sentencepiece_gguf(tokenizer, small_config, tmp_path)
+    reader = gguf.GGUFReader(src)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    tokens[300] = "▁" + "x" * 5000
+    path = _rewrite(
+        src,
+        tmp_path / "long-piece.gguf",
+        drop_keys=("tokenizer.ggml.tokens",),
+        kv={"tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING)},
+    )
+    with pytest.raises(CheckpointError, match=r"is 5001 characters long.*at most 512"):
+        read_gguf(path)

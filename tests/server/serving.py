@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m forge serve MODEL --port P ...` in a subprocess; started at once, waited for on first use."""
 
-    def __init__(self, model: Path, *args: str, log: Path, api_key: str | None = API_KEY) -> None:
+    def __init__(self, model: Path, *args: str, log: Path, api_key: str | None = API_KEY, **popen: Any) -> None:
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,7 +40,7 @@ class ServerProcess:
             cmd += ["--api-key", api_key]
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
         self._log = log.open("w")
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env, **popen)
         self._ready = False
 
     def ready(self, timeout: float = 90.0) -> ServerProcess:
@@ -58,6 +59,12 @@ class ServerProcess:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def model_id(self) -> str:
+        """The model's id, as GET /v1/models lists it: what requests name in ``model``."""
+        response = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=10)
+        return str(response.json()["data"][0]["id"])
 
     def client(self, **options: object) -> OpenAI:
         """The official OpenAI client, pointed at this server (no retries: tests see every status)."""

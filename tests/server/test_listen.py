@@ -37,9 +37,11 @@ def test_listen_serves_the_app_with_its_middleware(bigram_dir: Path) -> None:
         server = asyncio.create_task(app.listen(port, api_key="sk-test", ready=ready, log_level="warning"))
         await asyncio.wait_for(ready.wait(), timeout=30)
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test")
-        done = await client.completions.create(model="forge", prompt="a", max_tokens=4, temperature=0)
+        done = await client.completions.create(model=bigram_dir.name, prompt="a", max_tokens=4, temperature=0)
         # A long request in flight when the server is told to stop still finishes.
-        slow = asyncio.create_task(client.completions.create(model="forge", prompt="a", max_tokens=40, temperature=0))
+        slow = asyncio.create_task(
+            client.completions.create(model=bigram_dir.name, prompt="a", max_tokens=40, temperature=0)
+        )
         await asyncio.sleep(0.05)
         server.cancel()
         finished = await slow

@@ -63,6 +63,11 @@ def test_context_is_checked_against_the_model(bigram_chat_dir: Path) -> None:
         ({"api_key": ""}, "api_key"),
         ({"cors_origins": [""]}, "cors_origins"),
         ({"context": 1}, "context"),
+        ({"header_timeout": 0}, "header_timeout"),
+        ({"body_timeout": 1e9}, "body_timeout"),
+        ({"compile_timeout": "10"}, "compile_timeout"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"schema_limits": {"max_depth": 3}}, "schema_limits"),
     ],
 )
 def test_bad_options(options: dict[str, object], field: str) -> None:

@@ -51,3 +51,19 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     for option in ("--host", "--port", "--api-key", "--max-batch", "--max-queue", "--context", "--device", "--dtype"):
         assert option in out
+
+
+def test_serving_every_address_without_a_key_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, err = run_cli(["serve", "tiny", "--device", "cpu", "--host", "0.0.0.0"], capsys)  # then fails: untrained
+    assert "warning: serving on 0.0.0.0 without --api-key" in err
+    _, _, err = run_cli(["serve", "tiny", "--device", "cpu", "--host", "0.0.0.0", "--api-key", "sk-x"], capsys)
+    assert "warning" not in err
+
+
+def test_help_lists_the_client_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["serve", "--help"], capsys)
+    assert code == 0
+    for option in ("--header-timeout", "--body-timeout", "--max-connections"):
+        assert option in out
+    code, _, _ = run_cli(["serve", "tiny", "--header-timeout", "0"], capsys)
+    assert code == 2  # outside its bounds

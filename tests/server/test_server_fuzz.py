@@ -35,7 +35,7 @@ outside = st.floats(min_value=2.0001, max_value=1e30) | st.floats(max_value=-0.0
 
 # Valid values (kept cheap: max_tokens <= 3, n <= 2), and out-of-range ones for the same fields.
 SAMPLING = {
-    "model": text,
+    "model": st.sampled_from(["tiny"]),  # the tiny server's id; others are 404 model_not_found (in BAD)
     "max_tokens": st.integers(min_value=1, max_value=3),
     "temperature": st.floats(min_value=0, max_value=2),
     "top_p": unit,
@@ -69,7 +69,35 @@ BAD = {
     "encoding_format": text,
     "messages": st.just([]) | st.lists(st.fixed_dictionaries({"role": text, "content": junk}), min_size=1),
     "input": st.just([]) | st.lists(st.integers(min_value=400), min_size=1, max_size=2),
+    "model": text,
+    "response_format": st.builds(
+        lambda schema: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        st.deferred(lambda: hostile_schema),
+    ),
+    "tools": st.builds(
+        lambda schema: [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+        st.deferred(lambda: hostile_schema),
+    ),
 }
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+big_int = st.integers(min_value=2**64, max_value=2**80) | st.integers(max_value=-(2**63) - 1, min_value=-(2**80))
+# Schemas that once made 500s: deep nesting, integers beyond 64 bits, $ref loops; and junk.
+hostile_schema = st.one_of(
+    st.integers(min_value=65, max_value=200).map(_nested),
+    big_int.map(lambda n: {"type": "integer", "minimum": n}),
+    big_int.map(lambda n: {"enum": [n]}),
+    big_int.map(lambda n: {"const": n}),
+    st.just({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+    st.dictionaries(st.text(max_size=8), junk, max_size=3),
+)
 
 part = st.fixed_dictionaries({"type": st.just("text"), "text": text})
 message = st.fixed_dictionaries(
@@ -95,7 +123,7 @@ completion_schema = st.fixed_dictionaries(
 )
 embedding_schema = st.fixed_dictionaries(
     {"input": text | st.lists(text, min_size=1, max_size=3) | st.lists(st.integers(0, 280), min_size=1, max_size=4)},
-    optional={"model": text, "encoding_format": st.sampled_from(["float", "base64"]), "user": text},
+    optional={"model": SAMPLING["model"], "encoding_format": st.sampled_from(["float", "base64"]), "user": text},
 )
 
 

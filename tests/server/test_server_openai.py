@@ -226,7 +226,7 @@ def test_completion_logprobs(bigram_server: ServerProcess) -> None:
 
 def test_extra_fields_are_ignored(bigram_server: ServerProcess) -> None:
     result = bigram_server.client().completions.create(
-        model="anything",
+        model="bigram",
         prompt="a",
         max_tokens=2,
         user="alice",

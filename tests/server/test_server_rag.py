@@ -46,7 +46,7 @@ def test_query_route_returns_scored_chunks(rag_server: ServerProcess) -> None:
 
 
 def test_chat_answers_carry_their_sources(rag_server: ServerProcess) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "When is the launch?"}], "max_tokens": 8}
+    body = {"messages": [{"role": "user", "content": "When is the launch?"}], "max_tokens": 8}
     with rag_server.http() as http:
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text

@@ -57,7 +57,7 @@ def test_tool_call_round_trip(smol_server: ServerProcess) -> None:
     """The whole flow: the model calls a tool, the client runs it and sends the result, the model answers."""
     client = smol_server.client()
     first = client.chat.completions.create(
-        model="smol", messages=QUESTION, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=64
+        model=smol_server.model_id, messages=QUESTION, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=64
     )
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -75,7 +75,7 @@ def test_tool_call_round_trip(smol_server: ServerProcess) -> None:
         {"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius and sunny"},
     ]
     answer = client.chat.completions.create(
-        model="smol", messages=followup, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=40
+        model=smol_server.model_id, messages=followup, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=40
     )
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
@@ -86,12 +86,18 @@ def test_named_tool_choice_and_streamed_deltas(smol_server: ServerProcess) -> No
     client = smol_server.client()
     named = {"type": "function", "function": {"name": "get_time"}}
     whole = client.chat.completions.create(
-        model="smol", messages=QUESTION, tools=TOOLS, tool_choice=named, temperature=0, max_tokens=64
+        model=smol_server.model_id, messages=QUESTION, tools=TOOLS, tool_choice=named, temperature=0, max_tokens=64
     )
     calls = whole.choices[0].message.tool_calls
     assert {c.function.name for c in calls} == {"get_time"} and whole.choices[0].finish_reason == "tool_calls"
     stream = client.chat.completions.create(
-        model="smol", messages=QUESTION, tools=TOOLS, tool_choice=named, temperature=0, max_tokens=64, stream=True
+        model=smol_server.model_id,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice=named,
+        temperature=0,
+        max_tokens=64,
+        stream=True,
     )
     streamed: dict[int, dict[str, str]] = {}
     finish, pieces = None, 0
@@ -109,7 +115,7 @@ def test_named_tool_choice_and_streamed_deltas(smol_server: ServerProcess) -> No
         (c.function.name, json.loads(c.function.arguments)) for c in calls
     ]
     single = client.chat.completions.create(
-        model="smol",
+        model=smol_server.model_id,
         messages=QUESTION,
         tools=TOOLS,
         tool_choice=named,
@@ -124,10 +130,12 @@ def test_auto_may_answer_in_text_and_none_never_calls(smol_server: ServerProcess
     client = smol_server.client()
     chat = [{"role": "user", "content": "Say hello."}]
     none = client.chat.completions.create(
-        model="smol", messages=chat, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=16
+        model=smol_server.model_id, messages=chat, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=16
     )
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
-    auto = client.chat.completions.create(model="smol", messages=chat, tools=TOOLS, temperature=0, max_tokens=16)
+    auto = client.chat.completions.create(
+        model=smol_server.model_id, messages=chat, tools=TOOLS, temperature=0, max_tokens=16
+    )
     message = auto.choices[0].message
     # Either is valid under "auto"; whichever it is, it is well-formed.
     if message.tool_calls:
@@ -151,13 +159,13 @@ def test_response_format_json_schema_and_json_object(smol_server: ServerProcess)
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
     messages = [{"role": "user", "content": "Invent a person."}]
     r = client.chat.completions.create(
-        model="smol", messages=messages, response_format=fmt, temperature=0.7, seed=1, max_tokens=80
+        model=smol_server.model_id, messages=messages, response_format=fmt, temperature=0.7, seed=1, max_tokens=80
     )
     person = json.loads(r.choices[0].message.content)
     assert set(person) == {"name", "age", "pets"} and 0 <= person["age"] <= 120
     assert len(person["pets"]) <= 3 and set(person["pets"]) <= {"cat", "dog"}
     stream = client.chat.completions.create(
-        model="smol",
+        model=smol_server.model_id,
         messages=messages,
         response_format={"type": "json_object"},
         temperature=0,
@@ -170,7 +178,7 @@ def test_response_format_json_schema_and_json_object(smol_server: ServerProcess)
 
 def test_bad_tool_requests_are_400s(smol_server: ServerProcess) -> None:
     with smol_server.http() as http:
-        base = {"model": "m", "messages": QUESTION}
+        base = {"model": smol_server.model_id, "messages": QUESTION}
         unknown = http.post(
             "/v1/chat/completions",
             json={**base, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 
 import click
@@ -287,9 +288,18 @@ def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: in
         f"({corpus.stat().st_size / 1e6:.1f} MB of text every Python install has)."
     )
     batch, context = 16, 128
+    budget = None
     if steps is None:
-        steps = _steps_for_budget(corpus, seconds, batch, context, str(dev), seed)
-        console.print(f"measured speed on {dev}: about {steps} steps fit in {seconds:.0f} s")
+        started = time.perf_counter()
+        per_step = _seconds_per_step(corpus, batch, context, str(dev), seed)
+        # The measurement plans the schedule; the clock, checked after every step, ends the run.
+        budget = max(seconds - (time.perf_counter() - started), 1e-3)
+        steps = max(1, int(budget / per_step / 1.05))  # evals (5 x 10 batches, forward only) cost about 5% more
+        console.print(
+            f"measured speed on {dev}: {per_step:.2f} s a step, so about {steps} steps fit in the {budget:.0f} s "
+            "left of the budget; training stops on time either way"
+        )
+    started = time.perf_counter()
     result = train(
         corpus,
         preset="tiny",
@@ -301,8 +311,10 @@ def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: in
         lr=2e-3,
         eval_every=-(-steps // 5),
         seed=seed,
+        max_seconds=budget,
         listeners=[TrainingDisplay(console)],
     )
+    console.print(f"trained {result.step} steps in {time.perf_counter() - started:.0f} s")
     _summary(console, result)
     gen = Generator(result.model, result.tokenizer)
     console.rule("samples")
@@ -313,13 +325,11 @@ def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: in
         console.print(f"[bold]{prompt}[/]{text}\n", markup=True, emoji=False)
 
 
-def _steps_for_budget(corpus: Path, seconds: float, batch: int, context: int, device: str, seed: int) -> int:
-    """Time a few real steps of the same setup (after the first, which warms up) and scale to the budget."""
+def _seconds_per_step(corpus: Path, batch: int, context: int, device: str, seed: int) -> float:
+    """Time a few real steps of the same setup (after the first, which warms up)."""
     times: list[float] = []
     probe = dict(preset="tiny", device=device, batch_size=batch, context=context, eval_every=0, seed=seed)
     train(
         corpus, steps=10, listeners=[lambda e: times.append(e.elapsed) if isinstance(e, StepEvent) else None], **probe
     )
-    per_step = (times[-1] - times[0]) / (len(times) - 1)
-    # Evals (5 x 10 batches, forward only) cost about 5% more than the steps alone.
-    return max(50, int(seconds / per_step / 1.05))
+    return (times[-1] - times[0]) / (len(times) - 1)

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forge.app import Forge
 from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.core.device import DEVICES
-from forge.errors import StoreError
-from forge.rag.retrieval import Rag, cited, open_store
+from forge.errors import DataError, StoreError
+from forge.rag.loaders import printable
+from forge.rag.retrieval import IngestProgress, IngestReport, Rag, cited, open_store
 from forge.rag.store import VectorStore
 
-__all__ = ["existing_store", "rag"]
+__all__ = ["IngestDisplay", "existing_store", "rag"]
+
+#: Seconds between plain progress lines when stdout is not a terminal (a log file).
+PLAIN_INTERVAL = 10.0
 
 DB_OPTION = click.option(
     "--db",
@@ -25,10 +35,96 @@ DB_OPTION = click.option(
 )
 
 
+def _is_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
 def existing_store(db: str) -> VectorStore:
-    if not db.startswith(("postgresql://", "postgres://")) and not Path(db).is_file():
+    if not _is_url(db) and not Path(db).is_file():
         raise StoreError(f"no store at {db!r}; create it with: forge rag add PATH --db {db}")
     return open_store(db)
+
+
+def _name(text: str) -> str:
+    """A file name or source for the terminal: control characters escaped, rich markup inert."""
+    return escape(printable(text))
+
+
+class IngestDisplay:
+    """Progress of ``forge rag add``: files done / total as a bar on a terminal, plain lines in a log file.
+
+    Plain lines come at most every ``interval`` seconds, plus the first and the last, so a log shows
+    a long ingest moving without a line per file.
+    """
+
+    def __init__(
+        self, console: Console, *, interval: float = PLAIN_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.console, self.interval, self.clock = console, interval, clock
+        self.started = clock()
+        self._last: float | None = None
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> IngestDisplay:
+        if self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]ingest"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("files  {task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("ingest", total=None, detail="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, p: IngestProgress) -> None:
+        detail = printable(Path(p.source).name)
+        if p.chunks_total:
+            detail += f" ({p.chunks_done}/{p.chunks_total} chunks embedded)"
+        if self._bar is not None:
+            self._bar.update(self._task, total=p.files_total, completed=p.files_done, detail=escape(detail))
+            return
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval and p.files_done < p.files_total:
+            return
+        self._last = now
+        elapsed = int(now - self.started)
+        self.console.print(
+            f"ingest: {p.files_done}/{p.files_total} files, {detail}, {elapsed // 60}m{elapsed % 60:02d}s",
+            markup=False,
+        )
+
+
+@contextlib.contextmanager
+def _new_store_cleanup(db: str) -> Iterator[Callable[[Rag], None]]:
+    """Remove a store file this command created if it ends with no sources: no empty database left behind.
+
+    Yields a function to call with the Rag before it closes, to learn whether anything was stored.
+    """
+    created = not _is_url(db) and not os.path.lexists(db)
+    stored = [False]
+
+    def check(rag: Rag) -> None:
+        try:
+            stored[0] = bool(rag.store.sources())
+        except Exception:  # a broken store: keep whatever is there
+            stored[0] = True
+
+    try:
+        yield check
+    finally:
+        if created and not stored[0]:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(db + suffix)
 
 
 @cli.group("rag")
@@ -44,15 +140,25 @@ def rag() -> None:
 def add_cmd(paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -> None:
     """Ingest PATHS (files or folders, recursively) into the store; unchanged files are skipped."""
     console = Console(highlight=False, soft_wrap=True)
-    rag = Rag(db, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
-    try:
-        with console.status("ingesting..."):
-            report = rag.add(paths)
-    finally:
-        rag.close()
+    missing = [p for p in paths if not os.path.lexists(p)]
+    if len(missing) == len(paths):  # before the store is created: nothing to add, nothing to leave behind
+        names = ", ".join(repr(printable(str(p))) for p in missing)
+        raise DataError(f"nothing to add: no such file or folder {names} (relative to {Path.cwd()}); check the path")
+    report = _ingest(console, paths, db, chunk_tokens, overlap)
     console.print(escape(report.summary()))
     if report.failures and not report.added and not report.unchanged:
         raise SystemExit(1)
+
+
+def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -> IngestReport:
+    with _new_store_cleanup(db) as check:
+        rag = Rag(db, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
+        try:
+            with IngestDisplay(console) as display:
+                return rag.add(paths, progress=display)
+        finally:
+            check(rag)
+            rag.close()
 
 
 @rag.command("ask")
@@ -74,7 +180,7 @@ def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, device:
         text = ""
         for piece in pieces:
             text += piece
-            console.print(escape(piece), end="")
+            console.print(escape(printable(piece, keep="\n\t")), end="")
         console.print()
     finally:
         rag.close()
@@ -82,7 +188,7 @@ def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, device:
     console.print("\n[bold]sources[/]" if cited(text, sources) else "\n[bold]retrieved[/]")
     for s in shown:
         excerpt = " ".join(s.text.split())[:100]
-        console.print(f"  [{s.number}] {escape(s.source)} chars {s.start}-{s.end} ({s.score:.2f}): {escape(excerpt)}")
+        console.print(f"  [{s.number}] {_name(s.source)} chars {s.start}-{s.end} ({s.score:.2f}): {_name(excerpt)}")
 
 
 @rag.command("ls")
@@ -93,7 +199,7 @@ def ls_cmd(db: str) -> None:
     with existing_store(db) as store:
         sources = store.sources()
         for s in sources:
-            console.print(f"{s.chunks:6d} chunks  {escape(s.source)}")
+            console.print(f"{s.chunks:6d} chunks  {_name(s.source)}")
         console.print(f"{len(sources)} sources, {store.count()} chunks")
 
 
@@ -107,7 +213,7 @@ def rm_cmd(sources: tuple[str, ...], db: str) -> None:
         known = {s.source for s in store.sources()}
         missing = [s for s in sources if s not in known and str(Path(s).resolve()) not in known]
         if missing:
-            raise StoreError(f"not in the store: {', '.join(missing)}; see forge rag ls --db {db}")
+            raise StoreError(f"not in the store: {', '.join(map(printable, missing))}; see forge rag ls --db {db}")
         for source in sources:
             name = source if source in known else str(Path(source).resolve())
-            console.print(f"removed {escape(name)} ({store.delete(name)} chunks)")
+            console.print(f"removed {_name(name)} ({store.delete(name)} chunks)")

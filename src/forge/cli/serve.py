@@ -12,6 +12,7 @@ from forge.app import Forge
 from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
 from forge.cli.rag import existing_store
 from forge.core.device import DEVICES
+from forge.core.kv_cache import plan_cache
 from forge.rag.retrieval import Rag
 from forge.server.config import (
     DEFAULT_BODY_TIMEOUT,
@@ -34,9 +35,19 @@ __all__ = ["serve_cmd"]
     default=None,
     help="Require 'Authorization: Bearer KEY' on every route but /health [env: FORGE_API_KEY].",
 )
-@click.option("--max-batch", type=POSITIVE_INT, default=8, show_default=True, help="Requests decoded together.")
+@click.option(
+    "--max-batch",
+    type=POSITIVE_INT,
+    default=None,
+    help="Requests decoded together [default: 8, fewer if memory is short].",
+)
 @click.option("--max-queue", type=POSITIVE_INT, default=64, show_default=True, help="Requests waiting; beyond: 429.")
-@click.option("--context", type=click.IntRange(min=2), default=None, help="Cap on prompt + completion tokens.")
+@click.option(
+    "--context",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Cap on prompt + completion tokens [default: the model's, shortened to fit the KV cache in memory].",
+)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @DTYPE_OPTION
 @click.option("--cors-origin", "cors_origins", multiple=True, help="An origin browsers may call from (repeatable).")
@@ -73,7 +84,7 @@ def serve_cmd(
     host: str,
     port: int,
     api_key: str | None,
-    max_batch: int,
+    max_batch: int | None,
     max_queue: int,
     context: int | None,
     device: str,
@@ -101,6 +112,11 @@ def serve_cmd(
             err=True,
         )
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    # The KV cache is allocated whole at start: size it to the memory there is, and say so.
+    assert app.model is not None
+    weight = app.model.tok_emb.weight
+    plan = plan_cache(app.model.config, dtype=weight.dtype, device=weight.device, max_batch=max_batch, context=context)
+    click.echo(plan.describe(), err=True)
     retriever = Rag(existing_store(rag_db), app=app) if rag_db is not None else None
     asyncio.run(
         server.serve(
@@ -108,9 +124,9 @@ def serve_cmd(
             host=host,
             port=port,
             api_key=api_key,
-            max_batch=max_batch,
+            max_batch=plan.max_batch,
             max_queue=max_queue,
-            context=context,
+            context=plan.context,
             cors_origins=cors_origins,
             max_body_size=max_body_size,
             model_name=model_name,

@@ -46,6 +46,7 @@ __all__ = [
     "recover_swap",
     "save_checkpoint",
     "write_durably",
+    "write_error",
 ]
 
 FORMAT = "forge-checkpoint"
@@ -139,8 +140,10 @@ def check_replaceable(
     )
 
 
-def _write_error(target: Path, what: str, error: OSError) -> CheckpointError:
-    reason = error.strerror or str(error) or type(error).__name__
+def write_error(target: Path, what: str, error: OSError) -> CheckpointError:
+    """The one-line error for a write to ``target`` that failed midway (a full disk, a size limit, permissions)."""
+    # A short write without an errno (numpy's tofile says "N requested and M written") is a full disk too.
+    reason = error.strerror or f"the write stopped short ({error or type(error).__name__}); is the disk full?"
     return CheckpointError(
         f"could not write the {what} to {str(target)!r}: {reason}; free some disk space or check permissions, "
         "or choose another path (what was there before is unchanged)"
@@ -169,7 +172,7 @@ def atomic_directory(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _write_error(target, what, e) from None
+        raise write_error(target, what, e) from None
     recover_swap(target, marker)
     check_replaceable(target, marker=marker, owned=owned, what=what)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-write
@@ -195,7 +198,7 @@ def atomic_directory(
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not target.exists():
             os.replace(old, target)  # the new one never arrived: put the old one back now
-        raise _write_error(target, what, e) from None
+        raise write_error(target, what, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

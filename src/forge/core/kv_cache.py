@@ -7,12 +7,25 @@ recomputes the prefix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["CacheWrite", "KVCache"]
+from forge.config import ModelConfig
+from forge.errors import ConfigError
+
+__all__ = ["CACHE_MEMORY_FRACTION", "CachePlan", "CacheWrite", "KVCache", "free_memory", "plan_cache"]
+
+#: The share of free memory a serving KV cache takes by default; the rest is for activations and everything else.
+CACHE_MEMORY_FRACTION = 0.5
+#: The most an asked-for cache may take: past this, allocating it would be likely to fail or to swap.
+_MAX_MEMORY_FRACTION = 0.9
+#: A default context below this (or the model's own, if shorter) trades batch rows for context first.
+_MIN_DEFAULT_CONTEXT = 2048
+_GB = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +112,128 @@ class KVCache(nn.Module):
         """Copy row ``src`` onto row ``dst`` (compacting the rows of a batch after one leaves)."""
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
+
+
+# -- sizing -------------------------------------------------------------------------------------------------------
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None where Forge can't tell, e.g. MPS).
+
+    CUDA: ``torch.cuda.mem_get_info``. CPU: ``MemAvailable`` of /proc/meminfo, or less if a cgroup limit
+    (a container) leaves less.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is None and hasattr(os, "sysconf"):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            free = None
+    try:  # cgroup v2: the container's limit minus what it already uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            left = max(0, int(limit) - used)
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the keys and values of every layer for ``batch`` rows of ``max_len`` positions."""
+    per_position = 2 * config.n_layer * config.kv_heads * config.head_dim * dtype.itemsize
+    return per_position * batch * max_len
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """A serving KV cache's shape, sized by :func:`plan_cache`; ``describe()`` is the line the CLI prints."""
+
+    max_batch: int
+    context: int
+    bytes: int
+    model_context: int
+    budget: int | None  # bytes the cache may take; None: unknown
+    chosen: bool  # the context or batch were picked to fit the budget, not given
+
+    def describe(self) -> str:
+        how = "sized to fit" if self.chosen else "within"
+        budget = f"{how} {_size(self.budget)} of free memory" if self.budget is not None else "free memory unknown"
+        declared = f" (the model allows {self.model_context})" if self.context < self.model_context else ""
+        rows = f"{self.max_batch} request{'s' if self.max_batch > 1 else ''}"
+        return (
+            f"KV cache: context {self.context} tokens{declared} x {rows} at once = {_size(self.bytes)}, {budget}; "
+            "change with --context and --max-batch"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / _GB:.1f} GB" if n >= _GB else f"{n / (1 << 20):.0f} MB"
+
+
+def plan_cache(
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    max_batch: int | None = None,
+    context: int | None = None,
+    available: int | None = None,
+    fraction: float = CACHE_MEMORY_FRACTION,
+) -> CachePlan:
+    """The KV cache for serving: ``context`` positions x ``max_batch`` rows, within ``fraction`` of free memory.
+
+    Unset, ``max_batch`` is 8 and ``context`` the model's, shortened to fit (a model may declare 131072
+    positions: 24 GB of bf16 cache for SmolLM2 at 8 rows); below 2048 positions rows go first. With both
+    given, the cache may take up to 90% of free memory, and more raises :class:`ConfigError`.
+    ``available`` overrides :func:`free_memory`.
+
+    >>> from forge.config import get_preset
+    >>> plan_cache(get_preset("smollm2-135m").replace(context_length=131072), dtype=torch.float32,
+    ...            device="cpu", available=8 << 30).context
+    11520
+    """
+    if context is not None and not 1 < context <= config.context_length:
+        raise ConfigError(f"context {context} must be between 2 and the model's context of {config.context_length}")
+    free = free_memory(device) if available is None else available
+    budget = int(free * fraction) if free is not None else None
+    rows, ctx = max_batch or 8, context or config.context_length
+    if budget is None or cache_bytes(config, rows, ctx, dtype) <= budget:
+        return CachePlan(rows, ctx, cache_bytes(config, rows, ctx, dtype), config.context_length, budget, False)
+    if context is not None and max_batch is not None:  # both asked for: allowed up to nearly all free memory
+        assert free is not None  # a budget came from it
+        need, most = cache_bytes(config, rows, ctx, dtype), int(free * _MAX_MEMORY_FRACTION)
+        if need <= most:
+            return CachePlan(rows, ctx, need, config.context_length, most, False)
+        raise ConfigError(
+            f"a KV cache for context {ctx} x {rows} requests needs {_size(need)}, but only {_size(most)} "
+            f"({_MAX_MEMORY_FRACTION:.0%} of the free memory) is available; lower --context or --max-batch"
+        )
+    per_token = cache_bytes(config, 1, 1, dtype)  # one position of one request
+    if context is None:  # shorten the context (to a multiple of 256); below a useful length, halve the rows first
+        floor = min(config.context_length, _MIN_DEFAULT_CONTEXT)
+        while max_batch is None and rows > 1 and budget // (rows * per_token) < floor:
+            rows //= 2
+        ctx = min(config.context_length, budget // (rows * per_token) // 256 * 256)
+    else:  # fewer rows for the context asked for; one row may take up to nearly all free memory
+        rows = min(rows, budget // (ctx * per_token))
+        if rows < 1 and free is not None and ctx * per_token <= free * _MAX_MEMORY_FRACTION:
+            rows = 1
+    if ctx < 2 or rows < 1:
+        raise ConfigError(
+            f"the free memory ({_size(int(budget / fraction))}) holds no useful KV cache for this model "
+            f"({per_token} bytes per position per request); free some memory, lower --context, or use a smaller model"
+        )
+    return CachePlan(rows, ctx, cache_bytes(config, rows, ctx, dtype), config.context_length, budget, True)

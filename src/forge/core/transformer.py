@@ -16,7 +16,11 @@ from forge.core import ops
 from forge.core.attention import CausalSelfAttention, rope_tables
 from forge.core.kv_cache import CacheWrite, KVCache
 
-__all__ = ["Transformer"]
+__all__ = ["ROPE_INITIAL_LEN", "Transformer"]
+
+#: RoPE tables start this many positions long and grow when a longer sequence or KV cache needs them: a
+#: model file may declare millions of positions, and tables for all of them would be gigabytes before a token.
+ROPE_INITIAL_LEN = 8192
 
 
 class Norm(nn.Module):
@@ -96,8 +100,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         if cfg.position == "rope":
-            self.register_buffer("rope_cos", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(cfg.context_length, cfg.head_dim), persistent=False)
+            n = min(cfg.context_length, ROPE_INITIAL_LEN)  # (n, D), grown by ensure_positions
+            self.register_buffer("rope_cos", torch.empty(n, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(n, cfg.head_dim), persistent=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
         self.reset_buffers()
@@ -115,10 +120,24 @@ class Transformer(nn.Module):
         """Recompute non-persistent buffers (RoPE tables), e.g. after ``to_empty()``."""
         if self.config.position == "rope":
             cfg = self.config
-            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
+            cos, sin = rope_tables(cfg.head_dim, self.rope_cos.shape[0], cfg.rope_theta, cfg.rope_scaling)
             with torch.no_grad():
                 self.rope_cos.copy_(cos)
                 self.rope_sin.copy_(sin)
+
+    def ensure_positions(self, n: int) -> None:
+        """Make the RoPE tables cover positions [0, n) (at most the context length); see :data:`ROPE_INITIAL_LEN`."""
+        if self.config.position == "rope" and n > self.rope_cos.shape[0]:
+            self._grow_rope(n)
+
+    @torch.compiler.disable  # a rare, eager step: a compiled graph just breaks here
+    def _grow_rope(self, n: int) -> None:
+        cfg, old = self.config, self.rope_cos
+        size = min(cfg.context_length, max(n, 2 * old.shape[0]))  # doubling: few regrowths
+        cos, sin = rope_tables(cfg.head_dim, size, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(old.device, old.dtype), sin.to(old.device, old.dtype)
+        # CUDA graphs captured on this model (forge.core.cuda_graphs) read the old tables' memory.
+        self.__dict__.pop("_decode_graphs", None)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -156,6 +175,7 @@ class Transformer(nn.Module):
         cfg = self.config
         device = self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
+        self.ensure_positions(max_len)  # before any graph captures a read of the tables
         return [
             KVCache(
                 batch=batch, n_kv_head=cfg.kv_heads, max_len=max_len, head_dim=cfg.head_dim, dtype=dtype, device=device
@@ -218,6 +238,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, d)
+        # Positions past start + T come only with a KV cache, whose make_caches grew the tables.
+        self.ensure_positions(start + T)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)

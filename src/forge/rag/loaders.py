@@ -12,7 +12,9 @@ broken PDF in a folder of thousands costs that file, not the run::
 
 Text files must be UTF-8 (a byte-order mark is allowed). Other encodings are
 reported, naming the first bad byte, rather than guessed: a wrong guess would put
-mojibake into the index without a word.
+mojibake into the index without a word. Only regular files are read (a FIFO would
+block forever, a device never end), and a symbolic link inside a folder that points
+out of it is reported, not followed: ingesting ``docs/`` must not read ``/etc/passwd``.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import codecs
 import hashlib
 import io
 import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pypdf import PdfReader
 from pypdf.errors import DependencyError
@@ -39,6 +43,8 @@ __all__ = [
     "iter_files",
     "load_document",
     "load_documents",
+    "printable",
+    "walk_files",
 ]
 
 DocumentKind = Literal["txt", "md", "html", "pdf"]
@@ -84,7 +90,27 @@ class LoadFailure:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.source}: {self.reason}"
+        return f"{printable(self.source)}: {printable(self.reason)}"
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """``text`` with control and format characters escaped, so a file name can't forge terminal output.
+
+    A name holding a newline or an escape sequence would otherwise print as extra lines or move the
+    cursor; ``keep`` names characters to leave alone (e.g. ``"\\n\\t"`` for an answer's text).
+
+    >>> printable("a\\nb\\x1b[2J.txt")
+    'a\\\\nb\\\\x1b[2J.txt'
+    """
+    if text.isprintable():  # the common case: nothing to do
+        return text
+    out = []
+    for ch in text:
+        if ch in keep or ch.isprintable():
+            out.append(ch)
+        else:  # C0/C1 controls, bidi overrides, zero-width and line separators, non-breaking spaces
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def file_sha256(path: PathLike, *, block_size: int = 1 << 20) -> str:
@@ -107,12 +133,12 @@ def iter_files(paths: Iterable[PathLike]) -> Iterator[Path]:
     """The files to load from ``paths``: each file named, and the supported files inside each folder.
 
     Folders are walked recursively in sorted order, skipping hidden files and
-    folders (names starting with ``.``), files with unsupported extensions, and
-    symbolic links to folders (which can loop). A path named directly is yielded
-    as given even when it is missing, hidden or unsupported, and so is a folder
-    that can't be listed: ``load_document`` then reports what is wrong with it,
-    where skipping it would hide a typo. Each file comes once, however many times
-    it is named.
+    folders (names starting with ``.``), files with unsupported extensions,
+    symbolic links to folders (which can loop), and links, FIFOs and devices that
+    ``walk_files`` reports. A path named directly is yielded as given even when it
+    is missing, hidden or unsupported, and so is a folder that can't be listed:
+    ``load_document`` then reports what is wrong with it, where skipping it would
+    hide a typo. Each file comes once, however many times it is named.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
@@ -121,18 +147,40 @@ def iter_files(paths: Iterable[PathLike]) -> Iterator[Path]:
     ...     [p.name for p in iter_files([d, Path(d) / "missing.txt"])]
     ['a.txt', 'b.md', 'missing.txt']
     """
+    for item in walk_files(paths):
+        if isinstance(item, Path):
+            yield item
+
+
+def walk_files(paths: Iterable[PathLike]) -> Iterator[Path | LoadFailure]:
+    """``iter_files``, with a ``LoadFailure`` for each file found in a folder and skipped as unsafe.
+
+    Inside a folder, a symbolic link whose target lies outside that folder, and a
+    supported name that is not a regular file (a FIFO, socket or device), come
+    back as failures: a link to ``/etc/passwd`` in ``docs/`` is reported, never read.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     (Path(d) / "in").mkdir()
+    ...     (Path(d) / "in" / "passwd.txt").symlink_to("/etc/passwd")
+    ...     [type(item).__name__ for item in walk_files([Path(d) / "in"])]
+    ['LoadFailure']
+    """
     seen: set[Path] = set()
     for named in paths:
         path = Path(named)
-        found = _walk_folder(path) if path.is_dir() else iter([path])
-        for file in found:
-            key = file.resolve()
+        found = _walk_folder(path, path.resolve()) if path.is_dir() else iter([path])
+        for item in found:
+            if isinstance(item, LoadFailure):
+                yield item
+                continue
+            key = item.resolve()
             if key not in seen:
                 seen.add(key)
-                yield file
+                yield item
 
 
-def _walk_folder(folder: Path) -> Iterator[Path]:
+def _walk_folder(folder: Path, root: Path) -> Iterator[Path | LoadFailure]:
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda entry: entry.name)
@@ -144,16 +192,31 @@ def _walk_folder(folder: Path) -> Iterator[Path]:
             continue
         path = folder / entry.name
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk_folder(path)
-        elif entry.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES:
+            yield from _walk_folder(path, root)
+            continue
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            continue
+        if entry.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                yield LoadFailure(
+                    str(path),
+                    f"a symbolic link to {target}, outside the folder {root}; skipped "
+                    "(name the file itself to load it)",
+                )
+                continue
+        if entry.is_file():
             yield path
+        elif path.exists() and not entry.is_dir():  # not a broken link, nor a link to a folder
+            yield LoadFailure(str(path), _not_regular_reason(path))
 
 
 def load_documents(paths: Iterable[PathLike]) -> Iterator[Document | LoadFailure]:
     """Load every file of ``paths`` (files and folders, see ``iter_files``), one item per file, in order.
 
     Never raises for a bad file: each one that can't be read comes back as a
-    ``LoadFailure``, so callers decide whether to skip, warn or stop.
+    ``LoadFailure``, so callers decide whether to skip, warn or stop. Only
+    ``KeyboardInterrupt`` and other non-``Exception`` signals get through.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
@@ -161,8 +224,8 @@ def load_documents(paths: Iterable[PathLike]) -> Iterator[Document | LoadFailure
     ...     [type(item).__name__ for item in load_documents([d, Path(d) / "gone.md"])]
     ['Document', 'LoadFailure']
     """
-    for path in iter_files(paths):
-        yield load_document(path)
+    for item in walk_files(paths):
+        yield item if isinstance(item, LoadFailure) else load_document(item)
 
 
 def load_document(path: PathLike) -> Document | LoadFailure:
@@ -179,6 +242,13 @@ def load_document(path: PathLike) -> Document | LoadFailure:
     'Fish & chips'
     """
     path = Path(path)
+    try:
+        return _load(path)
+    except Exception as e:  # a parser's bug on a hostile file costs that file, not the run
+        return LoadFailure(str(path), f"could not be loaded ({type(e).__name__}: {e}); check or convert the file")
+
+
+def _load(path: Path) -> Document | LoadFailure:
     source = str(path)
     kind = SUPPORTED_SUFFIXES.get(path.suffix.lower())
     if path.is_dir():
@@ -189,13 +259,15 @@ def load_document(path: PathLike) -> Document | LoadFailure:
         what = f"file type {path.suffix!r}" if path.suffix else "file without an extension"
         return LoadFailure(source, f"unsupported {what}; supported: {_SUPPORTED} (convert it to one of these)")
     try:
-        data = path.read_bytes()
+        data = _read_regular(path)
     except FileNotFoundError:
         return LoadFailure(source, _missing_reason(path))
     except PermissionError:
         return LoadFailure(source, "permission denied; make it readable (e.g. `chmod u+r`) or run as its owner")
     except OSError as e:
         return LoadFailure(source, f"cannot be read: {e.strerror or e}")
+    if isinstance(data, _Problem):
+        return LoadFailure(source, data.reason)
     if not data.strip():
         return LoadFailure(source, "empty: the file holds no text")
     text = _pdf_text(data) if kind == "pdf" else _decode(data)
@@ -215,6 +287,27 @@ def load_document(path: PathLike) -> Document | LoadFailure:
 @dataclass(frozen=True, slots=True)
 class _Problem:
     reason: str
+
+
+def _read_regular(path: Path) -> bytes | _Problem:
+    """The bytes of ``path`` if it is a regular file; a FIFO or device is refused without blocking on it."""
+    # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # checked on the open file: no swap after the check
+            return _Problem(_not_regular_reason(path))
+        return f.read()
+
+
+def _not_regular_reason(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = 0
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device")]  # fmt: skip
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{what}, not a regular file; skipped (copy its contents to a file to load them)"
 
 
 def _missing_reason(path: Path) -> str:
@@ -260,7 +353,7 @@ def _pdf_text(data: bytes) -> str | _Problem:
                 "an encrypted PDF that needs a password; decrypt it first, "
                 "e.g. `qpdf --decrypt --password=PASSWORD in.pdf out.pdf`"
             )
-        pages = reader.pages
+        pages = list(reader.pages)  # walks the page tree now, inside the try: a cyclic tree raises here
     except DependencyError as e:
         return _Problem(
             f"an encrypted PDF that pypdf can open only with an extra package ({e}); `pip install cryptography`"
@@ -291,7 +384,21 @@ _BLOCKS = frozenset({
 })
 # fmt: on
 _CELLS = frozenset({"td", "th"})
+# Elements that never have content or an end tag: hiding one hides nothing after it.
+_VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source",
+                   "track", "wbr"})  # fmt: skip
+# What an open element is implicitly closed by (HTML's optional end tags), so a hidden <p> ends at the next block.
+_CLOSED_BY = {"p": _BLOCKS, "li": {"li"}, "dt": {"dt", "dd"}, "dd": {"dt", "dd"}, "tr": {"tr"},
+              "td": {"td", "th", "tr"}, "th": {"td", "th", "tr"}}  # fmt: skip
+_HIDDEN_STYLE = re.compile(r"(?:^|;)\s*(?:display\s*:\s*none|visibility\s*:\s*hidden)\b", re.IGNORECASE)
+# An unterminated tag or comment at the end of a page: a browser shows none of it.
+_UNTERMINATED = re.compile(r"<[A-Za-z!/?]")
 _PARAGRAPH, _LINE = object(), object()  # markers between runs of text
+
+
+def _hidden(attrs: list[tuple[str, str | None]]) -> bool:
+    """An element a browser doesn't show: ``hidden``, or inline ``display:none`` / ``visibility:hidden``."""
+    return any(name == "hidden" or (name == "style" and _HIDDEN_STYLE.search(value or "")) for name, value in attrs)
 
 
 class _TextExtractor(HTMLParser):
@@ -301,11 +408,20 @@ class _TextExtractor(HTMLParser):
         self._skipping: list[str] = []  # open elements whose content is dropped
         self._pre = 0  # depth of <pre>, whose line breaks are kept
 
+    def set_cdata_mode(self, elem: str, **kwargs: Any) -> None:
+        super().set_cdata_mode(elem, **kwargs)
+        # As HTML (and Python 3.14) has it: only "</script" followed by a space, "/" or ">" ends a script,
+        # so "</ script>" no longer ends it early and lets the rest of the script through as text.
+        self.interesting = re.compile(rf"</{self.cdata_elem}(?=[\t\n\r\f />])", re.IGNORECASE)
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "body" and "head" in self._skipping:
             self._skipping.clear()  # an unclosed <head> ends where <body> begins
-        if tag in _SKIP:
-            self._skipping.append(tag)
+        if self._skipping and tag in _CLOSED_BY.get(self._skipping[-1], ()):
+            self._skipping.pop()  # e.g. a hidden <p> ends where the next block begins
+        if self._skipping or tag in _SKIP or _hidden(attrs):
+            if tag not in _VOID:  # nested elements too, so the hidden one ends at its own end tag
+                self._skipping.append(tag)
         elif tag in _BLOCKS:
             self.parts.append(_PARAGRAPH)
             if tag == "pre":
@@ -316,11 +432,11 @@ class _TextExtractor(HTMLParser):
             self.parts.append(" ")
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag not in _SKIP:  # <script/> has no content to drop
+        if not (self._skipping or tag in _SKIP or _hidden(attrs)):  # <script/> has no content to drop
             self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP:
+        if self._skipping or tag in _SKIP:
             # Closing an element also closes any unclosed ones opened inside it.
             while tag in self._skipping and self._skipping.pop() != tag:
                 pass
@@ -367,16 +483,17 @@ class _TextExtractor(HTMLParser):
 def html_to_text(html: str) -> str:
     """The visible text of an HTML page: paragraphs for block elements, whitespace collapsed, entities unescaped.
 
-    Script, style, head and template content is dropped; ``<br>`` and the lines of
-    ``<pre>`` become single newlines.
+    Script, style, head and template content is dropped, and so is what a browser
+    hides: elements with the ``hidden`` attribute or an inline ``display:none``, and
+    an unterminated tag or script at the end. ``<br>`` and the lines of ``<pre>``
+    become single newlines.
 
     >>> html_to_text("<h1>Hamlet</h1><p>To be,&nbsp;or   not<br>to be</p><style>p {}</style>")
     'Hamlet\\n\\nTo be, or not\\nto be'
     """
     parser = _TextExtractor()
     parser.feed(html)
+    if _UNTERMINATED.match(parser.rawdata):  # close() would hand "<script src=..." over as text
+        parser.rawdata = ""
     parser.close()
     return parser.text()
-
-def printable(t, keep=""):
-    return t

@@ -5,17 +5,20 @@ argument: ``Rag("postgresql://...")``. Embeddings live in a ``vector(dim)``
 column with an HNSW index (cosine); a query is one ``ORDER BY embedding <=>
 query LIMIT k``. Metadata is ``jsonb``, filtered in the same query, with
 pgvector's iterative index scan so a selective filter still returns k rows.
-Each source is replaced in one transaction, as in SQLite. Needs ``psycopg``
+Each source is replaced in one transaction, as in SQLite, and chunk hashes are
+unique per source (tables made by an older Forge are upgraded when opened, their
+sources marked changed so the next ``add`` re-embeds them). Needs ``psycopg``
 (``pip install 'psycopg[binary]'``) and the ``vector`` extension.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,11 +27,12 @@ from forge.errors import ConfigError, StoreError
 from forge.rag.store import (
     HYBRID_POOL,
     RRF_K,
+    SCHEMA_VERSION,
     Hit,
     NewChunk,
     SourceInfo,
     StoredChunk,
-    check_filter_key,
+    check_filter,
     first_vectors,
     keyword_terms,
     unit_rows,
@@ -76,9 +80,40 @@ class PgVectorStore:
             # A wider beam than pgvector's default 40: recall@10 against exact search goes from ~0.6 to
             # ~0.9 on hard (random 384-d) vectors, for well under a millisecond more (benchmarks/rag.py).
             self._db.execute("SET hnsw.ef_search = 200")
+            self._upgrade()
         except psycopg.Error as exc:
             raise StoreError(f"can't open the PostgreSQL store {url!r}: {str(exc).strip()}") from None
         self._lock = threading.RLock()
+
+    def _upgrade(self) -> None:
+        """Record the schema; chunks made by an older Forge (hashes unique store-wide) get per-source hashes."""
+        p = self.p
+        with self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (p + "schema",))  # one upgrader
+            version = self._meta("schema")
+            if version not in (None, SCHEMA_VERSION):
+                raise StoreError(f"{self.url!r} ({p}*) has store schema {version}; this Forge reads {SCHEMA_VERSION}")
+            if version is None:
+                if self._db.execute("SELECT to_regclass(%s)", (p + "chunks",)).fetchone()[0] is not None:
+                    self._db.execute(f"ALTER TABLE {p}chunks DROP CONSTRAINT IF EXISTS {p}chunks_hash_key")
+                    self._db.execute(
+                        f"ALTER TABLE {p}chunks ADD CONSTRAINT {p}chunks_source_hash UNIQUE (source, hash)"
+                    )
+                    # The old rule dropped a chunk whose text another source had: re-embed on the next add.
+                    self._db.execute(f"UPDATE {p}sources SET sha256 = ''")
+                self._db.execute(f"INSERT INTO {p}meta VALUES ('schema', %s)", (SCHEMA_VERSION,))
+
+    @contextlib.contextmanager
+    def _writing(self, source: str) -> Iterator[None]:
+        """A transaction; a failed write (a full disk, a lost connection) rolls back and becomes a StoreError."""
+        try:
+            with self._db.transaction():
+                yield
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"can't write {source!r} to {self.url!r}: {str(exc).strip()}; the store is as it was before it, "
+                "fix the database and run it again"
+            ) from None
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute(f"SELECT value FROM {self.p}meta WHERE key = %s", (key,)).fetchone()
@@ -103,8 +138,9 @@ class PgVectorStore:
             p = self.p
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS {p}chunks (id bigserial PRIMARY KEY, source text NOT NULL,"
-                f' start integer NOT NULL, "end" integer NOT NULL, text text NOT NULL, hash text NOT NULL UNIQUE,'
+                f' start integer NOT NULL, "end" integer NOT NULL, text text NOT NULL, hash text NOT NULL,'
                 f" metadata jsonb NOT NULL, embedding vector({dim}) NOT NULL,"
+                f" CONSTRAINT {p}chunks_source_hash UNIQUE (source, hash),"
                 # Stored, so ranking reads it instead of re-parsing every matching chunk's text.
                 " tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED)"
             )
@@ -121,7 +157,7 @@ class PgVectorStore:
         """Atomically replace ``source``'s chunks; returns (stored, dropped as duplicates)."""
         vectors = unit_rows(vectors, len(chunks))
         p = self.p
-        with self._lock, self._db.transaction():
+        with self._lock, self._writing(source):
             self._ensure_chunks(embedder, vectors.shape[1])
             self._db.execute(f"DELETE FROM {p}chunks WHERE source = %s", (source,))
             stored = 0
@@ -129,7 +165,7 @@ class PgVectorStore:
                 for chunk, vector in zip(chunks, vectors, strict=True):
                     cur.execute(
                         f'INSERT INTO {p}chunks (source, start, "end", text, hash, metadata, embedding)'
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s::vector) ON CONFLICT (hash) DO NOTHING",
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s::vector) ON CONFLICT (source, hash) DO NOTHING",
                         (source, chunk.start, chunk.end, chunk.text, chunk.hash, json.dumps(dict(chunk.metadata)),
                          _literal(vector)),
                     )  # fmt: skip
@@ -142,7 +178,7 @@ class PgVectorStore:
         return stored, len(chunks) - stored
 
     def delete(self, source: str) -> int:
-        with self._lock, self._db.transaction():
+        with self._lock, self._writing(source):
             n = 0
             if self._meta("dim") is not None:
                 n = self._db.execute(f"DELETE FROM {self.p}chunks WHERE source = %s", (source,)).rowcount
@@ -173,13 +209,14 @@ class PgVectorStore:
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        wanted = check_filter(filter) if filter is not None else {}
         with self._lock:
             dim = self.dim()
             if dim is None:
                 return []
             if query.shape[0] != dim:
                 raise StoreError(f"a {query.shape[0]}-d query against {dim}-d vectors: wrong embedder")
-            where, params = self._where(filter or {})
+            where, params = self._where(wanted)
             literal = _literal(query)
             columns = f'id, source, start, "end", text, metadata, 1 - (embedding <=> %s::vector) FROM {self.p}chunks'
             pool = max(HYBRID_POOL, k) if text else k
@@ -202,17 +239,20 @@ class PgVectorStore:
         return [Hit(StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5]), float(r[6])) for r in rows[:k]]
 
     @staticmethod
-    def _where(filter: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    def _where(wanted: dict[str, list[Any]]) -> tuple[str, list[Any]]:
+        """SQL for a filter checked by ``check_filter``: each key's column is one of its allowed values."""
         clauses: list[str] = []
         params: list[Any] = []
-        for key, wanted in filter.items():
-            check_filter_key(key)
-            column = "source" if key == "source" else "metadata #>> %s"
-            if key != "source":
-                params.append("{" + key.replace(".", ",") + "}")
-            values = list(wanted) if isinstance(wanted, (list, tuple, set)) else [wanted]
-            clauses.append(f"{column} = ANY(%s)")
-            params.append([v if key == "source" else _as_text(v) for v in values])
+        for key, values in wanted.items():
+            path = "{" + key.replace(".", ",") + "}"
+            column = "source" if key == "source" else "(metadata #>> %s)"
+            present = [v if key == "source" else _as_text(v) for v in values if v is not None]
+            clause = f"{column} = ANY(%s)"
+            params.extend([present] if key == "source" else [path, present])
+            if len(present) < len(values):  # null matches a missing key or a JSON null
+                clause = f"({clause} OR {column} IS NULL)"
+                params.extend([] if key == "source" else [path])
+            clauses.append(clause)
         return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
 
     def close(self) -> None:

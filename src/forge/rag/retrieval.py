@@ -4,6 +4,7 @@ Ingest: load each file (``loaders``), skip it if its sha256 matches what the
 store recorded, chunk it by tokens (``chunking``), drop chunks whose content
 hash is already stored, embed the rest in batches, and replace the source's
 chunks in one transaction. A bad file is reported and skipped; the rest go on.
+A ``progress`` callback hears after each file and each batch of embeddings.
 
 Answer: embed the question, take the top k chunks, pack as many as fit the
 chat model's context (best first, each numbered), and ask the model to answer
@@ -13,20 +14,25 @@ from them citing ``[n]``. The answer comes back with the sources it cites.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from forge.app import Forge
 from forge.errors import ConfigError
 from forge.rag.chunking import chunk_text, content_hash
 from forge.rag.embed import Embedder, LocalEmbedder
-from forge.rag.loaders import Document, LoadFailure, load_documents
+from forge.rag.loaders import Document, LoadFailure, load_document, walk_files
 from forge.rag.pgvector import PgVectorStore
 from forge.rag.store import Hit, NewChunk, SqliteStore, VectorStore
 
-__all__ = ["Answer", "Citation", "IngestReport", "Rag", "cited", "open_store"]
+__all__ = ["Answer", "Citation", "IngestProgress", "IngestReport", "Rag", "cited", "open_store"]
+
+#: Chunks embedded between two progress reports: a large file is not silent for minutes.
+EMBED_BATCH = 128
 
 #: Greedy, with a light repetition penalty: small chat models otherwise loop on a retrieved phrase.
 ANSWER_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256, "repetition_penalty": 1.1}
@@ -52,7 +58,18 @@ class IngestReport:
             f"{len(self.added)} added, {len(self.unchanged)} unchanged, {len(self.failures)} failed; "
             f"{self.chunks} chunks stored, {self.duplicates} duplicates dropped"
         )
-        return text + "".join(f"\n  skipped {f.source}: {f.reason}" for f in self.failures)
+        return text + "".join(f"\n  skipped {f}" for f in self.failures)  # names escaped: see LoadFailure
+
+
+@dataclass(frozen=True, slots=True)
+class IngestProgress:
+    """Where ``Rag.add`` is: files finished of all, and the chunks embedded so far of the file in hand."""
+
+    files_done: int
+    files_total: int
+    source: str
+    chunks_done: int = 0
+    chunks_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +110,14 @@ class Rag:
         chunk_overlap: int = 32,
         context_tokens: int = 1536,
     ) -> None:
-        self.store: VectorStore = open_store(store) if isinstance(store, (str, Path)) else store
         self.embedder = embedder if embedder is not None else LocalEmbedder.default()
         if chunk_tokens > self.embedder.max_tokens:
             raise ConfigError(
                 f"chunk_tokens={chunk_tokens} is longer than the embedder's {self.embedder.max_tokens}-token "
                 f"window; use {self.embedder.max_tokens} or less"
             )
+        # Opened last: a bad option or a missing embedder must not leave a new, empty store file behind.
+        self.store: VectorStore = open_store(store) if isinstance(store, (str, Path)) else store
         self.chunk_tokens, self.chunk_overlap, self.context_tokens = chunk_tokens, chunk_overlap, context_tokens
         self._app = app
 
@@ -110,25 +128,36 @@ class Rag:
         *,
         texts: Sequence[str] | Mapping[str, str] = (),
         metadata: Mapping[str, Any] | None = None,
+        progress: Callable[[IngestProgress], None] | None = None,
     ) -> IngestReport:
         """Ingest files and folders (recursively), and/or raw ``texts`` (a list, or {source name: text}).
 
         Unchanged files (same sha256 as last time) are skipped; a bad file is reported in the result.
+        ``progress`` is called after each file and each batch of embeddings of a file.
         """
         report = IngestReport()
         items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        for item in load_documents(items):
-            if isinstance(item, LoadFailure):
-                report.failures.append(item)
-            else:
-                self._ingest(item, metadata, report)
         named = texts.items() if isinstance(texts, Mapping) else ((f"text:{i}", t) for i, t in enumerate(texts))
-        for source, text in named:
-            doc = Document(source=source, text=text, sha256=content_hash(text), kind="text")
-            self._ingest(doc, metadata, report)
+        work: list[Path | LoadFailure | Document] = [*walk_files(items)]  # listed first, for the total
+        work += [Document(source=s, text=t, sha256=content_hash(t), kind="text") for s, t in named]
+        notify = progress if progress is not None else lambda _: None
+        for done, item in enumerate(work):
+            doc = load_document(item) if isinstance(item, Path) else item
+            if isinstance(doc, LoadFailure):
+                report.failures.append(doc)
+            else:
+                self._ingest(doc, metadata, report, notify, IngestProgress(done, len(work), doc.source))
+            notify(IngestProgress(done + 1, len(work), doc.source))
         return report
 
-    def _ingest(self, doc: Document, metadata: Mapping[str, Any] | None, report: IngestReport) -> None:
+    def _ingest(
+        self,
+        doc: Document,
+        metadata: Mapping[str, Any] | None,
+        report: IngestReport,
+        notify: Callable[[IngestProgress], None],
+        where: IngestProgress,
+    ) -> None:
         if self.store.source_hash(doc.source) == doc.sha256:
             report.unchanged.append(doc.source)
             return
@@ -145,7 +174,12 @@ class Rag:
             seen.add(digest)
             meta = {"kind": doc.kind, **(metadata or {})}
             chunks.append(NewChunk(piece.text, piece.start, piece.end, digest, meta))
-        vectors = self.embedder.embed([c.text for c in chunks])
+        texts = [c.text for c in chunks]
+        batches = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            notify(replace(where, chunks_done=start, chunks_total=len(texts)))
+            batches.append(self.embedder.embed(texts[start : start + EMBED_BATCH]))
+        vectors = np.concatenate(batches) if batches else self.embedder.embed([])
         name = self.embedder.name
         stored, dropped = self.store.replace_source(doc.source, doc.sha256, chunks, vectors, embedder=name)
         report.added.append(doc.source)
@@ -178,7 +212,11 @@ class Rag:
         budget = window - len(tokenizer.encode(SYSTEM_PROMPT + question)) - 32
         sources: list[Citation] = []
         blocks: list[str] = []
+        given: set[str] = set()
         for hit in hits:
+            if hit.chunk.text in given:  # the same passage from another file says nothing new
+                continue
+            given.add(hit.chunk.text)
             n = len(sources) + 1
             block = f"[{n}] ({Path(hit.chunk.source).name})\n{hit.chunk.text.strip()}"
             cost = len(tokenizer.encode(block))

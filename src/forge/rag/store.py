@@ -11,18 +11,26 @@ read once into one float32 matrix and kept until another write changes the
 file (SQLite's ``data_version`` says when). A query is one matrix-vector
 product and a partial sort; at a million 384-d chunks that is 1.5 GB and a
 few tens of milliseconds. Metadata filters run in SQL (``json_extract``) and
-mask the scores.
+mask the scores; the masks of the last few filters are cached.
+
+Chunk hashes are unique per source, not per store: two files holding the same
+text each keep their chunks, so removing one never empties the other. A store
+written by an older Forge (schema 1, hashes unique store-wide) is upgraded when
+opened, and its sources are marked changed so the next ``add`` re-embeds what
+that rule dropped. A file that is not a Forge store is refused, never changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,12 +47,18 @@ __all__ = [
     "StoreError",
     "StoredChunk",
     "VectorStore",
+    "check_filter",
     "check_filter_key",
     "first_vectors",
     "unit_rows",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+#: Bounds on a search filter: keys, and allowed values per key (a filter comes from HTTP clients too).
+MAX_FILTER_KEYS, MAX_FILTER_VALUES = 16, 1024
+#: Filter masks kept per store (each is one bool per chunk: 1 MB at a million chunks).
+FILTER_CACHE = 32
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Candidates each ranking contributes to a hybrid search, and the reciprocal-rank constant (Cormack et al.).
 HYBRID_POOL, RRF_K = 50, 60
 #: Words too common to help a keyword search (BM25 would weigh them near zero anyway).
@@ -121,32 +135,43 @@ class VectorStore(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sources (
-    source TEXT PRIMARY KEY, sha256 TEXT NOT NULL, chunks INTEGER NOT NULL, added_at REAL NOT NULL
-);
+# Chunk hashes are unique per source (schema 2); schema 1 had them unique store-wide.
+_CHUNKS_TABLE = """
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
     start INTEGER NOT NULL,
     end INTEGER NOT NULL,
     text TEXT NOT NULL,
-    hash TEXT NOT NULL UNIQUE,
+    hash TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    UNIQUE (source, hash)
 );
-CREATE INDEX IF NOT EXISTS chunks_source ON chunks (source);
+"""
+_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (
+    source TEXT PRIMARY KEY, sha256 TEXT NOT NULL, chunks INTEGER NOT NULL, added_at REAL NOT NULL
+);
+"""
+    + _CHUNKS_TABLE
+    + """
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     text, content='chunks', content_rowid='id', tokenize='porter unicode61'
 );
-CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
-END;
-CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
-END;
 """
+)
+# The full-text index follows the chunks table (FTS5 external content).
+_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+END""",
+    """CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END""",
+)
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_.]+")
@@ -163,28 +188,45 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent
-            if not parent.is_dir():
-                raise StoreError(f"can't create the store {self.path!r}: folder {str(parent)!r} does not exist")
+            _check_target(Path(self.path).expanduser())
         try:
             # One connection shared by threads (the server's workers), guarded by a lock.
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+            _check_is_forge_store(self._db, self.path)  # before WAL mode, which rewrites the header
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_SCHEMA + "".join(f"{trigger};\n" for trigger in _TRIGGERS))
             version = self._meta("schema")
-            if version is None:
-                with self._db:
-                    self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif version != SCHEMA_VERSION:
-                raise StoreError(f"{self.path!r} has store schema {version}; this Forge reads {SCHEMA_VERSION}")
+            if version not in (None, "1", SCHEMA_VERSION):
+                raise StoreError(
+                    f"{self.path!r} has store schema {version}; this Forge reads {SCHEMA_VERSION}: upgrade Forge"
+                )
+            if version != SCHEMA_VERSION:
+                self._upgrade()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"can't open {self.path!r} as a Forge store: {exc}") from exc
         self._lock = threading.RLock()
         self._ids: np.ndarray | None = None  # (N,) int64, ascending
         self._matrix: np.ndarray | None = None  # (N, dim) float32
         self._version: tuple[int, int] | None = None
-        self._filters: dict[str, np.ndarray] = {}  # filter -> allowed rows, until the next write
+        # filter -> allowed rows, until the next write; least recently used first
+        self._filters: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _upgrade(self) -> None:
+        """Bring a new or schema-1 store to this schema in one transaction (a no-op if another process did)."""
+        self._db.execute("BEGIN IMMEDIATE")  # one upgrader at a time; the others wait, then find it done
+        try:
+            version = self._meta("schema")
+            if version == "1":
+                _rebuild_chunks_table(self._db)
+                # Schema 1 dropped a chunk whose text another source already had: re-embed on the next add.
+                self._db.execute("UPDATE sources SET sha256 = ''")
+            if version != SCHEMA_VERSION:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self._db.commit()
+        except BaseException:
+            self._db.rollback()
+            raise
 
     # -- metadata ---------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -214,7 +256,7 @@ class SqliteStore:
         """Atomically replace ``source``'s chunks; returns (stored, dropped as duplicates of stored chunks)."""
         vectors = unit_rows(vectors, len(chunks))
         dim = vectors.shape[1]
-        with self._lock, self._db:  # one transaction: all of it or none of it
+        with self._lock, self._writing(source):  # one transaction: all of it or none of it
             self._check_embedder(embedder, dim)
             self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
             stored = 0
@@ -238,6 +280,21 @@ class SqliteStore:
             )
         return stored, len(chunks) - stored
 
+    @contextlib.contextmanager
+    def _writing(self, source: str) -> Iterator[None]:
+        """A transaction; a failed write (a full disk, a read-only file) rolls back and becomes a StoreError."""
+        try:
+            with self._db:
+                yield
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:  # a failed COMMIT leaves it open
+                self._db.rollback()
+            hint = "free some disk space" if "full" in str(exc) else "check the file and its folder are writable"
+            raise StoreError(
+                f"can't write {source!r} to {self.path!r}: {exc}; the store is as it was before it, "
+                f"{hint} and run it again"
+            ) from None
+
     def _check_embedder(self, embedder: str, dim: int) -> None:
         if first_vectors(self.path, self._meta("embedder"), self._meta("dim"), embedder, dim, "a new store"):
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (embedder,))
@@ -245,7 +302,7 @@ class SqliteStore:
 
     def delete(self, source: str) -> int:
         """Remove a source and its chunks; returns how many chunks went."""
-        with self._lock, self._db:
+        with self._lock, self._writing(source):
             n = self._db.execute("DELETE FROM chunks WHERE source = ?", (source,)).rowcount
             self._db.execute("DELETE FROM sources WHERE source = ?", (source,))
         return n
@@ -284,6 +341,7 @@ class SqliteStore:
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        wanted = check_filter(filter) if filter is not None else {}
         with self._lock:
             ids, matrix = self._vectors()
             if len(ids) == 0:
@@ -291,11 +349,8 @@ class SqliteStore:
             if query.shape[0] != matrix.shape[1]:
                 raise StoreError(f"a {query.shape[0]}-d query against {matrix.shape[1]}-d vectors: wrong embedder")
             scores = matrix @ query  # (N,)
-            if filter:
-                key = json.dumps(filter, sort_keys=True, default=str)
-                if key not in self._filters:
-                    self._filters[key] = np.isin(ids, self._filtered_ids(filter), assume_unique=True)
-                scores = np.where(self._filters[key], scores, -np.inf)
+            if wanted:
+                scores = np.where(self._filter_mask(ids, wanted), scores, -np.inf)
             top = _best(scores, min(k if not text else max(HYBRID_POOL, k), len(ids)))
             if text:
                 top = self._fuse(top, scores, ids, text, k)
@@ -323,14 +378,27 @@ class SqliteStore:
         order = sorted(fused, key=lambda row: -fused[row])[:k]
         return np.asarray(order, dtype=np.int64)
 
-    def _filtered_ids(self, filter: Mapping[str, Any]) -> np.ndarray:
+    def _filter_mask(self, ids: np.ndarray, wanted: dict[str, list[Any]]) -> np.ndarray:
+        """Which rows ``wanted`` allows: from the cache (least recently used dropped first) or from SQL."""
+        key = json.dumps(wanted, sort_keys=True)
+        if key in self._filters:
+            self._filters.move_to_end(key)
+        else:
+            self._filters[key] = np.isin(ids, self._filtered_ids(wanted), assume_unique=True)
+            while len(self._filters) > FILTER_CACHE:
+                self._filters.popitem(last=False)
+        return self._filters[key]
+
+    def _filtered_ids(self, wanted: dict[str, list[Any]]) -> np.ndarray:
         clauses, params = [], []
-        for key, wanted in filter.items():
-            check_filter_key(key)
+        for key, values in wanted.items():
             column = "source" if key == "source" else f"json_extract(metadata, '$.{key}')"
-            values = list(wanted) if isinstance(wanted, (list, tuple, set)) else [wanted]
-            clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
-            params.extend(values)
+            present = [v for v in values if v is not None]
+            clause = f"{column} IN ({', '.join('?' * len(present))})"
+            if len(present) < len(values):  # null matches a missing key or a JSON null
+                clause = f"({clause} OR {column} IS NULL)"
+            clauses.append(clause)
+            params.extend(present)
         rows = self._db.execute(f"SELECT id FROM chunks WHERE {' AND '.join(clauses)}", params).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -353,10 +421,96 @@ class SqliteStore:
         self.close()
 
 
+def check_filter(filter: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``filter`` as {key: allowed values}, or a ConfigError naming the key, the value's type and what is allowed.
+
+    A value is a string, a number, a boolean or null (matching a missing key), or a flat list of those
+    meaning "any of". At most ``MAX_FILTER_KEYS`` keys and ``MAX_FILTER_VALUES`` values per key.
+
+    >>> check_filter({"play": ["hamlet", "lear"], "act": 1})
+    {'play': ['hamlet', 'lear'], 'act': [1]}
+    """
+    allowed = f"allowed: a string, number, boolean or null, or a flat list of at most {MAX_FILTER_VALUES} of those"
+    if not isinstance(filter, Mapping):
+        raise ConfigError(f"a filter maps metadata keys to values, got a {type(filter).__name__}: {_short(filter)}")
+    if len(filter) > MAX_FILTER_KEYS:
+        raise ConfigError(f"a filter has at most {MAX_FILTER_KEYS} keys, got {len(filter)}; filter on fewer keys")
+    out: dict[str, list[Any]] = {}
+    for key, wanted in filter.items():
+        check_filter_key(key)
+        values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+        if len(values) > MAX_FILTER_VALUES:
+            raise ConfigError(f"filter[{key!r}] lists {len(values)} values; {allowed}")
+        for value in values:
+            if not _filter_scalar(value):
+                what = "is" if value is wanted else "holds"
+                raise ConfigError(f"filter[{key!r}] {what} a {type(value).__name__} ({_short(value)}); {allowed}")
+        out[key] = values
+    return out
+
+
+def _filter_scalar(value: object) -> bool:
+    if value is None or isinstance(value, (str, bool)):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63  # SQLite's integers; larger ones can't be stored as metadata either
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_filter_key(key: str) -> None:
     """A filter key goes into SQL: letters, digits, '_' and '.' (nested keys) only."""
     if not isinstance(key, str) or not _METADATA_KEY.fullmatch(key):
         raise ConfigError(f"filter key {key!r} must be a metadata name (letters, digits, '_' and '.')")
+
+
+def _check_target(path: Path) -> None:
+    """Refuse a path Forge must not write: a missing folder, a folder, or a file that is not SQLite."""
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise StoreError(f"can't create the store {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise StoreError(f"{str(path)!r} is not a regular file, so not a Forge store; pick another store path")
+    with open(path, "rb") as f:
+        head = f.read(len(_SQLITE_MAGIC))
+    if head and head != _SQLITE_MAGIC:  # an empty file holds nothing to lose
+        raise StoreError(
+            f"{str(path)!r} exists and is not a Forge store (not a SQLite file); Forge won't overwrite it: "
+            "pick another store path (e.g. forge-rag.db)"
+        )
+
+
+def _check_is_forge_store(db: sqlite3.Connection, path: str) -> None:
+    """Refuse to add Forge's tables to another program's SQLite database."""
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+    if tables and "meta" not in tables:
+        raise StoreError(
+            f"{path!r} is a SQLite database but not a Forge store (it holds {', '.join(sorted(tables)[:5])}); "
+            "Forge won't change it: pick another store path"
+        )
+
+
+def _rebuild_chunks_table(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the chunks table again, with hashes unique per source instead of store-wide.
+
+    Ids are kept, so the full-text index (keyed by chunk id) stays valid; the triggers dropped
+    with the old table are made again.
+    """
+    db.execute(_CHUNKS_TABLE.replace("IF NOT EXISTS chunks", "chunks_v2"))
+    db.execute(
+        "INSERT INTO chunks_v2 (id, source, start, end, text, hash, metadata, vector)"
+        " SELECT id, source, start, end, text, hash, metadata, vector FROM chunks"
+    )
+    db.execute("DROP TABLE chunks")
+    db.execute("ALTER TABLE chunks_v2 RENAME TO chunks")
+    for trigger in _TRIGGERS:
+        db.execute(trigger)
 
 
 def first_vectors(where: str, known: str | None, known_dim: str | None, embedder: str, dim: int, fix: str) -> bool:

@@ -61,18 +61,23 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def connection_cap(wanted: int) -> int:
-    """``wanted`` connections, or fewer if the file-descriptor limit can't hold them with room to spare."""
+def connection_cap(wanted: int) -> tuple[int, int]:
+    """The connections to allow (``wanted``, or fewer if the open-file limit is low) and the listen backlog.
+
+    asyncio accepts up to ``backlog`` sockets at a time before the protocol can close any, so the
+    cap leaves room for two such batches under the limit; a low limit gets a smaller backlog.
+    """
     room = raise_fd_limit() - FD_RESERVE
-    if wanted > room:
+    backlog = min(2048, max(16, room // 4))
+    cap = max(1, min(wanted, room - 2 * backlog))
+    if cap < wanted:
         log.warning(
-            "the open-file limit allows about %d connections, not max_connections=%d; serving at most %d "
-            "(raise it with `ulimit -n`)",
+            "the open-file limit (%d) allows %d connections, not max_connections=%d; raise it with `ulimit -n`",
             room + FD_RESERVE,
+            cap,
             wanted,
-            max(room, 1),
         )
-    return max(1, min(wanted, room))
+    return cap, backlog
 
 
 def _refusal(status: int, reason: str, message: str, code: str) -> bytes:

@@ -105,7 +105,8 @@ async def serve(
         compile_timeout=compile_timeout,
     )
     options: ServerConfig = server_app.state.forge.config
-    limits = ConnectionLimits(options.header_timeout, options.body_timeout, connection_cap(options.max_connections))
+    cap, backlog = connection_cap(options.max_connections)
+    limits = ConnectionLimits(options.header_timeout, options.body_timeout, cap)
     config = uvicorn.Config(
         server_app,
         host=host,
@@ -115,6 +116,7 @@ async def serve(
         log_level=log_level,
         access_log=False,
         http=guarded_protocol(limits),  # h11, with deadlines for reading requests and a cap on connections
+        backlog=backlog,
         timeout_graceful_shutdown=int(shutdown_timeout) if shutdown_timeout is not None else None,
     )
     server = _Server(config, ready)

@@ -53,7 +53,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
 from forge.core.attention import rope_tables
-from forge.core.checkpoint import fsync_file
+from forge.core.checkpoint import fsync_file, write_error
 from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.gguf_tokenizer import read_tokenizer, write_tokenizer
 from forge.core.transformer import Transformer
@@ -113,11 +113,11 @@ def read_gguf(path: str | os.PathLike[str]) -> Pretrained:
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Mistral and SmolLM files are 'llama'): use a model of one of those"
         )
     _check_types(reader.tensors, p)
-    tokenizer, special = read_tokenizer(meta, p)
     by_name = {t.name: t for t in reader.tensors}
     tied = _is_tied(by_name)
     tensors = {name: _dequantize(t, p) for name, t in by_name.items()}
     config = _read_config(meta, arch, tensors, tied, p)
+    tokenizer, special = read_tokenizer(meta, p, n_vocab=config.vocab_size)
     file_type = meta.get("general.file_type")
     known_types = {t.value: t.name for t in _gguf().LlamaFileType}
     return Pretrained(
@@ -266,6 +266,7 @@ def _read_config(meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], t
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"GGUF file {str(path)!r} has no token_embd.weight tensor; re-convert it")
     d_model, n_head = count("embedding_length"), count("attention.head_count")
+    _check_sizes(tensors, {"embedding_length": d_model, "block_count": count("block_count")}, arch, path)
     head_dim = d_model // max(n_head, 1)
     unsupported = {"attention.key_length": head_dim, "attention.value_length": head_dim}
     if arch != "gpt2":
@@ -309,6 +310,21 @@ def _read_config(meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], t
             f"GGUF file {str(path)!r} describes a model Forge cannot build ({e}); its metadata is inconsistent, "
             "re-convert it"
         ) from None
+
+
+def _check_sizes(tensors: dict[str, torch.Tensor], sizes: dict[str, int], arch: str, path: Path) -> None:
+    """The metadata's width and depth against the tensors the file really holds, before either sizes anything:
+    a damaged or hostile file can claim any number, and Forge would build (and loop over) that many layers."""
+    emb = tuple(tensors["token_embd.weight"].shape)
+    layers = {name.split(".")[1] for name in tensors if name.startswith("blk.")}
+    found = {"embedding_length": emb[1] if len(emb) == 2 else None, "block_count": len(layers)}
+    for key, value in sizes.items():
+        if value != found[key]:
+            held = f"token_embd.weight is {emb}" if key == "embedding_length" else f"it holds {len(layers)} layers"
+            raise CheckpointError(
+                f"GGUF file {str(path)!r} has {arch}.{key} = {value}, but {held}; the file is inconsistent, "
+                "re-convert it"
+            )
 
 
 def _read_rope_scaling(
@@ -523,7 +539,7 @@ def write_gguf(
         out.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(tmp, arch)
     except OSError as e:
-        raise _gguf_write_error(out, e) from None
+        raise write_error(out, "GGUF file", e) from None
     try:
         _write_config(writer, config, arch, name, dtype)
         write_tokenizer(writer, tokenizer, special, chat_template, config.vocab_size)
@@ -541,7 +557,7 @@ def write_gguf(
             writer.close()
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise _gguf_write_error(out, e) from None
+            raise write_error(out, "GGUF file", e) from None
         raise
 
 
@@ -557,14 +573,6 @@ def _check_gguf_target(out: Path) -> None:
                 f"refusing to replace {str(out)!r}: it is not a GGUF file, and exporting there would overwrite it; "
                 "choose a new path ending .gguf"
             )
-
-
-def _gguf_write_error(out: Path, error: OSError) -> CheckpointError:
-    reason = error.strerror or str(error) or type(error).__name__
-    return CheckpointError(
-        f"could not write the GGUF file {str(out)!r}: {reason}; free some disk space or check permissions, "
-        "or choose another path (an existing file there is unchanged)"
-    )
 
 
 def _export_architecture(config: ModelConfig) -> str:

@@ -35,6 +35,8 @@ log = logging.getLogger("forge")
 
 # gguf.TokenType values.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
+#: The longest SentencePiece piece Forge derives merges for; real vocabularies stay under about 100.
+_MAX_PIECE = 512
 #: Tokens that end a turn or a text when the vocabulary has them; llama.cpp stops on the same names.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -96,13 +98,21 @@ class _Metadata(Protocol):
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
-def read_tokenizer(meta: _Metadata, path: Path) -> tuple[HFTokenizer, SpecialTokens]:
-    """The tokenizer and special tokens of a GGUF file's ``tokenizer.ggml.*`` metadata; ``path`` names it in errors."""
+def read_tokenizer(meta: _Metadata, path: Path, n_vocab: int | None = None) -> tuple[HFTokenizer, SpecialTokens]:
+    """The tokenizer and special tokens of a GGUF file's ``tokenizer.ggml.*`` metadata; ``path`` names it in errors.
+
+    ``n_vocab``: the model's embedding rows; a token past them would index outside the embedding.
+    """
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise CheckpointError(
             f"GGUF file {str(path)!r} has no tokenizer (tokenizer.ggml.model/tokens), and Forge needs one to encode "
             "prompts; use a GGUF converted together with its tokenizer"
+        )
+    if n_vocab is not None and len(tokens) > n_vocab:
+        raise CheckpointError(
+            f"GGUF file {str(path)!r} has {len(tokens)} tokens but token_embd.weight has only {n_vocab} rows; "
+            "the file is inconsistent, re-convert it"
         )
     types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     merges = meta.get("tokenizer.ggml.merges")
@@ -212,6 +222,11 @@ def _merges_from_scores(tokens: Sequence[str], types: Sequence[int], scores: Seq
     for token, index in pieces.items():
         if types[index] != _NORMAL:
             continue
+        if len(token) > _MAX_PIECE:  # every split of a piece is tried: the work grows with its length squared
+            raise CheckpointError(
+                f"the SentencePiece token {index} is {len(token)} characters long, and Forge builds merges only for "
+                f"pieces of at most {_MAX_PIECE}; the tokenizer is damaged, re-convert the file"
+            )
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in pieces and right in pieces:

@@ -109,6 +109,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         cfg = _gpt2_config(hf_config) if arch == "GPT2LMHeadModel" else _llama_config(hf_config, arch)
     except ConfigError as e:
         raise CheckpointError(f"{arch} config describes a model Forge cannot build: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:  # int("x"), int(1e999), int([...]) on a field
+        raise CheckpointError(f"{arch} config.json has a size that is not a number ({e}); fix config.json") from None
     # Canonical form: None wherever the value equals the default that None means.
     default_ff = cfg.replace(d_ff=None).ff_dim
     return cfg.replace(
