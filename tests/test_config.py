@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from forge.config import PRESETS, ModelConfig, get_preset, preset_names
+from forge.config import MAX_SIZES, PRESETS, ModelConfig, get_preset, preset_names
 from forge.errors import ConfigError, PresetNotFoundError
 
 BASE = {"vocab_size": 256, "context_length": 64, "n_layer": 2, "n_head": 4, "d_model": 64}
@@ -123,3 +123,26 @@ def test_dict_round_trip() -> None:
 def test_from_dict_rejects_unknown_fields() -> None:
     with pytest.raises(ConfigError, match="n_layers"):
         ModelConfig.from_dict({**BASE, "n_layers": 2})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("context_length", 2_000_000_000),  # a GGUF declaring this made loading allocate 256 GB
+        ("vocab_size", 1 << 30),
+        ("n_layer", 1_000_000),
+        ("d_model", 1 << 24),
+        ("d_ff", 1 << 24),
+    ],
+)
+def test_sizes_past_any_real_model_are_config_errors(field: str, value: int) -> None:
+    changes = {field: value, "n_head": 1} if field == "d_model" else {field: value}
+    with pytest.raises(
+        ConfigError, match=rf"ModelConfig\.{field} = {value} is invalid: must be at most {MAX_SIZES[field]}"
+    ):
+        get_preset("tiny").replace(**changes)
+
+
+def test_every_preset_is_within_the_size_bounds() -> None:
+    for cfg in PRESETS.values():
+        assert all(getattr(cfg, name) is None or getattr(cfg, name) <= most for name, most in MAX_SIZES.items())

@@ -258,3 +258,16 @@ def test_unreadable_file_raises_naming_it(tmp_path: Path) -> None:
         assert str(locked) in str(info.value)
     finally:
         locked.chmod(0o644)
+
+
+def test_a_full_disk_while_caching_tokens_is_one_error_and_leaves_nothing(
+    tmp_path: Path, char_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(28, os.strerror(28))  # ENOSPC, as the flush of a full disk reports it
+
+    monkeypatch.setattr(os, "fsync", full)
+    corpus = Corpus.from_source(["to be, or not to be: that is the question.\n" * 20])
+    with pytest.raises(DataError, match=r"could not write the token cache.*No space left on device.*FORGE_CACHE_DIR"):
+        TokenDataset.build(corpus, char_tokenizer, directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []

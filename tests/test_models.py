@@ -160,3 +160,16 @@ def test_load_with_mismatched_weights(char_tokenizer: Tokenizer, tmp_path: Path)
 def test_saved_config_is_readable_json(saved: tuple[Transformer, Path]) -> None:
     model, path = saved
     assert json.loads((path / "config.json").read_text()) == model.config.to_dict()
+
+
+def test_a_config_claiming_more_than_its_weights_is_refused_before_allocating(
+    char_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    # Building this config's model for real would take about 200 GB; only its shapes are compared.
+    model = create_model("tiny", vocab_size=320, n_layer=1)
+    huge = model.config.replace(d_model=32768, n_head=64, n_layer=4).to_dict()
+    path = save_checkpoint(
+        tmp_path / "huge", model=model, config=huge, files={"tokenizer.json": char_tokenizer.to_str().encode()}
+    )
+    with pytest.raises(CheckpointError, match=r"does not match its config: .* but the config implies \(\d+, 32768\)"):
+        load(path)

@@ -221,6 +221,11 @@ def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, dtype: np.dt
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: one line, not a traceback (the finally removes the partial file)
+        raise DataError(
+            f"could not write the token cache {str(path)!r}: {e.strerror or e}; free some disk space, "
+            "or point FORGE_CACHE_DIR at another disk"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -28,7 +28,7 @@ from forge.core.optim import build_adamw, clip_grad_norm
 from forge.core.schedule import Schedule, ScheduleKind
 from forge.core.transformer import Transformer
 from forge.data import Corpus, DataSource, TokenDataset, cache_dir
-from forge.errors import ConfigError
+from forge.errors import ConfigError, DataError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
 from forge.models import create_model, load, padded_vocab, save
 from forge.tokenizer import Tokenizer, TokenizerKind
@@ -378,7 +378,13 @@ def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Toke
     if path.exists():
         return Tokenizer.load(path)
     tokenizer = Tokenizer.train(corpus.chunks(), kind=kind, vocab_size=vocab_size)
-    tokenizer.save(path)
+    try:
+        tokenizer.save(path)
+    except OSError as e:  # a full disk: one line, not a traceback
+        raise DataError(
+            f"could not write the tokenizer cache {str(path)!r}: {e.strerror or e}; free some disk space, "
+            "or point FORGE_CACHE_DIR at another disk"
+        ) from None
     return tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 from forge.config import ModelConfig, get_preset
 from forge.core.attention import apply_rope, rope_tables
 from forge.core.kv_cache import KVCache
-from forge.core.transformer import Transformer
+from forge.core.transformer import ROPE_INITIAL_LEN, Transformer
 
 FAMILIES = ["gpt2", "llama"]
 
@@ -232,3 +232,27 @@ def test_meta_device_model_can_be_materialised(small_config: Callable[..., Model
     reference = Transformer(cfg)
     torch.testing.assert_close(model.rope_cos, reference.rope_cos)
     torch.testing.assert_close(model.rope_sin, reference.rope_sin)
+
+
+def test_rope_tables_grow_with_the_positions_used(small_config: Callable[..., ModelConfig]) -> None:
+    # A model file may declare 16M positions; tables for all of them would be GBs before the first token.
+    cfg = small_config("llama", context_length=1 << 24)
+    model = Transformer(cfg).eval()
+    assert model.rope_cos.shape == (ROPE_INITIAL_LEN, cfg.head_dim)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long))
+        assert model.rope_cos.shape[0] == ROPE_INITIAL_LEN
+        model.make_caches(1, ROPE_INITIAL_LEN + 5)  # a cache longer than the tables grows them first
+    n = model.rope_cos.shape[0]
+    assert ROPE_INITIAL_LEN + 5 <= n <= 2 * ROPE_INITIAL_LEN
+    cos, sin = rope_tables(cfg.head_dim, n, cfg.rope_theta)
+    torch.testing.assert_close(model.rope_cos, cos)
+    torch.testing.assert_close(model.rope_sin, sin)
+
+
+def test_rope_tables_never_pass_the_context(small_config: Callable[..., ModelConfig]) -> None:
+    cfg = small_config("llama", context_length=ROPE_INITIAL_LEN + 100)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(1, ROPE_INITIAL_LEN + 1, dtype=torch.long), last_only=True)
+    assert model.rope_cos.shape[0] == cfg.context_length and torch.isfinite(logits).all()

