@@ -112,11 +112,7 @@ def serve_cmd(
             err=True,
         )
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
-    # The KV cache is allocated whole at start: size it to the memory there is, and say so.
-    assert app.model is not None
-    weight = app.model.tok_emb.weight
-    plan = plan_cache(app.model.config, dtype=weight.dtype, device=weight.device, max_batch=max_batch, context=context)
-    click.echo(plan.describe(), err=True)
+    max_batch, context = _size_cache(app, max_batch, context)
     retriever = Rag(existing_store(rag_db), app=app) if rag_db is not None else None
     asyncio.run(
         server.serve(
@@ -124,9 +120,9 @@ def serve_cmd(
             host=host,
             port=port,
             api_key=api_key,
-            max_batch=plan.max_batch,
+            max_batch=max_batch,
             max_queue=max_queue,
-            context=plan.context,
+            context=context,
             cors_origins=cors_origins,
             max_body_size=max_body_size,
             model_name=model_name,
@@ -138,3 +134,13 @@ def serve_cmd(
             max_connections=max_connections,
         )
     )
+
+
+def _size_cache(app: Forge, max_batch: int | None, context: int | None) -> tuple[int, int | None]:
+    """The KV cache is allocated whole at start: size it to the memory there is, and say so."""
+    if app.model is None:  # nothing to serve: the server says so
+        return max_batch or 8, context
+    weight = app.model.tok_emb.weight
+    plan = plan_cache(app.model.config, dtype=weight.dtype, device=weight.device, max_batch=max_batch, context=context)
+    click.echo(plan.describe(), err=True)
+    return plan.max_batch, plan.context

@@ -6,7 +6,7 @@
 """
 
 from forge.rag.embed import Embedder, HttpEmbedder, LocalEmbedder
-from forge.rag.retrieval import Answer, Citation, IngestReport, Rag, open_store
+from forge.rag.retrieval import Answer, Citation, IngestProgress, IngestReport, Rag, open_store
 from forge.rag.store import Hit, SqliteStore, VectorStore
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Embedder",
     "Hit",
     "HttpEmbedder",
+    "IngestProgress",
     "IngestReport",
     "LocalEmbedder",
     "Rag",
