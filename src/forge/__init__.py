@@ -11,6 +11,7 @@ from typing import Any
 from forge.app import Forge, SyncForge
 from forge.config import PRESETS, ModelConfig, get_preset, preset_names, register_preset
 from forge.errors import (
+    ChatTemplateError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -71,6 +72,7 @@ __all__ = [
     "PRESETS",
     "Agent",
     "AsyncTextStream",
+    "ChatTemplateError",
     "CheckpointError",
     "CheckpointEvent",
     "Completion",

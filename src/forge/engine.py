@@ -276,8 +276,11 @@ class Engine:
             self.stats["cancelled" if cancelled else "completed"] += 1
 
     def _fail(self, job: _Job, error: Exception) -> None:
-        """Fail one job with a server-side error (HTTP 500: not the client's fault) and free its row."""
-        log.exception("generation %s failed", id(job.seq), exc_info=error)
+        """Fail one job and free its row; the error's status says whose fault it was (a bare exception: 500)."""
+        if isinstance(error, ForgeError) and error.http_status < 500:  # the request's fault (e.g. its grammar)
+            log.warning("generation %s failed: %s", id(job.seq), error)
+        else:
+            log.exception("generation %s failed", id(job.seq), exc_info=error)
         wrapped = (
             error if isinstance(error, ForgeError) else ForgeError(f"generation failed inside the engine: {error!r}")
         )

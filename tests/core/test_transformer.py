@@ -11,6 +11,7 @@ from forge.config import ModelConfig, get_preset
 from forge.core.attention import apply_rope, rope_tables
 from forge.core.kv_cache import KVCache
 from forge.core.transformer import ROPE_INITIAL_LEN, Transformer
+from forge.errors import GenerationError
 
 FAMILIES = ["gpt2", "llama"]
 
@@ -256,3 +257,14 @@ def test_rope_tables_never_pass_the_context(small_config: Callable[..., ModelCon
     with torch.no_grad():
         logits = model(torch.zeros(1, ROPE_INITIAL_LEN + 1, dtype=torch.long), last_only=True)
     assert model.rope_cos.shape[0] == cfg.context_length and torch.isfinite(logits).all()
+
+
+def test_a_cache_larger_than_free_memory_is_a_clear_error(
+    small_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # max_tokens near a declared 16M context once meant allocating until the process was killed.
+    monkeypatch.setattr("forge.core.kv_cache.free_memory", lambda device: 1 << 30)
+    model = Transformer(small_config("llama", context_length=1 << 24))
+    with pytest.raises(GenerationError, match=r"needs 8\.0 GB, but only 1\.0 GB of memory is free"):
+        model.make_caches(4, 1 << 22)
+    assert len(model.make_caches(1, 64)) == len(model.blocks)

@@ -15,9 +15,18 @@ import torch
 from torch import nn
 
 from forge.config import ModelConfig
-from forge.errors import ConfigError
+from forge.errors import ConfigError, GenerationError
 
-__all__ = ["CACHE_MEMORY_FRACTION", "CachePlan", "CacheWrite", "KVCache", "free_memory", "plan_cache"]
+__all__ = [
+    "CACHE_MEMORY_FRACTION",
+    "CachePlan",
+    "CacheWrite",
+    "KVCache",
+    "cache_bytes",
+    "check_cache_fits",
+    "free_memory",
+    "plan_cache",
+]
 
 #: The share of free memory a serving KV cache takes by default; the rest is for activations and everything else.
 CACHE_MEMORY_FRACTION = 0.5
@@ -26,6 +35,8 @@ _MAX_MEMORY_FRACTION = 0.9
 #: A default context below this (or the model's own, if shorter) trades batch rows for context first.
 _MIN_DEFAULT_CONTEXT = 2048
 _GB = 1 << 30
+#: Caches smaller than this are allocated without asking how much memory is free.
+_CHECKED_FROM = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +166,19 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtyp
     """Bytes of the keys and values of every layer for ``batch`` rows of ``max_len`` positions."""
     per_position = 2 * config.n_layer * config.kv_heads * config.head_dim * dtype.itemsize
     return per_position * batch * max_len
+
+
+def check_cache_fits(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a cache larger than the free memory with a clear error, rather than be killed allocating it."""
+    need = cache_bytes(config, batch, max_len, dtype)
+    if need < _CHECKED_FROM:  # too small to matter: skip asking the system
+        return
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise GenerationError(
+            f"a KV cache for {batch} x {max_len} positions needs {_size(need)}, but only {_size(free)} of memory "
+            "is free; ask for fewer tokens (max_tokens) or a shorter prompt"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from forge.config import ModelConfig
 from forge.core import ops
 from forge.core.attention import CausalSelfAttention, rope_tables
-from forge.core.kv_cache import CacheWrite, KVCache
+from forge.core.kv_cache import CacheWrite, KVCache, check_cache_fits
 
 __all__ = ["ROPE_INITIAL_LEN", "Transformer"]
 
@@ -175,6 +175,7 @@ class Transformer(nn.Module):
         cfg = self.config
         device = self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
+        check_cache_fits(cfg, batch, max_len, dtype, device)
         self.ensure_positions(max_len)  # before any graph captures a read of the tables
         return [
             KVCache(
