@@ -201,13 +201,14 @@ def render_chat(
             messages=_for_template(checked, fmt), add_generation_prompt=add_generation_prompt, **context, **variables
         )
     except TemplateError as e:
-        raise ChatTemplateError(f"the chat template refused these messages: {e}") from None
+        said = " ".join(str(e).split())[:300]  # the template's own words: one line, bounded
+        raise ChatTemplateError(f"the chat template refused these messages: {said}") from None
     except _LimitExceeded as e:
         raise ChatTemplateError(f"the model's chat template {e}; it is not a usable chat template") from None
     except ConfigError:
         raise
     except Exception as e:  # anything else an untrusted template does wrong: 400, not 500
-        detail = f"{type(e).__name__}: {e}"[:200]
+        detail = " ".join(f"{type(e).__name__}: {e}"[:200].split())
         raise ChatTemplateError(
             f"the model's chat template failed to render ({detail}); pass a fixed template"
         ) from None

@@ -388,6 +388,16 @@ def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Toke
     return tokenizer
 
 
+def _resumed(
+    path: str | os.PathLike[str], config: TrainConfig
+) -> tuple[Transformer, Tokenizer, dict[str, Any] | None, TrainConfig]:
+    """A checkpoint's model (with its LoRA adapters, if any), tokenizer and state, and the config to go on with."""
+    loaded = load(path, with_state=True, keep_adapters=True)
+    if has_lora(loaded.model) and not config.lora_rank:  # a LoRA run resumes as one
+        config = dataclasses.replace(config, lora_rank=lora_rank(loaded.model))
+    return loaded.model, loaded.tokenizer, loaded.training_state, config
+
+
 def train(
     data: DataSource,
     *,
@@ -418,10 +428,7 @@ def train(
         check_replaceable(Path(out))  # fail before tokenizing, not after training
     corpus = Corpus.from_source(data)
     if resume is not None:
-        loaded = load(resume, with_state=True, keep_adapters=True)
-        model, tok, state = loaded.model, loaded.tokenizer, loaded.training_state
-        if has_lora(model) and not config.lora_rank:  # a LoRA run resumes as one
-            config = dataclasses.replace(config, lora_rank=lora_rank(model))
+        model, tok, state, config = _resumed(resume, config)
     elif model is not None:
         if not isinstance(tokenizer, Tokenizer):
             raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")

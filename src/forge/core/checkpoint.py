@@ -127,8 +127,9 @@ def check_replaceable(
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir() or target.is_symlink():
+        kind = "a symbolic link" if target.is_symlink() else "a file"
         raise CheckpointError(
-            f"cannot write the {what} to {str(target)!r}: it is a file, not a folder; choose a new or empty folder"
+            f"cannot write the {what} to {str(target)!r}: it is {kind}, not a folder; choose a new or empty folder"
         )
     is_ours = owned(target) if owned is not None else (target / marker).is_file()
     if is_ours or not any(target.iterdir()):
