@@ -157,7 +157,11 @@ def embedding_body(rng: random.Random) -> dict[str, Any]:
 
 async def fuzz(url: str, headers: dict[str, str], n: int, hang_after: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    routes = [("/v1/chat/completions", chat_body), ("/v1/completions", completion_body), ("/v1/embeddings", embedding_body)]
+    routes = [
+        ("/v1/chat/completions", chat_body),
+        ("/v1/completions", completion_body),
+        ("/v1/embeddings", embedding_body),
+    ]
     statuses: dict[str, int] = {}
     fivexx: list[str] = []
     hangs = 0
@@ -307,9 +311,15 @@ def kills(tmp: Path, n: int, seed: int) -> dict[str, Any]:
         done = int(state.get("step", 0))
     more = ["--steps", str(done + 2)] + (["--resume", str(out)] if survived else [])
     resumed = subprocess.run([*base, *more], capture_output=True, text=True, timeout=600)
-    return {"kills": n, "checkpoint_loads_after_kill": survived, "corrupt": corrupt, "killed_before_first_save": never_saved,
-            "steps_done_at_last_kill": done, "resume_exit_code": resumed.returncode,
-            "resume_error": resumed.stderr[-500:] if resumed.returncode else ""}  # fmt: skip
+    return {
+        "kills": n,
+        "checkpoint_loads_after_kill": survived,
+        "corrupt": corrupt,
+        "killed_before_first_save": never_saved,
+        "steps_done_at_last_kill": done,
+        "resume_exit_code": resumed.returncode,
+        "resume_error": resumed.stderr[-500:] if resumed.returncode else "",
+    }
 
 
 # ---------------------------------------------------------------- main
