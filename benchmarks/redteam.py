@@ -209,6 +209,10 @@ async def poll_health(url: str, stop: asyncio.Event, timeout: float = 5.0) -> di
 
 async def slowloris(url: str, port: int, clients: int, hold: float) -> dict[str, Any]:
     """Open many connections that never finish their request line; see who the server closes."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this client needs a socket per slow client
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, clients + 256)), hard))
     stop = asyncio.Event()
     poller = asyncio.create_task(poll_health(url, stop))
     writers: list[asyncio.StreamWriter] = []
@@ -325,10 +329,15 @@ def kills(tmp: Path, n: int, seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def start_server(model: Path, port: int, api_key: str, extra: list[str]) -> subprocess.Popen[bytes]:
+def start_server(model: Path, port: int, api_key: str, extra: list[str], nofile: int) -> subprocess.Popen[bytes]:
+    """`forge serve` with at most ``nofile`` open files (soft and hard), as on the machine the issue was found on."""
+    import resource
+
     cmd = [sys.executable, "-m", "forge", "serve", str(model), "--port", str(port), "--device", "cpu"]
     cmd += ["--api-key", api_key, "--log-level", "warning", *extra]
-    return subprocess.Popen(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=limit)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
@@ -349,6 +358,7 @@ def main() -> None:
     parser.add_argument("--slow-clients", type=int, default=1100)
     parser.add_argument("--header-timeout", type=float, default=10.0, help="The server's --header-timeout.")
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--server-nofile", type=int, default=1024, help="The server's open-file limit.")
     parser.add_argument("--hang-after", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A small slice (about a minute or two).")
@@ -365,7 +375,7 @@ def main() -> None:
         model = build_model(tmp)
         port, key = free_port(), "sk-redteam"
         url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
-        server = start_server(model, port, key, ["--header-timeout", str(args.header_timeout)])
+        server = start_server(model, port, key, ["--header-timeout", str(args.header_timeout)], args.server_nofile)
         try:
             wait_ready(url, server)
             out["fuzz"] = asyncio.run(fuzz(url, headers, args.requests, args.hang_after, args.seed))
