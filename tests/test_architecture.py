@@ -32,3 +32,14 @@ def test_importing_forge_has_no_side_effects() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_loading_models_does_not_import_the_compiler() -> None:
+    """torch._dynamo (and Triton with it) costs about a second at import, and Triton reads TRITON_INTERPRET
+    when imported: the model code applies torch.compiler.disable where it is called, never at import."""
+    code = (
+        "import sys, forge, forge.core.transformer, forge.models, forge.app, forge.server; "
+        "loaded = [m for m in ('torch._dynamo', 'triton') if m in sys.modules]; assert not loaded, loaded"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

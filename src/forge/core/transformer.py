@@ -128,9 +128,10 @@ class Transformer(nn.Module):
     def ensure_positions(self, n: int) -> None:
         """Make the RoPE tables cover positions [0, n) (at most the context length); see :data:`ROPE_INITIAL_LEN`."""
         if self.config.position == "rope" and n > self.rope_cos.shape[0]:
-            self._grow_rope(n)
+            # A rare, eager step: a compiled graph just breaks here. Applied at the call, not as a
+            # decorator: decorating imports torch._dynamo (and Triton) with this module, a second at start.
+            torch.compiler.disable(self._grow_rope)(n)
 
-    @torch.compiler.disable  # a rare, eager step: a compiled graph just breaks here
     def _grow_rope(self, n: int) -> None:
         cfg, old = self.config, self.rope_cos
         size = min(cfg.context_length, max(n, 2 * old.shape[0]))  # doubling: few regrowths
