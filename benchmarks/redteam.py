@@ -364,6 +364,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="A small slice (about a minute or two).")
     parser.add_argument("--save", action="store_true", help="Also write benchmarks/results/redteam_cpu.json.")
     args = parser.parse_args()
+    sys.setrecursionlimit(50_000)  # json.dumps of the 2,000-deep schemas this client sends
     if args.quick:
         args.requests, args.slow_clients, args.kills, args.header_timeout = 90, 200, 2, 2.0
 

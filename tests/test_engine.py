@@ -296,12 +296,14 @@ def test_forge_serve_sizes_the_cache_and_says_so(
         served.update(options)
 
     monkeypatch.setattr("forge.server.serve", fake_serve)
-    code, _, err = run_cli(["serve", long_dir, "--device", "cpu"], capsys)
+    code, _, err = run_cli(["serve", long_dir, "--device", "cpu", "--dtype", "float32"], capsys)
     assert code == 0, err
     assert served["context"] == 2048 and served["max_batch"] == 8
     assert "KV cache: context 2048 tokens (the model allows 131072) x 8 requests at once = 32 MB" in err
     assert "change with --context and --max-batch" in err
-    code, _, err = run_cli(["serve", long_dir, "--device", "cpu", "--context", "24576"], capsys)
+    code, _, err = run_cli(["serve", long_dir, "--device", "cpu", "--dtype", "float32", "--context", "24576"], capsys)
     assert code == 0 and served["context"] == 24576 and served["max_batch"] == 1  # fewer rows, the context asked for
-    code, _, err = run_cli(["serve", long_dir, "--device", "cpu", "--context", LONG, "--max-batch", 8], capsys)
+    code, _, err = run_cli(
+        ["serve", long_dir, "--device", "cpu", "--dtype", "float32", "--context", LONG, "--max-batch", 8], capsys
+    )
     assert code == 2 and "Traceback" not in err and "lower --context or --max-batch" in err
