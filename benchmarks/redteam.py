@@ -207,6 +207,14 @@ async def poll_health(url: str, stop: asyncio.Event, timeout: float = 5.0) -> di
     return {"health_polls": polls, "health_failures": failures, "health_worst_s": round(worst, 3)}
 
 
+async def idle(url: str, seconds: float = 3.0) -> dict[str, Any]:
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll_health(url, stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    return await poller
+
+
 async def slowloris(url: str, port: int, clients: int, hold: float) -> dict[str, Any]:
     """Open many connections that never finish their request line; see who the server closes."""
     import resource
@@ -379,6 +387,7 @@ def main() -> None:
         server = start_server(model, port, key, ["--header-timeout", str(args.header_timeout)], args.server_nofile)
         try:
             wait_ready(url, server)
+            out["idle_baseline"] = asyncio.run(idle(url))  # /health with nobody else: what the phases compare to
             out["fuzz"] = asyncio.run(fuzz(url, headers, args.requests, args.hang_after, args.seed))
             out["slowloris"] = asyncio.run(slowloris(url, port, args.slow_clients, args.header_timeout + 3.0))
             out["heavy"] = asyncio.run(heavy(url, headers))
