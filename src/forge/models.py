@@ -22,7 +22,8 @@ from safetensors.torch import save as save_tensors
 from forge.config import PRESETS, ModelConfig, get_preset, preset_names
 from forge.core.checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
 from forge.core.formats import Pretrained, SpecialTokens
-from forge.core.formats.gguf import read_gguf, write_gguf
+from forge.core.formats.gguf import read_gguf
+from forge.core.formats.gguf_write import write_gguf
 from forge.core.formats.hf import read_hf, write_hf
 from forge.core.lora import adapter_tensors, attach_adapters, base_copy, has_lora, merge_lora, merged_copy
 from forge.core.transformer import Transformer

@@ -19,11 +19,10 @@ from forge.core.formats import Pretrained, SpecialTokens  # noqa: E402
 from forge.core.formats.gguf import (  # noqa: E402
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_TYPES,
-    WRITE_DTYPES,
     read_gguf,
     read_gguf_tensors,
-    write_gguf,
 )
+from forge.core.formats.gguf_write import WRITE_DTYPES, write_gguf  # noqa: E402
 from forge.core.generate import generate_tokens  # noqa: E402
 from forge.core.sampling import SamplingParams  # noqa: E402
 from forge.core.transformer import Transformer  # noqa: E402
