@@ -8,7 +8,7 @@
 
 from typing import Any
 
-from forge.app import Forge, SyncForge
+from forge.app import Forge
 from forge.config import PRESETS, ModelConfig, get_preset, preset_names, register_preset
 from forge.errors import (
     ChatTemplateError,
@@ -49,6 +49,7 @@ from forge.middleware import (
     timer,
 )
 from forge.models import LoadedModel, create_model, export, load, save
+from forge.sync import SyncForge
 from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig, Trainer, TrainResult, train
 

@@ -12,16 +12,14 @@ runs in worker threads, so the event loop stays responsive.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import dataclasses
 import inspect
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 
@@ -48,12 +46,12 @@ from forge.generator import AsyncTextStream, GenerationConfig, Generator
 from forge.middleware import Context, Middleware, compose, guarded, recover
 from forge.models import KNOWN_MODELS, export, load, locate, save
 from forge.structured import OutputSpec, ToolFormat, output_spec
+from forge.sync import SyncForge
 from forge.tokenizer import Tokenizer, TokenizerKind
 from forge.trainer import TrainConfig, TrainResult, train
 
 __all__ = ["Forge", "SyncForge"]
 
-T = TypeVar("T")
 ErrorHook = Callable[[Context, Exception], Any]
 InferenceDtype = Literal["auto", "float32", "bfloat16"]
 
@@ -613,97 +611,3 @@ def _looks_like_path(name: str | os.PathLike[str]) -> bool:
 async def _pieces(text: str) -> AsyncIterator[str]:
     if text:
         yield text
-
-
-class SyncForge:
-    """The sync facade: each call runs the async method on the app's own event-loop thread.
-
-    That works in plain scripts and inside notebooks (which already run a loop).
-    """
-
-    def __init__(self, app: Forge) -> None:
-        self._app = app
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = self._submit(coro)
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            future.cancel()  # Ctrl-C stops the work on the loop too (a generation ends), not just the wait
-            raise
-
-    def train(self, data: DataSource, **options: Any) -> TrainResult:
-        return self._run(self._app.train(data, **options))
-
-    def generate(self, prompt: str | Sequence[str], **options: Any) -> Any:
-        return self._run(self._app.generate(prompt, **options))
-
-    def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> Any:
-        return self._run(self._app.chat(messages, **options))
-
-    def listen(self, port: int = 8000, *, host: str = "127.0.0.1", **options: Any) -> None:
-        """Serve until Ctrl-C, then shut down gracefully (in-flight requests finish)."""
-        stop = threading.Event()
-
-        async def until_stopped() -> None:
-            server = asyncio.create_task(self._app.listen(port, host=host, **options))
-            while not server.done() and not stop.is_set():
-                await asyncio.wait({server}, timeout=0.1)
-            if not server.done():
-                server.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await server
-            if not server.cancelled():
-                server.result()  # re-raise a failure, e.g. the port is in use
-
-        future = self._submit(until_stopped())
-        try:
-            future.result()
-        except KeyboardInterrupt:
-            stop.set()
-            future.result()
-
-    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="forge-sync", daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        return self._iterate(self._app.stream(prompt, **options))
-
-    def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> Iterator[str]:
-        return self._iterate(self._app.chat_stream(messages, **options))
-
-    def _iterate(self, agen: AsyncIterator[str]) -> Iterator[str]:
-        pending: set[asyncio.Task[Any]] = set()
-
-        async def step() -> str:
-            task = asyncio.current_task()
-            assert task is not None
-            pending.add(task)
-            try:
-                return await agen.__anext__()
-            finally:
-                pending.discard(task)
-
-        async def close() -> None:
-            # Ctrl-C (or a `break`) can leave a step running on the loop: cancel it, which stops the
-            # generation, and let it unwind before closing the generator it is still inside.
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-            await agen.aclose()  # type: ignore[attr-defined]
-
-        try:
-            while True:
-                try:
-                    yield self._run(step())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._run(close())
