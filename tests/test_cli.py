@@ -352,6 +352,29 @@ def bpe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_export_keeps_the_chat_template_and_stop_tokens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """Issue 15: a fine-tuned chat model must still stop after export, so its template and stop tokens travel."""
+    plain = Tokenizer.train([HAMLET_LINES], kind="bpe", vocab_size=300, special_tokens=SPECIALS)
+    tokenizer = Tokenizer(
+        plain.hf, eos="<|im_end|>", bos="<|im_start|>", stop=(SPECIALS[2], SPECIALS[0]), chat_template=CHATML
+    )
+    torch.manual_seed(0)
+    save(tmp_path / "model", create_model("tiny", vocab_size=padded_vocab(tokenizer.vocab_size)), tokenizer)
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "m-hf")
+    code, _, err = run_cli(["export", tmp_path / "model", "--format", fmt, "--out", out], capsys)
+    assert code == 0, err
+    back = load(out).tokenizer
+    assert back.chat_template == CHATML and back.eos == "<|im_end|>"
+    assert {back.token(i) for i in back.stop_ids} == {"<|im_end|>", "<|endoftext|>"}
+
+
 def _contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 

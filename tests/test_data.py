@@ -190,6 +190,64 @@ def test_build_key_depends_on_tokenizer_and_corpus(char_tokenizer: Tokenizer, tm
     assert len({a.path, b.path, c.path}) == 3
 
 
+# -- a chat model's plain text: turns ended by the end-of-turn token (issue 15) ------------------
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+def _chat_tokenizer(template: str | None = CHATML) -> Tokenizer:
+    """A char tokenizer with ChatML's specials, eos <|endoftext|> as in many GGUFs, and a chat template."""
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    plain = Tokenizer.train(["abcdefghijklmnopqrstuvwxyz .,\n"], kind="char", special_tokens=specials)
+    return Tokenizer(plain.hf, eos="<|endoftext|>", stop=("<|im_end|>",), chat_template=template)
+
+
+def _paragraphs(n: int) -> str:
+    return "\n\n".join(f"para {i}. " + "to be or not to be, that is the question. " * 3 for i in range(n))
+
+
+def test_end_of_turn_is_the_stop_token_the_template_writes() -> None:
+    assert data_module.end_of_turn(_chat_tokenizer()) == "<|im_end|>"  # not eos: the template never writes it
+    assert data_module.end_of_turn(_chat_tokenizer("{{ messages[0].content }}{{ eos_token }}")) == "<|endoftext|>"
+    assert data_module.end_of_turn(_chat_tokenizer(None)) is None  # a plain language model
+
+
+def test_a_chat_models_plain_text_is_cut_into_turns_each_ended_by_the_end_token(tmp_path: Path) -> None:
+    tok = _chat_tokenizer()
+    end = tok.hf.token_to_id("<|im_end|>")
+    text = _paragraphs(40)
+    ds = TokenDataset.build(Corpus.from_source([text]), tok, directory=tmp_path)
+    ids = ds.tokens.tolist()
+    pieces = list(data_module._turns([text]))
+    # Every piece is whole paragraphs, at least TURN_CHARS long (but the last), and is followed by the end token.
+    assert len(pieces) > 5 and all(len(p) >= data_module.TURN_CHARS for p in pieces[:-1])
+    assert all(p.startswith("para") for p in pieces) and " ".join(pieces).split() == text.split()
+    assert ids.count(end) == len(pieces) and ids[-1] == end
+    assert ids[: ids.index(end)] == tok.encode(pieces[0])
+    # So training windows hold it, not only the end of the corpus.
+    _, y = ds.batch("train", 32, 64, torch.Generator().manual_seed(0))
+    assert (y == end).any(dim=1).float().mean() > 0.1
+
+
+def test_a_plain_models_text_has_no_turns(tmp_path: Path) -> None:
+    tok = _chat_tokenizer(None)
+    ds = TokenDataset.build(Corpus.from_source([_paragraphs(40)]), tok, directory=tmp_path)
+    assert ds.tokens.tolist() == tok.encode(_paragraphs(40))  # one document: no end token inside
+
+
+def test_turns_are_part_of_the_cache_key(tmp_path: Path) -> None:
+    corpus = Corpus.from_source([_paragraphs(40)])
+    chat = TokenDataset.build(corpus, _chat_tokenizer(), directory=tmp_path)
+    plain = TokenDataset.build(corpus, _chat_tokenizer(None), directory=tmp_path)  # the same vocabulary
+    assert chat.path != plain.path and chat.tokens.tolist() != plain.tokens.tolist()
+
+
+def test_a_long_paragraph_is_cut_at_a_line_end() -> None:
+    lines = ["a line of verse without a blank line after it\n"] * 200
+    pieces = list(data_module._turns(["".join(lines)]))
+    assert len(pieces) > 1 and all(len(p) <= 4 * data_module.TURN_CHARS for p in pieces)
+    assert all(p.endswith("it") for p in pieces)
+
+
 def test_split_sizes(hamlet_dataset: TokenDataset) -> None:
     n = hamlet_dataset.num_tokens
     assert hamlet_dataset.split_size("train") + hamlet_dataset.split_size("val") == n

@@ -14,13 +14,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from forge import models
 from forge.app import Forge
+from forge.data import TokenDataset
 from forge.generator import GenerationConfig
+from forge.trainer import train
 from helpers import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,6 +141,42 @@ def test_smollm2_lora_fine_tune_lowers_the_loss(smol_path: Path, hamlet_text: st
     )
     assert result.evals[-1][1] < result.evals[0][1]
     assert "capital" in app.render("What is the capital?")  # still a chat model with its template
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_on_plain_text_still_ends_its_turns(
+    smol_path: Path, hamlet_text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: after `forge train --from smollm2 --lora` on plain text and export, chat never stopped.
+
+    The training windows hold the end-of-turn token, the export keeps the template and stop tokens,
+    and a chat with the exported model ends on its stop token.
+    """
+    targets: list[torch.Tensor] = []
+    real_batch = TokenDataset.batch
+
+    def batch(self: TokenDataset, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = real_batch(self, *args, **kwargs)
+        targets.append(y)
+        return x, y
+
+    monkeypatch.setattr(TokenDataset, "batch", batch)
+    base = models.load(smol_path)
+    end = base.tokenizer.hf.token_to_id("<|im_end|>")
+    options = dict(steps=2, batch_size=2, context=64, lr=1e-6, lora_rank=4, eval_every=0, eval_batches=1)
+    result = train([hamlet_text[:6000]], model=base.model, tokenizer=base.tokenizer, precision="fp32", **options)
+    assert any((y == end).any() for y in targets)  # plain text, yet the model still sees turns end
+    gguf = models.export(result.model, result.tokenizer, tmp_path / "tuned.gguf", format="gguf", dtype="f16")
+    app = Forge(gguf, defaults=GREEDY.replace(max_tokens=64))
+    tuned = app.tokenizer
+    assert tuned is not None and tuned.chat_template == base.tokenizer.chat_template
+    assert (tuned.eos, tuned.stop_ids) == (base.tokenizer.eos, base.tokenizer.stop_ids)
+    assert {"<|im_end|>", "<|endoftext|>"} <= {tuned.token(i) for i in tuned.stop_ids}
+    done: list[Any] = []
+    app.on("response", done.append)
+    reply = app.sync.chat(CHATS[0])
+    assert reply and "<|im_end|>" not in reply
+    assert done and done[-1].finish_reason == "stop" and done[-1].completion_tokens < 64
 
 
 # -- export --------------------------------------------------------------------------------------

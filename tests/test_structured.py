@@ -154,6 +154,25 @@ def test_the_parser_reads_calls_split_anywhere() -> None:
     assert fmt.parse("\n<tool_call>{") == ("\n<tool_call>{", [])  # the grammar's text: it does not open a call
 
 
+def test_the_parser_merges_identical_calls() -> None:
+    """SmolLM2 under parallel calls writes one call three times: it is one call, streamed once."""
+    fmt = ToolFormat()
+    add, now = ToolCall("add", {"a": 1, "b": 2}), ToolCall("now", {})
+    same_keys_reordered = '<tool_call>{"name": "add", "arguments": {"b": 2, "a": 1}}</tool_call>'
+    text = "\n".join([fmt.call_text(add), fmt.call_text(add), same_keys_reordered, fmt.call_text(now)])
+    for size in (1, 5, len(text)):
+        parser = ToolCallParser(fmt)
+        deltas = [d for i in range(0, len(text), size) for d in parser.feed(text[i : i + size])]
+        deltas += list(parser.finish())
+        assert [(c.name, c.arguments) for c in parser.calls] == [("add", {"a": 1, "b": 2}), ("now", {})]
+        assert [(d[1], d[3]) for d in deltas if d[0] == "call"] == [(0, "add"), (1, "now")]
+        assert [d[2] for d in deltas if d[0] == "call"] == [c.id for c in parser.calls]
+        for index, call in enumerate(parser.calls):
+            streamed = "".join(d[2] for d in deltas if d[0] == "arguments" and d[1] == index)
+            assert json.loads(streamed) == call.arguments
+    assert len(fmt.parse("\n".join([fmt.call_text(add)] * 3))[1]) == 1
+
+
 def test_tool_grammars_admit_exactly_the_format(random_gen: Generator) -> None:
     fmt = ToolFormat()
     required = fmt.grammar(TOOLS, "required")
@@ -205,7 +224,11 @@ def test_chat_rendering_with_native_and_default_formats() -> None:
     default = render_chat(None, messages, tools=TOOLS)
     assert default.startswith("System: You are a function calling AI model.")
     assert 'Assistant: <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in default
-    assert "User: <tool_response>\n3\n</tool_response>" in default
+    # The result in a user turn, named, then the question again (SmolLM2 answers from it; see chat._for_template).
+    assert "User: The tool add returned: 3\n\nUsing this result, answer: 1+2?" in default
+    two = [*messages[:1], {**messages[1], "tool_calls": [call, {**call, "id": "c2"}]}, messages[2]]
+    two.append({"role": "tool", "tool_call_id": "c2", "name": "add", "content": "4"})
+    assert "User: The tool add returned: 3\nThe tool add returned: 4\n\nUsing" in render_chat(None, two)
     with pytest.raises(ConfigError, match="malformed tool call"):
         render_chat(None, [{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}])
 

@@ -427,6 +427,8 @@ class Forge:
         choice = options.pop("tool_choice", None) or "auto"
         parallel = bool(options.pop("parallel_tool_calls", False))
         checked = check_messages(messages)
+        if choice == "none":  # no call can follow: described tools only make a small model write call text
+            tools = None
         ctx = self._context(self.render(checked, tools=tools), stream, options)
         if tools and choice != "none":
             if ctx.params.grammar is not None:

@@ -111,9 +111,23 @@ def _for_template(messages: list[dict[str, Any]], fmt: ToolFormat) -> list[dict[
     """Tool calls and results as the template expects them: HF's {"function": {"name", "arguments": dict}} for a
     template with tool support; for one without, the call's exact text in the content and the result in a user turn.
     """
-    out = []
+    out: list[dict[str, Any]] = []
+    question, names = "", {}  # the user's last question; call id -> tool name
+    said: list[str] = []  # the results of the tool messages in a row, rendered as one user turn
     for m in messages:
         calls: list[ToolCall] = m.get("tool_calls") or []
+        names.update({c.id: c.name for c in calls})
+        question = m["content"] if m["role"] == "user" else question
+        if m["role"] == "tool" and not fmt.native:
+            # Without a tool role of its own, a template gets the results in a user turn, each named, then the
+            # question again: SmolLM2 copied a bare <tool_response> back or called again, and answers from this.
+            name = m.get("name") or names.get(m.get("tool_call_id") or "", "the tool")
+            said.append(f"The tool {name} returned: {m['content']}")
+            if len(said) > 1:
+                out.pop()
+            out.append({"role": "user", "content": "\n".join(said) + f"\n\nUsing this result, answer: {question}"})
+            continue
+        said = []
         if calls and fmt.native:
             functions = [{"name": c.name, "arguments": c.arguments} for c in calls]
             m = {
@@ -122,10 +136,6 @@ def _for_template(messages: list[dict[str, Any]], fmt: ToolFormat) -> list[dict[
                     {"id": c.id, "type": "function", "function": f} for c, f in zip(calls, functions, strict=True)
                 ],
             }
-        elif m["role"] == "tool" and not fmt.native:
-            # Without a tool role of its own, a template gets Hermes' wrapping, in a user turn: small chat models
-            # read a result there and move on, where an unknown "tool" role makes them repeat their call.
-            m = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
         elif calls:
             text = "\n".join(fmt.call_text(c) for c in calls)
             m = {k: v for k, v in m.items() if k != "tool_calls"} | {"content": ((m["content"] or "") + text)}

@@ -5,16 +5,21 @@ strings. Each document is read, checked to be UTF-8 text, and tokenized in
 chunks into a flat ``uint16``/``uint32`` file under the cache directory, named
 by the hash of the corpus and the tokenizer. Later runs map that file instead
 of tokenizing again, and the corpus never has to fit in memory.
+
+For a chat model (a tokenizer with a chat template) each document is cut into
+turn-sized pieces of whole paragraphs, each ended by the token the template ends
+a turn with, so fine-tuning on plain text keeps the model ending its replies.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,10 +30,14 @@ import torch
 from forge.errors import ConfigError, DataError
 from forge.tokenizer import Tokenizer
 
-__all__ = ["Corpus", "TokenDataset", "cache_dir", "stdlib_corpus"]
+__all__ = ["Corpus", "TokenDataset", "cache_dir", "end_of_turn", "stdlib_corpus"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 _CHUNK = 1 << 20  # characters per tokenizer call
+#: A chat model's plain-text data is cut into pieces of whole paragraphs of at least this many characters,
+#: each ended by the end-of-turn token: about one every 150-200 tokens, a short chat reply. Without it a
+#: fine-tune sees no end token at all (one file is one document) and unlearns ending its replies.
+TURN_CHARS = 400
 DataSource = str | os.PathLike[str] | Sequence[str]
 
 
@@ -171,7 +180,10 @@ class TokenDataset:
         directory = directory or cache_dir() / "tokens"
         directory.mkdir(parents=True, exist_ok=True)
         tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-        key = hashlib.sha256(f"{corpus.fingerprint()}:{tok_hash}".encode()).hexdigest()[:32]
+        end = end_of_turn(tokenizer)
+        # The layout is part of the key: a file cut into turns is not the same tokens as one without.
+        layout = f":turns-{end}-{TURN_CHARS}" if end is not None else ""
+        key = hashlib.sha256(f"{corpus.fingerprint()}:{tok_hash}{layout}".encode()).hexdigest()[:32]
         dtype = _token_dtype(tokenizer.vocab_size)
         path = directory / f"{key}.{dtype.name}"
         if not path.exists():
@@ -207,13 +219,58 @@ class TokenDataset:
         return data[:, :-1], data[:, 1:]
 
 
+def end_of_turn(tokenizer: Tokenizer) -> str | None:
+    """The token a chat model ends its turn with: the first stop token its chat template writes, else eos.
+
+    None for a tokenizer without a chat template (a plain language model).
+
+    >>> end_of_turn(Tokenizer.train(["ab"], kind="char")) is None
+    True
+    """
+    template = tokenizer.chat_template
+    if not template:
+        return None
+    candidates = [t for t in dict.fromkeys((tokenizer.eos, *tokenizer.stop)) if t is not None]
+    return next((t for t in candidates if t in template), tokenizer.eos)
+
+
+def _turns(doc: Iterable[str], size: int = TURN_CHARS) -> Iterator[str]:
+    """A document as pieces of whole paragraphs (blank-line separated) of at least ``size`` characters.
+
+    A paragraph with no blank line in ``4 * size`` characters is cut at a line end before that.
+    """
+    lines: list[str] = []
+    n = 0
+    for chunk in doc:
+        for line in chunk.splitlines(keepends=True):
+            if lines and ((n >= size and not line.strip()) or n + len(line) > 4 * size):
+                if piece := "".join(lines).strip():
+                    yield piece
+                lines, n = [], 0
+            lines.append(line)
+            n += len(line)
+    if piece := "".join(lines).strip():
+        yield piece
+
+
 def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> None:
-    """Tokenize document by document, chunk by chunk; EOS between documents. Atomic."""
+    """Tokenize document by document, chunk by chunk; EOS between documents. Atomic.
+
+    With a chat template, documents are cut into turns instead, each followed by the end-of-turn token.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     eos = tokenizer.eos_id
+    end = end_of_turn(tokenizer)
+    end_id = tokenizer.hf.token_to_id(end) if end is not None else None
     try:
         with tmp.open("wb") as out:
             for i, doc in enumerate(corpus.documents()):
+                if end_id is not None:
+                    turns = _turns(doc)
+                    while batch := list(itertools.islice(turns, 256)):  # a few hundred per tokenizer call
+                        ids = [t for row in tokenizer.encode_batch(batch) for t in (*row, end_id)]
+                        out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    continue
                 if i and eos is not None:
                     out.write(np.asarray([eos], dtype=dtype).tobytes())
                 for chunk in doc:

@@ -487,6 +487,11 @@ class ToolCallParser:
     :meth:`feed` yields ``("text", piece)`` for plain content, ``("call", index,
     id, name)`` when a call's name is known, and ``("arguments", index, piece)``
     as its arguments stream: the shapes of OpenAI's streamed ``tool_calls`` deltas.
+
+    A call identical to an earlier one (same name and arguments) is dropped, so
+    each call runs once: small models repeat their call when parallel calls are
+    allowed. So the first call streams as it is written, and each later one comes
+    whole (its name, then its arguments in one delta) once it is known to be new.
     """
 
     def __init__(self, fmt: ToolFormat) -> None:
@@ -503,6 +508,8 @@ class ToolCallParser:
         self._depth = 0
         self._in_string = False
         self._escaped = False
+        self._seen: set[tuple[str, str]] = set()  # the calls so far, as (name, arguments JSON)
+        self._held: list[Delta] = []  # a later call's deltas, until it is known not to repeat one
 
     @property
     def content(self) -> str | None:
@@ -524,10 +531,10 @@ class ToolCallParser:
                 else:
                     self._mode = "text"
             else:
-                delta = self._read_call()
-                if delta is None:
+                deltas = self._read_call()
+                if deltas is None:
                     return
-                yield delta
+                yield from deltas
 
     def finish(self) -> Iterator[Delta]:
         """The end of the reply: whatever was held back comes out as text."""
@@ -536,8 +543,8 @@ class ToolCallParser:
             yield from self.feed("")
         self._buffer = ""
 
-    def _read_call(self) -> Delta | None:
-        """One step of reading a call from the buffer; None when it needs more text."""
+    def _read_call(self) -> list[Delta] | None:
+        """One step of reading a call from the buffer: its deltas; None when it needs more text."""
         if self._stage == "closing":  # the grammar guarantees '}' and the closing tag: skip them
             n = min(self._skip, len(self._buffer))
             self._buffer, self._skip = self._buffer[n:], self._skip - n
@@ -558,7 +565,7 @@ class ToolCallParser:
             self._name, self._id = self._buffer[len(head) : end], f"call_{uuid.uuid4().hex[:24]}"
             self._buffer = self._buffer[end + len(key) :]
             self._stage, self._depth, self._in_string, self._escaped, self._args = "args", 0, False, False, []
-            return ("call", len(self.calls), self._id, self._name)
+            return self._stream(("call", len(self.calls), self._id, self._name))
         for i, ch in enumerate(self._buffer):  # the arguments: one JSON object, read up to its closing brace
             if self._in_string:
                 if self._escaped:
@@ -576,9 +583,30 @@ class ToolCallParser:
                 if self._depth == 0:
                     piece, self._buffer = self._buffer[: i + 1], self._buffer[i + 1 :]
                     self._args.append(piece)
-                    self.calls.append(ToolCall(self._name or "", json.loads("".join(self._args)), self._id))
                     self._stage, self._skip = "closing", 1 + len(self.fmt.close)
-                    return ("arguments", len(self.calls) - 1, piece)
+                    return self._complete(piece)
         piece, self._buffer = self._buffer, ""
         self._args.append(piece)
-        return ("arguments", len(self.calls), piece)
+        return self._stream(("arguments", len(self.calls), piece))
+
+    def _stream(self, delta: Delta) -> list[Delta]:
+        """The first call streams; a later one is held until it is complete (it may repeat an earlier one)."""
+        if not self.calls:
+            return [delta]
+        if delta[0] == "call":
+            self._held = [delta]
+        return []
+
+    def _complete(self, piece: str) -> list[Delta]:
+        """The call just read: kept and its last deltas out, or dropped if it repeats an earlier call."""
+        arguments = json.loads("".join(self._args))
+        key = (self._name or "", json.dumps(arguments, sort_keys=True))
+        held, self._held = self._held, []
+        if key in self._seen:
+            return []
+        self._seen.add(key)
+        index = len(self.calls)
+        self.calls.append(ToolCall(self._name or "", arguments, self._id))
+        if index == 0:
+            return [("arguments", 0, piece)]
+        return [*held, ("arguments", index, "".join(self._args))]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 import pytest
 
@@ -22,6 +24,7 @@ from forge.agent import (
     tool,
 )
 from forge.errors import ConfigError
+from forge.structured import ToolCall
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "agent.py"
 #: Of 10 seeded runs of the example's two-step task, at least this many must end with the right number.
@@ -172,3 +175,54 @@ def test_bad_agent_input_is_a_config_error(smol: Forge) -> None:
     with pytest.raises(ConfigError, match="budget"):
         Memory(budget=3)
     assert ErrorEvent.__dataclass_fields__["type"].default == "error"
+
+
+@tool
+def lookup(topic: Literal["Eiffel Tower", "Mount Everest"]) -> str:
+    """Look up a landmark in the encyclopedia."""
+    return {"Eiffel Tower": "330 metres tall", "Mount Everest": "8849 metres high"}[topic]
+
+
+def test_the_readme_example_calls_its_tool_first_and_quotes_it(smol: Forge) -> None:
+    """SmolLM2 answered "324.2 meters" from memory here; its first step must now use the tool."""
+    result = Agent(smol, tools=[lookup]).sync.run("How tall is the Eiffel Tower?")
+    first = result.tool_calls[0]
+    assert (first.name, first.arguments, first.step) == ("lookup", {"topic": "Eiffel Tower"}, 1)
+    assert "330" in result.answer and result.reason == "answer", result.answer
+
+
+def test_identical_calls_in_one_step_run_once(smol: Forge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply with the same call twice runs it once; calls repeated in later steps are not run, and end the calls."""
+    runs: list[tuple[object, ...]] = []
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        runs.append(("add", a, b))
+        return a + b
+
+    @tool
+    def now() -> str:
+        """The time of day."""
+        runs.append(("now",))
+        return "noon"
+
+    fmt = smol.tool_format()
+    twice = [fmt.call_text(ToolCall("add", {"a": 1, "b": 2}))] * 2
+    replies = iter(
+        [
+            "\n".join([*twice, fmt.call_text(ToolCall("now", {}))]),
+            fmt.call_text(ToolCall("add", {"b": 2, "a": 1})),  # made before: the next step may not call add
+            fmt.call_text(ToolCall("now", {})),  # made before too: nothing new to do, so it answers
+            "It is noon, and 1 + 2 = 3.",
+        ]
+    )
+
+    async def scripted(messages: object, **options: object) -> AsyncIterator[str]:
+        yield next(replies)
+
+    monkeypatch.setattr(smol, "chat_stream", scripted)
+    result = Agent(smol, [add, now]).sync.run("Add 1 and 2, and tell me the time.")
+    assert runs == [("add", 1, 2), ("now",)]
+    assert [(e.name, e.step) for e in result.tool_calls] == [("add", 1), ("now", 1)]
+    assert result.reason == "answer" and result.answer == "It is noon, and 1 + 2 = 3."

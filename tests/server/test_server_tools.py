@@ -78,7 +78,10 @@ def test_tool_call_round_trip(smol_server: ServerProcess) -> None:
         model=smol_server.model_id, messages=followup, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=40
     )
     assert answer.choices[0].finish_reason in ("stop", "length")
-    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    content = answer.choices[0].message.content
+    assert content and not answer.choices[0].message.tool_calls
+    # The model read the result and answered from it (it used to copy back "<tool_response>..." or ignore it).
+    assert ("18" in content or "sunny" in content) and "tool_response" not in content, content
 
 
 def test_named_tool_choice_and_streamed_deltas(smol_server: ServerProcess) -> None:
@@ -124,6 +127,20 @@ def test_named_tool_choice_and_streamed_deltas(smol_server: ServerProcess) -> No
         max_tokens=64,
     )
     assert len(single.choices[0].message.tool_calls) == 1
+
+
+def test_parallel_tool_calls_never_repeat_a_call(smol_server: ServerProcess) -> None:
+    """parallel_tool_calls (on by default): SmolLM2 writes its call again and again; each call comes back once."""
+    client = smol_server.client()
+    options = {"model": smol_server.model_id, "messages": QUESTION, "tools": TOOLS, "tool_choice": "required"}
+    whole = client.chat.completions.create(**options, temperature=0, max_tokens=160)
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls]
+    assert calls and len({json.dumps(c, sort_keys=True) for c in calls}) == len(calls), calls
+    streamed: dict[int, list[str]] = {}
+    for chunk in client.chat.completions.create(**options, temperature=0, max_tokens=160, stream=True):
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            streamed.setdefault(tc.index, [tc.function.name or "", ""])[1] += tc.function.arguments or ""
+    assert [(name, json.loads(arguments)) for name, arguments in streamed.values()] == calls
 
 
 def test_auto_may_answer_in_text_and_none_never_calls(smol_server: ServerProcess) -> None:

@@ -12,9 +12,15 @@ The loop ends well:
 
 - a tool that raises, or runs past its timeout, answers with the error as
   its result, and the model carries on;
-- a call repeated with the same arguments is not run again: the model is
-  given the earlier result, and the next step may not call that tool (small
-  models otherwise copy their last call forever);
+- the first step must call one of your tools, not ``final_answer``: a task
+  given to an agent with tools is one to use them on (SmolLM2 otherwise
+  answers from memory);
+- a call is run once: identical calls in one reply are merged, and a call
+  repeated from an earlier step is not run again: the next step may not call
+  that tool, and a second repeat means the model has nothing new to do, so it
+  answers (small models otherwise copy their last call forever);
+- the answer quotes the tool: one that leaves out the numbers of the last
+  tool result is replaced by that result, quoted;
 - after ``max_iterations`` tool calls, or once ``time_budget`` seconds have
   passed, the model is asked for its final answer from what it has gathered
   (plain text, with the tool results in its context), never a canned "stopped" string.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,11 +63,9 @@ INSTRUCTIONS = (
     "Solve the user's task step by step. Call one tool at a time and use its result. "
     f"When you have everything you need, call {FINAL}."
 )
-ANSWER = "{task}\n\nTool results:\n{results}\n\nAnswer the task in one or two sentences, using the tool results."
-REPEATED = (
-    "You already called {name} with these arguments, and it returned: {result}\n"
-    "Use that result: call a different tool, or final_answer."
-)
+# The question, then the results, then what to do with them: SmolLM2 answers from the results this way, where
+# results in a turn of their own were copied back or ignored (measured by benchmarks/answers_agent.py).
+ANSWER = "Question: {task}\nTool results:\n{results}\n\nAnswer the question in one sentence, quoting the tool result."
 
 
 @tool(name=FINAL)
@@ -226,11 +231,10 @@ class Agent:
         schemas = [t.schema() for t in self.tools.values()]
         tool_prompt = len(tokenizer.encode(self.app.render([system], tools=schemas, add_generation_prompt=True)))
         budget = memory.budget or model.config.context_length - self.generation["max_tokens"] - tool_prompt - 16
-        fmt = self.app.tool_format()
         start = time.monotonic()
         # (tool, arguments) -> the call and what it returned, this run, in call order
-        results: dict[tuple[str, str], tuple[ToolCall, str]] = {}
-        blocked: set[str] = set()  # tools the next step may not call
+        results: dict[tuple[str, str], tuple[ToolCall, ToolResultEvent]] = {}
+        blocked: set[str] = set()  # after a repeated call, the tools the next step may not call
         reason: Literal["answer", "max_iterations", "time_budget"] = "max_iterations"
         step = 0
         while step < self.max_iterations:
@@ -240,45 +244,43 @@ class Agent:
             step += 1
             messages = [system, *await memory.context(self.app, budget)]
             seen[:] = messages
-            allowed = [t for t in schemas if t["function"]["name"] not in blocked]
+            # The first step uses a tool: a task given to an agent with tools is one to use them on.
+            allowed = [t for t in schemas if step > 1 or len(schemas) == 1 or t["function"]["name"] != FINAL]
+            allowed = [t for t in allowed if t["function"]["name"] not in blocked]
+            calls: list[ToolCall] = []
             try:
-                parser = ToolCallParser(fmt)
-                stream = self.app.chat_stream(
-                    messages, tools=schemas, tool_choice="required", allowed_tools=allowed, **self.generation
-                )
-                async for piece in stream:
-                    yield TokenEvent(piece, step)
-                    for _ in parser.feed(piece):
-                        pass
-                for _ in parser.finish():
-                    pass
-                if not parser.calls:
-                    raise ForgeError(
-                        "the model's reply ended before its tool call was complete; raise max_tokens "
-                        f"(now {self.generation['max_tokens']})"
-                    )
-                call = parser.calls[0]
+                async for item in self._calls(messages, schemas, allowed, step):
+                    if isinstance(item, TokenEvent):
+                        yield item
+                    else:
+                        calls = item
             except Exception as e:
                 yield ErrorEvent(e, step)
                 return
-            yield ToolCallEvent(call.id, call.name, call.arguments, step)
-            if call.name == FINAL:
+            if done := next((c for c in calls if c.name == FINAL), None):
+                yield ToolCallEvent(done.id, done.name, done.arguments, step)
                 reason = "answer"
                 break
-            key = (call.name, json.dumps(call.arguments, sort_keys=True))
-            if key in results:  # the same call again: a small model stuck in a loop
-                blocked = {call.name}
-                content = REPEATED.format(name=call.name, result=results[key][1])
-                result = ToolResultEvent(call.id, call.name, content, True, 0.0, step)
-            else:
-                blocked = set()
+            fresh = [c for c in calls if _key(c) not in results]
+            if not fresh and not blocked:  # a call made before: once, it may want another tool (two-step tasks)
+                blocked, reason = {c.name for c in calls}, "answer"  # if no step is left, it was done
+                continue
+            if not fresh:  # again: it has nothing new to do, so it answers
+                reason = "answer"
+                break
+            blocked, reason = set(), "max_iterations"
+            for call in fresh:
+                yield ToolCallEvent(call.id, call.name, call.arguments, step)
                 left = None if self.time_budget is None else max(0.0, self.time_budget - (time.monotonic() - start))
                 result = await self._call(call, step, left)
-                results[key] = (call, result.content)
-            yield result
+                results[_key(call)] = (call, result)
+                yield result
             memory.add(
-                {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
-                {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.content},
+                {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in fresh]},
+                *[
+                    {"role": "tool", "tool_call_id": c.id, "name": c.name, "content": results[_key(c)][1].content}
+                    for c in fresh
+                ],
             )
         # The answer, in the model's own words, from everything gathered (also when a limit stopped the calls):
         # the task and the results in one message, after the conversation before it, which small models follow best.
@@ -286,7 +288,9 @@ class Agent:
         earlier = history[: max(0, len(history) - (len(memory) - first))]
         # Newest first: the last result is usually the one that completes the task, and small models favour
         # what they read first (on the two-step test task, 5 of 5 answers used it, against 2 of 5 oldest first).
-        found = "\n".join(f"- {c.name}({_arguments(c.arguments)}) returned: {r}" for c, r in reversed(results.values()))
+        found = "\n".join(
+            f"- {c.name}({_arguments(c.arguments)}) returned: {r.content}" for c, r in reversed(results.values())
+        )
         ask = ANSWER.format(task=task, results=found or "- none")
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages += [*earlier, {"role": "user", "content": ask}]
@@ -300,9 +304,33 @@ class Agent:
             yield ErrorEvent(e, step + 1)
             return
         answer = "".join(pieces).strip()
+        if quote := _quote(answer, [r for _, r in results.values() if not r.error]):
+            answer = f"{answer} {quote}" if answer else quote.strip("()")
+            yield TokenEvent(f" {quote}", step + 1)
         memory.add({"role": "assistant", "content": answer})
         seen.append({"role": "assistant", "content": answer})
         yield FinalEvent(answer, reason, step + 1)
+
+    async def _calls(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], allowed: list[dict[str, Any]], step: int
+    ) -> AsyncIterator[TokenEvent | list[ToolCall]]:
+        """One step's reply as token events, then its calls (identical ones merged: each runs once)."""
+        parser = ToolCallParser(self.app.tool_format())
+        stream = self.app.chat_stream(
+            messages, tools=tools, tool_choice="required", allowed_tools=allowed, **self.generation
+        )
+        async for piece in stream:
+            yield TokenEvent(piece, step)
+            for _ in parser.feed(piece):
+                pass
+        for _ in parser.finish():
+            pass
+        if not parser.calls:
+            raise ForgeError(
+                "the model's reply ended before its tool call was complete; raise max_tokens "
+                f"(now {self.generation['max_tokens']})"
+            )
+        yield list({_key(c): c for c in reversed(parser.calls)}.values())[::-1]
 
     async def _call(self, call: ToolCall, step: int, remaining: float | None) -> ToolResultEvent:
         """Run one tool; its failure is its result, so the model can read it and recover."""
@@ -318,6 +346,26 @@ class Agent:
         except Exception as e:  # the tool's own failure goes back to the model
             content, error = f"error: {e}" if isinstance(e, ToolError) else f"error: {type(e).__name__}: {e}", True
         return ToolResultEvent(call.id, call.name, content, error, time.perf_counter() - began, step)
+
+
+def _key(call: ToolCall) -> tuple[str, str]:
+    """What makes two calls the same: the tool and its arguments."""
+    return call.name, json.dumps(call.arguments, sort_keys=True)
+
+
+def _quote(answer: str, results: list[ToolResultEvent]) -> str | None:
+    """The last tool result, quoted, if the answer has the last number of none of the results (the number a
+    task asks for: a lookup's figure, a calculation's result); None when it has one or there is no number."""
+    said = set(_NUMBER.findall(_THOUSANDS.sub("", answer)))
+    figures = [n[-1] for r in results if (n := _NUMBER.findall(_THOUSANDS.sub("", r.content)))]
+    if not figures or said & set(figures):
+        return None
+    last = next(r for r in reversed(results) if _NUMBER.search(r.content))
+    return f'({last.name} returned "{last.content}")'
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 48,213 is 48213
 
 
 def _arguments(arguments: dict[str, Any]) -> str:

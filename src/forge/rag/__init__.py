@@ -6,10 +6,11 @@
 """
 
 from forge.rag.embed import Embedder, HttpEmbedder, LocalEmbedder
-from forge.rag.retrieval import Answer, Citation, IngestProgress, IngestReport, Rag, open_store
+from forge.rag.retrieval import NOT_FOUND, Answer, Citation, IngestProgress, IngestReport, Plan, Rag, open_store
 from forge.rag.store import Hit, SqliteStore, VectorStore
 
 __all__ = [
+    "NOT_FOUND",
     "Answer",
     "Citation",
     "Embedder",
@@ -18,6 +19,7 @@ __all__ = [
     "IngestProgress",
     "IngestReport",
     "LocalEmbedder",
+    "Plan",
     "Rag",
     "SqliteStore",
     "VectorStore",

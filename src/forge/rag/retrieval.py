@@ -13,6 +13,7 @@ from them citing ``[n]``. The answer comes back with the sources it cites.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,17 +26,47 @@ from forge.app import Forge
 from forge.errors import ConfigError
 from forge.rag.chunking import chunk_text, content_hash
 from forge.rag.embed import Embedder, LocalEmbedder
+from forge.rag.grounded import (
+    NOT_FOUND,
+    QUOTE_SYSTEM,
+    Mode,
+    free_grammar,
+    passages,
+    quote_grammar,
+    renumbered,
+)
 from forge.rag.loaders import Document, LoadFailure, load_document, walk_files
 from forge.rag.pgvector import PgVectorStore
 from forge.rag.store import Hit, NewChunk, SqliteStore, VectorStore
+from forge.structured import Grammar
 
-__all__ = ["Answer", "Citation", "IngestProgress", "IngestReport", "Rag", "cited", "open_store"]
+__all__ = [
+    "NOT_FOUND",
+    "Answer",
+    "Citation",
+    "IngestProgress",
+    "IngestReport",
+    "Plan",
+    "Rag",
+    "cited",
+    "open_store",
+]
 
 #: Chunks embedded between two progress reports: a large file is not silent for minutes.
 EMBED_BATCH = 128
 
 #: Greedy, with a light repetition penalty: small chat models otherwise loop on a retrieved phrase.
 ANSWER_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "max_tokens": 256, "repetition_penalty": 1.1}
+
+#: How many of the closest passages a quoted answer may choose from (measured: benchmarks/answers.py).
+QUOTE_CHOICES = 3
+
+#: How much a passage's share of the question's keywords adds to its similarity (measured: answers.py).
+KEYWORD_WEIGHT = 0.0
+
+#: Below this cosine similarity between the question and the closest passage, the sources are taken not to
+#: hold the answer (measured on answerable and unanswerable questions: benchmarks/answers.py).
+MIN_SCORE = 0.3
 
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources. After each claim, cite the source it came from "
@@ -85,6 +116,15 @@ class Citation:
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """How a question will be answered: see :meth:`Rag.plan`."""
+
+    messages: list[dict[str, str]] | None  # None: the sources don't hold the answer; say NOT_FOUND
+    sources: list[Citation]
+    grammar: Grammar | None
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     text: str
     citations: list[Citation]  # the sources the answer cites, in order of number
@@ -109,6 +149,7 @@ class Rag:
         chunk_tokens: int = 128,
         chunk_overlap: int = 32,
         context_tokens: int = 1536,
+        min_score: float = MIN_SCORE,
     ) -> None:
         self.embedder = embedder if embedder is not None else LocalEmbedder.default()
         if chunk_tokens > self.embedder.max_tokens:
@@ -120,6 +161,7 @@ class Rag:
         self.store: VectorStore = open_store(store) if isinstance(store, (str, Path)) else store
         self.chunk_tokens, self.chunk_overlap, self.context_tokens = chunk_tokens, chunk_overlap, context_tokens
         self._app = app
+        self.min_score = min_score
 
     # -- ingest ---------------------------------------------------------------
     def add(
@@ -229,25 +271,76 @@ class Rag:
         content = "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}], sources
 
-    def answer(self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any) -> Answer:
-        """The chat model's answer from the top ``k`` chunks, with the sources it cites."""
+    def plan(self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, mode: Mode = "quote") -> Plan:
+        """What answering ``question`` takes: the chat messages, the numbered sources, and the grammar the
+        answer is held to (``mode`` "quote": quotes of the closest passages; "free": own words with at least
+        one citation). ``plan.messages`` is None when nothing retrieved is close enough to answer from."""
+        if mode not in ("quote", "free"):
+            raise ConfigError(f"mode must be 'quote' or 'free', got {mode!r}")
         messages, sources = self.messages(question, self.query(question, k, filter))
-        text = self.app.sync.chat(messages, **{**ANSWER_DEFAULTS, **options})
-        return Answer(text=text, citations=cited(text, sources), sources=sources)
+        if mode == "free":
+            return Plan(messages, sources, free_grammar([s.number for s in sources]))
+        choices = passages(question, sources, self.embedder, QUOTE_CHOICES, KEYWORD_WEIGHT)
+        if not choices or choices[0].similarity < self.min_score:
+            return Plan(None, sources, None)
+        choices, sources = renumbered(choices, sources)
+        listed = "\n".join(p.answer() for p in choices)
+        messages = [
+            {"role": "system", "content": QUOTE_SYSTEM},
+            {"role": "user", "content": f"Sources:\n{listed}\n\nQuestion: {question}"},
+        ]
+        return Plan(messages, sources, quote_grammar(choices))
+
+    def answer(
+        self,
+        question: str,
+        k: int = 5,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        mode: Mode = "quote",
+        **options: Any,
+    ) -> Answer:
+        """The answer to ``question`` from the top ``k`` chunks, with the sources it cites; see :meth:`plan`."""
+        plan = self.plan(question, k, filter, mode)
+        if plan.messages is None:
+            return Answer(NOT_FOUND, [], plan.sources)
+        text = self.app.sync.chat(plan.messages, grammar=plan.grammar, **{**ANSWER_DEFAULTS, **options})
+        citations = cited(text, plan.sources)
+        if not citations:  # the token limit cut a free answer before its citation: no citation-less guess
+            text = NOT_FOUND
+        return Answer(text=text, citations=citations, sources=plan.sources)
 
     def answer_stream(
-        self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any
+        self,
+        question: str,
+        k: int = 5,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        mode: Mode = "quote",
+        **options: Any,
     ) -> tuple[Iterator[str], list[Citation]]:
         """The answer piece by piece, and the numbered sources it may cite."""
-        messages, sources = self.messages(question, self.query(question, k, filter))
-        return self.app.sync.chat_stream(messages, **{**ANSWER_DEFAULTS, **options}), sources
+        plan = self.plan(question, k, filter, mode)
+        if plan.messages is None:
+            return iter([NOT_FOUND]), plan.sources
+        pieces = self.app.sync.chat_stream(plan.messages, grammar=plan.grammar, **{**ANSWER_DEFAULTS, **options})
+        return pieces, plan.sources
 
     async def astream(
-        self, question: str, k: int = 5, filter: Mapping[str, Any] | None = None, **options: Any
+        self,
+        question: str,
+        k: int = 5,
+        filter: Mapping[str, Any] | None = None,
+        *,
+        mode: Mode = "quote",
+        **options: Any,
     ) -> AsyncIterator[str]:
         """The answer piece by piece, in an event loop."""
-        messages, _ = self.messages(question, self.query(question, k, filter))
-        async for piece in self.app.chat_stream(messages, **{**ANSWER_DEFAULTS, **options}):
+        plan = await asyncio.to_thread(self.plan, question, k, filter, mode)  # embedding is slow work
+        if plan.messages is None:
+            yield NOT_FOUND
+            return
+        async for piece in self.app.chat_stream(plan.messages, grammar=plan.grammar, **{**ANSWER_DEFAULTS, **options}):
             yield piece
 
     # -- the server's Retriever protocol ---------------------------------------------
