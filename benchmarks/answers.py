@@ -178,7 +178,7 @@ def main() -> None:
             script = str(ROOT / "benchmarks" / "answers_agent.py")
             tasks = [] if a.limit is None else ["--tasks", str(a.limit)]
             out["agent"] = {"baseline": _worker(old, [script, *tasks]), "forge": _worker(new, [script, *tasks])}
-    save_result("answers_cpu", out)
+    save_result("answers_cpu" if a.part == "all" else f"answers_{a.part}_cpu", out)
     brief = {
         part: {
             side: {key: value for key, value in figures.items() if not isinstance(value, (list, dict))}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from forge.errors import ConfigError, GenerationError
-from forge.generator import Completion, GenerationConfig, Generator
+from forge.generator import Completion, GenerationConfig, Generator, likelihoods
 from forge.models import create_model, padded_vocab
 from forge.tokenizer import EOS, Tokenizer
 
@@ -303,3 +303,12 @@ def test_generation_config_validation(field: str, value: object) -> None:
 
 def test_generation_config_bare_stop_string() -> None:
     assert GenerationConfig(stop="###").stop == ("###",)
+
+
+def test_likelihoods_prefer_the_context_a_text_follows(char_tokenizer: Tokenizer, bigram_model: Callable) -> None:
+    """The model's judgement of which context a text belongs to: after "a" comes "b", after "c" comes "d"."""
+    model = bigram_model(char_tokenizer, {"a": "b", "b": "c", "c": "d", "d": "e"})
+    scores = likelihoods(model, char_tokenizer, ["xxa", "c", "zzzzd"], "bcd")
+    assert scores[0] > scores[1] and scores[0] > scores[2]  # padded rows of different lengths compare fairly
+    assert likelihoods(model, char_tokenizer, ["xxc", "a"], "de")[0] > likelihoods(model, char_tokenizer, ["a"], "de")[0]
+    assert likelihoods(model, char_tokenizer, [], "b") == []

@@ -415,3 +415,27 @@ class Generator:
     ) -> str | list[str]:
         """Async twin of :meth:`generate`."""
         return await asyncio.to_thread(self.generate, prompts, config, **options)
+
+
+def likelihoods(model: Transformer, tokenizer: Tokenizer, contexts: Sequence[str], continuation: str) -> list[float]:
+    """How well ``continuation`` follows each of ``contexts``: the mean log-probability of its tokens.
+
+    One batched forward pass, no sampling: the model's own judgement of which context a text belongs to
+    (a passage a question asks about, the tool a task needs; UPR, Sachan et al. 2022). Reads no KV cache,
+    so it may run while the model generates elsewhere.
+    """
+    if not contexts:
+        return []
+    asked = tokenizer.encode(continuation)
+    rows = [tokenizer.encode(c) for c in contexts]
+    longest = max(len(r) for r in rows) + len(asked)
+    device = next(model.parameters()).device
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):  # right-padded: causal attention never reads the padding
+        ids[i, : len(row) + len(asked)] = torch.tensor(row + asked)
+    with torch.inference_mode():
+        logits = model(ids.to(device)).float().log_softmax(-1)
+    target = torch.tensor(asked, device=device)[:, None]
+    return [
+        logits[i, len(r) - 1 : len(r) - 1 + len(asked)].gather(-1, target).mean().item() for i, r in enumerate(rows)
+    ]

@@ -226,3 +226,56 @@ def test_identical_calls_in_one_step_run_once(smol: Forge, monkeypatch: pytest.M
     assert runs == [("add", 1, 2), ("now",)]
     assert [(e.name, e.step) for e in result.tool_calls] == [("add", 1), ("now", 1)]
     assert result.reason == "answer" and result.answer == "It is noon, and 1 + 2 = 3."
+
+
+@tool
+def _convert(value: float, conversion: Literal["km to miles", "miles to km", "kg to pounds", "pounds to kg"]) -> str:
+    """Convert a value between units.
+
+    Args:
+        value: the number to convert.
+        conversion: which units, from and to.
+    """
+    return str(value)
+
+
+@tool
+def _calculate(a: float, operation: Literal["add", "subtract", "multiply", "divide"], b: float) -> str:
+    """Compute a (operation) b.
+
+    Args:
+        a: the first number.
+        operation: what to do.
+        b: the second number.
+    """
+    return str(a)
+
+
+@tool
+def _lookup(topic: Literal["Eiffel Tower", "Mount Everest", "river Auden", "planet Tiralo"]) -> str:
+    """Look up a fact in the encyclopedia.
+
+    Args:
+        topic: what to look up.
+    """
+    return topic
+
+
+@pytest.mark.parametrize(
+    ("task", "name", "argument", "value"),
+    [
+        ("How long is the river Auden?", "_lookup", "topic", "river Auden"),
+        ("How many moons does the planet Tiralo have?", "_lookup", "topic", "planet Tiralo"),
+        ("Convert 10 miles to km.", "_convert", "conversion", "miles to km"),
+        ("What is 882 divided by 7?", "_calculate", "operation", "divide"),
+    ],
+)
+def test_the_first_step_takes_the_tool_and_choice_the_task_names(
+    smol: Forge, task: str, name: str, argument: str, value: str
+) -> None:
+    """Left to its first token, SmolLM2 called the calculator to look things up and "Eiffel Tower" for any topic."""
+    from forge.agent.loop import _likeliest_tool
+
+    chosen = _likeliest_tool(smol, task, [t.schema() for t in (_lookup, _convert, _calculate)])
+    assert chosen["function"]["name"] == name
+    assert chosen["function"]["parameters"]["properties"][argument]["enum"] == [value]

@@ -59,7 +59,10 @@ def rag(tmp_path_factory: pytest.TempPathFactory) -> Rag:
 
 def test_a_passage_is_led_by_its_paragraph_heading() -> None:
     pieces = _pieces(PLAY)
-    assert ("JAQUES", "All the world's a stage, And all the men and women merely players;") in pieces
+    first = (
+        "All the world's a stage, And all the men and women merely players; They have their exits and their entrances;"
+    )
+    assert ("JAQUES", first) in pieces  # three lines: the one that matches a question and the two after it
     assert all(heading in ("", "DUKE SENIOR", "JAQUES") for heading, _ in pieces)
     assert all(len(text.split()) >= 3 for _, text in pieces)  # no one-word fragments ("[Exit.]")
 

@@ -36,7 +36,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ from forge.agent.memory import Memory
 from forge.agent.tools import Tool, ToolError, tool
 from forge.app import Forge
 from forge.errors import ConfigError, ForgeError
+from forge.generator import likelihoods
 from forge.structured import ToolCall, ToolCallParser
 
 __all__ = [
@@ -66,6 +67,14 @@ INSTRUCTIONS = (
 # The question, then the results, then what to do with them: SmolLM2 answers from the results this way, where
 # results in a turn of their own were copied back or ignored (measured by benchmarks/answers_agent.py).
 ANSWER = "Question: {task}\nTool results:\n{results}\n\nAnswer the question in one sentence, quoting the tool result."
+
+#: What the model reads before a task when it judges which tool the task needs (see ``_likeliest_tool``).
+TOOL_PROMPT = "Tool: {name}. {about}\nA task for this tool:"
+#: ... and whether the last tool result answers the task (``final_answer``).
+RESULT_PROMPT = "Known: {result}\nA question this answers:"
+#: ... and which of an argument's choices the task needs; more choices than this are left to the model.
+CHOICE_PROMPT = "{tool}({name}={value!r})\nA task for this call:"
+MAX_CHOICES = 64
 
 
 @tool(name=FINAL)
@@ -247,6 +256,13 @@ class Agent:
             # The first step uses a tool: a task given to an agent with tools is one to use them on.
             allowed = [t for t in schemas if step > 1 or len(schemas) == 1 or t["function"]["name"] != FINAL]
             allowed = [t for t in allowed if t["function"]["name"] not in blocked]
+            if len(allowed) > 1:  # which tool, or whether it is done: the model's judgement, not its first token
+                last = next(reversed(results.values()))[1].content if results else None
+                allowed = [await asyncio.to_thread(_likeliest_tool, self.app, task, allowed, last, results.keys())]
+                if allowed[0]["function"]["name"] == FINAL:
+                    yield ToolCallEvent(f"call_{step}", FINAL, {}, step)
+                    reason = "answer"
+                    break
             calls: list[ToolCall] = []
             try:
                 async for item in self._calls(messages, schemas, allowed, step):
@@ -366,6 +382,71 @@ def _quote(answer: str, results: list[ToolResultEvent]) -> str | None:
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 48,213 is 48213
+
+
+def _likeliest_tool(
+    app: Forge, task: str, tools: list[dict[str, Any]], last: str | None = None, made: Collection[Any] = ()
+) -> dict[str, Any]:
+    """The tool whose description ``task`` follows best, by the chat model's likelihood of the task's words,
+    with its choices narrowed (see ``_likeliest_choices``); ``final_answer`` is judged by how well the task
+    follows the ``last`` tool result (is it the answer?). A tool whose narrowed call repeats one of the calls
+    ``made`` is not offered: the task names it, so it would win again and again."""
+    model, tokenizer = app.model, app.tokenizer
+    assert model is not None and tokenizer is not None, "checked before the loop"
+    narrowed = [t if t["function"]["name"] == FINAL else _likeliest_choices(model, tokenizer, task, t) for t in tools]
+    offered = [t for t in narrowed if _determined(t) not in made] or narrowed
+    used = {name for name, _ in made}
+    named = [t for t in offered if t["function"]["name"] not in used and _names(task, t["function"]["name"])]
+    if named:  # "... then use the calculator": a task that names a tool it has not used yet is not done
+        offered = [t for t in offered if t["function"]["name"] != FINAL]
+    described = [
+        RESULT_PROMPT.format(result=last or "nothing yet")
+        if t["function"]["name"] == FINAL
+        else TOOL_PROMPT.format(name=t["function"]["name"], about=_about(t["function"]))
+        for t in offered
+    ]
+    scores = likelihoods(model, tokenizer, described, " " + task)
+    return offered[max(range(len(offered)), key=scores.__getitem__)]
+
+
+def _names(task: str, tool_name: str) -> bool:
+    """Whether ``task`` names the tool (``unit_convert`` as "unit convert" too)."""
+    pattern = rf"\b{re.escape(tool_name.replace('_', ' '))}\b"
+    return re.search(pattern, task.replace("_", " "), re.IGNORECASE) is not None
+
+
+def _determined(schema: dict[str, Any]) -> tuple[str, str] | None:
+    """The call ``schema`` admits when each of its arguments has one choice left (as ``_key`` writes it)."""
+    properties = schema["function"].get("parameters", {}).get("properties", {})
+    choices = {k: v.get("enum") for k, v in properties.items() if isinstance(v, dict)}
+    if not properties or any(not isinstance(c, list) or len(c) != 1 for c in choices.values()):
+        return None
+    return schema["function"]["name"], json.dumps({k: c[0] for k, c in choices.items()}, sort_keys=True)
+
+
+def _about(function: dict[str, Any]) -> str:
+    """A tool's description and arguments, with their choices: a task names what it needs in those words."""
+    arguments = []
+    for name, spec in function.get("parameters", {}).get("properties", {}).items():
+        options = spec.get("enum") if isinstance(spec, dict) else None
+        listed = f" ({', '.join(map(str, options[:MAX_CHOICES]))})" if isinstance(options, list) else ""
+        arguments.append(f"{name}{listed}")
+    return f"{function.get('description', '')} Arguments: {'; '.join(arguments) or 'none'}."
+
+
+def _likeliest_choices(model: Any, tokenizer: Any, task: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with each argument that has a list of choices (an enum, a Literal) held to the one the task
+    follows best: small models pick "Eiffel Tower" for any landmark, "miles to km" for any conversion."""
+    function = schema["function"]
+    properties = dict(function.get("parameters", {}).get("properties", {}))
+    for name, spec in properties.items():
+        options = spec.get("enum") if isinstance(spec, dict) else None
+        if isinstance(options, list) and len(options) > 1 and len(options) <= MAX_CHOICES:
+            contexts = [CHOICE_PROMPT.format(tool=function["name"], name=name, value=v) for v in options]
+            scores = likelihoods(model, tokenizer, contexts, " " + task)
+            properties[name] = {**spec, "enum": [options[max(range(len(options)), key=scores.__getitem__)]]}
+    parameters = {**function.get("parameters", {}), "properties": properties}
+    return {**schema, "function": {**function, "parameters": parameters}}
 
 
 def _arguments(arguments: dict[str, Any]) -> str:

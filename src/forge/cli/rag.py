@@ -167,16 +167,24 @@ def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: in
 @click.option("--model", default="smollm2", show_default=True, help="The chat model that answers.")
 @click.option("--k", type=POSITIVE_INT, default=5, show_default=True, help="Chunks retrieved.")
 @click.option("--max-tokens", type=POSITIVE_INT, default=256, show_default=True, help="Longest answer, in tokens.")
+@click.option(
+    "--mode",
+    type=click.Choice(["quote", "free"]),
+    default="quote",
+    show_default=True,
+    help="quote: the answer quotes the sources word for word (best for small models); free: its own words, "
+    "still citing a source.",
+)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @DTYPE_OPTION
-def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, device: str, dtype: str) -> None:
-    """Answer QUESTION from the store, citing the passages used."""
+def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, mode: str, device: str, dtype: str) -> None:
+    """Answer QUESTION from the store, citing the passages used, or saying that they don't hold the answer."""
     console = Console(highlight=False, soft_wrap=True)
     store = existing_store(db)
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
     rag = Rag(store, app=app)
     try:
-        pieces, sources = rag.answer_stream(question, k=k, max_tokens=max_tokens)
+        pieces, sources = rag.answer_stream(question, k=k, mode=mode, max_tokens=max_tokens)  # type: ignore[arg-type]
         text = ""
         for piece in pieces:
             text += piece

@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from forge.generator import likelihoods
 from forge.rag.store import keyword_terms
 from forge.structured import Grammar
 
 if TYPE_CHECKING:
+    from forge.core.transformer import Transformer
     from forge.rag.embed import Embedder
     from forge.rag.retrieval import Citation
+    from forge.tokenizer import Tokenizer
 
 __all__ = ["NOT_FOUND", "Mode", "Passage", "free_grammar", "passages", "quote_grammar", "quotes"]
 
@@ -45,10 +48,13 @@ HEADING_WORDS = 4
 MIN_WORDS = 3
 
 #: Lines in a passage: the line that matches the question and the ones after it, where the answer often is.
-WINDOW = int(__import__("os").environ.get("FORGE_WINDOW", "2"))
+WINDOW = 3
 
 #: A passage longer than this many words is cut into sentences: a quote should be an answer, not a page.
 MAX_WORDS = 40
+
+#: What the reranker reads before the question (see :func:`rerank`).
+RERANK_PROMPT = "Passage: {passage}\nA question about this passage:"
 
 QUOTE_SYSTEM = (
     "Answer the question with a quote from the numbered sources: copy the words that answer it exactly, "
@@ -108,6 +114,17 @@ def passages(
     scores = similarity + keyword_weight * overlap
     order = np.argsort(-scores, kind="stable")[:limit]
     return [Passage(*found[i], float(scores[i]), float(similarity[i])) for i in order]
+
+
+def rerank(model: Transformer, tokenizer: Tokenizer, question: str, choices: Sequence[Passage]) -> list[Passage]:
+    """``choices`` ordered by how likely the chat model finds ``question`` after each of them (UPR): the model's
+    judgement of which passage the question is about, read in one batched pass, not left to its first token."""
+    scores = likelihoods(model, tokenizer, [RERANK_PROMPT.format(passage=_shown(p)) for p in choices], " " + question)
+    return [choices[i] for i in sorted(range(len(choices)), key=lambda i: -scores[i])]
+
+
+def _shown(p: Passage) -> str:
+    return f"{p.heading}: {p.text}" if p.heading else p.text
 
 
 def _words(text: str) -> set[str]:
