@@ -65,6 +65,12 @@ def _contains(text: str, answers: list[str]) -> bool:
     return any(f" {_norm(a)} " in padded for a in answers if _norm(a))
 
 
+def _declined(text: str, citations: list[Any]) -> bool:
+    """Says the sources lack the answer (today's NOT_FOUND, or the old prompt's "I don't know"), citing nothing."""
+    said = _norm(text)
+    return not citations and any(p in said for p in ("do not contain the answer", "don't know", "do not know"))
+
+
 def _ask(rag: Any, question: str, k: int, mode: str | None) -> Any:
     """One answer; ``mode`` None is the baseline's API (no modes)."""
     options: dict[str, Any] = {"max_tokens": MAX_TOKENS}
@@ -98,7 +104,7 @@ def evaluate_rag(db: Path, k: int, limit: int | None, modes: list[str | None]) -
                 }
             )
         declined = [
-            {"question": u, "answer": (a := _ask(rag, u, k, mode)).text, "declined": not a.citations}
+            {"question": u, "answer": (a := _ask(rag, u, k, mode)).text, "declined": _declined(a.text, a.citations)}
             for u in unanswerable
         ]
         n = len(rows)
@@ -137,12 +143,16 @@ def _baseline_src(rev: str, into: Path) -> Path:
 
 
 def _worker(src: Path, args: list[str]) -> dict[str, Any]:
-    """A script of this folder, run with ``src`` as the ``forge`` package; its last stdout line is JSON."""
+    """A script of this folder, run with ``src`` as the ``forge`` package; it prints its result as JSON."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} with {src} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    text = done.stdout.strip()
+    try:  # the agent script prints one JSON object, indented; the RAG worker one line after its progress
+        return json.loads(text)  # type: ignore[no-any-return]
+    except json.JSONDecodeError:
+        return json.loads(text.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def main() -> None:

@@ -6,10 +6,13 @@ import errno
 import io
 import json
 import os
+import queue
 import resource
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -285,11 +288,29 @@ def test_an_over_long_chat_message_is_refused_and_the_session_goes_on(bigram_dir
     assert "you> hello" in out and out.count("bot>") == 2  # the next message is answered
 
 
-def _read_until(stream, needle: str, seen: list[str]) -> str:
-    """Read ``stream`` char by char until ``needle`` appears (the child's output is unbuffered)."""
-    text = ""
+def _chars(stream) -> queue.Queue[str]:
+    """The child's output, char by char, from a reader thread: a read that never returns cannot hang the suite."""
+    chars: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        while c := stream.read(1):
+            chars.put(c)
+        chars.put("")  # end of output
+
+    threading.Thread(target=pump, daemon=True).start()
+    return chars
+
+
+def _read_until(chars: queue.Queue[str], needle: str, seen: list[str], timeout: float = 120) -> str:
+    """Read until ``needle`` appears (the child's output is unbuffered), for at most ``timeout`` seconds."""
+    text, deadline = "", time.monotonic() + timeout
     while needle not in text:
-        c = stream.read(1)
+        try:
+            c = chars.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(
+                f"{needle!r} did not come in {timeout:g} s; output: {''.join(seen) + text!r}"
+            ) from None
         if not c:
             raise AssertionError(f"{needle!r} never came; output so far: {''.join(seen) + text!r}")
         text += c
@@ -316,19 +337,25 @@ def test_chat_ctrl_c_stops_the_reply_and_the_session_goes_on(looping_chat_model:
         text=True,
         env=os.environ | {"NO_COLOR": "1", "PYTHONUNBUFFERED": "1"},
     )
-    assert child.stdin is not None and child.stdout is not None
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     seen: list[str] = []
+    chars = _chars(child.stdout)
     try:
         for message in ("hi", "again"):
             child.stdin.write(message + "\n")
             child.stdin.flush()
-            _read_until(child.stdout, "bot> abcdefghabcdefgh", seen)  # mid-reply
+            _read_until(chars, "bot> abcdefghabcdefgh", seen)  # mid-reply
             child.send_signal(signal.SIGINT)
-            _read_until(child.stdout, "(reply stopped", seen)
+            _read_until(chars, "(reply stopped", seen)
         if leave == "ctrl-c":
-            _read_until(child.stdout, "\n", seen)  # back at the prompt
+            _read_until(chars, "\n", seen)  # back at the prompt
             child.send_signal(signal.SIGINT)
-        rest, err = child.communicate(timeout=60)  # closes stdin: end of input
+        child.stdin.close()  # end of input
+        child.wait(timeout=60)
+        err = child.stderr.read()
+        rest = ""
+        while c := chars.get(timeout=60):
+            rest += c
     finally:
         child.kill()
     assert child.returncode in ((0,) if leave == "eof" else (0, 130)), err
