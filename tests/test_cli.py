@@ -249,7 +249,8 @@ def looping_chat_model(tmp_path_factory: pytest.TempPathFactory, bigram_model, c
 
     table = {":": "a", **{c: "abcdefgh"[(i + 1) % 8] for i, c in enumerate("abcdefgh")}}
     path = tmp_path_factory.mktemp("looping") / "checkpoint"
-    save(path, bigram_model(char_tokenizer, table, context_length=8192), char_tokenizer)
+    # Longer than a pipe's buffer (64 KiB): the reply cannot finish unread before the test's Ctrl-C arrives.
+    save(path, bigram_model(char_tokenizer, table, context_length=72000), char_tokenizer)
     return path
 
 
@@ -322,13 +323,14 @@ def _read_until(chars: queue.Queue[str], needle: str, seen: list[str], timeout: 
 def test_chat_ctrl_c_stops_the_reply_and_the_session_goes_on(looping_chat_model: Path, leave: str) -> None:
     """SIGINT mid-reply printed two chained tracebacks and generation ran on; now the reply stops.
 
-    Each reply would run for 8000 tokens; Ctrl-C ends it, the next message is answered, and then end
-    of input (Ctrl-D) or a Ctrl-C at the prompt leaves quietly. Were a generation still running, the
-    process could not exit before the timeout.
+    Each reply would run for 70,000 tokens, more than the pipe holds, so it is still running when the
+    signal comes, however loaded the machine (with 8,000 a loaded run finished it first). Ctrl-C ends
+    it, the next message is answered, and then end of input (Ctrl-D) or a Ctrl-C at the prompt leaves
+    quietly. Were a generation still running, the process could not exit before the timeout.
     """
     import signal
 
-    args = ("chat", looping_chat_model, "--temperature", "0", "--max-tokens", "8000", "--device", "cpu")
+    args = ("chat", looping_chat_model, "--temperature", "0", "--max-tokens", "70000", "--device", "cpu")
     child = subprocess.Popen(
         _forge(*args),
         stdin=subprocess.PIPE,
