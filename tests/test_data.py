@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -329,3 +330,49 @@ def test_a_full_disk_while_caching_tokens_is_one_error_and_leaves_nothing(
     with pytest.raises(DataError, match=r"could not write the token cache.*No space left on device.*FORGE_CACHE_DIR"):
         TokenDataset.build(corpus, char_tokenizer, directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- conversations: a .jsonl file rendered with the model's chat template -----------------------
+def _conversation_file(path: Path, n: int = 30) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "to be, or not."}]}
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line is skipped
+    return path
+
+
+def test_conversations_are_rendered_with_the_chat_template_and_ended_by_the_end_token(tmp_path: Path) -> None:
+    tok = _chat_tokenizer()
+    end = tok.hf.token_to_id("<|im_end|>")
+    data = _conversation_file(tmp_path / "chats.jsonl")
+    ds = TokenDataset.build(Corpus.from_source(data), tok, directory=tmp_path / "cache")
+    first = "<|im_start|>user\nhi 0<|im_end|>\n<|im_start|>assistant\nto be, or not.<|im_end|>"
+    ids = ds.tokens.tolist()
+    assert ids[: len(tok.encode(first))] == tok.encode(first)
+    assert ids.count(end) == 2 * 30 and ids[-1] == end  # each turn ends as in chat, and no extra end token
+    assert tok.decode(ids).count("<|im_start|>assistant\nto be, or not.<|im_end|>") == 30
+
+
+def test_a_plain_model_gets_forges_plain_chat_layout_and_eos_between_conversations(tmp_path: Path) -> None:
+    tok = Tokenizer.train(["abcdefghijklmnopqrstuvwxyzUA .,:\n0123456789"], kind="char")
+    data = _conversation_file(tmp_path / "chats.jsonl", 3)
+    ds = TokenDataset.build(Corpus.from_source(data), tok, directory=tmp_path / "cache")
+    assert tok.decode(ds.tokens.tolist()).startswith("User: hi 0\nAssistant: to be, or not.")
+    assert ds.tokens.tolist().count(tok.eos_id) == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("{not json", "line 2 is not JSON"),
+        ('{"text": "hello"}', 'line 2 has no "messages" list'),
+        ('{"messages": [{"role": "user"}]}', "line 2: "),
+    ],
+)
+def test_a_bad_conversation_line_is_named_with_the_fix(tmp_path: Path, line: str, said: str) -> None:
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "ok"}]}\n' + line + "\n")
+    with pytest.raises(DataError) as e:
+        Corpus.from_source(data)
+    assert said in e.value.message and "chats.jsonl" in e.value.message

@@ -1,7 +1,7 @@
 """Training data: from text to a memory-mapped token file, cached by content hash.
 
-Sources are a text file, a folder of ``.txt``/``.md`` files, or a list of
-strings. Each document is read, checked to be UTF-8 text, and tokenized in
+Sources are a text file, a folder of ``.txt``/``.md``/``.jsonl`` files, or a
+list of strings. Each document is read, checked to be UTF-8 text, and tokenized in
 chunks into a flat ``uint16``/``uint32`` file under the cache directory, named
 by the hash of the corpus and the tokenizer. Later runs map that file instead
 of tokenizing again, and the corpus never has to fit in memory.
@@ -9,6 +9,10 @@ of tokenizing again, and the corpus never has to fit in memory.
 For a chat model (a tokenizer with a chat template) each document is cut into
 turn-sized pieces of whole paragraphs, each ended by the token the template ends
 a turn with, so fine-tuning on plain text keeps the model ending its replies.
+A ``.jsonl`` file holds conversations, one per line (``{"messages": [{"role":
+"user", "content": ...}, ...]}``, as OpenAI's fine-tuning files): each is rendered
+with the model's own chat template, so the model learns its turns as it will
+see them in ``forge chat``, then ended by the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import itertools
+import json
 import os
 import sys
 import sysconfig
@@ -32,7 +37,9 @@ from forge.tokenizer import Tokenizer
 
 __all__ = ["Corpus", "TokenDataset", "cache_dir", "end_of_turn", "stdlib_corpus"]
 
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+CHAT_SUFFIX = ".jsonl"
+CHAT_LINE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 _CHUNK = 1 << 20  # characters per tokenizer call
 #: A chat model's plain-text data is cut into pieces of whole paragraphs of at least this many characters,
 #: each ended by the end-of-turn token: about one every 150-200 tokens, a short chat reply. Without it a
@@ -80,7 +87,9 @@ class Corpus:
         if path.is_dir():
             files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES))
             if not files:
-                raise DataError(f"data folder {str(path)!r} holds no .txt or .md files; add some or pass a file")
+                raise DataError(
+                    f"data folder {str(path)!r} holds no .txt, .md or .jsonl files; add some or pass a file"
+                )
         else:
             files = (path,)
         corpus = cls(files=files, label=str(path))
@@ -95,6 +104,10 @@ class Corpus:
         """Every file is readable UTF-8 text, and at least one is non-empty."""
         any_text = False
         for f in self.files:
+            if f.suffix.lower() == CHAT_SUFFIX:
+                for _ in conversations(f):  # every line parsed and checked before any training starts
+                    any_text = True
+                continue
             for chunk in _read_file(f):
                 any_text = any_text or bool(chunk.strip())
         if not any_text:
@@ -104,8 +117,8 @@ class Corpus:
     def documents(self) -> Iterator[Iterator[str]]:
         """Each document as an iterator of text chunks."""
         if self.files:
-            for f in self.files:
-                yield _read_file(f)
+            for f in self.files:  # a conversation file as its plain rendering: what a new tokenizer learns from
+                yield (_plain(c) for c in conversations(f)) if f.suffix.lower() == CHAT_SUFFIX else _read_file(f)
         else:
             for t in self.texts:
                 yield iter([t[i : i + _CHUNK] for i in range(0, len(t), _CHUNK)])
@@ -147,6 +160,37 @@ def _read_file(path: Path) -> Iterator[str]:
             if "\x00" in chunk:
                 raise DataError(f"data file {str(path)!r} holds NUL bytes (it looks binary); pass a plain text file")
             yield chunk
+
+
+def conversations(path: Path) -> Iterator[list[dict[str, str]]]:
+    """The conversations of a ``.jsonl`` file, one per non-blank line, each checked as chat messages."""
+    from forge.chat import check_messages  # the chat layer sits above the data layer's imports
+
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"data file {str(path)!r} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where} is not JSON ({e.msg}); each line must be {CHAT_LINE}") from None
+        messages = row.get("messages") if isinstance(row, dict) else row
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f'{where} has no "messages" list; each line must be {CHAT_LINE}')
+        try:
+            checked = check_messages(messages)
+        except ConfigError as e:
+            raise DataError(f"{where}: {e.message}") from None
+        yield [{"role": m["role"], "content": str(m.get("content") or "")} for m in checked]
+
+
+def _lines(path: Path) -> Iterator[str]:
+    for chunk in _read_file(path):
+        yield from chunk.splitlines()
+
+
+def _plain(conversation: list[dict[str, str]]) -> str:
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in conversation)
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -265,6 +309,11 @@ def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, dtype: np.dt
     try:
         with tmp.open("wb") as out:
             for i, doc in enumerate(corpus.documents()):
+                source = corpus.files[i] if corpus.files else None
+                if source is not None and source.suffix.lower() == CHAT_SUFFIX:
+                    for ids in _conversation_tokens(source, tokenizer, end_id if end_id is not None else eos):
+                        out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    continue
                 if end_id is not None:
                     turns = _turns(doc)
                     while batch := list(itertools.islice(turns, 256)):  # a few hundred per tokenizer call
@@ -285,6 +334,22 @@ def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, dtype: np.dt
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _conversation_tokens(path: Path, tokenizer: Tokenizer, end_id: int | None) -> Iterator[list[int]]:
+    """Each conversation of ``path`` as the model's chat template writes it, then ``end_id`` unless the
+    template already ended the last turn with it (a template-less model gets Forge's plain template)."""
+    from forge.chat import render_chat
+
+    special = {"bos_token": tokenizer.bos, "eos_token": tokenizer.eos}
+    rows = conversations(path)
+    while batch := list(itertools.islice(rows, 256)):
+        texts = [
+            render_chat(tokenizer.chat_template, c, add_generation_prompt=False, special_tokens=special).rstrip()
+            for c in batch
+        ]
+        for row in tokenizer.encode_batch(texts):
+            yield [*row, end_id] if end_id is not None and (not row or row[-1] != end_id) else row
 
 
 _SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}

@@ -31,8 +31,10 @@ class FakeRetriever:
         self.filters.append(filter)
         return []
 
-    def augment(self, messages: Sequence[Mapping[str, str]], k: int) -> tuple[list[dict[str, str]], list[Any]]:
-        return [dict(m) for m in messages], []
+    def augment(
+        self, messages: Sequence[Mapping[str, str]], k: int, mode: str = "quote"
+    ) -> tuple[list[dict[str, str]], list[Any], None]:
+        return [dict(m) for m in messages], [], None
 
 
 @pytest.fixture(scope="module")

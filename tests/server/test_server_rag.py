@@ -10,7 +10,9 @@ import pytest
 from serving import ServerProcess
 
 from forge import models
+from forge.rag import NOT_FOUND
 from forge.rag.embed import LocalEmbedder
+from forge.rag.grounded import quotes
 from forge.rag.retrieval import Rag
 
 
@@ -45,17 +47,44 @@ def test_query_route_returns_scored_chunks(rag_server: ServerProcess) -> None:
         assert sneaky.status_code == 400 and "filter key" in sneaky.json()["error"]["message"]
 
 
-def test_chat_answers_carry_their_sources(rag_server: ServerProcess) -> None:
-    body = {"messages": [{"role": "user", "content": "When is the launch?"}], "max_tokens": 8}
+def test_chat_answers_quote_and_cite_their_sources(rag_server: ServerProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "When is the launch?"}], "max_tokens": 64}
     with rag_server.http() as http:
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         sources = r.json()["sources"]
-        assert [s["number"] for s in sources] == [1, 2] and Path(sources[0]["source"]).name == "launch.md"
-        assert r.json()["choices"][0]["message"]["content"].strip()
+        assert Path(sources[0]["source"]).name == "launch.md"
+        answer = r.json()["choices"][0]["message"]["content"]
+        quoted = quotes(answer)  # the grammar: an exact quote of the cited source, then its [n]
+        assert quoted and "March 14" in quoted[0][0], answer
+        assert quoted[0][0] in sources[quoted[0][1] - 1]["text"]
         with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
-            first = next(json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {"))
-        assert Path(first["sources"][0]["source"]).name == "launch.md"
+            chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+        assert Path(chunks[0]["sources"][0]["source"]).name == "launch.md"
+        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert streamed == answer
+
+
+def test_chat_says_when_the_sources_lack_the_answer(rag_server: ServerProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "Who painted the Mona Lisa?"}], "max_tokens": 32}
+    with rag_server.http() as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == NOT_FOUND
+
+
+def test_a_request_format_wins_over_the_quote_grammar(rag_server: ServerProcess) -> None:
+    schema = {"type": "object", "properties": {"date": {"type": "string"}}, "required": ["date"]}
+    body = {
+        "messages": [{"role": "user", "content": "When is the launch?"}],
+        "max_tokens": 48,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}},
+    }
+    with rag_server.http() as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert "date" in json.loads(r.json()["choices"][0]["message"]["content"])
+        assert Path(r.json()["sources"][0]["source"]).name == "launch.md"
 
 
 def test_a_server_without_a_store_says_how_to_add_one(tiny_server: ServerProcess) -> None:

@@ -59,6 +59,13 @@ __all__ = ["serve_cmd"]
 @click.option("--rag", "rag_db", default=None, help="Answer chats from this RAG store (forge rag add ... --db DB).")
 @click.option("--rag-k", type=POSITIVE_INT, default=5, show_default=True, help="Chunks retrieved per chat answer.")
 @click.option(
+    "--rag-mode",
+    type=click.Choice(["quote", "free"]),
+    default="quote",
+    show_default=True,
+    help="quote: answers quote a source and cite it, or say the sources lack it; free: own words, cited.",
+)
+@click.option(
     "--header-timeout",
     type=click.FloatRange(*TIMEOUT_RANGE),
     default=DEFAULT_HEADER_TIMEOUT,
@@ -95,6 +102,7 @@ def serve_cmd(
     log_level: str,
     rag_db: str | None,
     rag_k: int,
+    rag_mode: str,
     header_timeout: float,
     body_timeout: float,
     max_connections: int,
@@ -129,6 +137,7 @@ def serve_cmd(
             log_level=log_level,
             retriever=retriever,
             rag_k=rag_k,
+            rag_mode=rag_mode,  # type: ignore[arg-type]
             header_timeout=header_timeout,
             body_timeout=body_timeout,
             max_connections=max_connections,

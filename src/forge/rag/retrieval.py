@@ -358,15 +358,22 @@ class Rag:
         return [{**{k: v for k, v in asdict(h.chunk).items() if k != "id"}, "score": h.score} for h in hits]
 
     def augment(
-        self, messages: Sequence[Mapping[str, str]], k: int = 5
-    ) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-        """A chat grounded in the store: the last user turn becomes its sources plus the question."""
+        self, messages: Sequence[Mapping[str, str]], k: int = 5, mode: Mode = "quote"
+    ) -> tuple[list[dict[str, str]], list[dict[str, Any]], Grammar]:
+        """A chat grounded in the store (``forge serve --rag``): the last user turn becomes its sources plus the
+        question, earlier turns are kept, and the answer is held to :meth:`plan`'s grammar: in "quote" mode a
+        cited quote, or :data:`NOT_FOUND` when nothing retrieved is close enough."""
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
         question = messages[last]["content"]
-        grounded, sources = self.messages(question, self.query(question, k))
+        plan = self.plan(question, k, mode=mode)
+        grounded = plan.messages or [
+            {"role": "system", "content": QUOTE_SYSTEM},
+            {"role": "user", "content": f"Question: {question}"},
+        ]
+        grammar = plan.grammar or quote_grammar([])  # no passage to quote: the grammar's only answer is NOT_FOUND
         history = [dict(m) for m in messages[:last] if m["role"] != "system"]
         out = [grounded[0], *history, grounded[1], *(dict(m) for m in messages[last + 1 :])]
-        return out, [asdict(s) for s in sources]
+        return out, [asdict(s) for s in plan.sources], grammar
 
     def close(self) -> None:
         self.store.close()

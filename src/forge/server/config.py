@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from forge.errors import ConfigError
 from forge.server.retrieval import Retriever
@@ -40,6 +41,9 @@ class ServerConfig:
     batching: start the app's batching engine with the server (and stop it, draining, at shutdown).
     retriever: a RAG pipeline (``forge.rag.Rag``): adds ``/v1/rag/query`` and grounds chat answers in it.
     rag_k: how many chunks a chat answer retrieves.
+    rag_mode: how a chat answer uses them: "quote" (a cited quote of a source, or "not in the sources": the
+        default, right for small models) or "free" (own words that must cite a source). A request with tools
+        or a response_format keeps its own format and gets the sources in "free" mode's prompt.
     header_timeout: seconds a connection may take to send a request's headers (from connecting, or from
         the end of the previous response); then it is closed with 408. Slow clients can't hold sockets.
     body_timeout: seconds a request may take to send its body once its headers are in; then 408.
@@ -63,6 +67,7 @@ class ServerConfig:
     batching: bool = True
     retriever: Retriever | None = None
     rag_k: int = 5
+    rag_mode: Literal["quote", "free"] = "quote"
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -79,6 +84,8 @@ class ServerConfig:
         positive("max_body_size", self.max_body_size)
         positive("rag_k", self.rag_k)
         positive("max_connections", self.max_connections)
+        if self.rag_mode not in ("quote", "free"):
+            raise ConfigError.for_field("ServerConfig", "rag_mode", self.rag_mode, "must be 'quote' or 'free'")
         low, high = TIMEOUT_RANGE
         for name in ("header_timeout", "body_timeout", "compile_timeout"):
             value = getattr(self, name)

@@ -129,13 +129,18 @@ async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) ->
     if req.logprobs:
         options["logprobs"] = req.top_logprobs or 0
     messages = [_message(m) for m in req.messages]
-    sources = None
-    if served.config.retriever is not None and any(m["role"] == "user" for m in messages):
-        retriever = served.config.retriever
-        messages, sources = await asyncio.to_thread(retriever.augment, messages, served.config.rag_k)
-    # Rendering the template and compiling grammars take as long as the client makes them: never on the loop.
     fmt = req.response_format
     grammar = "tools" if req.tools else "response_format" if fmt is not None and fmt.type != "text" else None
+    sources = None
+    if served.config.retriever is not None and any(m["role"] == "user" for m in messages):
+        # Retrieval, reranking and the grounding grammar are slow work; a request's own format wins over it.
+        mode = "free" if grammar else served.config.rag_mode
+        retriever, k = served.config.retriever, served.config.rag_k
+        messages, sources, grounding = await asyncio.to_thread(retriever.augment, messages, k, mode)
+        if grammar is None and grounding is not None:
+            options["grammar"] = grounding
+            grammar = "messages"
+    # Rendering the template and compiling grammars take as long as the client makes them: never on the loop.
     contexts, group = await _off_loop(served, _chat_contexts, served, req, options, messages, compile=grammar)
     job = Job("chat", contexts, group, bool(req.stream), req.include_usage, logprobs=bool(req.logprobs))
     job.sources = sources

@@ -7,7 +7,7 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import uvicorn
 
@@ -71,6 +71,7 @@ async def serve(
     ready: asyncio.Event | None = None,
     retriever: Retriever | None = None,
     rag_k: int = 5,
+    rag_mode: Literal["quote", "free"] = "quote",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -99,6 +100,7 @@ async def serve(
         model_name=model_name,
         retriever=retriever,
         rag_k=rag_k,
+        rag_mode=rag_mode,
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         max_connections=max_connections,
