@@ -196,12 +196,16 @@ def run_task(app: Forge, task: Task) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=None, help="run only the first N tasks (round-robin over kinds)")
+    parser.add_argument("--kinds", default=None, help="only these kinds, comma-separated (e.g. two-step)")
     parser.add_argument("--model", default="smollm2", help="what Forge.load() loads (default: smollm2)")
     args = parser.parse_args()
     began = time.perf_counter()
     app = Forge.load(args.model)
     details = []
+    kinds = set(args.kinds.split(",")) if args.kinds else None
     for task in subset(args.tasks):
+        if kinds is not None and task.kind not in kinds:
+            continue
         details.append(run_task(app, task))
         print(json.dumps({k: details[-1][k] for k in ("task", "correct", "calls", "answer")}), file=sys.stderr)
     n = len(details)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -279,3 +280,49 @@ def test_the_first_step_takes_the_tool_and_choice_the_task_names(
     chosen = _likeliest_tool(smol, task, [t.schema() for t in (_lookup, _convert, _calculate)])
     assert chosen["function"]["name"] == name
     assert chosen["function"]["parameters"]["properties"][argument]["enum"] == [value]
+
+
+def _made(*calls: tuple[str, dict[str, object]]) -> list[tuple[str, str]]:
+    return [(name, json.dumps(arguments, sort_keys=True)) for name, arguments in calls]
+
+
+@pytest.mark.parametrize(
+    ("task", "made", "unfinished"),
+    [
+        # a number the task holds that no call has used: the computation is still to come
+        ("How many years before 2024 did the bridge open?", _made(("_lookup", {"topic": "river Auden"})), True),
+        ("What is 17 times 23?", _made(("_calculate", {"a": 17.0, "operation": "multiply", "b": 23})), False),
+        # a word of an unused tool's choices ("... in miles": the conversion "km to miles")
+        ("How long is the river Auden in miles?", _made(("_lookup", {"topic": "river Auden"})), True),
+        ("How long is the river Auden?", _made(("_lookup", {"topic": "river Auden"})), False),
+        ("How many miles is 42 km?", _made(("_convert", {"value": 42, "conversion": "km to miles"})), False),
+        ("How long is the river Auden in miles?", [], False),  # nothing made yet: the first step decides
+    ],
+)
+def test_a_task_is_not_done_while_it_names_what_no_call_has_used(
+    task: str, made: list[tuple[str, str]], unfinished: bool
+) -> None:
+    from forge.agent.loop import _unfinished
+
+    tools = [t.schema() for t in (_lookup, _convert, _calculate)]
+    assert _unfinished(task, tools, made) is unfinished
+
+
+def test_a_tool_of_closed_choices_the_task_never_mentions_is_not_offered() -> None:
+    from forge.agent.loop import _may_help
+
+    assert not _may_help("What is 1234 plus 5678?", _lookup.schema())  # no topic of its list is named
+    assert _may_help("How far is the planet Tiralo?", _lookup.schema())
+    assert _may_help("What is 1234 plus 5678?", _calculate.schema())  # open arguments: it may always help
+
+
+def test_the_two_step_task_takes_the_conversion_after_the_lookup(smol: Forge) -> None:
+    """SmolLM2 answered "330 feet" from the lookup alone; the task's "in miles" keeps the conversion offered."""
+    from forge.agent.loop import FINAL, _final_answer, _likeliest_tool
+
+    tools = [t.schema() for t in (_lookup, _convert, _calculate, _final_answer)]
+    made = _made(("_lookup", {"topic": "river Auden"}))
+    chosen = _likeliest_tool(
+        smol, "How long is the river Auden in miles?", tools, "The river Auden is 212 km long.", made
+    )
+    assert chosen["function"]["name"] not in (FINAL, "_lookup")

@@ -390,14 +390,18 @@ def _likeliest_tool(
     """The tool whose description ``task`` follows best, by the chat model's likelihood of the task's words,
     with its choices narrowed (see ``_likeliest_choices``); ``final_answer`` is judged by how well the task
     follows the ``last`` tool result (is it the answer?). A tool whose narrowed call repeats one of the calls
-    ``made`` is not offered: the task names it, so it would win again and again."""
+    ``made`` is not offered: the task names it, so it would win again and again. Neither is a tool whose
+    arguments are all closed choices none of which the task mentions (a lookup of "Eiffel Tower" does not
+    help with "What is 1234 plus 5678?"), unless nothing else is left. While the task is plainly not done
+    (see ``_unfinished``), ``final_answer`` is not offered."""
     model, tokenizer = app.model, app.tokenizer
     assert model is not None and tokenizer is not None, "checked before the loop"
+    relevant = [t for t in tools if t["function"]["name"] == FINAL or _may_help(task, t)]
+    if any(t["function"]["name"] != FINAL for t in relevant):
+        tools = relevant
     narrowed = [t if t["function"]["name"] == FINAL else _likeliest_choices(model, tokenizer, task, t) for t in tools]
     offered = [t for t in narrowed if _determined(t) not in made] or narrowed
-    used = {name for name, _ in made}
-    named = [t for t in offered if t["function"]["name"] not in used and _names(task, t["function"]["name"])]
-    if named:  # "... then use the calculator": a task that names a tool it has not used yet is not done
+    if _unfinished(task, tools, made) and any(t["function"]["name"] != FINAL for t in offered):
         offered = [t for t in offered if t["function"]["name"] != FINAL]
     described = [
         RESULT_PROMPT.format(result=last or "nothing yet")
@@ -407,6 +411,51 @@ def _likeliest_tool(
     ]
     scores = likelihoods(model, tokenizer, described, " " + task)
     return offered[max(range(len(offered)), key=scores.__getitem__)]
+
+
+def _unfinished(task: str, tools: list[dict[str, Any]], made: Collection[Any]) -> bool:
+    """Whether ``task`` plainly needs another call after those ``made``: it names a tool not used yet
+    ("... then use the calculator"), or one of an unused tool's choices ("... in feet" for a conversion
+    "metres to feet"), or it holds a number no call has used ("how many years before 2024 ...")."""
+    if not made:
+        return False
+    used = {name for name, _ in made}
+    for t in tools:
+        name = t["function"]["name"]
+        if name != FINAL and name not in used and (_names(task, name) or _mentions(task, t)):
+            return True
+    used_numbers = {n for _, arguments in made for n in _numbers(arguments)}
+    return bool(_numbers(task) - used_numbers)
+
+
+def _numbers(text: str) -> set[float]:
+    """The numbers in ``text``, as values: 17 and 17.0 are one number, 48,213 is 48213."""
+    return {float(n) for n in _NUMBER.findall(_THOUSANDS.sub("", text))}
+
+
+def _choices(schema: dict[str, Any]) -> dict[str, list[Any] | None]:
+    """Each argument of a tool and its closed list of choices (an enum, a Literal), or None."""
+    properties = schema["function"].get("parameters", {}).get("properties", {})
+    return {
+        k: v.get("enum") if isinstance(v, dict) and isinstance(v.get("enum"), list) else None
+        for k, v in properties.items()
+    }
+
+
+def _mentions(task: str, schema: dict[str, Any]) -> bool:
+    """Whether ``task`` shares a word (three letters or more) with one of the tool's choices."""
+    words = {w for w in _words(task) if len(w) >= 3}
+    return any(words & _words(str(c)) for options in _choices(schema).values() for c in options or ())
+
+
+def _may_help(task: str, schema: dict[str, Any]) -> bool:
+    """A tool some argument of which is open, or whose choices the task mentions."""
+    choices = _choices(schema)
+    return not choices or any(c is None for c in choices.values()) or _mentions(task, schema)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[^\W_]+", text.lower()))
 
 
 def _names(task: str, tool_name: str) -> bool:

@@ -165,7 +165,7 @@ def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: in
 @click.argument("question")
 @DB_OPTION
 @click.option("--model", default="smollm2", show_default=True, help="The chat model that answers.")
-@click.option("--k", type=POSITIVE_INT, default=5, show_default=True, help="Chunks retrieved.")
+@click.option("--k", type=POSITIVE_INT, default=None, help="Chunks searched [default: 12 to quote, 5 free].")
 @click.option("--max-tokens", type=POSITIVE_INT, default=256, show_default=True, help="Longest answer, in tokens.")
 @click.option(
     "--mode",
@@ -177,7 +177,9 @@ def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: in
 )
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @DTYPE_OPTION
-def ask_cmd(question: str, db: str, model: str, k: int, max_tokens: int, mode: str, device: str, dtype: str) -> None:
+def ask_cmd(
+    question: str, db: str, model: str, k: int | None, max_tokens: int, mode: str, device: str, dtype: str
+) -> None:
     """Answer QUESTION from the store, citing the passages used, or saying that they don't hold the answer."""
     console = Console(highlight=False, soft_wrap=True)
     store = existing_store(db)

@@ -57,7 +57,9 @@ __all__ = ["serve_cmd"]
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 @click.option("--rag", "rag_db", default=None, help="Answer chats from this RAG store (forge rag add ... --db DB).")
-@click.option("--rag-k", type=POSITIVE_INT, default=5, show_default=True, help="Chunks retrieved per chat answer.")
+@click.option(
+    "--rag-k", type=POSITIVE_INT, default=None, help="Chunks searched per chat answer [default: 12 to quote, 5 free]."
+)
 @click.option(
     "--rag-mode",
     type=click.Choice(["quote", "free"]),
@@ -101,7 +103,7 @@ def serve_cmd(
     model_name: str | None,
     log_level: str,
     rag_db: str | None,
-    rag_k: int,
+    rag_k: int | None,
     rag_mode: str,
     header_timeout: float,
     body_timeout: float,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -77,19 +77,26 @@ class Passage:
         return f'{self.heading + ": " if self.heading else ""}"{self.text}" [{self.number}]'
 
 
-def _pieces(text: str) -> list[tuple[str, str]]:
-    """A chunk's candidate quotes: runs of up to two lines (long lines cut into sentences), each led by the
-    heading of its paragraph when it has one (a short first line: a speaker's name in a play, a title), since
-    "who said it" is often the heading. Whitespace is collapsed, as the quote is written."""
+def _pieces(text: str, before: str = "") -> list[tuple[str, str]]:
+    """A chunk's candidate quotes: runs of up to ``WINDOW`` lines (long lines cut into sentences), each led by
+    the heading of its paragraph when it has one (a short first line: a speaker's name in a play, a title),
+    since "who said it" is often the heading. ``before`` is the source's text before the chunk: a chunk that
+    begins mid-paragraph takes that paragraph's heading from it. Whitespace is collapsed, as the quote is
+    written."""
     out: list[tuple[str, str]] = []
-    for block in re.split(r"\n\s*\n", text):
+    carried = _continued_heading(before, text)
+    for index, block in enumerate(re.split(r"\n\s*\n", text)):
         lines = [" ".join(line.split()) for line in block.splitlines()]
         lines = [line for line in lines if line]
         if not lines:
             continue
-        heading = lines[0] if len(lines) > 1 and len(lines[0].split()) <= HEADING_WORDS else ""
+        if index == 0 and carried is not None:  # the rest of a paragraph that began in the chunk before
+            heading, body_lines = carried, lines
+        else:
+            heading = lines[0] if len(lines) > 1 and len(lines[0].split()) <= HEADING_WORDS else ""
+            body_lines = lines[1:] if heading else lines
         body: list[str] = []
-        for line in lines[1:] if heading else lines:
+        for line in body_lines:
             body += re.split(r"(?<=[.!?;])\s+", line) if len(line.split()) > MAX_WORDS else [line]
         for i in range(len(body)):
             run = " ".join(body[i : i + WINDOW]) if len(body[i].split()) < MAX_WORDS // 2 else body[i]
@@ -98,13 +105,37 @@ def _pieces(text: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
+def _continued_heading(before: str, text: str) -> str | None:
+    """The heading of the paragraph ``text`` continues ("" if it has none), or None when ``text`` begins a
+    paragraph of its own (nothing before it, or a blank line between)."""
+    if not before.strip() or re.search(r"\n[^\S\n]*\n\s*$", before) or re.match(r"\s*\n[^\S\n]*\n", text):
+        return None
+    if not re.search(r"\n[^\S\n]*\n", before):
+        return ""  # the text before is all one paragraph, whose start is further back: its heading is unknown
+    last = [" ".join(line.split()) for line in re.split(r"\n\s*\n", before)[-1].splitlines()]
+    last = [line for line in last if line]
+    return last[0] if last and len(last[0].split()) <= HEADING_WORDS else ""
+
+
 def passages(
-    question: str, sources: Sequence[Citation], embedder: Embedder, limit: int, keyword_weight: float = 0.0
+    question: str,
+    sources: Sequence[Citation],
+    embedder: Embedder,
+    limit: int,
+    keyword_weight: float = 0.0,
+    before: Callable[[Citation], str] | None = None,
 ) -> list[Passage]:
     """The ``limit`` candidate quotes from ``sources`` closest to ``question``: the cosine of their embeddings,
     plus ``keyword_weight`` times the share of the question's keywords the passage has (a quoted line in the
-    question is found by its words better than by its meaning)."""
-    found = [(s.number, *piece) for s in sources for piece in _pieces(s.text)]
+    question is found by its words better than by its meaning). ``before(source)`` gives the text before a
+    source's chunk (see :func:`_pieces`). A quote found in several overlapping chunks is kept once: with its
+    heading if any copy has one, else from the best-ranked source."""
+    kept: dict[str, tuple[int, str, str]] = {}
+    for s in sources:
+        for heading, text in _pieces(s.text, before(s) if before is not None else ""):
+            if text not in kept or (heading and not kept[text][1]):
+                kept[text] = (s.number, heading, text)
+    found = list(kept.values())
     if not found:
         return []
     vectors = embedder.embed([question, *(f"{heading} {text}" for _, heading, text in found)])

@@ -35,6 +35,7 @@ from forge.rag.store import (
     check_filter,
     first_vectors,
     keyword_terms,
+    prefix_before,
     unit_rows,
 )
 
@@ -197,6 +198,17 @@ class PgVectorStore:
             if self._meta("dim") is None:
                 return 0
             return int(self._db.execute(f"SELECT COUNT(*) FROM {self.p}chunks").fetchone()[0])
+
+    def text_before(self, source: str, start: int) -> str:
+        """See :meth:`forge.rag.store.SqliteStore.text_before`."""
+        with self._lock:
+            if self._meta("dim") is None:
+                return ""
+            row = self._db.execute(
+                f"SELECT start, text FROM {self.p}chunks WHERE source = %s AND start < %s ORDER BY start DESC LIMIT 1",
+                (source, start),
+            ).fetchone()
+        return prefix_before(row, start)
 
     def search(
         self, vector: np.ndarray, k: int, filter: Mapping[str, Any] | None = None, *, text: str | None = None

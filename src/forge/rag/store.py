@@ -107,6 +107,14 @@ class SourceInfo:
     added_at: float
 
 
+def prefix_before(row: tuple[int, str] | None, start: int) -> str:
+    """The part of chunk ``row`` (its start and text) before offset ``start``."""
+    if row is None:
+        return ""
+    begins, text = row
+    return text[: max(0, start - begins)]
+
+
 class VectorStore(Protocol):
     """What ``Rag`` needs from a store; ``SqliteStore`` and ``PgVectorStore`` implement it."""
 
@@ -123,6 +131,8 @@ class VectorStore(Protocol):
     ) -> list[Hit]: ...
 
     def sources(self) -> list[SourceInfo]: ...
+
+    def text_before(self, source: str, start: int) -> str: ...
 
     def delete(self, source: str) -> int: ...
 
@@ -316,6 +326,16 @@ class SqliteStore:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+
+    def text_before(self, source: str, start: int) -> str:
+        """The text of ``source`` just before offset ``start``, as far back as the chunk before it begins
+        ("" at the start of the source): what a chunk that begins mid-paragraph continues."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT start, text FROM chunks WHERE source = ? AND start < ? ORDER BY start DESC LIMIT 1",
+                (source, start),
+            ).fetchone()
+        return prefix_before(row, start)
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, matrix), reread only when the file changed since the last read."""

@@ -40,7 +40,7 @@ class ServerConfig:
     default_max_tokens: completion length when a request gives none (None: the rest of the context).
     batching: start the app's batching engine with the server (and stop it, draining, at shutdown).
     retriever: a RAG pipeline (``forge.rag.Rag``): adds ``/v1/rag/query`` and grounds chat answers in it.
-    rag_k: how many chunks a chat answer retrieves.
+    rag_k: how many chunks a chat answer searches (None: the retriever's default for ``rag_mode``).
     rag_mode: how a chat answer uses them: "quote" (a cited quote of a source, or "not in the sources": the
         default, right for small models) or "free" (own words that must cite a source). A request with tools
         or a response_format keeps its own format and gets the sources in "free" mode's prompt.
@@ -66,7 +66,7 @@ class ServerConfig:
     default_max_tokens: int | None = None
     batching: bool = True
     retriever: Retriever | None = None
-    rag_k: int = 5
+    rag_k: int | None = None
     rag_mode: Literal["quote", "free"] = "quote"
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
@@ -82,7 +82,8 @@ class ServerConfig:
         positive("max_batch", self.max_batch)
         positive("max_queue", self.max_queue)
         positive("max_body_size", self.max_body_size)
-        positive("rag_k", self.rag_k)
+        if self.rag_k is not None:
+            positive("rag_k", self.rag_k)
         positive("max_connections", self.max_connections)
         if self.rag_mode not in ("quote", "free"):
             raise ConfigError.for_field("ServerConfig", "rag_mode", self.rag_mode, "must be 'quote' or 'free'")

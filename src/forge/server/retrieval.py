@@ -27,7 +27,7 @@ class Retriever(Protocol):
         ...
 
     def augment(
-        self, messages: Sequence[Mapping[str, str]], k: int, mode: Literal["quote", "free"] = "quote"
+        self, messages: Sequence[Mapping[str, str]], k: int | None, mode: Literal["quote", "free"] = "quote"
     ) -> tuple[list[dict[str, str]], list[dict[str, Any]], Grammar | None]:
         """``messages`` with the last user turn grounded in retrieved sources, those sources (numbered), and
         the grammar the answer is held to in ``mode`` (None: any text)."""

@@ -70,7 +70,7 @@ async def serve(
     log_level: str = "info",
     ready: asyncio.Event | None = None,
     retriever: Retriever | None = None,
-    rag_k: int = 5,
+    rag_k: int | None = None,
     rag_mode: Literal["quote", "free"] = "quote",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
