@@ -9,8 +9,8 @@ import pytest
 from forge import models
 from forge.rag import NOT_FOUND, Rag
 from forge.rag.embed import LocalEmbedder
-from forge.rag.grounded import _pieces, quotes
-from forge.rag.retrieval import cited
+from forge.rag.grounded import _pieces, passages, quotes
+from forge.rag.retrieval import Citation, cited
 
 PLAY = """ACT II. SCENE VII.
 
@@ -65,6 +65,34 @@ def test_a_passage_is_led_by_its_paragraph_heading() -> None:
     assert ("JAQUES", first) in pieces  # three lines: the one that matches a question and the two after it
     assert all(heading in ("", "DUKE SENIOR", "JAQUES") for heading, _ in pieces)
     assert all(len(text.split()) >= 3 for _, text in pieces)  # no one-word fragments ("[Exit.]")
+
+
+def test_a_chunk_that_begins_mid_speech_keeps_its_speaker() -> None:
+    """Chunks overlap and are cut at line ends, so one may begin inside JAQUES's speech: its lines are his."""
+    cut = PLAY.index("And one man")
+    before, rest = PLAY[:cut], PLAY[cut:]
+    assert _pieces(rest, before)[0] == (
+        "JAQUES",
+        "And one man in his time plays many parts, His acts being seven ages.",
+    )
+    assert _pieces(rest)[0][0] == ""  # without the text before, the speaker is unknown: no heading is made up
+    # A chunk that begins a paragraph of its own takes nothing from the one before.
+    cut = PLAY.index("JAQUES.")
+    assert all(h in ("", "JAQUES") for h, _ in _pieces(PLAY[cut:], PLAY[:cut]))
+    assert _pieces(PLAY[cut:], PLAY[:cut])[0][0] == "JAQUES"
+
+
+def test_the_same_quote_from_overlapping_chunks_is_kept_once_with_its_heading() -> None:
+    cut = PLAY.index("They have")
+    sources = [
+        Citation(1, "p.txt", cut, len(PLAY), PLAY[cut:], 0.9),  # the tail of the speech, no heading in it
+        Citation(2, "p.txt", 0, len(PLAY), PLAY, 0.8),  # the whole speech, headed
+    ]
+    found = passages("Who plays many parts?", sources, LocalEmbedder.default(), 100)
+    texts = [p.text for p in found]
+    assert len(texts) == len(set(texts))
+    tail = next(p for p in found if p.text.startswith("They have their exits"))
+    assert (tail.heading, tail.number) == ("JAQUES", 2)
 
 
 @pytest.mark.parametrize("seed", [None, 1, 2])

@@ -67,6 +67,18 @@ def test_replacing_a_source_and_dropping_duplicates(open_store: Opener) -> None:
         assert store.delete("a.txt") == 3 and store.count() == 1
 
 
+def test_text_before_a_chunk_comes_from_the_chunk_before_it(open_store: Opener) -> None:
+    text = "SPEAKER.\nline one\nline two\nline three\n"
+    spans = [(0, 25), (16, 36), (25, len(text))]  # overlapping, as the chunker writes them
+    chunks = [NewChunk(text[a:b], a, b, f"h{i}") for i, (a, b) in enumerate(spans)]
+    with open_store() as store:
+        store.replace_source("s.txt", "v1", chunks, _unit(np.random.default_rng(5), 3), embedder="e")
+        assert store.text_before("s.txt", 0) == ""  # the source's first chunk
+        assert store.text_before("s.txt", 16) == text[:16]
+        assert store.text_before("s.txt", 25) == text[16:25]  # the nearest chunk before, cut at the offset
+        assert store.text_before("other.txt", 25) == ""
+
+
 def test_a_failed_write_leaves_the_store_as_it_was(open_store: Opener) -> None:
     rng = np.random.default_rng(3)
     with open_store() as store:
