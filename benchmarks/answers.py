@@ -71,15 +71,15 @@ def _declined(text: str, citations: list[Any]) -> bool:
     return not citations and any(p in said for p in ("do not contain the answer", "don't know", "do not know"))
 
 
-def _ask(rag: Any, question: str, k: int, mode: str | None) -> Any:
-    """One answer; ``mode`` None is the baseline's API (no modes)."""
-    options: dict[str, Any] = {"max_tokens": MAX_TOKENS}
+def _ask(rag: Any, question: str, k: int | None, mode: str | None) -> Any:
+    """One answer; ``mode`` None is the baseline's API (no modes); ``k`` None is the side's own default."""
+    options: dict[str, Any] = {"max_tokens": MAX_TOKENS, **({} if k is None else {"k": k})}
     if mode is not None:
         options["mode"] = mode
-    return rag.answer(question, k=k, **options)
+    return rag.answer(question, **options)
 
 
-def evaluate_rag(db: Path, k: int, limit: int | None, modes: list[str | None]) -> dict[str, Any]:
+def evaluate_rag(db: Path, k: int | None, limit: int | None, modes: list[str | None]) -> dict[str, Any]:
     """Every question through every mode, with whatever ``forge`` is importable."""
     from forge.rag import Rag
 
@@ -159,7 +159,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["rag", "agent", "all"], default="all")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions / tasks")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=int, default=None, help="chunks searched (default: each side's own default)")
     p.add_argument("--modes", default="quote,free")
     p.add_argument("--baseline", default=BASELINE, help="git revision whose behaviour is the baseline")
     p.add_argument("--db", type=Path, default=STORE)
@@ -179,7 +179,8 @@ def main() -> None:
             began = time.perf_counter()
             out["ingest"] = _ingest(a.db)
             out["ingest_seconds"] = time.perf_counter() - began
-            common = [__file__, "--worker", "--db", str(a.db), "--k", str(a.k), *limit]
+            k = [] if a.k is None else ["--k", str(a.k)]
+            common = [__file__, "--worker", "--db", str(a.db), *k, *limit]
             out["rag"] = {
                 **_worker(old, [*common, "--modes", "baseline"]),
                 **_worker(new, [*common, "--modes", a.modes]),

@@ -18,7 +18,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -256,13 +256,17 @@ class Rag:
             self._app = Forge("smollm2")
         return self._app
 
-    def messages(self, question: str, hits: Sequence[Hit]) -> tuple[list[dict[str, str]], list[Citation]]:
-        """The chat messages for ``question``: as many sources as fit the context budget, numbered."""
+    def messages(
+        self, question: str, hits: Sequence[Hit], *, budget: int | Literal["context"] | None = "context"
+    ) -> tuple[list[dict[str, str]], list[Citation]]:
+        """The chat messages for ``question``: as many sources as fit ``budget`` tokens, numbered ("context":
+        3/4 of the model's window, less the prompt; None: all of them)."""
         tokenizer, model = self.app.tokenizer, self.app.model
         assert tokenizer is not None and model is not None, "the app has a model"
-        # Sources get at most 3/4 of the model's window: the answer needs the rest.
-        window = min(self.context_tokens, model.config.context_length * 3 // 4)
-        budget = window - len(tokenizer.encode(SYSTEM_PROMPT + question)) - 32
+        left = budget if budget != "context" else None
+        if budget == "context":  # sources get at most 3/4 of the model's window: the answer needs the rest
+            window = min(self.context_tokens, model.config.context_length * 3 // 4)
+            left = window - len(tokenizer.encode(SYSTEM_PROMPT + question)) - 32
         sources: list[Citation] = []
         blocks: list[str] = []
         given: set[str] = set()
@@ -272,10 +276,11 @@ class Rag:
             given.add(hit.chunk.text)
             n = len(sources) + 1
             block = f"[{n}] ({Path(hit.chunk.source).name})\n{hit.chunk.text.strip()}"
-            cost = len(tokenizer.encode(block))
-            if cost > budget:
-                break
-            budget -= cost
+            if left is not None:
+                cost = len(tokenizer.encode(block))
+                if cost > left:
+                    break
+                left -= cost
             blocks.append(block)
             c = hit.chunk
             sources.append(Citation(n, c.source, c.start, c.end, c.text, hit.score))
@@ -291,9 +296,12 @@ class Rag:
         None when nothing retrieved is close enough to answer from."""
         if mode not in ("quote", "free"):
             raise ConfigError(f"mode must be 'quote' or 'free', got {mode!r}")
-        messages, sources = self.messages(question, self.query(question, DEFAULT_K[mode] if k is None else k, filter))
+        hits = self.query(question, DEFAULT_K[mode] if k is None else k, filter)
         if mode == "free":
+            messages, sources = self.messages(question, hits)
             return Plan(messages, sources, free_grammar([s.number for s in sources]))
+        # The model reads only the chosen passage, so every chunk searched is a candidate: no context budget.
+        sources = self.messages(question, hits, budget=None)[1]
         choices = passages(question, sources, self.embedder, RERANK_POOL, KEYWORD_WEIGHT, self._before)
         if not choices or max(p.similarity for p in choices) < self.min_score:
             return Plan(None, sources, None)
