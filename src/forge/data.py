@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from forge.chat import check_messages, render_chat
 from forge.errors import ConfigError, DataError
 from forge.tokenizer import Tokenizer
 
@@ -164,8 +165,6 @@ def _read_file(path: Path) -> Iterator[str]:
 
 def conversations(path: Path) -> Iterator[list[dict[str, str]]]:
     """The conversations of a ``.jsonl`` file, one per non-blank line, each checked as chat messages."""
-    from forge.chat import check_messages  # the chat layer sits above the data layer's imports
-
     for number, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
@@ -339,8 +338,6 @@ def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, dtype: np.dt
 def _conversation_tokens(path: Path, tokenizer: Tokenizer, end_id: int | None) -> Iterator[list[int]]:
     """Each conversation of ``path`` as the model's chat template writes it, then ``end_id`` unless the
     template already ended the last turn with it (a template-less model gets Forge's plain template)."""
-    from forge.chat import render_chat
-
     special = {"bos_token": tokenizer.bos, "eos_token": tokenizer.eos}
     rows = conversations(path)
     while batch := list(itertools.islice(rows, 256)):

@@ -74,10 +74,12 @@ def test_chat_says_when_the_sources_lack_the_answer(rag_server: ServerProcess) -
 
 
 def test_a_request_format_wins_over_the_quote_grammar(rag_server: ServerProcess) -> None:
-    schema = {"type": "object", "properties": {"date": {"type": "string"}}, "required": ["date"]}
+    date = {"type": "string", "maxLength": 24}  # short enough that the JSON always closes within max_tokens
+    schema = {"type": "object", "properties": {"date": date}, "required": ["date"], "additionalProperties": False}
     body = {
         "messages": [{"role": "user", "content": "When is the launch?"}],
-        "max_tokens": 48,
+        "max_tokens": 64,
+        "temperature": 0,
         "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": schema}},
     }
     with rag_server.http() as http:
