@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import json
@@ -289,34 +290,51 @@ def test_an_over_long_chat_message_is_refused_and_the_session_goes_on(bigram_dir
     assert "you> hello" in out and out.count("bot>") == 2  # the next message is answered
 
 
-def _chars(stream) -> queue.Queue[str]:
-    """The child's output, char by char, from a reader thread: a read that never returns cannot hang the suite."""
-    chars: queue.Queue[str] = queue.Queue()
+class _Output:
+    """The child's output from a reader thread, in chunks (a read that never returns cannot hang the suite).
 
-    def pump() -> None:
-        while c := stream.read(1):
-            chars.put(c)
-        chars.put("")  # end of output
+    Chunks, not characters: handing 64 KiB over one character at a time took minutes whenever another thread
+    of the test process held the GIL, and the Ctrl-C tests then timed out in the full suite.
+    """
 
-    threading.Thread(target=pump, daemon=True).start()
-    return chars
+    def __init__(self, stream) -> None:
+        self.chunks: queue.Queue[str] = queue.Queue()
+        self.pending = ""  # read past the last needle: the next read starts here
+        fd = stream.fileno()
 
+        def pump() -> None:
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            while data := os.read(fd, 1 << 16):
+                self.chunks.put(decoder.decode(data))
+            self.chunks.put("")  # end of output
 
-def _read_until(chars: queue.Queue[str], needle: str, seen: list[str], timeout: float = 120) -> str:
-    """Read until ``needle`` appears (the child's output is unbuffered), for at most ``timeout`` seconds."""
-    text, deadline = "", time.monotonic() + timeout
-    while needle not in text:
-        try:
-            c = chars.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(
-                f"{needle!r} did not come in {timeout:g} s; output: {''.join(seen) + text!r}"
-            ) from None
-        if not c:
-            raise AssertionError(f"{needle!r} never came; output so far: {''.join(seen) + text!r}")
-        text += c
-    seen.append(text)
-    return text
+        threading.Thread(target=pump, daemon=True).start()
+
+    def until(self, needle: str, seen: list[str], timeout: float = 120) -> str:
+        """Read until ``needle`` appears (the child's output is unbuffered), for at most ``timeout`` seconds;
+        the text up to and including it goes to ``seen``."""
+        text, deadline = self.pending, time.monotonic() + timeout
+        while needle not in text:
+            try:
+                chunk = self.chunks.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{needle!r} did not come in {timeout:g} s; output: {''.join(seen) + text!r}"
+                ) from None
+            if not chunk:
+                raise AssertionError(f"{needle!r} never came; output so far: {''.join(seen) + text!r}")
+            text += chunk
+        cut = text.index(needle) + len(needle)
+        text, self.pending = text[:cut], text[cut:]
+        seen.append(text)
+        return text
+
+    def rest(self, timeout: float = 60) -> str:
+        """Everything still to come, until the output ends."""
+        text, self.pending = self.pending, ""
+        while chunk := self.chunks.get(timeout=timeout):
+            text += chunk
+        return text
 
 
 @pytest.mark.parametrize("leave", ["eof", "ctrl-c"])
@@ -338,26 +356,27 @@ def test_chat_ctrl_c_stops_the_reply_and_the_session_goes_on(looping_chat_model:
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ | {"NO_COLOR": "1", "PYTHONUNBUFFERED": "1"},
+        # Ctrl-C as a terminal gives it: a child inherits an ignored SIGINT, and something earlier in the
+        # full suite leaves the test process ignoring it (the child then never sees its Ctrl-C).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     seen: list[str] = []
-    chars = _chars(child.stdout)
+    output = _Output(child.stdout)
     try:
         for message in ("hi", "again"):
             child.stdin.write(message + "\n")
             child.stdin.flush()
-            _read_until(chars, "bot> abcdefghabcdefgh", seen)  # mid-reply
+            output.until("bot> abcdefghabcdefgh", seen)  # mid-reply
             child.send_signal(signal.SIGINT)
-            _read_until(chars, "(reply stopped", seen)
+            output.until("(reply stopped", seen)
         if leave == "ctrl-c":
-            _read_until(chars, "\n", seen)  # back at the prompt
+            output.until("\n", seen)  # back at the prompt
             child.send_signal(signal.SIGINT)
         child.stdin.close()  # end of input
         child.wait(timeout=60)
         err = child.stderr.read()
-        rest = ""
-        while c := chars.get(timeout=60):
-            rest += c
+        rest = output.rest()
     finally:
         child.kill()
     assert child.returncode in ((0,) if leave == "eof" else (0, 130)), err
