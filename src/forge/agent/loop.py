@@ -466,11 +466,10 @@ def _names(task: str, tool_name: str) -> bool:
 
 def _determined(schema: dict[str, Any]) -> tuple[str, str] | None:
     """The call ``schema`` admits when each of its arguments has one choice left (as ``_key`` writes it)."""
-    properties = schema["function"].get("parameters", {}).get("properties", {})
-    choices = {k: v.get("enum") for k, v in properties.items() if isinstance(v, dict)}
-    if not properties or any(not isinstance(c, list) or len(c) != 1 for c in choices.values()):
+    choices = _choices(schema)
+    if not choices or any(c is None or len(c) != 1 for c in choices.values()):
         return None
-    return schema["function"]["name"], json.dumps({k: c[0] for k, c in choices.items()}, sort_keys=True)
+    return schema["function"]["name"], json.dumps({k: c[0] for k, c in choices.items() if c}, sort_keys=True)
 
 
 def _about(function: dict[str, Any]) -> str:
