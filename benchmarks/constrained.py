@@ -31,8 +31,9 @@ from forge import models
 from forge.core import sampling
 from forge.core.device import resolve_device
 from forge.generator import Generator
-from forge.structured import Grammar, ToolFormat, output_spec
+from forge.structured import Grammar, output_spec
 from forge.tokenizer import Tokenizer
+from forge.toolcalls import ToolFormat
 
 TOOLS = [
     {
@@ -99,8 +100,7 @@ class Timed:
         setattr(owner, name, value)
 
     def __enter__(self) -> Timed:
-        import forge.core.batching as batching
-        import forge.core.generate as generate
+        import forge.core.decode as decode
 
         timed, fill, apply = self, sampling.constraint_mask, sampling.apply_token_bitmask
 
@@ -116,9 +116,8 @@ class Timed:
             timed.apply += time.perf_counter() - t0  # launch time on a GPU; the kernels overlap what follows
             return out
 
-        for module in (generate, batching):
-            self._patch(module, "constraint_mask", constraint_mask)
-            self._patch(module, "apply_token_bitmask", apply_mask)
+        self._patch(decode, "constraint_mask", constraint_mask)  # the one pick of the token loop
+        self._patch(decode, "apply_token_bitmask", apply_mask)
         return self
 
     def __exit__(self, *exc: object) -> None:

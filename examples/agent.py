@@ -14,7 +14,7 @@ import sys
 from typing import Literal
 
 from forge import Forge
-from forge.agent import Agent, FinalEvent, TokenEvent, ToolCallEvent, ToolResultEvent, tool
+from forge.agent import Agent, AgentTokenEvent, FinalEvent, ToolCallEvent, ToolResultEvent, tool
 
 LANDMARKS = {
     "Eiffel Tower": "The Eiffel Tower is 330 metres tall.",
@@ -67,7 +67,7 @@ async def main(task: str) -> None:
         elif isinstance(event, FinalEvent):
             print(f"answer {event.answer}")
             print(f"done   after {event.steps} steps ({event.reason})")
-        elif isinstance(event, TokenEvent):
+        elif isinstance(event, AgentTokenEvent):
             pass  # event.text streams the model's writing, e.g. to a UI
         else:
             print(f"error  {event.error}")

@@ -59,7 +59,7 @@ async def main() -> None:
         .use(error_handler(apologise))  # outermost: sees every error below it
         .use(logger(print))
         .use(timer())
-        .use(rate_limit(5, burst=4))
+        .use(rate_limit(1 / 3600, burst=4))  # 4 at once, then one an hour
         .use(cache(max_entries=100))
         .use(content_filter(["None"], replacement="nothing"))
         .use(prompt_template("{prompt}"))
@@ -71,7 +71,7 @@ async def main() -> None:
     again = await app.generate("Return the", max_tokens=30, seed=0)  # a cache hit: the model is not called
     print("same text from the cache:", first == again)
     print("stream:", "".join([p async for p in app.stream("If the", max_tokens=30, seed=0)]))
-    for i in range(3):  # the bucket is empty by now: the error handler answers
+    for i in range(3):  # the 4th request empties the bucket; the error handler answers the rest
         print(i, await app.generate(f"Return {i}", max_tokens=5, seed=0))
 
 

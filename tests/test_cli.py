@@ -286,7 +286,7 @@ def test_an_over_long_chat_message_is_refused_and_the_session_goes_on(bigram_dir
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     out = proc.stdout
-    assert "not sent: the prompt is 1" in out and "tokens but the model's context is 64" in out
+    assert "not sent: the prompt is 1" in out and "tokens but the context is 64" in out
     assert "you> hello" in out and out.count("bot>") == 2  # the next message is answered
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from forge.app import Forge
-from forge.errors import ConfigError, GenerationError, QueueFullError
+from forge.errors import ConfigError, ContextLengthError, GenerationError, QueueFullError
 from forge.generator import GenerationConfig
 from forge.models import create_model, padded_vocab, save
 from forge.tokenizer import Tokenizer
@@ -197,12 +197,31 @@ def test_engine_errors_are_clear(random_dir: Path, bigram_dir: Path) -> None:
     run(main)
 
 
+def test_the_engine_takes_encoded_prompts_and_refuses_a_strict_budget(bigram_dir: Path) -> None:
+    """Admission is the plain generator's: ids already encoded are used as they are; strict budgets must fit."""
+
+    async def main() -> tuple[str, ContextLengthError]:
+        app = await serving(bigram_dir, context=16)
+        engine = app._engine
+        assert engine is not None and app.tokenizer is not None
+        ids = app.tokenizer.encode_prompt("a")
+        text = "".join([p async for p in engine.stream("a", GenerationConfig(temperature=0, max_tokens=3), ids=ids)])
+        with pytest.raises(ContextLengthError) as refused:
+            engine.stream("a" * 10, GenerationConfig(max_tokens=10), strict=True)
+        await app.stop_batching()
+        return text, refused.value
+
+    text, error = run(main)
+    assert text == "bcd"
+    assert (error.field, error.context, error.requested) == ("max_tokens", 16, 10) and error.http_status == 400
+
+
 def test_a_request_that_breaks_the_model_fails_alone(random_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An internal failure in one request's prefill is that request's 500; the others and the engine go on.
 
     Both join in one batched prefill, which fails; one at a time, only the culprit's fails.
     """
-    from forge.core.batching import Batcher
+    from forge.core.decode import Batcher
     from forge.errors import ForgeError
 
     real_add_many = Batcher.add_many

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from forge.errors import ConfigError, GenerationError
-from forge.generator import Completion, GenerationConfig, Generator, likelihoods
+from forge.errors import ConfigError, ContextLengthError, GenerationError
+from forge.generator import Completion, GenerationConfig, Generator, admit, likelihoods
 from forge.models import create_model, padded_vocab
 from forge.tokenizer import EOS, Tokenizer
 
@@ -158,6 +158,45 @@ def test_generation_stops_at_the_context(gen: Generator) -> None:
     assert result.text == "bcd"
     assert result.finish_reason == "length"
     assert result.prompt_tokens == context - 3
+
+
+# -- admission: one function for the generator and the engine ----------------------
+def test_admit_checks_the_prompt_once_and_sets_the_budget(char_tokenizer: Tokenizer) -> None:
+    tok, cfg = char_tokenizer, GenerationConfig(max_tokens=50, seed=3, logprobs=2, stop_at_eos=False)
+    where = {"context": 16, "vocab_size": 320, "device": "cpu"}
+    a = admit(tok, cfg, prompt="abc", **where)  # type: ignore[arg-type]
+    assert a.seq.prompt == tok.encode_prompt("abc") and a.prompt_tokens == len(a.seq.prompt)
+    assert a.seq.max_new_tokens == 16 - a.prompt_tokens  # cut to the context: the finish reason says "length"
+    assert a.seq.stop_ids == frozenset() and a.seq.logprobs == 2 and a.row.logprobs == []
+    again = admit(tok, cfg, ids=a.seq.prompt, **where)  # type: ignore[arg-type]
+    assert again.seq.prompt == a.seq.prompt and a.seq.generator is not None and again.seq.generator is not None
+    assert torch.equal(again.seq.generator.get_state(), a.seq.generator.get_state())  # the same seed
+    empty = admit(tok, cfg, ids=[], **where)  # type: ignore[arg-type]
+    assert empty.prompt_tokens == 0 and empty.seq.prompt in ([tok.bos_id], [tok.eos_id])
+    with pytest.raises(ContextLengthError) as refused:
+        admit(tok, cfg, ids=[5] * 16, **where)  # type: ignore[arg-type]
+    e = refused.value
+    assert (e.field, e.prompt_tokens, e.context, e.requested) == ("prompt", 16, 16, None)
+    assert e.http_status == 400 and e.code == "context_length_exceeded" and "16 tokens" in e.message
+    with pytest.raises(ContextLengthError) as refused:
+        admit(tok, cfg, ids=[5] * 10, strict=True, **where)  # type: ignore[arg-type]
+    e = refused.value
+    assert (e.field, e.prompt_tokens, e.requested) == ("max_tokens", 10, 50)
+    assert all(n in e.message for n in ("16", "60", "max_tokens", "at most 6"))
+    assert admit(tok, cfg.replace(max_tokens=6), ids=[5] * 10, strict=True, **where).seq.max_new_tokens == 6  # type: ignore[arg-type]
+
+
+def test_the_generator_takes_encoded_prompts_and_strict_budgets(gen: Generator) -> None:
+    ids = gen.tokenizer.encode_prompt("a")
+    assert "".join(gen.stream("a", ids=ids, max_tokens=4, **GREEDY)) == expected_after("a", 4)
+    both = gen.complete(["a", "c"], ids=[ids, gen.tokenizer.encode_prompt("c")], max_tokens=3, **GREEDY)
+    assert [r.text for r in both] == [expected_after("a", 3), expected_after("c", 3)]
+    context = gen.model.config.context_length
+    with pytest.raises(ContextLengthError) as refused:
+        gen.complete("a" * (context - 4), max_tokens=10, strict=True)
+    assert refused.value.field == "max_tokens"
+    [cut] = gen.complete("a" * (context - 4), max_tokens=10, **GREEDY)
+    assert cut.completion_tokens == 4 and cut.finish_reason == "length"
 
 
 def test_empty_prompt_list_raises(gen: Generator) -> None:

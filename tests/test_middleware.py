@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from forge.app import Forge
-from forge.errors import ConfigError, ForgeError, GenerationError
+from forge.errors import ConfigError, ContextLengthError, ForgeError, GenerationError
 from forge.events import ErrorEvent, ResponseEvent, TokenEvent
 from forge.middleware import (
     Context,
@@ -263,7 +263,8 @@ def test_an_error_in_the_model_reaches_the_caller_and_is_an_event(app: Forge) ->
         generate(app, TOO_LONG)
     with pytest.raises(GenerationError, match="context"):
         stream(app, TOO_LONG)
-    assert [type(e.error) for e in events if isinstance(e, ErrorEvent)] == [GenerationError] * 2
+    # A prompt past the context is the GenerationError that says so: ContextLengthError.
+    assert [type(e.error) for e in events if isinstance(e, ErrorEvent)] == [ContextLengthError] * 2
 
 
 def test_an_error_mid_stream_reaches_the_caller_after_the_first_pieces(app: Forge) -> None:
@@ -307,9 +308,9 @@ def test_error_handler_recovers_a_generate(app: Forge) -> None:
 
     events = record(app, "response")
     app.use(error_handler(apologise))
-    assert generate(app, TOO_LONG) == "sorry: GenerationError"
-    assert [type(e) for e in handled] == [GenerationError]
-    assert [e.text for e in events if isinstance(e, ResponseEvent)] == ["sorry: GenerationError"]
+    assert generate(app, TOO_LONG) == "sorry: ContextLengthError"
+    assert [type(e) for e in handled] == [ContextLengthError]
+    assert [e.text for e in events if isinstance(e, ResponseEvent)] == ["sorry: ContextLengthError"]
     assert generate(app, "a") == "bcde"  # requests that succeed are untouched
 
 
@@ -344,7 +345,7 @@ def test_error_handler_that_does_not_answer_lets_the_error_through(app: Forge) -
         generate(app, TOO_LONG)
     with pytest.raises(GenerationError):
         stream(app, TOO_LONG)
-    assert [type(e) for e in handled] == [GenerationError] * 2
+    assert [type(e) for e in handled] == [ContextLengthError] * 2
     assert len(events) == 2
 
 
@@ -381,9 +382,9 @@ def test_on_error_recovers_a_generate(app: Forge, kind: str) -> None:
 
     events = record(app, "error", "response")
     assert app.on_error(hook if kind == "sync" else ahook) is app
-    assert generate(app, TOO_LONG) == "hook: GenerationError"
+    assert generate(app, TOO_LONG) == "hook: ContextLengthError"
     assert [e.name for e in events] == ["error", "response"]
-    assert events[1].text == "hook: GenerationError"  # type: ignore[attr-defined]
+    assert events[1].text == "hook: ContextLengthError"  # type: ignore[attr-defined]
 
 
 def test_on_error_recovers_a_stream_that_fails_in_a_middleware(app: Forge) -> None:
@@ -415,7 +416,7 @@ def test_on_error_recovers_a_stream_that_breaks_while_it_is_consumed(app: Forge)
 
 def test_on_error_recovers_a_stream_whose_model_fails(app: Forge) -> None:
     app.on_error(lambda ctx, error: ctx.set_text(f"hook: {type(error).__name__}"))
-    assert stream(app, TOO_LONG) == ["hook: GenerationError"]
+    assert stream(app, TOO_LONG) == ["hook: ContextLengthError"]
 
 
 def test_a_failure_recovered_by_error_handler_is_still_an_error_event(app: Forge) -> None:
@@ -427,7 +428,7 @@ def test_a_failure_recovered_by_error_handler_is_still_an_error_event(app: Forge
     assert generate(app, TOO_LONG) == "sorry"
     assert stream(app, TOO_LONG) == ["sorry"]
     assert [e.name for e in events] == ["error", "response"] * 2
-    assert {type(e.error) for e in events if isinstance(e, ErrorEvent)} == {GenerationError}
+    assert {type(e.error) for e in events if isinstance(e, ErrorEvent)} == {ContextLengthError}
 
 
 def test_an_error_seen_by_two_handlers_is_one_error_event(app: Forge) -> None:
@@ -463,7 +464,7 @@ def test_on_error_hook_that_does_not_answer_lets_the_error_through(app: Forge) -
     app.on_error(lambda ctx, error: seen.append(error))
     with pytest.raises(GenerationError):
         generate(app, TOO_LONG)
-    assert [type(e) for e in seen] == [GenerationError]
+    assert [type(e) for e in seen] == [ContextLengthError]
 
 
 def test_on_error_needs_a_callable(app: Forge) -> None:

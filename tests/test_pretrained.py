@@ -291,7 +291,11 @@ def test_train_from_a_gguf_then_generate(
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["--lora", "4"], "--from"), (["--from", "x.gguf", "--resume", "y"], "one of them")],
+    [
+        (["--lora-rank", "4"], "--model"),
+        (["--lora", "4"], "--model"),
+        (["--from", "x.gguf", "--resume", "y"], "one of them"),
+    ],
 )
 def test_fine_tune_options_are_checked(
     hamlet: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str

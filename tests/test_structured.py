@@ -15,14 +15,15 @@ import torch
 
 from forge import Forge
 from forge.config import ModelConfig
-from forge.core.batching import Batcher, Sequence
+from forge.core.decode import Batcher, Sequence
 from forge.core.sampling import SamplingParams, apply_token_bitmask
 from forge.core.transformer import Transformer
 from forge.engine import Engine
 from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig, Generator
-from forge.structured import Constraint, Grammar, SchemaLimits, ToolCall, ToolCallParser, ToolFormat, output_spec
+from forge.structured import Constraint, Grammar, SchemaLimits, output_spec
 from forge.tokenizer import Tokenizer
+from forge.toolcalls import ToolCall, ToolCallParser, ToolFormat
 
 # -- without a pretrained model: a random model must still produce valid output --------------------------------------
 SMALL_SCHEMA = {

@@ -21,6 +21,7 @@ from forge.errors import (
     GenerationError,
     PresetNotFoundError,
     QueueFullError,
+    RateLimitError,
     StoreError,
 )
 from forge.events import (
@@ -39,7 +40,6 @@ from forge.events import (
 from forge.generator import AsyncTextStream, Completion, GenerationConfig, Generator, TextStream
 from forge.middleware import (
     Context,
-    RateLimitError,
     cache,
     content_filter,
     error_handler,

@@ -16,43 +16,33 @@ import dataclasses
 import inspect
 import os
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from forge import server
-from forge.chat import PLAIN_STOP, check_messages, render_chat
-from forge.config import PRESETS, ModelConfig, get_preset
+from forge.config import INFERENCE_DTYPES, PRESETS, ModelConfig, dtype_name, get_preset
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.transformer import Transformer
 from forge.data import DataSource
 from forge.engine import Engine
 from forge.errors import CheckpointError, ConfigError, ForgeError, GenerationError
-from forge.events import (
-    EVENT_NAMES,
-    Emitter,
-    EndEvent,
-    ErrorEvent,
-    Event,
-    Listener,
-    RequestEvent,
-    ResponseEvent,
-    TokenEvent,
-)
+from forge.events import EVENT_NAMES, Emitter, EndEvent, Event, Listener
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
-from forge.middleware import Context, Middleware, compose, guarded, recover
+from forge.middleware import Context, Middleware
 from forge.models import KNOWN_MODELS, export, load, locate, save
-from forge.structured import OutputSpec, ToolFormat, output_spec
+from forge.requests import Messages, Tools, build_request, encode, parsed, schema_option
+from forge.requests import render as render_prompt
+from forge.stack import ErrorHook, Stack
 from forge.sync import SyncForge
 from forge.tokenizer import Tokenizer, TokenizerKind
+from forge.toolcalls import ToolFormat
 from forge.trainer import TrainConfig, TrainResult, train
 
 __all__ = ["Forge", "SyncForge"]
 
-ErrorHook = Callable[[Context, Exception], Any]
 InferenceDtype = Literal["auto", "float32", "bfloat16"]
 
 
@@ -76,9 +66,7 @@ class Forge:
         self.dtype = _inference_dtype(dtype, self.device)
         self._tokenizer_kind = tokenizer
         self._emitter = Emitter()
-        self._middleware: list[Middleware] = []
-        self._error_hooks: list[ErrorHook] = []
-        self._stack: Callable[[Context], Awaitable[None]] | None = None
+        self._stack = Stack(self._emitter, self._handle)
         self._model: Transformer | None = None
         self._tokenizer: Tokenizer | None = None
         self._generator: Generator | None = None
@@ -117,7 +105,7 @@ class Forge:
     # -- configuration (chainable) -------------------------------------------------------------
     def use(self, middleware: Middleware) -> Forge:
         """Add ``async def mw(ctx, next)`` around every generation; applied in order."""
-        if self._stack is not None:
+        if self._stack.built:
             raise ConfigError(
                 "Forge.use() was called after the app served its first request: the middleware stack is "
                 "built once, at the first generate/stream; register all middleware before that"
@@ -129,7 +117,7 @@ class Forge:
                 f"Forge.use() needs an `async def mw(ctx, next)` function, got {middleware!r}; "
                 "built-ins are called first, e.g. app.use(timer())"
             )
-        self._middleware.append(middleware)
+        self._stack.middleware.append(middleware)
         return self
 
     def on(self, name: str, listener: Listener) -> Forge:
@@ -157,7 +145,7 @@ class Forge:
         """
         if not callable(hook):
             raise ConfigError(f"Forge.on_error() needs a callable hook(ctx, error), got {hook!r}")
-        self._error_hooks.append(hook)
+        self._stack.error_hooks.append(hook)
         return self
 
     # -- model management --------------------------------------------------------------------------
@@ -168,6 +156,11 @@ class Forge:
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self._tokenizer
+
+    @property
+    def source(self) -> str:
+        """What the app was made from: a preset name, a checkpoint or model file, or a known model name."""
+        return self._source
 
     def _adopt(self, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any] | None) -> None:
         if self.dtype is not None:
@@ -181,7 +174,7 @@ class Forge:
         save(path, model, tokenizer, training_state=self._state, meta={"source": self._source})
         return self
 
-    def export(self, path: str | os.PathLike[str], *, format: str = "gguf", dtype: str = "f16") -> Forge:
+    def export(self, path: str | os.PathLike[str], *, format: str = "gguf", dtype: str = "float16") -> Forge:
         """Write the model for llama.cpp/Ollama (``format="gguf"``) or transformers (``"hf"``)."""
         model, tokenizer = self._require_model("export")
         export(model, tokenizer, path, format=format, dtype=dtype, name=Path(self._source).stem or "forge-model")
@@ -202,9 +195,9 @@ class Forge:
             "dtype": str(next(self._model.parameters()).dtype).removeprefix("torch.") if self._model else None,
             "tokenizer_vocab": self._tokenizer.vocab_size if self._tokenizer else None,
             "step": int(self._state["step"]) if self._state else 0,
-            "middleware": [getattr(m, "__name__", repr(m)) for m in self._middleware],
+            "middleware": [getattr(m, "__name__", repr(m)) for m in self._stack.middleware],
             "listeners": {n: len(self._emitter.listeners(n)) for n in EVENT_NAMES if self._emitter.listeners(n)},
-            "stack_built": self._stack is not None,
+            "stack_built": self._stack.built,
             "source": self._pretrained or None,
             "chat_template": bool(self._tokenizer and self._tokenizer.chat_template),
         }
@@ -221,11 +214,12 @@ class Forge:
     async def train(
         self, data: DataSource, *, steps: int = 1000, out: str | os.PathLike[str] | None = None, **options: Any
     ) -> TrainResult:
-        """Train for ``steps`` more optimizer steps on ``data``; events go to the app's listeners.
+        """Train on ``data`` until the model has had ``steps`` optimizer steps in total; events go to the listeners.
 
-        The first call builds the model from the preset (and a tokenizer from
-        the data); later calls, or an app loaded from a checkpoint, continue
-        training the same model and optimizer. ``options`` are TrainConfig fields.
+        ``steps`` counts as everywhere else (``forge.train``, ``forge train --steps``): in total, so a
+        model at step 300 trained with ``steps=500`` takes 200 more. The first call builds the model from
+        the preset (and a tokenizer from the data); later calls, or an app loaded from a checkpoint,
+        continue training the same model and optimizer. ``options`` are TrainConfig fields.
         """
         self._emitter.bind_loop(asyncio.get_running_loop())
         try:
@@ -234,8 +228,6 @@ class Forge:
             await self._emitter.drain()
 
     def _train(self, data: DataSource, steps: int, out: Any, options: dict[str, Any]) -> TrainResult:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"app.train(steps={steps!r}) must be a positive integer")
         if self.dtype not in (None, torch.float32):
             raise ConfigError(
                 f"this app holds {str(self.dtype).removeprefix('torch.')} weights for fast inference (dtype=...); "
@@ -253,11 +245,10 @@ class Forge:
         if self._model is None:
             result = train(data, preset=self._preset or "tiny", tokenizer=self._tokenizer_kind, steps=steps, **kwargs)
         else:
-            done = int(self._state["step"]) if self._state else 0
             lock = self._generator.lock if self._generator else threading.Lock()
             with lock:  # no generation while the weights change
                 result = train(
-                    data, model=self._model, tokenizer=self._tokenizer, state=self._state, steps=done + steps, **kwargs
+                    data, model=self._model, tokenizer=self._tokenizer, state=self._state, steps=steps, **kwargs
                 )
         self._adopt(result.model, result.tokenizer, result.state)
         for event in ended:
@@ -265,35 +256,20 @@ class Forge:
         return result
 
     # -- generation ------------------------------------------------------------------------------------
-    def _context(self, prompt: str, stream: bool, options: dict[str, Any]) -> Context:
-        if not isinstance(prompt, str):
-            raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
-        if "stop" in options and options["stop"] is not None and not isinstance(options["stop"], str):
-            options["stop"] = tuple(options["stop"])
-        return Context(prompt=prompt, params=self.defaults.replace(**options), stream=stream)
-
-    def _build(self) -> Callable[[Context], Awaitable[None]]:
-        if self._stack is None:
-            self._stack = compose(self._middleware, self._handle)
-        return self._stack
-
     async def _handle(self, ctx: Context) -> None:
         """The innermost handler: the model itself."""
-        _, _ = self._require_model("generate")
+        _, tokenizer = self._require_model("generate")
         assert self._generator is not None
-        if ctx.messages is not None and ctx.messages != ctx.meta.get("rendered_messages"):
-            ctx.prompt = self.render(ctx.messages, tools=ctx.meta.get("tools"))  # a middleware changed the conversation
-        if self._engine is not None:  # serving: continuous batching
-            # A caller that already tokenized this very prompt (the server, to check its length) passes the ids on.
-            ids = ctx.encoded[1] if ctx.encoded is not None and ctx.encoded[0] == ctx.prompt else None
-            if ids is None and len(ctx.prompt) > 4096:  # tokenizing a long prompt would stall the event loop
-                ids = await asyncio.to_thread(self._engine.tokenizer.encode_prompt, ctx.prompt)
-            stream = self._engine.stream(ctx.prompt, ctx.params, ids=ids)
-        else:
-            stream = self._generator.astream(ctx.prompt, ctx.params)
+        if ctx.messages is not None and ctx.messages != ctx.rendered:  # a middleware changed the conversation
+            ctx.prompt = render_prompt(tokenizer, ctx.messages, tools=ctx.tools)
+            ctx.rendered = [dict(m) for m in ctx.messages]
+        if ctx.ids is None:  # tokenized once, here, unless the caller gave the ids
+            ctx.ids = await encode(tokenizer, ctx.prompt)
+        # The engine (serving: continuous batching) or the plain generator admits it: length, budget, seed.
+        run = self._engine.stream if self._engine is not None else self._generator.astream
+        stream = run(ctx.prompt, ctx.params, ids=ctx.ids, strict=ctx.strict_budget)
+        ctx.model_stream = stream
         if ctx.stream:
-            if ctx.params.logprobs is not None:  # for servers that send logprobs with each chunk
-                ctx.meta["partial_logprobs"] = lambda: stream.partial_logprobs
             ctx.chunks = _completing(stream, ctx)
             return
         try:  # cancelling this task closes the stream, which stops the generation
@@ -301,28 +277,6 @@ class Forge:
         finally:
             await stream.aclose()
         ctx.completion = stream.completion
-
-    async def _run(self, ctx: Context) -> None:
-        """The stack, with the on_error hooks outside it."""
-        self._emitter.bind_loop(asyncio.get_running_loop())
-        self._emitter.emit(RequestEvent(id=ctx.id, prompt=ctx.prompt, stream=ctx.stream, params=ctx.params.to_dict()))
-        ctx.reporter = lambda error: self._emitter.emit(ErrorEvent(error=error, source="request"))
-        try:
-            await self._build()(ctx)
-        except Exception as e:
-            await recover(ctx, e, self._answer_error)
-            return
-        if ctx.stream and ctx.chunks is not None:  # errors raised while the stream is consumed reach on_error too
-            ctx.chunks = guarded(ctx.chunks, ctx, self._answer_error)
-
-    async def _answer_error(self, ctx: Context, error: Exception) -> None:
-        """The on_error hooks, in order, until one answers."""
-        for hook in self._error_hooks:
-            result = hook(ctx, error)
-            if inspect.isawaitable(result):
-                await result
-            if ctx.response is not None or ctx.chunks is not None:
-                return
 
     async def generate(self, prompt: str | Sequence[str], *, schema: Any = None, **options: Any) -> Any:
         """The completion of ``prompt`` through the middleware stack; a list of prompts gives a list.
@@ -339,31 +293,32 @@ class Forge:
             if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
                 return list(await asyncio.gather(*(self.generate(p, schema=schema, **options) for p in prompt)))
             raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
-        spec = _spec(schema, options)
-        ctx = self._context(prompt, False, options)
-        return _parsed(spec, await self.handle(ctx), ctx)
+        spec = schema_option(schema, options)
+        ctx = self.request(prompt, **options)
+        return parsed(spec, await self.handle(ctx), ctx)
 
     async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
         """Text pieces of the completion as they arrive, through the middleware stack."""
-        async for piece in self.handle_stream(self._context(prompt, True, options)):
+        async for piece in self.handle_stream(self.request(prompt, stream=True, **options)):
             yield piece
 
-    async def chat(self, messages: Sequence[Mapping[str, Any]] | str, *, schema: Any = None, **options: Any) -> Any:
+    async def chat(self, messages: Messages, *, schema: Any = None, **options: Any) -> Any:
         """The assistant's reply to ``messages`` (``[{"role": "user", "content": "Hi"}]``, or a string).
 
         ``schema`` works as in :meth:`generate`: the reply is parsed and validated.
 
         The prompt is rendered with the model's chat template; generation stops
         at the model's end-of-turn token. Goes through the middleware stack,
-        with ``ctx.messages`` set.
+        with ``ctx.messages`` set. ``tools``, ``tool_choice`` and ``parallel_tool_calls``
+        keep OpenAI's meanings (see :meth:`request`).
         """
-        spec = _spec(schema, options)
-        ctx = self._chat_context(messages, False, options)
-        return _parsed(spec, await self.handle(ctx), ctx)
+        spec = schema_option(schema, options)
+        ctx = self.request(messages=messages, **options)
+        return parsed(spec, await self.handle(ctx), ctx)
 
-    async def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> AsyncIterator[str]:
+    async def chat_stream(self, messages: Messages, **options: Any) -> AsyncIterator[str]:
         """The assistant's reply to ``messages``, piece by piece."""
-        async for piece in self.handle_stream(self._chat_context(messages, True, options)):
+        async for piece in self.handle_stream(self.request(messages=messages, stream=True, **options)):
             yield piece
 
     async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
@@ -394,119 +349,71 @@ class Forge:
 
         return await asyncio.to_thread(run)
 
-    def render(
-        self,
-        messages: Sequence[Mapping[str, Any]] | str,
-        *,
-        add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-    ) -> str:
+    def render(self, messages: Messages, *, add_generation_prompt: bool = True, tools: Tools | None = None) -> str:
         """The prompt that :meth:`chat` gives the model for ``messages`` (and ``tools``, OpenAI ``tools`` entries)."""
         _, tokenizer = self._require_model("render")
-        return render_chat(  # render_chat validates the messages
-            tokenizer.chat_template,
-            messages,  # type: ignore[arg-type]
-            add_generation_prompt=add_generation_prompt,
-            special_tokens={"bos_token": tokenizer.bos, "eos_token": tokenizer.eos},
-            tools=tools,
-        )
+        return render_prompt(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def tool_format(self) -> ToolFormat:
         """How this model writes tool calls: its chat template's own format, or Forge's default."""
         _, tokenizer = self._require_model("tool_format")
         return ToolFormat.for_template(tokenizer.chat_template)
 
-    def _chat_context(
-        self, messages: Sequence[Mapping[str, Any]] | str, stream: bool, options: dict[str, Any]
-    ) -> Context:
-        """A chat request. ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (OpenAI's meanings) put the
-        tools in the prompt and constrain the reply to the model's tool-call format; ``ctx.meta["tool_format"]``
-        then parses it."""
-        tools = options.pop("tools", None) or None
-        allowed = options.pop("allowed_tools", None) or tools  # the ones the grammar admits (an agent narrows it)
-        choice = options.pop("tool_choice", None) or "auto"
-        parallel = bool(options.pop("parallel_tool_calls", False))
-        checked = check_messages(messages)
-        if choice == "none":  # no call can follow: described tools only make a small model write call text
-            tools = None
-        ctx = self._context(self.render(checked, tools=tools), stream, options)
-        if tools and choice != "none":
-            if ctx.params.grammar is not None:
-                raise ConfigError("pass tools or a schema / response_format, not both: a reply is one or the other")
-            fmt = self.tool_format()
-            ctx.params = ctx.params.replace(grammar=fmt.grammar(allowed, choice, parallel=parallel))
-            ctx.meta["tool_format"] = fmt
-        ctx.messages = checked
-        ctx.meta["rendered_messages"] = [dict(m) for m in checked]
-        ctx.meta["tools"] = tools
-        if self._tokenizer is not None and self._tokenizer.chat_template is None:
-            # The plain template's turns end at the next "User:" line, whatever else the caller stops at.
-            ctx.params = ctx.params.replace(stop=tuple(dict.fromkeys((*ctx.params.stop, *PLAIN_STOP))))
-        return ctx
-
     def request(
         self,
         prompt: str | None = None,
         *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
+        messages: Messages | None = None,
         stream: bool = False,
+        tools: Tools | None = None,
+        allowed_tools: Tools | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool = False,
+        id: str | None = None,
+        strict: bool = False,
+        ids: Sequence[int] | None = None,
+        meta: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Context:
-        """A request for :meth:`handle` / :meth:`handle_stream`: a prompt, or chat ``messages``.
+        """A complete request for :meth:`handle` / :meth:`handle_stream`: a prompt, or chat ``messages``.
 
-        For callers that need more than the text, such as the HTTP server: after
-        handling, ``ctx.completion`` has the finish reason, token counts and logprobs.
+        ``options`` are GenerationConfig fields over the app's defaults. ``tools`` (OpenAI
+        ``tools`` entries), ``tool_choice`` and ``parallel_tool_calls`` describe the tools in
+        the prompt and hold the reply to the model's tool-call format (``ctx.tool_format``
+        parses it); ``allowed_tools`` narrows the ones it may call. ``strict`` refuses an
+        explicit ``max_tokens`` that does not fit after the prompt (``ContextLengthError``)
+        instead of stopping at the context length. ``ids``: the prompt's token ids, if known.
+        ``id`` and ``meta`` become ``ctx.id`` and ``ctx.meta``. After handling,
+        ``ctx.completion`` has the finish reason, token counts and logprobs.
+
+        >>> ctx = app.request(messages=[{"role": "user", "content": "Hi"}], max_tokens=8)  # doctest: +SKIP
+        >>> text = await app.handle(ctx)  # doctest: +SKIP
         """
-        if (prompt is None) == (messages is None):
-            raise ConfigError("app.request() needs a prompt or messages, not both and not neither")
-        if messages is not None:
-            return self._chat_context(messages, stream, options)
-        return self._context(prompt, stream, options)  # type: ignore[arg-type]
+        tokenizer = self._require_model("chat")[1] if messages is not None else self._tokenizer
+        return build_request(
+            tokenizer,
+            self.defaults,
+            prompt,
+            messages=messages,
+            stream=stream,
+            tools=tools,
+            allowed_tools=allowed_tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            id=id,
+            strict=strict,
+            ids=ids,
+            meta=meta,
+            **options,
+        )
 
     async def handle(self, ctx: Context) -> str:
-        """Run a non-streaming request through the middleware stack; the response text."""
-        start = time.perf_counter()
-        await self._run(ctx)
-        if ctx.response is None and ctx.chunks is not None:  # a middleware answered with chunks
-            ctx.response = "".join([piece async for piece in ctx.chunks])
-        text = ctx.response or ""
-        self._emit_response(ctx, text, start)
-        return text
+        """Run a non-streaming request (from :meth:`request`) through the middleware stack; the response text."""
+        return await self._stack.handle(ctx)
 
-    async def handle_stream(self, ctx: Context) -> AsyncIterator[str]:
-        """Run a streaming request through the middleware stack; text pieces as they arrive."""
-        start = time.perf_counter()
-        await self._run(ctx)
-        chunks = ctx.chunks if ctx.chunks is not None else _pieces(ctx.response or "")
-        received: list[str] = []
-        try:
-            async for piece in chunks:
-                if piece:
-                    self._emitter.emit(TokenEvent(id=ctx.id, index=len(received), text=piece))
-                    received.append(piece)
-                    yield piece
-        except Exception as e:
-            ctx.report_error(e)  # once, even if a middleware already reported it
-            raise
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if callable(aclose):
-                await aclose()
-        self._emit_response(ctx, "".join(received), start)
-
-    def _emit_response(self, ctx: Context, text: str, start: float) -> None:
-        done = ctx.completion
-        self._emitter.emit(
-            ResponseEvent(
-                id=ctx.id,
-                text=text,
-                finish_reason=done.finish_reason if done else None,
-                prompt_tokens=done.prompt_tokens if done else None,
-                completion_tokens=done.completion_tokens if done else None,
-                elapsed=time.perf_counter() - start,
-                cached=ctx.cached,
-            )
-        )
+    def handle_stream(self, ctx: Context) -> AsyncIterator[str]:
+        """Run a streaming request (from :meth:`request`) through the middleware stack; text pieces as they arrive."""
+        return self._stack.handle_stream(ctx)
 
     # -- serving ---------------------------------------------------------------------------------------
     async def listen(self, port: int = 8000, *, host: str = "127.0.0.1", **options: Any) -> None:
@@ -560,22 +467,7 @@ class Forge:
 
     def __repr__(self) -> str:
         state = "trained" if self._model is not None else "untrained"
-        return f"Forge(model={self._source!r}, {state}, device={self.device}, middleware={len(self._middleware)})"
-
-
-def _spec(schema: Any, options: dict[str, Any]) -> OutputSpec | None:
-    """Turn ``schema=`` into a grammar option; the spec parses the output afterwards."""
-    if schema is None:
-        return None
-    spec = output_spec(schema)
-    options["grammar"] = spec.grammar
-    return spec
-
-
-def _parsed(spec: OutputSpec | None, text: str, ctx: Context) -> Any:
-    if spec is None:
-        return text
-    return spec.parse(text, ctx.completion.finish_reason if ctx.completion is not None else None)
+        return f"Forge(model={self._source!r}, {state}, device={self.device}, middleware={len(self._stack.middleware)})"
 
 
 async def _completing(source: AsyncTextStream, ctx: Context) -> AsyncIterator[str]:
@@ -592,13 +484,10 @@ def _inference_dtype(dtype: str | None, device: torch.device) -> torch.dtype | N
     """None keeps the weights as loaded (float32); "auto" is bfloat16 where the hardware runs it natively."""
     if dtype is None:
         return None
-    if dtype == "auto":
+    name = dtype_name(dtype, INFERENCE_DTYPES, owner="Forge", field="dtype")  # float16: too slow/lossy on CPUs
+    if name == "auto":
         return autocast_dtype(device) or torch.float32
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(
-            f"dtype={dtype!r} is not supported; use 'auto', 'float32' or 'bfloat16' (never float16 on a CPU)"
-        )
-    return getattr(torch, dtype)  # type: ignore[no-any-return]
+    return getattr(torch, name)  # type: ignore[no-any-return]
 
 
 #: Suffixes of model files: a name ending in one is a path that is missing, never a preset.
@@ -608,8 +497,3 @@ _MODEL_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".on
 def _looks_like_path(name: str | os.PathLike[str]) -> bool:
     name = str(name)
     return "/" in name or os.sep in name or name.startswith((".", "~")) or name.lower().endswith(_MODEL_SUFFIXES)
-
-
-async def _pieces(text: str) -> AsyncIterator[str]:
-    if text:
-        yield text

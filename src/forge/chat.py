@@ -30,7 +30,7 @@ from jinja2.runtime import Context, LoopContext, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from forge.errors import ChatTemplateError, ConfigError
-from forge.structured import ToolCall, ToolFormat
+from forge.toolcalls import ToolCall, ToolFormat
 
 __all__ = [
     "PLAIN_STOP",
@@ -63,25 +63,32 @@ def check_messages(messages: object) -> list[dict[str, Any]]:
         return [{"role": "user", "content": messages}]
     if not isinstance(messages, Sequence) or not messages:
         raise ConfigError(
-            f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got {messages!r:.80}"
+            f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got {messages!r:.80}",
+            field="messages",
         )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise ConfigError(
-                f"messages[{i}] = {m!r:.80} needs 'role' and 'content' keys, e.g. {{'role': 'user', 'content': 'Hi'}}"
+                f"messages[{i}] = {m!r:.80} needs 'role' and 'content' keys, e.g. {{'role': 'user', 'content': 'Hi'}}",
+                field=f"messages[{i}]",
             )
         if m["role"] not in ROLES:
-            raise ConfigError(f"messages[{i}] has role {m['role']!r}; roles are {', '.join(ROLES)}")
+            raise ConfigError(
+                f"messages[{i}] has role {m['role']!r}; roles are {', '.join(ROLES)}", field=f"messages[{i}]"
+            )
         calls = m.get("tool_calls")
         if calls is not None and (
             m["role"] != "assistant" or isinstance(calls, str) or not isinstance(calls, Sequence)
         ):
-            raise ConfigError(f"messages[{i}]['tool_calls'] must be a list, on an assistant message")
+            raise ConfigError(
+                f"messages[{i}]['tool_calls'] must be a list, on an assistant message", field=f"messages[{i}]"
+            )
         if not isinstance(m["content"], str) and not (m["content"] is None and calls):
             raise ConfigError(
                 f"messages[{i}]['content'] must be a string, got {type(m['content']).__name__} "
-                "(null is allowed only on an assistant message with tool_calls)"
+                "(null is allowed only on an assistant message with tool_calls)",
+                field=f"messages[{i}]",
             )
         out.append({**m, "tool_calls": [_tool_call(c, i) for c in calls]} if calls else dict(m))
     return out
@@ -101,7 +108,8 @@ def _tool_call(call: object, i: int) -> ToolCall:
     if not isinstance(f, Mapping) or not isinstance(f.get("name"), str) or not isinstance(arguments, dict):
         raise ConfigError(
             f"messages[{i}] has a malformed tool call {call!r:.120}; expected "
-            "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': '<JSON object>'}}"
+            "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': '<JSON object>'}}",
+            field=f"messages[{i}]",
         )
     assert isinstance(call, Mapping)
     return ToolCall(f["name"], arguments, **({"id": str(call["id"])} if call.get("id") else {}))
@@ -188,7 +196,7 @@ def render_chat(
     ``special_tokens`` fills ``bos_token``/``eos_token`` as templates expect.
     ``tools`` (OpenAI ``tools`` entries) go to a template that renders them
     itself; for any other template Forge describes them in the system message
-    (see :class:`forge.structured.ToolFormat`). Rendering is bounded by ``limits``
+    (see :class:`forge.toolcalls.ToolFormat`). Rendering is bounded by ``limits``
     (:class:`TemplateLimits`); a template that fails or exceeds them raises :class:`ChatTemplateError`.
     """
     limits = limits or TemplateLimits()

@@ -1,4 +1,4 @@
-"""Model configuration and the preset registry.
+"""Model configuration, the preset registry, and how every option is defined once.
 
 ``ModelConfig`` describes a decoder-only transformer of either family:
 
@@ -10,18 +10,46 @@ Presets are matched by exact name; a miss suggests close names.
 >>> cfg = get_preset("tiny")
 >>> cfg.family, cfg.n_layer
 ('gpt2', 4)
+
+The options of ``SamplingParams``, ``GenerationConfig``, ``TrainConfig`` and
+``ServerConfig`` are dataclass fields whose metadata is a :class:`Spec`: the
+help text, and the :class:`Bound` or the choices that ``__post_init__`` checks
+(:func:`check_specs`). The CLI builds its flags from them and the server's
+schema its ranges; tests/test_options.py checks that every surface agrees.
+There is one dtype vocabulary, :data:`DTYPES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from forge.errors import ConfigError, PresetNotFoundError
 
-__all__ = ["MAX_SIZES", "PRESETS", "ModelConfig", "get_preset", "preset_names", "register_preset"]
+__all__ = [
+    "DTYPES",
+    "DTYPE_ALIASES",
+    "INFERENCE_DTYPES",
+    "MAX_SIZES",
+    "PRESETS",
+    "Bound",
+    "ModelConfig",
+    "Spec",
+    "bounded",
+    "check_specs",
+    "choice",
+    "documented",
+    "dtype_name",
+    "get_preset",
+    "preset_names",
+    "register_preset",
+    "same_as",
+    "specs",
+]
 
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
@@ -223,3 +251,189 @@ def get_preset(name: str) -> ModelConfig:
         raise PresetNotFoundError(
             f"unknown preset {name!r}: {hint}available presets are {', '.join(PRESETS)}"
         ) from None
+
+
+# -- options: each defined once, as a dataclass field whose metadata holds its help and bounds -----
+
+_SPEC = "forge.spec"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bound:
+    """The values a numeric option takes: integers (or finite numbers) in an interval, and None if ``optional``.
+
+    >>> Bound(ge=0, le=2).describe(), Bound(integer=True, ge=1, optional=True).describe()
+    ('must be a number in [0, 2]', 'must be an integer >= 1, or None')
+    >>> Bound(ge=0, le=2).within(Bound(ge=0)), Bound(ge=0).within(Bound(gt=0))
+    (True, False)
+    """
+
+    integer: bool = False
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    optional: bool = False
+
+    def allows(self, value: object) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not self.integer and not math.isfinite(value):
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    @property
+    def low(self) -> tuple[float, bool]:
+        """The lower end and whether it is open (excluded)."""
+        if self.ge is not None:
+            return self.ge, False
+        return (self.gt, True) if self.gt is not None else (-math.inf, True)
+
+    @property
+    def high(self) -> tuple[float, bool]:
+        """The upper end and whether it is open (excluded)."""
+        if self.le is not None:
+            return self.le, False
+        return (self.lt, True) if self.lt is not None else (math.inf, True)
+
+    def within(self, other: Bound) -> bool:
+        """Whether every value this bound allows, ``other`` allows too."""
+        (lo, lo_open), (olo, olo_open) = self.low, other.low
+        (hi, hi_open), (ohi, ohi_open) = self.high, other.high
+        return (
+            (self.integer or not other.integer)
+            and (other.optional or not self.optional)
+            and (lo > olo or (lo == olo and (lo_open or not olo_open)))
+            and (hi < ohi or (hi == ohi and (hi_open or not ohi_open)))
+        )
+
+    def describe(self) -> str:
+        (lo, lo_open), (hi, hi_open) = self.low, self.high
+        kind = "an integer" if self.integer else "a number"
+        if math.isfinite(lo) and math.isfinite(hi):
+            text = f"{kind} in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+        elif math.isfinite(lo):
+            text = f"{kind} {'>' if lo_open else '>='} {_num(lo)}"
+        elif math.isfinite(hi):
+            text = f"{kind} {'<' if hi_open else '<='} {_num(hi)}"
+        else:
+            text = kind
+        return f"must be {text}" + (", or None" if self.optional else "")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Spec:
+    """What one option is: its help text, and the :class:`Bound` or the choices (with accepted aliases) it takes."""
+
+    doc: str
+    bound: Bound | None = None
+    choices: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def canonical(self, value: object) -> object:
+        """``value`` with an alias replaced by the name it stands for."""
+        return self.aliases.get(value, value) if isinstance(value, str) else value
+
+
+def documented(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with help text and no bound (a string, a flag, an object)."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_SPEC: Spec(doc=doc)})
+
+
+def bounded(
+    default: Any,
+    *,
+    doc: str,
+    integer: bool = False,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    optional: bool | None = None,
+) -> Any:
+    """A numeric dataclass field and its bounds (None is allowed when the default is None, or ``optional``).
+
+    >>> @dataclass(frozen=True)
+    ... class Knob:
+    ...     level: float = bounded(1.0, ge=0, le=2, doc="How loud.")
+    ...     def __post_init__(self) -> None:
+    ...         check_specs(self)
+    >>> Knob(level=3)
+    Traceback (most recent call last):
+    ...
+    forge.errors.ConfigError: Knob.level = 3 is invalid: must be a number in [0, 2]
+    """
+    optional = default is None if optional is None else optional
+    bound = Bound(integer=integer, ge=ge, gt=gt, le=le, lt=lt, optional=optional)
+    return dataclasses.field(default=default, metadata={_SPEC: Spec(doc=doc, bound=bound)})
+
+
+def choice(default: str, choices: tuple[str, ...], *, doc: str, aliases: Mapping[str, str] | None = None) -> Any:
+    """A dataclass field that takes one of ``choices``; ``aliases`` (other spellings) become the name they stand for."""
+    spec = Spec(doc=doc, choices=choices, aliases={a: c for a, c in (aliases or {}).items() if c in choices})
+    return dataclasses.field(default=default, metadata={_SPEC: spec})
+
+
+def same_as(owner: type, name: str, default: Any) -> Any:
+    """A field defined as ``owner.name`` is, with another default: one option that two dataclasses share."""
+    return dataclasses.field(default=default, metadata={_SPEC: specs(owner)[name]})
+
+
+def specs(cls: type) -> dict[str, Spec]:
+    """The :class:`Spec` of each option of dataclass ``cls``, by field name."""
+    return {f.name: f.metadata[_SPEC] for f in dataclasses.fields(cls) if _SPEC in f.metadata}
+
+
+def check_specs(obj: Any) -> None:
+    """Check every option of a dataclass instance against its spec (aliases become their names); a ConfigError."""
+    owner = type(obj).__name__
+    for name, spec in specs(type(obj)).items():
+        value = getattr(obj, name)
+        if spec.bound is not None and not spec.bound.allows(value):
+            raise ConfigError.for_field(owner, name, value, spec.bound.describe())
+        if spec.choices:
+            canonical = spec.canonical(value)
+            if canonical not in spec.choices:
+                also = f" (also accepted: {', '.join(spec.aliases)})" if spec.aliases else ""
+                raise ConfigError.for_field(owner, name, value, f"use one of {', '.join(spec.choices)}{also}")
+            if canonical != value:
+                object.__setattr__(obj, name, canonical)
+
+
+#: The one dtype vocabulary. Each command and function takes the part it supports: inference
+#: ``auto|float32|bfloat16``, training precision the same, export ``float32|float16|bfloat16|q8_0``.
+DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0")
+#: What inference runs in (``Forge(dtype=...)``, ``--dtype``): float16 is left out, slow and lossy on CPUs.
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+#: Shorter spellings accepted everywhere for compatibility (the old ``--precision bf16|fp32`` and GGUF's ``f16``).
+DTYPE_ALIASES: Mapping[str, str] = {
+    "fp32": "float32",
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+}
+
+
+def dtype_name(value: object, allowed: tuple[str, ...], *, owner: str, field: str) -> str:
+    """``value`` as its name in :data:`DTYPES` (an alias becomes the name), if ``allowed``; else a ConfigError.
+
+    >>> dtype_name("bf16", ("auto", "float32", "bfloat16"), owner="Forge", field="dtype")
+    'bfloat16'
+    """
+    name = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    if name not in allowed:
+        raise ConfigError.for_field(owner, field, value, f"use one of {', '.join(allowed)}")
+    assert isinstance(name, str)
+    return name

@@ -248,7 +248,8 @@ class TokenDataset:
             if have < need:
                 raise DataError(
                     f"the corpus is too small: its {split} split has {have} tokens but one window of "
-                    f"--context {context} needs {need}; add more text or lower --context"
+                    f"context={context} needs {need}; add more text or use a shorter context",
+                    field="context",
                 )
 
     def batch(

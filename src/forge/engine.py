@@ -1,11 +1,12 @@
 """The serving engine: continuous batching behind an async API.
 
-A worker thread owns a :class:`forge.core.batching.Batcher`. Async callers
+A worker thread owns a :class:`forge.core.decode.Batcher`, the token loop. Async callers
 submit a prompt and get an :class:`AsyncTextStream` back; between two batched
 steps the thread admits waiting requests into free cache rows and drops the
 ones that finished or were cancelled, so no request waits for another to
-finish. Text (detokenization, stop strings, logprobs) is assembled on the
-caller's side by the same ``StreamRow`` the plain generator uses.
+finish. Requests are admitted by the plain generator's ``admit`` (one length
+check, budget, seed and grammar for both), and text (detokenization, stop
+strings, logprobs) is assembled on the caller's side by the same ``StreamRow``.
 
 >>> engine = Engine(model, tokenizer, max_batch=8, max_queue=64)   # doctest: +SKIP
 >>> stream = engine.stream("Once upon a time", GenerationConfig(max_tokens=20))
@@ -16,25 +17,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from forge.core.batching import Batcher, Sequence, StepResult
+from forge.core.decode import Batcher, Sequence, StepResult
 from forge.core.kv_cache import plan_cache
 from forge.core.transformer import Transformer
-from forge.errors import ConfigError, ForgeError, GenerationError, QueueFullError
-from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, TokenLogprob
-from forge.structured import Constraint
+from forge.errors import ConfigError, ForgeError, QueueFullError
+from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, admit
 from forge.tokenizer import Tokenizer
 
 __all__ = ["Engine"]
 
 log = logging.getLogger("forge.engine")
+
+#: Joining requests are prefilled together up to this many prompt tokens a forward (bounds its activations).
+PREFILL_TOKENS = 4096
 
 
 @dataclass(eq=False)
@@ -126,30 +126,26 @@ class Engine:
             }
 
     # -- requests -------------------------------------------------------------------------------
-    def stream(self, prompt: str, cfg: GenerationConfig, *, ids: list[int] | None = None) -> AsyncTextStream:
+    def stream(
+        self, prompt: str, cfg: GenerationConfig, *, ids: list[int] | None = None, strict: bool = False
+    ) -> AsyncTextStream:
         """Generate for ``prompt``; pieces as they come. Raises QueueFullError when the queue is full.
 
-        ``ids``: the prompt already encoded (``tokenizer.encode_prompt``), e.g. in a worker thread for a long one.
+        ``ids``: the prompt already encoded (``tokenizer.encode_prompt``). ``strict``: a ``max_tokens`` that
+        does not fit after the prompt raises ``ContextLengthError`` instead of being cut to the context
+        (``max_len``), which the prompt must fit in any case (see :func:`forge.generator.admit`).
         """
-        ids = self.tokenizer.encode_prompt(prompt) if ids is None else list(ids)
-        if len(ids) >= self.max_len:
-            raise GenerationError(
-                f"the prompt is {len(ids)} tokens but the context is {self.max_len}; "
-                f"shorten it to fewer than {self.max_len} tokens"
-            )
-        prompt_tokens = len(ids)
-        ids = ids or [next((i for i in (self.tokenizer.bos_id, self.tokenizer.eos_id) if i is not None), 0)]
-        budget = min(cfg.max_tokens, self.max_len - len(ids))
-        stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
-        generator = torch.Generator(self.batcher.device)
-        generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        constraint = None
-        if cfg.grammar is not None:
-            constraint = Constraint(cfg.grammar, self.tokenizer, self.model.config.vocab_size)
-        seq = Sequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs, constraint=constraint)
-        row = StreamRow(self.tokenizer, cfg.stop, stop_ids, prompt_tokens)
-        if cfg.logprobs is not None:
-            row.logprobs = []
+        admitted = admit(
+            self.tokenizer,
+            cfg,
+            context=self.max_len,
+            vocab_size=self.model.config.vocab_size,
+            device=self.batcher.device,
+            prompt=prompt,
+            ids=ids,
+            strict=strict,
+        )
+        seq, row = admitted.seq, admitted.row
         job = _Job(seq, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._stopping:
@@ -165,26 +161,16 @@ class Engine:
                 )
             self._waiting.append(job)
             self._cond.notify_all()
-        rows = [row]
-        return AsyncTextStream(self._pieces(job, row, cfg), rows)
+        return AsyncTextStream(self._pieces(job, row), [row])
 
-    async def _pieces(self, job: _Job, row: StreamRow, cfg: GenerationConfig) -> AsyncIterator[str]:
+    async def _pieces(self, job: _Job, row: StreamRow) -> AsyncIterator[str]:
         try:
             while row.finish is None:
                 kind, value = await job.queue.get()
                 if kind == "error":
                     raise value
-                r: StepResult = value
-                if cfg.logprobs is not None and r.logprob is not None:
-                    decode = self.tokenizer.decode
-                    top = tuple((decode([t]), lp) for t, lp in r.top)
-                    row.pending = TokenLogprob(decode([r.token]), r.token, r.logprob, top)
-                if piece := row.push(r.token):
+                if piece := row.take(value):
                     yield piece
-                if r.finished and row.finish is None and (piece := row.end("length")):
-                    yield piece
-                if r.finished and row.finish is None:
-                    row.finish = "length"
         finally:
             if row.finish is None or not job.seq.done:  # left early, a stop string, or cancelled: free the slot
                 with self._cond:
@@ -201,19 +187,19 @@ class Engine:
                     if self._stopping and (not self._drain or (not self._waiting and not self.batcher.running)):
                         self._fail_all(QueueFullError("the server is shutting down", retry_after=5.0))
                         return
-                    admit = []
-                    while self._waiting and len(admit) < self.batcher.free:
+                    joining = []
+                    while self._waiting and len(joining) < self.batcher.free:
                         job = self._waiting.popleft()
                         if job.cancelled:
                             self.stats["cancelled"] += 1
                         else:
-                            admit.append(job)
+                            joining.append(job)
                             self._jobs[id(job.seq)] = job
-                    dropped = [j for j in self._jobs.values() if j.cancelled and j not in admit]
+                    dropped = [j for j in self._jobs.values() if j.cancelled and j not in joining]
                 with self.lock:
                     for job in dropped:
                         self._finish(job, cancelled=True)
-                    self._admit(admit)
+                    self._admit(joining)
                     try:
                         results = self.batcher.step()
                     except Exception as e:  # the batch is lost, the engine is not
@@ -222,6 +208,7 @@ class Engine:
                         results = []
                     for r in results:
                         self._deliver(self._jobs[id(r.seq)], r)
+                    self.batcher.release()  # the model is free for others between steps
                 self._flush()
                 if results:
                     with self._cond:
@@ -237,25 +224,29 @@ class Engine:
     def _admit(self, jobs: list[_Job]) -> None:
         """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone."""
         chunk: list[_Job] = []
-        for job in [*jobs, None]:
-            if job is not None and (not chunk or sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) <= 4096):
-                chunk.append(job)
-                continue
-            try:
-                firsts = self.batcher.add_many([j.seq for j in chunk])
-            except Exception:  # find the culprit: one at a time
-                for j in chunk:
-                    self.batcher.remove(j.seq)
-                firsts = []
-                for j in chunk:
-                    try:
-                        firsts.append(self.batcher.add(j.seq))
-                    except Exception as e:  # this request only: the others go on
-                        self._fail(j, e)
-                chunk = [j for j in chunk if not j.seq.done and j.seq.row >= 0]
-            for j, first in zip(chunk, firsts, strict=True):
-                self._deliver(j, first)
-            chunk = [job] if job is not None else []
+        for job in jobs:
+            if chunk and sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) > PREFILL_TOKENS:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(job)
+        if chunk:
+            self._prefill(chunk)
+
+    def _prefill(self, chunk: list[_Job]) -> None:
+        try:
+            firsts = self.batcher.add_many([j.seq for j in chunk])
+        except Exception:  # find the culprit: one at a time
+            for j in chunk:
+                self.batcher.remove(j.seq)
+            firsts = []
+            for j in chunk:
+                try:
+                    firsts.append(self.batcher.add(j.seq))
+                except Exception as e:  # this request only: the others go on
+                    self._fail(j, e)
+            chunk = [j for j in chunk if not j.seq.done and j.seq.row >= 0]
+        for j, first in zip(chunk, firsts, strict=True):
+            self._deliver(j, first)
 
     def _deliver(self, job: _Job, r: StepResult) -> None:
         self.stats["tokens"] += 1

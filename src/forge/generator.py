@@ -24,16 +24,19 @@ from typing import Any, Literal
 
 import torch
 
+from forge.config import bounded, check_specs, documented, same_as
+from forge.core.decode import Sequence as DecodeSequence
+from forge.core.decode import StepResult, fixed_batcher
 from forge.core.device import resolve_device
-from forge.core.generate import generate_tokens
-from forge.core.sampling import SamplingParams, top_logprobs
+from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
-from forge.errors import ConfigError, GenerationError
+from forge.errors import ConfigError, ContextLengthError, GenerationError
 from forge.structured import Constraint, Grammar
 from forge.textstream import held_back
 from forge.tokenizer import Tokenizer
 
 __all__ = [
+    "Admitted",
     "AsyncTextStream",
     "Completion",
     "GenerationConfig",
@@ -41,7 +44,7 @@ __all__ = [
     "StreamRow",
     "TextStream",
     "TokenLogprob",
-    "token_logprobs",
+    "admit",
 ]
 
 FinishReason = Literal["stop", "length"]
@@ -49,27 +52,30 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationConfig:
-    """Generation options. ``temperature=0`` is greedy; ``seed`` makes sampling reproducible."""
+    """Generation options. ``temperature=0`` is greedy; ``seed`` makes sampling reproducible.
 
-    max_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    stop_at_eos: bool = True
-    #: None: no log-probabilities; k >= 0: each token's logprob and the k most likely alternatives (k <= 20).
-    logprobs: int | None = None
-    #: Constrained decoding: only text in this grammar can be generated (see ``forge.structured``).
-    grammar: Grammar | None = None
+    The sampling fields are ``SamplingParams``'s own (same bounds, same help); only defaults differ.
+    """
+
+    max_tokens: int = bounded(128, integer=True, ge=1, doc="Most tokens to generate.")
+    temperature: float = same_as(SamplingParams, "temperature", 0.8)
+    top_k: int | None = same_as(SamplingParams, "top_k", None)
+    top_p: float | None = same_as(SamplingParams, "top_p", None)
+    min_p: float | None = same_as(SamplingParams, "min_p", None)
+    repetition_penalty: float = same_as(SamplingParams, "repetition_penalty", 1.0)
+    presence_penalty: float = same_as(SamplingParams, "presence_penalty", 0.0)
+    frequency_penalty: float = same_as(SamplingParams, "frequency_penalty", 0.0)
+    stop: tuple[str, ...] = documented((), doc="Stop sequences: text ends before the first one generated.")
+    #: torch seeds are 64-bit.
+    seed: int | None = bounded(None, integer=True, ge=-(2**63), le=2**63 - 1, doc="Makes sampling reproducible.")
+    stop_at_eos: bool = documented(True, doc="End at the model's end-of-sequence token.")
+    logprobs: int | None = bounded(
+        None, integer=True, ge=0, le=20, doc="Each token's logprob and this many most likely alternatives."
+    )
+    grammar: Grammar | None = documented(None, doc="Only text in this grammar can be generated (forge.structured).")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ConfigError.for_field("GenerationConfig", "max_tokens", self.max_tokens, "must be a positive integer")
+        check_specs(self)
         if self.stop is None:  # OpenAI-style requests send "stop": null
             object.__setattr__(self, "stop", ())
         if isinstance(self.stop, str):  # a bare string is one stop sequence, not its characters
@@ -78,10 +84,6 @@ class GenerationConfig:
             raise ConfigError.for_field(
                 "GenerationConfig", "stop", self.stop, "stop sequences must be non-empty strings"
             )
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
-        ):
-            raise ConfigError.for_field("GenerationConfig", "logprobs", self.logprobs, "must be an integer in [0, 20]")
         if self.grammar is not None and not isinstance(self.grammar, Grammar):
             raise ConfigError.for_field(
                 "GenerationConfig",
@@ -89,7 +91,6 @@ class GenerationConfig:
                 self.grammar,
                 "must be a forge.structured.Grammar; for app.generate pass schema=PydanticModel | dict | regex instead",
             )
-        self.sampling()  # validates the sampling fields
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -162,6 +163,20 @@ class StreamRow:
             return ""
         return self._advance(text, final=False)
 
+    def take(self, r: StepResult) -> str:
+        """Add a step's token, with its logprobs if they are collected; the text now safe to emit.
+
+        The held-back rest comes with it when the token was the sequence's last.
+        """
+        if r.logprob is not None and self.logprobs is not None:
+            decode = self.tokenizer.decode
+            top = tuple((decode([t]), v) for t, v in r.top)
+            self.pending = TokenLogprob(decode([r.token]), r.token, r.logprob, top)
+        piece = self.push(r.token)
+        if r.finished and self.finish is None:
+            piece += self.end("length")
+        return piece
+
     def end(self, reason: FinishReason) -> str:
         """Finish the row; return whatever was held back."""
         self.finish = reason
@@ -191,16 +206,61 @@ def _completion(row: StreamRow) -> Completion:
     )
 
 
-def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """Per row of ``logits`` (B, V): the chosen token's logprob and the top ``k`` alternatives."""
-    own, top_ids, top_values = top_logprobs(logits, chosen, k)
-    out = []
-    for i, token in enumerate(chosen.tolist()):
-        top = tuple(
-            (tokenizer.decode([t]), float(v)) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist(), strict=True)
-        )
-        out.append(TokenLogprob(tokenizer.decode([token]), int(token), float(own[i]), top))
-    return out
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request ready for the token loop: its core sequence, the row that turns its tokens into text."""
+
+    seq: DecodeSequence
+    row: StreamRow
+    prompt_tokens: int
+
+
+def admit(
+    tokenizer: Tokenizer,
+    cfg: GenerationConfig,
+    *,
+    context: int,
+    vocab_size: int,
+    device: torch.device | str,
+    prompt: str | None = None,
+    ids: list[int] | None = None,
+    strict: bool = False,
+) -> Admitted:
+    """Turn a prompt (or its ``ids``, already encoded: then they are used) into a sequence for the token loop.
+
+    The one admission, for the plain generator and the serving engine alike.
+
+    The prompt must leave room in ``context`` for a token (else :class:`ContextLengthError`); an empty one
+    starts from BOS (or EOS). The budget is ``cfg.max_tokens``, cut to what the context leaves, or with
+    ``strict`` refused when it does not fit. Seeded from ``cfg.seed`` (or the OS); the grammar becomes a
+    constraint over the model's ``vocab_size`` ids.
+
+    >>> tok = Tokenizer.train(["abc"], kind="char")
+    >>> a = admit(tok, GenerationConfig(max_tokens=50), context=16, vocab_size=320, device="cpu", prompt="ab")
+    >>> (a.prompt_tokens, a.seq.max_new_tokens)
+    (2, 14)
+    """
+    if ids is None:
+        assert prompt is not None, "pass the prompt or its ids"
+        ids = tokenizer.encode_prompt(prompt)
+    ids = list(ids)
+    prompt_tokens = len(ids)
+    if prompt_tokens >= context:
+        raise ContextLengthError(field="prompt", prompt_tokens=prompt_tokens, context=context)
+    # An empty prompt starts from BOS, or else EOS: the document boundary the model saw in training.
+    ids = ids or [next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None), 0)]
+    if strict and len(ids) + cfg.max_tokens > context:
+        raise ContextLengthError(field="max_tokens", prompt_tokens=len(ids), context=context, requested=cfg.max_tokens)
+    budget = min(cfg.max_tokens, context - len(ids))  # not strict: stop at the context, finish_reason "length"
+    stop_ids = tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
+    generator = torch.Generator(device)
+    generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    constraint = Constraint(cfg.grammar, tokenizer, vocab_size) if cfg.grammar is not None else None
+    seq = DecodeSequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs, constraint)
+    row = StreamRow(tokenizer, cfg.stop, stop_ids, prompt_tokens)
+    if cfg.logprobs is not None:
+        row.logprobs = []
+    return Admitted(seq, row, prompt_tokens)
 
 
 class TextStream(Iterator[str]):
@@ -284,81 +344,79 @@ class Generator:
         return config.replace(**options) if config else GenerationConfig(**options)
 
     def _stream_rows(
-        self, prompts: Sequence[str], cfg: GenerationConfig, rows: list[StreamRow] | None = None
+        self,
+        prompts: Sequence[str],
+        cfg: GenerationConfig,
+        rows: list[StreamRow],
+        ids: Sequence[list[int]] | None = None,
+        strict: bool = False,
     ) -> Iterator[tuple[int, str]]:
-        """Yield (row index, new text) as tokens arrive; ``rows`` receives each row's state."""
-        rows = [] if rows is None else rows
-        ids = self.tokenizer.encode_prompts(list(prompts))
-        context = self.model.config.context_length
-        longest = max(len(p) for p in ids)
-        if longest >= context:
-            raise GenerationError(
-                f"the prompt is {longest} tokens but the model's context is {context}; "
-                f"shorten it to fewer than {context} tokens"
+        """Yield (row index, new text) as tokens arrive; ``rows`` receives each row's state.
+
+        The prompts are one fixed batch of the token loop, each row at its own positions, admitted as
+        the engine admits a request (:func:`admit`); a row that finishes leaves the batch.
+        """
+        encoded = list(ids) if ids is not None else self.tokenizer.encode_prompts(list(prompts))
+        config = self.model.config
+        admitted = [
+            admit(
+                self.tokenizer,
+                cfg,
+                context=config.context_length,
+                vocab_size=config.vocab_size,
+                device=self.device,
+                ids=p,
+                strict=strict,
             )
-        prompt_lengths = [len(p) for p in ids]
-        # An empty prompt starts from BOS, or else EOS: the document boundary the model saw in training.
-        bos = next((i for i in (self.tokenizer.bos_id, self.tokenizer.eos_id) if i is not None), 0)
-        ids = [p or [bos] for p in ids]
-        longest = max(len(p) for p in ids)
-        # Stop at the context length rather than fail: finish_reason says "length".
-        budget = min(cfg.max_tokens, context - longest)
-        stop_ids = self.tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
-        rows.extend(StreamRow(self.tokenizer, cfg.stop, stop_ids, n) for n in prompt_lengths)
-        observe = None
-        if cfg.logprobs is not None:
-            for row in rows:
-                row.logprobs = []
-
-            def observe(logits: torch.Tensor, chosen: torch.Tensor) -> None:
-                for row, lp in zip(
-                    rows, token_logprobs(self.tokenizer, logits, chosen, cfg.logprobs or 0), strict=True
-                ):
-                    row.pending = lp
-
-        constraints = None
-        if cfg.grammar is not None:
-            vocab = self.model.config.vocab_size
-            constraints = [Constraint(cfg.grammar, self.tokenizer, vocab) for _ in rows]
-        generator = None
-        if cfg.temperature > 0:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        steps = generate_tokens(
-            self.model,
-            ids,
-            max_new_tokens=budget,
-            params=cfg.sampling(),
-            generator=generator,
-            vocab_limit=self.tokenizer.vocab_size,
-            observe=observe,
-            constraints=constraints,
-        )
-        with self.lock:  # one token loop at a time: the KV cache lives in the model
+            for p in encoded
+        ]
+        rows.extend(a.row for a in admitted)
+        seqs = [a.seq for a in admitted]
+        for seq in seqs[1:]:  # one request, one seed: the rows sample together (one call) and differ
+            seq.params, seq.generator = seqs[0].params, seqs[0].generator
+        index = {id(seq): i for i, seq in enumerate(seqs)}
+        with self.lock:  # one token loop at a time: its KV caches go into the model
+            batcher = fixed_batcher(self.model, seqs, vocab_limit=self.tokenizer.vocab_size)
             try:
-                for tokens in steps:
-                    for i, token in enumerate(tokens.tolist()):
-                        if rows[i].finish is None and (piece := rows[i].push(token)):
+                results = batcher.add_many(seqs)
+                while results:
+                    for r in results:
+                        i = index[id(r.seq)]
+                        if rows[i].finish is None and (piece := rows[i].take(r)):
                             yield i, piece
-                    if all(r.finish for r in rows):
-                        break
+                        if rows[i].finish is not None:  # a stop token, a stop string or the budget
+                            batcher.remove(r.seq)
+                    results = batcher.step()
             finally:
-                steps.close()
-        for i, row in enumerate(rows):
-            if row.finish is None and (piece := row.end("length")):
-                yield i, piece
+                batcher.clear()
 
     # -- public API --------------------------------------------------------------
     def complete(
-        self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **options: Any
+        self,
+        prompts: str | Sequence[str],
+        config: GenerationConfig | None = None,
+        *,
+        ids: Sequence[int] | Sequence[list[int]] | None = None,
+        strict: bool = False,
+        **options: Any,
     ) -> list[Completion]:
-        """Generate for one prompt or a batch; a :class:`Completion` per prompt."""
+        """Generate for one prompt or a batch; a :class:`Completion` per prompt.
+
+        ``ids``: the prompt already encoded (``tokenizer.encode_prompt``; for a batch, a list per prompt).
+        ``strict``: a ``max_tokens`` that does not fit after a prompt raises ``ContextLengthError`` instead
+        of being cut to the context (see :func:`admit`).
+        """
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         if not batch:
             raise GenerationError("no prompts given; pass a string or a non-empty list of strings")
+        encoded = None
+        if ids is not None:
+            encoded = [list(ids)] if isinstance(prompts, str) else [list(p) for p in ids]  # type: ignore[arg-type]
+            if len(encoded) != len(batch):
+                raise GenerationError(f"ids holds {len(encoded)} prompts for {len(batch)}; pass one list per prompt")
         cfg = self._config(config, options)
         rows: list[StreamRow] = []
-        for _ in self._stream_rows(batch, cfg, rows):
+        for _ in self._stream_rows(batch, cfg, rows, encoded, strict):
             pass
         return [_completion(row) for row in rows]
 
@@ -369,26 +427,51 @@ class Generator:
         results = [c.text for c in self.complete(prompts, config, **options)]
         return results[0] if isinstance(prompts, str) else results
 
-    def stream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> TextStream:
-        """Text pieces as they are generated; ``.completion`` once exhausted."""
+    def stream(
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        ids: list[int] | None = None,
+        strict: bool = False,
+        **options: Any,
+    ) -> TextStream:
+        """Text pieces as they are generated; ``.completion`` once exhausted. ``ids``, ``strict``: see ``complete``."""
         cfg = self._config(config, options)
         rows: list[StreamRow] = []
-        return TextStream((piece for _, piece in self._stream_rows([prompt], cfg, rows)), rows)
+        encoded = [list(ids)] if ids is not None else None
+        return TextStream((piece for _, piece in self._stream_rows([prompt], cfg, rows, encoded, strict)), rows)
 
-    def astream(self, prompt: str, config: GenerationConfig | None = None, **options: Any) -> AsyncTextStream:
+    def astream(
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        ids: list[int] | None = None,
+        strict: bool = False,
+        **options: Any,
+    ) -> AsyncTextStream:
         """Async twin of :meth:`stream`: compute runs in a worker thread, the event loop stays free."""
         cfg = self._config(config, options)
         rows: list[StreamRow] = []
-        return AsyncTextStream(self._apieces(prompt, cfg, rows), rows)
+        encoded = [list(ids)] if ids is not None else None
+        return AsyncTextStream(self._apieces(prompt, cfg, rows, encoded, strict), rows)
 
-    async def _apieces(self, prompt: str, cfg: GenerationConfig, rows: list[StreamRow]) -> AsyncIterator[str]:
+    async def _apieces(
+        self,
+        prompt: str,
+        cfg: GenerationConfig,
+        rows: list[StreamRow],
+        ids: list[list[int]] | None,
+        strict: bool,
+    ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         cancelled = threading.Event()
 
         def work() -> None:
             try:
-                for _, piece in self._stream_rows([prompt], cfg, rows):
+                for _, piece in self._stream_rows([prompt], cfg, rows, ids, strict):
                     if cancelled.is_set():
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))

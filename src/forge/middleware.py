@@ -29,9 +29,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.errors import ConfigError, ForgeError
-from forge.generator import Completion, GenerationConfig
+from forge.errors import ConfigError, ForgeError, RateLimitError  # RateLimitError: re-exported
+from forge.generator import AsyncTextStream, Completion, GenerationConfig, TokenLogprob
 from forge.textstream import held_back
+from forge.toolcalls import ToolFormat
 
 __all__ = [
     "Context",
@@ -55,24 +56,25 @@ Middleware = Callable[["Context", Next], Awaitable[None]]
 ErrorHandler = Callable[["Context", Exception], Awaitable[None]]
 
 
-class RateLimitError(ForgeError):
-    """A request was refused by :func:`rate_limit`."""
-
-    exit_code = 7
-    http_status = 429
-    error_type = "rate_limit_error"
-
-
 @dataclass
 class Context:
     """One generation request as it travels through the middleware stack.
 
-    prompt / messages: the input (``messages`` is for chat requests).
+    The app builds it (``app.request(...)``); middleware read and change it.
+
+    prompt / messages: the input (``messages`` is for chat requests; change them and the
+    app renders the prompt again).
     params: the generation options; replace them with ``ctx.params = ctx.params.replace(...)``.
     response: the full text (non-streaming requests), set by the model or a middleware.
     chunks: the text pieces (streaming requests), which a middleware may wrap.
     completion: finish reason and token counts from the model, once known.
-    meta: free-form data shared between middleware. timings: seconds, by name.
+    tools / tool_format: a chat request's OpenAI ``tools`` and the format that parses the
+    reply's calls (``ctx.tool_format.parse(text)``); None without tools.
+    rendered: the messages ``prompt`` was rendered from. ids: the prompt's token ids.
+    strict_budget: refuse an explicit ``max_tokens`` that does not fit after the prompt
+    (``ContextLengthError``) rather than stop at the context length (the HTTP server sets it).
+    meta: free-form data of the caller and the middleware (the server puts ``request_id`` and
+    ``user`` there); Forge itself keeps nothing in it. timings: seconds, by name.
     """
 
     prompt: str
@@ -86,12 +88,35 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}")
     cached: bool = False
-    #: (prompt, token ids) from a caller that already tokenized the prompt (the server, to check its
-    #: length); the model reuses the ids while ``ctx.prompt`` is still that prompt.
-    encoded: tuple[str, list[int]] | None = field(default=None, repr=False, compare=False)
+    tools: list[dict[str, Any]] | None = None
+    tool_format: ToolFormat | None = None
+    rendered: list[dict[str, Any]] | None = None
+    strict_budget: bool = False
+    #: Set by the app when the model answers: the stream the text comes from (see :meth:`logprobs_so_far`).
+    model_stream: AsyncTextStream | None = field(default=None, repr=False, compare=False)
     #: Set by the app: tells its ``error`` listeners about a failure (see :meth:`report_error`).
     reporter: Callable[[Exception], None] | None = field(default=None, repr=False, compare=False)
     _reported: list[Exception] = field(default_factory=list, repr=False, compare=False)
+    # The ids with the prompt they encode: a middleware that changes ``prompt`` makes them stale.
+    _encoded: tuple[str, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def ids(self) -> list[int] | None:
+        """The prompt's token ids, once tokenized; None again after a middleware changes ``ctx.prompt``."""
+        if self._encoded is None or self._encoded[0] != self.prompt:
+            return None
+        return self._encoded[1]
+
+    @ids.setter
+    def ids(self, ids: Sequence[int] | None) -> None:
+        self._encoded = None if ids is None else (self.prompt, list(ids))
+
+    def logprobs_so_far(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens the model has generated so far, while it streams.
+
+        Empty unless ``params.logprobs`` asked for them and the model (not a middleware) answers.
+        """
+        return self.model_stream.partial_logprobs if self.model_stream is not None else []
 
     def report_error(self, error: Exception) -> None:
         """Report ``error`` to the app (an ``error`` event) once, whether or not it is recovered."""

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from forge.config import PRESETS, ModelConfig, get_preset, preset_names
+from forge.config import DTYPE_ALIASES, PRESETS, ModelConfig, get_preset, preset_names
 from forge.core.checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
 from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.gguf import read_gguf
@@ -302,8 +302,10 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-#: Output formats of :func:`export` and the dtypes each writes.
-EXPORT_FORMATS = {"gguf": ("f32", "f16", "bf16", "q8_0"), "hf": ("f32", "f16", "bf16")}
+#: Output formats of :func:`export` and the dtypes each writes, in the one dtype vocabulary (forge.config.DTYPES).
+EXPORT_FORMATS = {"gguf": ("float32", "float16", "bfloat16", "q8_0"), "hf": ("float32", "float16", "bfloat16")}
+#: The writers' own (GGUF) names of those dtypes.
+_ON_DISK = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0"}
 
 
 def export(
@@ -312,18 +314,23 @@ def export(
     out: str | os.PathLike[str],
     *,
     format: str = "gguf",
-    dtype: str = "f16",
+    dtype: str = "float16",
     name: str = "forge-model",
 ) -> Path:
     """Write ``model`` for other tools: a GGUF file (llama.cpp, Ollama) or an HF folder (transformers).
 
+    ``dtype`` is one of ``EXPORT_FORMATS[format]`` (``f32``, ``f16``, ``bf16`` are accepted too).
     LoRA adapters are merged first. Returns the path written.
     """
     if format not in EXPORT_FORMATS:
-        raise ConfigError(f"export format {format!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}")
-    if dtype not in EXPORT_FORMATS[format]:
         raise ConfigError(
-            f"dtype {dtype!r} can't be exported to {format}; use one of {', '.join(EXPORT_FORMATS[format])}"
+            f"export format={format!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}", field="format"
+        )
+    named = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if named not in EXPORT_FORMATS[format]:
+        raise ConfigError(
+            f"dtype={dtype!r} can't be exported to {format}; use one of {', '.join(EXPORT_FORMATS[format])}",
+            field="dtype",
         )
     plain = merged_copy(model)
     state = {k: v.detach().float().cpu() for k, v in plain.state_dict().items()}
@@ -336,7 +343,9 @@ def export(
     )
     path = Path(out)
     if format == "gguf":
-        write_gguf(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=dtype, name=name)
+        write_gguf(
+            path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named], name=name
+        )
     else:
-        write_hf(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=dtype)
+        write_hf(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named])
     return path

@@ -14,10 +14,9 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-if TYPE_CHECKING:  # the app builds its SyncForge; this module never imports the app at run time
-    from forge.app import Forge
+if TYPE_CHECKING:
     from forge.data import DataSource
     from forge.trainer import TrainResult
 
@@ -26,13 +25,24 @@ __all__ = ["SyncForge"]
 T = TypeVar("T")
 
 
+class AsyncApp(Protocol):
+    """The async methods the facade wraps: the app builds its SyncForge, so this module can't name the app."""
+
+    async def train(self, data: DataSource, **options: Any) -> TrainResult: ...
+    async def generate(self, prompt: str | Sequence[str], **options: Any) -> Any: ...
+    async def chat(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> Any: ...
+    async def listen(self, port: int = 8000, *, host: str = "127.0.0.1", **options: Any) -> None: ...
+    def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]: ...
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> AsyncIterator[str]: ...
+
+
 class SyncForge:
     """The sync facade: each call runs the async method on the app's own event-loop thread.
 
     That works in plain scripts and inside notebooks (which already run a loop).
     """
 
-    def __init__(self, app: Forge) -> None:
+    def __init__(self, app: AsyncApp) -> None:
         self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -44,6 +54,17 @@ class SyncForge:
         except KeyboardInterrupt:
             future.cancel()  # Ctrl-C stops the work on the loop too (a generation ends), not just the wait
             raise
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the app's event-loop thread and wait for its result; Ctrl-C cancels it there too.
+
+        The blocking twins of objects built on the app (``agent.sync``) run their coroutines this way.
+        """
+        return self._run(coro)
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        """The items of ``agen``, each produced on the app's event-loop thread; leaving the loop early closes it."""
+        return self._iterate(agen)
 
     def train(self, data: DataSource, **options: Any) -> TrainResult:
         return self._run(self._app.train(data, **options))
@@ -89,10 +110,10 @@ class SyncForge:
     def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, **options: Any) -> Iterator[str]:
         return self._iterate(self._app.chat_stream(messages, **options))
 
-    def _iterate(self, agen: AsyncIterator[str]) -> Iterator[str]:
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
         pending: set[asyncio.Task[Any]] = set()
 
-        async def step() -> str:
+        async def step() -> T:
             task = asyncio.current_task()
             assert task is not None
             pending.add(task)

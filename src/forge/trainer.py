@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
-from forge.config import ModelConfig, get_preset
+from forge.config import DTYPE_ALIASES, ModelConfig, bounded, check_specs, choice, documented, get_preset
 from forge.core.checkpoint import check_replaceable
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.lora import apply_lora, has_lora, lora_rank, merge_lora
@@ -36,7 +36,9 @@ from forge.tokenizer import Tokenizer, TokenizerKind
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]
 
 log = logging.getLogger("forge")
-Precision = Literal["auto", "bf16", "fp32"]
+#: Training precision in the one dtype vocabulary (``bf16`` and ``fp32`` are accepted as aliases).
+Precision = Literal["auto", "float32", "bfloat16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 Listener = Callable[[Event], None]
 
 
@@ -44,57 +46,43 @@ Listener = Callable[[Event], None]
 class TrainConfig:
     """How to train. ``steps`` counts optimizer steps in total, across resumes.
 
+    Each field is defined once, with its bounds (``forge.config.bounded``); ``forge train``'s flags are built
+    from them.
+
     >>> TrainConfig(steps=100).warmup_steps
     10
     """
 
-    steps: int = 1000
-    batch_size: int = 16
-    context: int | None = None  # None: the model's context length
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup: int | None = None  # None: 10% of steps, at most 100
-    schedule: ScheduleKind = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
-    eval_every: int = 100  # 0: only at the start and the end
-    eval_batches: int = 10
-    val_fraction: float = 0.1
-    checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
-    seed: int = 1337
-    precision: Precision = "auto"
-    gradient_checkpointing: bool = False
-    compile: bool | None = None  # torch.compile the training step; None: on CUDA only (a CPU compile costs ~25 s)
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen model, merged at the end
-    lora_alpha: float | None = None  # None: 2 * lora_rank
-    max_seconds: float | None = None  # stop (evaluate, save) at the first step end past this many seconds
+    steps: int = bounded(1000, integer=True, ge=1, doc="Optimizer steps in total, counting a resumed run's.")
+    batch_size: int = bounded(16, integer=True, ge=1, doc="Sequences per micro-batch.")
+    context: int | None = bounded(None, integer=True, ge=1, doc="Tokens per window; unset: the model's context.")
+    lr: float = bounded(1e-3, gt=0, doc="Peak learning rate.")
+    min_lr: float | None = bounded(None, ge=0, doc="Learning rate at the end; unset: lr / 10.")
+    warmup: int | None = bounded(None, integer=True, ge=0, doc="Warmup steps; unset: 10% of steps, at most 100.")
+    schedule: ScheduleKind = choice("cosine", get_args(ScheduleKind), doc="Learning-rate schedule after warmup.")
+    weight_decay: float = bounded(0.1, ge=0, doc="AdamW weight decay.")
+    grad_clip: float | None = bounded(1.0, gt=0, optional=True, doc="Clip the gradient norm to this (None: off).")
+    grad_accum: int = bounded(1, integer=True, ge=1, doc="Micro-batches per optimizer step.")
+    eval_every: int = bounded(100, integer=True, ge=0, doc="Evaluate every N steps; 0: at the start and end only.")
+    eval_batches: int = bounded(10, integer=True, ge=1, doc="Validation batches per evaluation.")
+    val_fraction: float = bounded(0.1, gt=0, lt=1, doc="Share of the corpus held out for validation.")
+    checkpoint_every: int = bounded(0, integer=True, ge=0, doc="Save every N steps; 0: at the end (and on Ctrl-C).")
+    seed: int = bounded(1337, integer=True, doc="Seeds the model, the batches and LoRA adapters.")
+    precision: Precision = choice(
+        "auto",
+        PRECISIONS,
+        aliases=DTYPE_ALIASES,
+        doc="Autocast dtype (weights stay float32); auto: bfloat16 where the hardware runs it natively.",
+    )
+    gradient_checkpointing: bool = documented(False, doc="Recompute activations to save memory.")
+    #: None: on CUDA only (a CPU compile costs ~25 s).
+    compile: bool | None = documented(None, doc="torch.compile the training step; None: on CUDA only.")
+    lora_rank: int = bounded(0, integer=True, ge=0, doc="LoRA rank: > 0 trains adapters, merged at the end; 0: all.")
+    lora_alpha: float | None = bounded(None, gt=0, doc="LoRA scale numerator; unset: 2 * lora_rank.")
+    max_seconds: float | None = bounded(None, gt=0, doc="Stop (evaluate, save) at the first step end past this.")
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "eval_batches")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError.for_field("TrainConfig", name, value, "must be a positive integer")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError.for_field("TrainConfig", name, getattr(self, name), "must be >= 0 (0 disables)")
-        if self.context is not None and self.context < 1:
-            raise ConfigError.for_field("TrainConfig", "context", self.context, "must be a positive integer")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError.for_field("TrainConfig", "lr", self.lr, "must be a positive number, e.g. 1e-3")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError.for_field("TrainConfig", "grad_clip", self.grad_clip, "must be > 0, or None to disable")
-        if self.weight_decay < 0:
-            raise ConfigError.for_field("TrainConfig", "weight_decay", self.weight_decay, "must be >= 0")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError.for_field("TrainConfig", "precision", self.precision, "use 'auto', 'bf16' or 'fp32'")
-        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
-            raise ConfigError.for_field("TrainConfig", "lora_rank", self.lora_rank, "must be >= 0 (0: full fine-tune)")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError.for_field("TrainConfig", "val_fraction", self.val_fraction, "must be in (0, 1)")
-        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
-            raise ConfigError.for_field("TrainConfig", "max_seconds", self.max_seconds, "must be > 0, or None")
+        check_specs(self)
 
     @property
     def warmup_steps(self) -> int:
@@ -150,8 +138,9 @@ class Trainer:
         self.context = config.context or model.config.context_length
         if self.context > model.config.context_length:
             raise ConfigError(
-                f"--context {self.context} is longer than the model's context of {model.config.context_length}; "
-                f"use --context {model.config.context_length} or less"
+                f"context={self.context} is longer than the model's context of {model.config.context_length}; "
+                f"use context={model.config.context_length} or less",
+                field="context",
             )
         dataset.check_context(self.context)
         self.model = model.to(device)
@@ -167,7 +156,8 @@ class Trainer:
         if self.resumed_adapters and lora_rank(model) != config.lora_rank:
             raise ConfigError(
                 f"the model has rank-{lora_rank(model)} LoRA adapters but lora_rank is {config.lora_rank}; "
-                f"continue them with --lora {lora_rank(model)}, or merge them (merge_lora) first"
+                f"continue them with lora_rank={lora_rank(model)}, or merge them (merge_lora) first",
+                field="lora_rank",
             )
         if config.lora_rank and not self.resumed_adapters:
             # Seeded by the run, not the global RNG: the same seed gives the same adapters and losses.
@@ -222,30 +212,18 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train up to ``steps`` in total (or until ``max_seconds``), evaluating and saving on the way."""
         cfg = self.config
         if self.step >= cfg.steps:
             raise ConfigError(
-                f"--steps {cfg.steps} trains nothing: the checkpoint is already at step {self.step}; "
-                f"--steps counts in total, so pass a number above {self.step}"
+                f"steps={cfg.steps} trains nothing: the checkpoint is already at step {self.step}; "
+                f"steps counts in total, so pass a number above {self.step}",
+                field="steps",
             )
         self.model.train()
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
-        tokens_per_step = cfg.batch_size * self.context * cfg.grad_accum
-        self.emit(
-            StartEvent(
-                start_step=self.step,
-                total_steps=cfg.steps,
-                parameters=self.model.num_params(),
-                device=str(self.device),
-                precision=str(self.dtype).removeprefix("torch.") if self.dtype else "float32",
-                compiled=self.compiled,
-                train_tokens=self.dataset.split_size("train"),
-                val_tokens=self.dataset.split_size("val"),
-                tokens_per_step=tokens_per_step,
-            )
-        )
+        self._emit_start()
         t0 = time.perf_counter()
-        first_step = self.step
         tf32 = torch.backends.cuda.matmul.allow_tf32
         # TF32 for any fp32 matmul left outside autocast (3x the fp32 rate on Ampere and later);
         # a process-wide flag, so only for the length of the run.
@@ -253,44 +231,77 @@ class Trainer:
         try:
             if self.step == 0:
                 self._evaluate()
-            while self.step < cfg.steps:
-                data_state = self.data_rng.get_state()
-                try:
-                    loss, lr, grad_norm = self._train_step()
-                except KeyboardInterrupt:
-                    # Undo the half-drawn batches so a resume sees exactly the next step's data.
-                    self.data_rng.set_state(data_state)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise
-                self.step += 1
-                self.result.losses.append((self.step, loss))
-                elapsed = time.perf_counter() - t0
-                done = self.step - first_step
-                self.emit(
-                    StepEvent(
-                        step=self.step,
-                        total_steps=cfg.steps,
-                        loss=loss,
-                        lr=lr,
-                        grad_norm=grad_norm,
-                        tokens_per_sec=done * tokens_per_step / max(elapsed, 1e-9),
-                        elapsed=elapsed,
-                        eta=elapsed / done * (cfg.steps - self.step),
-                    )
-                )
-                # A time budget is checked after every step, so a slow machine stops on time, not on a step count.
-                out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
-                last = self.step == cfg.steps or out_of_time
-                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                    self._evaluate()
-                if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
-                    self._save()
-                if out_of_time:
-                    break
+            self._steps(t0)
         except KeyboardInterrupt:
             self.result.interrupted = True
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
+        return self._finish(t0)
+
+    @property
+    def _tokens_per_step(self) -> int:
+        return self.config.batch_size * self.context * self.config.grad_accum
+
+    def _emit_start(self) -> None:
+        self.emit(
+            StartEvent(
+                start_step=self.step,
+                total_steps=self.config.steps,
+                parameters=self.model.num_params(),
+                device=str(self.device),
+                precision=str(self.dtype).removeprefix("torch.") if self.dtype else "float32",
+                compiled=self.compiled,
+                train_tokens=self.dataset.split_size("train"),
+                val_tokens=self.dataset.split_size("val"),
+                tokens_per_step=self._tokens_per_step,
+            )
+        )
+
+    def _steps(self, t0: float) -> None:
+        """Optimizer steps up to the last, or until the time budget is spent; ``t0``: when the run started."""
+        cfg = self.config
+        first_step = self.step
+        while self.step < cfg.steps:
+            loss, lr, grad_norm = self._undoable_step()
+            self.step += 1
+            self.result.losses.append((self.step, loss))
+            elapsed = time.perf_counter() - t0
+            done = self.step - first_step
+            self.emit(
+                StepEvent(
+                    step=self.step,
+                    total_steps=cfg.steps,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens_per_sec=done * self._tokens_per_step / max(elapsed, 1e-9),
+                    elapsed=elapsed,
+                    eta=elapsed / done * (cfg.steps - self.step),
+                )
+            )
+            # A time budget is checked after every step, so a slow machine stops on time, not on a step count.
+            out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+            last = self.step == cfg.steps or out_of_time
+            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                self._evaluate()
+            if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
+                self._save()
+            if out_of_time:
+                break
+
+    def _undoable_step(self) -> tuple[float, float, float]:
+        """One optimizer step; Ctrl-C during it puts back the half-drawn batches, so that a resume sees exactly
+        the next step's data."""
+        data_state = self.data_rng.get_state()
+        try:
+            return self._train_step()
+        except KeyboardInterrupt:
+            self.data_rng.set_state(data_state)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _finish(self, t0: float) -> TrainResult:
+        """Save, fold the adapters in, and report the end; the result."""
         if self.out:
             self._save()
         self.result.step = self.step
@@ -363,11 +374,14 @@ class Trainer:
 
 def _precision(precision: Precision, device: torch.device) -> torch.dtype | None:
     native = autocast_dtype(device)
-    if precision == "fp32":
+    if precision == "float32":
         return None
-    if precision == "bf16":
+    if precision == "bfloat16":
         if native is None:
-            raise ConfigError(f"precision 'bf16' is not supported natively on {device}; use 'fp32' or 'auto'")
+            raise ConfigError(
+                f"precision='bfloat16' (bf16) is not supported natively on {device}; use precision='float32' or 'auto'",
+                field="precision",
+            )
         return torch.bfloat16
     return native
 
@@ -396,6 +410,29 @@ def _resumed(
     if has_lora(loaded.model) and not config.lora_rank:  # a LoRA run resumes as one
         config = dataclasses.replace(config, lora_rank=lora_rank(loaded.model))
     return loaded.model, loaded.tokenizer, loaded.training_state, config
+
+
+def _fresh(
+    corpus: Corpus,
+    preset: str | ModelConfig,
+    tokenizer: TokenizerKind | Tokenizer,
+    vocab_size: int | None,
+    config: TrainConfig,
+) -> tuple[Transformer, Tokenizer]:
+    """A new model of ``preset``, seeded by ``config.seed``, and its tokenizer (trained on the corpus unless given)."""
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    if config.context is not None and config.context > cfg.context_length:
+        raise ConfigError(
+            f"context={config.context} is longer than the model's context of {cfg.context_length}; "
+            f"use context={cfg.context_length} or less",
+            field="context",
+        )
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok = _tokenizer_for(corpus, tokenizer, vocab_size or cfg.vocab_size)
+    torch.manual_seed(config.seed)
+    return create_model(cfg, vocab_size=padded_vocab(tok.vocab_size)), tok
 
 
 def train(
@@ -434,18 +471,7 @@ def train(
             raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")
         tok = tokenizer
     else:
-        cfg = get_preset(preset) if isinstance(preset, str) else preset
-        if config.context is not None and config.context > cfg.context_length:
-            raise ConfigError(
-                f"--context {config.context} is longer than the model's context of {cfg.context_length}; "
-                f"use --context {cfg.context_length} or less"
-            )
-        if isinstance(tokenizer, Tokenizer):
-            tok = tokenizer
-        else:
-            tok = _tokenizer_for(corpus, tokenizer, vocab_size or cfg.vocab_size)
-        torch.manual_seed(config.seed)
-        model = create_model(cfg, vocab_size=padded_vocab(tok.vocab_size))
+        model, tok = _fresh(corpus, preset, tokenizer, vocab_size, config)
     dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)
     trainer = Trainer(
         model,

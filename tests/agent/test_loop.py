@@ -16,16 +16,16 @@ import pytest
 from forge import Forge
 from forge.agent import (
     Agent,
-    ErrorEvent,
+    AgentFailureEvent,
+    AgentTokenEvent,
     FinalEvent,
     Memory,
-    TokenEvent,
     ToolCallEvent,
     ToolResultEvent,
     tool,
 )
 from forge.errors import ConfigError
-from forge.structured import ToolCall
+from forge.toolcalls import ToolCall
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "agent.py"
 #: Of 10 seeded runs of the example's two-step task, at least this many must end with the right number.
@@ -52,7 +52,7 @@ def test_two_step_task_success_rate(smol: Forge, example: ModuleType) -> None:
     """Look a height up, multiply it: 10 runs with seeds 0-9 at temperature 0.3."""
     successes, runs = 0, []
     for seed in range(10):
-        result = example.make_agent(smol, temperature=0.3, seed=seed).sync.run(example.TASK)
+        result = example.make_agent(smol, temperature=0.3, seed=seed, time_budget=None).sync.run(example.TASK)
         calls = [(e.name, e.arguments) for e in result.tool_calls]
         # Whatever the answer, every call was well-formed and every argument valid for its tool.
         for event in result.tool_calls:
@@ -90,7 +90,7 @@ def test_events_stream_in_order_and_failures_become_results(smol: Forge) -> None
             raise
         return "never"
 
-    agent = Agent(smol, [explode, slow], max_iterations=3, temperature=0.7, seed=0)
+    agent = Agent(smol, [explode, slow], max_iterations=3, time_budget=None, temperature=0.7, seed=0)
     task = "Use explode to find the population of Paris, then slow to find its area."
 
     async def collect() -> list[object]:
@@ -111,7 +111,8 @@ def test_events_stream_in_order_and_failures_become_results(smol: Forge) -> None
     final = events[-1]
     assert isinstance(final, FinalEvent) and final.answer
     assert (
-        "".join(e.text for e in events if isinstance(e, TokenEvent) and e.step == final.steps).strip() == final.answer
+        "".join(e.text for e in events if isinstance(e, AgentTokenEvent) and e.step == final.steps).strip()
+        == final.answer
     )
 
 
@@ -121,17 +122,22 @@ def test_limits_end_with_the_models_own_answer(smol: Forge) -> None:
         """Look a topic up in the encyclopedia."""
         return f"{topic}: the Seine flows through Paris."
 
-    capped = Agent(smol, [lookup], max_iterations=1, temperature=0).sync.run("Which river flows through Paris?")
+    one_step = Agent(smol, [lookup], max_iterations=1, time_budget=None, temperature=0)
+    capped = one_step.sync.run("Which river flows through Paris?")
     assert capped.reason in ("max_iterations", "answer") and capped.steps <= 2
     assert capped.answer and "stopped" not in capped.answer.lower()
     if capped.reason == "max_iterations":
         assert capped.tool_calls[0].name == "lookup"
         assert "the Seine flows through Paris" in capped.messages[-2]["content"]  # what it gathered was asked about
-    # A budget spent at once: no tool runs (a step that already started is told so), no second step starts.
-    timed = Agent(smol, [lookup], time_budget=1e-6, temperature=0).sync.run("Which river flows through Paris?")
-    assert timed.reason == "time_budget" and len(timed.tool_calls) <= 1 and timed.answer
-    for result in (e for e in timed.trace if isinstance(e, ToolResultEvent)):
-        assert result.error and "time budget is spent" in result.content
+    # A budget spent while the first step generates: its call is not run, and no other step starts. The clock
+    # reads 0 at the start and before the first step, then 10 s on: the run no longer depends on how fast it is.
+    readings = iter([0.0, 0.0])
+    timed = Agent(smol, [lookup], time_budget=1.0, temperature=0, clock=lambda: next(readings, 10.0)).sync.run(
+        "Which river flows through Paris?"
+    )
+    assert timed.reason == "time_budget" and [c.name for c in timed.tool_calls] == ["lookup"] and timed.answer
+    result = next(e for e in timed.trace if isinstance(e, ToolResultEvent))
+    assert result.error and "time budget is spent" in result.content
 
 
 def test_memory_carries_a_conversation_across_runs(smol: Forge) -> None:
@@ -175,7 +181,7 @@ def test_bad_agent_input_is_a_config_error(smol: Forge) -> None:
         Agent(smol, []).sync.run("  ")
     with pytest.raises(ConfigError, match="budget"):
         Memory(budget=3)
-    assert ErrorEvent.__dataclass_fields__["type"].default == "error"
+    assert AgentFailureEvent.__dataclass_fields__["type"].default == "error"
 
 
 @tool
@@ -186,7 +192,7 @@ def lookup(topic: Literal["Eiffel Tower", "Mount Everest"]) -> str:
 
 def test_the_readme_example_calls_its_tool_first_and_quotes_it(smol: Forge) -> None:
     """SmolLM2 answered "324.2 meters" from memory here; its first step must now use the tool."""
-    result = Agent(smol, tools=[lookup]).sync.run("How tall is the Eiffel Tower?")
+    result = Agent(smol, tools=[lookup], time_budget=None).sync.run("How tall is the Eiffel Tower?")
     first = result.tool_calls[0]
     assert (first.name, first.arguments, first.step) == ("lookup", {"topic": "Eiffel Tower"}, 1)
     assert "330" in result.answer and result.reason == "answer", result.answer
@@ -223,7 +229,7 @@ def test_identical_calls_in_one_step_run_once(smol: Forge, monkeypatch: pytest.M
         yield next(replies)
 
     monkeypatch.setattr(smol, "chat_stream", scripted)
-    result = Agent(smol, [add, now]).sync.run("Add 1 and 2, and tell me the time.")
+    result = Agent(smol, [add, now], time_budget=None).sync.run("Add 1 and 2, and tell me the time.")
     assert runs == [("add", 1, 2), ("now",)]
     assert [(e.name, e.step) for e in result.tool_calls] == [("add", 1), ("now", 1)]
     assert result.reason == "answer" and result.answer == "It is noon, and 1 + 2 = 3."

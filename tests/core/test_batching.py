@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
-from forge.core.batching import Batcher, Sequence
+from forge.core.decode import Batcher, Sequence
 from forge.core.generate import generate_tokens
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer

@@ -9,7 +9,7 @@ import torch
 
 from forge.config import ModelConfig, get_preset
 from forge.core.attention import apply_rope, rope_tables
-from forge.core.kv_cache import KVCache
+from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.transformer import ROPE_INITIAL_LEN, Transformer
 from forge.errors import GenerationError
 
@@ -184,9 +184,10 @@ def test_kv_cache_prefill_and_decode_match_full_forward(model: Transformer) -> N
     with torch.no_grad():
         full = model(idx)
         model.setup_cache(2, 12)
+        rows = slice(0, 2)
         try:
-            prefill = model(idx[:, :8], cache_pos=0)
-            steps = [model(idx[:, t : t + 1], cache_pos=t) for t in range(8, 12)]
+            prefill = model(idx[:, :8], write=CacheWrite(rows=rows, pos=0, length=8))
+            steps = [model(idx[:, t : t + 1], write=CacheWrite(rows=rows, pos=t, length=t + 1)) for t in range(8, 12)]
         finally:
             model.clear_cache()
     torch.testing.assert_close(prefill, full[:, :8], rtol=1e-4, atol=1e-5)
@@ -197,14 +198,19 @@ def test_kv_cache_prefill_and_decode_match_full_forward(model: Transformer) -> N
 def test_kv_cache_buffers() -> None:
     cache = KVCache(batch=2, n_kv_head=3, max_len=10, head_dim=4, dtype=torch.float32, device="cpu")
     k1, v1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    k, v = cache.update(0, k1, v1)
+    k, v = cache.write(CacheWrite(rows=slice(0, 2), pos=0, length=4), k1, v1)
     assert k.shape == (2, 3, 4, 4)
     torch.testing.assert_close(k, k1)
     k2, v2 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
-    k, v = cache.update(4, k2, v2)
+    k, v = cache.write(CacheWrite(rows=slice(0, 2), pos=4, length=5), k2, v2)
     assert k.shape == (2, 3, 5, 4)
     torch.testing.assert_close(k[:, :, :4], k1)
     torch.testing.assert_close(v[:, :, 4:], v2)
+    k3, v3 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)  # one token per row, each at its own position
+    pos = torch.tensor([5, 7])
+    k, v = cache.write(CacheWrite(rows=slice(0, 2), pos=pos, length=8), k3, v3)
+    torch.testing.assert_close(k[0, :, 5], k3[0, :, 0])
+    torch.testing.assert_close(v[1, :, 7], v3[1, :, 0])
     assert cache.max_len == 10
 
 

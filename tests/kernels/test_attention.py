@@ -24,7 +24,7 @@ def tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     else:  # descriptors wherever the hardware allows, however small the call
         monkeypatch.setattr(attn, "_TMA_MIN_WORK", 0)
     if request.param.startswith("small tiles"):
-        small = lambda *_: attn._Config(16, 16, 4, 2)
+        small = lambda *_: attn.TileConfig(16, 16, 4, 2)
         monkeypatch.setattr(attn, "_fwd_config", small)
         monkeypatch.setattr(attn, "_bwd_dq_config", small)
         monkeypatch.setattr(attn, "_bwd_dkdv_config", small)

@@ -19,7 +19,7 @@ def tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     # The same cases as test_attention.py's fixture. Decoding has no tensor-descriptor loads, so the
     # two small-tile cases launch the same way here.
     if request.param.startswith("small tiles"):
-        monkeypatch.setattr(dec, "_decode_config", lambda *_: dec._Config(16, 16, 4, 2))
+        monkeypatch.setattr(dec, "_decode_config", lambda *_: dec.TileConfig(16, 16, 4, 2))
     return request.param
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from forge.app import Forge
 from forge.errors import ConfigError, GenerationError
 from forge.middleware import Context, Next, RateLimitError, cache
 from forge.server import ServerConfig, create_server
+from forge.server.protocol import Servable
 
 KEY = {"Authorization": "Bearer sk-mounted"}
 
@@ -148,3 +149,63 @@ def test_error_mid_stream_is_an_event(with_middleware: tuple[TestClient, list[di
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "bc"
     assert chunks[-1]["error"]["message"] == "exploded mid-stream"
     assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+# -- the seam: the server maps JSON to the app's requests and back, through the Servable protocol only -----------
+class OnlyServable:
+    """A Forge app seen through :class:`Servable` alone: the server fails if it reaches for anything else."""
+
+    def __init__(self, app: Forge) -> None:
+        self._app = app
+
+    def __getattr__(self, name: str) -> object:
+        if name not in PROTOCOL:
+            raise AttributeError(f"the server used {name!r}, which is not part of Servable")
+        return getattr(self._app, name)
+
+
+PROTOCOL = {name for name in dir(Servable) if not name.startswith("_")}
+
+
+@pytest.fixture(scope="module")
+def seam(bigram_chat_dir: Path) -> Iterator[TestClient]:
+    app = OnlyServable(Forge.load(bigram_chat_dir, device="cpu"))
+    with TestClient(create_server(app)) as client:  # with its lifespan: the batching engine runs
+        yield client
+
+
+def test_forge_is_servable(bigram_chat_dir: Path) -> None:
+    assert isinstance(Forge.load(bigram_chat_dir, device="cpu"), Servable)
+
+
+def test_the_server_needs_only_the_servable_protocol(seam: TestClient) -> None:
+    body = {"prompt": "a", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    assert seam.post("/v1/completions", json=body).json()["choices"][0]["text"] == "bcde"
+    chat = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "temperature": 0, "stream": True}
+    with seam.stream("POST", "/v1/chat/completions", json=chat) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "bcd"
+    assert seam.post("/v1/embeddings", json={"input": "abc"}).status_code == 200
+    assert "\nforge_max_batch 8\n" in seam.get("/metrics").text  # the engine the lifespan started, through the protocol
+
+
+def test_a_prompt_past_the_context_names_its_index(seam: TestClient) -> None:
+    response = seam.post("/v1/completions", json={"prompt": ["a", "a" * 100], "max_tokens": 1})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("prompt[1]", "context_length_exceeded")
+    assert "100" in error["message"] and "64" in error["message"]
+    streamed = seam.post("/v1/completions", json={"prompt": ["a" * 100, "a"], "max_tokens": 1, "stream": True})
+    assert streamed.status_code == 400  # refused before the stream started: a status, not an event
+    assert streamed.json()["error"]["param"] == "prompt[0]"
+
+
+def test_max_completion_tokens_past_the_context_names_that_field(seam: TestClient) -> None:
+    body = {"messages": [{"role": "user", "content": "a" * 10}], "max_completion_tokens": 60}
+    response = seam.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("max_completion_tokens", "context_length_exceeded")
+    for count in ("64", "10", "60", "70", "54"):
+        assert count in error["message"]

@@ -11,27 +11,27 @@
 
 from forge.agent.loop import (
     Agent,
-    AgentError,
     AgentEvent,
+    AgentFailureEvent,
     AgentResult,
-    ErrorEvent,
+    AgentTokenEvent,
     FinalEvent,
-    TokenEvent,
     ToolCallEvent,
     ToolResultEvent,
 )
 from forge.agent.memory import Memory
-from forge.agent.tools import Tool, ToolError, tool
+from forge.agent.tools import Tool, tool
+from forge.errors import AgentError, ToolError
 
 __all__ = [
     "Agent",
     "AgentError",
     "AgentEvent",
+    "AgentFailureEvent",
     "AgentResult",
-    "ErrorEvent",
+    "AgentTokenEvent",
     "FinalEvent",
     "Memory",
-    "TokenEvent",
     "Tool",
     "ToolCallEvent",
     "ToolError",

@@ -36,25 +36,24 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from forge.agent.memory import Memory
-from forge.agent.tools import Tool, ToolError, tool
+from forge.agent.tools import Tool, tool
 from forge.app import Forge
-from forge.errors import ConfigError, ForgeError
+from forge.errors import AgentError, ConfigError, ForgeError, ToolError
 from forge.generator import likelihoods
-from forge.structured import ToolCall, ToolCallParser
+from forge.toolcalls import ToolCall, ToolCallParser
 
 __all__ = [
     "Agent",
-    "AgentError",
     "AgentEvent",
+    "AgentFailureEvent",
     "AgentResult",
-    "ErrorEvent",
+    "AgentTokenEvent",
     "FinalEvent",
-    "TokenEvent",
     "ToolCallEvent",
     "ToolResultEvent",
 ]
@@ -85,7 +84,7 @@ def _final_answer() -> str:
 
 # -- events -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class TokenEvent:
+class AgentTokenEvent:
     """A piece of text the model wrote in step ``step``."""
 
     text: str
@@ -128,7 +127,7 @@ class FinalEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorEvent:
+class AgentFailureEvent:
     """The loop failed: generation raised (a tool's failure is a ToolResultEvent instead)."""
 
     error: Exception
@@ -136,13 +135,7 @@ class ErrorEvent:
     type: Literal["error"] = "error"
 
 
-AgentEvent = TokenEvent | ToolCallEvent | ToolResultEvent | FinalEvent | ErrorEvent
-
-
-class AgentError(ForgeError):
-    """The agent could not finish: its model failed."""
-
-    exit_code = 6
+AgentEvent = AgentTokenEvent | ToolCallEvent | ToolResultEvent | FinalEvent | AgentFailureEvent
 
 
 @dataclass
@@ -160,6 +153,27 @@ class AgentResult:
         return [e for e in self.trace if isinstance(e, ToolCallEvent)]
 
 
+@dataclass
+class _Run:
+    """One run's state, shared by the steps of the loop."""
+
+    task: str
+    memory: Memory
+    first: int  # where this run's messages start in memory
+    system: dict[str, Any]
+    schemas: list[dict[str, Any]]
+    budget: int  # prompt tokens for the conversation
+    seen: list[dict[str, Any]]  # the messages the model was last given (AgentResult.messages)
+    started: float  # the agent's clock when the run began
+    # (tool, arguments) -> the call and what it returned, in call order
+    results: dict[tuple[str, str], tuple[ToolCall, ToolResultEvent]] = field(default_factory=dict)
+    blocked: set[str] = field(default_factory=set)  # after a repeated call, the tools the next step may not call
+    reason: Literal["answer", "max_iterations", "time_budget"] = "max_iterations"
+    step: int = 0
+    over: bool = False  # the calls are done: the model answers next
+    failed: bool = False  # generation raised: the run ends with an AgentFailureEvent
+
+
 # -- the agent --------------------------------------------------------------------------------------------------------
 class Agent:
     """A model that calls Python tools to do a task; see the module docstring.
@@ -167,9 +181,10 @@ class Agent:
     ``tools``: functions made with :func:`forge.agent.tool` (plain functions
     are wrapped). ``system``: your instructions, before Forge's. ``memory``:
     the conversation across runs (a token-budgeted :class:`Memory`; by default
-    a fresh window per run, sized to the model's context). Other keyword
-    options (``temperature``, ``seed``, ``max_tokens``...) go to every
-    generation; by default the agent decodes greedily.
+    a fresh window per run, sized to the model's context). ``clock``: what
+    ``time_budget`` is measured with, in seconds (a test passes its own).
+    Other keyword options (``temperature``, ``seed``, ``max_tokens``...) go
+    to every generation; by default the agent decodes greedily.
     """
 
     def __init__(
@@ -181,6 +196,7 @@ class Agent:
         max_iterations: int = 6,
         time_budget: float | None = 120.0,
         memory: Memory | None = None,
+        clock: Callable[[], float] = time.monotonic,
         **generation: Any,
     ) -> None:
         if not isinstance(app, Forge):
@@ -200,7 +216,7 @@ class Agent:
             self.tools[t.name] = t
         self.system = system
         self.max_iterations, self.time_budget = max_iterations, time_budget
-        self.memory = memory
+        self.memory, self.clock = memory, clock
         self.generation = {"temperature": 0.0, "max_tokens": 512, **generation}
 
     # -- public API ----------------------------------------------------------------------------------------------
@@ -210,7 +226,7 @@ class Agent:
         messages: list[dict[str, Any]] = []
         async for event in self._events(task, messages):
             trace.append(event)
-            if isinstance(event, ErrorEvent):
+            if isinstance(event, AgentFailureEvent):
                 raise AgentError(f"the agent failed at step {event.step}: {event.error}") from event.error
             if isinstance(event, FinalEvent):
                 return AgentResult(event.answer, event.reason, event.steps, trace, messages)
@@ -228,115 +244,144 @@ class Agent:
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     async def _events(self, task: str, seen: list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
+        run = self._start(task, seen)
+        while run.step < self.max_iterations and not run.over:
+            if self._time_left(run) == 0:
+                run.reason = "time_budget"
+                break
+            run.step += 1
+            async for event in self._step(run):
+                yield event
+            if run.failed:
+                return
+        async for event in self._answer(run):
+            yield event
+
+    def _start(self, task: str, seen: list[dict[str, Any]]) -> _Run:
+        """A run's state, after checking that there is a task and a model to do it."""
         if not isinstance(task, str) or not task.strip():
             raise ConfigError(f"agent.run(task) needs a non-empty string, got {task!r:.80}")
         model, tokenizer = self.app.model, self.app.tokenizer
         if model is None or tokenizer is None:
             raise ConfigError("the agent's app has no model yet; train it or use Forge.load(...) first")
         memory = self.memory if self.memory is not None else Memory()
-        first = len(memory)  # where this run's messages start
+        first = len(memory)
         memory.add({"role": "user", "content": task})
         system = {"role": "system", "content": f"{self.system}\n\n{INSTRUCTIONS}" if self.system else INSTRUCTIONS}
         schemas = [t.schema() for t in self.tools.values()]
         tool_prompt = len(tokenizer.encode(self.app.render([system], tools=schemas, add_generation_prompt=True)))
         budget = memory.budget or model.config.context_length - self.generation["max_tokens"] - tool_prompt - 16
-        start = time.monotonic()
-        # (tool, arguments) -> the call and what it returned, this run, in call order
-        results: dict[tuple[str, str], tuple[ToolCall, ToolResultEvent]] = {}
-        blocked: set[str] = set()  # after a repeated call, the tools the next step may not call
-        reason: Literal["answer", "max_iterations", "time_budget"] = "max_iterations"
-        step = 0
-        while step < self.max_iterations:
-            if self.time_budget is not None and time.monotonic() - start > self.time_budget:
-                reason = "time_budget"
-                break
-            step += 1
-            messages = [system, *await memory.context(self.app, budget)]
-            seen[:] = messages
-            # The first step uses a tool: a task given to an agent with tools is one to use them on.
-            allowed = [t for t in schemas if step > 1 or len(schemas) == 1 or t["function"]["name"] != FINAL]
-            allowed = [t for t in allowed if t["function"]["name"] not in blocked]
-            if len(allowed) > 1:  # which tool, or whether it is done: the model's judgement, not its first token
-                last = next(reversed(results.values()))[1].content if results else None
-                allowed = [await asyncio.to_thread(_likeliest_tool, self.app, task, allowed, last, results.keys())]
-                if allowed[0]["function"]["name"] == FINAL:
-                    yield ToolCallEvent(f"call_{step}", FINAL, {}, step)
-                    reason = "answer"
-                    break
-            calls: list[ToolCall] = []
-            try:
-                async for item in self._calls(messages, schemas, allowed, step):
-                    if isinstance(item, TokenEvent):
-                        yield item
-                    else:
-                        calls = item
-            except Exception as e:
-                yield ErrorEvent(e, step)
-                return
-            if done := next((c for c in calls if c.name == FINAL), None):
-                yield ToolCallEvent(done.id, done.name, done.arguments, step)
-                reason = "answer"
-                break
-            fresh = [c for c in calls if _key(c) not in results]
-            if not fresh and not blocked:  # a call made before: once, it may want another tool (two-step tasks)
-                blocked, reason = {c.name for c in calls}, "answer"  # if no step is left, it was done
-                continue
-            if not fresh:  # again: it has nothing new to do, so it answers
-                reason = "answer"
-                break
-            blocked, reason = set(), "max_iterations"
-            for call in fresh:
-                yield ToolCallEvent(call.id, call.name, call.arguments, step)
-                left = None if self.time_budget is None else max(0.0, self.time_budget - (time.monotonic() - start))
-                result = await self._call(call, step, left)
-                results[_key(call)] = (call, result)
-                yield result
-            memory.add(
-                {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in fresh]},
-                *[
-                    {"role": "tool", "tool_call_id": c.id, "name": c.name, "content": results[_key(c)][1].content}
-                    for c in fresh
-                ],
-            )
-        # The answer, in the model's own words, from everything gathered (also when a limit stopped the calls):
-        # the task and the results in one message, after the conversation before it, which small models follow best.
-        history = await memory.context(self.app, budget)
-        earlier = history[: max(0, len(history) - (len(memory) - first))]
+        return _Run(task, memory, first, system, schemas, budget, seen, self.clock())
+
+    def _time_left(self, run: _Run) -> float | None:
+        """Seconds left of the time budget (0 once it is spent); None without a budget."""
+        if self.time_budget is None:
+            return None
+        return max(0.0, self.time_budget - (self.clock() - run.started))
+
+    async def _step(self, run: _Run) -> AsyncIterator[AgentEvent]:
+        """One step: the model calls a tool (or is judged done), and the new calls run."""
+        messages = [run.system, *await run.memory.context(self.app, run.budget)]
+        run.seen[:] = messages
+        allowed = await self._allowed(run)
+        if not allowed:  # the model's judgement: the results so far answer the task
+            yield ToolCallEvent(f"call_{run.step}", FINAL, {}, run.step)
+            run.reason, run.over = "answer", True
+            return
+        calls: list[ToolCall] = []
+        try:
+            async for item in self._calls(messages, run.schemas, allowed, run.step):
+                if isinstance(item, AgentTokenEvent):
+                    yield item
+                else:
+                    calls = item
+        except Exception as e:
+            yield AgentFailureEvent(e, run.step)
+            run.failed = True
+            return
+        async for event in self._run_calls(run, calls):
+            yield event
+
+    async def _allowed(self, run: _Run) -> list[dict[str, Any]]:
+        """The tools this step may call; none when ``final_answer`` is the likeliest (the task is done)."""
+        # The first step uses a tool: a task given to an agent with tools is one to use them on.
+        allowed = [t for t in run.schemas if run.step > 1 or len(run.schemas) == 1 or t["function"]["name"] != FINAL]
+        allowed = [t for t in allowed if t["function"]["name"] not in run.blocked]
+        if len(allowed) > 1:  # which tool, or whether it is done: the model's judgement, not its first token
+            last = next(reversed(run.results.values()))[1].content if run.results else None
+            made = run.results.keys()
+            allowed = [await asyncio.to_thread(_likeliest_tool, self.app, run.task, allowed, last, made)]
+            if allowed[0]["function"]["name"] == FINAL:
+                return []
+        return allowed
+
+    async def _run_calls(self, run: _Run, calls: list[ToolCall]) -> AsyncIterator[AgentEvent]:
+        """Run the step's new calls; a call made before is not run again (see the module docstring)."""
+        if done := next((c for c in calls if c.name == FINAL), None):
+            yield ToolCallEvent(done.id, done.name, done.arguments, run.step)
+            run.reason, run.over = "answer", True
+            return
+        fresh = [c for c in calls if _key(c) not in run.results]
+        if not fresh:
+            if run.blocked:  # again: it has nothing new to do, so it answers
+                run.reason, run.over = "answer", True
+            else:  # a call made before: once, it may want another tool (two-step tasks)
+                run.blocked, run.reason = {c.name for c in calls}, "answer"  # if no step is left, it was done
+            return
+        run.blocked, run.reason = set(), "max_iterations"
+        for call in fresh:
+            yield ToolCallEvent(call.id, call.name, call.arguments, run.step)
+            result = await self._call(call, run.step, self._time_left(run))
+            run.results[_key(call)] = (call, result)
+            yield result
+        run.memory.add(
+            {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in fresh]},
+            *[
+                {"role": "tool", "tool_call_id": c.id, "name": c.name, "content": run.results[_key(c)][1].content}
+                for c in fresh
+            ],
+        )
+
+    async def _answer(self, run: _Run) -> AsyncIterator[AgentEvent]:
+        """The answer, in the model's own words, from everything gathered (also when a limit stopped the calls):
+        the task and the results in one message, after the conversation before it, which small models follow best."""
+        history = await run.memory.context(self.app, run.budget)
+        earlier = history[: max(0, len(history) - (len(run.memory) - run.first))]
         # Newest first: the last result is usually the one that completes the task, and small models favour
         # what they read first (on the two-step test task, 5 of 5 answers used it, against 2 of 5 oldest first).
         found = "\n".join(
-            f"- {c.name}({_arguments(c.arguments)}) returned: {r.content}" for c, r in reversed(results.values())
+            f"- {c.name}({_arguments(c.arguments)}) returned: {r.content}" for c, r in reversed(run.results.values())
         )
-        ask = ANSWER.format(task=task, results=found or "- none")
+        ask = ANSWER.format(task=run.task, results=found or "- none")
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages += [*earlier, {"role": "user", "content": ask}]
-        seen[:] = messages
-        pieces = []
+        run.seen[:] = messages
+        step, pieces = run.step + 1, []
         try:
             async for piece in self.app.chat_stream(messages, **self.generation):
                 pieces.append(piece)
-                yield TokenEvent(piece, step + 1)
+                yield AgentTokenEvent(piece, step)
         except Exception as e:
-            yield ErrorEvent(e, step + 1)
+            yield AgentFailureEvent(e, step)
             return
         answer = "".join(pieces).strip()
-        if quote := _quote(answer, [r for _, r in results.values() if not r.error]):
+        if quote := _quote(answer, [r for _, r in run.results.values() if not r.error]):
             answer = f"{answer} {quote}" if answer else quote.strip("()")
-            yield TokenEvent(f" {quote}", step + 1)
-        memory.add({"role": "assistant", "content": answer})
-        seen.append({"role": "assistant", "content": answer})
-        yield FinalEvent(answer, reason, step + 1)
+            yield AgentTokenEvent(f" {quote}", step)
+        run.memory.add({"role": "assistant", "content": answer})
+        run.seen.append({"role": "assistant", "content": answer})
+        yield FinalEvent(answer, run.reason, step)
 
     async def _calls(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], allowed: list[dict[str, Any]], step: int
-    ) -> AsyncIterator[TokenEvent | list[ToolCall]]:
+    ) -> AsyncIterator[AgentTokenEvent | list[ToolCall]]:
         """One step's reply as token events, then its calls (identical ones merged: each runs once)."""
         parser = ToolCallParser(self.app.tool_format())
         stream = self.app.chat_stream(
             messages, tools=tools, tool_choice="required", allowed_tools=allowed, **self.generation
         )
         async for piece in stream:
-            yield TokenEvent(piece, step)
+            yield AgentTokenEvent(piece, step)
             for _ in parser.feed(piece):
                 pass
         for _ in parser.finish():
@@ -517,7 +562,9 @@ class SyncAgent:
         self._agent = agent
 
     def run(self, task: str) -> AgentResult:
-        return self._agent.app.sync._run(self._agent.run(task))
+        """:meth:`Agent.run`, blocking."""
+        return self._agent.app.sync.run_coroutine(self._agent.run(task))
 
     def stream(self, task: str) -> Iterator[AgentEvent]:
-        return self._agent.app.sync._iterate(self._agent.stream(task))  # type: ignore[arg-type]
+        """:meth:`Agent.stream`, as a plain iterator."""
+        return self._agent.app.sync.iterate(self._agent.stream(task))

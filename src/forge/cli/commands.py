@@ -2,40 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from forge import models
+from forge.cli.options import (
+    DEVICE_OPTION,
+    POSITIVE_FLOAT,
+    AliasedOption,
+    ForgeGroup,
+    field_option,
+    field_options,
+)
 from forge.cli.progress import TrainingDisplay
 from forge.config import preset_names
-from forge.core.device import DEVICES, resolve_device
+from forge.core.device import resolve_device
 from forge.data import stdlib_corpus
 from forge.errors import ConfigError
 from forge.events import StepEvent
-from forge.generator import Generator
+from forge.generator import GenerationConfig, Generator
 from forge.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["cli"]
+__all__ = ["GENERATION_FLAGS", "TRAIN_FLAGS", "cli"]
 
-POSITIVE_INT = click.IntRange(min=1)
-POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
-#: `--dtype` of the inference commands (chat, serve).
-DTYPE_OPTION = click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Weights for inference; auto is bfloat16 where the hardware runs it natively.",
+#: TrainConfig's fields that are flags of `forge train`: every one.
+TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+#: GenerationConfig's fields that are flags of `forge generate` and `forge chat` (stop is repeatable, below).
+GENERATION_FLAGS = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ForgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="forge-llm", prog_name="forge")
 def cli() -> None:
     """Forge: train a language model on your text, then generate from it."""
@@ -48,91 +62,55 @@ def _console() -> Console:
 @cli.command("train")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--preset", default="tiny", show_default=True, help=f"Model preset: {', '.join(preset_names())}.")
-@click.option("--steps", type=POSITIVE_INT, default=1000, show_default=True, help="Optimizer steps in total.")
-@click.option("--batch-size", type=POSITIVE_INT, default=16, show_default=True)
-@click.option("--context", type=POSITIVE_INT, default=None, help="Tokens per window [default: the model's].")
-@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True, help="Peak learning rate.")
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=None, help="Checkpoint directory [default: runs/PRESET]."
-)
-@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--seed", type=int, default=1337, show_default=True)
-@click.option("--tokenizer", type=click.Choice(["bpe", "char"]), default="bpe", show_default=True)
-@click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="BPE vocabulary [default: the preset's].")
-@click.option("--grad-accum", type=POSITIVE_INT, default=1, show_default=True)
-@click.option("--eval-every", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
-@click.option(
-    "--compile/--no-compile",
-    "compile_step",
-    default=None,
-    help="torch.compile the training step [default: on for CUDA, off elsewhere].",
-)
-@click.option(
-    "--from",
-    "from_model",
+    "--model",
+    "model",
+    cls=AliasedOption,
+    aliases=("--from",),  # its old name, kept for scripts
     default=None,
     help="Fine-tune this pretrained model (GGUF file, HF folder, Forge checkpoint or known name) instead of a preset.",
 )
 @click.option(
-    "--lora", type=click.IntRange(min=0), default=0, show_default=True, help="LoRA rank; 0 trains all weights."
+    "--out", type=click.Path(path_type=Path), default=None, help="Checkpoint directory [default: runs/PRESET]."
+)
+@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint.")
+@DEVICE_OPTION
+@click.option("--tokenizer", type=click.Choice(["bpe", "char"]), default="bpe", show_default=True)
+@click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="BPE vocabulary [default: the preset's].")
+@field_options(
+    TrainConfig,
+    TRAIN_FLAGS,
+    lora_rank={"aliases": ("--lora",)},
+    compile={"help": "torch.compile the training step [default: on for CUDA, off elsewhere]."},
 )
 def train_cmd(
     data: Path,
     preset: str,
-    steps: int,
-    batch_size: int,
-    context: int | None,
-    lr: float,
+    model: str | None,
     out: Path | None,
     resume: Path | None,
     device: str,
-    seed: int,
     tokenizer: str,
     vocab_size: int | None,
-    grad_accum: int,
-    eval_every: int,
-    checkpoint_every: int,
-    precision: str,
-    gradient_checkpointing: bool,
-    compile_step: bool | None,
-    from_model: str | None,
-    lora: int,
+    **options: Any,
 ) -> None:
     """Train a model on DATA: a text file or a folder of .txt/.md files.
 
-    With --from, fine-tune a pretrained model (all weights, or LoRA adapters with --lora RANK, merged when saved).
+    With --model, fine-tune a pretrained model (all weights, or LoRA adapters with --lora-rank RANK, merged
+    when saved).
     """
     console = _console()
     resolve_device(device)  # fail before any work if the device is unavailable
-    if from_model is not None and resume is not None:
-        raise ConfigError("--from and --resume both name a starting point; pass one of them")
-    if lora and from_model is None and resume is None:
-        raise ConfigError("--lora adapts a pretrained model; add --from MODEL")
-    pretrained = models.load(from_model) if from_model is not None else None
+    if model is not None and resume is not None:
+        raise ConfigError("--model and --resume both name a starting point; pass one of them")
+    if options["lora_rank"] and model is None and resume is None:
+        raise ConfigError("--lora-rank adapts a pretrained model; add --model MODEL")
+    pretrained = models.load(model) if model is not None else None
     if resume is None and pretrained is None:
         models.get_preset(preset)  # an unknown preset fails before reading data
-    if pretrained is not None and context is None:  # a pretrained context (e.g. 8192) is too long for a default
-        context = min(512, pretrained.model.config.context_length)
-    name = Path(from_model).stem if from_model else preset
-    out = out or resume or Path("runs") / name
-    config = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        context=context,
-        lr=lr,
-        seed=seed,
-        grad_accum=grad_accum,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        precision=precision,  # type: ignore[arg-type]
-        gradient_checkpointing=gradient_checkpointing,
-        compile=compile_step,
-        lora_rank=lora,
-    )
+    if pretrained is not None and options["context"] is None:  # a pretrained context (e.g. 8192) is too long
+        options["context"] = min(512, pretrained.model.config.context_length)
+    out = out or resume or Path("runs") / (Path(model).stem if model else preset)
     result = train(
         data,
         model=pretrained.model if pretrained else None,
@@ -142,11 +120,11 @@ def train_cmd(
         tokenizer=pretrained.tokenizer if pretrained else tokenizer,  # type: ignore[arg-type]
         vocab_size=vocab_size,
         device=device,
-        config=config,
+        config=TrainConfig(**options),
         listeners=[TrainingDisplay(console)],
     )
     if result.interrupted:
-        _interrupted(result, data, steps)
+        _interrupted(result, data, options["steps"])
     _summary(console, result)
 
 
@@ -176,51 +154,23 @@ def _summary(console: Console, result: TrainResult) -> None:
 @cli.command("generate")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-tokens", type=POSITIVE_INT, default=128, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=POSITIVE_INT, default=None)
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
-@click.option("--min-p", type=click.FloatRange(min=0, max=1), default=None)
-@click.option("--repetition-penalty", type=POSITIVE_FLOAT, default=1.0, show_default=True)
-@click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
-@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@field_options(GenerationConfig, GENERATION_FLAGS)
+@field_option(GenerationConfig, "stop", multiple=True, help="Stop sequence (repeatable).")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-def generate_cmd(
-    model_dir: Path,
-    prompt: str,
-    max_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    min_p: float | None,
-    repetition_penalty: float,
-    stop: tuple[str, ...],
-    seed: int | None,
-    stream: bool,
-    device: str,
-) -> None:
+@DEVICE_OPTION
+def generate_cmd(model_dir: Path, prompt: str, stream: bool, device: str, **options: Any) -> None:
     """Continue PROMPT with MODEL_DIR: a Forge checkpoint, a GGUF file, an HF folder or a known name."""
     dev = resolve_device(device)
     loaded = models.load(model_dir, device=dev)
     gen = Generator(loaded.model, loaded.tokenizer)
-    options = dict(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        stop=stop,
-        seed=seed,
-    )
+    config = GenerationConfig(**options)
     if stream:
         click.echo(prompt, nl=False)
-        for piece in gen.stream(prompt, **options):
+        for piece in gen.stream(prompt, config):
             click.echo(piece, nl=False)
         click.echo()
     else:
-        click.echo(prompt + gen.generate(prompt, **options))
+        click.echo(prompt + gen.generate(prompt, config))
 
 
 @cli.command("info")
@@ -274,10 +224,10 @@ DEMO_PROMPTS = ("Return the", "This module provides", "If the file")
 
 @cli.command("demo")
 @click.option("--seconds", type=POSITIVE_FLOAT, default=120.0, show_default=True, help="Training time budget.")
-@click.option("--steps", type=POSITIVE_INT, default=None, help="Train exactly this many steps instead.")
+@field_option(TrainConfig, "steps", default=None, help="Train exactly this many steps instead.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("forge-demo"), show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--seed", type=int, default=1337, show_default=True)
+@DEVICE_OPTION
+@field_option(TrainConfig, "seed")
 def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: int) -> None:
     """Train the tiny preset on the Python standard library's docstrings, then sample from it."""
     console = _console()

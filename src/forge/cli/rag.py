@@ -15,12 +15,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forge.app import Forge
-from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
-from forge.core.device import DEVICES
+from forge.cli.commands import cli
+from forge.cli.options import (
+    DEVICE_OPTION,
+    INFERENCE_DTYPE_OPTION,
+    POSITIVE_INT,
+    AliasedOption,
+    field_option,
+)
 from forge.errors import DataError, StoreError
+from forge.generator import GenerationConfig
 from forge.rag.loaders import printable
 from forge.rag.retrieval import IngestProgress, IngestReport, Rag, cited, open_store
 from forge.rag.store import VectorStore
+from forge.server.config import ServerConfig
 
 __all__ = ["IngestDisplay", "existing_store", "rag"]
 
@@ -136,23 +144,31 @@ def rag() -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @DB_OPTION
 @click.option("--chunk-tokens", type=POSITIVE_INT, default=128, show_default=True, help="Tokens per chunk.")
-@click.option("--overlap", type=click.IntRange(min=0), default=32, show_default=True, help="Tokens shared by chunks.")
-def add_cmd(paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -> None:
+@click.option(
+    "--chunk-overlap",
+    cls=AliasedOption,
+    aliases=("--overlap",),  # its old name, kept for scripts
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Tokens shared by neighbouring chunks.",
+)
+def add_cmd(paths: tuple[Path, ...], db: str, chunk_tokens: int, chunk_overlap: int) -> None:
     """Ingest PATHS (files or folders, recursively) into the store; unchanged files are skipped."""
     console = Console(highlight=False, soft_wrap=True)
     missing = [p for p in paths if not os.path.lexists(p)]
     if len(missing) == len(paths):  # before the store is created: nothing to add, nothing to leave behind
         names = ", ".join(repr(printable(str(p))) for p in missing)
         raise DataError(f"nothing to add: no such file or folder {names} (relative to {Path.cwd()}); check the path")
-    report = _ingest(console, paths, db, chunk_tokens, overlap)
+    report = _ingest(console, paths, db, chunk_tokens, chunk_overlap)
     console.print(escape(report.summary()))
     if report.failures and not report.added and not report.unchanged:
         raise SystemExit(1)
 
 
-def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: int, overlap: int) -> IngestReport:
+def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: int, chunk_overlap: int) -> IngestReport:
     with _new_store_cleanup(db) as check:
-        rag = Rag(db, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
+        rag = Rag(db, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
         try:
             with IngestDisplay(console) as display:
                 return rag.add(paths, progress=display)
@@ -165,20 +181,20 @@ def _ingest(console: Console, paths: tuple[Path, ...], db: str, chunk_tokens: in
 @click.argument("question")
 @DB_OPTION
 @click.option("--model", default="smollm2", show_default=True, help="The chat model that answers.")
-@click.option("--k", type=POSITIVE_INT, default=None, help="Chunks searched [default: 12 to quote, 5 free].")
-@click.option("--max-tokens", type=POSITIVE_INT, default=256, show_default=True, help="Longest answer, in tokens.")
-@click.option(
-    "--mode",
-    type=click.Choice(["quote", "free"]),
-    default="quote",
-    show_default=True,
+# The same options as `forge serve`'s chats over a store: one name each (--k and --mode are their old names here).
+@field_option(ServerConfig, "rag_k", aliases=("--k",), help="Chunks searched [default: 12 to quote, 5 free].")
+@field_option(GenerationConfig, "max_tokens", default=256, help="Longest answer, in tokens.")
+@field_option(
+    ServerConfig,
+    "rag_mode",
+    aliases=("--mode",),
     help="quote: the answer quotes the sources word for word (best for small models); free: its own words, "
     "still citing a source.",
 )
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@DTYPE_OPTION
+@DEVICE_OPTION
+@INFERENCE_DTYPE_OPTION
 def ask_cmd(
-    question: str, db: str, model: str, k: int | None, max_tokens: int, mode: str, device: str, dtype: str
+    question: str, db: str, model: str, rag_k: int | None, max_tokens: int, rag_mode: str, device: str, dtype: str
 ) -> None:
     """Answer QUESTION from the store, citing the passages used, or saying that they don't hold the answer."""
     console = Console(highlight=False, soft_wrap=True)
@@ -186,7 +202,12 @@ def ask_cmd(
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
     rag = Rag(store, app=app)
     try:
-        pieces, sources = rag.answer_stream(question, k=k, mode=mode, max_tokens=max_tokens)  # type: ignore[arg-type]
+        pieces, sources = rag.answer_stream(
+            question,
+            k=rag_k,
+            mode=rag_mode,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+        )
         text = ""
         for piece in pieces:
             text += piece

@@ -4,110 +4,71 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import click
 
 from forge import server
 from forge.app import Forge
-from forge.cli.commands import DTYPE_OPTION, POSITIVE_INT, cli
+from forge.cli.commands import cli
+from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, AliasedOption, field_options
 from forge.cli.rag import existing_store
-from forge.core.device import DEVICES
 from forge.core.kv_cache import plan_cache
 from forge.rag.retrieval import Rag
-from forge.server.config import (
-    DEFAULT_BODY_TIMEOUT,
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_MAX_BODY_SIZE,
-    DEFAULT_MAX_CONNECTIONS,
-    TIMEOUT_RANGE,
-)
+from forge.server.config import ServerConfig
 
-__all__ = ["serve_cmd"]
+__all__ = ["SERVE_FLAGS", "serve_cmd"]
+
+#: ServerConfig's fields that are flags of `forge serve` (the retriever is --db; batching and schema_limits are
+#: for the Python API).
+SERVE_FLAGS = (
+    "api_key",
+    "max_batch",
+    "max_queue",
+    "context",
+    "cors_origins",
+    "max_body_size",
+    "model_name",
+    "rag_k",
+    "rag_mode",
+    "header_timeout",
+    "body_timeout",
+    "max_connections",
+    "compile_timeout",
+)
 
 
 @cli.command("serve")
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option(
-    "--api-key",
-    envvar="FORGE_API_KEY",
-    default=None,
-    help="Require 'Authorization: Bearer KEY' on every route but /health [env: FORGE_API_KEY].",
-)
-@click.option(
-    "--max-batch",
-    type=POSITIVE_INT,
-    default=None,
-    help="Requests decoded together [default: 8, fewer if memory is short].",
-)
-@click.option("--max-queue", type=POSITIVE_INT, default=64, show_default=True, help="Requests waiting; beyond: 429.")
-@click.option(
-    "--context",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Cap on prompt + completion tokens [default: the model's, shortened to fit the KV cache in memory].",
-)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@DTYPE_OPTION
-@click.option("--cors-origin", "cors_origins", multiple=True, help="An origin browsers may call from (repeatable).")
-@click.option("--max-body-size", type=POSITIVE_INT, default=DEFAULT_MAX_BODY_SIZE, show_default=True, help="Bytes.")
-@click.option("--model-name", default=None, help="The model id clients see [default: MODEL's name].")
+@DEVICE_OPTION
+@INFERENCE_DTYPE_OPTION
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
-@click.option("--rag", "rag_db", default=None, help="Answer chats from this RAG store (forge rag add ... --db DB).")
 @click.option(
-    "--rag-k", type=POSITIVE_INT, default=None, help="Chunks searched per chat answer [default: 12 to quote, 5 free]."
+    "--db",
+    cls=AliasedOption,
+    aliases=("--rag",),  # its old name, kept for scripts
+    default=None,
+    help="Answer chats from this RAG store, as `forge rag` names it (forge rag add ... --db DB).",
 )
-@click.option(
-    "--rag-mode",
-    type=click.Choice(["quote", "free"]),
-    default="quote",
-    show_default=True,
-    help="quote: answers quote a source and cite it, or say the sources lack it; free: own words, cited.",
-)
-@click.option(
-    "--header-timeout",
-    type=click.FloatRange(*TIMEOUT_RANGE),
-    default=DEFAULT_HEADER_TIMEOUT,
-    show_default=True,
-    help="Seconds a client has to send a request's headers; then 408.",
-)
-@click.option(
-    "--body-timeout",
-    type=click.FloatRange(*TIMEOUT_RANGE),
-    default=DEFAULT_BODY_TIMEOUT,
-    show_default=True,
-    help="Seconds a client has to send a request's body; then 408.",
-)
-@click.option(
-    "--max-connections",
-    type=POSITIVE_INT,
-    default=DEFAULT_MAX_CONNECTIONS,
-    show_default=True,
-    help="Open connections at most; beyond: the slowest to send its headers is dropped, or 503.",
+@field_options(
+    ServerConfig,
+    SERVE_FLAGS,
+    api_key={
+        "envvar": "FORGE_API_KEY",
+        "help": "Require 'Authorization: Bearer KEY' on every route but /health [env: FORGE_API_KEY].",
+    },
+    max_batch={"default": None, "help": "Requests decoded together [default: 8, fewer if memory is short]."},
+    context={"help": "Cap on prompt + completion tokens [default: the model's, shortened to fit the KV cache]."},
+    cors_origins={"flag": "--cors-origin", "multiple": True, "help": "An origin browsers may call from (repeatable)."},
+    model_name={"help": "The model id clients see [default: MODEL's name]."},
+    rag_k={"help": "Chunks searched per chat answer [default: 12 to quote, 5 free]."},
 )
 def serve_cmd(
-    model: str,
-    host: str,
-    port: int,
-    api_key: str | None,
-    max_batch: int | None,
-    max_queue: int,
-    context: int | None,
-    device: str,
-    dtype: str,
-    cors_origins: tuple[str, ...],
-    max_body_size: int,
-    model_name: str | None,
-    log_level: str,
-    rag_db: str | None,
-    rag_k: int | None,
-    rag_mode: str,
-    header_timeout: float,
-    body_timeout: float,
-    max_connections: int,
+    model: str, host: str, port: int, device: str, dtype: str, log_level: str, db: str | None, **options: Any
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (chat, completions, embeddings, models).
 
@@ -115,36 +76,16 @@ def serve_cmd(
     Ctrl-C shuts down gracefully: requests in flight finish first.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if options["api_key"] is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
             "model; pass --api-key KEY (or set FORGE_API_KEY)",
             err=True,
         )
     app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
-    max_batch, context = _size_cache(app, max_batch, context)
-    retriever = Rag(existing_store(rag_db), app=app) if rag_db is not None else None
-    asyncio.run(
-        server.serve(
-            app,
-            host=host,
-            port=port,
-            api_key=api_key,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            context=context,
-            cors_origins=cors_origins,
-            max_body_size=max_body_size,
-            model_name=model_name,
-            log_level=log_level,
-            retriever=retriever,
-            rag_k=rag_k,
-            rag_mode=rag_mode,  # type: ignore[arg-type]
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            max_connections=max_connections,
-        )
-    )
+    options["max_batch"], options["context"] = _size_cache(app, options["max_batch"], options["context"])
+    retriever = Rag(existing_store(db), app=app) if db is not None else None
+    asyncio.run(server.serve(app, host=host, port=port, log_level=log_level, retriever=retriever, **options))
 
 
 def _size_cache(app: Forge, max_batch: int | None, context: int | None) -> tuple[int, int | None]:

@@ -65,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache_pos: int | CacheWrite | None,
+        write: CacheWrite | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -76,16 +76,11 @@ class CausalSelfAttention(nn.Module):
             qk = ops.rope(qk, *rope)
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         causal = True
-        if isinstance(cache_pos, CacheWrite):
-            assert self.cache is not None, "a CacheWrite needs a KV cache"
-            k, v = self.cache.write(cache_pos, k, v)
-            causal = T > 1  # a prefill from 0 is causal; a decode step attends under the caller's mask
-        elif cache_pos is not None:
-            assert self.cache is not None, "cache_pos given but no KV cache was set up"
-            k, v = self.cache.update(cache_pos, k, v)
-            # A single new token may attend to every cached key; a prefill from 0 is causal.
+        if write is not None:
+            assert self.cache is not None, "a CacheWrite needs a KV cache: Transformer.use_caches first"
+            k, v = self.cache.write(write, k, v)
+            # A prefill from 0 is causal; a decode step's one query attends under the caller's mask (or to all).
             causal = T > 1
-            assert cache_pos == 0 or T == 1, "chunked prefill is not supported"
         if self.training and self.dropout:
             y = nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout, enable_gqa=Hkv != H

@@ -339,7 +339,7 @@ def _load_state(root: Path, map_location: str | torch.device) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {str(root)!r} has a {STATE} Forge will not load: it is damaged or holds Python objects "
             "other than tensors and numbers, which Forge refuses to unpickle; use an earlier checkpoint, or start "
-            f"from its weights alone with `forge train --from {root}`"
+            f"from its weights alone with `forge train --model {root}`"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(root)!r} is corrupted: {STATE} is not a training state; re-save it")

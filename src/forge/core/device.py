@@ -19,7 +19,7 @@ def resolve_device(name: str) -> torch.device:
     """
     base = name.split(":", 1)[0]
     if base not in DEVICES:
-        raise DeviceError(f"unknown device {name!r}: use one of {', '.join(DEVICES)}")
+        raise DeviceError(f"unknown device {name!r}: use one of {', '.join(DEVICES)}", field="device")
     if base == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,12 +28,14 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if base == "cuda" and not torch.cuda.is_available():
         raise DeviceError(
-            f"device {name!r} is not available: this PyTorch sees no CUDA GPU; use --device cpu or --device auto"
+            f"device {name!r} is not available: this PyTorch sees no CUDA GPU; use device='cpu' or device='auto'",
+            field="device",
         )
     if base == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(
             f"device {name!r} is not available: Apple Metal (MPS) needs macOS on Apple silicon; "
-            "use --device cpu or --device auto"
+            "use device='cpu' or device='auto'",
+            field="device",
         )
     return torch.device(name)
 

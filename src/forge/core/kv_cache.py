@@ -41,13 +41,12 @@ _CHECKED_FROM = 256 << 20
 
 @dataclass(frozen=True, slots=True)
 class CacheWrite:
-    """Where a forward pass writes into a cache shared by many sequences (continuous batching).
+    """Where a forward pass writes its keys and values into a cache, and how much of it attention reads back.
 
-    ``rows``: the cache rows the batch's rows map to, in order. ``pos``: an int
-    offset for every row (a prefill), or a (B,) tensor of per-row positions
-    with one new token each (a decode step). ``length``: how many positions
-    the attention reads back, [0, length); the caller's mask hides each row's
-    positions past its own end.
+    The one write protocol: a prefill writes a block of rows from position 0 (``pos=0``); a decode step
+    writes one token per row, every row at one position (``pos`` an int) or each at its own (``pos`` a
+    (B,) tensor). ``rows``: the cache rows the batch's rows map to, in order. ``length``: attention reads
+    positions [0, length); the caller's mask hides each row's positions past its own end.
     """
 
     rows: slice
@@ -62,7 +61,7 @@ class KVCache(nn.Module):
     """Keys and values of one layer for ``max_len`` positions.
 
     >>> c = KVCache(batch=1, n_kv_head=2, max_len=8, head_dim=4, dtype=torch.float32, device="cpu")
-    >>> k, v = c.update(0, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    >>> k, v = c.write(CacheWrite(rows=slice(0, 1), pos=0, length=3), torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
     >>> tuple(k.shape)
     (1, 2, 3, 4)
     """
@@ -89,28 +88,23 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at positions [pos, pos+T); return all keys and values so far."""
-        end = pos + k.shape[2]
-        assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
     def write(self, w: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) as ``w`` says; return keys and values (B, Hkv, w.length, D) of those rows."""
-        assert w.length <= self.max_len, f"KV cache overflow: {w.length} > {self.max_len}"
+        keys, values = self.k, self.v  # each a module attribute lookup: once per layer and step
+        assert w.length <= keys.shape[2], f"KV cache overflow: {w.length} > {keys.shape[2]}"
         if isinstance(w.pos, int):
-            self.k[w.rows, :, w.pos : w.pos + k.shape[2]] = k
-            self.v[w.rows, :, w.pos : w.pos + k.shape[2]] = v
+            end = w.pos + k.shape[2]
+            assert w.pos == 0 or end == w.pos + 1, "a block of tokens is written from position 0 (no chunked prefill)"
+            keys[w.rows, :, w.pos : end] = k
+            values[w.rows, :, w.pos : end] = v
         else:
             assert k.shape[2] == 1, "per-row positions take one new token per row"
             # One index_copy_ into the flat (rows * heads * positions, D) view: each row's heads at its own position.
             index = w.flat_index if w.flat_index is not None else self.flat_index(w.rows, w.pos)
             D = k.shape[-1]
-            self.k.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # k (B, Hkv, 1, D) -> (B * Hkv, D)
-            self.v.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
-        return self.k[w.rows, :, : w.length], self.v[w.rows, :, : w.length]
+            keys.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # k (B, Hkv, 1, D) -> (B * Hkv, D)
+            values.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
+        return keys[w.rows, :, : w.length], values[w.rows, :, : w.length]
 
     def flat_index(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
         """Indices into ``k.view(-1, D)`` of each row's every head at that row's position ``pos`` (B,)."""

@@ -90,7 +90,7 @@ def apply_lora(
     with its ``seed``), else from the global RNG.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}; try --lora 8")
+        raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}; try lora_rank=8", field="lora_rank")
     if has_lora(model):
         raise ConfigError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
     alpha = float(2 * rank if alpha is None else alpha)

@@ -26,13 +26,9 @@ __all__ = [
     "attention",
     "decode_attention",
     "gelu",
-    "layer_norm",
     "linear",
     "linear_cross_entropy",
-    "matmul",
-    "rms_norm",
     "rope",
-    "silu",
     "softmax",
     "swiglu",
 ]
@@ -48,18 +44,13 @@ def _kernel(op: str, x: torch.Tensor) -> Callable[..., Any] | None:
     return kernels.lookup(op, x.device.type)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with broadcasting (cuBLAS on GPUs: no Forge kernel beats it)."""
-    fast = _kernel("matmul", a)
-    return fast(a, b) if fast else torch.matmul(a, b)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``; weight is (out, in) as in ``nn.Linear``."""
     return F.linear(x, weight, bias)
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim``, in x's dtype."""
     fast = _kernel("softmax", x)
     return fast(x, dim) if fast else torch.softmax(x, dim=dim)
 
@@ -70,10 +61,6 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return fast(x) if fast else F.gelu(x, approximate="tanh")
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
-
-
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where h (..., 2F) is [gate | up] from one fused projection; returns (..., F)."""
     fast = _kernel("swiglu", h)
@@ -81,14 +68,6 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
         return fast(h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return add_layer_norm(x, None, weight, bias, eps)[0]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return add_rms_norm(x, None, weight, eps)[0]
 
 
 def add_layer_norm(

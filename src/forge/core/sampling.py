@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from forge.config import bounded, check_specs
 from forge.core import ops
-from forge.errors import ConfigError
 
 __all__ = [
     "SamplingParams",
@@ -28,36 +27,23 @@ __all__ = [
 class SamplingParams:
     """How to pick the next token. ``temperature=0`` is greedy decoding.
 
+    Each field's bounds are data (``forge.config.bounded``): ``GenerationConfig`` shares them, the CLI's flags
+    and the server's schema are built from them.
+
     >>> SamplingParams(temperature=0).greedy
     True
     """
 
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = bounded(1.0, ge=0, doc="Divides the logits; 0 is greedy.")
+    top_k: int | None = bounded(None, integer=True, ge=1, doc="Sample only from the k most likely tokens.")
+    top_p: float | None = bounded(None, gt=0, le=1, doc="Sample only from the smallest set with this much mass.")
+    min_p: float | None = bounded(None, ge=0, le=1, doc="Drop tokens less than min_p times as likely as the best.")
+    repetition_penalty: float = bounded(1.0, gt=0, doc="Divides the logits of tokens already seen; 1 disables it.")
+    presence_penalty: float = bounded(0.0, ge=-2, le=2, doc="Subtracted from seen tokens' logits (OpenAI's).")
+    frequency_penalty: float = bounded(0.0, ge=-2, le=2, doc="Subtracted per occurrence (OpenAI's).")
 
     def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ConfigError:
-            return ConfigError.for_field("SamplingParams", name, getattr(self, name), allowed)
-
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
-            raise bad("temperature", "must be >= 0 (0 means greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise bad("top_k", "must be a positive integer or None")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1] or None")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1] or None")
-        if not self.repetition_penalty > 0:
-            raise bad("repetition_penalty", "must be > 0 (1.0 disables it)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and -2.0 <= value <= 2.0):
-                raise bad(name, "must be a number in [-2, 2] (0 disables it)")
+        check_specs(self)
 
     @property
     def penalised(self) -> bool:

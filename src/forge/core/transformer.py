@@ -69,11 +69,11 @@ class Block(nn.Module):
         delta: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache_pos: int | CacheWrite | None,
+        write: CacheWrite | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual stream, this block's MLP output): the caller adds the second, fused with its next norm."""
         h, x = self.norm1.add(x, delta)  # x += the previous block's MLP output
-        h, x = self.norm2.add(x, self.attn(h, rope, mask, cache_pos))
+        h, x = self.norm2.add(x, self.attn(h, rope, mask, write))
         return x, self.mlp(h)
 
 
@@ -137,7 +137,7 @@ class Transformer(nn.Module):
         size = min(cfg.context_length, max(n, 2 * old.shape[0]))  # doubling: few regrowths
         cos, sin = rope_tables(cfg.head_dim, size, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos, self.rope_sin = cos.to(old.device, old.dtype), sin.to(old.device, old.dtype)
-        # CUDA graphs captured on this model (forge.core.cuda_graphs) read the old tables' memory.
+        # CUDA graphs captured on this model (the batchers kept by forge.core.decode) read the old tables' memory.
         self.__dict__.pop("_decode_graphs", None)
 
     @torch.no_grad()
@@ -201,20 +201,20 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        cache_pos: int | CacheWrite | None = None,
+        write: CacheWrite | None = None,
         last_only: bool = False,
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for token ids ``idx`` (B, T).
 
-        positions: (B, T) or (T,) absolute positions; default ``cache_pos + arange(T)``.
+        positions: (B, T) or (T,) absolute positions; default ``arange(T)`` from ``write.pos`` when that is an int.
         mask: boolean (B, 1, T, Tk), True = may attend; default causal.
-        cache_pos: write keys/values into the KV cache at this offset (see ``setup_cache``), or
-            as a ``CacheWrite`` says (continuous batching; ``positions`` must be given).
+        write: write keys/values into the installed KV caches as it says (see ``use_caches``); with
+            per-row positions (a tensor ``write.pos``), ``positions`` must be given.
         last_only: return logits of the last position only, (B, 1, vocab).
         select: (B,) one position per row whose logits to return, (B, 1, vocab) (a padded batch's last tokens).
         """
-        x, delta = self._trunk(idx, positions, mask, cache_pos)  # (B, T, d) each
+        x, delta = self._trunk(idx, positions, mask, write)  # (B, T, d) each
         if last_only:
             x, delta = x[:, -1:, :], delta[:, -1:, :]
         elif select is not None:
@@ -232,12 +232,13 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         positions: torch.Tensor | None,
         mask: torch.Tensor | None,
-        cache_pos: int | CacheWrite | None,
+        write: CacheWrite | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings through every block: the residual stream (B, T, d) and the last MLP output still to add."""
         T = idx.shape[1]
-        start = cache_pos if isinstance(cache_pos, int) else 0
+        start = write.pos if write is not None and isinstance(write.pos, int) else 0
         if positions is None:
+            assert write is None or isinstance(write.pos, int), "per-row cache positions need per-row positions"
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, d)
         # Positions past start + T come only with a KV cache, whose make_caches grew the tables.
@@ -254,9 +255,9 @@ class Transformer(nn.Module):
         delta = None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x, delta = checkpoint(block, x, delta, rope, mask, cache_pos, use_reentrant=False)
+                x, delta = checkpoint(block, x, delta, rope, mask, write, use_reentrant=False)
             else:
-                x, delta = block(x, delta, rope, mask, cache_pos)
+                x, delta = block(x, delta, rope, mask, write)
         assert delta is not None, "a model has at least one block"
         return x, delta
 

@@ -6,9 +6,9 @@ processed in parallel and merged by a second small kernel ("flash decoding"). Ev
 depends on shapes alone, so the call can be captured in a CUDA graph.
 
 It is a separate op from ``forge.kernels.attention`` (training and prefill) but shares its input checks,
-dot and launch-config tuple, imported from there. As there, query head h reads kv head h // (H // Hkv)
-inside the kernels, so keys and values are never repeated in memory. ``forge.kernels.reference`` holds
-the PyTorch twin this is tested against.
+dot and launch-config tuple (``forge.kernels.attention_tiles``). As there, query head h reads kv head
+h // (H // Hkv) inside the kernels, so keys and values are never repeated in memory.
+``forge.kernels.reference`` holds the PyTorch twin this is tested against.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge.kernels.attention import _LOG2E, _check, _Config, _dot, _dot_precision, _upcast
+from forge.kernels.attention_tiles import LOG2E, TileConfig, check_inputs, dot, dot_precision, upcast
 
 __all__ = ["decode_attention"]
 
@@ -111,14 +111,14 @@ def _decode_split(
         # Loads predicated on the mask fetch nothing for the holes inside the span.
         k = tl.load(k_ptrs + start_n * skt, mask=allowed[:, None], other=0.0)
         v = tl.load(v_ptrs + start_n * svt, mask=allowed[:, None], other=0.0)
-        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        qk = dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         qk = tl.where(allowed[None, :], qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+        acc = dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
         m_i = m_ij
 
     if SINGLE:
@@ -170,11 +170,11 @@ def _decode_merge(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype) -> _Config:
+def _decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     """block_m is unused by decoding (the group's heads form the rows)."""
     if dtype == torch.float32:
-        return _Config(16, 32, 4, 2)
-    return _Config(16, 64 if head_dim > 64 else 128, 4, 3)
+        return TileConfig(16, 32, 4, 2)
+    return TileConfig(16, 64 if head_dim > 64 else 128, 4, 3)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -212,7 +212,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     Launches one kernel, or two when the cache is split; the launch depends on shapes alone (no host
     sync), so it can be captured in a CUDA graph.
     """
-    B, H, Hkv, Tq, Tk, D = _check(q, k, v, "decode_attention")
+    B, H, Hkv, Tq, Tk, D = check_inputs(q, k, v, "decode_attention")
     if Tq != 1:
         raise ValueError(f"decode_attention: q must hold one query per row, (B, H, 1, D); got {tuple(q.shape)}")
     if mask.shape != (B, Tk) or mask.dtype != torch.bool:
@@ -236,10 +236,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, mask_u8, out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_u8.stride(),
         out.stride(0), out.stride(1), out.stride(3),
-        H, Hkv, G, Tk, chunk, splits, D**-0.5 * _LOG2E,
+        H, Hkv, G, Tk, chunk, splits, D**-0.5 * LOG2E,
         HEAD_DIM=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=cfg.block_n,
         SCAN=max(cfg.block_n, min(2048, triton.next_power_of_2(chunk))), SINGLE=splits == 1,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
         _decode_merge[(B * H,)](

@@ -34,14 +34,26 @@ from forge.structured import Grammar
 if TYPE_CHECKING:
     from forge.core.transformer import Transformer
     from forge.rag.embed import Embedder
-    from forge.rag.retrieval import Citation
     from forge.tokenizer import Tokenizer
 
-__all__ = ["NOT_FOUND", "Mode", "Passage", "free_grammar", "passages", "quote_grammar", "quotes"]
+__all__ = ["NOT_FOUND", "Citation", "Mode", "Passage", "free_grammar", "passages", "quote_grammar", "quotes"]
 
 Mode = Literal["quote", "free"]
 
 NOT_FOUND = "The sources do not contain the answer."
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """Source ``number`` as the answer cites it: where the passage is, and its text."""
+
+    number: int
+    source: str
+    start: int
+    end: int
+    text: str
+    score: float
+
 
 #: A first line this short heads its paragraph (a speaker, a title).
 HEADING_WORDS = 4

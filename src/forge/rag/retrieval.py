@@ -29,6 +29,7 @@ from forge.rag.embed import Embedder, LocalEmbedder
 from forge.rag.grounded import (
     NOT_FOUND,
     QUOTE_SYSTEM,
+    Citation,
     Mode,
     free_grammar,
     passages,
@@ -112,18 +113,6 @@ class IngestProgress:
     source: str
     chunks_done: int = 0
     chunks_total: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Citation:
-    """Source ``number`` as the answer cites it: where the passage is, and its text."""
-
-    number: int
-    source: str
-    start: int
-    end: int
-    text: str
-    score: float
 
 
 @dataclass(frozen=True, slots=True)

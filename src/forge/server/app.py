@@ -1,4 +1,4 @@
-"""``create_server(app)``: the OpenAI-compatible ASGI application around a Forge app.
+"""``create_server(app)``: the OpenAI-compatible ASGI application around a Forge app (any :class:`Servable`).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``POST /v1/embeddings``, ``GET /v1/models`` (and ``/v1/models/{id}``),
@@ -18,7 +18,7 @@ import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,14 +31,13 @@ from starlette.routing import Route
 from forge.errors import ConfigError
 from forge.server.config import ServerConfig
 from forge.server.errors import ApiError, error_body, error_response
-from forge.server.generation import CHAT_FIELDS, COMPLETION_FIELDS, chat_job, completion_job, run
+from forge.server.generation import CHAT_FIELDS, COMPLETION_FIELDS, chat_job, completion_job
 from forge.server.middleware import ApiKeyAuth, RequestContext
+from forge.server.protocol import Servable
+from forge.server.running import run
 from forge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, RagQueryRequest, parse
 from forge.server.state import Served
 from forge.server.streaming import ClientGone, until_disconnect
-
-if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
-    from forge.app import Forge
 
 __all__ = ["create_server"]
 
@@ -49,7 +48,7 @@ CLIENT_CLOSED = 499
 EMBED_BATCH = 16
 
 
-def create_server(app: Forge, **options: Any) -> Starlette:
+def create_server(app: Servable, **options: Any) -> Starlette:
     """The OpenAI-compatible server for ``app`` as a Starlette app; ``options`` are :class:`ServerConfig` fields.
 
     Mount it in another ASGI stack, or run it with :func:`forge.server.serve`.
@@ -61,7 +60,7 @@ def create_server(app: Forge, **options: Any) -> Starlette:
     model, tokenizer = app.model, app.tokenizer
     if model is None or tokenizer is None:
         raise ConfigError(
-            f"create_server() needs an app with a trained model, but {app.info()['model']!r} has none; "
+            f"create_server() needs an app with a trained model, but {app.source!r} has none; "
             "train it first or use Forge.load(checkpoint)"
         )
     context = model.config.context_length
@@ -71,7 +70,7 @@ def create_server(app: Forge, **options: Any) -> Starlette:
                 "ServerConfig", "context", config.context, f"must be at most the model's context length, {context}"
             )
         context = config.context
-    aliases = frozenset({_model_name(app), str(app.info()["model"])})  # the model's own name, and as given
+    aliases = frozenset({_model_name(app), app.source})  # the model's own name, and as given
     name = config.model_name or _model_name(app)
     served = Served(app=app, config=config, model_name=name, context=context, aliases=aliases)
     routes = [
@@ -107,9 +106,8 @@ def create_server(app: Forge, **options: Any) -> Starlette:
     return server
 
 
-def _model_name(app: Forge) -> str:
-    source = str(app.info()["model"])
-    return Path(source).name or source
+def _model_name(app: Servable) -> str:
+    return Path(app.source).name or app.source
 
 
 def _lifespan(served: Served) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:

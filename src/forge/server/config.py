@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from forge.config import bounded, check_specs, choice, documented
 from forge.errors import ConfigError
 from forge.server.retrieval import Retriever
 from forge.structured import SchemaLimits
@@ -56,52 +57,50 @@ class ServerConfig:
     4
     """
 
-    api_key: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    max_batch: int = 8
-    max_queue: int = 64
-    context: int | None = None
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE
-    model_name: str | None = None
-    default_max_tokens: int | None = None
-    batching: bool = True
-    retriever: Retriever | None = None
-    rag_k: int | None = None
-    rag_mode: Literal["quote", "free"] = "quote"
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    compile_timeout: float = DEFAULT_COMPILE_TIMEOUT
-    schema_limits: SchemaLimits = field(default_factory=SchemaLimits)
+    api_key: str | None = documented(None, doc="Require 'Authorization: Bearer KEY' on every route but /health.")
+    cors_origins: tuple[str, ...] = documented((), doc="An origin browsers may call from ('*': any).")
+    max_batch: int = bounded(8, integer=True, ge=1, doc="Requests decoded together.")
+    max_queue: int = bounded(64, integer=True, ge=1, doc="Requests waiting; beyond: 429.")
+    context: int | None = bounded(None, integer=True, ge=2, doc="Cap on prompt + completion tokens.")
+    max_body_size: int = bounded(DEFAULT_MAX_BODY_SIZE, integer=True, ge=1, doc="Bytes; larger bodies get 413.")
+    model_name: str | None = documented(None, doc="The model id clients see.")
+    default_max_tokens: int | None = bounded(None, integer=True, ge=1, doc="Completion length when none is asked.")
+    batching: bool = documented(True, doc="Start the app's batching engine with the server.")
+    retriever: Retriever | None = documented(None, doc="A RAG pipeline that grounds chat answers.")
+    rag_k: int | None = bounded(None, integer=True, ge=1, doc="Chunks searched per chat answer.")
+    rag_mode: Literal["quote", "free"] = choice(
+        "quote",
+        ("quote", "free"),
+        doc="quote: answers quote a source and cite it, or say the sources lack it; free: own words, cited.",
+    )
+    header_timeout: float = bounded(
+        DEFAULT_HEADER_TIMEOUT, ge=TIMEOUT_RANGE[0], le=TIMEOUT_RANGE[1], doc="Seconds to send the headers; then 408."
+    )
+    body_timeout: float = bounded(
+        DEFAULT_BODY_TIMEOUT, ge=TIMEOUT_RANGE[0], le=TIMEOUT_RANGE[1], doc="Seconds to send the body; then 408."
+    )
+    max_connections: int = bounded(
+        DEFAULT_MAX_CONNECTIONS,
+        integer=True,
+        ge=1,
+        doc="Open connections at most; beyond: the slowest to send its headers is dropped, or 503.",
+    )
+    compile_timeout: float = bounded(
+        DEFAULT_COMPILE_TIMEOUT,
+        ge=TIMEOUT_RANGE[0],
+        le=TIMEOUT_RANGE[1],
+        doc="Seconds a request's JSON schema or tools may take to compile; then 400.",
+    )
+    schema_limits: SchemaLimits = documented(default_factory=SchemaLimits, doc="Bounds on a request's JSON schema.")
 
     def __post_init__(self) -> None:
-        def positive(name: str, value: object, minimum: int = 1) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ConfigError.for_field("ServerConfig", name, value, f"must be an integer >= {minimum}")
-
-        positive("max_batch", self.max_batch)
-        positive("max_queue", self.max_queue)
-        positive("max_body_size", self.max_body_size)
-        if self.rag_k is not None:
-            positive("rag_k", self.rag_k)
-        positive("max_connections", self.max_connections)
-        if self.rag_mode not in ("quote", "free"):
-            raise ConfigError.for_field("ServerConfig", "rag_mode", self.rag_mode, "must be 'quote' or 'free'")
-        low, high = TIMEOUT_RANGE
-        for name in ("header_timeout", "body_timeout", "compile_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-                raise ConfigError.for_field("ServerConfig", name, value, f"must be seconds between {low} and {high}")
+        check_specs(self)
         if not isinstance(self.schema_limits, SchemaLimits):
             raise ConfigError.for_field("ServerConfig", "schema_limits", self.schema_limits, "must be a SchemaLimits")
         if self.retriever is not None and not isinstance(self.retriever, Retriever):
             raise ConfigError.for_field(
                 "ServerConfig", "retriever", self.retriever, "must have search() and augment(), e.g. forge.rag.Rag"
             )
-        if self.context is not None:
-            positive("context", self.context, 2)
-        if self.default_max_tokens is not None:
-            positive("default_max_tokens", self.default_max_tokens)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ConfigError.for_field("ServerConfig", "api_key", "***", "must be a non-empty string or None")
         if isinstance(self.cors_origins, str):  # one origin, not its characters

@@ -12,46 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 
 from starlette.responses import JSONResponse
 
-from forge.errors import ForgeError
+from forge.errors import ApiError, ForgeError
 
+# ApiError lives in forge.errors with the rest of the tree; the server's modules import it from here.
 __all__ = ["ApiError", "error_body", "error_payload", "error_response", "forge_error_param"]
 
 log = logging.getLogger("forge.server")
-
-# "GenerationConfig.top_p = 2 is invalid: ..." (ConfigError.for_field) and "messages[0] ..." (check_messages).
-_FIELD = re.compile(r"^(?:GenerationConfig|SamplingParams)\.(\w+) = ")
-_MESSAGE = re.compile(r"^messages(\[\d+\])?")
-
-
-class ApiError(ForgeError):
-    """A request the server refuses: the status, OpenAI's error type and code, and the field at fault."""
-
-    exit_code = 2
-    http_status = 400
-    error_type = "invalid_request_error"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        param: str | None = None,
-        code: str | None = None,
-        error_type: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.http_status = status
-        self.param = param
-        self.code = code
-        if error_type is not None:
-            self.error_type = error_type
-        self.headers = dict(headers or {})
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, object]:
@@ -59,18 +29,19 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
 
 
 def forge_error_param(error: ForgeError, fields: Mapping[str, str] | None = None) -> str | None:
-    """The request field a ForgeError from the app names, if its message names one.
+    """The request field ``error`` is about: its ``field``, in the route's names.
 
-    ``fields`` maps GenerationConfig names to the request's (chat calls ``logprobs`` ``top_logprobs``).
+    ``fields`` maps the app's names to the request's (chat calls GenerationConfig's ``logprobs``
+    ``top_logprobs``); an ``ApiError``'s field is already the request's.
+
+    >>> from forge.errors import ConfigError
+    >>> error = ConfigError.for_field("GenerationConfig", "logprobs", 30, "must be in [0, 20]")
+    >>> forge_error_param(error, {"logprobs": "top_logprobs"})
+    'top_logprobs'
     """
-    param = getattr(error, "param", None)
-    if isinstance(param, str):
-        return param
-    if m := _FIELD.match(error.message):
-        return (fields or {}).get(m.group(1), m.group(1))
-    if m := _MESSAGE.match(error.message):
-        return m.group(0)
-    return None
+    if error.field is None or isinstance(error, ApiError):
+        return error.field
+    return (fields or {}).get(error.field, error.field)
 
 
 def error_payload(

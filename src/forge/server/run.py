@@ -7,9 +7,10 @@ import logging
 import signal
 import socket
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import uvicorn
+from starlette.applications import Starlette
 
 from forge.errors import ForgeError
 from forge.server.app import create_server
@@ -22,10 +23,8 @@ from forge.server.config import (
     ServerConfig,
 )
 from forge.server.connections import ConnectionLimits, connection_cap, guarded_protocol
+from forge.server.protocol import Servable
 from forge.server.retrieval import Retriever
-
-if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
-    from forge.app import Forge
 
 __all__ = ["serve"]
 
@@ -55,7 +54,7 @@ class _Server(uvicorn.Server):
 
 
 async def serve(
-    app: Forge,
+    app: Servable,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -106,10 +105,17 @@ async def serve(
         max_connections=max_connections,
         compile_timeout=compile_timeout,
     )
+    server = _Server(_uvicorn_config(server_app, host, port, log_level, shutdown_timeout), ready)
+    await _run(server, f"{host}:{port}")
+
+
+def _uvicorn_config(
+    server_app: Starlette, host: str, port: int, log_level: str, shutdown_timeout: float | None
+) -> uvicorn.Config:
     options: ServerConfig = server_app.state.forge.config
     cap, backlog = connection_cap(options.max_connections)
     limits = ConnectionLimits(options.header_timeout, options.body_timeout, cap)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         server_app,
         host=host,
         port=port,
@@ -121,14 +127,17 @@ async def serve(
         backlog=backlog,
         timeout_graceful_shutdown=int(shutdown_timeout) if shutdown_timeout is not None else None,
     )
-    server = _Server(config, ready)
+
+
+async def _run(server: _Server, address: str) -> None:
+    """Serve until cancelled; a cancel shuts down gracefully, a second one stops waiting for requests."""
 
     async def run() -> None:
         try:
             await server.serve()
         except SystemExit:  # uvicorn exits on startup failures, e.g. a port in use
             raise ForgeError(
-                f"the server could not start on {host}:{port} (the log above says why; is the port in use?)"
+                f"the server could not start on {address} (the log above says why; is the port in use?)"
             ) from None
 
     task = asyncio.ensure_future(run())

@@ -4,20 +4,28 @@ Strict: ``"max_tokens": "10"`` or ``"n": true`` is a 400 naming the field, not
 a silent coercion. Fields OpenAI has and Forge does not use (``logit_bias``,
 ...) are ignored, as OpenAI ignores unknown ones.
 
+The generation fields' ranges are ``GenerationConfig``'s own bounds, except
+where :data:`HTTP_RANGES` follows OpenAI's documented API instead (tests check
+that each lies inside the option's, top_p's 0 aside: see there).
+
 >>> parse(CompletionRequest, {"prompt": "Hi", "max_tokens": 4}).max_tokens
 4
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from forge.server.errors import ApiError
+from forge.config import Bound, specs
+from forge.errors import ApiError
+from forge.generator import GenerationConfig
 
 __all__ = [
+    "HTTP_RANGES",
     "ChatMessage",
     "ChatRequest",
     "CompletionRequest",
@@ -27,13 +35,38 @@ __all__ = [
     "StreamOptions",
     "TextPart",
     "ToolDef",
+    "http_bound",
     "parse",
 ]
 
 M = TypeVar("M", bound=BaseModel)
 
-#: torch seeds are 64-bit; choice i uses seed + i, and n <= 128.
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+#: Where HTTP takes OpenAI's documented range rather than the option's own (changes to its Bound): temperature
+#: up to 2, as OpenAI; top_p from 0, as OpenAI, where 0 means greedy (server/generation.py maps it, since
+#: GenerationConfig needs top_p > 0); repetition_penalty in [0.1, 10], as vLLM's extension.
+HTTP_RANGES: dict[str, dict[str, float | None]] = {
+    "temperature": {"le": 2},
+    "top_p": {"ge": 0, "gt": None},
+    "repetition_penalty": {"ge": 0.1, "gt": None, "le": 10},
+}
+
+
+def http_bound(name: str) -> Bound:
+    """The range the HTTP API allows for GenerationConfig's ``name``."""
+    bound = specs(GenerationConfig)[name].bound
+    assert bound is not None, name
+    return dataclasses.replace(bound, **HTTP_RANGES.get(name, {}))
+
+
+def _option(name: str) -> Any:
+    """An optional request field with the range of GenerationConfig's ``name`` (see HTTP_RANGES)."""
+    bound = http_bound(name)
+    limits = {"ge": bound.ge, "gt": bound.gt, "le": bound.le, "lt": bound.lt}
+    return Field(None, **{k: v for k, v in limits.items() if v is not None})
+
+
+#: torch seeds are 64-bit (GenerationConfig.seed's bound); choice i uses seed + i, and n <= 128.
+SEED_MIN, SEED_MAX = int(http_bound("seed").low[0]), int(http_bound("seed").high[0])
 MAX_N = 128
 MAX_STOPS = 16
 MAX_INPUTS = 2048
@@ -89,17 +122,17 @@ class _Sampling(_Request):
     """Fields chat and completions share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=1)  # extension, as vLLM
-    min_p: float | None = Field(None, ge=0, le=1)  # extension
-    repetition_penalty: float | None = Field(None, ge=0.1, le=10)  # extension
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = _option("max_tokens")
+    temperature: float | None = _option("temperature")
+    top_p: float | None = _option("top_p")
+    top_k: int | None = _option("top_k")  # extension, as vLLM
+    min_p: float | None = _option("min_p")  # extension
+    repetition_penalty: float | None = _option("repetition_penalty")  # extension
+    presence_penalty: float | None = _option("presence_penalty")
+    frequency_penalty: float | None = _option("frequency_penalty")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = _option("seed")
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -144,9 +177,9 @@ class ResponseFormat(_Request):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = _option("max_tokens")
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = _option("logprobs")
     tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -155,7 +188,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = _option("logprobs")
 
 
 #: A metadata value a filter can match: what SQLite stores (its integers are 64-bit).

@@ -1,4 +1,4 @@
-"""What every endpoint shares: the app, the options, the metrics and the admission count."""
+"""What every endpoint shares: the app it serves, the options, the metrics and the admission count."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from forge.server.config import ServerConfig
 from forge.server.errors import ApiError
 from forge.server.metrics import Metrics
-
-if TYPE_CHECKING:  # the server uses the app; the app imports the server for listen()
-    from forge.app import Forge
+from forge.server.protocol import Servable
 
 __all__ = ["Admission", "Served"]
 
@@ -50,7 +47,7 @@ class Admission:
 class Served:
     """The server's shared state, one per ``create_server``."""
 
-    app: Forge
+    app: Servable
     config: ServerConfig
     model_name: str
     context: int

@@ -121,23 +121,7 @@ def read_tokenizer(meta: _Metadata, path: Path, n_vocab: int | None = None) -> t
             f"GGUF file {str(path)!r} has {len(tokens)} tokens but {len(types)} token types; re-convert it"
         )
     try:
-        if kind == "gpt2":
-            hf = _byte_level_tokenizer(tokens, merges or [], str(meta.get("tokenizer.ggml.pre", "default")), path)
-        elif kind == "llama":
-            unk = meta.get("tokenizer.ggml.unknown_token_id")
-            hf = _sentencepiece_tokenizer(
-                tokens,
-                types,
-                meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
-                merges,
-                add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-                unk=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
-            )
-        else:
-            raise CheckpointError(
-                f"GGUF file {str(path)!r} has a {kind!r} tokenizer; Forge reads 'gpt2' (byte-level BPE) and 'llama' "
-                "(SentencePiece) tokenizers: use a model with one of those"
-            )
+        hf = _tokenizer_of_kind(kind, meta, tokens, types, merges, path)
     except CheckpointError:
         raise
     except Exception as e:  # tokenizers raises bare Exceptions for merges naming unknown tokens
@@ -161,6 +145,28 @@ def read_tokenizer(meta: _Metadata, path: Path, n_vocab: int | None = None) -> t
         ]
     )
     return hf, _read_special_tokens(meta, tokens, kind)
+
+
+def _tokenizer_of_kind(
+    kind: str, meta: _Metadata, tokens: Sequence[str], types: Sequence[int], merges: Sequence[str] | None, path: Path
+) -> HFTokenizer:
+    """The tokenizer ``tokenizer.ggml.model`` names: "gpt2" (byte-level BPE) or "llama" (SentencePiece)."""
+    if kind == "gpt2":
+        return _byte_level_tokenizer(tokens, merges or [], str(meta.get("tokenizer.ggml.pre", "default")), path)
+    if kind == "llama":
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        return _sentencepiece_tokenizer(
+            tokens,
+            types,
+            meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+            merges,
+            add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+            unk=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None,
+        )
+    raise CheckpointError(
+        f"GGUF file {str(path)!r} has a {kind!r} tokenizer; Forge reads 'gpt2' (byte-level BPE) and 'llama' "
+        "(SentencePiece) tokenizers: use a model with one of those"
+    )
 
 
 def _vocab(tokens: Sequence[str]) -> dict[str, int]:

@@ -1,0 +1,541 @@
+"""The token loop: ``prefill``, ``decode_step`` and ``pick``, run by the :class:`Batcher`.
+
+gpt-fast's shape. :func:`prefill` runs prompts (right-padded, from position 0)
+and fills the KV cache; :func:`decode_step` feeds one token per row, each at
+its own position; :func:`pick` turns a step's logits into tokens (grammar mask,
+vocabulary limit, penalties, sampling, logprobs), written once for everyone.
+
+The :class:`Batcher` is the loop itself. Each running sequence owns a row of
+its KV cache; a sequence joins between steps with a prefill into a free row,
+and one that leaves is replaced by the last row, so the running rows are
+always 0..n-1 and every step works on a contiguous slice of the cache. The
+serving engine (``forge.engine``) drives it with sequences coming and going;
+the plain generator and ``generate_tokens`` drive one fixed batch
+(:func:`fixed_batcher`).
+
+On CUDA a fixed batch replays its decode step from CUDA graphs (see
+``forge.core.cuda_graphs``): plain greedy rows run :data:`GRAPH_CHUNK` steps per
+replay with the argmax inside the graph; any other decoding replays the
+forward alone, one step per replay, and picks outside it. Attention then
+reads the whole preallocated cache under a mask, so shapes never change.
+
+Torch only and single-threaded; ``forge.engine`` runs a batcher in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from forge.core.cuda_graphs import capture, graph_key, keep, reusable
+from forge.core.kv_cache import CacheWrite, KVCache
+from forge.core.sampling import (
+    SamplingParams,
+    TokenConstraint,
+    apply_token_bitmask,
+    constraint_mask,
+    process_logits,
+    sample,
+    top_logprobs,
+)
+from forge.core.transformer import Transformer
+
+__all__ = [
+    "GRAPH_CHUNK",
+    "Batcher",
+    "Picked",
+    "Sequence",
+    "StepResult",
+    "decode_step",
+    "fixed_batcher",
+    "pick",
+    "prefill",
+]
+
+#: Greedy decode steps per CUDA-graph replay: tokens come back to the host once per chunk.
+GRAPH_CHUNK = 8
+#: A sampled generation captures its graph only past this many tokens (capturing costs about a hundred steps).
+LOGITS_GRAPH_MIN_TOKENS = 32
+
+Observer = Callable[[torch.Tensor, torch.Tensor], None]
+#: Some rows' logprobs, on the device: (the rows, their tokens' logprobs (m,), top ids (m, k), top values (m, k)).
+RowLogprobs = tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the batcher."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k
+    constraint: TokenConstraint | None = None  # e.g. a JSON schema: masks what may come next
+    # state, owned by the batcher
+    row: int = -1
+    length: int = 0  # tokens in the cache
+    generated: int = 0
+    done: bool = False
+    group: Hashable = field(default=None, repr=False)  # rows of one group are picked in one call
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A token for a sequence; ``finished`` when it was the sequence's last (a stop token or the budget)."""
+
+    seq: Sequence
+    token: int
+    finished: bool
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(slots=True)
+class Picked:
+    """A step's tokens (n, k) on the device: k is 1, or :data:`GRAPH_CHUNK` from a greedy graph replay."""
+
+    tokens: torch.Tensor
+    ids: list[list[int]] | None = None  # the same on the host, when a grammar needed them already
+    logprobs: list[RowLogprobs] = field(default_factory=list)  # one entry per sampling group that asked
+
+
+def prefill(
+    model: Transformer, tokens: torch.Tensor, write: CacheWrite | None, last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (k, V) after each prompt of ``tokens`` (k, T), right-padded, written into the cache as ``write`` says.
+
+    ``last`` (k,): each row's last real position (None: every row is T long). Causal attention alone
+    keeps the padding, which comes after a row's tokens, out of their view.
+    """
+    return model(tokens, write=write, last_only=last is None, select=last)[:, -1]
+
+
+def decode_step(
+    model: Transformer, tokens: torch.Tensor, write: CacheWrite, pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (n, V) after one token per row, ``tokens`` (n, 1), written into the cache as ``write`` says.
+
+    ``pos`` (n,): each row's own position. None: every row is at ``write.pos`` (an int), and sees all of
+    [0, write.length): no mask, no position tensors.
+    """
+    if pos is None:
+        return model(tokens, write=write)[:, -1]
+    mask = torch.arange(write.length, device=pos.device) <= pos[:, None]  # (n, length): each row's own keys
+    return model(tokens, positions=pos[:, None], mask=mask[:, None, None], write=write)[:, -1]
+
+
+def pick(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    *,
+    vocab_limit: int | None = None,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    observe: Observer | None = None,
+) -> Picked:
+    """The next token of each row of ``logits`` (n, V).
+
+    Grammar mask -> vocab limit -> penalties -> sample -> logprobs -> accept -> penalty counts. Rows
+    of one group (plain greedy, or the same params and generator) are picked together: a fixed batch
+    in one call; the others each with their own seed. ``seen`` (n, V) bool and ``counts`` (n, V), the
+    rows' penalty state, are updated in place. ``observe(logits, tokens)`` sees the penalised logits.
+    """
+    words = constraint_mask([s.constraint for s in seqs], logits.shape[-1])  # CPU work while a GPU still runs
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = float("-inf")
+    if words is not None:
+        logits = apply_token_bitmask(logits, words)
+    first = seqs[0]
+    if any(s.group != first.group for s in seqs):
+        tokens, processed, found = _pick_groups(logits, seqs, seen, counts, observe is not None)
+    elif observe is None and all(s.logprobs is None for s in seqs):  # the common step: sample() penalises
+        tokens, processed, found = sample(logits, first.params, first.generator, seen, counts), logits, []
+    else:  # one call for every row (a fixed batch): no indexing
+        processed = process_logits(logits, first.params, seen, counts)
+        tokens = sample(processed, first.params, first.generator)
+        found = _logprobs(seqs, list(range(len(seqs))), processed, tokens)
+    picked = Picked(tokens[:, None], logprobs=found)
+    if observe is not None:
+        observe(processed, tokens)
+    if words is not None:  # the grammars advance on the host: this step's one sync comes here
+        ids = tokens.tolist()
+        for seq, token in zip(seqs, ids, strict=True):
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+        picked.ids = [[t] for t in ids]
+    if counts is not None:
+        counts.scatter_add_(1, tokens[:, None], torch.ones_like(counts[:, :1]))
+    if seen is not None:
+        seen.scatter_(1, tokens[:, None], True)
+    return picked
+
+
+def _pick_groups(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    observed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[RowLogprobs]]:
+    """Rows of several groups, each group picked in one call with its own params and seed.
+
+    The tokens (n,), the penalised logits (n, V) when ``observed``, and the logprobs the rows asked for.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault(seq.group, []).append(i)
+    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+    processed = torch.empty_like(logits, dtype=torch.float) if observed else logits
+    found: list[RowLogprobs] = []
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        first = seqs[rows[0]]
+        penalised = process_logits(
+            logits[index],
+            first.params,
+            seen[index] if seen is not None else None,
+            counts[index] if counts is not None else None,
+        )
+        chosen = sample(penalised, first.params, first.generator)
+        tokens[index] = chosen
+        if observed:
+            processed[index] = penalised
+        found += _logprobs(seqs, rows, penalised, chosen)
+    return tokens, processed, found
+
+
+def _logprobs(
+    seqs: list[Sequence], rows: list[int], processed: torch.Tensor, chosen: torch.Tensor
+) -> list[RowLogprobs]:
+    """The logprobs a group's rows asked for, under its penalised logits: one call for all of them."""
+    local = [j for j, i in enumerate(rows) if seqs[i].logprobs is not None]
+    if not local:
+        return []
+    k = max(seqs[rows[j]].logprobs or 0 for j in local)
+    if len(local) < len(rows):
+        index = torch.tensor(local, device=processed.device)
+        processed, chosen = processed[index], chosen[index]
+    return [([rows[j] for j in local], *top_logprobs(processed, chosen, k))]
+
+
+def _group(seq: Sequence) -> Hashable:
+    """Rows with equal keys are picked in one call: plain greedy rows all together, others by params and seed."""
+    params = seq.params
+    if params.greedy and not params.penalised and params.repetition_penalty == 1.0:
+        return None
+    return id(params), 0 if params.greedy else id(seq.generator)
+
+
+class Batcher:
+    """Runs up to ``max_batch`` sequences of at most ``max_len`` tokens each on ``model``: the token loop.
+
+    ``cache=False`` recomputes every sequence in full each step: the reference the cached loop is
+    tested against. ``graphs`` (CUDA, a fixed batch; see :func:`fixed_batcher`): replay the decode
+    step from CUDA graphs while every row runs, and keep this batcher on the model under that key.
+    ``observe(logits, tokens)`` sees each pick's penalised logits (n, V) and tokens (n,).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch: int,
+        max_len: int,
+        vocab_limit: int | None = None,
+        dtype: torch.dtype | None = None,
+        cache: bool = True,
+        graphs: Hashable | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.model, self.max_batch, self.max_len, self.vocab_limit = model, max_batch, max_len, vocab_limit
+        self.device = model.tok_emb.weight.device
+        self.caches: list[KVCache] = model.make_caches(max_batch, max_len, dtype=dtype) if cache else []
+        self._first = model.blocks[0].attn  # where to see whose caches the model holds
+        # Each row's next input token; without a cache, each row's whole sequence so far.
+        self.tokens = torch.zeros(max_batch, 1 if cache else max_len, dtype=torch.long, device=self.device)
+        self.seen: torch.Tensor | None = None  # (max_batch, V) bool, for the repetition penalty
+        self.counts: torch.Tensor | None = None  # (max_batch, V), for presence/frequency penalties
+        self.running: list[Sequence] = []  # running[i].row == i
+        self.observe: Observer | None = None
+        self.graphs = _Graphs(self, graphs, compile) if graphs is not None and cache else None
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - len(self.running)
+
+    # -- sequences join, step and leave ---------------------------------------------------------
+    @torch.inference_mode()
+    def add(self, seq: Sequence) -> StepResult:
+        """Prefill ``seq`` into a free row and pick its first token."""
+        return self.add_many([seq])[0]
+
+    @torch.inference_mode()
+    def add_many(self, seqs: list[Sequence]) -> list[StepResult]:
+        """Prefill several sequences in one forward and pick their first tokens (see :meth:`prefill`)."""
+        return self._results(seqs, self.prefill(seqs))
+
+    @torch.inference_mode()
+    def step(self) -> list[StepResult]:
+        """One batched forward: the next token of every running sequence, each sequence's tokens in order.
+
+        A greedy graph replay gives the next :data:`GRAPH_CHUNK` of each (up to a sequence's last).
+        """
+        if not self.running:
+            return []
+        seqs = list(self.running)
+        return self._results(seqs, self.decode())
+
+    @torch.inference_mode()
+    def remove(self, seq: Sequence) -> None:
+        """Free ``seq``'s row (the last running row moves into it)."""
+        if seq.row < 0 or seq.row >= len(self.running) or self.running[seq.row] is not seq:
+            return
+        last = self.running.pop()
+        if last is not seq:
+            for cache in self.caches:
+                cache.move_row(last.row, seq.row)
+            for state in (self.tokens, self.seen, self.counts):
+                if state is not None:
+                    state[seq.row] = state[last.row]
+            last.row = seq.row
+            self.running[seq.row] = last
+        seq.row, seq.done = -1, True
+        if self.graphs is not None:
+            self.graphs.synced = False
+
+    def clear(self) -> None:
+        """Drop every sequence and take the caches out of the model: ready for another generation."""
+        for seq in self.running:
+            seq.row, seq.done = -1, True
+        self.running, self.observe = [], None
+        self.release()
+
+    def release(self) -> None:
+        """Take this batcher's caches out of the model (its next forward puts them back)."""
+        if self.caches and self._first.cache is self.caches[0]:
+            self.model.use_caches(None)
+
+    # -- the loop, on the device ----------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> Picked:
+        """``seqs`` join in free rows: one forward over their prompts, right-padded to the longest; first tokens.
+
+        The padding writes keys past each prompt's end, which no mask shows before the row's next tokens
+        overwrite them.
+        """
+        assert 0 < len(seqs) <= self.free, "not enough free rows: check Batcher.free first"
+        sizes = [len(s.prompt) for s in seqs]
+        T, first = max(sizes), len(self.running)
+        rows = slice(first, first + len(seqs))
+        for i, seq in enumerate(seqs):
+            assert seq.prompt and len(seq.prompt) + seq.max_new_tokens <= self.max_len, "the caller checks the budget"
+            seq.row, seq.length, seq.generated, seq.done, seq.group = first + i, len(seq.prompt), 0, False, _group(seq)
+        self.running.extend(seqs)
+        self._reset_penalties(rows, seqs)
+        padded = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in seqs], device=self.device)  # (k, T)
+        last = torch.tensor([n - 1 for n in sizes], device=self.device) if min(sizes) < T else None
+        if self.graphs is not None:
+            self.graphs.synced = False
+        if self.caches:
+            self._install()
+            logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=0, length=T), last)
+        else:
+            self.tokens[rows, :T] = padded
+            logits = prefill(self.model, padded, None, last)
+        return self._pick(rows, seqs, logits)
+
+    @torch.inference_mode()
+    def decode(self) -> Picked:
+        """Advance every running sequence: one step, or a greedy graph replay's :data:`GRAPH_CHUNK`."""
+        seqs, lengths = self.running, [s.length for s in self.running]
+        logits = None
+        if self.graphs is not None and len(seqs) == self.max_batch:  # replay while the whole batch runs
+            remaining = max(s.max_new_tokens - s.generated for s in seqs)
+            if self.observe is None and all(s.group is None and s.logprobs is None for s in seqs):
+                block = self.graphs.chunk(lengths, remaining)
+                if block is not None:
+                    for seq in seqs:
+                        seq.length, seq.generated = seq.length + GRAPH_CHUNK, seq.generated + GRAPH_CHUNK
+                    return Picked(block)
+            logits = self.graphs.step(lengths, remaining)
+        if logits is None:
+            logits = self._forward(lengths)
+        for seq in seqs:
+            seq.length += 1
+        return self._pick(slice(0, len(seqs)), seqs, logits)
+
+    def _forward(self, lengths: list[int]) -> torch.Tensor:
+        """One eager step of rows 0..n-1, whose newest tokens sit at ``lengths``: logits (n, V)."""
+        rows = slice(0, len(lengths))
+        if self.graphs is not None:
+            self.graphs.synced = False
+        if not self.caches:  # the reference: every sequence again, in full
+            last = torch.tensor(lengths, device=self.device) if min(lengths) < max(lengths) else None
+            return prefill(self.model, self.tokens[rows, : max(lengths) + 1], None, last)
+        self._install()
+        if min(lengths) == max(lengths):  # one position for all rows (batch 1 always): the cheapest step
+            tokens = self.tokens if rows.stop == self.max_batch else self.tokens[rows]  # batch 1: no slicing
+            return decode_step(self.model, tokens, CacheWrite(rows=rows, pos=lengths[0], length=lengths[0] + 1))
+        pos = torch.tensor(lengths, device=self.device)  # (n,), from the host: no device sync
+        flat = self.caches[0].flat_index(rows, pos)
+        write = CacheWrite(rows=rows, pos=pos, length=max(lengths) + 1, flat_index=flat)
+        return decode_step(self.model, self.tokens[rows], write, pos)
+
+    def _pick(self, rows: slice, seqs: list[Sequence], logits: torch.Tensor) -> Picked:
+        """Pick the rows' next tokens and make them the rows' next inputs."""
+        seen = self.seen[rows] if self.seen is not None else None
+        counts = self.counts[rows] if self.counts is not None else None
+        picked = pick(logits, seqs, vocab_limit=self.vocab_limit, seen=seen, counts=counts, observe=self.observe)
+        if self.caches:
+            (self.tokens if rows.stop - rows.start == self.max_batch else self.tokens[rows]).copy_(picked.tokens)
+        else:  # appended after each sequence's newest token
+            at = torch.tensor([[s.length] for s in seqs], device=self.device)  # (k, 1)
+            self.tokens[rows] = self.tokens[rows].scatter(1, at, picked.tokens)
+        for seq in seqs:
+            seq.generated += 1
+        return picked
+
+    def _reset_penalties(self, rows: slice, seqs: list[Sequence]) -> None:
+        """Fresh penalty state for joining rows: no counts yet, their prompt tokens already seen."""
+        if self.seen is None:
+            if all(not s.params.penalised and s.params.repetition_penalty == 1.0 for s in seqs):
+                return
+            vocab = self.model.config.vocab_size
+            self.seen = torch.zeros(self.max_batch, vocab, dtype=torch.bool, device=self.device)
+            self.counts = torch.zeros(self.max_batch, vocab, device=self.device)
+        assert self.counts is not None
+        self.counts[rows] = 0
+        self.seen[rows] = False
+        for i, seq in enumerate(seqs):
+            self.seen[rows.start + i, torch.tensor(seq.prompt, device=self.device)] = True
+
+    def _install(self) -> None:
+        """Put this batcher's caches into the model (another batcher may have used it since)."""
+        if self._first.cache is not self.caches[0]:
+            self.model.use_caches(self.caches)
+
+    # -- back to the host ---------------------------------------------------------------------
+    def _results(self, seqs: list[Sequence], picked: Picked) -> list[StepResult]:
+        """Each sequence's new tokens, up to its last; token ids reach the host in one transfer."""
+        ids = picked.ids if picked.ids is not None else picked.tokens.tolist()  # the one host sync of the step
+        logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+        for rows, own, top_ids, top_values in picked.logprobs:
+            for i, lp, tids, tvalues in zip(rows, own.tolist(), top_ids.tolist(), top_values.tolist(), strict=True):
+                k = seqs[i].logprobs or 0
+                logprobs[i] = (lp, tuple(zip(tids[:k], tvalues[:k], strict=True)))
+        results = []
+        for i, (seq, new) in enumerate(zip(seqs, ids, strict=True)):
+            before = seq.generated - len(new)
+            for j, token in enumerate(new):
+                finished = token in seq.stop_ids or before + j + 1 >= seq.max_new_tokens
+                results.append(StepResult(seq, token, finished, *logprobs.get(i, (None, ()))))
+                if finished:
+                    break
+        return results
+
+
+class _Graphs:
+    """A full batch's decode step captured in CUDA graphs, replayed from its batcher's static buffers.
+
+    The greedy graph unrolls :data:`GRAPH_CHUNK` steps, argmax inside: one replay, that many tokens
+    per row, no host round trip. The sampled graph holds one forward; the pick runs outside it.
+    Both read the batcher's caches and ``tokens`` and this object's ``pos``, which they advance.
+    """
+
+    def __init__(self, batcher: Batcher, key: Hashable, compile: bool) -> None:
+        B, device = batcher.max_batch, batcher.device
+        self.batcher, self.key = batcher, key
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # each row's next cache slot
+        self.synced = False  # whether pos matches the rows' lengths
+        self.out = torch.empty(B, GRAPH_CHUNK, dtype=torch.long, device=device)
+        self.logits = torch.empty(0)
+        self.greedy: torch.cuda.CUDAGraph | None = None
+        self.sampled: torch.cuda.CUDAGraph | None = None
+        # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
+        # the graph then launches fewer, larger kernels. It costs a compile on first use.
+        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def chunk(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
+        """The next :data:`GRAPH_CHUNK` greedy tokens of every row (B, chunk); None where eager steps are better."""
+        if max(lengths) + GRAPH_CHUNK > self.batcher.max_len:
+            return None
+        if self.greedy is None:
+            if remaining <= 2 * GRAPH_CHUNK:  # capturing costs ~100 steps: a short run stays eager
+                return None
+            self.greedy = self._capture(self._greedy_steps, lengths)
+        self._sync(lengths)
+        self.greedy.replay()
+        return self.out.clone()
+
+    def step(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
+        """The logits (B, V) of one replayed step, valid until the next; None where an eager step is better."""
+        if self.sampled is None:
+            if remaining <= LOGITS_GRAPH_MIN_TOKENS:
+                return None
+            self.sampled = self._capture(self._sampled_step, lengths)
+        self._sync(lengths)
+        self.sampled.replay()
+        return self.logits
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One step of every row over the whole cache, under a mask: the same shapes every step."""
+        b = self.batcher
+        rows = slice(0, b.max_batch)
+        write = CacheWrite(rows=rows, pos=pos, length=b.max_len, flat_index=b.caches[0].flat_index(rows, pos))
+        return decode_step(b.model, tokens, write, pos)
+
+    def _greedy_steps(self) -> None:
+        b = self.batcher
+        for j in range(GRAPH_CHUNK):
+            logits = self.forward(b.tokens, self.pos)  # (B, V)
+            if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
+                logits[:, b.vocab_limit :] = float("-inf")
+            self.out[:, j] = logits.argmax(dim=-1)
+            b.tokens.copy_(self.out[:, j : j + 1])
+            self.pos.add_(1)
+
+    def _sampled_step(self) -> None:
+        self.logits = self.forward(self.batcher.tokens, self.pos)  # allocated while capturing: the static output
+        self.pos.add_(1)
+
+    def _sync(self, lengths: list[int]) -> None:
+        if not self.synced:  # rows joined, left or stepped eagerly since the last replay
+            self.pos.copy_(torch.tensor(lengths, device=self.pos.device))
+            self.synced = True
+
+    def _capture(self, steps: Callable[[], None], lengths: list[int]) -> torch.cuda.CUDAGraph:
+        self._sync(lengths)
+        self.batcher._install()
+        graph = capture(steps, restore=[self.batcher.tokens, self.pos])
+        keep(self.batcher.model, self.key, self.batcher)  # worth reusing now
+        return graph
+
+
+def fixed_batcher(
+    model: Transformer,
+    seqs: list[Sequence],
+    *,
+    vocab_limit: int | None = None,
+    cache: bool = True,
+    cuda_graphs: bool = True,
+    compile: bool = False,
+) -> Batcher:
+    """A batcher for exactly ``seqs``, one fixed batch; :meth:`Batcher.clear` it when done.
+
+    On CUDA (``cuda_graphs``) its decode steps replay CUDA graphs, and one kept from an earlier
+    generation of the same batch size, cache length and weights is reused, with its graphs.
+    """
+    need = max(len(s.prompt) + s.max_new_tokens for s in seqs)
+    if not (cache and cuda_graphs and model.tok_emb.weight.device.type == "cuda"):
+        return Batcher(model, max_batch=len(seqs), max_len=need, vocab_limit=vocab_limit, cache=cache)
+    # A cache rounded up to 256 slots lets generations of other lengths replay the same captured graphs.
+    total = min(model.config.context_length, -(-need // 256) * 256)
+    key = graph_key(model, len(seqs), total, chunk=GRAPH_CHUNK, vocab_limit=vocab_limit, compile=compile)
+    kept = reusable(model, key)
+    if isinstance(kept, Batcher) and not kept.running:
+        return kept
+    return Batcher(model, max_batch=len(seqs), max_len=total, vocab_limit=vocab_limit, graphs=key, compile=compile)
