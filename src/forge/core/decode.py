@@ -192,7 +192,10 @@ def _pick_groups(
     processed = torch.empty_like(logits, dtype=torch.float) if observed else logits
     found: list[RowLogprobs] = []
     for rows in groups.values():
-        index = torch.tensor(rows, device=logits.device)
+        # A row alone (a served request with its own seed) is a slice: no index tensor, no gather copies.
+        index: slice | torch.Tensor = (
+            slice(rows[0], rows[0] + 1) if len(rows) == 1 else torch.tensor(rows, device=logits.device)
+        )
         first = seqs[rows[0]]
         penalised = process_logits(
             logits[index],
