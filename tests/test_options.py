@@ -336,7 +336,7 @@ def test_the_cli_spells_a_field_as_its_flag() -> None:
 #: Messages that name a flag of ours on purpose, and why.
 FLAG_MESSAGES = {
     "core/kv_cache.py",  # the KV cache plan is `forge serve`'s: its advice is in serve's flags
-    "server/app.py",  # tells the operator how to start the server (forge serve MODEL --rag DB)
+    "server/app.py",  # tells the operator how to start the server (forge serve MODEL --db DB)
 }
 
 

@@ -1,4 +1,4 @@
-"""`forge serve --rag DB`: the query route and chat answers grounded in the store, over real HTTP."""
+"""`forge serve --db DB`: the query route and chat answers grounded in the store, over real HTTP."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def rag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     rag = Rag(db, embedder=LocalEmbedder.default())
     rag.add([root])
     rag.close()
-    server = ServerProcess(smol, "--rag", str(db), "--rag-k", "2", log=root / "serve.log")
+    server = ServerProcess(smol, "--db", str(db), "--rag-k", "2", log=root / "serve.log")
     yield server.ready(timeout=180)
     server.stop()
 
@@ -92,4 +92,4 @@ def test_a_request_format_wins_over_the_quote_grammar(rag_server: ServerProcess)
 def test_a_server_without_a_store_says_how_to_add_one(tiny_server: ServerProcess) -> None:
     with tiny_server.http() as http:
         r = http.post("/v1/rag/query", json={"query": "anything"})
-    assert r.status_code == 404 and "--rag" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "--db DB" in r.json()["error"]["message"]

@@ -368,7 +368,7 @@ class Rag:
     def augment(
         self, messages: Sequence[Mapping[str, str]], k: int | None = None, mode: Mode = "quote"
     ) -> tuple[list[dict[str, str]], list[dict[str, Any]], Grammar]:
-        """A chat grounded in the store (``forge serve --rag``): the last user turn becomes its sources plus the
+        """A chat grounded in the store (``forge serve --db``): the last user turn becomes its sources plus the
         question, earlier turns are kept, and the answer is held to :meth:`plan`'s grammar: in "quote" mode a
         cited quote, or :data:`NOT_FOUND` when nothing retrieved is close enough."""
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")

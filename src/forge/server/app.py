@@ -201,7 +201,7 @@ async def _rag_query(served: Served, request: Request) -> Response:
     """Search the server's RAG store: {"query": ..., "k": 5, "filter": {...}} -> the best chunks, scored."""
     retriever = served.config.retriever
     if retriever is None:
-        raise ApiError("this server has no RAG store; start it with forge serve MODEL --rag DB", status=404)
+        raise ApiError("this server has no RAG store; start it with forge serve MODEL --db DB", status=404)
     try:
         req = parse(RagQueryRequest, await read_json(request, served.config.max_body_size))
     except ApiError as e:

@@ -1,6 +1,6 @@
 """What the server needs from a RAG pipeline, as a protocol: the server sits below ``forge.rag``.
 
-``forge serve --rag DB`` (or ``create_server(app, retriever=Rag(...))``) gives
+``forge serve --db DB`` (or ``create_server(app, retriever=Rag(...))``) gives
 the server a retriever. Then ``POST /v1/rag/query`` searches the store, and
 chat requests are answered from it: the last user message is replaced by the
 retrieved sources, numbered, and the question, and the answer is held to the
