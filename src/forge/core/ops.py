@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from forge import kernels
+from forge.core.quantize import QuantizedWeight
 
 __all__ = [
     "add_layer_norm",
@@ -44,8 +45,10 @@ def _kernel(op: str, x: torch.Tensor) -> Callable[..., Any] | None:
     return kernels.lookup(op, x.device.type)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``; weight is (out, in) as in ``nn.Linear``."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``; weight is (out, in) as in ``nn.Linear``, or a quantized weight that does its own."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     return F.linear(x, weight, bias)
 
 

@@ -1,0 +1,160 @@
+"""Quantized weights: each matmul against its dequantized reference, round-trip error, the exact GGUF Q4_0/Q4_1
+mapping, a quantized model decoding like its dequantized twin, and the bad inputs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from forge.config import ModelConfig
+from forge.core import ops
+from forge.core.generate import generate_tokens
+from forge.core.quantize import (
+    GGUF_Q4_0,
+    GGUF_Q4_1,
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    quantize_model,
+    quantize_weight,
+)
+from forge.core.sampling import SamplingParams
+from forge.core.transformer import Transformer
+from forge.errors import ConfigError
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _weight(out: int = 96, width: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    # bf16 rounds the activations, the scales and the accumulation: compare against the output's scale.
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert (y.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme,group_size", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_quantized_matmul_matches_its_dequantized_reference(scheme: str, group_size: int, dtype: torch.dtype) -> None:
+    qw = quantize_weight(_weight(), scheme, group_size)
+    x = torch.randn(2, 5, 128).to(dtype)  # 3-D, as the model calls it
+    bias = torch.randn(96).to(dtype)
+    ref = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32), bias.float())
+    _close(ops.linear(x, qw, bias), ref, dtype)
+    _close(ops.linear(x[:, :1], qw), torch.nn.functional.linear(x[:, :1].float(), qw.dequantize(torch.float32)), dtype)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_round_trip_error_is_within_half_a_step(group_size: int) -> None:
+    w = _weight()
+    qw = Int4Weight.quantize(w, group_size)
+    step = qw.scale.repeat_interleave(group_size, dim=1)
+    assert torch.all((qw.dequantize() - w).abs() <= step / 2 + 1e-6)
+    assert qw.unpacked().min() >= 0 and qw.unpacked().max() <= 15
+    assert qw.dequantize().dtype == torch.float32 and qw.nbytes < w.numel() * w.element_size()
+
+
+def test_int8_round_trip_error_is_within_half_a_step() -> None:
+    w = _weight()
+    qw = Int8Weight.quantize(w.bfloat16())
+    assert qw.dequantize().dtype == torch.bfloat16
+    err = (qw.dequantize(torch.float32) - w.bfloat16().float()).abs()
+    assert torch.all(err <= qw.scale[:, None] / 2 + 1e-6)
+    assert qw.nbytes < w.numel() * 2
+
+
+def _gguf() -> object:
+    return pytest.importorskip("gguf")
+
+
+@pytest.mark.parametrize("qtype", [GGUF_Q4_0, GGUF_Q4_1])
+def test_gguf_q4_blocks_map_into_int4_bit_for_bit(qtype: int) -> None:
+    gguf = _gguf()
+    kind = gguf.GGMLQuantizationType(qtype)
+    data = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32)
+    data[:, :32] *= 1e-3  # a block of small values: its scale is far from the others
+    blocks = gguf.quants.quantize(data, kind)
+    expected = gguf.quants.dequantize(blocks, kind)
+    qw = Int4Weight.from_gguf(qtype, blocks, (48, 256))
+    assert torch.equal(qw.dequantize(), torch.from_numpy(expected))
+    x = torch.randn(3, 256)
+    _close(ops.linear(x, qw), x @ torch.from_numpy(expected).T, torch.float32)
+
+
+def test_the_shipped_smollm2_q4_1_tensor_maps_bit_for_bit() -> None:
+    gguf = _gguf()
+    from forge import models
+
+    try:
+        path = models.locate("smollm2")
+    except Exception as e:
+        pytest.skip(f"SmolLM2 is not installed: {e}")
+    reader = gguf.GGUFReader(path)
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    assert tensor.tensor_type == GGUF_Q4_1
+    shape = tuple(reversed(tensor.shape.tolist()))
+    expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    assert torch.equal(Int4Weight.from_gguf(GGUF_Q4_1, tensor.data, shape).dequantize(), torch.from_numpy(expected))
+
+
+def _dequantized_twin(model: Transformer) -> Transformer:
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, nn.Linear) and isinstance(module.weight, QuantizedWeight):
+            weight = module.weight.dequantize()
+            del module.weight
+            module.weight = nn.Parameter(weight)
+    return twin
+
+
+def _greedy(model: Transformer, n: int = 8) -> list[list[int]]:
+    steps = generate_tokens(model, [[1, 2, 3, 4], [7, 5]], max_new_tokens=n, params=SamplingParams(temperature=0))
+    return torch.stack(list(steps), dim=1).tolist()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_decodes_like_its_dequantized_twin(
+    family: str,
+    scheme: str,
+    small_config: Callable[..., ModelConfig],
+    peaked_model: Callable[..., Transformer],
+) -> None:
+    model = quantize_model(peaked_model(small_config(family)), scheme, group_size=32)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    assert len(quantized) == 4 * 2  # qkv, proj, up, down in each of the two blocks; the head stays float
+    assert isinstance(model.lm_head.weight, nn.Parameter) and isinstance(model.tok_emb.weight, nn.Parameter)
+    assert _greedy(model) == _greedy(_dequantized_twin(model))
+
+
+def test_unknown_scheme_is_a_config_error(
+    small_config: Callable[..., ModelConfig], peaked_model: Callable[..., Transformer]
+) -> None:
+    with pytest.raises(ConfigError, match=r"'int3'.*int8, int4"):
+        quantize_model(peaked_model(small_config("gpt2")), "int3")
+    with pytest.raises(ConfigError, match="'fp4'"):
+        quantize_weight(_weight(), "fp4")
+
+
+def test_group_size_that_does_not_divide_the_width_is_a_config_error_and_changes_nothing(
+    small_config: Callable[..., ModelConfig], peaked_model: Callable[..., Transformer]
+) -> None:
+    model = peaked_model(small_config("gpt2"))  # d_model 64
+    with pytest.raises(ConfigError, match="group size 128 does not divide the input width 64"):
+        quantize_model(model, "int4", group_size=128)
+    assert not any(isinstance(m, QuantizedWeight) for m in model.modules())
+    with pytest.raises(ConfigError, match="group size 48 is not supported"):
+        Int4Weight.quantize(_weight(), 48)
+
+
+def test_from_gguf_refuses_other_block_types() -> None:
+    with pytest.raises(ConfigError, match="type 8 does not map exactly into int4"):
+        Int4Weight.from_gguf(8, b"", (32, 32))
