@@ -22,6 +22,7 @@ import forge
 import forge.config
 from forge.app import Forge, SyncForge
 from forge.config import get_preset, register_preset
+from forge.core.quantize import QuantizedWeight
 from forge.errors import CheckpointError, ConfigError, ForgeError, PresetNotFoundError
 from forge.events import Event, StartEvent, StepEvent
 from forge.generator import GenerationConfig
@@ -469,3 +470,33 @@ def test_an_inference_dtype_casts_the_weights_and_refuses_training(bigram_dir: P
 def test_float16_is_not_an_inference_dtype(bigram_dir: Path) -> None:
     with pytest.raises(ConfigError, match="float16"):
         Forge.load(bigram_dir, dtype="float16")  # type: ignore[arg-type]
+
+
+# -- quantized inference (issue 17) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_load_quantized_keeps_embeddings_and_head_float(random_dir: Path, scheme: str) -> None:
+    plain, app = Forge.load(random_dir), Forge.load(random_dir, quantize=scheme)  # type: ignore[arg-type]
+    assert app.model is not None
+    quantized = [m for m in app.model.modules() if isinstance(m, QuantizedWeight)]
+    assert len(quantized) == 4 * 4  # tiny: 4 blocks of qkv, attention out, MLP up and down
+    assert app.model.tok_emb.weight.dtype == torch.float32 and app.model.lm_head.weight is app.model.tok_emb.weight
+    info, before = app.info(), plain.info()
+    assert info["quantize"] == scheme and before["quantize"] is None
+    assert info["parameters"] == before["parameters"]  # a quantized weight still counts its values
+    linear = sum(m.shape.numel() for m in quantized)
+    assert before["weight_bytes"] - info["weight_bytes"] > linear * 4 // 2  # fp32 linears at least halved
+    assert app.sync.generate("to be", max_tokens=5, temperature=0)  # ops.linear runs the quantized weights
+
+
+def test_load_quantize_refuses_an_unknown_scheme_before_loading(random_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"Forge\.quantize = 'int3' is invalid: use one of int8, int4") as caught:
+        Forge.load(random_dir, quantize="int3")  # type: ignore[arg-type]
+    assert caught.value.field == "quantize"
+
+
+def test_load_quantized_app_refuses_to_train(random_dir: Path, notes: Path) -> None:
+    app = Forge.load(random_dir, quantize="int8")
+    with pytest.raises(ConfigError, match=r"quantize='int8'.*create the app without quantize"):
+        app.sync.train(notes, steps=1, **FAST)

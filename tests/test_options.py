@@ -23,6 +23,7 @@ from forge.app import Forge
 from forge.cli import cli
 from forge.cli.options import NO_LIMIT, ForgeCommand, click_type, flag_name
 from forge.config import DTYPE_ALIASES, DTYPES, INFERENCE_DTYPES, Bound, specs
+from forge.core.quantize import SCHEMES
 from forge.core.sampling import SamplingParams
 from forge.errors import ConfigError, DeviceError, ForgeError
 from forge.generator import GenerationConfig
@@ -275,6 +276,17 @@ def test_the_python_api_speaks_it_too() -> None:
     assert set(DTYPE_ALIASES.values()) <= set(DTYPES)
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="float16")  # type: ignore[arg-type]
+
+
+def test_quantize_is_one_option_with_forge_s_schemes() -> None:
+    """`--quantize` of chat, generate and serve: Forge(quantize=...)'s schemes, off by default."""
+    for path in [("chat",), ("generate",), ("serve",)]:
+        option = next(o for o in _options(path) if o.name == "quantize")
+        assert option.opts == ["--quantize"] and option.default is None
+        assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == SCHEMES
+    assert inspect.signature(Forge.__init__).parameters["quantize"].default is None
+    with pytest.raises(ConfigError, match="int8, int4"):
+        Forge("tiny", quantize="int3")  # type: ignore[arg-type]
 
 
 # -- errors ----------------------------------------------------------------------------------------------

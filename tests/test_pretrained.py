@@ -21,6 +21,7 @@ import torch
 
 from forge import models
 from forge.app import Forge
+from forge.core.quantize import QuantizedWeight
 from forge.data import TokenDataset
 from forge.generator import GenerationConfig
 from forge.trainer import train
@@ -302,3 +303,50 @@ def test_fine_tune_options_are_checked(
 ) -> None:
     code, _, err = run_cli(["train", hamlet, *args], capsys)
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+# -- quantized SmolLM2 (issue 17) -------------------------------------------------------------------------
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY_FLAGS = ("--dtype", "bfloat16", "--temperature", "0", "--max-tokens", "12", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def smol_int8(smol_path: Path) -> Forge:
+    return Forge.load(smol_path, dtype="bfloat16", quantize="int8")
+
+
+def test_int8_smollm2_answers_paris(smol_int8: Forge) -> None:
+    assert "Paris" in smol_int8.sync.chat(FRANCE, max_tokens=12, temperature=0)
+
+
+def test_int8_smollm2_holds_its_linears_at_a_byte_a_weight(smol_path: Path, smol_int8: Forge) -> None:
+    bf16 = Forge.load(smol_path, dtype="bfloat16").info()
+    info = smol_int8.info()
+    assert smol_int8.model is not None and info["parameters"] == bf16["parameters"]
+    quantized = [m for m in smol_int8.model.modules() if isinstance(m, QuantizedWeight)]
+    assert len(quantized) == 30 * 4  # fused qkv, attention out, fused gate-up, down in each of 30 blocks
+    # Each linear's 2-byte weights become its int8 values and one fp32 scale a row; nothing else changes.
+    assert info["weight_bytes"] == bf16["weight_bytes"] - sum(2 * m.shape.numel() - m.nbytes for m in quantized)
+    # The tied embedding/head (57 MB of 271) stays bfloat16, so the whole is a little over half.
+    assert info["weight_bytes"] < 0.62 * bf16["weight_bytes"]
+
+
+def test_forge_chat_quantize_int8_answers_paris(smol_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "forge", "chat", str(smol_path), "--quantize", "int8", *GREEDY_FLAGS],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=os.environ | {"NO_COLOR": "1", "COLUMNS": "300"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "bfloat16, int8 weights, 166 MB on cpu" in proc.stdout
+    assert "Paris" in proc.stdout.split("bot>", 1)[1]
+
+
+@pytest.mark.parametrize("command", [["chat", "smollm2"], ["generate", "smollm2", "--prompt", "hi"], ["serve", "x"]])
+def test_an_unknown_quantize_scheme_is_a_usage_error(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli([*command, "--quantize", "int3"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "'int3' is not one of 'int8', 'int4'" in err and "--quantize" in err

@@ -25,6 +25,7 @@ import torch
 from forge import server
 from forge.config import INFERENCE_DTYPES, PRESETS, ModelConfig, dtype_name, get_preset
 from forge.core.device import autocast_dtype, resolve_device
+from forge.core.quantize import SCHEMES, quantize_model
 from forge.core.transformer import Transformer
 from forge.data import DataSource
 from forge.engine import Engine
@@ -44,12 +45,15 @@ from forge.trainer import TrainConfig, TrainResult, train
 __all__ = ["Forge", "SyncForge"]
 
 InferenceDtype = Literal["auto", "float32", "bfloat16"]
+Quantize = Literal["int8", "int4"]
 
 
 class Forge:
     """A language model app: middleware around every generation, events for progress.
 
-    ``model`` is a preset name (trained by :meth:`train`) or a checkpoint directory.
+    ``model`` is a preset name (trained by :meth:`train`) or a checkpoint directory. ``quantize="int8"`` or
+    ``"int4"`` keeps the linear layers' weights quantized after loading (and after the ``dtype`` cast); the
+    embeddings and the output head stay float. Such an app runs inference only.
     """
 
     def __init__(
@@ -60,10 +64,14 @@ class Forge:
         tokenizer: TokenizerKind = "bpe",
         defaults: GenerationConfig | None = None,
         dtype: InferenceDtype | None = None,
+        quantize: Quantize | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.defaults = defaults or GenerationConfig()
         self.dtype = _inference_dtype(dtype, self.device)
+        if quantize is not None and quantize not in SCHEMES:  # before loading: a typo costs no load
+            raise ConfigError.for_field("Forge", "quantize", quantize, f"use one of {', '.join(SCHEMES)}, or None")
+        self.quantize = quantize
         self._tokenizer_kind = tokenizer
         self._emitter = Emitter()
         self._stack = Stack(self._emitter, self._handle)
@@ -165,6 +173,8 @@ class Forge:
     def _adopt(self, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any] | None) -> None:
         if self.dtype is not None:
             model = model.to(self.dtype)
+        if self.quantize is not None:
+            quantize_model(model, self.quantize)
         self._model, self._tokenizer, self._state = model, tokenizer, state
         self._generator = Generator(model, tokenizer)
 
@@ -181,7 +191,10 @@ class Forge:
         return self
 
     def info(self) -> dict[str, Any]:
-        """What the app holds: model, parameters, device, training step, middleware, listeners."""
+        """What the app holds: model, parameters, device, training step, middleware, listeners.
+
+        ``weight_bytes`` is the memory the model's parameters and buffers take, quantized weights at their size.
+        """
         cfg = self._model.config if self._model is not None else None
         if cfg is None and self._preset is not None:
             cfg = get_preset(self._preset) if isinstance(self._preset, str) else self._preset
@@ -193,6 +206,8 @@ class Forge:
             "parameters": self._model.num_params() if self._model is not None else None,
             "device": str(self.device),
             "dtype": str(next(self._model.parameters()).dtype).removeprefix("torch.") if self._model else None,
+            "quantize": self.quantize,
+            "weight_bytes": _weight_bytes(self._model) if self._model is not None else None,
             "tokenizer_vocab": self._tokenizer.vocab_size if self._tokenizer else None,
             "step": int(self._state["step"]) if self._state else 0,
             "middleware": [getattr(m, "__name__", repr(m)) for m in self._stack.middleware],
@@ -228,6 +243,11 @@ class Forge:
             await self._emitter.drain()
 
     def _train(self, data: DataSource, steps: int, out: Any, options: dict[str, Any]) -> TrainResult:
+        if self.quantize is not None:
+            raise ConfigError(
+                f"this app holds {self.quantize} weights for inference (quantize={self.quantize!r}); quantized "
+                "weights cannot be trained: create the app without quantize to train it, then load it quantized"
+            )
         if self.dtype not in (None, torch.float32):
             raise ConfigError(
                 f"this app holds {str(self.dtype).removeprefix('torch.')} weights for fast inference (dtype=...); "
@@ -488,6 +508,12 @@ def _inference_dtype(dtype: str | None, device: torch.device) -> torch.dtype | N
     if name == "auto":
         return autocast_dtype(device) or torch.float32
     return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers (a quantized weight's are its buffers; tied weights count once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 #: Suffixes of model files: a name ending in one is a path that is missing, never a preset.

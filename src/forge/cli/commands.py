@@ -17,6 +17,7 @@ from forge import models
 from forge.cli.options import (
     DEVICE_OPTION,
     POSITIVE_FLOAT,
+    QUANTIZE_OPTION,
     AliasedOption,
     ForgeGroup,
     field_option,
@@ -25,6 +26,7 @@ from forge.cli.options import (
 from forge.cli.progress import TrainingDisplay
 from forge.config import preset_names
 from forge.core.device import resolve_device
+from forge.core.quantize import quantize_model
 from forge.data import stdlib_corpus
 from forge.errors import ConfigError
 from forge.events import StepEvent
@@ -158,10 +160,13 @@ def _summary(console: Console, result: TrainResult) -> None:
 @field_option(GenerationConfig, "stop", multiple=True, help="Stop sequence (repeatable).")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @DEVICE_OPTION
-def generate_cmd(model_dir: Path, prompt: str, stream: bool, device: str, **options: Any) -> None:
+@QUANTIZE_OPTION
+def generate_cmd(model_dir: Path, prompt: str, stream: bool, device: str, quantize: str | None, **options: Any) -> None:
     """Continue PROMPT with MODEL_DIR: a Forge checkpoint, a GGUF file, an HF folder or a known name."""
     dev = resolve_device(device)
     loaded = models.load(model_dir, device=dev)
+    if quantize is not None:
+        quantize_model(loaded.model, quantize)
     gen = Generator(loaded.model, loaded.tokenizer)
     config = GenerationConfig(**options)
     if stream:

@@ -17,6 +17,7 @@ import click
 
 from forge.config import DTYPE_ALIASES, INFERENCE_DTYPES, Bound, Spec, specs
 from forge.core.device import DEVICES
+from forge.core.quantize import SCHEMES
 from forge.errors import ForgeError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "NO_LIMIT",
     "POSITIVE_FLOAT",
     "POSITIVE_INT",
+    "QUANTIZE_OPTION",
     "AliasedOption",
     "CommandError",
     "DtypeChoice",
@@ -90,6 +92,14 @@ INFERENCE_DTYPE_OPTION = dtype_option(
     "--dtype", INFERENCE_DTYPES, "auto", "Weights for inference; auto is bfloat16 where the hardware runs it natively."
 )
 
+#: `--quantize` of the inference commands (chat, generate, serve): ``Forge(quantize=...)``'s schemes.
+QUANTIZE_OPTION = click.option(
+    "--quantize",
+    type=click.Choice(SCHEMES),
+    default=None,
+    help="Keep the linear layers' weights quantized (round-to-nearest): int8 per channel, int4 in groups of 32. "
+    "Embeddings and the output head stay float.",
+)
 
 #: Ends past this (a seed's 64 bits) are no limit a user meets: --help shows none, and the dataclass still checks.
 NO_LIMIT = 2**53

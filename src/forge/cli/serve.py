@@ -11,7 +11,7 @@ import click
 from forge import server
 from forge.app import Forge
 from forge.cli.commands import cli
-from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, AliasedOption, field_options
+from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, QUANTIZE_OPTION, AliasedOption, field_options
 from forge.cli.rag import existing_store
 from forge.core.kv_cache import plan_cache
 from forge.rag.retrieval import Rag
@@ -44,6 +44,7 @@ SERVE_FLAGS = (
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @DEVICE_OPTION
 @INFERENCE_DTYPE_OPTION
+@QUANTIZE_OPTION
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
@@ -68,7 +69,15 @@ SERVE_FLAGS = (
     rag_k={"help": "Chunks searched per chat answer [default: 12 to quote, 5 free]."},
 )
 def serve_cmd(
-    model: str, host: str, port: int, device: str, dtype: str, log_level: str, db: str | None, **options: Any
+    model: str,
+    host: str,
+    port: int,
+    device: str,
+    dtype: str,
+    quantize: str | None,
+    log_level: str,
+    db: str | None,
+    **options: Any,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (chat, completions, embeddings, models).
 
@@ -82,7 +91,7 @@ def serve_cmd(
             "model; pass --api-key KEY (or set FORGE_API_KEY)",
             err=True,
         )
-    app = Forge(model, device=device, dtype=dtype)  # type: ignore[arg-type]
+    app = Forge(model, device=device, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
     options["max_batch"], options["context"] = _size_cache(app, options["max_batch"], options["context"])
     retriever = Rag(existing_store(db), app=app) if db is not None else None
     asyncio.run(server.serve(app, host=host, port=port, log_level=log_level, retriever=retriever, **options))

@@ -15,6 +15,7 @@ from forge.config import ModelConfig
 from forge.core import ops
 from forge.core.attention import CausalSelfAttention, rope_tables
 from forge.core.kv_cache import CacheWrite, KVCache, check_cache_fits
+from forge.core.quantize import QuantizedWeight
 
 __all__ = ["ROPE_INITIAL_LEN", "Transformer"]
 
@@ -158,8 +159,9 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.down.weight, mean=0.0, std=std)
 
     def num_params(self, *, non_embedding: bool = False) -> int:
-        """Parameter count; tied weights count once."""
+        """Parameter count; tied weights count once, and a quantized weight counts its (out, in) values."""
         n = sum(p.numel() for p in self.parameters())
+        n += sum(m.shape.numel() for m in self.modules() if isinstance(m, QuantizedWeight))
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if self.pos_emb is not None:
