@@ -15,6 +15,7 @@ dequantized weight: correct, not fast.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ GGUF_Q4_0, GGUF_Q4_1 = 2, 3
 _GGUF_BLOCK = 32
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(nn.Module, abc.ABC):
     """A linear layer's (out, in) weight held quantized; ``ops.linear`` calls ``linear`` instead of ``F.linear``."""
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
@@ -39,13 +40,13 @@ class QuantizedWeight(nn.Module):
         self.shape = torch.Size(shape)
         self.dtype = dtype  # the float dtype the weight had, which dequantize returns by default
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) float weight these values stand for."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` in x's dtype."""
-        raise NotImplementedError
 
     @property
     def nbytes(self) -> int:
