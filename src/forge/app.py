@@ -25,11 +25,13 @@ import torch
 from forge import server
 from forge.config import INFERENCE_DTYPES, PRESETS, ModelConfig, dtype_name, get_preset
 from forge.core.device import autocast_dtype, resolve_device
-from forge.core.quantize import SCHEMES, quantize_model
+from forge.core.quantize import SCHEMES, has_quantized, quantize_model, weight_bytes
 from forge.core.transformer import Transformer
 from forge.data import DataSource
 from forge.engine import Engine
 from forge.errors import CheckpointError, ConfigError, ForgeError, GenerationError
+from forge.evaluate import DEFAULT_MAX_TOKENS, EvalConfig
+from forge.evaluate import evaluate as evaluate_text
 from forge.events import EVENT_NAMES, Emitter, EndEvent, Event, Listener
 from forge.generator import AsyncTextStream, GenerationConfig, Generator
 from forge.middleware import Context, Middleware
@@ -54,6 +56,10 @@ class Forge:
     ``model`` is a preset name (trained by :meth:`train`) or a checkpoint directory. ``quantize="int8"`` or
     ``"int4"`` keeps the linear layers' weights quantized after loading (and after the ``dtype`` cast); the
     embeddings and the output head stay float. Such an app runs inference only.
+
+    A quantized GGUF stays quantized (its exact values, in bfloat16 activations) unless ``dtype`` names a float
+    dtype ("float32", "bfloat16"), which asks for it dequantized; ``quantize`` then quantizes only the layers
+    the file holds in float. Training such an app trains its dequantized float32 twin.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Forge:
         self.device = resolve_device(device)
         self.defaults = defaults or GenerationConfig()
         self.dtype = _inference_dtype(dtype, self.device)
+        self._float_dtype_asked = dtype not in (None, "auto")  # a float dtype named: a GGUF is dequantized
         if quantize is not None and quantize not in SCHEMES:  # before loading: a typo costs no load
             raise ConfigError.for_field("Forge", "quantize", quantize, f"use one of {', '.join(SCHEMES)}, or None")
         self.quantize = quantize
@@ -87,7 +94,7 @@ class Forge:
         if isinstance(model, str) and model in PRESETS and not _looks_like_path(model):
             self._preset = model  # a preset name wins over a same-named directory: use "./name" for that
         elif Path(model).exists() or str(model) in KNOWN_MODELS:
-            loaded = load(model, device=self.device, with_state=True)
+            loaded = load(model, device=self.device, with_state=True, quantized=not self._float_dtype_asked)
             self._adopt(loaded.model, loaded.tokenizer, loaded.training_state)
             self._pretrained = loaded.meta
         elif isinstance(model, os.PathLike) or _looks_like_path(model):
@@ -171,7 +178,8 @@ class Forge:
         return self._source
 
     def _adopt(self, model: Transformer, tokenizer: Tokenizer, state: dict[str, Any] | None) -> None:
-        if self.dtype is not None:
+        # "auto" leaves a GGUF kept quantized in the dtype its loader chose for the quantized kernels (bf16).
+        if self.dtype is not None and (self._float_dtype_asked or not has_quantized(model)):
             model = model.to(self.dtype)
         if self.quantize is not None:
             quantize_model(model, self.quantize)
@@ -193,7 +201,8 @@ class Forge:
     def info(self) -> dict[str, Any]:
         """What the app holds: model, parameters, device, training step, middleware, listeners.
 
-        ``weight_bytes`` is the memory the model's parameters and buffers take, quantized weights at their size.
+        ``weight_bytes`` is the memory the model holds: parameters and buffers, quantized weights at their
+        resident size (:func:`forge.core.quantize.weight_bytes`).
         """
         cfg = self._model.config if self._model is not None else None
         if cfg is None and self._preset is not None:
@@ -207,7 +216,7 @@ class Forge:
             "device": str(self.device),
             "dtype": str(next(self._model.parameters()).dtype).removeprefix("torch.") if self._model else None,
             "quantize": self.quantize,
-            "weight_bytes": _weight_bytes(self._model) if self._model is not None else None,
+            "weight_bytes": weight_bytes(self._model) if self._model is not None else None,
             "tokenizer_vocab": self._tokenizer.vocab_size if self._tokenizer else None,
             "step": int(self._state["step"]) if self._state else 0,
             "middleware": [getattr(m, "__name__", repr(m)) for m in self._stack.middleware],
@@ -369,6 +378,36 @@ class Forge:
 
         return await asyncio.to_thread(run)
 
+    async def evaluate(
+        self,
+        text_or_path: str | os.PathLike[str],
+        *,
+        window: int | None = None,
+        stride: int | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> dict[str, Any]:
+        """Bits per byte and perplexity of the model on a text (a ``str``) or a text file (a ``pathlib.Path``).
+
+        Sliding windows of ``window`` tokens (default: the model's context) move on by ``stride`` (default: half
+        the window); at most ``max_tokens`` tokens are scored (``truncated`` says when the text was longer). The
+        model runs as loaded: its dtype, its quantized weights. See :mod:`forge.evaluate`.
+
+        >>> (await app.evaluate(Path("notes.txt")))["bits_per_byte"]  # doctest: +SKIP
+        1.77
+        """
+        model, tokenizer = self._require_model("evaluate")
+        config = EvalConfig(window=window, stride=stride, max_tokens=max_tokens)
+        assert self._generator is not None
+        lock = self._generator.lock
+
+        def run() -> dict[str, Any]:
+            with lock:  # the weights don't change (training) while they are scored
+                return evaluate_text(model, tokenizer, text_or_path, config).to_dict()
+
+        result = await asyncio.to_thread(run)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return {**result, "model": self._source, "dtype": dtype, "quantize": self.quantize}
+
     def render(self, messages: Messages, *, add_generation_prompt: bool = True, tools: Tools | None = None) -> str:
         """The prompt that :meth:`chat` gives the model for ``messages`` (and ``tools``, OpenAI ``tools`` entries)."""
         _, tokenizer = self._require_model("render")
@@ -508,12 +547,6 @@ def _inference_dtype(dtype: str | None, device: torch.device) -> torch.dtype | N
     if name == "auto":
         return autocast_dtype(device) or torch.float32
     return getattr(torch, name)  # type: ignore[no-any-return]
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers (a quantized weight's are its buffers; tied weights count once)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 #: Suffixes of model files: a name ending in one is a path that is missing, never a preset.

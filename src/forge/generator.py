@@ -317,7 +317,9 @@ class Generator:
     """Generates text from a model and its tokenizer.
 
     ``dtype`` casts the model for inference (e.g. ``torch.bfloat16`` on a GPU);
-    by default the weights stay as they are.
+    by default the weights stay as they are. ``compile``: compile the decode step
+    (see :func:`forge.core.decode.compiled_step`; on CUDA, the graphed step), paid once
+    on the first generation.
     """
 
     def __init__(
@@ -327,7 +329,9 @@ class Generator:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
+        self.compile = compile
         if device is not None:
             model = model.to(resolve_device(str(device)) if isinstance(device, str) else device)
         if dtype is not None:
@@ -376,7 +380,7 @@ class Generator:
             seq.params, seq.generator = seqs[0].params, seqs[0].generator
         index = {id(seq): i for i, seq in enumerate(seqs)}
         with self.lock:  # one token loop at a time: its KV caches go into the model
-            batcher = fixed_batcher(self.model, seqs, vocab_limit=self.tokenizer.vocab_size)
+            batcher = fixed_batcher(self.model, seqs, vocab_limit=self.tokenizer.vocab_size, compile=self.compile)
             try:
                 results = batcher.add_many(seqs)
                 while results:

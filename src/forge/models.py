@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from forge.core.formats.gguf import read_gguf
 from forge.core.formats.gguf_write import write_gguf
 from forge.core.formats.hf import read_hf, write_hf
 from forge.core.lora import adapter_tensors, attach_adapters, base_copy, has_lora, merge_lora, merged_copy
+from forge.core.quantize import QuantizedWeight, dequantize_model, has_quantized, weight_bytes
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
 from forge.tokenizer import Tokenizer
@@ -46,6 +49,8 @@ __all__ = [
     "preset_names",
     "save",
 ]
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special tokens and chat template
@@ -97,7 +102,8 @@ def save(
 
     A model with LoRA adapters is saved as its frozen weights plus the adapters
     (``adapters.safetensors``), so a resumed run continues them exactly;
-    :func:`load` merges them unless asked to keep them.
+    :func:`load` merges them unless asked to keep them. Quantized weights are saved dequantized to float32
+    (checkpoints hold float weights; ``model`` is left as it is).
     """
     files = {
         TOKENIZER_FILE: tokenizer.to_str().encode("utf-8"),
@@ -108,9 +114,12 @@ def save(
         files[ADAPTERS_FILE] = save_tensors(
             {k: v.contiguous().cpu() for k, v in tensors.items()}, {"alpha": str(alpha)}
         )
+    plain = base_copy(model)
+    if has_quantized(plain):
+        plain = dequantize_model(copy.deepcopy(plain), torch.float32).float()
     return save_checkpoint(
         path,
-        model=base_copy(model),
+        model=plain,
         config=model.config.to_dict(),
         files=files,
         training_state=training_state,
@@ -158,6 +167,7 @@ def load(
     device: str | torch.device = "cpu",
     with_state: bool = False,
     keep_adapters: bool = False,
+    quantized: bool = True,
 ) -> LoadedModel:
     """Load a model with its tokenizer from any source Forge reads.
 
@@ -166,6 +176,10 @@ def load(
     known model name (:data:`KNOWN_MODELS`). The training state comes only from
     Forge checkpoints, and only if ``with_state``. A checkpoint's LoRA adapters
     are merged into a plain model, or kept on it with ``keep_adapters`` (to resume training them).
+
+    A GGUF's quantized matrices stay quantized (exactly the file's values, see :func:`read_gguf`), and such a
+    model computes in :func:`quantized_dtype` (bfloat16, what the quantized CPU kernels run in); with
+    ``quantized=False`` every tensor is dequantized to float32, as from any other source.
     """
     source = locate(path)
     if source.is_file():
@@ -174,7 +188,7 @@ def load(
                 f"{str(source)!r} is a file but not a GGUF model; pass a .gguf file, a Hugging Face folder "
                 "or a Forge checkpoint directory"
             )
-        return _from_pretrained(read_gguf(source), source, device)
+        return _from_pretrained(read_gguf(source, quantized=quantized), source, device)
     if source.is_dir() and not _is_forge_dir(source) and (source / "config.json").is_file():
         return _from_pretrained(read_hf(source), source, device)
     return _load_forge(source, device=device, with_state=with_state, keep_adapters=keep_adapters)
@@ -189,10 +203,20 @@ def _is_forge_dir(path: Path) -> bool:
     return (path / MANIFEST).exists() or any(path.parent.glob(f".{path.name}.old-*"))
 
 
+def quantized_dtype(device: str | torch.device) -> torch.dtype:
+    """What a model with quantized weights computes in: bfloat16, which the CPU int4 kernel wants, unless the
+    device is a GPU without it."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
+
+
 def _from_pretrained(pre: Pretrained, path: Path, device: str | torch.device) -> LoadedModel:
     with torch.device("meta"):
         model = Transformer(pre.config)
     _check_shapes(model, pre.state_dict, path)
+    quantized = _install_quantized(model, pre.state_dict)  # before to_empty: their floats are never allocated
     model.to_empty(device="cpu")
     model.tie_weights()
     _load_weights(model, pre.state_dict, path)
@@ -205,7 +229,17 @@ def _from_pretrained(pre: Pretrained, path: Path, device: str | torch.device) ->
         add_bos=sp.add_bos,
         chat_template=pre.chat_template,
     )
-    return LoadedModel(model=model.eval().to(device), tokenizer=tokenizer, path=path, meta=pre.meta)
+    model = model.eval().to(device)
+    if quantized:
+        model = model.to(quantized_dtype(device))
+    log.info(
+        "loaded %s: %d of its matrices kept quantized, %.1f MB of weights resident (the file: %.1f MB)",
+        path.name,
+        quantized,
+        weight_bytes(model) / 1e6,
+        path.stat().st_size / 1e6 if path.is_file() else 0.0,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, meta=pre.meta)
 
 
 def _load_forge(path: Path, *, device: str | torch.device, with_state: bool, keep_adapters: bool) -> LoadedModel:
@@ -259,11 +293,28 @@ def _check_shapes(model: Transformer, state_dict: dict[str, torch.Tensor], path:
             )
 
 
-def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], path: object) -> None:
-    # Tied weights are stored once; loading either name fills both.
+def _install_quantized(model: Transformer, state_dict: dict[str, Any]) -> int:
+    """Put each quantized weight of ``state_dict`` in place of the Parameter of its name; how many there are."""
+    placed: set[int] = set()
+    for name, value in state_dict.items():
+        if isinstance(value, QuantizedWeight):
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            delattr(module, attr)  # the (meta) Parameter goes; the quantized module takes its name
+            setattr(module, attr, value)
+            placed.add(id(value))
+    return len(placed)
+
+
+def _load_weights(model: Transformer, state_dict: dict[str, Any], path: object) -> None:
+    # Tied weights are stored once; loading either name fills both. Quantized ones are in place already.
     tied = {"lm_head.weight", "tok_emb.weight"} if model.config.tie_embeddings else set()
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = set(result.missing_keys) - tied
+    held = tuple(f"{k}." for k, v in state_dict.items() if isinstance(v, QuantizedWeight))
+    if model.config.tie_embeddings and isinstance(model.tok_emb.weight, QuantizedWeight):
+        held += ("tok_emb.weight.", "lm_head.weight.")
+    floats = {k: v for k, v in state_dict.items() if not isinstance(v, QuantizedWeight)}
+    result = model.load_state_dict(floats, strict=False)
+    missing = {k for k in result.missing_keys if not k.startswith(held)} - tied
     if tied and tied <= set(result.missing_keys):
         missing |= tied
     if missing or result.unexpected_keys:
@@ -275,10 +326,11 @@ def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], path:
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``forge info`` shows: architecture, parameter count, training state.
+    """What ``forge info`` shows: architecture, parameter count, weights resident, training state.
 
     ``path`` is anything :func:`load` reads; ``format`` says which ("forge", "gguf" or "hf"), and
-    ``source`` what a pretrained file declares (architecture, name, quantization).
+    ``source`` what a pretrained file declares (architecture, name, quantization). ``weight_bytes`` is the
+    memory the weights take as :func:`load` holds them (a GGUF's quantized matrices kept quantized).
     """
     loaded = load(path, with_state=True)
     pretrained = bool(loaded.meta)  # only GGUF files and HF folders carry where they came from
@@ -294,6 +346,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "parameters": model.num_params(),
         "non_embedding_parameters": model.num_params(non_embedding=True),
+        "weight_bytes": weight_bytes(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "tokenizer_vocab": loaded.tokenizer.vocab_size,
         "step": state.get("step", 0),
         "train_config": state.get("train_config"),
@@ -303,9 +357,12 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 #: Output formats of :func:`export` and the dtypes each writes, in the one dtype vocabulary (forge.config.DTYPES).
-EXPORT_FORMATS = {"gguf": ("float32", "float16", "bfloat16", "q8_0"), "hf": ("float32", "float16", "bfloat16")}
+EXPORT_FORMATS = {
+    "gguf": ("float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1"),
+    "hf": ("float32", "float16", "bfloat16"),
+}
 #: The writers' own (GGUF) names of those dtypes.
-_ON_DISK = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0"}
+_ON_DISK = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1"}
 
 
 def export(
@@ -319,8 +376,11 @@ def export(
 ) -> Path:
     """Write ``model`` for other tools: a GGUF file (llama.cpp, Ollama) or an HF folder (transformers).
 
-    ``dtype`` is one of ``EXPORT_FORMATS[format]`` (``f32``, ``f16``, ``bf16`` are accepted too).
-    LoRA adapters are merged first. Returns the path written.
+    ``dtype`` is one of ``EXPORT_FORMATS[format]`` (``f32``, ``f16``, ``bf16`` are accepted too); ``q4_0`` and
+    ``q4_1`` keep the embeddings and output head at Q8_0, as llama.cpp does. LoRA adapters are merged first. A
+    quantized model (:class:`~forge.core.quantize.QuantizedWeight` layers) is dequantized for every format, except
+    that int4 weights which are exactly Q4_0/Q4_1 blocks (a model loaded from such a GGUF) are written unchanged to
+    that type. Returns the path written.
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(
@@ -333,7 +393,7 @@ def export(
             field="dtype",
         )
     plain = merged_copy(model)
-    state = {k: v.detach().float().cpu() for k, v in plain.state_dict().items()}
+    state = _export_weights(plain)
     special = SpecialTokens(
         bos=tokenizer.bos,
         eos=tokenizer.eos,
@@ -347,5 +407,25 @@ def export(
             path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named], name=name
         )
     else:
-        write_hf(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named])
+        floats = {k: _dequantized(v) for k, v in state.items()}
+        write_hf(path, plain.config, floats, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named])
     return path
+
+
+def _dequantized(value: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    return value.dequantize(torch.float32).cpu() if isinstance(value, QuantizedWeight) else value
+
+
+def _export_weights(model: Transformer) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The weights by their float state-dict names: float32 CPU tensors, and each quantized weight as its module.
+
+    A quantized layer's ``state_dict()`` holds its buffers (``...weight.q``, ``...weight.scale``) where a plain one
+    holds ``...weight``; the writers want the latter, so the module stands in for it (tied ones under both names).
+    """
+    quantized = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantizedWeight)}
+    out: dict[str, torch.Tensor | QuantizedWeight] = dict(quantized)
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if not any(".".join(parts[:i]) in quantized for i in range(1, len(parts))):
+            out[key] = value.detach().float().cpu()
+    return out

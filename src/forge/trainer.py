@@ -25,6 +25,7 @@ from forge.core.checkpoint import check_replaceable
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.lora import apply_lora, has_lora, lora_rank, merge_lora
 from forge.core.optim import build_adamw, clip_grad_norm
+from forge.core.quantize import dequantize_model, has_quantized
 from forge.core.schedule import Schedule, ScheduleKind
 from forge.core.transformer import Transformer
 from forge.data import Corpus, DataSource, TokenDataset, cache_dir
@@ -456,8 +457,9 @@ def train(
     ``preset``; with ``resume``, both come from that checkpoint and training
     continues exactly where it stopped (saving back there unless ``out`` says
     otherwise). ``model`` with a ``Tokenizer`` instance trains that model
-    further; add the ``state`` of an earlier :class:`TrainResult` to continue
-    its run. ``options`` are :class:`TrainConfig` fields.
+    further (a model with quantized weights, such as a GGUF kept quantized, is
+    first dequantized to float32 in place); add the ``state`` of an earlier
+    :class:`TrainResult` to continue its run. ``options`` are :class:`TrainConfig` fields.
     """
     config = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     dev = resolve_device(device)
@@ -470,6 +472,8 @@ def train(
         if not isinstance(tokenizer, Tokenizer):
             raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")
         tok = tokenizer
+        if has_quantized(model):  # e.g. a GGUF kept quantized: train its float32 twin, in place
+            dequantize_model(model, torch.float32).float()
     else:
         model, tok = _fresh(corpus, preset, tokenizer, vocab_size, config)
     dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)

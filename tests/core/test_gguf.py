@@ -285,7 +285,7 @@ def test_lossy_round_trip_logits_stay_close(
 ) -> None:
     model = _model(family, tokenizer, small_config, std=0.15, **({"d_ff": 80} if dtype == "q8_0" else {}))
     path = _write(tmp_path / "m.gguf", model, tokenizer, dtype=dtype)
-    pre = read_gguf(path)
+    pre = read_gguf(path, quantized=False)  # dequantized: kept quantized, test_gguf_quantized.py
     assert pre.config == model.config
     ids = _ids(model.config.vocab_size)
     reference, logits = _logits(model, ids), _logits(pre, ids)
@@ -508,7 +508,7 @@ def smollm_path() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm(smollm_path: Path) -> Pretrained:
-    return read_gguf(smollm_path)
+    return read_gguf(smollm_path, quantized=False)  # float32, as transformers dequantizes it
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,14 @@ from forge.core.quantize import (
     GGUF_Q4_0,
     GGUF_Q4_1,
     Int4Weight,
+    Int8GroupWeight,
     Int8Weight,
     QuantizedWeight,
+    from_gguf,
     quantize_model,
     quantize_weight,
 )
+from forge.core.quantize.base import _kernel_rows
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError
@@ -158,3 +161,106 @@ def test_group_size_that_does_not_divide_the_width_is_a_config_error_and_changes
 def test_from_gguf_refuses_other_block_types() -> None:
     with pytest.raises(ConfigError, match="type 8 does not map exactly into int4"):
         Int4Weight.from_gguf(8, b"", (32, 32))
+
+
+# -- every GGUF block type Forge keeps quantized, bit for bit (issue 17) -------------------------------------------
+
+#: type -> (Forge class, group size). gguf-py quantizes the first five; the K-quants come from random blocks.
+GGUF_MAPPED = {
+    "Q4_0": (Int4Weight, 32),
+    "Q4_1": (Int4Weight, 32),
+    "Q8_0": (Int8GroupWeight, 32),
+    "Q5_0": (Int8GroupWeight, 32),
+    "Q5_1": (Int8GroupWeight, 32),
+    "Q2_K": (Int8GroupWeight, 16),
+    "Q3_K": (Int8GroupWeight, 16),
+    "Q4_K": (Int4Weight, 32),
+    "Q5_K": (Int8GroupWeight, 32),
+    "Q6_K": (Int8GroupWeight, 16),
+}
+#: Byte offsets of each K-quant block's fp16 super-block scales (d, dmin), per gguf/quants.py's layouts.
+K_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def _gguf_blocks(kind: str, out: int, width: int, seed: int = 0) -> np.ndarray:
+    """Blocks of type ``kind`` for an (out, width) matrix, one row of blocks per output row."""
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType[kind]
+    rng = np.random.default_rng(seed)
+    if kind not in K_SCALES:
+        data = rng.standard_normal((out, width)).astype(np.float32)
+        data[:, :32] = data[:, :32] * 1e-3 + 0.5  # a block of small values around an offset: far from the others
+        return gguf.quants.quantize(data, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (out * width // block, size), dtype=np.uint8)  # every bit pattern of the values
+    for at in K_SCALES[kind]:  # finite, varied super-block scales; the 4-8 bit sub-scales stay random
+        d = rng.uniform(1e-3, 5e-2, (len(blocks), 1)).astype(np.float16)
+        blocks[:, at : at + 2] = d.view(np.uint8)
+    return blocks.reshape(out, -1)
+
+
+@pytest.mark.parametrize("kind", list(GGUF_MAPPED))
+def test_every_kept_gguf_type_maps_bit_for_bit(kind: str) -> None:
+    gguf = _gguf()
+    qtype = gguf.GGMLQuantizationType[kind]
+    out, width = 40, 512  # 40 rows: not a multiple of the kernel's 16, so the padding is exercised too
+    blocks = _gguf_blocks(kind, out, width)
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).reshape(out, width))
+    qw = from_gguf(int(qtype), blocks, (out, width))
+    cls, group = GGUF_MAPPED[kind]
+    assert type(qw) is cls and qw.group_size == group and qw.shape == (out, width)
+    assert torch.equal(qw.dequantize(torch.float32), expected)
+    rows = torch.tensor([[39, 0], [17, 17]])
+    assert torch.equal(qw.embedding(rows).float(), expected[rows])  # dtype float32: the rows exactly
+    for dtype in DTYPES:
+        x = torch.randn(2, 3, width).to(dtype)
+        _close(ops.linear(x, qw), x.float() @ expected.T, dtype)
+    x = torch.randn(3, width, dtype=torch.float64)  # no CPU kernel for it: the dequantized reference path
+    torch.testing.assert_close(qw.linear(x), x @ expected.double().T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("group", "with_min"), [(32, False), (32, True), (16, False), (16, True)])
+def test_int8_groups_match_their_dequantized_reference(group: int, with_min: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(group + with_min)
+    q = torch.randint(-128, 128, (56, 128), generator=gen, dtype=torch.int8)  # the whole int8 range
+    scale = (torch.rand(56, 128 // group, generator=gen) * 0.05 + 1e-3).half()
+    minimum = (torch.randn(56, 128 // group, generator=gen) * 0.5).half() if with_min else None
+    qw = Int8GroupWeight(q, scale, minimum, torch.float32)
+    want = (q.float().reshape(56, -1, group) * scale.float()[..., None]).reshape(56, 128)
+    if minimum is not None:
+        want = want + minimum.float().repeat_interleave(group, dim=1)
+    assert torch.equal(qw.unpacked(), q.int()) and torch.equal(qw.dequantize(), want)
+    x, bias = torch.randn(4, 128).to(dtype), torch.randn(56).to(dtype)
+    _close(qw.linear(x, bias), x.float() @ want.T + bias.float(), dtype)
+
+
+def test_int4_values_are_read_back_as_the_kernel_packs_them() -> None:
+    qw = Int4Weight.quantize(_weight(out=80, width=96))  # 80 rows: two blocks of 32 and one of 16
+    assert torch.equal(qw.unpacked(), _kernel_rows(qw.packed, 96, torch.arange(80)))
+
+
+def test_weights_report_the_bytes_they_hold() -> None:
+    out, width = 64, 256
+    rtn = Int4Weight.quantize(_weight(out, width))
+    assert rtn.exact_scale is None and rtn.exact_min is None  # its scale and zero are chosen in bf16
+    assert rtn.nbytes == out * width * 0.625  # half a byte a value, bf16 [scale, zero] a group of 32
+    q41 = from_gguf(GGUF_Q4_1, _gguf_blocks("Q4_1", out, width), (out, width))
+    assert q41.nbytes == out * width * 0.75  # and the file's fp16 d and m, for dequantize to be exact
+    q80 = from_gguf(8, _gguf_blocks("Q8_0", out, width), (out, width))
+    assert q80.nbytes == out * width * (1 + 4 / 32 + 2 / 32)
+    before = q41.nbytes
+    q41.linear(torch.randn(1, width))  # float32 activations: scales cast once and kept, and counted
+    assert q41.nbytes == before + out * width // 32 * 2 * 4
+    q41.to(torch.bfloat16)
+    assert q41.nbytes == before and q41.dtype == torch.bfloat16
+
+
+def test_bad_group_weights_and_block_types_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError, match="2 int8 groups do not split the input width 96 into groups of 16 or 32") as e:
+        Int8GroupWeight(torch.zeros(16, 96, dtype=torch.int8), torch.ones(16, 2), None, torch.float32)  # 48
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"GGUF tensor type IQ2_XXS \(16\) can't be kept quantized.*dtype='float32'"):
+        from_gguf(16, b"", (32, 256))
+    with pytest.raises(ConfigError, match="do not fill a tensor of shape"):
+        from_gguf(8, b"\0" * 34, (2, 32))

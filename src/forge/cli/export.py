@@ -21,7 +21,7 @@ EXPORT_DTYPES = tuple(d for d in DTYPES if any(d in dtypes for dtypes in models.
 @cli.command("export")
 @click.argument("model")
 @click.option("--format", type=click.Choice(list(models.EXPORT_FORMATS)), required=True)
-@dtype_option("--dtype", EXPORT_DTYPES, "float16", "Weights on disk; q8_0 is GGUF only.")
+@dtype_option("--dtype", EXPORT_DTYPES, "float16", "Weights on disk; q8_0, q4_0 and q4_1 are GGUF only.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="A .gguf file or an HF folder.")
 def export_cmd(model: str, format: str, dtype: str, out: Path) -> None:
     """Write MODEL (a Forge checkpoint, GGUF file, HF folder or known name) as GGUF or an HF folder."""

@@ -49,6 +49,7 @@ __all__ = [
     "Sequence",
     "StepResult",
     "decode_step",
+    "compiled_step",
     "fixed_batcher",
     "pick",
     "prefill",
@@ -256,7 +257,9 @@ class Batcher:
     ) -> None:
         self.model, self.max_batch, self.max_len, self.vocab_limit = model, max_batch, max_len, vocab_limit
         self.device = model.tok_emb.weight.device
-        self.caches: list[KVCache] = model.make_caches(max_batch, max_len, dtype=dtype) if cache else []
+        # A compiled step's caches span the whole context, allocated lazily (pages only as they are written).
+        lazy = compile and graphs is None
+        self.caches: list[KVCache] = model.make_caches(max_batch, max_len, dtype=dtype, lazy=lazy) if cache else []
         self._first = model.blocks[0].attn  # where to see whose caches the model holds
         # Each row's next input token; without a cache, each row's whole sequence so far.
         self.tokens = torch.zeros(max_batch, 1 if cache else max_len, dtype=torch.long, device=self.device)
@@ -265,6 +268,8 @@ class Batcher:
         self.running: list[Sequence] = []  # running[i].row == i
         self.observe: Observer | None = None
         self.graphs = _Graphs(self, graphs, compile) if graphs is not None and cache else None
+        # Elsewhere than CUDA, ``compile`` compiles the eager decode step (see :func:`compiled_step`).
+        self.compiled = compile and cache and self.graphs is None
 
     @property
     def free(self) -> int:
@@ -382,6 +387,8 @@ class Batcher:
         self._install()
         if min(lengths) == max(lengths):  # one position for all rows (batch 1 always): the cheapest step
             tokens = self.tokens if rows.stop == self.max_batch else self.tokens[rows]  # batch 1: no slicing
+            if self.compiled:
+                return compiled_step()(self.model, tokens, rows.stop, lengths[0])
             return decode_step(self.model, tokens, CacheWrite(rows=rows, pos=lengths[0], length=lengths[0] + 1))
         pos = torch.tensor(lengths, device=self.device)  # (n,), from the host: no device sync
         flat = self.caches[0].flat_index(rows, pos)
@@ -518,6 +525,30 @@ class _Graphs:
         return graph
 
 
+_compiled_step: Callable[..., torch.Tensor] | None = None
+
+
+def _plain_step(model: Transformer, tokens: torch.Tensor, n: int, pos: int) -> torch.Tensor:
+    return decode_step(model, tokens, CacheWrite(rows=slice(0, n), pos=pos, length=pos + 1))
+
+
+def compiled_step() -> Callable[[Transformer, torch.Tensor, int, int], torch.Tensor]:
+    """``step(model, tokens, n, pos)``: the decode step of rows 0..n-1 all at ``pos``, compiled once for all lengths.
+
+    On a CPU the eager step is hundreds of small PyTorch ops a token, each paying Python dispatch;
+    torch.compile (Inductor) fuses the norms, RoPE, SwiGLU and residual adds into a few C++ loops and
+    calls the matmuls (quantized or not) directly. Positions are dynamic; the caches' shapes are not
+    (Dynamo guards module buffers' shapes), so :func:`fixed_batcher` gives a compiled batch caches of the
+    model's whole context, allocated lazily: one compile per model and batch size. Inductor's on-disk
+    cache makes later processes' compiles faster.
+    """
+    global _compiled_step
+    if _compiled_step is None:
+        # The KV caches' lengths vary from one generation to the next: their buffers' shapes must not be guarded.
+        _compiled_step = torch.compile(_plain_step, dynamic=True)
+    return _compiled_step
+
+
 def fixed_batcher(
     model: Transformer,
     seqs: list[Sequence],
@@ -534,7 +565,10 @@ def fixed_batcher(
     """
     need = max(len(s.prompt) + s.max_new_tokens for s in seqs)
     if not (cache and cuda_graphs and model.tok_emb.weight.device.type == "cuda"):
-        return Batcher(model, max_batch=len(seqs), max_len=need, vocab_limit=vocab_limit, cache=cache)
+        # Elsewhere, ``compile`` compiles the step of rows that share one position: prompts of one length.
+        compile = compile and cache and len({len(s.prompt) for s in seqs}) == 1
+        total = model.config.context_length if compile else need
+        return Batcher(model, max_batch=len(seqs), max_len=total, vocab_limit=vocab_limit, cache=cache, compile=compile)
     # A cache rounded up to 256 slots lets generations of other lengths replay the same captured graphs.
     total = min(model.config.context_length, -(-need // 256) * 256)
     key = graph_key(model, len(seqs), total, chunk=GRAPH_CHUNK, vocab_limit=vocab_limit, compile=compile)

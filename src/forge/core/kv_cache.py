@@ -78,11 +78,13 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        lazy: bool = False,
     ) -> None:
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        make = torch.empty if lazy else torch.zeros  # empty: untouched pages cost no memory
+        self.register_buffer("k", make(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", make(shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:

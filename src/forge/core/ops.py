@@ -26,6 +26,7 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "decode_attention",
+    "embedding",
     "gelu",
     "linear",
     "linear_cross_entropy",
@@ -50,6 +51,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     if isinstance(weight, QuantizedWeight):
         return weight.linear(x, bias)
     return F.linear(x, weight, bias)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """Rows ``ids`` of an embedding table (vocab, d); a quantized table dequantizes only the rows it is asked for."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.embedding(ids)
+    return F.embedding(ids, weight)
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -173,16 +173,29 @@ class Transformer(nn.Module):
         """Preallocate a KV cache of ``max_len`` positions in every layer."""
         self.use_caches(self.make_caches(batch, max_len, dtype=dtype))
 
-    def make_caches(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """One KV cache per layer, not installed (see :meth:`use_caches`)."""
+    def make_caches(
+        self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, lazy: bool = False
+    ) -> list[KVCache]:
+        """One KV cache per layer, not installed (see :meth:`use_caches`).
+
+        ``lazy``: leave the buffers uninitialised, so that on a CPU only the pages written take memory.
+        Only for callers that never read a position before writing it.
+        """
         cfg = self.config
         device = self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
-        check_cache_fits(cfg, batch, max_len, dtype, device)
+        if not lazy:
+            check_cache_fits(cfg, batch, max_len, dtype, device)
         self.ensure_positions(max_len)  # before any graph captures a read of the tables
         return [
             KVCache(
-                batch=batch, n_kv_head=cfg.kv_heads, max_len=max_len, head_dim=cfg.head_dim, dtype=dtype, device=device
+                batch=batch,
+                n_kv_head=cfg.kv_heads,
+                max_len=max_len,
+                head_dim=cfg.head_dim,
+                dtype=dtype,
+                device=device,
+                lazy=lazy,
             )
             for _ in self.blocks
         ]
@@ -242,12 +255,12 @@ class Transformer(nn.Module):
         if positions is None:
             assert write is None or isinstance(write.pos, int), "per-row cache positions need per-row positions"
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.tok_emb(idx)  # (B, T, d)
+        x = ops.embedding(idx, self.tok_emb.weight)  # (B, T, d); a GGUF's weight stays quantized
         # Positions past start + T come only with a KV cache, whose make_caches grew the tables.
         self.ensure_positions(start + T)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            x = x + ops.embedding(positions, self.pos_emb.weight)
         else:
             # (T, D) -> (1, 1, T, D) or (B, T, D) -> (B, 1, T, D)
             rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))

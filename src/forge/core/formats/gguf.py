@@ -1,8 +1,11 @@
 """GGUF, llama.cpp's single-file model format: read it into Forge (writing: :mod:`forge.core.formats.gguf_write`).
 
 A GGUF file holds typed key/value metadata and a list of tensors, each stored as float or as a
-quantized block format. Reading dequantizes every tensor to float32 with ``gguf.quants``; writing
-quantizes with it. The ``gguf`` package is an optional dependency (``pip install gguf``).
+quantized block format. Reading keeps each quantized matrix quantized, as the
+:class:`~forge.core.quantize.QuantizedWeight` that holds its blocks' values exactly
+(:func:`forge.core.quantize.from_gguf`; float tensors are read as float32), or with ``quantized=False``
+dequantizes every tensor to float32 with ``gguf.quants``; writing quantizes with it. The ``gguf`` package is
+an optional dependency (``pip install gguf``).
 
 >>> p = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
 >>> p.config.n_layer  # doctest: +SKIP
@@ -33,7 +36,9 @@ Tensors (llama.cpp lists dimensions innermost first: ``[576, 49152]`` is a (4915
 
 llama.cpp's "llama" graph rotates adjacent pairs (x0, x1) where HF and Forge rotate halves
 (x0, x_{D/2}), so its converter permutes the rows of attn_q and attn_k within each head: reading
-undoes that, writing redoes it. "qwen2" rotates halves like Forge and is stored unpermuted.
+undoes that, writing redoes it. "qwen2" rotates halves like Forge and is stored unpermuted. A quantized
+matrix is permuted and concatenated (q|k|v, gate|up) as whole rows of its blocks, before it becomes a
+quantized weight; parts of different types are dequantized and joined as float32.
 
 Tokenizers and special tokens (``tokenizer.ggml.*``) are read and written by :mod:`forge.core.formats.gguf_tokenizer`.
 """
@@ -43,6 +48,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -54,6 +60,7 @@ from forge.config import ModelConfig
 from forge.core.attention import rope_tables
 from forge.core.formats import Pretrained
 from forge.core.formats.gguf_tokenizer import read_tokenizer
+from forge.core.quantize import GGUF_KEPT, QuantizedWeight, from_gguf
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
 
@@ -88,12 +95,16 @@ def _gguf() -> ModuleType:
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
-def read_gguf(path: str | os.PathLike[str]) -> Pretrained:
-    """Read a GGUF model: config, float32 state dict in Forge's names, tokenizer, special tokens, chat template.
+def read_gguf(path: str | os.PathLike[str], *, quantized: bool = True) -> Pretrained:
+    """Read a GGUF model: config, state dict in Forge's names, tokenizer, special tokens, chat template.
+
+    The state dict holds each quantized matrix as a :class:`~forge.core.quantize.QuantizedWeight` with exactly
+    the file's values (a tied embedding and head are one module), and the float tensors as float32; with
+    ``quantized=False`` every tensor is dequantized to float32.
 
     >>> p = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
-    >>> p.config.n_layer, p.meta["quant_types"]  # doctest: +SKIP
-    (30, ['F32', 'Q4_1', 'Q8_0'])
+    >>> p.config.n_layer, p.meta["quant_types"], type(p.state_dict["blocks.0.mlp.up.weight"]).__name__  # doctest: +SKIP
+    (30, ['F32', 'Q4_1', 'Q8_0'], 'Int4Weight')
     """
     p, reader = _open(path)
     meta = _Metadata(reader, p)
@@ -106,7 +117,7 @@ def read_gguf(path: str | os.PathLike[str]) -> Pretrained:
     _check_types(reader.tensors, p)
     by_name = {t.name: t for t in reader.tensors}
     tied = _is_tied(by_name)
-    tensors = {name: _dequantize(t, p) for name, t in by_name.items()}
+    tensors = {name: _read_tensor(t, p, quantized) for name, t in by_name.items()}
     config = _read_config(meta, arch, tensors, tied, p)
     tokenizer, special = read_tokenizer(meta, p, n_vocab=config.vocab_size)
     file_type = meta.get("general.file_type")
@@ -227,6 +238,63 @@ def _dequantize(tensor: ReaderTensor, path: Path) -> torch.Tensor:
     return torch.from_numpy(data).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
+@dataclass
+class _Blocks:
+    """A quantized matrix still in the file's blocks: one row of raw bytes per output row. llama.cpp's q/k row
+    permutation and the q|k|v and gate|up concatenations move whole rows, so they are exact here."""
+
+    qtype: int
+    rows: torch.Tensor  # (out, bytes a row) uint8
+    width: int  # values a row
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows.shape[0], self.width))
+
+    def dequantize(self) -> torch.Tensor:
+        data = _gguf().quants.dequantize(self.rows.numpy(), self.qtype)
+        return torch.from_numpy(np.asarray(data, dtype=np.float32)).reshape(self.shape)
+
+
+_Tensor = torch.Tensor | _Blocks
+
+
+def _read_tensor(tensor: ReaderTensor, path: Path, quantized: bool) -> _Tensor:
+    if quantized and tensor.tensor_type.name in GGUF_KEPT and len(tensor.shape) == 2:
+        out, width = int(tensor.shape[1]), int(tensor.shape[0])
+        rows = np.array(tensor.data, dtype=np.uint8)  # a copy: the reader's array is the read-only memory map
+        if rows.size % max(out, 1):
+            raise CheckpointError(f"GGUF file {str(path)!r} has a damaged tensor {tensor.name!r}; re-download it")
+        return _Blocks(int(tensor.tensor_type), torch.from_numpy(rows.reshape(out, -1)), width)
+    return _dequantize(tensor, path)
+
+
+def _rowwise(part: _Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> _Tensor:
+    """``fn`` (a reordering of rows) applied to a float tensor or to the rows of a matrix's blocks."""
+    return _Blocks(part.qtype, fn(part.rows), part.width) if isinstance(part, _Blocks) else fn(part)
+
+
+def _join(parts: list[_Tensor]) -> _Tensor:
+    """The rows of ``parts`` one after another: still blocks if all are blocks of one type, else float32."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if all(isinstance(b, _Blocks) and b.qtype == first.qtype and b.width == first.width for b in parts):
+        return _Blocks(first.qtype, torch.cat([b.rows for b in parts]), first.width)  # type: ignore[union-attr]
+    return torch.cat([b.dequantize() if isinstance(b, _Blocks) else b for b in parts])
+
+
+def _built(value: _Tensor, what: str, path: Path) -> torch.Tensor | QuantizedWeight:
+    if not isinstance(value, _Blocks):
+        return value
+    try:
+        return from_gguf(value.qtype, value.rows, value.shape)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"GGUF file {str(path)!r}: {what} cannot be read ({e}); re-download or re-convert it"
+        ) from None
+
+
 def _is_tied(tensors: dict[str, ReaderTensor]) -> bool:
     out, emb = tensors.get("output.weight"), tensors.get("token_embd.weight")
     if out is None or emb is None:
@@ -242,7 +310,7 @@ def _f32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def _read_config(meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], tied: bool, path: Path) -> ModelConfig:
+def _read_config(meta: _Metadata, arch: str, tensors: dict[str, _Tensor], tied: bool, path: Path) -> ModelConfig:
     def count(key: str, default: int | None = None) -> int:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
@@ -303,7 +371,7 @@ def _read_config(meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], t
         ) from None
 
 
-def _check_sizes(tensors: dict[str, torch.Tensor], sizes: dict[str, int], arch: str, path: Path) -> None:
+def _check_sizes(tensors: dict[str, _Tensor], sizes: dict[str, int], arch: str, path: Path) -> None:
     """The metadata's width and depth against the tensors the file really holds, before either sizes anything:
     a damaged or hostile file can claim any number, and Forge would build (and loop over) that many layers."""
     emb = tuple(tensors["token_embd.weight"].shape)
@@ -319,9 +387,10 @@ def _check_sizes(tensors: dict[str, torch.Tensor], sizes: dict[str, int], arch: 
 
 
 def _read_rope_scaling(
-    meta: _Metadata, arch: str, tensors: dict[str, torch.Tensor], head_dim: int, theta: float, path: Path
+    meta: _Metadata, arch: str, tensors: dict[str, _Tensor], head_dim: int, theta: float, path: Path
 ) -> dict[str, Any] | None:
-    freqs = tensors.pop("rope_freqs.weight", None)
+    freqs = tensors.pop("rope_freqs.weight", None)  # 1-D: always float
+    assert not isinstance(freqs, _Blocks)
     if freqs is not None:
         original = meta.get(f"{arch}.rope.scaling.original_context_length")
         return _llama3_scaling(freqs, head_dim, theta, original, path)
@@ -397,8 +466,10 @@ def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
         return {name: t.shape for name, t in Transformer(config).state_dict().items()}
 
 
-def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, path: Path) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {}
+def _to_forge(
+    tensors: dict[str, _Tensor], cfg: ModelConfig, arch: str, path: Path
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    sd: dict[str, torch.Tensor | QuantizedWeight] = {}
     origin: dict[str, str] = {}
     missing: list[str] = []
 
@@ -410,14 +481,16 @@ def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, pat
         origin[dst] = " + ".join(names)
         try:
             if permute:  # q and k of llama.cpp's "llama" graph
-                parts[0], parts[1] = _unpermute(parts[0], cfg.n_head), _unpermute(parts[1], cfg.kv_heads)
-            sd[dst] = torch.cat(parts) if len(parts) > 1 else parts[0]
+                parts[0] = _rowwise(parts[0], lambda w: _unpermute(w, cfg.n_head))
+                parts[1] = _rowwise(parts[1], lambda w: _unpermute(w, cfg.kv_heads))
+            joined = _join(parts)
         except RuntimeError:  # rows not a multiple of the heads, or widths that differ
             shapes = [tuple(t.shape) for t in parts]
             raise CheckpointError(
                 f"GGUF file {str(path)!r}: {origin[dst]} have shapes {shapes}, which do not fit the metadata's "
                 f"{cfg.n_head} heads and width {cfg.d_model}; the file is inconsistent, re-convert it"
             ) from None
+        sd[dst] = _built(joined, origin[dst], path)
 
     put("tok_emb.weight", "token_embd.weight")
     if cfg.position == "learned":
@@ -459,7 +532,7 @@ def _to_forge(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, pat
 def _check_mapping(
     cfg: ModelConfig,
     arch: str,
-    sd: dict[str, torch.Tensor],
+    sd: dict[str, torch.Tensor | QuantizedWeight],
     origin: dict[str, str],
     missing: list[str],
     unused: list[str],

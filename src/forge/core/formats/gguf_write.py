@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from forge.core.checkpoint import fsync_file, write_error
 from forge.core.formats import SpecialTokens
 from forge.core.formats.gguf import _expected_shapes, _gguf, _permute
 from forge.core.formats.gguf_tokenizer import write_tokenizer
+from forge.core.quantize import Int4Weight, QuantizedWeight
 from forge.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -30,7 +31,13 @@ if TYPE_CHECKING:
 __all__ = ["WRITE_DTYPES", "write_gguf"]
 
 #: ``write_gguf(dtype=...)`` choices: the types ``gguf.quants`` can produce that llama.cpp runs everywhere.
-WRITE_DTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
+WRITE_DTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+#: Kept at Q8_0 in a q4_0/q4_1 file, as llama.cpp's quantizer keeps them above 4 bits: they are read by index or
+#: decide the next token, and an int4 head makes greedy output diverge (the shipped SmolLM2 Q4_1 has a Q8_0 token_embd).
+_HIGH_PRECISION = ("token_embd.weight", "output.weight")
+#: Values per block of the Q4_0, Q4_1 and Q8_0 types: blocks are 32 values of one row.
+_BLOCK = 32
 
 #: Kept in float32 whatever the dtype, as llama.cpp's converter does: small, and read by index, not matmul.
 _KEEP_F32 = ("position_embd.weight", "rope_freqs.weight")
@@ -39,7 +46,7 @@ _KEEP_F32 = ("position_embd.weight", "rope_freqs.weight")
 def write_gguf(
     path: str | os.PathLike[str],
     config: ModelConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor | QuantizedWeight],
     tokenizer: HFTokenizer,
     special: SpecialTokens,
     chat_template: str | None = None,
@@ -50,8 +57,13 @@ def write_gguf(
     """Write a Forge model as a GGUF file that llama.cpp and Ollama run; atomic (temp file, then rename).
 
     Llama-family configs become "llama" files ("qwen2" when only q, k, v have biases), GPT-2-family
-    configs "gpt2" files. ``dtype`` is one of :data:`WRITE_DTYPES`; norms and biases stay float32, and
-    with "q8_0" a matrix whose rows are not a multiple of 32 long stays float16.
+    configs "gpt2" files. ``dtype`` is one of :data:`WRITE_DTYPES`; norms and biases stay float32; with
+    "q4_0" and "q4_1" the token embeddings and output head are Q8_0, as llama.cpp's quantizer keeps them; with
+    the block types a matrix whose rows are not a multiple of 32 long stays float16.
+
+    ``state_dict`` may hold :class:`QuantizedWeight` modules in place of weights (a quantized model's linear
+    layers): an int4 weight in groups of 32 that is exactly Q4_0/Q4_1 is written as those blocks, unchanged, when
+    ``dtype`` is that type; any other is dequantized and written like a float weight.
 
     >>> write_gguf("tiny.gguf", model.config, model.state_dict(), tok.hf, SpecialTokens(eos=EOS))  # doctest: +SKIP
     """
@@ -64,7 +76,7 @@ def write_gguf(
             "its .hf attribute"
         )
     arch = _export_architecture(config)
-    tensors = _from_forge(config, state_dict, arch)
+    tensors = _from_forge(config, state_dict, arch, dtype)
     out = Path(path)
     _check_gguf_target(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -128,11 +140,18 @@ def _export_architecture(config: ModelConfig) -> str:
     )
 
 
-def _from_forge(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """Forge's state dict as GGUF tensors, float32 on the CPU."""
+def _from_forge(
+    cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor | QuantizedWeight], arch: str, dtype: str
+) -> dict[str, torch.Tensor]:
+    """Forge's state dict as GGUF tensors on the CPU: float32, or uint8 rows of blocks already in ``dtype``."""
     expected = _expected_shapes(cfg)
     for key, shape in expected.items():
         got = state_dict.get(key)
+        if got is None and any(k.startswith(key + ".") for k in state_dict):
+            raise ConfigError(
+                f"write_gguf: state_dict[{key!r}] is missing but its quantized buffers are there; put the "
+                "QuantizedWeight module itself under that name (forge.models.export does)"
+            )
         if got is None or got.shape != shape:
             found = "is missing" if got is None else f"has shape {tuple(got.shape)}"
             raise ConfigError(
@@ -142,7 +161,8 @@ def _from_forge(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], arch: str
 
     def get(key: str) -> torch.Tensor:
         if key in expected:
-            return state_dict[key].detach().to("cpu", torch.float32)
+            # The embeddings and head are Q8_0 in a Q4 file (_HIGH_PRECISION): never Q4 blocks.
+            return _rows(state_dict[key], dtype if key not in ("tok_emb.weight", "lm_head.weight") else None)
         # llama.cpp's gpt2 graph needs every bias; a zero bias is the same as none.
         return torch.zeros(expected[key.rsplit(".", 1)[0] + ".weight"][0])
 
@@ -208,7 +228,14 @@ def _rope_freqs(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.T
 def _write_config(writer: GGUFWriter, cfg: ModelConfig, arch: str, name: str, dtype: str) -> None:
     gguf = _gguf()
     kinds = gguf.LlamaFileType
-    file_types = {"f32": kinds.ALL_F32, "f16": kinds.MOSTLY_F16, "bf16": kinds.MOSTLY_BF16, "q8_0": kinds.MOSTLY_Q8_0}
+    file_types = {
+        "f32": kinds.ALL_F32,
+        "f16": kinds.MOSTLY_F16,
+        "bf16": kinds.MOSTLY_BF16,
+        "q8_0": kinds.MOSTLY_Q8_0,
+        "q4_0": kinds.MOSTLY_Q4_0,
+        "q4_1": kinds.MOSTLY_Q4_1,
+    }
     writer.add_name(name)
     writer.add_file_type(file_types[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -233,14 +260,50 @@ def _write_config(writer: GGUFWriter, cfg: ModelConfig, arch: str, name: str, dt
         writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling["original_max_position_embeddings"]))
 
 
+def _rows(value: torch.Tensor | QuantizedWeight, dtype: str | None) -> torch.Tensor:
+    """A weight as float32 on the CPU, or as its Q4_0/Q4_1 blocks (uint8, one row per output row) when ``value``
+    holds exactly those blocks and ``dtype`` is their type: the row operations of :func:`_block_to_gguf` (split,
+    permute, chunk) then move whole rows of blocks, and nothing is requantized."""
+    if not isinstance(value, QuantizedWeight):
+        return value.detach().to("cpu", torch.float32)
+    blocks = _q4_blocks(value, dtype) if isinstance(value, Int4Weight) and dtype in ("q4_0", "q4_1") else None
+    return blocks if blocks is not None else value.dequantize(torch.float32).detach().cpu()
+
+
+def _q4_blocks(w: Int4Weight, dtype: str) -> torch.Tensor | None:
+    """``w`` as GGUF ``dtype`` blocks, (out, in / 32 * block bytes) uint8, if it is exactly such blocks; else None.
+
+    Q4_1 is ``w = d * q + m`` per 32 values with d and m in float16; Q4_0 the same with ``m = -8 * d``.
+    """
+    if w.group_size != _BLOCK:
+        return None
+    scale, minimum = w.scale.detach().cpu().float(), w.min.detach().cpu().float()
+    d, m = scale.half(), minimum.half()
+    if not torch.equal(d.float(), scale):
+        return None
+    if dtype == "q4_1" and not torch.equal(m.float(), minimum):
+        return None
+    if dtype == "q4_0" and not torch.equal(minimum, -8 * scale):
+        return None
+    out, width = w.shape
+    q = w.unpacked().cpu().to(torch.uint8).reshape(out, width // _BLOCK, _BLOCK)  # (out, blocks, 32)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # a block's values 0..15 in the low nibbles, 16..31 in the high
+    head = torch.stack([d, m] if dtype == "q4_1" else [d], dim=-1).view(torch.uint8)  # little-endian float16s
+    return torch.cat([head, nibbles], dim=-1).reshape(out, -1)
+
+
 def _encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     x = tensor.contiguous().numpy()
+    if x.dtype == np.uint8:  # blocks already in the file's type (see _rows)
+        return x, Q[dtype.upper()]
     # Norms, biases, RoPE factors and learned positions stay float32, as llama.cpp's converter keeps them.
     if dtype == "f32" or x.ndim == 1 or name in _KEEP_F32:
         return x, Q.F32
-    if dtype == "f16" or (dtype == "q8_0" and x.shape[-1] % 32):  # Q8_0 blocks are 32 values of a row
+    if dtype == "bf16":
+        return gguf.quants.quantize(x, Q.BF16), Q.BF16
+    if dtype == "f16" or x.shape[-1] % _BLOCK:  # the block types need rows of whole blocks
         return x.astype(np.float16), Q.F16
-    qtype = Q.BF16 if dtype == "bf16" else Q.Q8_0
+    qtype = Q.Q8_0 if name in _HIGH_PRECISION else Q[dtype.upper()]
     return gguf.quants.quantize(x, qtype), qtype

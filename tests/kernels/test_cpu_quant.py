@@ -1,0 +1,85 @@
+"""Forge's C++ CPU quantized matmuls against the dequantized weight's plain matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forge.kernels import cpu_quant
+
+pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="needs AVX2 and a C++ compiler")
+
+
+def _int4(n: int, k: int, group: int, scale_dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).to(scale_dtype)
+    m = (torch.randn(n, k // group, generator=g) * 0.05).to(scale_dtype)
+    blocks = q.view(n, k // 32, 32)
+    qs = (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+    w = q.float().view(n, k // group, group) * d.float()[..., None] + m.float()[..., None]
+    return qs, d, m, w.view(n, k)
+
+
+def _int8(n: int, k: int, group: int, scale_dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    d = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-4).to(scale_dtype)
+    w = q.float().view(n, k // group, group) * d.float()[..., None]
+    return q, d, w.view(n, k)
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # The activations are rounded to int8 per block of 32 (as llama.cpp does): about 0.5% relative error.
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 0.02, err
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 576, 32), (50, 1536, 64), (33, 256, 128)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_int4_mm_matches_the_dequantized_weight(m: int, n: int, k: int, group: int, scale_dtype: torch.dtype) -> None:
+    qs, d, mins, w = _int4(n, k, group, scale_dtype)
+    x = torch.randn(m, k)
+    ref = x @ w.T
+    _close(cpu_quant.int4_mm(x, qs, d, mins, group), ref)
+    y = cpu_quant.int4_mm(x.bfloat16(), qs, d, mins, group)
+    assert y.dtype == torch.bfloat16
+    _close(y, ref)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 576, 32), (40, 512, 512), (17, 192, 64)])
+def test_int8_mm_matches_the_dequantized_weight(m: int, n: int, k: int, group: int) -> None:
+    q, d, w = _int8(n, k, group, torch.float16)
+    x = torch.randn(m, k)
+    _close(cpu_quant.int8_mm(x, q, d, group), x @ w.T)
+    _close(cpu_quant.int8_mm(x.bfloat16(), q, d, group), x @ w.T)
+
+
+def test_int8_mm_with_minimums() -> None:
+    q, d, w = _int8(24, 128, 32, torch.float32)
+    m = torch.randn(24, 4) * 0.1
+    x = torch.randn(3, 128)
+    ref = x @ (w + m.repeat_interleave(32, dim=1)).T
+    _close(cpu_quant.int8_mm(x, q, d, 32, m), ref)
+
+
+def test_a_zero_row_of_activations_gives_zero() -> None:
+    q, d, _ = _int8(8, 64, 32, torch.float32)
+    assert torch.equal(cpu_quant.int8_mm(torch.zeros(2, 64), q, d, 32), torch.zeros(2, 8))
+
+
+def test_shapes_that_do_not_fit_are_refused() -> None:
+    qs, d, m, _ = _int4(8, 64, 32, torch.float16)
+    with pytest.raises(RuntimeError, match="weight width"):
+        cpu_quant.int4_mm(torch.randn(1, 96), qs, d, m, 32)
+    with pytest.raises(RuntimeError, match="group"):
+        cpu_quant.int4_mm(torch.randn(1, 64), qs, d, m, 48)
+
+
+def test_torch_compile_traces_through_the_ops() -> None:
+    q, d, w = _int8(16, 64, 32, torch.float16)
+    f = torch.compile(lambda x: torch.relu(cpu_quant.int8_mm(x, q, d, 32)) + 1, backend="eager", fullgraph=True)
+    x = torch.randn(2, 64)
+    _close(f(x), torch.relu(x @ w.T) + 1)
