@@ -31,6 +31,7 @@ from forge.core.lora import adapter_tensors, attach_adapters, base_copy, has_lor
 from forge.core.quantize import QuantizedWeight, dequantize_model, has_quantized, weight_bytes
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
+from forge.kernels import cpu_quant
 from forge.tokenizer import Tokenizer
 
 __all__ = [
@@ -204,11 +205,19 @@ def _is_forge_dir(path: Path) -> bool:
 
 
 def quantized_dtype(device: str | torch.device) -> torch.dtype:
-    """What a model with quantized weights computes in: bfloat16, which the CPU int4 kernel wants, unless the
-    device is a GPU without it."""
+    """What a model with quantized weights computes in.
+
+    On a CPU, float32: Forge's C++ kernels (``forge.kernels.cpu_quant``) widen the weights to fp32 in registers, so
+    fp32 activations cost nothing in the matmuls, and the norms, RoPE and attention run faster in fp32 than in
+    bf16 on CPUs without native bf16. It is also what keeps SmolLM2's answers right: rounding its activations to
+    bf16 (or to int8, as llama.cpp does) turns "Paris" into "L'Étoile". Without those kernels, bfloat16, which
+    aten's int4 kernel wants. On a GPU, bfloat16 where it is supported.
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float32
+    if dev.type == "cpu":
+        return torch.float32 if cpu_quant.available() else torch.bfloat16
     return torch.bfloat16
 
 

@@ -75,7 +75,7 @@ def _greedy(model: Transformer, ids: list[int], n: int, vocab: int) -> list[int]
 def test_block_types_read_back_as_gguf_quants_rounds(loaded: LoadedModel, tmp_path: Path, dtype: str) -> None:
     model, tok = loaded.model, loaded.tokenizer
     path = models.export(model, tok, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
-    pre = read_gguf(path)
+    pre = read_gguf(path, quantized=False)
     assert pre.config == model.config
     for text in SAMPLES:
         assert pre.tokenizer.encode(text, add_special_tokens=False).ids == tok.encode(text)
@@ -93,7 +93,7 @@ def test_block_types_read_back_as_gguf_quants_rounds(loaded: LoadedModel, tmp_pa
     # The file's model is the in-memory rounded one: the same logits and greedy tokens; Forge(path) generates.
     copy = Transformer(model.config)
     copy.load_state_dict(rounded)
-    from_file, ids = models.load(path).model, tok.encode(SAMPLES[0])
+    from_file, ids = models.load(path, quantized=False).model, tok.encode(SAMPLES[0])
     with torch.no_grad():
         torch.testing.assert_close(from_file(torch.tensor([ids])), copy.eval()(torch.tensor([ids])))
     assert _greedy(from_file, ids, 8, tok.vocab_size) == _greedy(copy, ids, 8, tok.vocab_size)
@@ -109,7 +109,7 @@ def test_q4_keeps_an_untied_head_at_q8_0_and_odd_rows_at_f16(loaded: LoadedModel
     assert kinds["token_embd.weight"] == kinds["output.weight"] == "Q8_0"
     assert kinds["blk.0.ffn_up.weight"] == "Q4_1"
     assert kinds["blk.0.ffn_down.weight"] == "F16"  # its rows are 80 long: not whole blocks
-    got = read_gguf(path).state_dict
+    got = read_gguf(path, quantized=False).state_dict
     for key, w in model.state_dict().items():
         want = _rounded(key, w, "q4_1") if w.dim() == 2 else w
         assert torch.equal(got[key], want), key
@@ -123,7 +123,7 @@ def test_a_quantized_model_exports_its_dequantized_weights(
     floats = {name: m.dequantize(torch.float32) for name, m in model.named_modules() if isinstance(m, QuantizedWeight)}
     assert len(floats) == 4 * model.config.n_layer  # qkv, proj, up, down: every linear but the head
     path = models.export(model, loaded.tokenizer, tmp_path / "m.gguf", dtype=dtype)
-    got = read_gguf(path).state_dict
+    got = read_gguf(path, quantized=False).state_dict
     for name, w in floats.items():
         assert torch.equal(got[name], w if dtype == "float32" else _rounded(name, w, dtype)), name
     hf = models.export(model, loaded.tokenizer, tmp_path / "hf", format="hf", dtype="float32")
@@ -163,7 +163,7 @@ def test_q4_blocks_are_written_back_unchanged(loaded: LoadedModel, tmp_path: Pat
     requantized = gguf.quants.quantize(w.dequantize(torch.float32).numpy(), Q[dtype.upper()])
     assert not np.array_equal(requantized, blocks)  # so the test tells writing back from requantizing
     # q, k, v are split and row-permuted for llama.cpp; read back, each weight is bit for bit what it was.
-    got = read_gguf(path).state_dict
+    got = read_gguf(path, quantized=False).state_dict
     for name, (w, _) in original.items():
         assert torch.equal(got[name + ".weight"], w.dequantize(torch.float32)), name
 
@@ -189,7 +189,7 @@ def test_smollm2_exported_as_q4_0_answers_like_the_original(smollm2_app: Forge, 
     assert model is not None and tok is not None
     path = models.export(model, tok, tmp_path / "smol-q4_0.gguf", dtype="q4_0")
     assert _file_type(path) == gguf.LlamaFileType.MOSTLY_Q4_0
-    q4 = models.load(path)
+    q4 = models.load(path, quantized=False)
     prompt = tok.encode_prompt(smollm2_app.render([{"role": "user", "content": "What is the capital of France?"}]))
     vocab = tok.vocab_size
     ours, theirs = _greedy(model, prompt, 8, vocab), _greedy(q4.model, prompt, 8, vocab)
@@ -212,7 +212,7 @@ def test_exported_q4_runs_in_llama_cpp(loaded: LoadedModel, tmp_path: Path, dtyp
     vocab = loaded.tokenizer.vocab_size
     theirs = torch.tensor(llm.scores[: len(ids)])[:, :vocab]
     with torch.no_grad():
-        ours = models.load(path).model(torch.tensor([ids]))[0, :, :vocab]
+        ours = models.load(path, quantized=False).model(torch.tensor([ids]))[0, :, :vocab]
     # llama.cpp also rounds the activations (to 8 bits) for its Q4 matmuls, and keeps its KV cache in f16.
     error = ((theirs - ours).abs().max() / ours.abs().max()).item()
     print(f"llama.cpp {dtype}: max |logit diff| / max |logit| = {error:.2e}")

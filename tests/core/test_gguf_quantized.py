@@ -79,8 +79,9 @@ def test_a_kept_quantized_model_computes_like_its_dequantized_twin(
 ) -> None:
     path = _write(tmp_path / "m.gguf", _model(family, tokenizer, small_config), tokenizer, "q4_1")
     kept, twin = models.load(path), models.load(path, quantized=False)
-    assert next(kept.model.parameters()).dtype == torch.bfloat16  # what the int4 kernel runs in
-    assert kept.model.tok_emb.weight.dtype == torch.bfloat16 and kept.model.lm_head.weight is kept.model.tok_emb.weight
+    runs_in = models.quantized_dtype("cpu")  # float32 with Forge's C++ kernels, bfloat16 for aten's
+    assert next(kept.model.parameters()).dtype == runs_in
+    assert kept.model.tok_emb.weight.dtype == runs_in and kept.model.lm_head.weight is kept.model.tok_emb.weight
     ids = torch.randint(0, kept.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, want = kept.model(ids).float(), twin.model(ids)
@@ -137,7 +138,7 @@ def test_the_app_keeps_a_gguf_quantized_unless_a_dtype_is_named(
         app = Forge(path, dtype=dtype, device="cpu")
         assert app.model is not None and isinstance(app.model.blocks[0].mlp.up.weight, Int4Weight)
         assert isinstance(app.model.blocks[0].mlp.down.weight, torch.nn.Parameter)
-        assert app.info()["dtype"] == "bfloat16"
+        assert app.info()["dtype"] == str(models.quantized_dtype("cpu")).removeprefix("torch.")
     plain = Forge(path, dtype="float32", device="cpu")
     assert plain.model is not None and not any(isinstance(m, QuantizedWeight) for m in plain.model.modules())
     assert plain.info()["weight_bytes"] > 2 * app.info()["weight_bytes"]
@@ -156,10 +157,10 @@ def test_moving_a_kept_quantized_model_casts_no_quantized_values(
     path = _write(tmp_path / "m.gguf", _model("llama", tokenizer, small_config), tokenizer, "q4_1")
     model = models.load(path).model
     weight = model.blocks[0].mlp.up.weight
-    assert isinstance(weight, Int4Weight) and weight.exact_scale is not None
+    assert isinstance(weight, Int4Weight) and weight.scale.dtype == torch.float16
     before = {name: b.clone() for name, b in weight.named_buffers()}
     model.to(torch.float32)  # the dtype to compute in, not a cast of the blocks
-    assert weight.dtype == torch.float32 and weight.exact_scale.dtype == torch.float16
+    assert weight.dtype == torch.float32 and weight.scale.dtype == torch.float16
     assert all(torch.equal(b, before[name]) for name, b in weight.named_buffers())
     x = torch.randn(3, weight.shape[1])
     ref = x @ weight.dequantize(torch.float32).T

@@ -25,7 +25,8 @@ from forge.core.quantize import (
     quantize_model,
     quantize_weight,
 )
-from forge.core.quantize.base import _kernel_rows
+from forge.core.quantize.base import _kernel_rows, pack_int4
+from forge.kernels import cpu_quant
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError
@@ -135,7 +136,11 @@ def test_a_quantized_model_decodes_like_its_dequantized_twin(
     quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
     assert len(quantized) == 4 * 2  # qkv, proj, up, down in each of the two blocks; the head stays float
     assert isinstance(model.lm_head.weight, nn.Parameter) and isinstance(model.tok_emb.weight, nn.Parameter)
-    assert _greedy(model) == _greedy(_dequantized_twin(model))
+    twin = _dequantized_twin(model)
+    assert _greedy(model) == _greedy(twin)  # Forge's C++ kernels, where they are built
+    with pytest.MonkeyPatch.context() as mp:  # and aten's
+        mp.setattr(cpu_quant, "available", lambda: False)
+        assert _greedy(model) == _greedy(twin)
 
 
 def test_unknown_scheme_is_a_config_error(
@@ -235,25 +240,38 @@ def test_int8_groups_match_their_dequantized_reference(group: int, with_min: boo
     _close(qw.linear(x, bias), x.float() @ want.T + bias.float(), dtype)
 
 
-def test_int4_values_are_read_back_as_the_kernel_packs_them() -> None:
+def test_int4_values_are_read_back_as_aten_packs_them() -> None:
     qw = Int4Weight.quantize(_weight(out=80, width=96))  # 80 rows: two blocks of 32 and one of 16
-    assert torch.equal(qw.unpacked(), _kernel_rows(qw.packed, 96, torch.arange(80)))
+    assert torch.equal(qw.unpacked(), _kernel_rows(pack_int4(qw.unpacked()), 96, torch.arange(80)))
+
+
+def test_without_forge_kernels_aten_computes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _weight(out=64, width=128)
+    x = torch.randn(3, 128)
+    for qw in (Int4Weight.quantize(w), from_gguf(8, _gguf_blocks("Q8_0", 64, 128), (64, 128))):
+        fast = qw.linear(x)
+        monkeypatch.setattr(cpu_quant, "available", lambda: False)
+        before = qw.nbytes
+        slow = qw.linear(x)
+        monkeypatch.undo()
+        assert qw.nbytes > before  # aten's packing, made on first use, counts
+        _close(fast, x @ qw.dequantize(torch.float32).T, torch.float32)
+        torch.testing.assert_close(slow, x @ qw.dequantize(torch.float32).T, rtol=1e-4, atol=1e-4)
 
 
 def test_weights_report_the_bytes_they_hold() -> None:
     out, width = 64, 256
     rtn = Int4Weight.quantize(_weight(out, width))
-    assert rtn.exact_scale is None and rtn.exact_min is None  # its scale and zero are chosen in bf16
-    assert rtn.nbytes == out * width * 0.625  # half a byte a value, bf16 [scale, zero] a group of 32
+    assert rtn.scale.dtype == rtn.min.dtype == torch.float16  # its scale and minimum are chosen in fp16
+    assert rtn.nbytes == out * width * 0.625  # half a byte a value, fp16 scale and minimum a group of 32
     q41 = from_gguf(GGUF_Q4_1, _gguf_blocks("Q4_1", out, width), (out, width))
-    assert q41.nbytes == out * width * 0.75  # and the file's fp16 d and m, for dequantize to be exact
+    assert q41.nbytes == out * width * 0.625  # GGUF's own block: the file's size
     q80 = from_gguf(8, _gguf_blocks("Q8_0", out, width), (out, width))
-    assert q80.nbytes == out * width * (1 + 4 / 32 + 2 / 32)
+    assert q80.nbytes == out * width * (1 + 2 / 32)
     before = q41.nbytes
-    q41.linear(torch.randn(1, width))  # float32 activations: scales cast once and kept, and counted
-    assert q41.nbytes == before + out * width // 32 * 2 * 4
-    q41.to(torch.bfloat16)
-    assert q41.nbytes == before and q41.dtype == torch.bfloat16
+    for dtype in (torch.float32, torch.bfloat16):  # the C++ kernel reads the blocks as they are, in either dtype
+        q41.to(dtype).linear(torch.randn(1, width, dtype=dtype))
+        assert q41.nbytes == before and q41.dtype == dtype
 
 
 def test_bad_group_weights_and_block_types_are_one_line_errors() -> None:

@@ -1,10 +1,12 @@
 """Forge's CPU quantized matmuls: int4 and int8 weights in blocks of 32, in C++ with AVX2 (``csrc/quant_cpu.cpp``).
 
-llama.cpp's method: the activations are quantized to int8 per block of 32 on the fly, and each block's
-dot product is integer arithmetic (``maddubs``), with one float multiply-add per block for the scales.
-Decoding one token is memory-bound, and this reads the weights once at 4 or 8 bits a value; on a 2-core
-AVX2 CPU it runs SmolLM2's matrices 2-4x faster than bf16 and 1.5-2x faster than aten's int4 kernel
-(``benchmarks/quant_cpu.py``).
+Two ways to take the activations. By default (``exact=True``) they stay fp32: each block of weights is
+widened to fp32 in registers and multiplied in, so the result is the dequantized weight's matmul, to fp32
+rounding, in half or a quarter of bf16's memory traffic. ``exact=False`` is llama.cpp's method: the
+activations are rounded to int8 per block of 32 and each block's dot product is integer arithmetic
+(``maddubs``), with one float multiply-add per block for the scales. It reproduces llama.cpp's greedy tokens
+on SmolLM2's Q4_1 file token for token, but that rounding moves the logits by a few percent, enough to turn
+SmolLM2's answer to "What is the capital of France?" from "Paris" into "L'Étoile": Forge keeps exact.
 
 Layouts, for an (N, K) weight and groups of ``group`` input columns (a multiple of 32):
 
@@ -27,12 +29,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "int4_mm", "int8_mm"]
+__all__ = ["DTYPES", "available", "int4_mm", "int8_mm"]
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's threads
+#: Activation dtypes the kernels take.
+DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -55,7 +59,13 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="forge_cpu_quant", sources=[str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
+        load(
+            name="forge_cpu_quant",
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
     except Exception as exc:  # no compiler, no ninja, a read-only cache...: the portable path still works
         log.warning("Forge's CPU quantized kernels could not be built (%s); using PyTorch's quantized ops", exc)
         return False
@@ -67,21 +77,34 @@ def _register_fakes() -> None:
     """Shapes for torch.compile, which traces through the ops without running them."""
 
     @torch.library.register_fake("forge_cpu::int4_mm")
-    def _(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> torch.Tensor:
+    def _(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, exact: bool = True) -> torch.Tensor:
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("forge_cpu::int8_mm")
-    def _(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, group: int) -> torch.Tensor:
+    def _(
+        x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, group: int, exact: bool = True
+    ) -> torch.Tensor:
         return x.new_empty(x.shape[0], qs.shape[0])
 
 
-def int4_mm(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> torch.Tensor:
-    """``x @ W.T`` (M, N) in x's dtype (fp32 or bf16) for the int4 weight (qs, d, m); needs :func:`available`."""
-    return torch.ops.forge_cpu.int4_mm(x, qs, d, m, group)
+def int4_mm(
+    x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, *, exact: bool = True
+) -> torch.Tensor:
+    """``x @ W.T`` (M, N) in x's dtype (fp32 or bf16) for the int4 weight (qs, d, m); needs :func:`available`.
+
+    ``exact=False`` rounds the activations to int8 per block (llama.cpp's method; see the module's doc).
+    """
+    return torch.ops.forge_cpu.int4_mm(x, qs, d, m, group, exact)
 
 
 def int8_mm(
-    x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, group: int, m: torch.Tensor | None = None
+    x: torch.Tensor,
+    qs: torch.Tensor,
+    d: torch.Tensor,
+    group: int,
+    m: torch.Tensor | None = None,
+    *,
+    exact: bool = True,
 ) -> torch.Tensor:
     """``x @ W.T`` (M, N) in x's dtype for the group-wise int8 weight (qs, d, optional m); needs :func:`available`."""
-    return torch.ops.forge_cpu.int8_mm(x, qs, d, m, group)
+    return torch.ops.forge_cpu.int8_mm(x, qs, d, m, group, exact)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from forge.core.quantize.base import QuantizedWeight, int4_rows, pack_int4, pad_rows
+from forge.core.quantize.base import QuantizedWeight, pack_int4, pad_rows
 from forge.errors import ConfigError
+from forge.kernels import cpu_quant
 
 __all__ = ["GGUF_Q4_0", "GGUF_Q4_1", "INT4_GROUP_SIZES", "Int4Weight", "check_group_size"]
 
@@ -21,11 +23,14 @@ _GGUF_BLOCK = 32
 class Int4Weight(QuantizedWeight):
     """int4 per group of input columns, asymmetric: ``w[o, k] = q[o, k] * scale[o, g] + min[o, g]``, q in 0..15.
 
-    Held as the CPU kernel wants it and little more: ``packed`` (the kernel's packing, half a byte a weight) and
-    ``scales_and_zeros`` (in/group, out, 2) in bf16, ``[scale, min + 8 * scale]``. Where bf16 cannot hold a scale
-    or minimum exactly (GGUF's fp16 ``d`` and ``m``, the K-quants' products) it is kept too, in its own dtype,
-    so ``dequantize`` is exact: 0.75 bytes a weight for a GGUF Q4_1 matrix at group 32, 0.625 for
-    round-to-nearest, whose scale and zero are chosen in bf16. ``min=None`` means ``min = -8 * scale`` (Q4_0).
+    Held in GGUF's own block layout, half a byte a weight: ``qs`` (out, in/2), each block of 32 values 16 bytes,
+    values 0..15 in the low nibbles and 16..31 in the high ones; ``scale`` and ``min`` (out, in/group) in fp16
+    where that holds them exactly (GGUF's Q4_0/Q4_1, and round-to-nearest, which picks them in fp16), else fp32
+    (the K-quants' products). 0.625 bytes a weight at group 32; ``dequantize`` is exact.
+
+    The CPU matmul is Forge's C++ kernel (:mod:`forge.kernels.cpu_quant`), which reads this layout as it is.
+    Where it can't be built, aten's int4 kernel runs on a packing made on first use (and counted in
+    :attr:`nbytes`); elsewhere than the CPU, the dequantized reference.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -33,36 +38,29 @@ class Int4Weight(QuantizedWeight):
         super().__init__((out, width), dtype)
         self.group_size = width // scale.shape[1]
         check_group_size(self.group_size, width)
-        scale32 = scale.float()
-        min32 = -8 * scale32 if minimum is None else minimum.float()
-        self.register_buffer("packed", pack_int4(q))
-        sz = torch.stack([scale32, min32 + 8 * scale32], dim=-1).transpose(0, 1)  # (groups, out, 2)
-        self.register_buffer("scales_and_zeros", pad_rows(sz, dim=1).to(torch.bfloat16).contiguous())
-        self.register_buffer("exact_scale", None)
-        self.register_buffer("exact_min", None)
-        self._symmetric = minimum is None
-        # Keep the source values only where the bf16 pair does not give them back.
-        if not torch.equal(self.scale, scale32):
-            self.exact_scale = scale.clone()
-        if minimum is not None and not torch.equal(self.min, min32):
-            self.exact_min = minimum.clone()
+        q = q.to(torch.int32)
+        if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+            raise ConfigError(f"int4 values must lie in 0..15, got {int(q.min())}..{int(q.max())}")
+        blocks = q.to(torch.uint8).reshape(out, width // _GGUF_BLOCK, _GGUF_BLOCK)
+        self.register_buffer("qs", (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(out, width // 2).contiguous())
+        minimum = -8 * scale.float() if minimum is None else minimum  # Q4_0: d * (q - 8)
+        kept = _exact_dtype(scale.float(), minimum.float())
+        self.register_buffer("scale", scale.float().to(kept).contiguous())
+        self.register_buffer("min", minimum.float().to(kept).contiguous())
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
         """Round ``weight`` (out, in) to int4 with a scale and a minimum per ``group_size`` input columns.
 
-        The scale and zero are picked in bf16 (the kernel's dtype) before q is computed, so the kernel multiplies
+        The minimum and scale are picked in fp16 (as they are stored) before q is computed, so the kernel multiplies
         by the values q was rounded against: the grid ``min + j * scale`` covers [lo, hi] of every group.
         """
         out, width = weight.shape
         check_group_size(group_size, width)
         w = weight.detach().float().reshape(out, width // group_size, group_size)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        # The zero lands within one bf16 step of the range's centre: widen the range by two such steps.
-        step = _bf16_ulp((lo + hi).abs() / 2 + (hi - lo) / 15)
-        scale = _bf16_up(((hi - lo + 2 * step) / 15).clamp(min=1e-12))
-        zero = ((lo + hi) / 2 + scale / 2).to(torch.bfloat16).float()  # the middle of [hi - 7 scale, lo + 8 scale]
-        minimum = zero - 8 * scale
+        minimum = _fp16_toward(lo, -math.inf)
+        scale = _fp16_toward(((hi - minimum) / 15).clamp(min=1e-4), math.inf)
         q = torch.round((w - minimum[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         return cls(q.reshape(out, width), scale, minimum, weight.dtype)
 
@@ -91,33 +89,17 @@ class Int4Weight(QuantizedWeight):
         q = torch.cat([qs & 0xF, qs >> 4], dim=1).reshape(out, width)
         return cls(q, d, m, torch.float32)
 
-    @property
-    def scale(self) -> torch.Tensor:
-        """(out, in / group) float32, exact."""
-        return self._scale_min(None)[0]
-
-    @property
-    def min(self) -> torch.Tensor:
-        """(out, in / group) float32, exact: ``w = q * scale + min``."""
-        return self._scale_min(None)[1]
-
-    def _scale_min(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact float32 scale and minimum of the rows ``index`` (all if None), each (rows, in / group)."""
-        rows = slice(0, self.shape[0]) if index is None else index.to(self.scales_and_zeros.device)
-        sz = self.scales_and_zeros[:, rows].transpose(0, 1).float()  # (rows, groups, [scale, zero])
-        scale = self.exact_scale[rows].float() if self.exact_scale is not None else sz[..., 0]
-        if self.exact_min is not None:
-            return scale, self.exact_min[rows].float()
-        if self._symmetric:
-            return scale, -8 * scale
-        return scale, sz[..., 1] - 8 * sz[..., 0]  # exact: checked when the weight was made
-
     def unpacked(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """The (out, in) int4 values 0..15 as int32 (the rows ``index`` only, if given), read off the packing."""
-        return int4_rows(self.packed, self.shape[1], torch.arange(self.shape[0]) if index is None else index)
+        """The (out, in) int4 values 0..15 as int32 (the rows ``index`` only, if given)."""
+        qs = self.qs if index is None else self.qs[index.to(self.qs.device)]
+        b = qs.reshape(len(qs), -1, 16).to(torch.int32)
+        return torch.cat([b & 0xF, b >> 4], dim=-1).reshape(len(qs), self.shape[1])
 
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        scale, minimum = self._scale_min(index)
+        scale, minimum = self.scale.float(), self.min.float()
+        if index is not None:
+            index = index.to(scale.device)
+            scale, minimum = scale[index], minimum[index]
         q = self.unpacked(index).float().reshape(len(scale), -1, self.group_size)
         w = q * scale[..., None] + minimum[..., None]  # two roundings, as gguf.quants does it: bit for bit
         return w.reshape(len(scale), self.shape[1])
@@ -125,16 +107,21 @@ class Int4Weight(QuantizedWeight):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self._uses_kernel(x):
             return self._reference(x, bias)
-        sz = self._scales_for(x.dtype, self.scales_and_zeros, self._exact_scales_and_zeros)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, x.shape[-1]).contiguous(), self.packed, self.group_size, sz
-        )
-        y = y[:, : self.shape[0]].reshape(*x.shape[:-1], self.shape[0])  # drop the padding rows
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        if x.dtype in cpu_quant.DTYPES and cpu_quant.available():
+            y = cpu_quant.int4_mm(x2, self.qs, self.scale, self.min, self.group_size)
+        else:  # aten's kernel, on its own packing (made once)
+            packed = self._cast.get(torch.uint8)
+            if packed is None:
+                packed = self._cast[torch.uint8] = pack_int4(self.unpacked())
+            sz = self._scales_for(x.dtype, packed, self._kernel_scales)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)[:, : self.shape[0]]
+        y = y.reshape(*x.shape[:-1], self.shape[0])
         return y + bias if bias is not None else y
 
-    def _exact_scales_and_zeros(self) -> torch.Tensor:
-        scale = self.scale
-        return pad_rows(torch.stack([scale, self.min + 8 * scale], dim=-1).transpose(0, 1), dim=1)
+    def _kernel_scales(self) -> torch.Tensor:
+        scale = self.scale.float()
+        return pad_rows(torch.stack([scale, self.min.float() + 8 * scale], dim=-1).transpose(0, 1), dim=1)
 
 
 def check_group_size(group_size: int, width: int) -> None:
@@ -148,14 +135,13 @@ def check_group_size(group_size: int, width: int) -> None:
         )
 
 
-def _bf16_up(x: torch.Tensor) -> torch.Tensor:
-    """Positive ``x`` rounded up to a bf16 value, as float32."""
-    b = x.to(torch.bfloat16)
-    up = torch.nextafter(b, torch.full_like(b, float("inf")))
-    return torch.where(b.float() < x, up, b).float()
+def _exact_dtype(*values: torch.Tensor) -> torch.dtype:
+    """fp16 if it holds every value exactly (GGUF's scales, round-to-nearest's), else fp32."""
+    return torch.float16 if all(torch.equal(v.half().float(), v) for v in values) else torch.float32
 
 
-def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """The spacing of bf16 values (8 significant bits) around ``x`` >= 0, as float32."""
-    _, exponent = torch.frexp(x.clamp(min=1e-30))
-    return torch.ldexp(torch.ones_like(x), exponent - 8)
+def _fp16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """``x`` rounded to an fp16 value toward ``direction`` (+inf or -inf), as float32."""
+    h = x.half()
+    off = (h.float() < x) if direction > 0 else (h.float() > x)
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, direction)), h).float()

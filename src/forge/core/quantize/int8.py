@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from forge.core.quantize.base import QuantizedWeight, int4_rows, pack_int4, pad_rows
+from forge.core.quantize.base import QuantizedWeight, pack_int4, pad_rows
 from forge.errors import ConfigError
+from forge.kernels import cpu_quant
 
 __all__ = ["INT8_GROUP_SIZES", "Int8GroupWeight", "Int8Weight"]
 
@@ -49,26 +50,15 @@ class Int8GroupWeight(QuantizedWeight):
     (Q5_0/Q5_1/Q5_K at 32, Q6_K at 16, with ``min`` where they have an offset) and of Q2_K/Q3_K (16).
     ``scale`` and ``min`` are kept in their source dtype, so :meth:`dequantize` equals ``gguf.quants``.
 
-    The matmul is the int4 kernel's. Each value splits into two nibbles, ``q = 16 * hi + lo`` with ``hi`` in
-    -8..7 and ``lo`` in 0..15, stored per group as ``[lo (g) | hi (g)]``: a (out, 2 * in) int4 weight. Against the
-    activations ``[x_g | 16 * x_g]``, one kernel group of 2g columns with ``[scale, zero]`` computes
-    ``sum x * (q * scale - 8 * scale + 17 * zero)``, so ``zero = (min + 8 * scale) / 17``. Rounded to bf16, the
-    zero moves each weight by at most ``|min + 8 * scale| / 512`` (1/64 of a step for the symmetric types), the
-    scale by 1/512 of the weight, as bf16 weights would. A byte and 4/g bytes of bf16 scales a weight, plus the
-    exact scales.
-
-    Why this path, measured (benchmarks/int8_group_cpu.py; 2-core AMD EPYC with AVX2, no native bf16; 2 threads,
-    bf16 activations, best of 20 on a quiet machine), ms for SmolLM2's tied head (49152 x 576) / an ffn matrix
-    (1536 x 576), groups of 32, at batch 1 and batch 64:
-
-    - this, two nibbles through one int4 kernel call: 4.4 / 0.20 and 90 / 3.0;
-    - ``F.linear`` on a dequantized bf16 copy (twice the memory): 3.6 / 0.11 and 195 / 5.9;
-    - dequantize at every call, then ``F.linear``: 60 / 0.35 and 201 / 6.1;
-    - ``_weight_int8pack_mm`` once per group of a (G, out, g) layout, summed: 3.7 / 0.49 and 115 / 3.9;
-    - ``_weight_int8pack_mm`` per channel (not exact for group scales; a lower bound): 3.1 / 0.05 and 69 / 1.5.
-
-    Of the exact ways that keep about a byte a weight it is within 20% of the best at batch 1 (the int4 kernel is
-    compute-bound on AVX2) and the fastest at batch 64. (The ffn matrix's bf16 copy stays in the cache here.)
+    Held plainly: ``q`` (out, in) int8, a byte a weight, and the scales (fp16 for Q8_0: 1/16 byte a weight). The
+    CPU matmul, for groups of 32, is Forge's C++ kernel (:mod:`forge.kernels.cpu_quant`), which reads Q8_0's
+    layout as it is: on SmolLM2's tied head (49152 x 576) at batch 1 it takes about 2.6 ms against 3.6 for bf16
+    on a copy at twice the memory (2 threads, noisy machine). Groups of 16 (Q6_K, Q2_K, Q3_K), and CPUs where
+    the kernel can't be built, take aten's int4 kernel on two nibbles a value, packed on first use: each value
+    splits as ``q = 16 * hi + lo`` with ``hi`` in -8..7 and ``lo`` in 0..15, stored per group as
+    ``[lo (g) | hi (g)]``, against the activations ``[x_g | 16 * x_g]``; one kernel group of 2g columns with
+    ``[scale, zero]`` computes ``sum x * (q * scale - 8 * scale + 17 * zero)``, so ``zero = (min + 8 * scale) / 17``.
+    (benchmarks/int8_group_cpu.py measured that path against the alternatives aten offers.)
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -83,18 +73,14 @@ class Int8GroupWeight(QuantizedWeight):
             )
         if minimum is not None and minimum.shape != scale.shape:
             raise ConfigError(f"int8 minimum of shape {tuple(minimum.shape)} does not match scale {tuple(scale.shape)}")
-        q32 = q.to(torch.int32).reshape(out, groups, 1, self.group_size)
-        nibbles = torch.cat([q32 & 0xF, (q32 >> 4) + 8], dim=2)  # (out, groups, [lo, hi], g), each 0..15
-        self.register_buffer("packed", pack_int4(nibbles.reshape(out, 2 * width)))
-        self.register_buffer("scale", scale.clone())  # (out, groups), source dtype
-        self.register_buffer("min", None if minimum is None else minimum.clone())
-        self.register_buffer("scales_and_zeros", self._kernel_scales().to(torch.bfloat16).contiguous())
+        self.register_buffer("q", q.to(torch.int8).contiguous())
+        kept = torch.float16 if scale.dtype == torch.float16 else torch.float32  # what the C++ kernel reads
+        self.register_buffer("scale", scale.to(kept).contiguous())  # (out, groups), exact
+        self.register_buffer("min", None if minimum is None else minimum.to(kept).contiguous())
 
     def unpacked(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """The (out, in) int8 values as int32 (the rows ``index`` only, if given), read off the packing."""
-        rows = torch.arange(self.shape[0]) if index is None else index
-        nibbles = int4_rows(self.packed, 2 * self.shape[1], rows).reshape(len(rows), -1, 2, self.group_size)
-        return (16 * (nibbles[:, :, 1] - 8) + nibbles[:, :, 0]).reshape(len(rows), self.shape[1])
+        """The (out, in) int8 values as int32 (the rows ``index`` only, if given)."""
+        return (self.q if index is None else self.q[index.to(self.q.device)]).to(torch.int32)
 
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         scale, minimum = self.scale, self.min
@@ -112,10 +98,19 @@ class Int8GroupWeight(QuantizedWeight):
         if not self._uses_kernel(x):
             return self._reference(x, bias)
         g = self.group_size
+        if g % 32 == 0 and x.dtype in cpu_quant.DTYPES and cpu_quant.available():
+            y = cpu_quant.int8_mm(x.reshape(-1, self.shape[1]).contiguous(), self.q, self.scale, g, self.min)
+            y = y.reshape(*x.shape[:-1], self.shape[0])
+            return y + bias if bias is not None else y
+        packed = self._cast.get(torch.uint8)
+        if packed is None:  # aten's int4 kernel on two nibbles a value, packed once
+            q32 = self.q.to(torch.int32).reshape(self.shape[0], -1, 1, g)
+            nibbles = torch.cat([q32 & 0xF, (q32 >> 4) + 8], dim=2)  # (out, groups, [lo, hi], g), each 0..15
+            packed = self._cast[torch.uint8] = pack_int4(nibbles.reshape(self.shape[0], 2 * self.shape[1]))
         x2 = x.reshape(-1, self.shape[1] // g, 1, g)  # (M, groups, 1, g)
         x2 = torch.cat([x2, x2 * 16], dim=2).reshape(x2.shape[0], -1)  # (M, 2 * in): [x_g | 16 x_g] per group
-        sz = self._scales_for(x.dtype, self.scales_and_zeros, self._kernel_scales)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, 2 * g, sz)
+        sz = self._scales_for(x.dtype, packed, self._kernel_scales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 2 * g, sz)
         y = y[:, : self.shape[0]].reshape(*x.shape[:-1], self.shape[0])  # drop the padding rows
         return y + bias if bias is not None else y
 

@@ -69,23 +69,58 @@ inline __m256i unpack_nibbles(const uint8_t* q) {
 
 struct Acts {
   std::vector<int8_t> q;
-  std::vector<float> d, s;  // per block of 32: the scale, and scale * sum(q)
+  std::vector<float> d, s;  // per block of 32: the scale, and scale * sum(q) (exact: the block's sum of x)
+  std::vector<float> f;     // exact: x itself, in fp32
   int64_t M, K;
 };
 
-Acts quantize_acts(const at::Tensor& x) {
+template <typename T>
+void copy_row(const T* x, int64_t K, float* f, float* sums) {
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    float sum = 0.f;
+    for (int i = 0; i < kBlock; ++i) sum += (f[b * kBlock + i] = static_cast<float>(x[b * kBlock + i]));
+    sums[b] = sum;
+  }
+}
+
+// The activations as the dot products read them: int8 blocks (llama.cpp's method), or exact fp32 with block sums.
+Acts prepare_acts(const at::Tensor& x, bool exact) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock;
-  Acts a{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb), M, K};
+  Acts a{std::vector<int8_t>(exact ? 0 : M * K), std::vector<float>(M * nb), std::vector<float>(M * nb),
+         std::vector<float>(exact ? M * K : 0), M, K};
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      if (x.scalar_type() == at::kBFloat16) {
-        quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, &a.q[m * K], &a.d[m * nb], &a.s[m * nb]);
-      } else {
-        quantize_row(x.data_ptr<float>() + m * K, K, &a.q[m * K], &a.d[m * nb], &a.s[m * nb]);
-      }
+      if (exact && bf16) copy_row(x.data_ptr<at::BFloat16>() + m * K, K, &a.f[m * K], &a.s[m * nb]);
+      if (exact && !bf16) copy_row(x.data_ptr<float>() + m * K, K, &a.f[m * K], &a.s[m * nb]);
+      if (!exact && bf16) quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, &a.q[m * K], &a.d[m * nb], &a.s[m * nb]);
+      if (!exact && !bf16) quantize_row(x.data_ptr<float>() + m * K, K, &a.q[m * K], &a.d[m * nb], &a.s[m * nb]);
     }
   });
   return a;
+}
+
+template <bool Int4>
+inline __m256 widen(__m128i v) {  // 8 weight bytes -> 8 floats
+  return _mm256_cvtepi32_ps(Int4 ? _mm256_cvtepu8_epi32(v) : _mm256_cvtepi8_epi32(v));
+}
+
+// Exact: one weight block against R fp32 activation rows, fp32 multiply-adds: acc[r] += (w . x_r) * d.
+template <bool Int4, int R>
+inline void block_dot_exact(const uint8_t* wq, float d, const Acts& a, int64_t m0, int64_t b, __m256* acc) {
+  const __m256i w = Int4 ? unpack_nibbles(wq) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
+  const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+  const __m256 w0 = widen<Int4>(lo), w1 = widen<Int4>(_mm_srli_si128(lo, 8));
+  const __m256 w2 = widen<Int4>(hi), w3 = widen<Int4>(_mm_srli_si128(hi, 8));
+  const __m256 dv = _mm256_set1_ps(d);
+  for (int r = 0; r < R; ++r) {
+    const float* x = &a.f[(m0 + r) * a.K + b * kBlock];
+    __m256 s = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
+    s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), s);
+    s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), s);
+    s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), s);
+    acc[r] = _mm256_fmadd_ps(s, dv, acc[r]);
+  }
 }
 
 // One weight block (32 values) against R activation rows: acc[r] += (w . x_r) * d * dx_r.
@@ -108,7 +143,7 @@ inline void block_dot(const uint8_t* wq, float d, const Acts& a, int64_t m0, int
 }
 
 // Output n for activation rows m0..m0+R-1.
-template <bool Int4, int R, typename S, typename Y>
+template <bool Int4, bool Exact, int R, typename S, typename Y>
 void gemm_rows(const uint8_t* qs, const S* wd, const S* wm, const Acts& a, int64_t group, int64_t n,
                int64_t m0, Y* y, int64_t N) {
   const int64_t K = a.K, nb = K / kBlock, per = group / kBlock, ng = K / group;
@@ -121,7 +156,11 @@ void gemm_rows(const uint8_t* qs, const S* wd, const S* wm, const Acts& a, int64
     const float d = static_cast<float>(wd[n * ng + g]);
     for (int64_t j = 0; j < per; ++j) {
       const int64_t b = g * per + j;
-      block_dot<Int4, R>(row + b * stride, d, a, m0, b, acc);
+      if constexpr (Exact) {
+        block_dot_exact<Int4, R>(row + b * stride, d, a, m0, b, acc);
+      } else {
+        block_dot<Int4, R>(row + b * stride, d, a, m0, b, acc);
+      }
     }
     if (wm != nullptr) {
       const float mn = static_cast<float>(wm[n * ng + g]);
@@ -135,7 +174,7 @@ void gemm_rows(const uint8_t* qs, const S* wd, const S* wm, const Acts& a, int64
   for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<Y>(hsum(acc[r]) + mins[r]);
 }
 
-template <bool Int4, typename S, typename Y>
+template <bool Int4, bool Exact, typename S, typename Y>
 void run(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group, at::Tensor& y) {
   const int64_t M = a.M, N = qs.size(0);
   const uint8_t* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
@@ -145,14 +184,24 @@ void run(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Ten
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t m0 = 0;
-      for (; m0 + kRows <= M; m0 += kRows) gemm_rows<Int4, kRows>(q, wd, wm, a, group, n, m0, out, N);
-      for (; m0 < M; ++m0) gemm_rows<Int4, 1>(q, wd, wm, a, group, n, m0, out, N);
+      for (; m0 + kRows <= M; m0 += kRows) gemm_rows<Int4, Exact, kRows>(q, wd, wm, a, group, n, m0, out, N);
+      for (; m0 < M; ++m0) gemm_rows<Int4, Exact, 1>(q, wd, wm, a, group, n, m0, out, N);
     }
   });
 }
 
+template <bool Int4, bool Exact>
+void dispatch(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
+              at::Tensor& y, bool half, bool bf16) {
+  if (half && bf16) run<Int4, Exact, at::Half, at::BFloat16>(a, qs, d, m, group, y);
+  if (half && !bf16) run<Int4, Exact, at::Half, float>(a, qs, d, m, group, y);
+  if (!half && bf16) run<Int4, Exact, float, at::BFloat16>(a, qs, d, m, group, y);
+  if (!half && !bf16) run<Int4, Exact, float, float>(a, qs, d, m, group, y);
+}
+
 template <bool Int4>
-at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group) {
+at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
+               bool exact) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "forge quant mm: x must be a contiguous (M, K) tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "forge quant mm: x fp32 or bf16");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
@@ -162,30 +211,32 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c
   TORCH_CHECK(d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat, "forge quant mm: scales fp16 or fp32");
   TORCH_CHECK(!m.defined() || (m.scalar_type() == d.scalar_type() && m.sizes() == d.sizes() && m.is_contiguous()),
               "forge quant mm: minimums like scales");
-  const Acts a = quantize_acts(x);
+  const Acts a = prepare_acts(x, exact);
   at::Tensor y = at::empty({M, N}, x.options());
   const bool half = d.scalar_type() == at::kHalf, bf16 = x.scalar_type() == at::kBFloat16;
-  if (half && bf16) run<Int4, at::Half, at::BFloat16>(a, qs, d, m, group, y);
-  if (half && !bf16) run<Int4, at::Half, float>(a, qs, d, m, group, y);
-  if (!half && bf16) run<Int4, float, at::BFloat16>(a, qs, d, m, group, y);
-  if (!half && !bf16) run<Int4, float, float>(a, qs, d, m, group, y);
+  if (exact) {
+    dispatch<Int4, true>(a, qs, d, m, group, y, half, bf16);
+  } else {
+    dispatch<Int4, false>(a, qs, d, m, group, y, half, bf16);
+  }
   return y;
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group) {
-  return qmm<true>(x, qs, d, m, group);
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
+                   bool exact) {
+  return qmm<true>(x, qs, d, m, group, exact);
 }
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const std::optional<at::Tensor>& m,
-                   int64_t group) {
-  return qmm<false>(x, qs, d, m.has_value() ? *m : at::Tensor(), group);
+                   int64_t group, bool exact) {
+  return qmm<false>(x, qs, d, m.has_value() ? *m : at::Tensor(), group, exact);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(forge_cpu, lib) {
-  lib.def("int4_mm(Tensor x, Tensor qs, Tensor d, Tensor m, int group) -> Tensor");
-  lib.def("int8_mm(Tensor x, Tensor qs, Tensor d, Tensor? m, int group) -> Tensor");
+  lib.def("int4_mm(Tensor x, Tensor qs, Tensor d, Tensor m, int group, bool exact=True) -> Tensor");
+  lib.def("int8_mm(Tensor x, Tensor qs, Tensor d, Tensor? m, int group, bool exact=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(forge_cpu, CPU, lib) {
