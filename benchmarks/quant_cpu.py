@@ -177,7 +177,7 @@ def main() -> None:
                 r[f"{key}_vs_llama_cpp"] = r[key] / statistics.mean(b[key] for b in base)  # type: ignore[operator]
             ids = r["ids"]
             r["same_greedy_tokens_as_llama_cpp"] = next(
-                (i for i, (a, b) in enumerate(zip(ids, reference)) if a != b),
+                (i for i, (a, b) in enumerate(zip(ids, reference, strict=False)) if a != b),
                 len(ids),  # type: ignore[arg-type]
             )
         r.pop("ids", None)

@@ -57,9 +57,11 @@ class Forge:
     ``"int4"`` keeps the linear layers' weights quantized after loading (and after the ``dtype`` cast); the
     embeddings and the output head stay float. Such an app runs inference only.
 
-    A quantized GGUF stays quantized (its exact values, in bfloat16 activations) unless ``dtype`` names a float
-    dtype ("float32", "bfloat16"), which asks for it dequantized; ``quantize`` then quantizes only the layers
-    the file holds in float. Training such an app trains its dequantized float32 twin.
+    A quantized GGUF stays quantized (its exact values; float32 activations on a CPU, see
+    ``models.quantized_dtype``) unless ``dtype`` names a float dtype ("float32", "bfloat16"), which asks for it
+    dequantized; ``quantize`` then quantizes only the layers the file holds in float. Training such an app trains
+    its dequantized float32 twin. ``compile=True`` compiles the decode step (``forge.core.decode.compiled_step``;
+    on CUDA, the graphed step): the first generation pays the compile.
     """
 
     def __init__(
@@ -71,8 +73,10 @@ class Forge:
         defaults: GenerationConfig | None = None,
         dtype: InferenceDtype | None = None,
         quantize: Quantize | None = None,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
+        self.compile = compile
         self.defaults = defaults or GenerationConfig()
         self.dtype = _inference_dtype(dtype, self.device)
         self._float_dtype_asked = dtype not in (None, "auto")  # a float dtype named: a GGUF is dequantized
@@ -184,7 +188,7 @@ class Forge:
         if self.quantize is not None:
             quantize_model(model, self.quantize)
         self._model, self._tokenizer, self._state = model, tokenizer, state
-        self._generator = Generator(model, tokenizer)
+        self._generator = Generator(model, tokenizer, compile=self.compile)
 
     def save(self, path: str | os.PathLike[str]) -> Forge:
         """Write the model, tokenizer and training state to a checkpoint directory (atomically)."""

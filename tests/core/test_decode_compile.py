@@ -6,8 +6,8 @@ import torch
 import torch._dynamo.utils
 
 from forge.config import get_preset
-from forge.core.decode import fixed_batcher
 from forge.core.decode import Sequence as Row
+from forge.core.decode import fixed_batcher
 from forge.core.generate import generate_tokens
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer

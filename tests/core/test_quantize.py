@@ -26,10 +26,10 @@ from forge.core.quantize import (
     quantize_weight,
 )
 from forge.core.quantize.base import _kernel_rows, pack_int4
-from forge.kernels import cpu_quant
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError
+from forge.kernels import cpu_quant
 
 DTYPES = [torch.float32, torch.bfloat16]
 

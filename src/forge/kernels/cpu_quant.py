@@ -77,7 +77,9 @@ def _register_fakes() -> None:
     """Shapes for torch.compile, which traces through the ops without running them."""
 
     @torch.library.register_fake("forge_cpu::int4_mm")
-    def _(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, exact: bool = True) -> torch.Tensor:
+    def _(
+        x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, exact: bool = True
+    ) -> torch.Tensor:
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("forge_cpu::int8_mm")
