@@ -207,8 +207,8 @@ def _is_forge_dir(path: Path) -> bool:
 def quantized_dtype(device: str | torch.device) -> torch.dtype:
     """What a model with quantized weights computes in.
 
-    On a CPU, float32: Forge's C++ kernels (``forge.kernels.cpu_quant``) widen the weights to fp32 in registers, so
-    fp32 activations cost nothing in the matmuls, and the norms, RoPE and attention run faster in fp32 than in
+    On a CPU, float32: Forge's C++ kernels (``forge.kernels.cpu_quant``) take fp32 activations at no cost (they
+    round them to int16 per block themselves), and the norms, RoPE and attention run faster in fp32 than in
     bf16 on CPUs without native bf16. It is also what keeps SmolLM2's answers right: rounding its activations to
     bf16 (or to int8, as llama.cpp does) turns "Paris" into "L'Étoile". Without those kernels, bfloat16, which
     aten's int4 kernel wants. On a GPU, bfloat16 where it is supported.

@@ -1,12 +1,12 @@
 """Forge's CPU quantized matmuls: int4 and int8 weights in blocks of 32, in C++ with AVX2 (``csrc/quant_cpu.cpp``).
 
-Two ways to take the activations. By default (``exact=True``) they stay fp32: each block of weights is
-widened to fp32 in registers and multiplied in, so the result is the dequantized weight's matmul, to fp32
-rounding, in half or a quarter of bf16's memory traffic. ``exact=False`` is llama.cpp's method: the
-activations are rounded to int8 per block of 32 and each block's dot product is integer arithmetic
-(``maddubs``), with one float multiply-add per block for the scales. It reproduces llama.cpp's greedy tokens
-on SmolLM2's Q4_1 file token for token, but that rounding moves the logits by a few percent, enough to turn
-SmolLM2's answer to "What is the capital of France?" from "Paris" into "L'Étoile": Forge keeps exact.
+The activations are rounded to integers per block of 32, so that each block's dot product is integer
+arithmetic, with one float multiply-add per block for the scales. By default (``precise=True``) to int16
+(``madd_epi16``): within 1/32767 of each block's largest value, finer than bf16's 1/256, and the results match
+the dequantized weight's matmul to about 1e-5. ``precise=False`` is llama.cpp's method, int8 (``maddubs``):
+it reproduces llama.cpp's greedy tokens on SmolLM2's Q4_1 file token for token, but that rounding moves the
+logits by a few percent, enough to turn SmolLM2's answer to "What is the capital of France?" from "Paris"
+into "L'Étoile" (so does rounding the activations to bf16): Forge keeps ``precise``.
 
 Layouts, for an (N, K) weight and groups of ``group`` input columns (a multiple of 32):
 
@@ -78,25 +78,25 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("forge_cpu::int4_mm")
     def _(
-        x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, exact: bool = True
+        x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, precise: bool = True
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], qs.shape[0])
 
     @torch.library.register_fake("forge_cpu::int8_mm")
     def _(
-        x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, group: int, exact: bool = True
+        x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, group: int, precise: bool = True
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], qs.shape[0])
 
 
 def int4_mm(
-    x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, *, exact: bool = True
+    x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int, *, precise: bool = True
 ) -> torch.Tensor:
     """``x @ W.T`` (M, N) in x's dtype (fp32 or bf16) for the int4 weight (qs, d, m); needs :func:`available`.
 
-    ``exact=False`` rounds the activations to int8 per block (llama.cpp's method; see the module's doc).
+    ``precise=False`` rounds the activations to int8 per block, not int16 (llama.cpp's method; see the module).
     """
-    return torch.ops.forge_cpu.int4_mm(x, qs, d, m, group, exact)
+    return torch.ops.forge_cpu.int4_mm(x, qs, d, m, group, precise)
 
 
 def int8_mm(
@@ -106,7 +106,7 @@ def int8_mm(
     group: int,
     m: torch.Tensor | None = None,
     *,
-    exact: bool = True,
+    precise: bool = True,
 ) -> torch.Tensor:
     """``x @ W.T`` (M, N) in x's dtype for the group-wise int8 weight (qs, d, optional m); needs :func:`available`."""
-    return torch.ops.forge_cpu.int8_mm(x, qs, d, m, group, exact)
+    return torch.ops.forge_cpu.int8_mm(x, qs, d, m, group, precise)

@@ -1,12 +1,13 @@
-// Forge's CPU quantized matmuls: int4 and int8 weights in blocks of 32, against activations quantized to int8
-// per block of 32 (llama.cpp's method: integer dot products, one float multiply-add per block).
+// Forge's CPU quantized matmuls: int4 and int8 weights in blocks of 32, against activations rounded per block of
+// 32 to integers, so that each block's dot product is integer arithmetic with one float multiply-add for the scales.
 //
 // Weights, per output row n and block b of 32 input columns:
 //   int4: qs (N, K/2) uint8, block b's 16 bytes hold its elements 0..15 in the low nibbles and 16..31 in the
 //         high nibbles (GGUF Q4_0/Q4_1 order); w = d[n, g] * q + m[n, g], q in 0..15, g = b / (group / 32).
 //   int8: qs (N, K) int8; w = d[n, g] * q (+ m[n, g] if m is given) (GGUF Q8_0 when group == 32, no m).
-// d and m are fp32 (N, K / group). Activations x (M, K) fp32 or bf16; y (M, N) fp32.
-// The activations' blocks: xq int8 and dx = max|x| / 127, and sx = dx * sum(xq) for the int4 minimum term.
+// d and m are fp16 or fp32 (N, K / group). Activations x (M, K) fp32 or bf16; y (M, N) in x's dtype.
+// The activations' blocks, precise (the default): int16 with dx = max|x| / 32767 (madd_epi16), and the block's sum
+// for the minimum term; or llama.cpp's int8 with dx = max|x| / 127 (maddubs), and dx * sum(xq).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -23,6 +24,9 @@ namespace {
 constexpr int64_t kBlock = 32;
 
 constexpr int kRows = 4;  // rows of the batch a weight block is reused for
+
+inline float to_f32(at::Half h) { return _cvtsh_ss(h.x); }  // F16C: one instruction, not c10's bit twiddling
+inline float to_f32(float f) { return f; }
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -68,58 +72,64 @@ inline __m256i unpack_nibbles(const uint8_t* q) {
 }
 
 struct Acts {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;  // per block of 32: the scale, and scale * sum(q) (exact: the block's sum of x)
-  std::vector<float> f;     // exact: x itself, in fp32
+  std::vector<int8_t> q;    // int8 mode: the activations rounded to int8 per block
+  std::vector<int16_t> q16;  // precise mode: rounded to int16 per block
+  std::vector<float> d, s;  // per block of 32: the scale, and the block's sum (int8: scale * sum(q); precise: of x)
   int64_t M, K;
 };
 
+// Precise: a row's K activations as int16 per block of 32 (scale max|x| / 32767), and each block's sum.
 template <typename T>
-void copy_row(const T* x, int64_t K, float* f, float* sums) {
+void quantize_row16(const T* x, int64_t K, int16_t* xq, float* dx, float* sx) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    float sum = 0.f;
-    for (int i = 0; i < kBlock; ++i) sum += (f[b * kBlock + i] = static_cast<float>(x[b * kBlock + i]));
-    sums[b] = sum;
+    float v[kBlock];
+    float amax = 0.f, sum = 0.f;
+    for (int i = 0; i < kBlock; ++i) {
+      v[i] = static_cast<float>(x[b * kBlock + i]);
+      amax = std::max(amax, std::fabs(v[i]));
+      sum += v[i];
+    }
+    const float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+    for (int i = 0; i < kBlock; ++i) xq[b * kBlock + i] = static_cast<int16_t>(std::nearbyint(v[i] * inv));
+    dx[b] = d;
+    sx[b] = sum;
   }
 }
 
-// The activations as the dot products read them: int8 blocks (llama.cpp's method), or exact fp32 with block sums.
-Acts prepare_acts(const at::Tensor& x, bool exact) {
+// The activations as the dot products read them: int8 blocks (llama.cpp's method), or int16 blocks (precise).
+Acts prepare_acts(const at::Tensor& x, bool precise) {
   const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock;
-  Acts a{std::vector<int8_t>(exact ? 0 : M * K), std::vector<float>(M * nb), std::vector<float>(M * nb),
-         std::vector<float>(exact ? M * K : 0), M, K};
+  Acts a{std::vector<int8_t>(precise ? 0 : M * K), std::vector<int16_t>(precise ? M * K : 0),
+         std::vector<float>(M * nb), std::vector<float>(M * nb), M, K};
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      if (exact && bf16) copy_row(x.data_ptr<at::BFloat16>() + m * K, K, &a.f[m * K], &a.s[m * nb]);
-      if (exact && !bf16) copy_row(x.data_ptr<float>() + m * K, K, &a.f[m * K], &a.s[m * nb]);
-      if (!exact && bf16) quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, &a.q[m * K], &a.d[m * nb], &a.s[m * nb]);
-      if (!exact && !bf16) quantize_row(x.data_ptr<float>() + m * K, K, &a.q[m * K], &a.d[m * nb], &a.s[m * nb]);
+      float* d = &a.d[m * nb];
+      float* s = &a.s[m * nb];
+      if (precise && bf16) quantize_row16(x.data_ptr<at::BFloat16>() + m * K, K, &a.q16[m * K], d, s);
+      if (precise && !bf16) quantize_row16(x.data_ptr<float>() + m * K, K, &a.q16[m * K], d, s);
+      if (!precise && bf16) quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, &a.q[m * K], d, s);
+      if (!precise && !bf16) quantize_row(x.data_ptr<float>() + m * K, K, &a.q[m * K], d, s);
     }
   });
   return a;
 }
 
-template <bool Int4>
-inline __m256 widen(__m128i v) {  // 8 weight bytes -> 8 floats
-  return _mm256_cvtepi32_ps(Int4 ? _mm256_cvtepu8_epi32(v) : _mm256_cvtepi8_epi32(v));
-}
-
-// Exact: one weight block against R fp32 activation rows, fp32 multiply-adds: acc[r] += (w . x_r) * d.
+// Precise: one weight block against R int16 activation rows: acc[r] += (w . xq_r) * d * dx_r, integer dots.
 template <bool Int4, int R>
-inline void block_dot_exact(const uint8_t* wq, float d, const Acts& a, int64_t m0, int64_t b, __m256* acc) {
+inline void block_dot_precise(const uint8_t* wq, float d, const Acts& a, int64_t m0, int64_t b, __m256* acc) {
+  const int64_t K = a.K, nb = K / kBlock;
   const __m256i w = Int4 ? unpack_nibbles(wq) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
   const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
-  const __m256 w0 = widen<Int4>(lo), w1 = widen<Int4>(_mm_srli_si128(lo, 8));
-  const __m256 w2 = widen<Int4>(hi), w3 = widen<Int4>(_mm_srli_si128(hi, 8));
-  const __m256 dv = _mm256_set1_ps(d);
+  const __m256i w0 = Int4 ? _mm256_cvtepu8_epi16(lo) : _mm256_cvtepi8_epi16(lo);  // values 0..15
+  const __m256i w1 = Int4 ? _mm256_cvtepu8_epi16(hi) : _mm256_cvtepi8_epi16(hi);  // values 16..31
   for (int r = 0; r < R; ++r) {
-    const float* x = &a.f[(m0 + r) * a.K + b * kBlock];
-    __m256 s = _mm256_mul_ps(w0, _mm256_loadu_ps(x));
-    s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), s);
-    s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), s);
-    s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), s);
-    acc[r] = _mm256_fmadd_ps(s, dv, acc[r]);
+    const int64_t m = m0 + r;
+    const int16_t* x = &a.q16[m * K + b * kBlock];
+    const __m256i p = _mm256_add_epi32(
+        _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+        _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * a.d[m * nb + b]), acc[r]);
   }
 }
 
@@ -143,65 +153,76 @@ inline void block_dot(const uint8_t* wq, float d, const Acts& a, int64_t m0, int
 }
 
 // Output n for activation rows m0..m0+R-1.
-template <bool Int4, bool Exact, int R, typename S, typename Y>
-void gemm_rows(const uint8_t* qs, const S* wd, const S* wm, const Acts& a, int64_t group, int64_t n,
-               int64_t m0, Y* y, int64_t N) {
-  const int64_t K = a.K, nb = K / kBlock, per = group / kBlock, ng = K / group;
-  const int64_t stride = Int4 ? 16 : kBlock;  // bytes per block
-  __m256 acc[R];
-  float mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.f;
-  const uint8_t* row = qs + n * nb * stride;
-  for (int64_t g = 0; g < ng; ++g) {
-    const float d = static_cast<float>(wd[n * ng + g]);
-    for (int64_t j = 0; j < per; ++j) {
-      const int64_t b = g * per + j;
-      if constexpr (Exact) {
-        block_dot_exact<Int4, R>(row + b * stride, d, a, m0, b, acc);
-      } else {
-        block_dot<Int4, R>(row + b * stride, d, a, m0, b, acc);
-      }
-    }
-    if (wm != nullptr) {
-      const float mn = static_cast<float>(wm[n * ng + g]);
-      for (int r = 0; r < R; ++r) {
-        float s = 0.f;
-        for (int64_t j = 0; j < per; ++j) s += a.s[(m0 + r) * nb + g * per + j];
-        mins[r] += mn * s;
-      }
-    }
+template <bool Int4, bool Precise, int R>
+inline void block(const uint8_t* wq, float d, const Acts& a, int64_t m0, int64_t b, __m256* acc) {
+  if constexpr (Precise) {
+    block_dot_precise<Int4, R>(wq, d, a, m0, b, acc);
+  } else {
+    block_dot<Int4, R>(wq, d, a, m0, b, acc);
   }
-  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<Y>(hsum(acc[r]) + mins[r]);
 }
 
-template <bool Int4, bool Exact, typename S, typename Y>
+// Output n for activation rows m0..m0+R-1. Two accumulators (even and odd blocks) keep two FMA chains in flight;
+// the minimums' term is the group's minimum times the group's activation sum (``gs``, computed once per call).
+template <bool Int4, bool Precise, int R, typename S, typename Y>
+void gemm_rows(const uint8_t* qs, const S* wd, const S* wm, const Acts& a, const float* gs, int64_t group,
+               int64_t n, int64_t m0, Y* y, int64_t N) {
+  const int64_t K = a.K, nb = K / kBlock, per = group / kBlock, ng = K / group;
+  const int64_t stride = Int4 ? 16 : kBlock;  // bytes per block
+  __m256 even[R], odd[R];
+  float mins[R];
+  for (int r = 0; r < R; ++r) even[r] = _mm256_setzero_ps(), odd[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+  const uint8_t* row = qs + n * nb * stride;
+  const S* d = wd + n * ng;
+  int64_t b = 0;
+  for (; b + 1 < nb; b += 2) {
+    block<Int4, Precise, R>(row + b * stride, to_f32(d[b / per]), a, m0, b, even);
+    block<Int4, Precise, R>(row + (b + 1) * stride, to_f32(d[(b + 1) / per]), a, m0, b + 1, odd);
+  }
+  if (b < nb) block<Int4, Precise, R>(row + b * stride, to_f32(d[b / per]), a, m0, b, even);
+  if (wm != nullptr) {
+    const S* mn = wm + n * ng;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float v = to_f32(mn[g]);
+      for (int r = 0; r < R; ++r) mins[r] += v * gs[(m0 + r) * ng + g];
+    }
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<Y>(hsum(_mm256_add_ps(even[r], odd[r])) + mins[r]);
+}
+
+template <bool Int4, bool Precise, typename S, typename Y>
 void run(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group, at::Tensor& y) {
   const int64_t M = a.M, N = qs.size(0);
   const uint8_t* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
   const S* wd = d.data_ptr<S>();
   const S* wm = m.defined() ? m.data_ptr<S>() : nullptr;
   Y* out = y.data_ptr<Y>();
+  const int64_t nb = a.K / kBlock, per = group / kBlock, ng = a.K / group;
+  std::vector<float> gs(wm != nullptr ? M * ng : 0);  // each row's activation sum per group
+  for (int64_t i = 0; i < static_cast<int64_t>(gs.size()); ++i) {
+    for (int64_t j = 0; j < per; ++j) gs[i] += a.s[i / ng * nb + i % ng * per + j];
+  }
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t m0 = 0;
-      for (; m0 + kRows <= M; m0 += kRows) gemm_rows<Int4, Exact, kRows>(q, wd, wm, a, group, n, m0, out, N);
-      for (; m0 < M; ++m0) gemm_rows<Int4, Exact, 1>(q, wd, wm, a, group, n, m0, out, N);
+      for (; m0 + kRows <= M; m0 += kRows) gemm_rows<Int4, Precise, kRows>(q, wd, wm, a, gs.data(), group, n, m0, out, N);
+      for (; m0 < M; ++m0) gemm_rows<Int4, Precise, 1>(q, wd, wm, a, gs.data(), group, n, m0, out, N);
     }
   });
 }
 
-template <bool Int4, bool Exact>
+template <bool Int4, bool Precise>
 void dispatch(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
               at::Tensor& y, bool half, bool bf16) {
-  if (half && bf16) run<Int4, Exact, at::Half, at::BFloat16>(a, qs, d, m, group, y);
-  if (half && !bf16) run<Int4, Exact, at::Half, float>(a, qs, d, m, group, y);
-  if (!half && bf16) run<Int4, Exact, float, at::BFloat16>(a, qs, d, m, group, y);
-  if (!half && !bf16) run<Int4, Exact, float, float>(a, qs, d, m, group, y);
+  if (half && bf16) run<Int4, Precise, at::Half, at::BFloat16>(a, qs, d, m, group, y);
+  if (half && !bf16) run<Int4, Precise, at::Half, float>(a, qs, d, m, group, y);
+  if (!half && bf16) run<Int4, Precise, float, at::BFloat16>(a, qs, d, m, group, y);
+  if (!half && !bf16) run<Int4, Precise, float, float>(a, qs, d, m, group, y);
 }
 
 template <bool Int4>
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
-               bool exact) {
+               bool precise) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "forge quant mm: x must be a contiguous (M, K) tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "forge quant mm: x fp32 or bf16");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
@@ -211,10 +232,10 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c
   TORCH_CHECK(d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat, "forge quant mm: scales fp16 or fp32");
   TORCH_CHECK(!m.defined() || (m.scalar_type() == d.scalar_type() && m.sizes() == d.sizes() && m.is_contiguous()),
               "forge quant mm: minimums like scales");
-  const Acts a = prepare_acts(x, exact);
+  const Acts a = prepare_acts(x, precise);
   at::Tensor y = at::empty({M, N}, x.options());
   const bool half = d.scalar_type() == at::kHalf, bf16 = x.scalar_type() == at::kBFloat16;
-  if (exact) {
+  if (precise) {
     dispatch<Int4, true>(a, qs, d, m, group, y, half, bf16);
   } else {
     dispatch<Int4, false>(a, qs, d, m, group, y, half, bf16);
@@ -223,20 +244,20 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
-                   bool exact) {
-  return qmm<true>(x, qs, d, m, group, exact);
+                   bool precise) {
+  return qmm<true>(x, qs, d, m, group, precise);
 }
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const std::optional<at::Tensor>& m,
-                   int64_t group, bool exact) {
-  return qmm<false>(x, qs, d, m.has_value() ? *m : at::Tensor(), group, exact);
+                   int64_t group, bool precise) {
+  return qmm<false>(x, qs, d, m.has_value() ? *m : at::Tensor(), group, precise);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(forge_cpu, lib) {
-  lib.def("int4_mm(Tensor x, Tensor qs, Tensor d, Tensor m, int group, bool exact=True) -> Tensor");
-  lib.def("int8_mm(Tensor x, Tensor qs, Tensor d, Tensor? m, int group, bool exact=True) -> Tensor");
+  lib.def("int4_mm(Tensor x, Tensor qs, Tensor d, Tensor m, int group, bool precise=True) -> Tensor");
+  lib.def("int8_mm(Tensor x, Tensor qs, Tensor d, Tensor? m, int group, bool precise=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(forge_cpu, CPU, lib) {
