@@ -32,8 +32,9 @@ SHAPES = {
 }
 
 
-def forge_model(shape: dict, context: int) -> Transformer:
-    cfg = ModelConfig(
+def shape_config(shape: dict, context: int) -> ModelConfig:
+    """The Llama-style config of one of SHAPES."""
+    return ModelConfig(
         vocab_size=shape["vocab_size"],
         context_length=context,
         n_layer=shape["n_layer"],
@@ -47,8 +48,11 @@ def forge_model(shape: dict, context: int) -> Transformer:
         bias=False,
         tie_embeddings=shape["tie"],
     )
+
+
+def forge_model(shape: dict, context: int) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(cfg).cuda().to(torch.bfloat16).eval()
+    return Transformer(shape_config(shape, context)).cuda().to(torch.bfloat16).eval()
 
 
 def hf_model(shape: dict, context: int):

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, save_gpu_result
-from decode_gpu import SHAPES
-from forge.config import ModelConfig
+from decode_gpu import SHAPES, shape_config
 from forge.core.generate import generate_tokens
 from forge.core.quantize import quantize_model
 from forge.core.sampling import SamplingParams
@@ -316,20 +315,7 @@ def triton_next_pow2(n: int) -> int:
 
 def build(shape: dict, context: int) -> Transformer:
     """The random-init bf16 model of benchmarks/decode_gpu.py, initialised on the GPU (seconds, not a minute)."""
-    cfg = ModelConfig(
-        vocab_size=shape["vocab_size"],
-        context_length=context,
-        n_layer=shape["n_layer"],
-        n_head=shape["n_head"],
-        n_kv_head=shape["n_kv_head"],
-        d_model=shape["d_model"],
-        d_ff=shape["d_ff"],
-        norm="rmsnorm",
-        activation="swiglu",
-        position="rope",
-        bias=False,
-        tie_embeddings=shape["tie"],
-    )
+    cfg = shape_config(shape, context)
     torch.manual_seed(0)
     with torch.device(DEV):
         model = Transformer(cfg)
