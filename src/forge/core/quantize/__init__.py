@@ -3,10 +3,11 @@
 - :class:`Int8Weight` (``int8.py``): int8 per output channel, symmetric; ``w = q * scale``.
   CPU matmul: ``aten._weight_int8pack_mm``. What ``quantize="int8"`` makes.
 - :class:`Int4Weight` (``int4.py``): int4 per group of 32/64/128 input columns, asymmetric; ``w = q * scale + min``
-  with q in 0..15. CPU matmul: ``aten._weight_int4pack_mm_for_cpu``. What ``quantize="int4"`` makes, and GGUF's
-  Q4_0, Q4_1 and Q4_K exactly.
+  with q in 0..15, in GGUF's block layout. CPU matmul: Forge's C++ kernel (``forge.kernels.cpu_quant``), else
+  aten's int4 kernel. What ``quantize="int4"`` makes, and GGUF's Q4_0, Q4_1 and Q4_K exactly.
 - :class:`Int8GroupWeight` (``int8.py``): int8 per group of 16 or 32 columns, optionally with a minimum. GGUF's
-  Q8_0 exactly, and the 5- and 6-bit types and Q2_K/Q3_K. Its matmul is the int4 kernel's, on two nibbles.
+  Q8_0 exactly, and the 5- and 6-bit types and Q2_K/Q3_K. CPU matmul: Forge's C++ kernel for groups of 32, else
+  aten's int4 kernel on two nibbles a value.
 
 :func:`from_gguf` (``gguf_blocks.py``) maps GGUF blocks into them without requantizing: ``dequantize`` reproduces
 ``gguf.quants.dequantize`` bit for bit. Off the CPU (or in a dtype the CPU kernels refuse) ``linear`` falls back

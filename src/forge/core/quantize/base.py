@@ -1,16 +1,15 @@
-"""What every quantized weight shares: the module type ``ops`` dispatches on, and the int4 kernel's packing.
+"""What every quantized weight shares: the module type ``ops`` dispatches on, and aten's int4 packing (the fallback).
 
-The CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) is the matmul of both schemes that keep groups
-(``Int4Weight``, ``Int8GroupWeight``). It wants its own tiled packing of the 4-bit values
-(``aten._convert_weight_to_int4pack_for_cpu``), ``out`` a multiple of 16, and ``scales_and_zeros`` (in/group,
-out, 2) in the activations' dtype, computing ``w = (q - 8) * scale + zero``. :func:`pack_int4` pads the rows to
-16 and packs; :func:`int4_rows` reads values back out of that packing, so nothing else needs to be kept.
+On a CPU, the weights' matmuls are Forge's C++ kernels (``forge.kernels.cpu_quant``), which read GGUF's block
+layout as the weights hold it. Where those can't be built, aten's int4 kernel (``aten._weight_int4pack_mm_for_cpu``)
+runs instead, on its own tiled packing (``aten._convert_weight_to_int4pack_for_cpu``), made on first use: it wants
+``out`` a multiple of 16 and ``scales_and_zeros`` (in/group, out, 2) in the activations' dtype, computing
+``w = (q - 8) * scale + zero``. :func:`pack_int4` pads the rows to 16 and packs.
 """
 
 from __future__ import annotations
 
 import abc
-import functools
 from collections.abc import Callable
 
 import torch
@@ -19,12 +18,11 @@ from torch import nn
 
 from forge.errors import ConfigError
 
-__all__ = ["KERNEL_DTYPES", "QuantizedWeight", "int4_rows", "pack_int4", "padded_rows"]
+__all__ = ["KERNEL_DTYPES", "QuantizedWeight", "pack_int4", "padded_rows"]
 
 #: Activation dtypes the CPU kernels take; other dtypes, and other devices, use the dequantized reference.
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROW_MULTIPLE = 16  # the int4 kernel's out-features multiple
-_ROWS_AT_ONCE = 2048  # rows decoded per step when the whole weight is read back: bounds the index temporaries
 
 
 class QuantizedWeight(nn.Module, abc.ABC):
@@ -130,42 +128,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(pad_rows(q).contiguous(), 1)
 
 
-def int4_rows(packed: torch.Tensor, width: int, index: torch.Tensor | None = None) -> torch.Tensor:
-    """The int32 values 0..15 of rows ``index`` (all if None) of a :func:`pack_int4` packing of ``width`` columns."""
-    n = packed.shape[0]
-    index = torch.arange(n, device=packed.device) if index is None else index.to(packed.device, torch.long)
-    read = _gather_rows if _layout_known() else _kernel_rows
-    parts = [read(packed, width, index[i : i + _ROWS_AT_ONCE]) for i in range(0, len(index), _ROWS_AT_ONCE)]
-    return torch.cat(parts) if parts else torch.empty(0, width, dtype=torch.int32, device=packed.device)
-
-
-def _gather_rows(packed: torch.Tensor, width: int, rows: torch.Tensor) -> torch.Tensor:
-    # The packing, as read off the kernel: blocks of 32 rows, each a run of ``width`` 16-byte groups (column k of
-    # rows j and j + 16 in byte j's low and high nibbles); a last block of 16 rows uses 8-byte groups (rows 2j
-    # and 2j + 1). :func:`_layout_known` checks this against the kernel before it is trusted.
-    full = packed.shape[0] // 32 * 32
-    tail = rows - full
-    in_full = rows < full
-    base = torch.where(in_full, rows // 32 * (width * 16) + rows % 16, full * width // 2 + tail // 2)
-    stride = torch.where(in_full, 16, 8)
-    shift = torch.where(in_full, rows % 32 // 16, tail % 2) * 4
-    cols = torch.arange(width, device=packed.device)
-    byte = packed.reshape(-1)[base[:, None] + cols[None, :] * stride[:, None]]  # (len, width)
-    return (byte.to(torch.int32) >> shift[:, None]) & 0xF
-
-
 def _kernel_rows(packed: torch.Tensor, width: int, rows: torch.Tensor) -> torch.Tensor:
-    # The kernel itself as the decoder, if its packing ever changes: with scale 1 and zero 8 it computes
-    # x @ q.T, so the identity gives q exactly (small integers in fp32).
+    # aten's packing read back through its kernel (the tests check pack_int4 with it): with scale 1 and zero 8
+    # it computes x @ q.T, so the identity gives q exactly (small integers in fp32).
     n = packed.shape[0]
     unit = torch.tensor([1.0, 8.0]).expand(width // 32, n, 2).contiguous()
     eye = torch.eye(width)
     q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed.cpu(), 32, unit)  # (width, n): column k, row o
     return q.t()[rows.cpu()].round().to(torch.int32).to(packed.device)
-
-
-@functools.cache
-def _layout_known() -> bool:
-    q = torch.randint(0, 16, (48, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed.shape == (48, 32) and torch.equal(_gather_rows(packed, 64, torch.arange(48)), q)
