@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when it is imported, and importing torch._dynamo imports Triton: set it before any
+# test module can (tests/kernels/conftest.py comes later in collection), so the kernel tests run interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from forge.app import Forge
 from forge.config import ModelConfig
 from forge.core.transformer import Transformer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch._dynamo.utils
 
 from forge.config import get_preset
 from forge.core.decode import Sequence as Row
@@ -26,6 +25,8 @@ def _run(model: Transformer, prompts: list[list[int]], n: int, compile: bool, **
 
 
 def test_compiled_steps_give_the_eager_tokens_and_compile_once() -> None:
+    import torch._dynamo.utils  # here, not at collection: importing Dynamo imports Triton (see tests/conftest.py)
+
     model = _model()
     torch._dynamo.reset()
     for prompt, n in (([1, 2, 3], 24), ([5] * 11, 40), ([7, 8], 9)):  # lengths of every size: one compile
