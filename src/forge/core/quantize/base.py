@@ -91,6 +91,13 @@ class QuantizedWeight(nn.Module, abc.ABC):
     def _uses_kernel(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
 
+    def _aten_packing(self, values: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """aten's int4 packing of ``values()`` (out, in) 0..15, made on first use and kept (counted in ``nbytes``)."""
+        packed = self._cast.get(torch.uint8)
+        if packed is None:
+            packed = self._cast[torch.uint8] = pack_int4(values())
+        return packed
+
     def _scales_for(self, dtype: torch.dtype, stored: torch.Tensor, exact: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The kernel's scales_and_zeros in ``dtype``: the stored bf16 ones, or a cast made once from exact values."""
         if dtype == stored.dtype:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from forge.core.quantize.base import QuantizedWeight, pack_int4, pad_rows
+from forge.core.quantize.base import QuantizedWeight, pad_rows
 from forge.errors import ConfigError
 from forge.kernels import cpu_quant
 
@@ -111,9 +111,7 @@ class Int4Weight(QuantizedWeight):
         if x.dtype in cpu_quant.DTYPES and cpu_quant.available():
             y = cpu_quant.int4_mm(x2, self.qs, self.scale, self.min, self.group_size)
         else:  # aten's kernel, on its own packing (made once)
-            packed = self._cast.get(torch.uint8)
-            if packed is None:
-                packed = self._cast[torch.uint8] = pack_int4(self.unpacked())
+            packed = self._aten_packing(self.unpacked)
             sz = self._scales_for(x.dtype, packed, self._kernel_scales)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)[:, : self.shape[0]]
         y = y.reshape(*x.shape[:-1], self.shape[0])

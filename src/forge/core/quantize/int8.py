@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from forge.core.quantize.base import QuantizedWeight, pack_int4, pad_rows
+from forge.core.quantize.base import QuantizedWeight, pad_rows
 from forge.errors import ConfigError
 from forge.kernels import cpu_quant
 
@@ -102,17 +102,19 @@ class Int8GroupWeight(QuantizedWeight):
             y = cpu_quant.int8_mm(x.reshape(-1, self.shape[1]).contiguous(), self.q, self.scale, g, self.min)
             y = y.reshape(*x.shape[:-1], self.shape[0])
             return y + bias if bias is not None else y
-        packed = self._cast.get(torch.uint8)
-        if packed is None:  # aten's int4 kernel on two nibbles a value, packed once
-            q32 = self.q.to(torch.int32).reshape(self.shape[0], -1, 1, g)
-            nibbles = torch.cat([q32 & 0xF, (q32 >> 4) + 8], dim=2)  # (out, groups, [lo, hi], g), each 0..15
-            packed = self._cast[torch.uint8] = pack_int4(nibbles.reshape(self.shape[0], 2 * self.shape[1]))
+        packed = self._aten_packing(self._nibbles)  # aten's int4 kernel on two nibbles a value
         x2 = x.reshape(-1, self.shape[1] // g, 1, g)  # (M, groups, 1, g)
         x2 = torch.cat([x2, x2 * 16], dim=2).reshape(x2.shape[0], -1)  # (M, 2 * in): [x_g | 16 x_g] per group
         sz = self._scales_for(x.dtype, packed, self._kernel_scales)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, 2 * g, sz)
         y = y[:, : self.shape[0]].reshape(*x.shape[:-1], self.shape[0])  # drop the padding rows
         return y + bias if bias is not None else y
+
+    def _nibbles(self) -> torch.Tensor:
+        """The values as (out, 2 * in) nibbles 0..15, per group ``[lo (g) | hi + 8 (g)]``, for aten's int4 kernel."""
+        g = self.group_size
+        q32 = self.q.to(torch.int32).reshape(self.shape[0], -1, 1, g)
+        return torch.cat([q32 & 0xF, (q32 >> 4) + 8], dim=2).reshape(self.shape[0], 2 * self.shape[1])
 
     def _kernel_scales(self) -> torch.Tensor:
         scale = self.scale.float()
