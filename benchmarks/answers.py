@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, SHAKESPEARE, environment, save_result
 
 QUESTIONS = ROOT / "benchmarks" / "data" / "shakespeare_answers.json"
+#: Questions written after the settings were chosen on QUESTIONS, and never used to choose them.
+HELDOUT = ROOT / "benchmarks" / "data" / "shakespeare_answers_heldout.json"
+QUESTION_SETS = {"tuned": QUESTIONS, "heldout": HELDOUT}
 BASELINE = "22a8872"  # main before issue 15: free-form answers, the agent loop as it was
 STORE = Path(tempfile.gettempdir()) / "forge-bench" / "shakespeare-answers.db"
 MAX_TOKENS = 64
@@ -79,11 +82,13 @@ def _ask(rag: Any, question: str, k: int | None, mode: str | None) -> Any:
     return rag.answer(question, **options)
 
 
-def evaluate_rag(db: Path, k: int | None, limit: int | None, modes: list[str | None]) -> dict[str, Any]:
+def evaluate_rag(
+    db: Path, k: int | None, limit: int | None, modes: list[str | None], questions_file: Path = QUESTIONS
+) -> dict[str, Any]:
     """Every question through every mode, with whatever ``forge`` is importable."""
     from forge.rag import Rag
 
-    questions = json.loads(QUESTIONS.read_text())[:limit]
+    questions = json.loads(questions_file.read_text())[:limit]
     unanswerable = UNANSWERABLE[: None if limit is None else max(2, limit // 6)]
     rag = Rag(db)
     out: dict[str, Any] = {}
@@ -163,11 +168,13 @@ def main() -> None:
     p.add_argument("--modes", default="quote,free")
     p.add_argument("--baseline", default=BASELINE, help="git revision whose behaviour is the baseline")
     p.add_argument("--db", type=Path, default=STORE)
+    p.add_argument("--sets", default="tuned,heldout", help=f"question sets, of {', '.join(QUESTION_SETS)}")
+    p.add_argument("--questions", type=Path, default=QUESTIONS, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:  # inside a subprocess: evaluate with the forge on PYTHONPATH
         modes: list[str | None] = [None] if a.modes == "baseline" else list(a.modes.split(","))
-        print(json.dumps(evaluate_rag(a.db, a.k, a.limit, modes)))
+        print(json.dumps(evaluate_rag(a.db, a.k, a.limit, modes, a.questions)))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out: dict[str, Any] = {"benchmark": "answers", **environment(torch.device("cpu")), "baseline": a.baseline}
@@ -180,25 +187,31 @@ def main() -> None:
             out["ingest"] = _ingest(a.db)
             out["ingest_seconds"] = time.perf_counter() - began
             k = [] if a.k is None else ["--k", str(a.k)]
-            common = [__file__, "--worker", "--db", str(a.db), *k, *limit]
-            out["rag"] = {
-                **_worker(old, [*common, "--modes", "baseline"]),
-                **_worker(new, [*common, "--modes", a.modes]),
-            }
+            out["rag"] = {}
+            for name in a.sets.split(","):
+                common = [__file__, "--worker", "--db", str(a.db), "--questions", str(QUESTION_SETS[name]), *k, *limit]
+                out["rag"][name] = {
+                    **_worker(old, [*common, "--modes", "baseline"]),
+                    **_worker(new, [*common, "--modes", a.modes]),
+                }
         if a.part in ("agent", "all"):
             script = str(ROOT / "benchmarks" / "answers_agent.py")
             tasks = [] if a.limit is None else ["--tasks", str(a.limit)]
             out["agent"] = {"baseline": _worker(old, [script, *tasks]), "forge": _worker(new, [script, *tasks])}
     save_result("answers_cpu" if a.part == "all" else f"answers_{a.part}_cpu", out)
-    brief = {
-        part: {
-            side: {key: value for key, value in figures.items() if not isinstance(value, (list, dict))}
-            for side, figures in out[part].items()
-        }
-        for part in ("rag", "agent")
-        if part in out
-    }
-    print(json.dumps(brief, indent=1))
+    print(json.dumps(_brief(out), indent=1))
+
+
+def _brief(out: dict[str, Any]) -> dict[str, Any]:
+    """The figures of ``out`` without the per-question rows."""
+
+    def figures(sides: dict[str, Any]) -> dict[str, Any]:
+        return {side: {k: v for k, v in f.items() if not isinstance(v, (list, dict))} for side, f in sides.items()}
+
+    brief: dict[str, Any] = {name: figures(sides) for name, sides in out.get("rag", {}).items()}
+    if "agent" in out:
+        brief["agent"] = figures(out["agent"])
+    return brief
 
 
 if __name__ == "__main__":

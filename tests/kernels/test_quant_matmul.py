@@ -20,10 +20,12 @@ from forge.kernels.quant_matmul import (
     dequantize_int8,
     int4_linear,
     int4_linear_sz,
-    int4_linear_tinygemm,
     int8_linear,
-    int8_linear_cuda,
     pack_int4,
+)
+from forge.kernels.quant_tinygemm import (
+    int4_linear_tinygemm,
+    int8_linear_cuda,
     pack_int4_cuda,
     scales_and_zeros_cuda,
     tinygemm_inner_k_tiles,

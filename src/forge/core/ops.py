@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from forge import kernels
-from forge.core.quantize import QuantizedWeight
+from forge.core.quantize import KERNEL_DTYPES, QuantizedWeight
 
 __all__ = [
     "add_layer_norm",
@@ -47,8 +47,19 @@ def _kernel(op: str, x: torch.Tensor) -> Callable[..., Any] | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``; weight is (out, in) as in ``nn.Linear``, or a quantized weight that does its own."""
+    """``x @ weight.T + bias``; weight is (out, in) as in ``nn.Linear``, or a quantized weight.
+
+    A quantized weight runs the device's registered ``quantized_linear`` kernel on its own buffers (on CUDA,
+    Forge's Triton dequant-GEMV/GEMM: ``forge.kernels.quant_linear``), else its own :meth:`~QuantizedWeight.linear`
+    (the CPU's C++ kernels; elsewhere and inside ``torch.compile``, the dequantized reference). Where x needs a
+    gradient, which the kernel doesn't give, the weight's own linear runs too.
+    """
     if isinstance(weight, QuantizedWeight):
+        plain = x.dtype in KERNEL_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
+        fast = _kernel("quantized_linear", x) if plain else None
+        operands = weight.kernel_operands() if fast else None
+        if operands is not None:
+            return fast(x, bias=bias, **operands._asdict())
         return weight.linear(x, bias)
     return F.linear(x, weight, bias)
 

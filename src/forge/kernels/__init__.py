@@ -45,6 +45,7 @@ ALL_KERNELS: dict[str, str] = {
     "attention": "attention:attention",
     "decode_attention": "decode_attention:decode_attention",
     "linear_cross_entropy": "cross_entropy:linear_cross_entropy",
+    "quantized_linear": "quant_linear:quantized_linear",
 }
 
 #: The ones used on CUDA by default: faster than PyTorch's path on an H100/H200 (see benchmarks/results/).
@@ -58,6 +59,7 @@ CUDA_KERNELS: tuple[str, ...] = (
     "rope",
     "decode_attention",
     "linear_cross_entropy",
+    "quantized_linear",
 )
 
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}

@@ -1,32 +1,28 @@
-"""Weight-only quantized matmuls on CUDA: tinygemm int4, int8 through cuBLAS, and Forge's Triton dequant kernels.
+"""Forge's Triton kernels for weight-only quantized matmuls: dequant-GEMV, tiled dequant-GEMM, dequantize.
 
 Decoding reads every weight once per step, so a weight stored in 4 or 8 bits is read 4 or 2 times faster
-than bf16, if the matmul dequantizes on the fly instead of materialising a float weight. Three ways:
+than bf16, if the matmul dequantizes on the fly instead of materialising a float weight. Three kernels, which
+:mod:`forge.kernels.quant_linear` chooses between by the rows of x (``path=``):
 
-- **tinygemm** (PyTorch's ``aten._weight_int4pack_mm``): int4, group-wise ``[scale, zero]`` in bf16, a
-  tensor-core tiled weight layout made by :func:`pack_int4_cuda`. bf16 activations only, out features a
-  multiple of 8. :func:`scales_and_zeros_cuda` converts Forge's ``w = q * scale + min`` to its convention.
-- **int8 through cuBLAS** (:func:`int8_linear_cuda`): ``F.linear(x, q.to(x.dtype)) * scale``, gpt-fast's
-  int8 path; fast only where ``torch.compile`` fuses the cast into the matmul's operand load.
-- **Forge's Triton kernels** (:func:`int4_linear`, :func:`int4_linear_sz`, :func:`int8_linear`): a
-  dequant-GEMV for a few rows (M <= :data:`GEMV_MAX_M`, decoding) and a tiled dequant-GEMM with ``tl.dot``
-  above it. Both read the weight as int32 words and turn values into floats with an integer OR and one
-  subtraction, never a conversion instruction. Plain layouts:
+- ``"gemv"``: a dequant-GEMV for a few rows (decoding): one program per row of x and block of outputs.
+- ``"gemm"``: a tiled dequant-GEMM (the seed's ``matmul_tiled``): weight tiles dequantized in registers, then
+  ``tl.dot``.
+- ``"dequant"``: the weight dequantized to x's dtype by a Triton kernel, then cuBLAS (long prefills).
 
-  ====  ===========================================  =================================================
-  int4  ``q``: uint8 (N, K/2), column 2j in the low   ``scale``, ``minimum``: (N, K/g), any float dtype,
-        nibble, 2j+1 in the high one (:func:`pack_int4`)  strided views too; or tinygemm's (K/g, N', 2)
-                                                        ``[scale, zero]`` (:func:`int4_linear_sz`)
-  int8  ``q``: int8 or uint8 (N, K)                    ``scale``: (N,) per channel or (N, K/g) per group;
-                                                        ``minimum``: None or the same shape as ``scale``
-  ====  ===========================================  =================================================
+Values become floats with an integer OR and one subtraction, never a conversion instruction. Layouts:
 
-  and ``w[n, k] = q[n, k] * scale[n, k // g] + minimum[n, k // g]``. The group size is read off the shapes.
-  Accumulation is fp32; the output has x's dtype. Launch parameters depend on shapes alone (no autotuning,
-  no host sync), so the calls can be captured in CUDA graphs; ``config=`` overrides the heuristic choice
-  (``benchmarks/quant_gpu.py --sweep`` sweeps it).
+- int4: ``q`` uint8 (N, K/2), column 2j in the low nibble and 2j+1 in the high one (:func:`pack_int4`), or
+  GGUF's blocks of 32 (``gguf_blocks=True``: byte b of a block holds columns b and b + 16); ``scale`` and
+  ``minimum`` (N, K/g), any float dtype, strided views too, or tinygemm's (K/g, N', 2) ``[scale, zero]``.
+- int8: ``q`` int8 or uint8 (N, K); ``scale`` (N,) per channel or (N, K/g) per group; ``minimum`` None or
+  ``scale``'s shape.
 
-:func:`dequantize_int4` and :func:`dequantize_int8` are the pure-PyTorch twins the kernels are tested against.
+and ``w[n, k] = q[n, k] * scale[n, k // g] + minimum[n, k // g]``; the group size is read off the shapes.
+Accumulation is fp32; the output has x's dtype. Launch parameters depend on shapes alone (no autotuning,
+no host sync, no allocation that depends on values), so the calls can be captured in CUDA graphs;
+``config=`` overrides the heuristic choice. PyTorch's own quantized CUDA kernels (tinygemm, int8 through
+cuBLAS) are in :mod:`forge.kernels.quant_tinygemm`; :func:`dequantize_int4` and :func:`dequantize_int8` (in
+``reference``) are the pure-PyTorch twins the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -39,33 +35,30 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from forge.errors import ConfigError
 from forge.kernels.attention_tiles import dot, dot_precision, upcast
+from forge.kernels.reference import dequantize_int4, dequantize_int8, pack_int4
 
 __all__ = [
     "GEMV_MAX_M",
-    "TINYGEMM_GROUP_SIZES",
+    "PATHS",
     "Config",
+    "dequantize",
     "dequantize_int4",
     "dequantize_int8",
     "gemm_config",
     "gemv_config",
     "int4_linear",
     "int4_linear_sz",
-    "int4_linear_tinygemm",
     "int8_linear",
-    "int8_linear_cuda",
     "pack_int4",
-    "pack_int4_cuda",
-    "scales_and_zeros_cuda",
-    "tinygemm_inner_k_tiles",
-    "tinygemm_supports",
 ]
 
-#: Up to this many rows of x the Triton path runs the GEMV kernel (one program per row and block of outputs).
+#: Without ``path=``, up to this many rows of x run the GEMV kernel, more the GEMM.
 GEMV_MAX_M = 16
-TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+#: The kernels a call can ask for with ``path=``.
+PATHS = ("gemv", "gemm", "dequant")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+_GGUF_BLOCK = 32  # values in a GGUF block: 16 bytes of int4
 
 
 class Config(NamedTuple):
@@ -95,7 +88,7 @@ def _as_float(v, OFFSET: tl.constexpr):
 def _unpack(word, BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr):
     """int32 words (A, B) to their 32 // BITS values each, (A, B, 32 // BITS) fp32, minus Q_OFFSET.
 
-    Little-endian: value j of word w is column (32 // BITS) * w + j, so the last two axes flatten into k order.
+    Value j of word w is nibble (or byte) j, little-endian: column (32 // BITS) * w + j of a plain layout.
     """
     shifts = BITS * tl.arange(0, 32 // BITS)
     v = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
@@ -106,7 +99,7 @@ def _unpack(word, BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constex
 
 @triton.jit
 def _word_value(word, j: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr):
-    """Value j of each int32 word (column (32 // BITS) * w + j) as fp32, minus Q_OFFSET."""
+    """Value j of each int32 word as fp32, minus Q_OFFSET."""
     v = (word >> (BITS * j)) & ((1 << BITS) - 1)
     if SIGNED:
         return _as_float(v ^ 0x80, 8388608.0 + 128.0 + Q_OFFSET)
@@ -117,14 +110,14 @@ def _word_value(word, j: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,
 def _gemv(
     X, W, S, Z, B, Y, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, GGUF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_N outputs of one row of x: y[n] = sum_k x[k] * ((q[n, k] - Q_OFFSET) * s[n, k // G] + z[n, k // G]).
 
-    W is read as int32 words of 32 // BITS values; value j of every word meets x's columns VALS * w + j
-    (a strided read of x, from L1: measured faster than unpacking words into a 3-D tile). G == 0: one scale
-    (and minimum) per output, applied to the finished sums. GROUPED: each group's q.x is summed, then scaled
-    once (G divides BLOCK_K); else each word is scaled (G is a multiple of the values in a word).
+    W is read as int32 words of 32 // BITS values; value j of every word meets x's column of it (VALS * w + j,
+    or GGUF's order): a strided read of x, from L1, measured faster than unpacking words into a 3-D tile.
+    G == 0: one scale (and minimum) per output, applied to the finished sums. GROUPED: each group's q.x is
+    summed, then scaled once (G divides BLOCK_K); else each word is scaled (G is a multiple of a word's values).
     """
     VALS: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // VALS  # words of a weight row per step
@@ -141,10 +134,12 @@ def _gemv(
         w = k0 // VALS + tl.arange(0, WORDS)
         w_in = w < K // VALS
         word = tl.load(rows + w[None, :], mask=n_in[:, None] & w_in[None, :], other=0)
+        # The word's first column of x; in GGUF's blocks value j is at + j // 2 (+ 16 for odd j).
+        x_word = x_row + ((w // 4) * 32 + (w % 4) * 4 if GGUF else VALS * w)
         part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # q.x within each word
         xs = tl.zeros((WORDS,), dtype=tl.float32)
         for j in tl.static_range(VALS):
-            xj = tl.load(x_row + VALS * w + j, mask=w_in, other=0.0).to(tl.float32)
+            xj = tl.load(x_word + ((j % 2) * 16 + j // 2 if GGUF else j), mask=w_in, other=0.0).to(tl.float32)
             part += _word_value(word, j, BITS, SIGNED, Q_OFFSET) * xj[None, :]
             xs += xj
         if G == 0:
@@ -176,20 +171,80 @@ def _gemv(
 
 
 @triton.jit
-def _gemm(
-    X, W, S, Z, B, Y, M, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
+def _weight_tile(
+    W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
-    HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """A (BLOCK_M, BLOCK_N) tile of x @ W.T: each (BLOCK_N, BLOCK_K) weight tile is dequantized in registers,
-    then fed to one tl.dot.
+    """The (BLOCK_N, BLOCK_K) fp32 weights of rows rn64 from column k0 of a plain layout, each group's scale and
+    minimum applied (G == 0 leaves the per-channel ones to the caller).
 
     WORDS_IN: W is read as int32 words, unpacked to (BLOCK_N, BLOCK_K / VALS, VALS) and flattened (needs G a
     multiple of VALS); else W is int8 bytes read one a value (any K and G).
     """
     VALS: tl.constexpr = 32 // BITS if WORDS_IN else 1
     WORDS: tl.constexpr = BLOCK_K // VALS
+    w = k0 // VALS + tl.arange(0, WORDS)
+    wmask = n_in[:, None] & (w < K // VALS)[None, :]
+    raw = tl.load(W + rn64[:, None] * (K // VALS) + w[None, :], mask=wmask, other=0)  # (BLOCK_N, WORDS)
+    q = raw.to(tl.float32)  # bytes: one value each
+    if WORDS_IN:
+        q = tl.reshape(_unpack(raw, BITS, SIGNED, Q_OFFSET), (BLOCK_N, BLOCK_K))
+    if G > 0:  # one group per word: its scale broadcast over the word's values
+        offs = rn64[:, None] * stride_sn + (w * VALS // G)[None, :] * stride_sg
+        s = tl.load(S + offs, mask=wmask, other=0.0).to(tl.float32)
+        q = tl.reshape(tl.reshape(q, (BLOCK_N, WORDS, VALS)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        if HAS_MIN:
+            z = tl.load(Z + offs, mask=wmask, other=0.0).to(tl.float32)
+            q = tl.reshape(tl.reshape(q, (BLOCK_N, WORDS, VALS)) + z[:, :, None], (BLOCK_N, BLOCK_K))
+    return q
+
+
+@triton.jit
+def _gguf_halves(
+    W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg,
+    Q_OFFSET: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The weights of GGUF's int4 blocks (W: bytes) from column k0 as two (BLOCK_N, BLOCK_K / 2) fp32 tiles, scaled.
+
+    Byte i of a block of 32 holds column i (low nibble) and i + 16 (high), so byte f of the tile's bytes is
+    column :func:`_gguf_cols` (f) in the low tile and 16 past it in the high one: each half meets x in runs of
+    16 contiguous columns, and neither needs a shuffle of registers. G divides BLOCK_K.
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    NG: tl.constexpr = BLOCK_K // G
+    b = k0 // 2 + tl.arange(0, HALF)
+    raw = tl.load(W + rn64[:, None] * (K // 2) + b[None, :], mask=n_in[:, None] & (b < K // 2)[None, :], other=0)
+    raw = raw.to(tl.int32)
+    lo = tl.reshape(_as_float(raw & 0xF, 8388608.0 + Q_OFFSET), (BLOCK_N, NG, G // 2))  # a group: G / 2 bytes
+    hi = tl.reshape(_as_float(raw >> 4, 8388608.0 + Q_OFFSET), (BLOCK_N, NG, G // 2))
+    g = k0 // G + tl.arange(0, NG)
+    offs = rn64[:, None] * stride_sn + g[None, :] * stride_sg
+    gmask = n_in[:, None] & (g < K // G)[None, :]
+    s = tl.load(S + offs, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+    lo, hi = lo * s, hi * s
+    if HAS_MIN:
+        z = tl.load(Z + offs, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        lo, hi = lo + z, hi + z
+    return tl.reshape(lo, (BLOCK_N, HALF)), tl.reshape(hi, (BLOCK_N, HALF))
+
+
+@triton.jit
+def _gguf_cols(HALF: tl.constexpr):
+    """The column (from the tile's first) of each byte's low nibble in GGUF's blocks: runs of 16, 32 apart."""
+    f = tl.arange(0, HALF)
+    return (f // 16) * 32 + f % 16
+
+
+@triton.jit
+def _gemm(
+    X, W, S, Z, B, Y, M, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
+    HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, GGUF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A (BLOCK_M, BLOCK_N) tile of x @ W.T: each (BLOCK_N, BLOCK_K) weight tile is dequantized in registers,
+    then fed to tl.dot (GGUF: as two half tiles; W is then bytes, else words where WORDS_IN)."""
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = tl.program_id(0) % m_tiles  # neighbouring programs share a weight tile
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,28 +252,29 @@ def _gemm(
     m_in, n_in = rm < M, rn < N
     rn64 = rn.to(tl.int64)
     x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
-    rows = W + rn64[:, None] * (K // VALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = k0 // VALS + tl.arange(0, WORDS)
-        wmask = n_in[:, None] & (w < K // VALS)[None, :]
-        raw = tl.load(rows + w[None, :], mask=wmask, other=0)  # (BLOCK_N, WORDS)
-        q = raw.to(tl.float32)  # bytes: one value each
-        if WORDS_IN:
-            q = tl.reshape(_unpack(raw, BITS, SIGNED, Q_OFFSET), (BLOCK_N, BLOCK_K))
-        if G > 0:  # one group per word: its scale broadcast over the word's values
-            offs = rn64[:, None] * stride_sn + (w * VALS // G)[None, :] * stride_sg
-            s = tl.load(S + offs, mask=wmask, other=0.0).to(tl.float32)
-            q = tl.reshape(tl.reshape(q, (BLOCK_N, WORDS, VALS)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-            if HAS_MIN:
-                z = tl.load(Z + offs, mask=wmask, other=0.0).to(tl.float32)
-                q = tl.reshape(tl.reshape(q, (BLOCK_N, WORDS, VALS)) + z[:, :, None], (BLOCK_N, BLOCK_K))
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_rows + rk[None, :], mask=m_in[:, None] & (rk < K)[None, :], other=0.0)
-        acc = dot(xv, tl.trans(q.to(xv.dtype)), acc, PREC, UPCAST)
-        if G == 0 and HAS_MIN:
-            xacc += tl.sum(xv.to(tl.float32), axis=1)
+        if GGUF:  # two dots of half the depth: the low nibbles' columns, then the high ones' (16 further on)
+            lo, hi = _gguf_halves(
+                W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg, Q_OFFSET, G, HAS_MIN, BLOCK_N, BLOCK_K
+            )  # fmt: skip
+            rk = k0 + _gguf_cols(BLOCK_K // 2)
+            xmask = m_in[:, None] & (rk < K)[None, :]
+            xv = tl.load(x_rows + rk[None, :], mask=xmask, other=0.0)
+            acc = dot(xv, tl.trans(lo.to(xv.dtype)), acc, PREC, UPCAST)
+            xv = tl.load(x_rows + 16 + rk[None, :], mask=xmask, other=0.0)
+            acc = dot(xv, tl.trans(hi.to(xv.dtype)), acc, PREC, UPCAST)
+        else:
+            q = _weight_tile(
+                W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg, BITS, SIGNED, Q_OFFSET, WORDS_IN, G, HAS_MIN,
+                BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_rows + rk[None, :], mask=m_in[:, None] & (rk < K)[None, :], other=0.0)
+            acc = dot(xv, tl.trans(q.to(xv.dtype)), acc, PREC, UPCAST)
+            if G == 0 and HAS_MIN:
+                xacc += tl.sum(xv.to(tl.float32), axis=1)
     if G == 0:
         acc *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)[None, :]
         if HAS_MIN:
@@ -229,8 +285,39 @@ def _gemm(
     tl.store(y, acc.to(Y.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
+@triton.jit
+def _dequant(
+    W, S, Z, OUT, N, K, stride_sn, stride_sg,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
+    HAS_MIN: tl.constexpr, GGUF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A (BLOCK_N, BLOCK_K) tile of the float weight, written in OUT's dtype in column order."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = rn < N
+    rn64 = rn.to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    rows = OUT + rn64[:, None] * K
+    if GGUF:
+        lo, hi = _gguf_halves(W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg, Q_OFFSET, G, HAS_MIN, BLOCK_N, BLOCK_K)
+        cols = k0 + _gguf_cols(BLOCK_K // 2)
+        mask = n_in[:, None] & (cols < K)[None, :]
+        tl.store(rows + cols[None, :], lo.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(rows + 16 + cols[None, :], hi.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        w = _weight_tile(
+            W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg, BITS, SIGNED, Q_OFFSET, WORDS_IN, G, HAS_MIN,
+            BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if G == 0:
+            w *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)[:, None]
+            if HAS_MIN:
+                w += tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)[:, None]
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tl.store(rows + cols[None, :], w.to(OUT.dtype.element_ty), mask=n_in[:, None] & (cols < K)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------
-# Forge's Triton path
+# Launching
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -250,7 +337,7 @@ def gemv_config(m: int, n: int, k: int, bits: int, group: int, device: torch.dev
     block_n = 32
     while block_n > 2 and triton.cdiv(n, block_n) * m < _programs_target(device) * 3 // 4:
         block_n //= 2
-    # Measured on an H200 (benchmarks/quant_gpu.py --sweep): 1 KiB of each row a step for narrow blocks of rows,
+    # Measured on an H200 (a sweep of launch configs): 1 KiB of each row a step for narrow blocks of rows,
     # 512 B for wide ones; eight warps for the widest steps.
     row_bytes = 1024 if block_n <= 8 else 512
     block_k = max(min(row_bytes * (8 // bits), triton.next_power_of_2(k)), 32 // bits)
@@ -273,6 +360,30 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _operands(
+    q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int, group: int, *, as_bytes: bool
+) -> tuple[tuple[torch.Tensor, ...], dict[str, object], tuple[int, int]]:
+    """The weight's pointer arguments, the flags they set and the scales' strides. W is read as int32 words
+    where every group is whole words, unless ``as_bytes`` (GGUF's blocks in the GEMM); int8 of other widths is
+    read a byte at a time."""
+    q = q.contiguous()  # rows of q are dense; scale and minimum may be strided views, alike
+    if q.data_ptr() % 4:  # read as int32 words, which must be aligned (never so for a buffer of its own)
+        q = q.clone()
+    if minimum is not None and minimum.stride() != scale.stride():
+        scale, minimum = scale.contiguous(), minimum.contiguous()
+    words = _whole_words(q.shape[1] * 8 // bits, group, bits) and not as_bytes
+    strides = (scale.stride(0), scale.stride(1) if scale.dim() == 2 else 0)
+    pointers = (q.view(torch.int32) if words else q, scale, minimum if minimum is not None else scale)
+    flags = dict(BITS=bits, SIGNED=q.dtype == torch.int8, G=group, HAS_MIN=minimum is not None, WORDS_IN=words)
+    return pointers, flags, strides
+
+
+def _whole_words(k: int, group: int, bits: int) -> bool:
+    """Whether rows and groups are whole int32 words (int4 always is, by :func:`_check`; int8 may not be)."""
+    vals = 32 // bits
+    return k % vals == 0 and group % vals == 0
+
+
 def _launch(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -282,31 +393,30 @@ def _launch(
     bits: int,
     group: int,
     config: Config | None,
+    *,
     q_offset: int = 0,
+    gguf: bool = False,
+    path: str | None = None,
 ) -> torch.Tensor:
     n, k = q.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if path == "dequant":
+        w = _dequantize(q, scale, minimum, bits, group, x.dtype, q_offset, gguf)
+        b = bias.to(x.dtype) if bias is not None else None
+        return F.linear(x2, w, b).reshape(*x.shape[:-1], n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    q = q.contiguous()  # rows of q are dense; scale and minimum may be strided views, alike
-    if q.data_ptr() % 4:  # read as int32 words below, which must be aligned
-        q = q.clone()
-    if minimum is not None and minimum.stride() != scale.stride():
-        scale, minimum = scale.contiguous(), minimum.contiguous()
-    vals = 32 // bits  # values per int32 word: int4 is always whole words (_check), int8 may not be
-    words = k % vals == 0 and group % vals == 0
-    gemv = m <= GEMV_MAX_M and words
-    strides = (scale.stride(0), scale.stride(1) if scale.dim() == 2 else 0)
-    args = (x2, q.view(torch.int32) if words else q, scale, minimum if minimum is not None else scale)
-    args += (bias.contiguous() if bias is not None else scale, y)  # unused pointers: any tensor
-    flags = dict(BITS=bits, SIGNED=q.dtype == torch.int8, Q_OFFSET=q_offset, G=group, HAS_MIN=minimum is not None)
-    flags["HAS_BIAS"] = bias is not None
+    gemv = (path == "gemv" or (path is None and m <= GEMV_MAX_M)) and _whole_words(k, group, bits)  # else GEMM
+    (w_ptr, s_ptr, z_ptr), flags, strides = _operands(q, scale, minimum, bits, group, as_bytes=gguf and not gemv)
+    words = flags.pop("WORDS_IN")
+    args = (x2, w_ptr, s_ptr, z_ptr, bias.contiguous() if bias is not None else s_ptr, y)  # unused: any tensor
+    flags.update(Q_OFFSET=q_offset, HAS_BIAS=bias is not None, GGUF=gguf)
     if config is not None:
-        _check_config(config, bits, gemm=not gemv)
+        _check_config(config, bits, gemm=not gemv, gguf_group=group if gguf else 0)
     if gemv:
         cfg = config or gemv_config(m, n, k, bits, group, x.device)
         grouped = cfg.grouped and _pow2(group) and cfg.block_k % group == 0
@@ -325,13 +435,35 @@ def _launch(
     return y.reshape(*x.shape[:-1], n)
 
 
-def _check_config(cfg: Config, bits: int, *, gemm: bool) -> None:
+def _dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bits: int,
+    group: int,
+    dtype: torch.dtype,
+    q_offset: int,
+    gguf: bool,
+) -> torch.Tensor:
+    """The float weight by the _dequant kernel, 16 rows by 256 columns a program (group sizes divide 256)."""
+    n, k = q.shape[0], q.shape[1] * 8 // bits
+    out = torch.empty((n, k), dtype=dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    (w_ptr, s_ptr, z_ptr), flags, strides = _operands(q, scale, minimum, bits, group, as_bytes=gguf)
+    _dequant[(triton.cdiv(n, 16), triton.cdiv(k, 256))](
+        w_ptr, s_ptr, z_ptr, out, n, k, *strides, **flags, Q_OFFSET=q_offset, GGUF=gguf, BLOCK_N=16, BLOCK_K=256,
+    )  # fmt: skip
+    return out
+
+
+def _check_config(cfg: Config, bits: int, *, gemm: bool, gguf_group: int = 0) -> None:
     sizes = {"block_n": cfg.block_n, "block_k": cfg.block_k, "warps": cfg.warps}
     if gemm:
         sizes["block_m"] = cfg.block_m
     bad = {name: v for name, v in sizes.items() if not _pow2(v)}
-    # tl.dot multiplies tiles of at least 16; the GEMV reads whole words.
-    least = 16 if gemm else 32 // bits
+    # tl.dot multiplies tiles of at least 16; the GEMV reads whole words; the GEMM's GGUF tiles are whole groups.
+    least = max(gguf_group, 16) if gemm else 32 // bits
     if bad or (gemm and min(cfg.block_m, cfg.block_n) < 16) or cfg.block_k < least:
         raise ValueError(
             f"bad launch config {cfg}: block sizes and warps are powers of two; the GEMM (more than {GEMV_MAX_M} "
@@ -339,24 +471,40 @@ def _check_config(cfg: Config, bits: int, *, gemm: bool) -> None:
         )
 
 
-def _check(x: torch.Tensor, k: int, scale: torch.Tensor, minimum: torch.Tensor | None, what: str, bits: int) -> int:
-    """The group size the shapes imply (0: one scale per output); ValueError on inconsistent shapes."""
+def _check(
+    x: torch.Tensor,
+    k: int,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    what: str,
+    bits: int,
+    gguf: bool,
+    path: str | None = None,
+) -> int:
+    """The group size the shapes imply (0: one scale per output); ValueError on inconsistent shapes or paths."""
+    if path is not None and path not in PATHS:
+        raise ValueError(f"unknown quantized matmul path {path!r}; use one of {', '.join(PATHS)} (or None)")
     if x.dtype not in _FLOATS:
         raise ValueError(f"{what} takes bf16, fp16 or fp32 activations, got {x.dtype}")
     if x.shape[-1] != k:
         raise ValueError(f"{what}: x has {x.shape[-1]} features but the weight has {k} input columns")
+    return _group_size(k, scale, minimum, what, bits, gguf)
+
+
+def _group_size(k: int, scale: torch.Tensor, minimum: torch.Tensor | None, what: str, bits: int, gguf: bool) -> int:
     if minimum is not None and minimum.shape != scale.shape:
         raise ValueError(f"{what}: minimum {tuple(minimum.shape)} and scale {tuple(scale.shape)} differ in shape")
-    unit = 8 if bits == 4 else 1  # int4 is read as words of 8 values, one group per word
+    # int4 is read as words of 8 values, one group per word; GGUF's blocks hold 32 values.
+    unit = _GGUF_BLOCK if gguf else 8 if bits == 4 else 1
     if k % unit:
-        raise ValueError(f"{what}: the input width {k} must be a multiple of {unit}")
+        blocks = " (GGUF's blocks of 32 values)" if gguf else ""
+        raise ValueError(f"{what}: the input width {k} must be a multiple of {unit}{blocks}")
     if scale.dim() == 1:
         return 0
     groups = scale.shape[1]
-    if groups == 0 or k % groups or (k // groups) % unit:
-        raise ValueError(
-            f"{what}: {groups} scale groups do not split {k} input columns into groups of a multiple of {unit}"
-        )
+    if groups == 0 or k % groups or (k // groups) % unit or (gguf and not (_pow2(k // groups) and k // groups <= 256)):
+        kind = "a power of two from 32 to 256 (whole GGUF blocks)" if gguf else f"a multiple of {unit}"
+        raise ValueError(f"{what}: {groups} scale groups do not split {k} input columns into groups of {kind}")
     return k // groups
 
 
@@ -368,18 +516,22 @@ def int4_linear(
     bias: torch.Tensor | None = None,
     *,
     config: Config | None = None,
+    gguf_blocks: bool = False,
+    path: str | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for int4 ``W = q * scale + minimum`` per group; q (N, K/2) uint8 from :func:`pack_int4`.
+    """``x @ W.T (+ bias)`` for int4 ``W = q * scale + minimum`` per group; q (N, K/2) uint8 from :func:`pack_int4`
+    (or in GGUF's blocks of 32, ``gguf_blocks=True``, as :class:`~forge.core.quantize.Int4Weight` holds it).
 
-    x (..., K); scale and minimum (N, K/g). Returns (..., N) in x's dtype.
+    x (..., K); scale and minimum (N, K/g). ``path`` is one of :data:`PATHS` (None: by the rows of x).
+    Returns (..., N) in x's dtype.
     """
     if q.dtype != torch.uint8 or q.dim() != 2 or scale.dim() != 2 or scale.shape[0] != q.shape[0]:
         raise ValueError(
             f"int4_linear takes q (N, K/2) uint8 and scale (N, K/g); got q {tuple(q.shape)} {q.dtype}, "
             f"scale {tuple(scale.shape)}"
         )
-    group = _check(x, 2 * q.shape[1], scale, minimum, "int4_linear", 4)
-    return _launch(x, q, scale, minimum, bias, 4, group, config)
+    group = _check(x, 2 * q.shape[1], scale, minimum, "int4_linear", 4, gguf_blocks, path)
+    return _launch(x, q, scale, minimum, bias, 4, group, config, gguf=gguf_blocks, path=path)
 
 
 def int4_linear_sz(
@@ -392,8 +544,8 @@ def int4_linear_sz(
 ) -> torch.Tensor:
     """:func:`int4_linear` with tinygemm's scales: ``W = (q - 8) * scale + zero`` from (K/g, N', 2) ``[scale, zero]``.
 
-    N' >= N (rows past N, padding, are not read): the buffer :func:`scales_and_zeros_cuda` makes, shared with
-    :func:`int4_linear_tinygemm`, so one copy of the scales serves both kernels.
+    N' >= N (rows past N, padding, are not read): the buffer ``quant_tinygemm.scales_and_zeros_cuda`` makes,
+    shared with tinygemm, so one copy of the scales serves both kernels.
     """
     n = q.shape[0]
     if scales_and_zeros.dim() != 3 or scales_and_zeros.shape[1] < n or scales_and_zeros.shape[2] != 2:
@@ -401,7 +553,7 @@ def int4_linear_sz(
     scale, zero = scales_and_zeros[:, :n, 0].t(), scales_and_zeros[:, :n, 1].t()  # (N, K/g) strided views
     if q.dtype != torch.uint8 or q.dim() != 2:
         raise ValueError(f"int4_linear_sz takes q (N, K/2) uint8; got q {tuple(q.shape)} {q.dtype}")
-    group = _check(x, 2 * q.shape[1], scale, zero, "int4_linear_sz", 4)
+    group = _check(x, 2 * q.shape[1], scale, zero, "int4_linear_sz", 4, False)
     return _launch(x, q, scale, zero, bias, 4, group, config, q_offset=8)
 
 
@@ -413,136 +565,35 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     *,
     config: Config | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for int8 ``W = q * scale (+ minimum)``, per output channel or per group.
 
-    q (N, K) int8 or uint8; scale (N,) or (N, K/g), minimum None or scale's shape. Returns (..., N) in x's dtype.
+    q (N, K) int8 or uint8; scale (N,) or (N, K/g), minimum None or scale's shape. ``path`` is one of
+    :data:`PATHS` (None: by the rows of x). Returns (..., N) in x's dtype.
     """
     if q.dtype not in (torch.int8, torch.uint8) or q.dim() != 2 or scale.shape[0] != q.shape[0]:
         raise ValueError(
             f"int8_linear takes q (N, K) int8 and scale (N,) or (N, K/g); got q {tuple(q.shape)} {q.dtype}, "
             f"scale {tuple(scale.shape)}"
         )
-    group = _check(x, q.shape[1], scale, minimum, "int8_linear", 8)
-    return _launch(x, q, scale, minimum, bias, 8, group, config)
+    group = _check(x, q.shape[1], scale, minimum, "int8_linear", 8, False, path)
+    return _launch(x, q, scale, minimum, bias, 8, group, config, path=path)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) int4 values 0..15 (any integer dtype) as uint8 (N, K/2): column 2j low nibble, 2j+1 high."""
-    if q.dim() != 2 or q.shape[1] % 2:
-        raise ValueError(f"pack_int4 takes an (N, K) tensor with K even, got {tuple(q.shape)}")
-    q = q.to(torch.int32)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-
-
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
-    """The fp32 (N, K) weight :func:`int4_linear` multiplies by: the kernels' pure-PyTorch twin."""
-    b = q.to(torch.int32)
-    values = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(q.shape[0], -1)
-    return _apply_scale(values, scale, minimum)
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp32 (N, K) weight :func:`int8_linear` multiplies by: the kernels' pure-PyTorch twin."""
-    return _apply_scale(q.to(torch.int32), scale, minimum)
-
-
-def _apply_scale(values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
-    n, k = values.shape
-    g = k if scale.dim() == 1 else k // scale.shape[1]
-    s = scale.float().reshape(n, -1, 1)
-    w = values.float().reshape(n, -1, g) * s
-    if minimum is not None:
-        w = w + minimum.float().reshape(n, -1, 1)
-    return w.reshape(n, k)
-
-
-# ----------------------------------------------------------------------------------------------------
-# PyTorch's kernels: tinygemm int4 and int8 through cuBLAS
-# ----------------------------------------------------------------------------------------------------
-
-
-def tinygemm_inner_k_tiles(in_features: int) -> int | None:
-    """The widest tinygemm k-tiling (8, 4 or 2 tiles of 16) that divides ``in_features``; None if none does."""
-    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
-
-
-def tinygemm_supports(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether tinygemm takes an (out, in) int4 weight at this group size (else use :func:`int4_linear`)."""
-    return (
-        out_features % 8 == 0
-        and group_size in TINYGEMM_GROUP_SIZES
-        and in_features % group_size == 0
-        and tinygemm_inner_k_tiles(in_features) is not None
-    )
-
-
-def pack_int4_cuda(q: torch.Tensor, inner_k_tiles: int | None = None) -> torch.Tensor:
-    """q (N, K) int4 values 0..15 on a CUDA device in tinygemm's tiled layout, for :func:`int4_linear_tinygemm`.
-
-    ``inner_k_tiles`` (2, 4 or 8; default: the widest that divides K) sets how many 16-column k-tiles sit
-    together; the matmul reads it back from the packed shape. Since PyTorch 2.5 the op takes the values
-    as uint8 (N, K/2), column 2j in the *high* nibble (the opposite of :func:`pack_int4`).
-    """
-    if q.dim() != 2:
-        raise ConfigError(f"pack_int4_cuda takes an (out, in) tensor of int4 values, got shape {tuple(q.shape)}")
-    n, k = q.shape
-    tiles = inner_k_tiles if inner_k_tiles is not None else tinygemm_inner_k_tiles(k)
-    if n % 8 or tiles not in (2, 4, 8) or k % (16 * tiles):
-        raise ConfigError(
-            f"tinygemm cannot take an int4 weight of shape ({n}, {k}) with inner_k_tiles={inner_k_tiles}: it needs "
-            "out features a multiple of 8 and in features a multiple of 16 * inner_k_tiles (2, 4 or 8); use "
-            "forge.kernels.quant_matmul.int4_linear for this layer",
-            field="inner_k_tiles" if inner_k_tiles is not None else None,
-        )
-    if q.device.type != "cuda":
-        raise ConfigError(
-            f"pack_int4_cuda packs for tinygemm on CUDA; move q to a CUDA device first (it is on {q.device})"
-        )
-    v = q.to(torch.int32)
-    byte = ((v[:, 0::2] << 4) | v[:, 1::2]).to(torch.uint8).contiguous()
-    return torch.ops.aten._convert_weight_to_int4pack(byte, tiles)
-
-
-def scales_and_zeros_cuda(
-    scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    *,
+    bits: int,
+    dtype: torch.dtype = torch.bfloat16,
+    gguf_blocks: bool = False,
 ) -> torch.Tensor:
-    """Forge's ``w = q * scale + min`` (scale, min (N, K/g)) as tinygemm's (K/g, N, 2) ``[scale, zero]``.
-
-    tinygemm computes ``w = (q - 8) * scale + zero``, so ``zero = min + 8 * scale`` (computed in fp32, then
-    cast). The CUDA kernel reads them as bf16 whatever their dtype, so keep the default there.
-    """
-    if scale.shape != minimum.shape or scale.dim() != 2:
-        raise ValueError(
-            f"scale and minimum must both be (N, K/g), got {tuple(scale.shape)} and {tuple(minimum.shape)}"
-        )
-    s = scale.float()
-    zero = minimum.float() + 8 * s
-    return torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
-
-
-def int4_linear_tinygemm(
-    x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` through tinygemm: packed from :func:`pack_int4_cuda`, sz from :func:`scales_and_zeros_cuda`.
-
-    The kernel takes bf16 activations: others are cast there and the result back. Returns (..., N).
-    """
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
-        x2 = x2.to(torch.bfloat16).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm(x2, packed, group_size, sz)
-    y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-    return y + bias if bias is not None else y
-
-
-def int8_linear_cuda(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for per-channel int8 ``W = q * scale[:, None]``: gpt-fast's form.
-
-    Eagerly this writes a float copy of the weight every call; under ``torch.compile`` Inductor fuses the
-    cast into the matmul. Prefer :func:`int8_linear` where it measures faster.
-    """
-    y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    return y + bias if bias is not None else y
+    """The (N, K) float weight in ``dtype``, by the Triton kernel: what ``path="dequant"`` multiplies by."""
+    if bits not in (4, 8):
+        raise ValueError(f"dequantize takes bits=4 (q (N, K/2) uint8) or bits=8 (q (N, K) int8), got {bits}")
+    if dtype not in _FLOATS:
+        raise ValueError(f"dequantize writes bf16, fp16 or fp32, not {dtype}")
+    group = _group_size(q.shape[1] * 8 // bits, scale, minimum, "dequantize", bits, gguf_blocks)
+    return _dequantize(q, scale, minimum, bits, group, dtype, 0, gguf_blocks)

@@ -17,8 +17,12 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "decode_attention",
+    "dequantize_int4",
+    "dequantize_int8",
     "gelu",
     "linear_cross_entropy",
+    "pack_int4",
+    "quantized_linear",
     "rope",
     "softmax",
     "swiglu",
@@ -110,3 +114,62 @@ def linear_cross_entropy(
     """
     logits = F.linear(x, weight).float()  # (N, V)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+# -- the quantized matmuls' weights (quant_matmul): each kernel computes x @ W.T with these W ---------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) int4 values 0..15 (any integer dtype) as uint8 (N, K/2): column 2j low nibble, 2j+1 high."""
+    if q.dim() != 2 or q.shape[1] % 2:
+        raise ValueError(f"pack_int4 takes an (N, K) tensor with K even, got {tuple(q.shape)}")
+    q = q.to(torch.int32)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def dequantize_int4(
+    q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, *, gguf_blocks: bool = False
+) -> torch.Tensor:
+    """The fp32 (N, K) weight ``quant_matmul.int4_linear`` multiplies by: the kernels' pure-PyTorch twin."""
+    b = q.to(torch.int32)
+    if gguf_blocks:  # each block's 16 low nibbles, then its 16 high ones
+        b = b.reshape(q.shape[0], -1, 16)
+        values = torch.cat([b & 0xF, b >> 4], dim=-1).reshape(q.shape[0], -1)
+    else:
+        values = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(q.shape[0], -1)
+    return _apply_scale(values, scale, minimum)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 (N, K) weight ``quant_matmul.int8_linear`` multiplies by: the kernels' pure-PyTorch twin."""
+    return _apply_scale(q.to(torch.int32), scale, minimum)
+
+
+def _apply_scale(values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+    n, k = values.shape
+    g = k if scale.dim() == 1 else k // scale.shape[1]
+    s = scale.float().reshape(n, -1, 1)
+    w = values.float().reshape(n, -1, g) * s
+    if minimum is not None:
+        w = w + minimum.float().reshape(n, -1, 1)
+    return w.reshape(n, k)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    scheme: str,
+    gguf_blocks: bool = False,
+    path: str | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with W dequantized in fp32, in x's dtype: what ``quant_linear.quantized_linear`` computes
+    (``path`` only chooses its kernel)."""
+    if scheme == "int4":
+        w = dequantize_int4(q, scale, minimum, gguf_blocks=gguf_blocks)
+    else:
+        w = dequantize_int8(q, scale, minimum)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)

@@ -19,7 +19,9 @@ holds it to the grammar: it cannot end before it has cited a source, or it says
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -133,12 +135,15 @@ def passages(
     question: str,
     sources: Sequence[Citation],
     embedder: Embedder,
-    limit: int,
+    limit: int | None,
     keyword_weight: float = 0.0,
     before: Callable[[Citation], str] | None = None,
+    phrase_weight: float = 0.0,
 ) -> list[Passage]:
-    """The ``limit`` candidate quotes from ``sources`` closest to ``question``: the cosine of their embeddings,
-    plus ``keyword_weight`` times the share of the question's keywords the passage has (a quoted line in the
+    """The ``limit`` candidate quotes from ``sources`` closest to ``question`` (None: all of them), best first:
+    the cosine of their embeddings, plus ``keyword_weight`` times the question's keywords the passage has, each
+    weighted by how rare it is among the candidates (IDF: "frailty" says more than "Hamlet" in a question about
+    Hamlet), plus ``phrase_weight`` times the share of the question's word pairs it has (a quoted line in the
     question is found by its words better than by its meaning). ``before(source)`` gives the text before a
     source's chunk (see :func:`_pieces`). A quote found in several overlapping chunks is kept once: with its
     heading if any copy has one, else from the best-ranked source."""
@@ -152,11 +157,28 @@ def passages(
         return []
     vectors = embedder.embed([question, *(f"{heading} {text}" for _, heading, text in found)])
     similarity = vectors[1:] @ vectors[0]
-    terms = set(keyword_terms(question))
-    overlap = np.array([len(terms & _words(f"{h} {t}")) / max(1, len(terms)) for _, h, t in found])
-    scores = similarity + keyword_weight * overlap
+    scores = similarity + keyword_weight * _keywords(question, found) + phrase_weight * _phrases(question, found)
     order = np.argsort(-scores, kind="stable")[:limit]
     return [Passage(*found[i], float(scores[i]), float(similarity[i])) for i in order]
+
+
+def _keywords(question: str, found: Sequence[tuple[int, str, str]]) -> np.ndarray:
+    """Each passage's share of the question's keywords, weighted by their inverse frequency among ``found``."""
+    terms = set(keyword_terms(question))
+    held = [_words(f"{h} {t}") for _, h, t in found]
+    weight = {t: math.log((len(held) + 1) / (sum(t in words for words in held) + 0.5)) for t in terms}
+    total = sum(weight.values()) or 1.0
+    return np.array([sum(weight[t] for t in terms & words) / total for words in held])
+
+
+def _phrases(question: str, found: Sequence[tuple[int, str, str]]) -> np.ndarray:
+    """Each passage's share of the question's consecutive word pairs."""
+    asked = _pairs(question)
+    return np.array([len(asked & _pairs(f"{h} {t}")) / max(1, len(asked)) for _, h, t in found])
+
+
+def _pairs(text: str) -> set[tuple[str, str]]:
+    return set(itertools.pairwise(_tokens(text)))
 
 
 def rerank(model: Transformer, tokenizer: Tokenizer, question: str, choices: Sequence[Passage]) -> list[Passage]:
@@ -170,8 +192,12 @@ def _shown(p: Passage) -> str:
     return f"{p.heading}: {p.text}" if p.heading else p.text
 
 
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text.lower())
+
+
 def _words(text: str) -> set[str]:
-    return set(re.findall(r"[^\W_]+", text.lower()))
+    return set(_tokens(text))
 
 
 def renumbered(choices: Sequence[Passage], sources: Sequence[Citation]) -> tuple[list[Passage], list[Citation]]:

@@ -11,7 +11,8 @@
 
 :func:`from_gguf` (``gguf_blocks.py``) maps GGUF blocks into them without requantizing: ``dequantize`` reproduces
 ``gguf.quants.dequantize`` bit for bit. Off the CPU (or in a dtype the CPU kernels refuse) ``linear`` falls back
-to a matmul with the dequantized weight: correct, not fast.
+to a matmul with the dequantized weight: correct, not fast. On CUDA, ``ops.linear`` runs Forge's Triton
+kernels (``forge.kernels.quant_linear``) on the buffers each weight's ``kernel_operands()`` names.
 
 Every weight follows its model's ``.to(device)`` and takes ``.to(dtype)`` as the dtype to compute in, without
 casting its quantized values (see :class:`QuantizedWeight`). ``quantize_model`` swaps each float linear layer's
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from forge.core.quantize.base import KERNEL_DTYPES, QuantizedWeight
+from forge.core.quantize.base import KERNEL_DTYPES, KernelOperands, QuantizedWeight
 from forge.core.quantize.gguf_blocks import GGUF_KEPT, from_gguf
 from forge.core.quantize.int4 import GGUF_Q4_0, GGUF_Q4_1, INT4_GROUP_SIZES, Int4Weight, check_group_size
 from forge.core.quantize.int8 import INT8_GROUP_SIZES, Int8GroupWeight, Int8Weight
@@ -42,6 +43,7 @@ __all__ = [
     "Int4Weight",
     "Int8GroupWeight",
     "Int8Weight",
+    "KernelOperands",
     "QuantizedWeight",
     "check_group_size",
     "dequantize_model",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,24 @@ from torch import nn
 
 from forge.errors import ConfigError
 
-__all__ = ["KERNEL_DTYPES", "QuantizedWeight", "pack_int4", "padded_rows"]
+__all__ = ["KERNEL_DTYPES", "KernelOperands", "QuantizedWeight", "pack_int4", "padded_rows"]
 
 #: Activation dtypes the CPU kernels take; other dtypes, and other devices, use the dequantized reference.
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROW_MULTIPLE = 16  # the int4 kernel's out-features multiple
+
+
+class KernelOperands(NamedTuple):
+    """What a device kernel needs to multiply by a quantized weight (``forge.kernels.quant_linear.quantized_linear``).
+
+    The tensors are the weight's own buffers, not copies: reading them costs nothing, so a captured CUDA graph can.
+    """
+
+    q: torch.Tensor  # the values as held: int4 (out, in/2) uint8, int8 (out, in)
+    scale: torch.Tensor  # (out,) per channel or (out, in/group)
+    minimum: torch.Tensor | None  # scale's shape, or None
+    scheme: str  # the kernels' name for the layout: "int4", "int8" (per channel) or "int8_group"
+    gguf_blocks: bool  # int4 in GGUF's blocks of 32: byte b of a block holds values b and b + 16
 
 
 class QuantizedWeight(nn.Module, abc.ABC):
@@ -47,6 +61,11 @@ class QuantizedWeight(nn.Module, abc.ABC):
     @abc.abstractmethod
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` in x's dtype."""
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """The buffers a device kernel reads (``ops.linear`` hands them to the registered ``quantized_linear``);
+        None where this scheme has no such kernel and :meth:`linear` must run."""
+        return None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) float weight these values stand for."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from forge.core.quantize.base import QuantizedWeight, pad_rows
+from forge.core.quantize.base import KernelOperands, QuantizedWeight, pad_rows
 from forge.errors import ConfigError
 from forge.kernels import cpu_quant
 
@@ -30,7 +30,8 @@ class Int4Weight(QuantizedWeight):
 
     The CPU matmul is Forge's C++ kernel (:mod:`forge.kernels.cpu_quant`), which reads this layout as it is.
     Where it can't be built, aten's int4 kernel runs on a packing made on first use (and counted in
-    :attr:`nbytes`); elsewhere than the CPU, the dequantized reference.
+    :attr:`nbytes`). On CUDA ``ops.linear`` runs Forge's Triton kernels on the same blocks
+    (:mod:`forge.kernels.quant_linear`); elsewhere, the dequantized reference.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -103,6 +104,9 @@ class Int4Weight(QuantizedWeight):
         q = self.unpacked(index).float().reshape(len(scale), -1, self.group_size)
         w = q * scale[..., None] + minimum[..., None]  # two roundings, as gguf.quants does it: bit for bit
         return w.reshape(len(scale), self.shape[1])
+
+    def kernel_operands(self) -> KernelOperands:
+        return KernelOperands(self.qs, self.scale, self.min, "int4", gguf_blocks=True)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self._uses_kernel(x):

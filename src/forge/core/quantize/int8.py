@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from forge.core.quantize.base import QuantizedWeight, pad_rows
+from forge.core.quantize.base import KernelOperands, QuantizedWeight, pad_rows
 from forge.errors import ConfigError
 from forge.kernels import cpu_quant
 
@@ -32,6 +32,9 @@ class Int8Weight(QuantizedWeight):
     def rows(self, index: torch.Tensor | None = None) -> torch.Tensor:
         q, scale = (self.q, self.scale) if index is None else (self.q[index], self.scale[index])
         return q.float() * scale[:, None]
+
+    def kernel_operands(self) -> KernelOperands:
+        return KernelOperands(self.q, self.scale, None, "int8", gguf_blocks=False)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self._uses_kernel(x):
@@ -93,6 +96,9 @@ class Int8GroupWeight(QuantizedWeight):
         if minimum is not None:
             w = w + minimum.float()[..., None]
         return w.reshape(len(scale), self.shape[1])
+
+    def kernel_operands(self) -> KernelOperands:
+        return KernelOperands(self.q, self.scale, self.min, "int8_group", gguf_blocks=False)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self._uses_kernel(x):

@@ -1,0 +1,79 @@
+"""A quantized weight's matmul on CUDA: which of Forge's Triton kernels runs, chosen in one table.
+
+``ops.linear`` calls :func:`quantized_linear` (registered as the ``quantized_linear`` kernel) with the operands a
+:class:`~forge.core.quantize.QuantizedWeight` gives (``kernel_operands()``): the quantized values as the weight
+holds them (GGUF's int4 blocks, plain int8), their scales and minimums, and the scheme's name. :data:`CUDA_PATHS`
+picks the kernel from the scheme and the number of rows of x (:mod:`forge.kernels.quant_matmul`):
+
+- ``"gemv"``: dequant-GEMV, reading 4 or 8 bits a weight; the decode step of a few sequences.
+- ``"gemm"``: tiled dequant-GEMM (``tl.dot``), the weight still read once per block of 64 rows; a batch.
+- ``"dequant"``: the weight written out in x's dtype, then cuBLAS; a long prefill, where the matmul is
+  compute-bound and the extra pass over the weight is small against it.
+
+Every path launches with parameters computed from shapes alone: no host sync, no allocation whose size
+depends on values, so a decode step that calls it is captured in a CUDA graph (``forge.core.cuda_graphs``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from forge.kernels.quant_matmul import PATHS, int4_linear, int8_linear
+
+__all__ = ["CUDA_PATHS", "SCHEMES", "choose_path", "quantized_linear"]
+
+#: The schemes :func:`quantized_linear` takes: int4 per group, int8 per output channel, int8 per group.
+SCHEMES = ("int4", "int8", "int8_group")
+
+_ANY = 1 << 62
+
+#: For each scheme, ``(most rows of x, path)`` in increasing order: the first bound that M fits picks the path.
+#: Measured on an H200 (``benchmarks/quant_gpu.py``'s "paths" rows, Llama-1B's linears, microseconds): at M=1
+#: the GEMV beats bf16 cuBLAS and the other paths for every scheme (int4 gate_up 14.4 against 19.2); at M=16 and
+#: 64 the GEMV is 5-30x slower. int8 per channel at M=16-64: the GEMM (gate_up 21-25) beats dequant-then-cuBLAS
+#: (47); int4 and int8 per group: dequant wins there (int4 gate_up at 64: 45.5 against 53.2), and in decode at
+#: batch 64 (1B int4: 28.0k tok/s against 18.6k). The GEMV bound of 4 is not measured between 1 and 16.
+CUDA_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
+    "int4": ((4, "gemv"), (_ANY, "dequant")),
+    "int8": ((4, "gemv"), (64, "gemm"), (_ANY, "dequant")),
+    "int8_group": ((4, "gemv"), (_ANY, "dequant")),
+}
+
+
+def choose_path(scheme: str, m: int) -> str:
+    """The kernel :data:`CUDA_PATHS` gives ``scheme`` for ``m`` rows of x: one of "gemv", "gemm", "dequant"."""
+    table = CUDA_PATHS.get(scheme)
+    if table is None:
+        raise ValueError(f"no quantized CUDA kernels for scheme {scheme!r}; the schemes are {', '.join(SCHEMES)}")
+    for most, path in table:
+        if m <= most:
+            if path not in PATHS:
+                raise ValueError(f"CUDA_PATHS[{scheme!r}] names an unknown path {path!r}; use one of {PATHS}")
+            return path
+    return table[-1][1]
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    scheme: str,
+    gguf_blocks: bool = False,
+    path: str | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for a quantized W, by the kernel :func:`choose_path` picks (or ``path``).
+
+    int4: q (N, K/2) uint8, in GGUF's blocks of 32 if ``gguf_blocks``; scale and minimum (N, K/g). int8: q (N, K),
+    scale (N,) per channel ("int8") or (N, K/g) per group ("int8_group"), minimum None or scale's shape.
+    x (..., K) in bf16, fp16 or fp32; returns (..., N) in x's dtype.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"no quantized CUDA kernels for scheme {scheme!r}; the schemes are {', '.join(SCHEMES)}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    chosen = path or choose_path(scheme, rows)
+    if scheme == "int4":
+        return int4_linear(x, q, scale, minimum, bias, gguf_blocks=gguf_blocks, path=chosen)
+    return int8_linear(x, q, scale, minimum, bias, path=chosen)
