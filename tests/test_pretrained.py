@@ -261,7 +261,7 @@ def test_export_to_hf_loads_in_transformers(
     ("args", "code", "needle"),
     [
         (["--format", "hf", "--dtype", "q8_0"], 2, "can't be exported to hf"),
-        (["--format", "onnx"], 2, "onnx"),
+        (["--format", "onnx", "--dtype", "q4_0"], 2, "can't be exported to onnx"),
     ],
 )
 def test_export_rejects_what_it_cannot_write(

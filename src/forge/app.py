@@ -196,8 +196,9 @@ class Forge:
         save(path, model, tokenizer, training_state=self._state, meta={"source": self._source})
         return self
 
-    def export(self, path: str | os.PathLike[str], *, format: str = "gguf", dtype: str = "float16") -> Forge:
-        """Write the model for llama.cpp/Ollama (``format="gguf"``) or transformers (``"hf"``)."""
+    def export(self, path: str | os.PathLike[str], *, format: str = "gguf", dtype: str | None = None) -> Forge:
+        """Write the model for llama.cpp/Ollama (``format="gguf"``), transformers (``"hf"``) or onnxruntime and
+        transformers.js (``"onnx"``); ``dtype`` defaults to float16 (float32 for ONNX): see ``forge.models.export``."""
         model, tokenizer = self._require_model("export")
         export(model, tokenizer, path, format=format, dtype=dtype, name=Path(self._source).stem or "forge-model")
         return self

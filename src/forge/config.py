@@ -412,8 +412,9 @@ def check_specs(obj: Any) -> None:
 
 
 #: The one dtype vocabulary. Each command and function takes the part it supports: inference
-#: ``auto|float32|bfloat16``, training precision the same, export ``float32|float16|bfloat16|q8_0|q4_0|q4_1``.
-DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1")
+#: ``auto|float32|bfloat16``, training precision the same, export ``float32|float16|bfloat16|q8_0|q4_0|q4_1``
+#: (GGUF) and ``float32|int8|int4`` (ONNX: the ``quantize=`` schemes' names, see forge.core.formats.onnx).
+DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "int8", "int4")
 #: What inference runs in (``Forge(dtype=...)``, ``--dtype``): float16 is left out, slow and lossy on CPUs.
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
 #: Shorter spellings accepted everywhere for compatibility (the old ``--precision bf16|fp32`` and GGUF's ``f16``).

@@ -27,6 +27,7 @@ from forge.core.formats import Pretrained, SpecialTokens
 from forge.core.formats.gguf import read_gguf
 from forge.core.formats.gguf_write import write_gguf
 from forge.core.formats.hf import read_hf, write_hf
+from forge.core.formats.onnx import write_onnx
 from forge.core.lora import adapter_tensors, attach_adapters, base_copy, has_lora, merge_lora, merged_copy
 from forge.core.quantize import QuantizedWeight, dequantize_model, has_quantized, weight_bytes
 from forge.core.transformer import Transformer
@@ -36,6 +37,7 @@ from forge.tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_CHAT_MODEL",
+    "DEFAULT_EXPORT_DTYPES",
     "EXPORT_FORMATS",
     "KNOWN_MODELS",
     "PRESETS",
@@ -369,7 +371,10 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 EXPORT_FORMATS = {
     "gguf": ("float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1"),
     "hf": ("float32", "float16", "bfloat16"),
+    "onnx": ("float32", "int8", "int4"),
 }
+#: What ``export(dtype=None)`` writes.
+DEFAULT_EXPORT_DTYPES = {"gguf": "float16", "hf": "float16", "onnx": "float32"}
 #: The writers' own (GGUF) names of those dtypes.
 _ON_DISK = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1"}
 
@@ -380,12 +385,14 @@ def export(
     out: str | os.PathLike[str],
     *,
     format: str = "gguf",
-    dtype: str = "float16",
+    dtype: str | None = None,
     name: str = "forge-model",
 ) -> Path:
-    """Write ``model`` for other tools: a GGUF file (llama.cpp, Ollama) or an HF folder (transformers).
+    """Write ``model`` for other tools: a GGUF file (llama.cpp, Ollama), an HF folder (transformers) or an ONNX
+    folder (onnxruntime, transformers.js: see :mod:`forge.core.formats.onnx`).
 
-    ``dtype`` is one of ``EXPORT_FORMATS[format]`` (``f32``, ``f16``, ``bf16`` are accepted too); ``q4_0`` and
+    ``dtype`` is one of ``EXPORT_FORMATS[format]`` (``f32``, ``f16``, ``bf16`` are accepted too), by default
+    ``DEFAULT_EXPORT_DTYPES[format]``; ONNX's int8 and int4 keep a GGUF's quantized blocks exactly; ``q4_0`` and
     ``q4_1`` keep the embeddings and output head at Q8_0, as llama.cpp does. LoRA adapters are merged first. A
     quantized model (:class:`~forge.core.quantize.QuantizedWeight` layers) is dequantized for every format, except
     that int4 weights which are exactly Q4_0/Q4_1 blocks (a model loaded from such a GGUF) are written unchanged to
@@ -395,6 +402,7 @@ def export(
         raise ConfigError(
             f"export format={format!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}", field="format"
         )
+    dtype = DEFAULT_EXPORT_DTYPES[format] if dtype is None else dtype
     named = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if named not in EXPORT_FORMATS[format]:
         raise ConfigError(
@@ -415,6 +423,8 @@ def export(
         write_gguf(
             path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named], name=name
         )
+    elif format == "onnx":
+        write_onnx(path, plain.config, state, tokenizer.hf, special, tokenizer.chat_template, dtype=named)
     else:
         floats = {k: _dequantized(v) for k, v in state.items()}
         write_hf(path, plain.config, floats, tokenizer.hf, special, tokenizer.chat_template, dtype=_ON_DISK[named])
