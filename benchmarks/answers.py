@@ -1,7 +1,8 @@
 """Answers a user can trust: RAG answers and agent tool use with SmolLM2-135M, against the code before.
 
-RAG: each question of benchmarks/data/shakespeare_answers.json has a short
-answer that is a span of one play. The 42 texts are ingested once into a
+RAG: each question of benchmarks/data/shakespeare_answers.json (65, on which the
+settings were tuned) and shakespeare_answers_heldout.json (45, written after and
+never used to tune) has a short answer that is a span of one play. The 42 texts are ingested once into a
 store that later runs reuse (unchanged files are skipped). An answer counts
 as correct when it contains the answer or one of its aliases (case, spacing
 and punctuation ignored), and its citation as correct when a source it cites
