@@ -155,30 +155,29 @@ def passages(
     found = list(kept.values())
     if not found:
         return []
-    vectors = embedder.embed([question, *(f"{heading} {text}" for _, heading, text in found)])
+    shown = [f"{heading} {text}" for _, heading, text in found]
+    vectors = embedder.embed([question, *shown])
     similarity = vectors[1:] @ vectors[0]
-    scores = similarity + keyword_weight * _keywords(question, found) + phrase_weight * _phrases(question, found)
+    tokens = [_tokens(text) for text in shown]  # each passage's words, read once for both scores
+    scores = similarity + keyword_weight * _keywords(question, tokens) + phrase_weight * _phrases(question, tokens)
     order = np.argsort(-scores, kind="stable")[:limit]
     return [Passage(*found[i], float(scores[i]), float(similarity[i])) for i in order]
 
 
-def _keywords(question: str, found: Sequence[tuple[int, str, str]]) -> np.ndarray:
-    """Each passage's share of the question's keywords, weighted by their inverse frequency among ``found``."""
+def _keywords(question: str, tokens: Sequence[list[str]]) -> np.ndarray:
+    """Each passage's share of the question's keywords, weighted by their inverse frequency among the passages
+    (``tokens``: each passage's words)."""
     terms = set(keyword_terms(question))
-    held = [_words(f"{h} {t}") for _, h, t in found]
+    held = [set(words) for words in tokens]
     weight = {t: math.log((len(held) + 1) / (sum(t in words for words in held) + 0.5)) for t in terms}
     total = sum(weight.values()) or 1.0
     return np.array([sum(weight[t] for t in terms & words) / total for words in held])
 
 
-def _phrases(question: str, found: Sequence[tuple[int, str, str]]) -> np.ndarray:
-    """Each passage's share of the question's consecutive word pairs."""
-    asked = _pairs(question)
-    return np.array([len(asked & _pairs(f"{h} {t}")) / max(1, len(asked)) for _, h, t in found])
-
-
-def _pairs(text: str) -> set[tuple[str, str]]:
-    return set(itertools.pairwise(_tokens(text)))
+def _phrases(question: str, tokens: Sequence[list[str]]) -> np.ndarray:
+    """Each passage's share of the question's consecutive word pairs (``tokens``: each passage's words)."""
+    asked = set(itertools.pairwise(_tokens(question)))
+    return np.array([len(asked & set(itertools.pairwise(words))) / max(1, len(asked)) for words in tokens])
 
 
 def rerank(model: Transformer, tokenizer: Tokenizer, question: str, choices: Sequence[Passage]) -> list[Passage]:
@@ -194,10 +193,6 @@ def _shown(p: Passage) -> str:
 
 def _tokens(text: str) -> list[str]:
     return re.findall(r"[^\W_]+", text.lower())
-
-
-def _words(text: str) -> set[str]:
-    return set(_tokens(text))
 
 
 def renumbered(choices: Sequence[Passage], sources: Sequence[Citation]) -> tuple[list[Passage], list[Citation]]:
