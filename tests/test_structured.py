@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -103,7 +104,10 @@ def test_the_batching_engine_masks_each_row_by_its_own_grammar(random_gen: Gener
 
 def test_output_cut_by_max_tokens_is_an_error_not_invalid_json(random_gen: Generator) -> None:
     spec = output_spec({"type": "array", "items": {"type": "integer"}, "minItems": 30})
-    completion = random_gen.complete("[", grammar=spec.grammar, temperature=1.0, seed=0, max_tokens=5)[0]
+    with pytest.raises(GenerationError, match=r"max_tokens=5 cannot hold .* at least \d+"):  # refused at once
+        random_gen.complete("[", grammar=spec.grammar, temperature=1.0, seed=0, max_tokens=5)
+    unwatched = dataclasses.replace(spec.grammar, close_in_budget=False)  # the budget not watched: cut short
+    completion = random_gen.complete("[", grammar=unwatched, temperature=1.0, seed=0, max_tokens=5)[0]
     assert completion.finish_reason == "length"
     with pytest.raises(GenerationError, match="max_tokens"):
         spec.parse(completion.text, completion.finish_reason)

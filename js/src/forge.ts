@@ -21,6 +21,7 @@ import {
   type RequestOptions,
   checkOptions,
 } from "./types.js";
+import { WebBackend } from "./web.js";
 
 /** Where `new Forge()` looks without a baseURL (and without FORGE_BASE_URL): `forge serve`'s default. */
 export const DEFAULT_BASE_URL = "http://127.0.0.1:8000";
@@ -42,7 +43,7 @@ export interface ForgeOptions {
   defaults?: GenerationOptions;
   /** Run requests on this backend instead of a server. */
   backend?: Backend;
-  /** A `forge export --format web` folder to run in the page: not available in this version. */
+  /** A `forge export --format web` folder to run in the page (its URL, such as "./smol-web/"): no server. */
   web?: string;
 }
 
@@ -65,17 +66,13 @@ export class Forge {
         });
       }
     }
-    if (options.web !== undefined) {
-      throw new ConfigError(
-        `new Forge({ web: ${preview(options.web)} }) runs a \`forge export --format web\` folder in the page, ` +
-          "which this version of forge-llm cannot do yet; serve the model with `forge serve MODEL` and pass " +
-          "{ baseURL }, or pass your own { backend }",
-        { field: "web" },
-      );
+    if (options.web !== undefined && options.backend !== undefined) {
+      throw new ConfigError("new Forge() takes { web } or { backend }, not both", { field: "web" });
     }
     checkOptions("new Forge({ defaults })", options.defaults);
     this.defaults = { ...options.defaults };
-    this.backend = options.backend ?? serverBackend(options);
+    this.backend =
+      options.backend ?? (options.web !== undefined ? new WebBackend(options.web) : serverBackend(options));
     this.stack = new Stack(this.emitter, (ctx) => this.backend.handle(ctx));
     this.rag = new Rag(this);
   }

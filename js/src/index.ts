@@ -1,5 +1,5 @@
 /**
- * forge-llm: Forge's Express-style API in JavaScript, over `forge serve`.
+ * forge-llm: Forge's Express-style API in JavaScript, over `forge serve` or a web export in the page.
  *
  *     import { Forge, logger } from "forge-llm";
  *     const app = new Forge({ baseURL: "http://127.0.0.1:8000" }).use(logger());
@@ -38,6 +38,7 @@ export { DEFAULT_BASE_URL, Forge, type ForgeOptions } from "./forge.js";
 export { cache, logger, retry, timer, type CacheMiddleware, type RetryOptions } from "./middleware.js";
 export { Rag, type RagAnswer } from "./rag.js";
 export { ServerBackend, type ServerOptions } from "./server.js";
+export { WebBackend, type WebGenerateOptions, type WebOptions, type WebRuntime } from "./web.js";
 export {
   tool,
   type AgentEvent,

@@ -206,7 +206,7 @@ describe("errors", { skip }, () => {
     assert.ok(errors.every((e) => e instanceof BadRequestError));
   });
 
-  test("options this package does not know, and the web backend, are ConfigErrors before any request", async () => {
+  test("options this package does not know, and a relative web folder outside a page, are ConfigErrors", async () => {
     await assert.rejects(app().generate("To be", { max_tokens: 4 }), (e) => {
       assert.ok(e instanceof ConfigError);
       assert.equal(e.field, "max_tokens");

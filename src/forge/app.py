@@ -493,19 +493,37 @@ class Forge:
         await server.serve(self, host=host, port=port, **options)
 
     # -- continuous batching (the server's engine) ----------------------------------------------------
-    async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> Forge:
+    async def start_batching(
+        self,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context: int | None = None,
+        prefix_cache: bool = True,
+        speculate: str = "off",
+    ) -> Forge:
         """Serve every generation through a continuous-batching engine: concurrent requests decode together.
 
         ``max_batch`` requests run at once (each in its own KV-cache slot); up to
         ``max_queue`` more wait, and beyond that a request fails with ``QueueFullError``
         (HTTP 429). ``context`` caps prompt + completion tokens (default: the model's).
+        ``prefix_cache``: a request starts from the stored keys and values of the longest
+        prompt beginning seen before (a shared system prompt). ``speculate="ngram"``: every
+        request decodes speculatively (see ``forge.core.speculative``).
         """
         model, tokenizer = self._require_model("start_batching")
         if self._engine is not None:
             raise ConfigError("batching is already on; call app.stop_batching() first")
         assert self._generator is not None
         self._engine = Engine(
-            model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_len=context, lock=self._generator.lock
+            model,
+            tokenizer,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_len=context,
+            lock=self._generator.lock,
+            prefix_cache=prefix_cache,
+            speculate=speculate,
         ).start()
         return self
 

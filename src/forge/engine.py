@@ -24,6 +24,8 @@ from typing import Any
 
 from forge.core.decode import Batcher, Sequence, StepResult
 from forge.core.kv_cache import plan_cache
+from forge.core.prefix_cache import BLOCK, PrefixCache
+from forge.core.speculative import SPECULATE_MODES
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, ForgeError, QueueFullError
 from forge.generator import AsyncTextStream, GenerationConfig, StreamRow, admit
@@ -35,6 +37,8 @@ log = logging.getLogger("forge.engine")
 
 #: Joining requests are prefilled together up to this many prompt tokens a forward (bounds its activations).
 PREFILL_TOKENS = 4096
+#: The prefix cache's default bound, as a share of the batch's KV cache (at least 16 MB).
+PREFIX_CACHE_FRACTION = 0.25
 
 
 @dataclass(eq=False)
@@ -49,7 +53,10 @@ class Engine:
     """Continuous batching of every request on ``model``; see the module docstring.
 
     ``lock`` is held for each step (the plain generator and training take it
-    too), so weights never change under a step.
+    too), so weights never change under a step. ``prefix_cache``: keep the keys and values of
+    prompts seen (``prefix_cache_bytes`` of them, by default a quarter of the batch's KV cache) and
+    start each request from its longest stored prefix (see ``forge.core.prefix_cache``).
+    ``speculate="ngram"``: every request decodes speculatively (``forge.core.speculative``).
     """
 
     def __init__(
@@ -61,6 +68,9 @@ class Engine:
         max_queue: int = 64,
         max_len: int | None = None,
         lock: threading.Lock | None = None,
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int | None = None,
+        speculate: str = "off",
     ) -> None:
         context = model.config.context_length
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
@@ -68,6 +78,8 @@ class Engine:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         if max_len is not None and not 1 < max_len <= context:
             raise ConfigError(f"context {max_len} must be between 2 and the model's context of {context}")
+        if speculate not in SPECULATE_MODES:
+            raise ConfigError(f"speculate={speculate!r} is not a mode; use one of {', '.join(SPECULATE_MODES)}")
         self.model, self.tokenizer = model.eval(), tokenizer
         # The cache is allocated whole, now: a model declaring 131072 positions gets what fits in memory.
         weight = model.tok_emb.weight
@@ -77,7 +89,15 @@ class Engine:
         self.max_len = plan.context
         self.max_queue = max_queue
         self.lock = lock or threading.Lock()
-        self.batcher = Batcher(model, max_batch=plan.max_batch, max_len=self.max_len, vocab_limit=tokenizer.vocab_size)
+        self.prefix_cache = _prefix_cache(prefix_cache, prefix_cache_bytes, plan.bytes)
+        self.speculate = speculate  # "ngram": every request speculates; "off": each request's own choice
+        self.batcher = Batcher(
+            model,
+            max_batch=plan.max_batch,
+            max_len=self.max_len,
+            vocab_limit=tokenizer.vocab_size,
+            prefix_cache=self.prefix_cache,
+        )
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: dict[int, _Job] = {}  # id(seq) -> job, for the running ones
         self._cond = threading.Condition()
@@ -91,9 +111,8 @@ class Engine:
             "tokens": 0,
             "batch_size_max": 0,
             "batch_size_hist": collections.Counter(),
-            "completed": 0,
-            "cancelled": 0,
-            "failed": 0,
+            **dict.fromkeys(("completed", "cancelled", "failed"), 0),
+            **dict.fromkeys(("speculative_proposed", "speculative_accepted", "speculative_steps"), 0),
         }
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -123,6 +142,7 @@ class Engine:
                 "running": len(self.batcher.running),
                 "max_batch": self.batcher.max_batch,
                 **{k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()},
+                "prefix_cache": self.prefix_cache.snapshot() if self.prefix_cache is not None else None,
             }
 
     # -- requests -------------------------------------------------------------------------------
@@ -146,6 +166,7 @@ class Engine:
             strict=strict,
         )
         seq, row = admitted.seq, admitted.row
+        seq.speculate = seq.speculate or self.speculate == "ngram"
         job = _Job(seq, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._stopping:
@@ -225,12 +246,24 @@ class Engine:
         """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone."""
         chunk: list[_Job] = []
         for job in jobs:
-            if chunk and sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) > PREFILL_TOKENS:
+            if chunk and (
+                sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) > PREFILL_TOKENS or self._shares(chunk, job)
+            ):
                 self._prefill(chunk)
                 chunk = []
             chunk.append(job)
         if chunk:
             self._prefill(chunk)
+
+    def _shares(self, chunk: list[_Job], job: _Job) -> bool:
+        """Whether ``job`` starts like one of ``chunk`` with a block not cached yet: it waits for that prefill.
+
+        Requests arriving together with one new system prompt: the first computes it, the rest reuse it.
+        """
+        if self.prefix_cache is None or len(job.seq.prompt) <= BLOCK:
+            return False
+        head = job.seq.prompt[:BLOCK]
+        return self.prefix_cache.cached_blocks(head) == 0 and any(j.seq.prompt[:BLOCK] == head for j in chunk)
 
     def _prefill(self, chunk: list[_Job]) -> None:
         try:
@@ -261,6 +294,11 @@ class Engine:
         self._outbox = {}
 
     def _finish(self, job: _Job, *, cancelled: bool) -> None:
+        spec = job.seq.spec
+        if spec is not None:
+            self.stats["speculative_proposed"] += spec.proposed
+            self.stats["speculative_accepted"] += spec.accepted
+            self.stats["speculative_steps"] += spec.steps
         with self._cond:
             self.batcher.remove(job.seq)
             self._jobs.pop(id(job.seq), None)
@@ -287,6 +325,18 @@ class Engine:
             self.batcher.remove(job.seq)
         self._waiting.clear()
         self._jobs.clear()
+
+
+def _prefix_cache(enabled: bool, nbytes: int | None, cache_bytes: int) -> PrefixCache | None:
+    """The engine's prefix cache: ``nbytes``, or by default a share of the batch's KV cache; None when off.
+
+    It keeps the keys and values of prompts already seen (a shared system prompt): a joining request
+    prefills only the rest.
+    """
+    if nbytes is not None and (not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0):
+        raise ConfigError(f"prefix_cache_bytes={nbytes!r} must be a byte count >= 0")
+    bound = nbytes if nbytes is not None else max(16 << 20, int(cache_bytes * PREFIX_CACHE_FRACTION))
+    return PrefixCache(bound) if enabled and bound > 0 else None
 
 
 def _put_all(items: list[tuple[asyncio.Queue[tuple[str, Any]], StepResult]]) -> None:

@@ -24,11 +24,13 @@ from typing import Any, Literal
 
 import torch
 
-from forge.config import bounded, check_specs, documented, same_as
+from forge.config import bounded, check_specs, choice, documented, same_as
 from forge.core.decode import Sequence as DecodeSequence
 from forge.core.decode import StepResult, fixed_batcher
 from forge.core.device import resolve_device
+from forge.core.prefix_cache import PrefixCache
 from forge.core.sampling import SamplingParams
+from forge.core.speculative import SPECULATE_MODES
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, ContextLengthError, GenerationError
 from forge.structured import Constraint, Grammar
@@ -73,6 +75,11 @@ class GenerationConfig:
         None, integer=True, ge=0, le=20, doc="Each token's logprob and this many most likely alternatives."
     )
     grammar: Grammar | None = documented(None, doc="Only text in this grammar can be generated (forge.structured).")
+    speculate: str = choice(
+        "off",
+        SPECULATE_MODES,
+        doc="Speculative decoding: ngram proposes tokens from the prompt, verified in one forward (same output).",
+    )
 
     def __post_init__(self) -> None:
         check_specs(self)
@@ -255,8 +262,10 @@ def admit(
     stop_ids = tokenizer.stop_ids if cfg.stop_at_eos else frozenset()
     generator = torch.Generator(device)
     generator.manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-    constraint = Constraint(cfg.grammar, tokenizer, vocab_size) if cfg.grammar is not None else None
+    # The grammar knows the budget: it steers the text to a valid end before the budget runs out.
+    constraint = Constraint(cfg.grammar, tokenizer, vocab_size, budget) if cfg.grammar is not None else None
     seq = DecodeSequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs, constraint)
+    seq.speculate = cfg.speculate == "ngram"
     row = StreamRow(tokenizer, cfg.stop, stop_ids, prompt_tokens)
     if cfg.logprobs is not None:
         row.logprobs = []
@@ -330,8 +339,12 @@ class Generator:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         compile: bool = False,
+        prefix_cache: int = 0,
     ) -> None:
         self.compile = compile
+        #: ``prefix_cache`` bytes of prompts' keys and values kept between generations (0: none), e.g. a
+        #: chat's earlier turns: the next turn prefills only what is new (see forge.core.prefix_cache).
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         if device is not None:
             model = model.to(resolve_device(str(device)) if isinstance(device, str) else device)
         if dtype is not None:
@@ -381,6 +394,7 @@ class Generator:
         index = {id(seq): i for i, seq in enumerate(seqs)}
         with self.lock:  # one token loop at a time: its KV caches go into the model
             batcher = fixed_batcher(self.model, seqs, vocab_limit=self.tokenizer.vocab_size, compile=self.compile)
+            batcher.prefix_cache = self.prefix_cache
             try:
                 results = batcher.add_many(seqs)
                 while results:

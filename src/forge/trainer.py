@@ -34,7 +34,7 @@ from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent
 from forge.models import create_model, load, padded_vocab, save
 from forge.tokenizer import Tokenizer, TokenizerKind
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]
+__all__ = ["PreparedRun", "TrainConfig", "TrainResult", "Trainer", "prepare_run", "train"]
 
 log = logging.getLogger("forge")
 #: Training precision in the one dtype vocabulary (``bf16`` and ``fp32`` are accepted as aliases).
@@ -164,14 +164,18 @@ class Trainer:
             # Seeded by the run, not the global RNG: the same seed gives the same adapters and losses.
             generator = torch.Generator().manual_seed(config.seed)
             apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, generator=generator)
-        self.optimizer = build_adamw(model, lr=config.lr, weight_decay=config.weight_decay)
         self.compiled = config.compile if config.compile is not None else device.type == "cuda"
-        # Inductor fuses each block's norms, RoPE and activations; shapes are fixed (B, context) windows.
-        self._loss = torch.compile(model.loss, dynamic=False) if self.compiled else model.loss
+        self._build_step(model)
         self.schedule = config.schedule_for()
         self.data_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.result = TrainResult(model=model, tokenizer=tokenizer, step=0)
+
+    def _build_step(self, model: Transformer) -> None:
+        """The optimizer and the loss function the steps call (a distributed trainer wraps the model first)."""
+        self.optimizer = build_adamw(model, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        # Inductor fuses each block's norms, RoPE and activations; shapes are fixed (B, context) windows.
+        self._loss = torch.compile(model.loss, dynamic=False) if self.compiled else model.loss
 
     # -- state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -465,7 +469,58 @@ def train(
     dev = resolve_device(device)
     if out is not None:
         check_replaceable(Path(out))  # fail before tokenizing, not after training
+    run = prepare_run(
+        data, preset=preset, resume=resume, model=model, tokenizer=tokenizer, vocab_size=vocab_size, config=config
+    )
+    if run.state is None and state is not None:
+        run.state = state
+    if run.state is not None and "distributed" in run.state:
+        raise ConfigError(
+            f"the checkpoint {str(resume or 'loaded')!r} was written by a distributed run, whose optimizer state "
+            "is sharded; "
+            "resume it as one: forge train ... --resume CHECKPOINT --nproc N (any N, 1 too), or "
+            "forge.distributed.train(..., nproc=N)"
+        )
+    trainer = Trainer(
+        run.model,
+        run.tokenizer,
+        run.dataset,
+        run.config,
+        device=dev,
+        out=out if out is not None else resume,
+        listeners=listeners,
+        meta={"data": run.corpus.label},
+    )
+    if run.state is not None:
+        trainer.load_state_dict(run.state)
+    return trainer.run()
+
+
+@dataclass
+class PreparedRun:
+    """What a run starts from: its model, tokenizer, token dataset, config, and the state to resume (if any)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    corpus: Corpus
+    dataset: TokenDataset
+    config: TrainConfig
+    state: dict[str, Any] | None = None
+
+
+def prepare_run(
+    data: DataSource,
+    *,
+    preset: str | ModelConfig,
+    resume: str | os.PathLike[str] | None,
+    model: Transformer | None,
+    tokenizer: TokenizerKind | Tokenizer,
+    vocab_size: int | None,
+    config: TrainConfig,
+) -> PreparedRun:
+    """The model (fresh from ``preset``, given, or resumed), its tokenizer and the corpus tokenized with it."""
     corpus = Corpus.from_source(data)
+    state = None
     if resume is not None:
         model, tok, state, config = _resumed(resume, config)
     elif model is not None:
@@ -477,16 +532,4 @@ def train(
     else:
         model, tok = _fresh(corpus, preset, tokenizer, vocab_size, config)
     dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)
-    trainer = Trainer(
-        model,
-        tok,
-        dataset,
-        config,
-        device=dev,
-        out=out if out is not None else resume,
-        listeners=listeners,
-        meta={"data": corpus.label},
-    )
-    if state is not None:
-        trainer.load_state_dict(state)
-    return trainer.run()
+    return PreparedRun(model=model, tokenizer=tok, corpus=corpus, dataset=dataset, config=config, state=state)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
-from forge.core import decode
+from forge.core import decode, steps
 from forge.core.decode import Sequence as Row
 from forge.core.decode import decode_step, pick, prefill
 from forge.core.generate import generate_tokens
@@ -224,7 +224,7 @@ def test_graph_replay_equals_eager_on_a_fixed_batch(
 
     Rows of different lengths leave one by one, so the loop goes from replays back to eager steps.
     """
-    monkeypatch.setattr(decode, "capture", _Replay)
+    monkeypatch.setattr(steps, "capture", _Replay)  # the graphed step lives in forge.core.steps
     prompts, budgets = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [5, 5, 5, 1]], [30, 50, 40]
 
     def run(graphs: object) -> list[list[int]]:

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from forge.cli import chat, evaluate, export, rag, serve  # noqa: F401  (registers `forge chat|eval|export|rag|serve`)
+from forge.cli import chat, evaluate, export, rag, serve, web  # noqa: F401  (registers `forge chat|eval|export|rag|serve|web`)
 from forge.cli.commands import cli
 from forge.errors import ForgeError
 

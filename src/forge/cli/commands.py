@@ -27,9 +27,11 @@ from forge.cli.options import (
 from forge.cli.progress import TrainingDisplay
 from forge.config import preset_names
 from forge.core.device import resolve_device
+from forge.core.distributed import World
 from forge.core.quantize import quantize_model
 from forge.data import stdlib_corpus
-from forge.errors import ConfigError
+from forge.distributed import DistributedConfig, RunSpec, last_checkpoint_step, launch, logs_dir, run_worker
+from forge.errors import ConfigError, DataError, ForgeError
 from forge.events import StepEvent
 from forge.generator import GenerationConfig, Generator
 from forge.trainer import TrainConfig, TrainResult, train
@@ -38,6 +40,8 @@ __all__ = ["GENERATION_FLAGS", "TRAIN_FLAGS", "cli"]
 
 #: TrainConfig's fields that are flags of `forge train`: every one.
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+#: DistributedConfig's fields: the flags of `forge train` that spread it over processes and nodes.
+DISTRIBUTED_FLAGS = tuple(f.name for f in dataclasses.fields(DistributedConfig))
 #: GenerationConfig's fields that are flags of `forge generate` and `forge chat` (stop is repeatable, below).
 GENERATION_FLAGS = (
     "max_tokens",
@@ -49,6 +53,7 @@ GENERATION_FLAGS = (
     "presence_penalty",
     "frequency_penalty",
     "seed",
+    "speculate",
 )
 
 
@@ -86,6 +91,7 @@ def _console() -> Console:
     lora_rank={"aliases": ("--lora",)},
     compile={"help": "torch.compile the training step [default: on for CUDA, off elsewhere]."},
 )
+@field_options(DistributedConfig, DISTRIBUTED_FLAGS)
 def train_cmd(
     data: Path,
     preset: str,
@@ -114,6 +120,22 @@ def train_cmd(
     if pretrained is not None and options["context"] is None:  # a pretrained context (e.g. 8192) is too long
         options["context"] = min(512, pretrained.model.config.context_length)
     out = out or resume or Path("runs") / (Path(model).stem if model else preset)
+    dist_config = DistributedConfig(**{k: options.pop(k) for k in DISTRIBUTED_FLAGS})
+    if dist_config.launches or World.from_env() is not None:
+        spec = RunSpec(
+            data=str(data),
+            config=TrainConfig(**options),
+            out=str(out),
+            preset=preset,
+            resume=str(resume) if resume is not None else None,
+            model=model,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            device=device,
+            strategy=dist_config.strategy,
+        )
+        _train_distributed(console, spec, dist_config, data)
+        return
     result = train(
         data,
         model=pretrained.model if pretrained else None,
@@ -129,6 +151,46 @@ def train_cmd(
     if result.interrupted:
         _interrupted(result, data, options["steps"])
     _summary(console, result)
+
+
+def _train_worker(spec: RunSpec) -> dict[str, Any]:
+    """One rank of `forge train --nproc N` (or of `torchrun -m forge train`): rank 0 shows the progress."""
+    console = _console()
+    try:
+        return run_worker(spec, listeners=[TrainingDisplay(console)], announce=console.print)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # the launcher says what happened, once
+    except ForgeError as e:  # in a spawned worker no CLI prints it: one line (in rank N's log for N > 0)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e.message}", markup=False)
+        raise SystemExit(e.exit_code) from None
+
+
+def _train_distributed(console: Console, spec: RunSpec, dist_config: DistributedConfig, data: Path) -> None:
+    """Run the workers here (torchrun started this process) or launch them; then the summary."""
+    if World.from_env() is not None:  # a torchrun worker already: train as one rank
+        summary = _train_worker(spec)
+    else:
+        if not data.exists():
+            raise DataError(f"data path {str(data)!r} does not exist; pass a text file or a folder of .txt/.md files")
+        try:
+            summary = launch(_train_worker, (spec,), dist_config, out=spec.out)[0]
+        except KeyboardInterrupt:
+            step = last_checkpoint_step(Path(spec.out))
+            where = f"the last checkpoint (step {step}) is intact in {spec.out}" if step else "no checkpoint was saved"
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"interrupted; {where}; resume with --resume {shlex.quote(spec.out)} --steps {spec.config.steps}",
+                markup=False,
+            )
+            raise SystemExit(130) from None
+        if dist_config.nproc and dist_config.nproc > 1:
+            console.print(f"output of the ranks other than 0: {logs_dir(spec.out)}")
+    if summary["evals"]:
+        (s0, v0), (s1, v1) = summary["evals"][0], summary["evals"][-1]
+        console.print(f"val loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
+    if summary["checkpoint"]:
+        console.print(
+            f"saved to [bold]{summary['checkpoint']}[/]  (forge generate {summary['checkpoint']} --prompt ...)"
+        )
 
 
 def _interrupted(result: TrainResult, data: Path, steps: int) -> None:

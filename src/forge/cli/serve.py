@@ -31,6 +31,8 @@ SERVE_FLAGS = (
     "model_name",
     "rag_k",
     "rag_mode",
+    "prefix_cache",
+    "speculate",
     "header_timeout",
     "body_timeout",
     "max_connections",

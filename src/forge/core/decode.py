@@ -19,6 +19,11 @@ replay with the argmax inside the graph; any other decoding replays the
 forward alone, one step per replay, and picks outside it. Attention then
 reads the whole preallocated cache under a mask, so shapes never change.
 
+With a :class:`~forge.core.prefix_cache.PrefixCache`, a joining prompt starts from the stored keys
+and values of its longest cached prefix and only the rest is prefilled; rows with ``speculate``
+propose tokens by n-gram lookup and verify them in one forward (see ``forge.core.speculative``).
+The forward passes themselves live in ``forge.core.steps``.
+
 Torch only and single-threaded; ``forge.engine`` runs a batcher in a worker thread.
 """
 
@@ -29,8 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forge.core.cuda_graphs import capture, graph_key, keep, reusable
+from forge.core.cuda_graphs import graph_key, reusable
 from forge.core.kv_cache import CacheWrite, KVCache
+from forge.core.prefix_cache import PrefixCache
 from forge.core.sampling import (
     SamplingParams,
     TokenConstraint,
@@ -40,6 +46,8 @@ from forge.core.sampling import (
     sample,
     top_logprobs,
 )
+from forge.core.speculative import NgramProposer, Speculation, verify
+from forge.core.steps import GRAPH_CHUNK, GraphedSteps, compiled_step, decode_step, prefill
 from forge.core.transformer import Transformer
 
 __all__ = [
@@ -54,11 +62,6 @@ __all__ = [
     "pick",
     "prefill",
 ]
-
-#: Greedy decode steps per CUDA-graph replay: tokens come back to the host once per chunk.
-GRAPH_CHUNK = 8
-#: A sampled generation captures its graph only past this many tokens (capturing costs about a hundred steps).
-LOGITS_GRAPH_MIN_TOKENS = 32
 
 Observer = Callable[[torch.Tensor, torch.Tensor], None]
 #: Some rows' logprobs, on the device: (the rows, their tokens' logprobs (m,), top ids (m, k), top values (m, k)).
@@ -76,12 +79,16 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k
     constraint: TokenConstraint | None = None  # e.g. a JSON schema: masks what may come next
+    speculate: bool = False  # propose tokens by n-gram lookup, verified in one forward (forge.core.speculative)
     # state, owned by the batcher
     row: int = -1
     length: int = 0  # tokens in the cache
     generated: int = 0
     done: bool = False
     group: Hashable = field(default=None, repr=False)  # rows of one group are picked in one call
+    output: list[int] = field(default_factory=list, repr=False)  # the tokens generated so far
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    spec: Speculation | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,31 +109,8 @@ class Picked:
     tokens: torch.Tensor
     ids: list[list[int]] | None = None  # the same on the host, when a grammar needed them already
     logprobs: list[RowLogprobs] = field(default_factory=list)  # one entry per sampling group that asked
-
-
-def prefill(
-    model: Transformer, tokens: torch.Tensor, write: CacheWrite | None, last: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Logits (k, V) after each prompt of ``tokens`` (k, T), right-padded, written into the cache as ``write`` says.
-
-    ``last`` (k,): each row's last real position (None: every row is T long). Causal attention alone
-    keeps the padding, which comes after a row's tokens, out of their view.
-    """
-    return model(tokens, write=write, last_only=last is None, select=last)[:, -1]
-
-
-def decode_step(
-    model: Transformer, tokens: torch.Tensor, write: CacheWrite, pos: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Logits (n, V) after one token per row, ``tokens`` (n, 1), written into the cache as ``write`` says.
-
-    ``pos`` (n,): each row's own position. None: every row is at ``write.pos`` (an int), and sees all of
-    [0, write.length): no mask, no position tensors.
-    """
-    if pos is None:
-        return model(tokens, write=write)[:, -1]
-    mask = torch.arange(write.length, device=pos.device) <= pos[:, None]  # (n, length): each row's own keys
-    return model(tokens, positions=pos[:, None], mask=mask[:, None, None], write=write)[:, -1]
+    #: Per row, each new token's (logprob, top): a speculative step's rows emit different numbers of tokens.
+    token_logprobs: list[list[tuple[float, tuple[tuple[int, float], ...]]]] | None = None
 
 
 def pick(
@@ -226,6 +210,11 @@ def _logprobs(
     return [([rows[j] for j in local], *top_logprobs(processed, chosen, k))]
 
 
+def _plain(seq: Sequence) -> bool:
+    """Whether a row's picks depend on nothing but the step's logits: no grammar, no penalties (can speculate)."""
+    return seq.constraint is None and not seq.params.penalised and seq.params.repetition_penalty == 1.0
+
+
 def _group(seq: Sequence) -> Hashable:
     """Rows with equal keys are picked in one call: plain greedy rows all together, others by params and seed."""
     params = seq.params
@@ -254,8 +243,10 @@ class Batcher:
         cache: bool = True,
         graphs: Hashable | None = None,
         compile: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model, self.max_batch, self.max_len, self.vocab_limit = model, max_batch, max_len, vocab_limit
+        self.prefix_cache = prefix_cache  # prompts start from the stored keys and values of their longest prefix
         self.device = model.tok_emb.weight.device
         # A compiled step's caches span the whole context, allocated lazily (pages only as they are written).
         lazy = compile and graphs is None
@@ -267,7 +258,7 @@ class Batcher:
         self.counts: torch.Tensor | None = None  # (max_batch, V), for presence/frequency penalties
         self.running: list[Sequence] = []  # running[i].row == i
         self.observe: Observer | None = None
-        self.graphs = _Graphs(self, graphs, compile) if graphs is not None and cache else None
+        self.graphs = GraphedSteps(self, graphs, compile) if graphs is not None and cache else None
         # Elsewhere than CUDA, ``compile`` compiles the eager decode step (see :func:`compiled_step`).
         self.compiled = compile and cache and self.graphs is None
 
@@ -302,6 +293,10 @@ class Batcher:
         """Free ``seq``'s row (the last running row moves into it)."""
         if seq.row < 0 or seq.row >= len(self.running) or self.running[seq.row] is not seq:
             return
+        if self.prefix_cache is not None and self.caches and seq.output:  # a next turn may start with this exchange
+            # (no output: its prefill failed, and its row may hold anything)
+            tokens = seq.prompt + seq.output
+            self.prefix_cache.store(tokens, self.caches, seq.row, min(seq.length, len(tokens) - 1))
         last = self.running.pop()
         if last is not seq:
             for cache in self.caches:
@@ -342,24 +337,48 @@ class Batcher:
         for i, seq in enumerate(seqs):
             assert seq.prompt and len(seq.prompt) + seq.max_new_tokens <= self.max_len, "the caller checks the budget"
             seq.row, seq.length, seq.generated, seq.done, seq.group = first + i, len(seq.prompt), 0, False, _group(seq)
+            seq.output, seq.cached = [], 0
+            seq.spec = Speculation(NgramProposer(seq.prompt)) if seq.speculate and _plain(seq) else None
         self.running.extend(seqs)
         self._reset_penalties(rows, seqs)
-        padded = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in seqs], device=self.device)  # (k, T)
-        last = torch.tensor([n - 1 for n in sizes], device=self.device) if min(sizes) < T else None
         if self.graphs is not None:
             self.graphs.synced = False
-        if self.caches:
-            self._install()
-            logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=0, length=T), last)
-        else:
+        if not self.caches:
+            padded = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in seqs], device=self.device)
+            last = torch.tensor([n - 1 for n in sizes], device=self.device) if min(sizes) < T else None
             self.tokens[rows, :T] = padded
-            logits = prefill(self.model, padded, None, last)
+            return self._pick(rows, seqs, prefill(self.model, padded, None, last))
+        self._install()
+        if self.prefix_cache is not None:
+            for seq in seqs:
+                seq.cached = self.prefix_cache.load(seq.prompt, self.caches, seq.row)
+        suffixes = [s.prompt[s.cached :] for s in seqs]
+        T = max(map(len, suffixes))
+        padded = torch.tensor([p + [0] * (T - len(p)) for p in suffixes], device=self.device)  # (k, T)
+        last = torch.tensor([len(p) - 1 for p in suffixes], device=self.device) if min(map(len, suffixes)) < T else None
+        if any(s.cached for s in seqs):  # each row continues its cached prefix
+            starts = torch.tensor([s.cached for s in seqs], device=self.device)
+            write = CacheWrite(rows=rows, pos=starts, length=max(sizes))
+            logits = prefill(self.model, padded, write, last, starts)
+        else:
+            logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=0, length=T), last)
+        if self.prefix_cache is not None:
+            for seq in seqs:
+                self.prefix_cache.store(seq.prompt, self.caches, seq.row, len(seq.prompt))
         return self._pick(rows, seqs, logits)
 
     @torch.inference_mode()
     def decode(self) -> Picked:
-        """Advance every running sequence: one step, or a greedy graph replay's :data:`GRAPH_CHUNK`."""
+        """Advance every running sequence: one step, a speculative step, or a greedy graph replay's chunk."""
         seqs, lengths = self.running, [s.length for s in self.running]
+        if any(s.spec is not None for s in seqs) and self.observe is None and all(map(_plain, seqs)):
+            accepted = verify(self)  # None: no row has a proposal this step
+            if accepted is not None:
+                if self.graphs is not None:
+                    self.graphs.synced = False
+                ids = [a.tokens for a in accepted]
+                logprobs = [a.logprobs for a in accepted] if any(s.logprobs is not None for s in seqs) else None
+                return Picked(self.tokens[: len(seqs)], ids=ids, token_logprobs=logprobs)
         logits = None
         if self.graphs is not None and len(seqs) == self.max_batch:  # replay while the whole batch runs
             remaining = max(s.max_new_tokens - s.generated for s in seqs)
@@ -442,111 +461,17 @@ class Batcher:
             before = seq.generated - len(new)
             for j, token in enumerate(new):
                 finished = token in seq.stop_ids or before + j + 1 >= seq.max_new_tokens
-                results.append(StepResult(seq, token, finished, *logprobs.get(i, (None, ()))))
+                if picked.token_logprobs is not None and picked.token_logprobs[i]:
+                    results.append(StepResult(seq, token, finished, *picked.token_logprobs[i][j]))
+                else:
+                    results.append(StepResult(seq, token, finished, *logprobs.get(i, (None, ()))))
                 if finished:
+                    new = new[: j + 1]
                     break
+            seq.output += new
+            if seq.spec is not None:
+                seq.spec.proposer.extend(new)
         return results
-
-
-class _Graphs:
-    """A full batch's decode step captured in CUDA graphs, replayed from its batcher's static buffers.
-
-    The greedy graph unrolls :data:`GRAPH_CHUNK` steps, argmax inside: one replay, that many tokens
-    per row, no host round trip. The sampled graph holds one forward; the pick runs outside it.
-    Both read the batcher's caches and ``tokens`` and this object's ``pos``, which they advance.
-    """
-
-    def __init__(self, batcher: Batcher, key: Hashable, compile: bool) -> None:
-        B, device = batcher.max_batch, batcher.device
-        self.batcher, self.key = batcher, key
-        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # each row's next cache slot
-        self.synced = False  # whether pos matches the rows' lengths
-        self.out = torch.empty(B, GRAPH_CHUNK, dtype=torch.long, device=device)
-        self.logits = torch.empty(0)
-        self.greedy: torch.cuda.CUDAGraph | None = None
-        self.sampled: torch.cuda.CUDAGraph | None = None
-        # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
-        # the graph then launches fewer, larger kernels. It costs a compile on first use.
-        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
-
-    def chunk(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
-        """The next :data:`GRAPH_CHUNK` greedy tokens of every row (B, chunk); None where eager steps are better."""
-        if max(lengths) + GRAPH_CHUNK > self.batcher.max_len:
-            return None
-        if self.greedy is None:
-            if remaining <= 2 * GRAPH_CHUNK:  # capturing costs ~100 steps: a short run stays eager
-                return None
-            self.greedy = self._capture(self._greedy_steps, lengths)
-        self._sync(lengths)
-        self.greedy.replay()
-        return self.out.clone()
-
-    def step(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
-        """The logits (B, V) of one replayed step, valid until the next; None where an eager step is better."""
-        if self.sampled is None:
-            if remaining <= LOGITS_GRAPH_MIN_TOKENS:
-                return None
-            self.sampled = self._capture(self._sampled_step, lengths)
-        self._sync(lengths)
-        self.sampled.replay()
-        return self.logits
-
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One step of every row over the whole cache, under a mask: the same shapes every step."""
-        b = self.batcher
-        rows = slice(0, b.max_batch)
-        write = CacheWrite(rows=rows, pos=pos, length=b.max_len, flat_index=b.caches[0].flat_index(rows, pos))
-        return decode_step(b.model, tokens, write, pos)
-
-    def _greedy_steps(self) -> None:
-        b = self.batcher
-        for j in range(GRAPH_CHUNK):
-            logits = self.forward(b.tokens, self.pos)  # (B, V)
-            if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
-                logits[:, b.vocab_limit :] = float("-inf")
-            self.out[:, j] = logits.argmax(dim=-1)
-            b.tokens.copy_(self.out[:, j : j + 1])
-            self.pos.add_(1)
-
-    def _sampled_step(self) -> None:
-        self.logits = self.forward(self.batcher.tokens, self.pos)  # allocated while capturing: the static output
-        self.pos.add_(1)
-
-    def _sync(self, lengths: list[int]) -> None:
-        if not self.synced:  # rows joined, left or stepped eagerly since the last replay
-            self.pos.copy_(torch.tensor(lengths, device=self.pos.device))
-            self.synced = True
-
-    def _capture(self, steps: Callable[[], None], lengths: list[int]) -> torch.cuda.CUDAGraph:
-        self._sync(lengths)
-        self.batcher._install()
-        graph = capture(steps, restore=[self.batcher.tokens, self.pos])
-        keep(self.batcher.model, self.key, self.batcher)  # worth reusing now
-        return graph
-
-
-_compiled_step: Callable[..., torch.Tensor] | None = None
-
-
-def _plain_step(model: Transformer, tokens: torch.Tensor, n: int, pos: int) -> torch.Tensor:
-    return decode_step(model, tokens, CacheWrite(rows=slice(0, n), pos=pos, length=pos + 1))
-
-
-def compiled_step() -> Callable[[Transformer, torch.Tensor, int, int], torch.Tensor]:
-    """``step(model, tokens, n, pos)``: the decode step of rows 0..n-1 all at ``pos``, compiled once for all lengths.
-
-    On a CPU the eager step is hundreds of small PyTorch ops a token, each paying Python dispatch;
-    torch.compile (Inductor) fuses the norms, RoPE, SwiGLU and residual adds into a few C++ loops and
-    calls the matmuls (quantized or not) directly. Positions are dynamic; the caches' shapes are not
-    (Dynamo guards module buffers' shapes), so :func:`fixed_batcher` gives a compiled batch caches of the
-    model's whole context, allocated lazily: one compile per model and batch size. Inductor's on-disk
-    cache makes later processes' compiles faster.
-    """
-    global _compiled_step
-    if _compiled_step is None:
-        # The KV caches' lengths vary from one generation to the next: their buffers' shapes must not be guarded.
-        _compiled_step = torch.compile(_plain_step, dynamic=True)
-    return _compiled_step
 
 
 def fixed_batcher(

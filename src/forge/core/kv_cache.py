@@ -43,10 +43,12 @@ _CHECKED_FROM = 256 << 20
 class CacheWrite:
     """Where a forward pass writes its keys and values into a cache, and how much of it attention reads back.
 
-    The one write protocol: a prefill writes a block of rows from position 0 (``pos=0``); a decode step
-    writes one token per row, every row at one position (``pos`` an int) or each at its own (``pos`` a
-    (B,) tensor). ``rows``: the cache rows the batch's rows map to, in order. ``length``: attention reads
-    positions [0, length); the caller's mask hides each row's positions past its own end.
+    The one write protocol: T tokens per row, every row from one position (``pos`` an int: a prefill
+    from 0, a decode step, or a prefill after a cached prefix) or each row from its own (``pos`` a (B,)
+    tensor: a decode step, a speculative verify step, a batch of prefills after cached prefixes).
+    ``rows``: the cache rows the batch's rows map to, in order. ``length``: attention reads positions
+    [0, length); the caller's mask hides each row's positions past its own end. A block of T > 1 tokens
+    written anywhere but from position 0 needs the caller's mask (causal attention assumes position 0).
     """
 
     rows: slice
@@ -96,24 +98,32 @@ class KVCache(nn.Module):
         assert w.length <= keys.shape[2], f"KV cache overflow: {w.length} > {keys.shape[2]}"
         if isinstance(w.pos, int):
             end = w.pos + k.shape[2]
-            assert w.pos == 0 or end == w.pos + 1, "a block of tokens is written from position 0 (no chunked prefill)"
             keys[w.rows, :, w.pos : end] = k
             values[w.rows, :, w.pos : end] = v
         else:
-            assert k.shape[2] == 1, "per-row positions take one new token per row"
-            # One index_copy_ into the flat (rows * heads * positions, D) view: each row's heads at its own position.
-            index = w.flat_index if w.flat_index is not None else self.flat_index(w.rows, w.pos)
+            # One index_copy_ into the flat (rows * heads * positions, D) view: each row's heads at its own positions.
+            T = k.shape[2]
+            index = w.flat_index if w.flat_index is not None else self.flat_index(w.rows, w.pos, T)
             D = k.shape[-1]
-            keys.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # k (B, Hkv, 1, D) -> (B * Hkv, D)
+            keys.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # k (B, Hkv, T, D) -> (B * Hkv * T, D)
             values.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
         return keys[w.rows, :, : w.length], values[w.rows, :, : w.length]
 
-    def flat_index(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
-        """Indices into ``k.view(-1, D)`` of each row's every head at that row's position ``pos`` (B,)."""
+    def flat_index(self, rows: slice, pos: torch.Tensor, tokens: int = 1) -> torch.Tensor:
+        """Indices into ``k.view(-1, D)`` of each row's every head at positions ``pos`` (B,) .. ``pos + tokens - 1``.
+
+        Positions past the cache's end are clamped to its last slot: only padding reaches there (a row's
+        real tokens end before ``max_len``), and a slot is always written again before a mask shows it.
+        """
         _, H, L, _ = self.k.shape
-        r = torch.arange(rows.start, rows.stop, device=self.k.device)[:, None]  # (B, 1)
-        h = torch.arange(H, device=self.k.device)[None, :]  # (1, H)
-        return ((r * H + h) * L + pos[:, None]).reshape(-1)  # (B * H,)
+        r = torch.arange(rows.start, rows.stop, device=self.k.device)[:, None, None]  # (B, 1, 1)
+        h = torch.arange(H, device=self.k.device)[None, :, None]  # (1, H, 1)
+        t = (pos[:, None] + torch.arange(tokens, device=pos.device)).clamp_(max=L - 1)[:, None, :]  # (B, 1, T)
+        return ((r * H + h) * L + t).reshape(-1)  # (B * H * T,)
+
+    def read_row(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (Hkv, end - start, D) of ``row`` at positions [start, end): views, not copies."""
+        return self.k[row, :, start:end], self.v[row, :, start:end]
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` onto row ``dst`` (compacting the rows of a batch after one leaves)."""

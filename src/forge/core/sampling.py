@@ -17,6 +17,7 @@ __all__ = [
     "apply_repetition_penalty",
     "apply_token_bitmask",
     "constraint_mask",
+    "probabilities",
     "process_logits",
     "sample",
     "top_logprobs",
@@ -143,6 +144,14 @@ def sample(
     logits = process_logits(logits, params, seen, counts)
     if params.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution (B, V) that :func:`sample` draws from, given penalised logits (B, V) and non-greedy params.
+
+    Temperature, then top-k, min-p and top-p; speculative decoding's rejection sampling needs it whole.
+    """
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -159,7 +168,7 @@ def sample(
         drop[..., 0] = False  # a top_p that rounds to 0 in float32 must still keep the most likely token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 def process_logits(

@@ -1,6 +1,7 @@
 """``create_server(app)``: the OpenAI-compatible ASGI application around a Forge app (any :class:`Servable`).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/responses`` (and ``GET``/``DELETE /v1/responses/{id}``),
 ``POST /v1/embeddings``, ``GET /v1/models`` (and ``/v1/models/{id}``),
 ``GET /health`` (never needs the API key) and ``GET /metrics`` (Prometheus text).
 
@@ -34,6 +35,7 @@ from forge.server.errors import ApiError, error_body, error_response
 from forge.server.generation import CHAT_FIELDS, COMPLETION_FIELDS, chat_job, completion_job
 from forge.server.middleware import ApiKeyAuth, RequestContext
 from forge.server.protocol import Servable
+from forge.server.responses_api import RESPONSES_FIELDS, ResponseStore, create_response, delete_response, get_response
 from forge.server.running import run
 from forge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, RagQueryRequest, parse
 from forge.server.state import Served
@@ -76,6 +78,7 @@ def create_server(app: Servable, **options: Any) -> Starlette:
     routes = [
         Route("/v1/chat/completions", _endpoint(served, _chat, CHAT_FIELDS), methods=["POST"]),
         Route("/v1/completions", _endpoint(served, _completions, COMPLETION_FIELDS), methods=["POST"]),
+        *_responses_routes(served),
         Route("/v1/embeddings", _endpoint(served, _embeddings), methods=["POST"]),
         Route("/v1/models", _endpoint(served, _models), methods=["GET"]),
         Route("/v1/models/{model:path}", _endpoint(served, _model), methods=["GET"]),
@@ -106,6 +109,23 @@ def create_server(app: Servable, **options: Any) -> Starlette:
     return server
 
 
+def _responses_routes(served: Served) -> list[Route]:
+    """The Responses API's routes, over one in-memory store of responses."""
+    store = ResponseStore()
+
+    async def responses(served: Served, request: Request) -> Response:
+        return await create_response(served, store, request, await read_json(request, served.config.max_body_size))
+
+    async def stored_response(served: Served, request: Request) -> Response:
+        ident = request.path_params["response_id"]
+        return await (get_response if request.method == "GET" else delete_response)(store, ident)
+
+    return [
+        Route("/v1/responses", _endpoint(served, responses, RESPONSES_FIELDS), methods=["POST"]),
+        Route("/v1/responses/{response_id}", _endpoint(served, stored_response), methods=["GET", "DELETE"]),
+    ]
+
+
 def _model_name(app: Servable) -> str:
     return Path(app.source).name or app.source
 
@@ -116,7 +136,13 @@ def _lifespan(served: Served) -> Callable[[Starlette], contextlib.AbstractAsyncC
         app, config = served.app, served.config
         started = config.batching and app.batching_stats() is None  # an engine the caller started stays theirs
         if started:
-            await app.start_batching(max_batch=config.max_batch, max_queue=config.max_queue, context=config.context)
+            # Only what differs from the defaults: an app's start_batching may predate these options.
+            extra: dict[str, Any] = {"prefix_cache": False} if not config.prefix_cache else {}
+            if config.speculate != "off":
+                extra["speculate"] = config.speculate
+            await app.start_batching(
+                max_batch=config.max_batch, max_queue=config.max_queue, context=config.context, **extra
+            )
         try:
             yield
         finally:

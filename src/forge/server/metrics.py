@@ -159,8 +159,12 @@ def _engine_lines(stats: Mapping[str, Any]) -> list[str]:
         ("tokens", "forge_engine_tokens_total", "counter", "Tokens decoded by the engine."),
         ("completed", "forge_engine_completed_total", "counter", "Requests the engine finished."),
         ("cancelled", "forge_engine_cancelled_total", "counter", "Requests the engine cancelled."),
+        ("speculative_proposed", "forge_speculative_proposed_tokens_total", "counter", "Tokens proposed (n-gram)."),
+        ("speculative_accepted", "forge_speculative_accepted_tokens_total", "counter", "Proposed tokens accepted."),
+        ("speculative_steps", "forge_speculative_steps_total", "counter", "Speculative verify steps of requests."),
     ):
         lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_number(number(key))}"]
+    lines += _prefix_lines(stats.get("prefix_cache"))
     sizes = Histogram("forge_batch_size", "Requests decoded together, per engine step.", BATCH_BUCKETS)
     hist = stats.get("batch_size_hist") or {}
     if isinstance(hist, Mapping):
@@ -168,3 +172,24 @@ def _engine_lines(stats: Mapping[str, Any]) -> list[str]:
             if isinstance(size, int | float) and isinstance(steps, int):
                 sizes.observe(float(size), steps)
     return lines + sizes.lines()
+
+
+def _prefix_lines(stats: Any) -> list[str]:
+    """The prefix cache's counters (none when it is off)."""
+    if not isinstance(stats, Mapping):
+        return []
+    lines: list[str] = []
+    for key, name, kind, help in (
+        ("lookups", "forge_prefix_cache_lookups_total", "counter", "Prompts looked up in the prefix cache."),
+        ("hits", "forge_prefix_cache_hits_total", "counter", "Prompts that reused at least one cached block."),
+        ("tokens_reused", "forge_prefix_cache_tokens_reused_total", "counter", "Prompt tokens not computed again."),
+        ("tokens_looked_up", "forge_prefix_cache_prompt_tokens_total", "counter", "Prompt tokens looked up."),
+        ("evictions", "forge_prefix_cache_evictions_total", "counter", "Blocks evicted (least recently used)."),
+        ("blocks", "forge_prefix_cache_blocks", "gauge", "Blocks of 16 tokens held."),
+        ("bytes", "forge_prefix_cache_bytes", "gauge", "Bytes of keys and values held."),
+        ("max_bytes", "forge_prefix_cache_max_bytes", "gauge", "The prefix cache's bound in bytes."),
+    ):
+        value = stats.get(key, 0)
+        value = float(value) if isinstance(value, int | float) else 0.0
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
+    return lines

@@ -72,8 +72,10 @@ class Servable(Protocol):
         """One normalised vector per text."""
         ...
 
-    async def start_batching(self, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None) -> Any:
-        """Serve every request through a continuous-batching engine."""
+    async def start_batching(
+        self, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None, **options: Any
+    ) -> Any:
+        """Serve every request through a continuous-batching engine (``options``: prefix_cache, speculate)."""
         ...
 
     async def stop_batching(self, *, drain: bool = True) -> None:

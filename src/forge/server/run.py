@@ -75,6 +75,8 @@ async def serve(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
+    prefix_cache: bool = True,
+    speculate: Literal["off", "ngram"] = "off",
 ) -> None:
     """Serve ``app`` over HTTP (see :func:`create_server` for the routes) until cancelled.
 
@@ -104,6 +106,8 @@ async def serve(
         body_timeout=body_timeout,
         max_connections=max_connections,
         compile_timeout=compile_timeout,
+        prefix_cache=prefix_cache,
+        speculate=speculate,
     )
     server = _Server(_uvicorn_config(server_app, host, port, log_level, shutdown_timeout), ready)
     await _run(server, f"{host}:{port}")

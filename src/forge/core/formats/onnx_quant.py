@@ -13,7 +13,9 @@ weight's size beside it. So a GGUF's Q4_1 blocks (SmolLM2's) are exported exactl
 (round-to-nearest int4 of the dequantized weights agreed with them on 68% of greedy tokens). Zero points are
 not used: WebGPU's MatMulNBits takes only 4-bit integer ones, which can't hold Q4_1's minimums. A tied
 embedding whose head is int8 without offsets (GGUF's Q8_0, or rounded here) is looked up in the same blocks
-with ``GatherBlockQuantized``: no float copy of the vocabulary's rows is kept (SmolLM2: 113 MB less).
+(a Gather of the int8 rows and their scales, dequantized after the lookup, in standard ops: onnxruntime-web's
+WASM provider has no ``GatherBlockQuantized``): no float copy of the vocabulary's rows is kept (SmolLM2: 113 MB
+less).
 
 A weight with more bits than the export's (int8 into int4), or a float one, is rounded to nearest: int4 as
 ``quantize="int4"`` does (:meth:`Int4Weight.quantize`, groups of 32), int8 as GGUF's Q8_0 (groups of 32).
@@ -85,8 +87,8 @@ def quantize_matmuls(model: Any, weights: Mapping[str, torch.Tensor | QuantizedW
 
     ``weights`` maps the initializer (in, out) to the Forge weight (out, in) it transposes; ``bits`` gives each
     initializer's bits (4 or 8). ``x`` must be 3-D (batch, sequence, in). A tied embedding's lookup of an int8
-    weight without offsets (``Gather(W, ids, axis=1)``) reads the same blocks through ``GatherBlockQuantized``, so
-    the float copy goes. Initializers no node reads any more are dropped. Edits ``model`` (an ``onnx.ModelProto``)
+    weight without offsets (``Gather(W, ids, axis=1)``) reads the same blocks (:func:`_gather_blocks`), so the
+    float copy goes. Initializers no node reads any more are dropped. Edits ``model`` (an ``onnx.ModelProto``)
     in place and returns it.
     """
     from onnx import helper, numpy_helper
@@ -139,6 +141,10 @@ def _packed(name: str, blocks: Blocks, bits: int) -> dict[str, np.ndarray]:
         f"{name}.block_axes": np.array([-1], dtype=np.int64),
         f"{name}.rows": np.array([out, width], dtype=np.int64),
         f"{name}.scale_rows": np.array([out, n_blocks], dtype=np.int64),
+        f"{name}.zero": np.array(1 << (bits - 1), dtype=np.float32),  # u - zero = q
+        f"{name}.row_blocks": np.array([-1, n_blocks, blocks.block], dtype=np.int64),
+        f"{name}.row_scales": np.array([-1, n_blocks, 1], dtype=np.int64),
+        f"{name}.row_width": np.array([-1, width], dtype=np.int64),
     }
     if blocks.offset is not None:
         tensors[f"{name}.offsets"] = blocks.offset.T.cpu().contiguous().numpy().astype(np.float32)  # (groups, out)
@@ -169,22 +175,24 @@ def _matmul_nbits(node: Any, name: str, blocks: Blocks, bits: int) -> list[Any]:
 
 
 def _gather_blocks(node: Any, name: str, blocks: Blocks) -> list[Any]:
-    """``Gather(W, ids, axis=1)`` of the (in, out) initializer, as ``GatherBlockQuantized`` of its int8 rows."""
-    from onnx import helper
+    """``Gather(W, ids, axis=1)`` of the (in, out) initializer, from its int8 rows: the rows' values and scales are
+    gathered, then dequantized, ``(u - 128) * scale`` per block, as ``GatherBlockQuantized`` computes it."""
+    from onnx import TensorProto, helper
 
     p = f"{name}.gather"
-    attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": blocks.block, "bits": 8}
+    ids = node.input[1]  # 1-D: the graph looks up flattened ids
+    make = helper.make_node
     return [
-        helper.make_node("Reshape", [f"{name}.q8", f"{name}.rows"], [f"{p}.data"], name=f"{p}.data"),
-        helper.make_node("Reshape", [f"{name}.scales", f"{name}.scale_rows"], [f"{p}.scales"], name=f"{p}.scales"),
+        make("Reshape", [f"{name}.q8", f"{name}.rows"], [f"{p}.data"], name=f"{p}.data"),
+        make("Reshape", [f"{name}.scales", f"{name}.scale_rows"], [f"{p}.scales"], name=f"{p}.scales"),
         # (ids, in): rows of Forge's (out, in) weight, which the graph reads as columns of W
-        helper.make_node(
-            "GatherBlockQuantized",
-            [f"{p}.data", node.input[1], f"{p}.scales"],
-            [f"{p}.rows"],
-            name=p,
-            domain=_MS,
-            **attrs,
-        ),
-        helper.make_node("Transpose", [f"{p}.rows"], [node.output[0]], name=f"{p}.T", perm=[1, 0]),
+        make("Gather", [f"{p}.data", ids], [f"{p}.u"], name=f"{p}.u", axis=0),
+        make("Cast", [f"{p}.u"], [f"{p}.uf"], name=f"{p}.cast", to=TensorProto.FLOAT),
+        make("Sub", [f"{p}.uf", f"{name}.zero"], [f"{p}.q"], name=f"{p}.q"),
+        make("Reshape", [f"{p}.q", f"{name}.row_blocks"], [f"{p}.qb"], name=f"{p}.qb"),
+        make("Gather", [f"{p}.scales", ids], [f"{p}.s"], name=f"{p}.s", axis=0),
+        make("Reshape", [f"{p}.s", f"{name}.row_scales"], [f"{p}.sb"], name=f"{p}.sb"),
+        make("Mul", [f"{p}.qb", f"{p}.sb"], [f"{p}.wb"], name=f"{p}.wb"),
+        make("Reshape", [f"{p}.wb", f"{name}.row_width"], [f"{p}.rows"], name=f"{p}.rows"),
+        make("Transpose", [f"{p}.rows"], [node.output[0]], name=f"{p}.T", perm=[1, 0]),
     ]

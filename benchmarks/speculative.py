@@ -1,0 +1,156 @@
+"""N-gram speculative decoding against plain decoding: input-grounded prompts and open ones.
+
+Prints JSON and saves it under benchmarks/results/. SmolLM2-135M-Instruct, greedy, each prompt
+decoded by the same token loop (``forge.core.decode.Batcher``, one row, eager) twice: plain (the
+baseline) and with ``speculate``. Reported per prompt and per kind: decode tokens/s (prefill
+excluded), the speedup, the acceptance rate, and whether the tokens are identical.
+
+* grounded: answers that quote or edit their input (a RAG answer quoting its sources, an edit of
+  given code, a corrected paragraph): n-gram lookup finds the continuation in the prompt;
+* open: free writing, where the prompt rarely predicts the text and speculation should stay out
+  of the way (target: no more than 5% slower).
+
+    python benchmarks/speculative.py                  # CPU
+    python benchmarks/speculative.py --device cuda    # a GPU (bf16), eager steps on both sides
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from _common import environment, save_result, sync
+from forge.app import Forge
+from forge.chat import render_chat
+from forge.core.decode import Batcher, Sequence
+from forge.core.sampling import SamplingParams
+
+SOURCES = (
+    "[1] The Forge framework trains small language models on a laptop and serves them over an "
+    "OpenAI-compatible HTTP API.\n[2] Its serving engine batches requests continuously: a request joins the "
+    "running batch between two decode steps, and one that finishes leaves it.\n[3] Prefix caching keeps the "
+    "keys and values of prompts already seen, so a request that shares a long system prompt starts from them."
+)
+CODE = """def moving_average(values, window):
+    result = []
+    for i in range(len(values) - window + 1):
+        chunk = values[i : i + window]
+        result.append(sum(chunk) / window)
+    return result
+
+
+def normalise(values):
+    low, high = min(values), max(values)
+    return [(v - low) / (high - low) for v in values]
+"""
+TYPOS = (
+    "The comittee met on tuesday to discus the new budjet. After a long debate, the members agred to "
+    "increase funding for the libary and to repair the roof of the comunity center before the winter."
+)
+PROMPTS = {
+    "grounded": {
+        "rag_quote": f"Sources:\n{SOURCES}\n\nQuestion: How does the serving engine batch requests, and what does "
+        "prefix caching keep? Answer by quoting the sources word for word, with their numbers.",
+        "code_edit": f"Rename the function moving_average to rolling_mean in this code and return the whole code "
+        f"unchanged otherwise:\n\n{CODE}",
+        "text_fix": f"Correct the spelling mistakes in this paragraph and return it in full:\n\n{TYPOS}",
+    },
+    "open": {
+        "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        "explain": "Explain to a child why the sky is blue.",
+        "ideas": "Give me ten ideas for a birthday party for a seven-year-old.",
+    },
+}
+
+
+def encode(app: Forge, text: str) -> list[int]:
+    tok = app.tokenizer
+    assert tok is not None
+    special = {"bos_token": tok.bos, "eos_token": tok.eos}
+    prompt = render_chat(tok.chat_template, [{"role": "user", "content": text}], special_tokens=special)
+    return tok.encode_prompt(prompt)
+
+
+def decode(app: Forge, ids: list[int], speculate: bool, max_tokens: int, device: torch.device) -> dict[str, Any]:
+    """One greedy generation; decode seconds exclude the prefill and its first token."""
+    assert app.model is not None and app.tokenizer is not None
+    batcher = Batcher(app.model, max_batch=1, max_len=len(ids) + max_tokens, vocab_limit=app.tokenizer.vocab_size)
+    seq = Sequence(list(ids), max_tokens, SamplingParams(temperature=0), None, app.tokenizer.stop_ids)
+    seq.speculate = speculate
+    tokens = [r.token for r in [batcher.add(seq)]]
+    sync(device)
+    start = time.perf_counter()
+    done = False
+    while not done:
+        for r in batcher.step():
+            tokens.append(r.token)
+            done = done or r.finished
+    sync(device)
+    seconds = time.perf_counter() - start
+    batcher.clear()
+    out: dict[str, Any] = {"tokens": tokens, "decode_tokens": len(tokens) - 1, "decode_s": seconds}
+    out["decode_tok_s"] = out["decode_tokens"] / seconds if seconds > 0 else 0.0
+    if seq.spec is not None:
+        out |= {"proposed": seq.spec.proposed, "accepted": seq.spec.accepted, "verify_steps": seq.spec.steps}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    app = Forge.load("smollm2", device=args.device, dtype="bfloat16" if device.type == "cuda" else None)
+    result: dict[str, Any] = {"benchmark": "speculative", "max_tokens": args.max_tokens, "kinds": {}}
+    decode(app, encode(app, "Hello"), True, 8, device)  # warm-up
+    for kind, prompts in PROMPTS.items():
+        rows, totals = {}, {"plain": [0, 0.0], "ngram": [0, 0.0]}
+        for name, text in prompts.items():
+            ids = encode(app, text)
+            runs = {}
+            for mode in ("plain", "ngram"):
+                best = min(
+                    (decode(app, ids, mode == "ngram", args.max_tokens, device) for _ in range(args.repeats)),
+                    key=lambda r: r["decode_s"],
+                )
+                runs[mode] = best
+                totals[mode][0] += best["decode_tokens"]
+                totals[mode][1] += best["decode_s"]
+            plain, ngram = runs["plain"], runs["ngram"]
+            rows[name] = {
+                "prompt_tokens": len(ids),
+                "identical": plain["tokens"] == ngram["tokens"],
+                "plain_tok_s": plain["decode_tok_s"],
+                "ngram_tok_s": ngram["decode_tok_s"],
+                "speedup": ngram["decode_tok_s"] / plain["decode_tok_s"],
+                "decode_tokens": ngram["decode_tokens"],
+                "acceptance": ngram.get("accepted", 0) / max(1, ngram.get("proposed", 0)),
+                "tokens_per_verify": (ngram.get("accepted", 0) + ngram.get("verify_steps", 0))
+                / max(1, ngram.get("verify_steps", 0)),
+                "text": app.tokenizer.decode(ngram["tokens"])[:200],  # type: ignore[union-attr]
+            }
+            print(name, {k: v for k, v in rows[name].items() if k != "text"}, flush=True)
+        plain_rate = totals["plain"][0] / totals["plain"][1]
+        ngram_rate = totals["ngram"][0] / totals["ngram"][1]
+        result["kinds"][kind] = {
+            "plain_tok_s": plain_rate,
+            "ngram_tok_s": ngram_rate,
+            "speedup": ngram_rate / plain_rate,
+            "all_identical": all(r["identical"] for r in rows.values()),
+            "prompts": rows,
+        }
+    result["environment"] = environment(device)
+    suffix = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
+    save_result(f"speculative_{suffix}", result)
+
+
+if __name__ == "__main__":
+    main()

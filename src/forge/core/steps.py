@@ -1,0 +1,179 @@
+"""The forward passes of the token loop: :func:`prefill`, :func:`decode_step`, and their CUDA-graphed form.
+
+Split from ``forge.core.decode`` (which re-exports them): the loop there decides what runs, these
+run it. :class:`GraphedSteps` replays a full batch's decode step from CUDA graphs (see
+``forge.core.cuda_graphs``); :func:`compiled_step` is the eager step compiled for CPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from forge.core.cuda_graphs import capture, keep
+from forge.core.kv_cache import CacheWrite, KVCache
+from forge.core.transformer import Transformer
+
+
+class Batch(Protocol):
+    """What the steps here read of ``forge.core.decode.Batcher`` (typed so, without importing it back)."""
+
+    model: Transformer
+    device: torch.device
+    max_batch: int
+    max_len: int
+    caches: Sequence[KVCache]
+    tokens: torch.Tensor
+    vocab_limit: int | None
+    running: Sequence[Any]
+
+    def _install(self) -> None: ...
+
+
+__all__ = ["GRAPH_CHUNK", "LOGITS_GRAPH_MIN_TOKENS", "Batch", "GraphedSteps", "compiled_step", "decode_step", "prefill"]
+
+#: Greedy decode steps per CUDA-graph replay: tokens come back to the host once per chunk.
+GRAPH_CHUNK = 8
+#: A sampled generation captures its graph only past this many tokens (capturing costs about a hundred steps).
+LOGITS_GRAPH_MIN_TOKENS = 32
+
+
+def prefill(
+    model: Transformer,
+    tokens: torch.Tensor,
+    write: CacheWrite | None,
+    last: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (k, V) after each prompt of ``tokens`` (k, T), right-padded, written into the cache as ``write`` says.
+
+    ``last`` (k,): each row's last real position (None: every row is T long). Causal attention alone
+    keeps the padding, which comes after a row's tokens, out of their view. ``starts`` (k,): each row's
+    tokens continue its cached prefix from there (``write.pos``); a mask shows each query its row's keys
+    up to itself.
+    """
+    if starts is None:
+        return model(tokens, write=write, last_only=last is None, select=last)[:, -1]
+    assert write is not None, "a prefill after a cached prefix reads that prefix from the cache"
+    top = write.length - 1  # padding past the cache's end (see KVCache.flat_index) reads as its last slot
+    positions = (starts[:, None] + torch.arange(tokens.shape[1], device=tokens.device)).clamp_(max=top)  # (k, T)
+    mask = torch.arange(write.length, device=tokens.device) <= positions[:, :, None]  # (k, T, length)
+    select = last if last is not None else torch.full_like(starts, tokens.shape[1] - 1)
+    return model(tokens, positions=positions, mask=mask[:, None], write=write, select=select)[:, -1]
+
+
+def decode_step(
+    model: Transformer, tokens: torch.Tensor, write: CacheWrite, pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (n, V) after one token per row, ``tokens`` (n, 1), written into the cache as ``write`` says.
+
+    ``pos`` (n,): each row's own position. None: every row is at ``write.pos`` (an int), and sees all of
+    [0, write.length): no mask, no position tensors.
+    """
+    if pos is None:
+        return model(tokens, write=write)[:, -1]
+    mask = torch.arange(write.length, device=pos.device) <= pos[:, None]  # (n, length): each row's own keys
+    return model(tokens, positions=pos[:, None], mask=mask[:, None, None], write=write)[:, -1]
+
+
+class GraphedSteps:
+    """A full batch's decode step captured in CUDA graphs, replayed from its batcher's static buffers.
+
+    The greedy graph unrolls :data:`GRAPH_CHUNK` steps, argmax inside: one replay, that many tokens
+    per row, no host round trip. The sampled graph holds one forward; the pick runs outside it.
+    Both read the batcher's caches and ``tokens`` and this object's ``pos``, which they advance.
+    """
+
+    def __init__(self, batcher: Batch, key: Hashable, compile: bool) -> None:
+        B, device = batcher.max_batch, batcher.device
+        self.batcher, self.key = batcher, key
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # each row's next cache slot
+        self.synced = False  # whether pos matches the rows' lengths
+        self.out = torch.empty(B, GRAPH_CHUNK, dtype=torch.long, device=device)
+        self.logits = torch.empty(0)
+        self.greedy: torch.cuda.CUDAGraph | None = None
+        self.sampled: torch.cuda.CUDAGraph | None = None
+        # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
+        # the graph then launches fewer, larger kernels. It costs a compile on first use.
+        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def chunk(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
+        """The next :data:`GRAPH_CHUNK` greedy tokens of every row (B, chunk); None where eager steps are better."""
+        if max(lengths) + GRAPH_CHUNK > self.batcher.max_len:
+            return None
+        if self.greedy is None:
+            if remaining <= 2 * GRAPH_CHUNK:  # capturing costs ~100 steps: a short run stays eager
+                return None
+            self.greedy = self._capture(self._greedy_steps, lengths)
+        self._sync(lengths)
+        self.greedy.replay()
+        return self.out.clone()
+
+    def step(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
+        """The logits (B, V) of one replayed step, valid until the next; None where an eager step is better."""
+        if self.sampled is None:
+            if remaining <= LOGITS_GRAPH_MIN_TOKENS:
+                return None
+            self.sampled = self._capture(self._sampled_step, lengths)
+        self._sync(lengths)
+        self.sampled.replay()
+        return self.logits
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One step of every row over the whole cache, under a mask: the same shapes every step."""
+        b = self.batcher
+        rows = slice(0, b.max_batch)
+        write = CacheWrite(rows=rows, pos=pos, length=b.max_len, flat_index=b.caches[0].flat_index(rows, pos))
+        return decode_step(b.model, tokens, write, pos)
+
+    def _greedy_steps(self) -> None:
+        b = self.batcher
+        for j in range(GRAPH_CHUNK):
+            logits = self.forward(b.tokens, self.pos)  # (B, V)
+            if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
+                logits[:, b.vocab_limit :] = float("-inf")
+            self.out[:, j] = logits.argmax(dim=-1)
+            b.tokens.copy_(self.out[:, j : j + 1])
+            self.pos.add_(1)
+
+    def _sampled_step(self) -> None:
+        self.logits = self.forward(self.batcher.tokens, self.pos)  # allocated while capturing: the static output
+        self.pos.add_(1)
+
+    def _sync(self, lengths: list[int]) -> None:
+        if not self.synced:  # rows joined, left or stepped eagerly since the last replay
+            self.pos.copy_(torch.tensor(lengths, device=self.pos.device))
+            self.synced = True
+
+    def _capture(self, steps: Callable[[], None], lengths: list[int]) -> torch.cuda.CUDAGraph:
+        self._sync(lengths)
+        self.batcher._install()
+        graph = capture(steps, restore=[self.batcher.tokens, self.pos])
+        keep(self.batcher.model, self.key, self.batcher)  # worth reusing now
+        return graph
+
+
+_compiled_step: Callable[..., torch.Tensor] | None = None
+
+
+def _plain_step(model: Transformer, tokens: torch.Tensor, n: int, pos: int) -> torch.Tensor:
+    return decode_step(model, tokens, CacheWrite(rows=slice(0, n), pos=pos, length=pos + 1))
+
+
+def compiled_step() -> Callable[[Transformer, torch.Tensor, int, int], torch.Tensor]:
+    """``step(model, tokens, n, pos)``: the decode step of rows 0..n-1 all at ``pos``, compiled once for all lengths.
+
+    On a CPU the eager step is hundreds of small PyTorch ops a token, each paying Python dispatch;
+    torch.compile (Inductor) fuses the norms, RoPE, SwiGLU and residual adds into a few C++ loops and
+    calls the matmuls (quantized or not) directly. Positions are dynamic; the caches' shapes are not
+    (Dynamo guards module buffers' shapes), so :func:`fixed_batcher` gives a compiled batch caches of the
+    model's whole context, allocated lazily: one compile per model and batch size. Inductor's on-disk
+    cache makes later processes' compiles faster.
+    """
+    global _compiled_step
+    if _compiled_step is None:
+        # The KV caches' lengths vary from one generation to the next: their buffers' shapes must not be guarded.
+        _compiled_step = torch.compile(_plain_step, dynamic=True)
+    return _compiled_step

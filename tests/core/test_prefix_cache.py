@@ -1,0 +1,146 @@
+"""Prefix caching: a prompt that starts like an earlier one reuses its keys and values, and the output is the same."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from forge.config import ModelConfig
+from forge.core.decode import Batcher, Sequence
+from forge.core.prefix_cache import BLOCK, PrefixCache
+from forge.core.sampling import SamplingParams
+from forge.core.transformer import Transformer
+from forge.generator import GenerationConfig, Generator
+from forge.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(
+    request: pytest.FixtureRequest, small_config: Callable[..., ModelConfig], peaked_model: Callable[..., Transformer]
+) -> Transformer:
+    return peaked_model(small_config(request.param, context_length=256))
+
+
+def shared_prompts(lengths: list[int], shared: int = 50, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(1, 96, (shared,), generator=g).tolist()
+    return [head + torch.randint(1, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def drive(batcher: Batcher, seqs: list[Sequence], *, together: bool) -> list[list[int]]:
+    """Each sequence's tokens: all joining at once (one prefill), or one after another."""
+    out: dict[int, list[int]] = {id(s): [] for s in seqs}
+
+    def loop(results: list) -> None:
+        while results:
+            for r in results:
+                out[id(r.seq)].append(r.token)
+                if r.finished:
+                    batcher.remove(r.seq)
+            results = batcher.step()
+
+    if together:
+        loop(batcher.add_many(seqs))
+    else:
+        for seq in seqs:
+            loop([batcher.add(seq)])
+    return [out[id(s)] for s in seqs]
+
+
+def generate(model: Transformer, prompts: list[list[int]], cache: PrefixCache | None, together: bool = False):
+    seqs = [Sequence(list(p), 24, GREEDY) for p in prompts]
+    batcher = Batcher(model, max_batch=len(prompts), max_len=200, prefix_cache=cache)
+    return drive(batcher, seqs, together=together), seqs
+
+
+def test_a_shared_prefix_is_reused_and_the_output_is_the_same(model: Transformer) -> None:
+    prompts = shared_prompts([3, 10, 20])
+    plain, _ = generate(model, prompts, None)
+    cache = PrefixCache(1 << 30)
+    cached, seqs = generate(model, prompts, cache)
+    assert cached == plain
+    assert [s.cached for s in seqs] == [0, 48, 48]  # the 50 shared tokens hold 3 full blocks
+    stats = cache.snapshot()
+    assert stats["lookups"] == 3 and stats["hits"] == 2 and stats["tokens_reused"] == 96
+    # Again, together in one prefill: rows continue from different cached lengths (the last also finds
+    # the blocks the second request's generated tokens left behind).
+    again, seqs = generate(model, prompts, cache, together=True)
+    assert again == plain
+    assert all(s.cached >= 48 for s in seqs)
+
+
+def test_a_prompt_stored_whole_leaves_its_last_token_to_compute(model: Transformer) -> None:
+    prompt = shared_prompts([14])[0]  # 64 tokens: exactly 4 blocks
+    plain, _ = generate(model, [prompt], None)
+    cache = PrefixCache(1 << 30)
+    generate(model, [prompt], cache)
+    again, seqs = generate(model, [prompt], cache)
+    assert again == plain and seqs[0].cached == len(prompt) - 1
+
+
+def test_a_finished_exchange_is_kept_for_the_next_turn(model: Transformer) -> None:
+    prompt = shared_prompts([6])[0]
+    cache = PrefixCache(1 << 30)
+    (first,), _ = generate(model, [prompt], cache)
+    turn = prompt + first + [7, 8, 9]  # the next turn starts with the whole exchange
+    plain, _ = generate(model, [turn], None)
+    again, seqs = generate(model, [turn], cache)
+    assert again == plain
+    assert seqs[0].cached == (len(prompt) + len(first) - 1) // BLOCK * BLOCK  # more than the prompt alone
+
+
+def test_least_recently_used_blocks_are_evicted_tail_first(model: Transformer) -> None:
+    # 40 prompt tokens + 23 generated ones in the cache: 3 blocks per exchange, 2 of them the prompt's.
+    a, b = shared_prompts([0], shared=40, seed=1)[0], shared_prompts([0], shared=40, seed=2)[0]
+    probe = PrefixCache(1 << 30)
+    generate(model, [a], probe)
+    block_bytes = probe.bytes // len(probe)
+    cache = PrefixCache(4 * block_bytes)  # room for 4 blocks
+    generate(model, [a], cache)
+    assert len(cache) == 3 and cache.cached_blocks(a) == 2
+    generate(model, [b], cache)  # 3 more blocks: a's 2 least recently used go, from its tail
+    assert cache.stats.evictions == 2 and len(cache) == 4 and cache.bytes <= cache.max_bytes
+    assert cache.cached_blocks(b) == 2 and cache.cached_blocks(a) == 1
+    plain, _ = generate(model, [a], None)
+    again, seqs = generate(model, [a], cache)  # a partial hit still gives the same output
+    assert again == plain and seqs[0].cached == BLOCK
+    assert cache.evict(1) == 1  # memory pressure: the least recently used block goes
+
+
+def test_a_cache_too_small_for_a_block_stores_nothing(model: Transformer) -> None:
+    cache = PrefixCache(16)
+    prompts = shared_prompts([5, 5])
+    plain, _ = generate(model, prompts, None)
+    cached, seqs = generate(model, prompts, cache)
+    assert cached == plain and len(cache) == 0 and [s.cached for s in seqs] == [0, 0]
+
+
+def test_a_hash_collision_is_not_a_hit(model: Transformer) -> None:
+    cache = PrefixCache(1 << 30)
+    prompt = shared_prompts([0], shared=40)[0]
+    generate(model, [prompt], cache)
+    for block in cache._blocks.values():  # a stored block whose tokens differ from its name's
+        object.__setattr__(block, "tokens", tuple(t + 1 for t in block.tokens))
+    plain, _ = generate(model, [prompt], None)
+    again, seqs = generate(model, [prompt], cache)
+    assert again == plain and seqs[0].cached == 0
+
+
+def test_the_plain_generator_keeps_a_chat_s_earlier_turns(
+    char_tokenizer: Tokenizer, bigram_model: Callable[..., Transformer]
+) -> None:
+    model = bigram_model(char_tokenizer, {c: "abcdefgh"[(i + 1) % 8] for i, c in enumerate("abcdefgh")})
+    plain = Generator(model, char_tokenizer)
+    cached = Generator(model, char_tokenizer, prefix_cache=1 << 24)
+    cfg = GenerationConfig(temperature=0, max_tokens=10)
+    turn = "hgfedcba" * 3 + "a"
+    first = cached.generate(turn, cfg)
+    assert first == plain.generate(turn, cfg)
+    follow = turn + first + "cde"  # the next turn starts with the whole exchange
+    assert cached.generate(follow, cfg) == plain.generate(follow, cfg)
+    assert cached.prefix_cache is not None and cached.prefix_cache.stats.hits == 1
+    assert cached.prefix_cache.stats.tokens_reused == 32  # 34 tokens of the first exchange in the cache: 2 blocks

@@ -1,0 +1,69 @@
+// Drive a page in headless Chromium (playwright-core, /usr/bin/chromium) and print what it computed as JSON.
+//
+//   node browser.mjs < job.json
+//
+// job: { url, steps: [...], timeout_ms, chromium, webgpu } (webgpu: false leaves out --enable-unsafe-webgpu). Each step is one of
+//   { evaluate: "async (arg) => ...", arg }   run in the page once window.forgeReady resolved; its value is returned
+//   { chat: "a prompt", screenshot: "/path.png" } type into the chat page, press Enter, sample the reply while it
+//                                               streams, screenshot it when done
+// Output: { results: [...], console: [...] } on stdout; a failure prints { error, console } and exits 1.
+
+import { chromium } from "playwright-core";
+
+const ARGS = ["--headless=new", "--no-sandbox"];
+
+async function readJob() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(chunk);
+  return JSON.parse(Buffer.concat(chunks).toString("utf-8"));
+}
+
+/** Type `prompt` into the chat page and watch the reply grow; returns its text at each sample and at the end. */
+async function chat(page, prompt, screenshot) {
+  await page.fill("#prompt", prompt);
+  await page.press("#prompt", "Enter");
+  const reply = page.locator(".msg.assistant").last();
+  await reply.waitFor();
+  const seen = [];
+  for (;;) {
+    const [text, done] = await reply.evaluate((el) => [el.textContent, el.dataset.done === "true"]);
+    if (seen.at(-1) !== text) seen.push(text);
+    if (done) break;
+    await page.waitForTimeout(20);
+  }
+  if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
+  const status = await page.locator("#status").textContent();
+  return { samples: seen, reply: seen.at(-1), status };
+}
+
+async function main() {
+  const job = await readJob();
+  const args = job.webgpu === false ? ARGS : [...ARGS, "--enable-unsafe-webgpu"];
+  const browser = await chromium.launch({ executablePath: job.chromium ?? "/usr/bin/chromium", args });
+  const logs = [];
+  try {
+    const page = await browser.newPage();
+    page.setDefaultTimeout(job.timeout_ms ?? 600_000);
+    page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
+    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+    await page.goto(job.url);
+    await page.waitForFunction(() => window.forgeReady !== undefined);
+    await page.evaluate(() => window.forgeReady);
+    const results = [];
+    for (const step of job.steps) {
+      if (step.chat !== undefined) {
+        results.push(await chat(page, step.chat, step.screenshot));
+      } else {
+        results.push(await page.evaluate(`(${step.evaluate})(${JSON.stringify(step.arg ?? null)})`));
+      }
+    }
+    process.stdout.write(JSON.stringify({ results, console: logs }));
+  } catch (error) {
+    process.stdout.write(JSON.stringify({ error: String(error?.stack ?? error), console: logs }));
+    process.exitCode = 1;
+  } finally {
+    await browser.close();
+  }
+}
+
+await main();
