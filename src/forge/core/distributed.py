@@ -164,10 +164,14 @@ def wrap(model: Transformer, strategy: str, device: torch.device) -> nn.Module:
         return DistributedDataParallel(root, device_ids=ids, gradient_as_bucket_view=True)
     if strategy == "fsdp":
         policy = _mixed_precision(device)
+        # One process shards nothing: keeping the gathered weights from forward to backward then costs no
+        # memory and saves the backward's all-gathers (as torchtitan keeps the last block's).
+        keep = not (dist.is_initialized() and dist.get_world_size() > 1)
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
+            fully_shard(block, mp_policy=policy, reshard_after_forward=not keep)
         # The root holds what no block does: the (tied) embedding and output head, and the final norm.
-        fully_shard(root, mp_policy=policy)
+        # Its backward comes first, so it is never resharded in between.
+        fully_shard(root, mp_policy=policy, reshard_after_forward=False)
         return root
     raise ValueError(f"unknown strategy {strategy!r}")
 
@@ -204,8 +208,18 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm, across shards under FSDP2; the norm before clipping, a plain 0-d tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or not isinstance(grads[0], DTensor):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # FSDP2 shards every gradient on dim 0 (Shard(0)), so the global sum of squares is the sum of the
+    # ranks' local ones: one all-reduce over plain local tensors. clip_grad_norm_ on the DTensors
+    # dispatched each op through DTensor and took 80 ms a step for GPT-2 124M on an H200.
+    local = [g.to_local() for g in grads]  # type: ignore[union-attr]
+    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
+    dist.all_reduce(squares, group=grads[0].device_mesh.get_group())  # type: ignore[union-attr]
+    norm = squares.sqrt()
+    torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def _state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -34,6 +34,22 @@ async function webgpuAdapter() {
 }
 
 /** A seeded generator of floats in [0, 1): mulberry32, so a seed gives the same tokens on every run. */
+/**
+ * One turn of the event loop. A forward on the WASM provider resolves without giving the page a task turn,
+ * so a stream that only awaited it would paint its text, and see clicks, only at the end. MessageChannel,
+ * not setTimeout: browsers clamp nested timeouts to 4 ms.
+ */
+function nextTask() {
+  return new Promise((resolve) => {
+    const channel = new MessageChannel();
+    channel.port1.onmessage = () => {
+      channel.port1.close();
+      resolve();
+    };
+    channel.port2.postMessage(null);
+  });
+}
+
 function random(seed) {
   let state = seed >>> 0;
   return () => {
@@ -213,6 +229,7 @@ export class ForgeWeb {
           const piece = text.slice(shown.length, end);
           shown = text.slice(0, end);
           options.onToken?.(piece);
+          await nextTask(); // the page paints the piece and handles input before the next forward
           yield piece;
         }
         if (cut.length) {
