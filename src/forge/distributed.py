@@ -182,28 +182,19 @@ class DistributedTrainer(Trainer):
         )
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _train_step(self) -> tuple[float, float, float]:
-        cfg = self.config
-        lr = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            x, y = self._batch("train", self.step * cfg.grad_accum + micro, cfg.seed)
-            # Gradients cross ranks once a step, on the last micro-batch's backward.
-            with cd.gradient_sync(self.wrapped, micro == cfg.grad_accum - 1):
-                with self._autocast():
-                    loss = self._loss(x, y) / cfg.grad_accum
-                loss.backward()
-            total += loss.detach()
-        if cfg.grad_clip:
-            grad_norm = cd.clip_grad_norm(self.model, cfg.grad_clip)
-        else:
-            grad_norm = torch.full((), float("nan"), device=self.device)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, norm = torch.stack([cd.all_mean(total), grad_norm.to(total.dtype)]).tolist()
-        return loss, lr, norm
+    def _train_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # This rank's share of the step's global micro-batch, from the seed and the step alone.
+        return self._batch("train", self.step * self.config.grad_accum + micro, self.config.seed)
+
+    def _gradient_sync(self, *, last: bool) -> contextlib.AbstractContextManager[None]:
+        # Gradients cross ranks once a step, on the last micro-batch's backward.
+        return cd.gradient_sync(self.wrapped, last)
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        return cd.clip_grad_norm(self.model, max_norm)
+
+    def _step_loss(self, total: torch.Tensor) -> torch.Tensor:
+        return cd.all_mean(total)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -334,22 +335,36 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.grad_accum):
-            x, y = self.dataset.batch("train", cfg.batch_size, self.context, self.data_rng)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                loss = self._loss(x, y) / cfg.grad_accum
-            loss.backward()
+        for micro in range(cfg.grad_accum):
+            x, y = self._train_batch(micro)
+            with self._gradient_sync(last=micro == cfg.grad_accum - 1):
+                with self._autocast():
+                    loss = self._loss(x, y) / cfg.grad_accum
+                loss.backward()
             total += loss.detach()
-        if cfg.grad_clip:
-            grad_norm = clip_grad_norm(self.model, cfg.grad_clip)
-        else:
-            grad_norm = torch.full((), float("nan"), device=self.device)
+        grad_norm = self._clip(cfg.grad_clip) if cfg.grad_clip else torch.full((), float("nan"), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # One host-device sync per step, after the optimizer's kernels are queued.
-        loss, norm = torch.stack([total, grad_norm.to(total.dtype)]).tolist()
+        loss, norm = torch.stack([self._step_loss(total), grad_norm.to(total.dtype)]).tolist()
         return loss, lr, norm
+
+    # Hooks of the step, which forge.distributed's trainer overrides.
+    def _train_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``micro`` of this step, on the device: random windows from the data RNG."""
+        x, y = self.dataset.batch("train", self.config.batch_size, self.context, self.data_rng)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _gradient_sync(self, *, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Around a micro-batch's forward and backward (one process: nothing to synchronize)."""
+        return contextlib.nullcontext()
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model, max_norm)
+
+    def _step_loss(self, total: torch.Tensor) -> torch.Tensor:
+        """The step's loss as reported (one process: its own)."""
+        return total
 
     @torch.no_grad()
     def evaluate(self) -> float:
