@@ -224,7 +224,8 @@ class DistributedTrainer(Trainer):
         if not (shards / ".metadata").is_file():
             raise CheckpointError(
                 f"checkpoint {str(checkpoint)!r} has no sharded training state ({SHARDS}/); it was not written by "
-                f"a distributed run: resume it without nproc, or start from its weights with --model {checkpoint}"
+                "a distributed run: resume it without nproc, or start from its weights "
+                f"(`forge train DATA --model {checkpoint}`)"
             )
         self.step = cd.load_sharded(shards, self.wrapped, self.optimizer, {"step": 0})["step"]
         self.result.step = self.step

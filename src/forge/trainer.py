@@ -493,8 +493,8 @@ def train(
         raise ConfigError(
             f"the checkpoint {str(resume or 'loaded')!r} was written by a distributed run, whose optimizer state "
             "is sharded; "
-            "resume it as one: forge train ... --resume CHECKPOINT --nproc N (any N, 1 too), or "
-            "forge.distributed.train(..., nproc=N)"
+            "resume it as one: `forge train ... --resume CHECKPOINT --nproc N` (any N, 1 too), or "
+            "`forge.distributed.train(..., nproc=N)`"
         )
     trainer = Trainer(
         run.model,
