@@ -154,7 +154,10 @@ class DistributedTrainer(Trainer):
             self.strategy, self.why = cd.choose_strategy(model, self.device, local)
         else:
             self.strategy, self.why = self.requested, f"{self.requested} was asked for"
-        if self.compiled and self.strategy == "fsdp":
+        sharded = cd.shards(self.strategy)
+        if self.strategy == "fsdp" and not sharded:
+            self.why += "; one process holds the whole model, so nothing is sharded"
+        if self.compiled and sharded:
             # As torchtitan does: each block compiled before fully_shard, so FSDP2's all-gather and
             # reduce-scatter hooks stay outside the compiled graphs (compiling the whole sharded module
             # broke its graph at every hook: 0.42x the plain trainer on one H200).
@@ -163,7 +166,7 @@ class DistributedTrainer(Trainer):
         self.wrapped = cd.wrap(model, self.strategy, self.device)
         # After fully_shard: the optimizer holds (and updates) this rank's shards only.
         super()._build_step(model)
-        whole = self.compiled and self.strategy == "ddp"
+        whole = self.compiled and not sharded
         self._loss = torch.compile(self.wrapped, dynamic=False) if whole else self.wrapped
 
     @property
