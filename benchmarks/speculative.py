@@ -12,6 +12,8 @@ excluded), the speedup, the acceptance rate, and whether the tokens are identica
 
     python benchmarks/speculative.py                  # CPU
     python benchmarks/speculative.py --device cuda    # a GPU (bf16), eager steps on both sides
+    python benchmarks/speculative.py --draft smollm2   # also a draft model: the fp32 model, drafted by its
+                                                      # int4 GGUF kept quantized (speculative_draft_*.json)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from forge.app import Forge
 from forge.chat import render_chat
 from forge.core.decode import Batcher, Sequence
 from forge.core.sampling import SamplingParams
+from forge.core.transformer import Transformer
+from forge.draft import load_draft
 
 SOURCES = (
     "[1] The Forge framework trains small language models on a laptop and serves them over an "
@@ -74,10 +78,19 @@ def encode(app: Forge, text: str) -> list[int]:
     return tok.encode_prompt(prompt)
 
 
-def decode(app: Forge, ids: list[int], speculate: bool, max_tokens: int, device: torch.device) -> dict[str, Any]:
-    """One greedy generation; decode seconds exclude the prefill and its first token."""
+def decode(
+    app: Forge,
+    ids: list[int],
+    speculate: bool,
+    max_tokens: int,
+    device: torch.device,
+    draft: Transformer | None = None,
+) -> dict[str, Any]:
+    """One greedy generation (``draft``: its proposals, else n-gram lookup's); decode seconds exclude the
+    prefill and its first token."""
     assert app.model is not None and app.tokenizer is not None
-    batcher = Batcher(app.model, max_batch=1, max_len=len(ids) + max_tokens, vocab_limit=app.tokenizer.vocab_size)
+    limit = app.tokenizer.vocab_size
+    batcher = Batcher(app.model, max_batch=1, max_len=len(ids) + max_tokens, vocab_limit=limit, draft=draft)
     seq = Sequence(list(ids), max_tokens, SamplingParams(temperature=0), None, app.tokenizer.stop_ids)
     seq.speculate = speculate
     tokens = [r.token for r in [batcher.add(seq)]]
@@ -98,58 +111,80 @@ def decode(app: Forge, ids: list[int], speculate: bool, max_tokens: int, device:
     return out
 
 
+def compare(app: Forge, ids: list[int], args: argparse.Namespace, drafts: dict[str, Transformer | None]) -> dict:
+    """Plain decoding, then each speculative mode, on one prompt: the fastest of ``args.repeats`` runs each."""
+    device = torch.device(args.device)
+    runs = {"plain": min((decode(app, ids, False, args.max_tokens, device) for _ in range(args.repeats)), key=_secs)}
+    for mode, draft in drafts.items():
+        runs[mode] = min(
+            (decode(app, ids, True, args.max_tokens, device, draft) for _ in range(args.repeats)), key=_secs
+        )
+    return runs
+
+
+def _secs(run: dict[str, Any]) -> float:
+    return float(run["decode_s"])
+
+
+def _row(app: Forge, ids: list[int], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    plain = runs["plain"]
+    row: dict[str, Any] = {"prompt_tokens": len(ids), "plain_tok_s": plain["decode_tok_s"]}
+    for mode, run in runs.items():
+        if mode == "plain":
+            continue
+        steps = max(1, run.get("verify_steps", 0))
+        row |= {
+            f"{mode}_identical": plain["tokens"] == run["tokens"],
+            f"{mode}_tok_s": run["decode_tok_s"],
+            f"{mode}_speedup": run["decode_tok_s"] / plain["decode_tok_s"],
+            f"{mode}_acceptance": run.get("accepted", 0) / max(1, run.get("proposed", 0)),
+            f"{mode}_tokens_per_verify": (run.get("accepted", 0) + run.get("verify_steps", 0)) / steps,
+        }
+    row["identical"] = all(v for k, v in row.items() if k.endswith("_identical"))
+    row["decode_tokens"] = plain["decode_tokens"]
+    row["text"] = app.tokenizer.decode(plain["tokens"])[:200]  # type: ignore[union-attr]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--draft", default=None, help="also speculate with this draft model (kept quantized)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    app = Forge.load("smollm2", device=args.device, dtype="bfloat16" if device.type == "cuda" else None)
-    result: dict[str, Any] = {"benchmark": "speculative", "max_tokens": args.max_tokens, "kinds": {}}
-    decode(app, encode(app, "Hello"), True, 8, device)  # warm-up
+    # With a draft: the float model is the target (bf16 on a GPU, fp32 on a CPU) and the GGUF kept int4 drafts.
+    dtype = "bfloat16" if device.type == "cuda" else ("float32" if args.draft else None)
+    app = Forge.load("smollm2", device=args.device, dtype=dtype)
+    assert app.tokenizer is not None
+    drafts: dict[str, Transformer | None] = {"ngram": None}
+    if args.draft:
+        drafts["draft"] = load_draft(args.draft, app.tokenizer, device)
+    result: dict[str, Any] = {"benchmark": "speculative", "max_tokens": args.max_tokens, "draft": args.draft}
+    result["kinds"] = {}
+    for draft in drafts.values():
+        decode(app, encode(app, "Hello"), True, 8, device, draft)  # warm-up
     for kind, prompts in PROMPTS.items():
-        rows, totals = {}, {"plain": [0, 0.0], "ngram": [0, 0.0]}
+        rows = {}
         for name, text in prompts.items():
             ids = encode(app, text)
-            runs = {}
-            for mode in ("plain", "ngram"):
-                best = min(
-                    (decode(app, ids, mode == "ngram", args.max_tokens, device) for _ in range(args.repeats)),
-                    key=lambda r: r["decode_s"],
-                )
-                runs[mode] = best
-                totals[mode][0] += best["decode_tokens"]
-                totals[mode][1] += best["decode_s"]
-            plain, ngram = runs["plain"], runs["ngram"]
-            rows[name] = {
-                "prompt_tokens": len(ids),
-                "identical": plain["tokens"] == ngram["tokens"],
-                "plain_tok_s": plain["decode_tok_s"],
-                "ngram_tok_s": ngram["decode_tok_s"],
-                "speedup": ngram["decode_tok_s"] / plain["decode_tok_s"],
-                "decode_tokens": ngram["decode_tokens"],
-                "acceptance": ngram.get("accepted", 0) / max(1, ngram.get("proposed", 0)),
-                "tokens_per_verify": (ngram.get("accepted", 0) + ngram.get("verify_steps", 0))
-                / max(1, ngram.get("verify_steps", 0)),
-                "text": app.tokenizer.decode(ngram["tokens"])[:200],  # type: ignore[union-attr]
-            }
+            runs = compare(app, ids, args, drafts)
+            rows[name] = _row(app, ids, runs)
             print(name, {k: v for k, v in rows[name].items() if k != "text"}, flush=True)
-        plain_rate = totals["plain"][0] / totals["plain"][1]
-        ngram_rate = totals["ngram"][0] / totals["ngram"][1]
-        result["kinds"][kind] = {
-            "plain_tok_s": plain_rate,
-            "ngram_tok_s": ngram_rate,
-            "speedup": ngram_rate / plain_rate,
-            "all_identical": all(r["identical"] for r in rows.values()),
-            "prompts": rows,
-        }
+        summary: dict[str, Any] = {"all_identical": all(r["identical"] for r in rows.values())}
+        tokens = sum(r["decode_tokens"] for r in rows.values())
+        for mode in ("plain", *drafts):
+            summary[f"{mode}_tok_s"] = tokens / sum(r["decode_tokens"] / r[f"{mode}_tok_s"] for r in rows.values())
+        for mode in drafts:
+            summary[f"{mode}_speedup"] = summary[f"{mode}_tok_s"] / summary["plain_tok_s"]
+        result["kinds"][kind] = summary | {"prompts": rows}
     result["environment"] = environment(device)
     suffix = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
-    save_result(f"speculative_{suffix}", result)
+    save_result(f"speculative_{'draft_' if args.draft else ''}{suffix}", result)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from forge.core.device import autocast_dtype, resolve_device
 from forge.core.quantize import SCHEMES, has_quantized, quantize_model, weight_bytes
 from forge.core.transformer import Transformer
 from forge.data import DataSource
+from forge.draft import load_draft
 from forge.engine import Engine
 from forge.errors import CheckpointError, ConfigError, ForgeError, GenerationError
 from forge.evaluate import DEFAULT_MAX_TOKENS, EvalConfig
@@ -74,9 +75,12 @@ class Forge:
         dtype: InferenceDtype | None = None,
         quantize: Quantize | None = None,
         compile: bool = False,
+        draft: str | os.PathLike[str] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.compile = compile
+        self._draft_source = draft  # loaded with the model: it must share the model's tokenizer
+        self._draft: Transformer | None = None
         self.defaults = defaults or GenerationConfig()
         self.dtype = _inference_dtype(dtype, self.device)
         self._float_dtype_asked = dtype not in (None, "auto")  # a float dtype named: a GGUF is dequantized
@@ -188,7 +192,10 @@ class Forge:
         if self.quantize is not None:
             quantize_model(model, self.quantize)
         self._model, self._tokenizer, self._state = model, tokenizer, state
-        self._generator = Generator(model, tokenizer, compile=self.compile)
+        if self._draft_source is not None:
+            dtype = None if has_quantized(model) else model.tok_emb.weight.dtype
+            self._draft = load_draft(self._draft_source, tokenizer, self.device, dtype)
+        self._generator = Generator(model, tokenizer, compile=self.compile, draft=self._draft)
 
     def save(self, path: str | os.PathLike[str]) -> Forge:
         """Write the model, tokenizer and training state to a checkpoint directory (atomically)."""
@@ -508,8 +515,8 @@ class Forge:
         ``max_queue`` more wait, and beyond that a request fails with ``QueueFullError``
         (HTTP 429). ``context`` caps prompt + completion tokens (default: the model's).
         ``prefix_cache``: a request starts from the stored keys and values of the longest
-        prompt beginning seen before (a shared system prompt). ``speculate="ngram"``: every
-        request decodes speculatively (see ``forge.core.speculative``).
+        prompt beginning seen before (a shared system prompt). ``speculate="ngram"`` (or ``"draft"``,
+        with the app's draft model): every request decodes speculatively (see ``forge.core.speculative``).
         """
         model, tokenizer = self._require_model("start_batching")
         if self._engine is not None:
@@ -524,6 +531,7 @@ class Forge:
             lock=self._generator.lock,
             prefix_cache=prefix_cache,
             speculate=speculate,
+            draft=self._draft,
         ).start()
         return self
 

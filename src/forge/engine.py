@@ -56,7 +56,8 @@ class Engine:
     too), so weights never change under a step. ``prefix_cache``: keep the keys and values of
     prompts seen (``prefix_cache_bytes`` of them, by default a quarter of the batch's KV cache) and
     start each request from its longest stored prefix (see ``forge.core.prefix_cache``).
-    ``speculate="ngram"``: every request decodes speculatively (``forge.core.speculative``).
+    ``speculate="ngram"``: every request decodes speculatively (``forge.core.speculative``); ``"draft"``:
+    with proposals from ``draft``, a smaller model with the same tokenizer (``forge.core.draft``).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Engine:
         prefix_cache: bool = True,
         prefix_cache_bytes: int | None = None,
         speculate: str = "off",
+        draft: Transformer | None = None,
     ) -> None:
         context = model.config.context_length
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
@@ -80,6 +82,10 @@ class Engine:
             raise ConfigError(f"context {max_len} must be between 2 and the model's context of {context}")
         if speculate not in SPECULATE_MODES:
             raise ConfigError(f"speculate={speculate!r} is not a mode; use one of {', '.join(SPECULATE_MODES)}")
+        if speculate == "draft" and draft is None:
+            raise ConfigError(
+                "speculate='draft' needs a draft model: start the server with `forge serve MODEL --draft DRAFT`"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         # The cache is allocated whole, now: a model declaring 131072 positions gets what fits in memory.
         weight = model.tok_emb.weight
@@ -97,6 +103,7 @@ class Engine:
             max_len=self.max_len,
             vocab_limit=tokenizer.vocab_size,
             prefix_cache=self.prefix_cache,
+            draft=draft,  # with a draft model, every speculating request takes its proposals
         )
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: dict[int, _Job] = {}  # id(seq) -> job, for the running ones
@@ -166,7 +173,12 @@ class Engine:
             strict=strict,
         )
         seq, row = admitted.seq, admitted.row
-        seq.speculate = seq.speculate or self.speculate == "ngram"
+        if cfg.speculate == "draft" and self.batcher.draft is None:
+            raise ConfigError(
+                "speculate='draft' needs a draft model: start the server with `forge serve MODEL --draft DRAFT`",
+                field="speculate",
+            )
+        seq.speculate = seq.speculate or self.speculate != "off"
         job = _Job(seq, asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._stopping:

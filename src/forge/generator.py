@@ -78,7 +78,8 @@ class GenerationConfig:
     speculate: str = choice(
         "off",
         SPECULATE_MODES,
-        doc="Speculative decoding: ngram proposes tokens from the prompt, verified in one forward (same output).",
+        doc="Speculative decoding: ngram proposes tokens from the prompt, draft from the app's draft model; "
+        "verified in one forward (same output).",
     )
 
     def __post_init__(self) -> None:
@@ -265,7 +266,7 @@ def admit(
     # The grammar knows the budget: it steers the text to a valid end before the budget runs out.
     constraint = Constraint(cfg.grammar, tokenizer, vocab_size, budget) if cfg.grammar is not None else None
     seq = DecodeSequence(ids, budget, cfg.sampling(), generator, stop_ids, cfg.logprobs, constraint)
-    seq.speculate = cfg.speculate == "ngram"
+    seq.speculate = cfg.speculate != "off"
     row = StreamRow(tokenizer, cfg.stop, stop_ids, prompt_tokens)
     if cfg.logprobs is not None:
         row.logprobs = []
@@ -340,8 +341,11 @@ class Generator:
         dtype: torch.dtype | None = None,
         compile: bool = False,
         prefix_cache: int = 0,
+        draft: Transformer | None = None,
     ) -> None:
         self.compile = compile
+        #: ``speculate="draft"`` takes this model's proposals (same tokenizer; see forge.core.draft).
+        self.draft = draft.eval() if draft is not None else None
         #: ``prefix_cache`` bytes of prompts' keys and values kept between generations (0: none), e.g. a
         #: chat's earlier turns: the next turn prefills only what is new (see forge.core.prefix_cache).
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
@@ -373,6 +377,13 @@ class Generator:
         The prompts are one fixed batch of the token loop, each row at its own positions, admitted as
         the engine admits a request (:func:`admit`); a row that finishes leaves the batch.
         """
+        if cfg.speculate == "draft" and self.draft is None:
+            raise ConfigError(
+                "speculate='draft' needs a draft model: load one with the same tokenizer "
+                "(Forge.load(model, draft='small-model') or `forge generate MODEL --draft DRAFT`), "
+                "or use speculate='ngram'",
+                field="speculate",
+            )
         encoded = list(ids) if ids is not None else self.tokenizer.encode_prompts(list(prompts))
         config = self.model.config
         admitted = [
@@ -393,7 +404,10 @@ class Generator:
             seq.params, seq.generator = seqs[0].params, seqs[0].generator
         index = {id(seq): i for i, seq in enumerate(seqs)}
         with self.lock:  # one token loop at a time: its KV caches go into the model
-            batcher = fixed_batcher(self.model, seqs, vocab_limit=self.tokenizer.vocab_size, compile=self.compile)
+            draft = self.draft if cfg.speculate == "draft" else None
+            batcher = fixed_batcher(
+                self.model, seqs, vocab_limit=self.tokenizer.vocab_size, compile=self.compile, draft=draft
+            )
             batcher.prefix_cache = self.prefix_cache
             try:
                 results = batcher.add_many(seqs)

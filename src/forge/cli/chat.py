@@ -15,9 +15,11 @@ from forge.cli.commands import GENERATION_FLAGS, cli
 from forge.cli.options import (
     COMPILE_OPTION,
     DEVICE_OPTION,
+    DRAFT_OPTION,
     INFERENCE_DTYPE_OPTION,
     QUANTIZE_OPTION,
     field_options,
+    speculate_with,
 )
 from forge.errors import ConfigError, GenerationError
 from forge.generator import GenerationConfig
@@ -43,8 +45,16 @@ HELP = "/reset clears the conversation, /exit quits (or Ctrl-D)."
 @INFERENCE_DTYPE_OPTION
 @QUANTIZE_OPTION
 @COMPILE_OPTION
+@DRAFT_OPTION
 def chat_cmd(
-    model: str, system: str | None, device: str, dtype: str, quantize: str | None, compile: bool, **options: Any
+    model: str,
+    system: str | None,
+    device: str,
+    dtype: str,
+    quantize: str | None,
+    compile: bool,
+    draft: str | None,
+    **options: Any,
 ) -> None:
     """Chat with MODEL: a GGUF file, a Hugging Face folder, a Forge checkpoint or a known name.
 
@@ -52,8 +62,9 @@ def chat_cmd(
     """
     console = Console(highlight=False, soft_wrap=True)
     interactive = sys.stdin.isatty()
+    options["speculate"] = speculate_with(draft, options["speculate"])
     defaults = GenerationConfig(**options)
-    app = Forge(model, device=device, defaults=defaults, dtype=dtype, quantize=quantize, compile=compile)  # type: ignore[arg-type]
+    app = Forge(model, device=device, defaults=defaults, dtype=dtype, quantize=quantize, compile=compile, draft=draft)  # type: ignore[arg-type]
     info = app.info()
     if not info["trained"]:
         raise ConfigError(

@@ -18,7 +18,7 @@ import click
 from forge.config import DTYPE_ALIASES, INFERENCE_DTYPES, Bound, Spec, specs
 from forge.core.device import DEVICES
 from forge.core.quantize import SCHEMES
-from forge.errors import ForgeError
+from forge.errors import ConfigError, ForgeError
 
 __all__ = [
     "COMPILE_OPTION",
@@ -110,6 +110,24 @@ COMPILE_OPTION = click.option(
     help="Compile the decode step (torch.compile): faster tokens after a one-time compile (tens of seconds on a "
     "CPU, cached on disk for the next run).",
 )
+
+#: `--draft` of chat, generate and serve: ``Forge(draft=...)``; implies ``--speculate draft``.
+DRAFT_OPTION = click.option(
+    "--draft",
+    default=None,
+    metavar="MODEL",
+    help="Speculative decoding with this smaller model (same tokenizer) proposing tokens; implies --speculate draft.",
+)
+
+
+def speculate_with(draft: str | None, speculate: str) -> str:
+    """``--speculate``'s value once ``--draft`` is known: a draft model turns speculation on unless asked off."""
+    if draft is None:
+        if speculate == "draft":
+            raise ConfigError("--speculate draft needs a draft model: add --draft MODEL (same tokenizer)")
+        return speculate
+    return "draft" if speculate in ("off", "draft") else speculate
+
 
 #: Ends past this (a seed's 64 bits) are no limit a user meets: --help shows none, and the dataclass still checks.
 NO_LIMIT = 2**53

@@ -11,7 +11,15 @@ import click
 from forge import server
 from forge.app import Forge
 from forge.cli.commands import cli
-from forge.cli.options import DEVICE_OPTION, INFERENCE_DTYPE_OPTION, QUANTIZE_OPTION, AliasedOption, field_options
+from forge.cli.options import (
+    DEVICE_OPTION,
+    DRAFT_OPTION,
+    INFERENCE_DTYPE_OPTION,
+    QUANTIZE_OPTION,
+    AliasedOption,
+    field_options,
+    speculate_with,
+)
 from forge.cli.rag import existing_store
 from forge.core.kv_cache import plan_cache
 from forge.rag.retrieval import Rag
@@ -47,6 +55,7 @@ SERVE_FLAGS = (
 @DEVICE_OPTION
 @INFERENCE_DTYPE_OPTION
 @QUANTIZE_OPTION
+@DRAFT_OPTION
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
@@ -79,6 +88,7 @@ def serve_cmd(
     quantize: str | None,
     log_level: str,
     db: str | None,
+    draft: str | None,
     **options: Any,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (chat, completions, embeddings, models).
@@ -93,7 +103,8 @@ def serve_cmd(
             "model; pass --api-key KEY (or set FORGE_API_KEY)",
             err=True,
         )
-    app = Forge(model, device=device, dtype=dtype, quantize=quantize)  # type: ignore[arg-type]
+    options["speculate"] = speculate_with(draft, options["speculate"])
+    app = Forge(model, device=device, dtype=dtype, quantize=quantize, draft=draft)  # type: ignore[arg-type]
     options["max_batch"], options["context"] = _size_cache(app, options["max_batch"], options["context"])
     retriever = Rag(existing_store(db), app=app) if db is not None else None
     asyncio.run(server.serve(app, host=host, port=port, log_level=log_level, retriever=retriever, **options))

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forge.core.cuda_graphs import graph_key, reusable
+from forge.core.draft import DraftProposer
 from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.prefix_cache import PrefixCache
 from forge.core.sampling import (
@@ -46,7 +47,7 @@ from forge.core.sampling import (
     sample,
     top_logprobs,
 )
-from forge.core.speculative import NgramProposer, Speculation, verify
+from forge.core.speculative import DRAFT_MAX, NgramProposer, Proposer, Speculation, verify
 from forge.core.steps import GRAPH_CHUNK, GraphedSteps, compiled_step, decode_step, prefill
 from forge.core.transformer import Transformer
 
@@ -244,8 +245,10 @@ class Batcher:
         graphs: Hashable | None = None,
         compile: bool = False,
         prefix_cache: PrefixCache | None = None,
+        draft: Transformer | None = None,
     ) -> None:
         self.model, self.max_batch, self.max_len, self.vocab_limit = model, max_batch, max_len, vocab_limit
+        self.draft = draft  # speculating rows take this model's proposals, else n-gram lookup's
         self.prefix_cache = prefix_cache  # prompts start from the stored keys and values of their longest prefix
         self.device = model.tok_emb.weight.device
         # A compiled step's caches span the whole context, allocated lazily (pages only as they are written).
@@ -338,7 +341,7 @@ class Batcher:
             assert seq.prompt and len(seq.prompt) + seq.max_new_tokens <= self.max_len, "the caller checks the budget"
             seq.row, seq.length, seq.generated, seq.done, seq.group = first + i, len(seq.prompt), 0, False, _group(seq)
             seq.output, seq.cached = [], 0
-            seq.spec = Speculation(NgramProposer(seq.prompt)) if seq.speculate and _plain(seq) else None
+            seq.spec = Speculation(self._proposer(seq)) if seq.speculate and _plain(seq) else None
         self.running.extend(seqs)
         self._reset_penalties(rows, seqs)
         if self.graphs is not None:
@@ -442,6 +445,12 @@ class Batcher:
         for i, seq in enumerate(seqs):
             self.seen[rows.start + i, torch.tensor(seq.prompt, device=self.device)] = True
 
+    def _proposer(self, seq: Sequence) -> Proposer:
+        if self.draft is None:
+            return NgramProposer(seq.prompt)
+        room = len(seq.prompt) + seq.max_new_tokens + DRAFT_MAX + 1
+        return DraftProposer(self.draft, seq.prompt, room, self.vocab_limit)
+
     def _install(self) -> None:
         """Put this batcher's caches into the model (another batcher may have used it since)."""
         if self._first.cache is not self.caches[0]:
@@ -482,6 +491,7 @@ def fixed_batcher(
     cache: bool = True,
     cuda_graphs: bool = True,
     compile: bool = False,
+    draft: Transformer | None = None,
 ) -> Batcher:
     """A batcher for exactly ``seqs``, one fixed batch; :meth:`Batcher.clear` it when done.
 
@@ -493,11 +503,22 @@ def fixed_batcher(
         # Elsewhere, ``compile`` compiles the step of rows that share one position: prompts of one length.
         compile = compile and cache and len({len(s.prompt) for s in seqs}) == 1
         total = model.config.context_length if compile else need
-        return Batcher(model, max_batch=len(seqs), max_len=total, vocab_limit=vocab_limit, cache=cache, compile=compile)
+        return Batcher(
+            model,
+            max_batch=len(seqs),
+            max_len=total,
+            vocab_limit=vocab_limit,
+            cache=cache,
+            compile=compile,
+            draft=draft,
+        )
     # A cache rounded up to 256 slots lets generations of other lengths replay the same captured graphs.
     total = min(model.config.context_length, -(-need // 256) * 256)
     key = graph_key(model, len(seqs), total, chunk=GRAPH_CHUNK, vocab_limit=vocab_limit, compile=compile)
     kept = reusable(model, key)
     if isinstance(kept, Batcher) and not kept.running:
+        kept.draft = draft
         return kept
-    return Batcher(model, max_batch=len(seqs), max_len=total, vocab_limit=vocab_limit, graphs=key, compile=compile)
+    return Batcher(
+        model, max_batch=len(seqs), max_len=total, vocab_limit=vocab_limit, graphs=key, compile=compile, draft=draft
+    )

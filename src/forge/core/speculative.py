@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -43,13 +43,14 @@ __all__ = [
     "WINDOW",
     "Accepted",
     "NgramProposer",
+    "Proposer",
     "Speculation",
     "accept_row",
     "verify",
 ]
 
-#: What ``speculate=`` accepts.
-SPECULATE_MODES = ("off", "ngram")
+#: What ``speculate=`` accepts: ``draft`` takes a draft model's proposals (``forge.core.draft``).
+SPECULATE_MODES = ("off", "ngram", "draft")
 #: Proposed tokens per step: a row starts at DRAFT_TOKENS, goes up by 2 (to DRAFT_MAX) after a step that
 #: accepted every proposal and halves after one that accepted none, so a miss costs a short verify.
 DRAFT_TOKENS, DRAFT_MAX = 3, 8
@@ -60,6 +61,14 @@ MIN_ACCEPTANCE = 0.3
 WINDOW = 8
 #: Tokens a paused row decodes plainly before it proposes again.
 PAUSE = 48
+
+
+class Proposer(Protocol):
+    """What proposes a row's next tokens: :class:`NgramProposer`, or ``forge.core.draft.DraftProposer``."""
+
+    def extend(self, tokens: list[int]) -> None: ...
+
+    def propose(self, k: int) -> list[int]: ...
 
 
 class NgramProposer:
@@ -104,7 +113,7 @@ class NgramProposer:
 class Speculation:
     """A row's speculation: its proposer and its recent acceptance, to pause where it does not pay."""
 
-    proposer: NgramProposer
+    proposer: Proposer
     k: int = DRAFT_TOKENS
     window: collections.deque[tuple[int, int]] = field(default_factory=lambda: collections.deque(maxlen=8))
     paused: int = 0  # tokens still to decode plainly

@@ -67,8 +67,10 @@ class ServerConfig:
     default_max_tokens: int | None = bounded(None, integer=True, ge=1, doc="Completion length when none is asked.")
     batching: bool = documented(True, doc="Start the app's batching engine with the server.")
     prefix_cache: bool = documented(True, doc="Reuse the KV cache of prompts' shared beginnings (a system prompt).")
-    speculate: Literal["off", "ngram"] = choice(
-        "off", ("off", "ngram"), doc="ngram: speculative decoding for every request (greedy output is the same)."
+    speculate: Literal["off", "ngram", "draft"] = choice(
+        "off",
+        ("off", "ngram", "draft"),
+        doc="Speculative decoding for every request, by n-gram lookup or the app's draft model (same output).",
     )
     retriever: Retriever | None = documented(None, doc="A RAG pipeline that grounds chat answers.")
     rag_k: int | None = bounded(None, integer=True, ge=1, doc="Chunks searched per chat answer.")

@@ -76,7 +76,7 @@ async def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
     prefix_cache: bool = True,
-    speculate: Literal["off", "ngram"] = "off",
+    speculate: Literal["off", "ngram", "draft"] = "off",
 ) -> None:
     """Serve ``app`` over HTTP (see :func:`create_server` for the routes) until cancelled.
 
