@@ -153,13 +153,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--draft", default=None, help="also speculate with this draft model (kept quantized)")
+    parser.add_argument("--model", default="smollm2", help="the model: a known name or a path (default: smollm2)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # With a draft: the float model is the target (bf16 on a GPU, fp32 on a CPU) and the GGUF kept int4 drafts.
     dtype = "bfloat16" if device.type == "cuda" else ("float32" if args.draft else None)
-    app = Forge.load("smollm2", device=args.device, dtype=dtype)
+    app = Forge.load(args.model, device=args.device, dtype=dtype)
     assert app.tokenizer is not None
     drafts: dict[str, Transformer | None] = {"ngram": None}
     if args.draft:
