@@ -7,11 +7,12 @@ same prompt ids; each timing is one warm-up run, then the best of ``--repeats``.
 the whole generation's time (prefill included). Without a GPU, Chromium's WebGPU is SwiftShader (CPU
 emulation): its figures check that the path works, not how fast a GPU is.
 
-    python benchmarks/web.py                                   # SmolLM2-135M, int8 (the web export's default)
+    python benchmarks/web.py --model smollm2                   # SmolLM2-135M, int8 (the web export's default)
     python benchmarks/web.py --model runs/tiny --tokens 64     # any checkpoint; --folder DIR: an export
+    python benchmarks/web.py --folder smol-web --providers webgpu --tokens 8 --repeats 1   # SwiftShader is slow
 
 Needs Chromium (/usr/bin/chromium) and tests/web's npm packages (`npm ci --ignore-scripts` in tests/web).
-Saves benchmarks/results/web_cpu.json.
+Saves benchmarks/results/web_smollm2_cpu.json for SmolLM2 (by --model or the folder's name), else web_cpu.json.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main() -> None:
                     result[engine]["tokens"] = len(result[engine]["tokens"])
                 runs[provider] = result
         manifest = json.loads((folder / "web.json").read_text())
+    smollm2 = args.model == "smollm2" if not args.folder else manifest["name"] == "smollm2"
     out = {
         "benchmark": "web",
         "model": args.folder or args.model,
@@ -136,7 +138,7 @@ def main() -> None:
         "browser": "headless Chromium, WebGPU = SwiftShader (CPU emulation) without a GPU",
         "runs": runs,
     }
-    save_result("web_cpu", out)
+    save_result("web_smollm2_cpu" if smollm2 else "web_cpu", out)
 
 
 if __name__ == "__main__":
