@@ -132,7 +132,9 @@ def test_cli_nproc_2_matches_one_process_then_generate(
     data.write_text(text)
     cfg = _config(2)
     flags = ["--tokenizer", "char", "--preset", "tiny", "--no-compile", "--precision", "fp32", "--seed", str(cfg.seed)]
-    flags += [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("steps", "batch_size", "context", "lr")]
+    flags += [
+        f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("steps", "batch_size", "context", "lr", "optimizer")
+    ]
     flags += [f"--{k.replace('_', '-')}={getattr(cfg, k)}" for k in ("eval_every", "eval_batches", "checkpoint_every")]
     assert main(["train", str(data), "--nproc", "2", "--strategy", "ddp", "--out", str(out), *flags]) == 0
     printed = capfd.readouterr().out

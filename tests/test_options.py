@@ -52,6 +52,7 @@ OWN_DEFAULTS = {
     ("serve", "max_batch"): None,  # sized to the memory there is
     ("rag", "ask", "max_tokens"): 256,
     ("demo", "steps"): None,  # a time budget instead
+    ("train", "optimizer"): None,  # chosen by the run: muon for a new model, adamw to fine-tune
 }
 #: Flags that read better than the field's name.
 OWN_FLAGS = {"cors_origins": "--cors-origin"}  # one origin per flag, repeatable

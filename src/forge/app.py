@@ -248,12 +248,18 @@ class Forge:
 
     # -- training ------------------------------------------------------------------------------------
     async def train(
-        self, data: DataSource, *, steps: int = 1000, out: str | os.PathLike[str] | None = None, **options: Any
+        self,
+        data: DataSource,
+        *,
+        steps: int | None = None,
+        out: str | os.PathLike[str] | None = None,
+        **options: Any,
     ) -> TrainResult:
         """Train on ``data`` until the model has had ``steps`` optimizer steps in total; events go to the listeners.
 
         ``steps`` counts as everywhere else (``forge.train``, ``forge train --steps``): in total, so a
-        model at step 300 trained with ``steps=500`` takes 200 more. The first call builds the model from
+        model at step 300 trained with ``steps=500`` takes 200 more. Unset: 1000 steps, or as many as fit
+        in a ``time="2m"`` budget (see ``TrainConfig.time``). The first call builds the model from
         the preset (and a tokenizer from the data); later calls, or an app loaded from a checkpoint,
         continue training the same model and optimizer. ``options`` are TrainConfig fields.
         """
@@ -263,7 +269,7 @@ class Forge:
         finally:  # async listeners of the run's events have finished when train returns
             await self._emitter.drain()
 
-    def _train(self, data: DataSource, steps: int, out: Any, options: dict[str, Any]) -> TrainResult:
+    def _train(self, data: DataSource, steps: int | None, out: Any, options: dict[str, Any]) -> TrainResult:
         if self.quantize is not None:
             raise ConfigError(
                 f"this app holds {self.quantize} weights for inference (quantize={self.quantize!r}); quantized "

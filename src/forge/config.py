@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 Norm = Literal["layernorm", "rmsnorm"]
-Activation = Literal["gelu", "swiglu"]
+Activation = Literal["gelu", "swiglu", "relu2"]
 Position = Literal["learned", "rope"]
 
 
@@ -83,7 +83,7 @@ class ModelConfig:
     n_head: int
     d_model: int
     n_kv_head: int | None = None  # None: same as n_head (no grouped-query attention)
-    d_ff: int | None = None  # None: 4*d_model for GELU, ~8/3*d_model (rounded) for SwiGLU
+    d_ff: int | None = None  # None: 4*d_model for GELU and ReLU², ~8/3*d_model (rounded) for SwiGLU
     norm: Norm = "layernorm"
     activation: Activation = "gelu"
     position: Position = "learned"
@@ -96,6 +96,10 @@ class ModelConfig:
     #: RoPE frequency scaling, as in HF configs: {"rope_type": "linear", "factor": 4.0} or
     #: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
     rope_scaling: dict[str, Any] | None = None
+    #: RMS-normalise each head's queries and keys (a learned gain per head dim, as Qwen3) before RoPE.
+    qk_norm: bool = False
+    #: Squash the logits as ``cap * tanh(logits / cap)`` (Gemma 2's soft-capping); None: off.
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
@@ -120,7 +124,7 @@ class ModelConfig:
             )
         for name, allowed in (
             ("norm", ("layernorm", "rmsnorm")),
-            ("activation", ("gelu", "swiglu")),
+            ("activation", ("gelu", "swiglu", "relu2")),
             ("position", ("learned", "rope")),
         ):
             if getattr(self, name) not in allowed:
@@ -137,6 +141,10 @@ class ModelConfig:
                 raise ConfigError.for_field(
                     "ModelConfig", "rope_scaling", self.rope_scaling, "supported rope_type: linear, llama3, default"
                 )
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ConfigError.for_field(
+                "ModelConfig", "logit_softcap", self.logit_softcap, "must be > 0 (e.g. 30), or None for no cap"
+            )
         if self.d_ff is not None and self.d_ff < 1:
             raise ConfigError.for_field("ModelConfig", "d_ff", self.d_ff, "must be a positive integer")
 
@@ -157,7 +165,7 @@ class ModelConfig:
     def ff_dim(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        if self.activation == "gelu":
+        if self.activation in ("gelu", "relu2"):
             return 4 * self.d_model
         # SwiGLU has three matrices; 2/3 of 4*d keeps the parameter count of a GELU MLP.
         return 64 * ((int(8 * self.d_model / 3) + 63) // 64)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from forge.config import bounded, check_specs, choice, documented
+from forge.config import ModelConfig, bounded, check_specs, choice, documented
 from forge.core import distributed as cd
 from forge.core.checkpoint import STATE, atomic_directory, check_replaceable
 from forge.core.device import resolve_device
@@ -107,7 +107,7 @@ class RunSpec:
     data: str | tuple[str, ...]
     config: TrainConfig
     out: str
-    preset: str = "tiny"
+    preset: str | ModelConfig = "tiny"
     resume: str | None = None
     model: str | None = None
     tokenizer: str = "bpe"
@@ -198,6 +198,17 @@ class DistributedTrainer(Trainer):
 
     def _step_loss(self, total: torch.Tensor) -> torch.Tensor:
         return cd.all_mean(total)
+
+    def _planned_total(self, t0: float) -> int:
+        # Under a time budget each rank plans from its own clock; all stop at the earliest plan.
+        return cd.all_min(super()._planned_total(t0), self.device)
+
+    def _replan(self, t0: float, step_seconds: float) -> int:
+        total = super()._replan(t0, step_seconds)
+        agreed = cd.all_min(total, self.device)
+        if agreed != total:  # warm down to the step every rank stops at
+            self.schedule = self.config.schedule_for(max(1, agreed - self.schedule_origin))
+        return agreed
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -453,7 +464,7 @@ def train(
     out: str | os.PathLike[str],
     nproc: int = 2,
     strategy: str = "auto",
-    preset: str = "tiny",
+    preset: str | ModelConfig = "tiny",
     resume: str | os.PathLike[str] | None = None,
     tokenizer: str = "bpe",
     vocab_size: int | None = None,

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from forge.config import bounded, check_specs
-from forge.core import ops
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError, DataError
 from forge.tokenizer import Tokenizer
@@ -219,7 +218,6 @@ def _score(model: Transformer, ids: torch.Tensor, spans: list[tuple[int, int, in
     device = next(model.parameters()).device
     length = spans[0][2] - spans[0][0]
     per_batch = max(1, _BATCH_TOKENS // length)
-    head = model.lm_head.weight
     total = torch.zeros((), dtype=torch.float64)
     training = model.training
     model.eval()  # no dropout
@@ -233,7 +231,7 @@ def _score(model: Transformer, ids: torch.Tensor, spans: list[tuple[int, int, in
                 rows = torch.cat([h[j, s - 1 - b : e - 1 - b] for j, (b, s, e) in enumerate(group)])  # (N, d)
                 targets = torch.cat([ids[s:e] for _, s, e in group]).to(device)  # (N,)
                 for r in range(0, len(targets), _LOGIT_ROWS):  # never all N x vocab logits at once
-                    logits = ops.linear(rows[r : r + _LOGIT_ROWS], head).float()  # (n, vocab)
+                    logits = model.head(rows[r : r + _LOGIT_ROWS]).float()  # (n, vocab), soft-capped if the model is
                     nll = F.cross_entropy(logits, targets[r : r + _LOGIT_ROWS], reduction="sum")
                     total += nll.double().cpu()
     finally:

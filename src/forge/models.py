@@ -23,7 +23,7 @@ from safetensors.torch import save as save_tensors
 
 from forge.config import DTYPE_ALIASES, PRESETS, ModelConfig, get_preset, preset_names
 from forge.core.checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
-from forge.core.formats import Pretrained, SpecialTokens
+from forge.core.formats import Pretrained, SpecialTokens, check_exportable
 from forge.core.formats.gguf import read_gguf
 from forge.core.formats.gguf_write import write_gguf
 from forge.core.formats.hf import read_hf, write_hf
@@ -409,6 +409,7 @@ def export(
             f"dtype={dtype!r} can't be exported to {format}; use one of {', '.join(EXPORT_FORMATS[format])}",
             field="dtype",
         )
+    check_exportable(model.config, {"gguf": "GGUF", "hf": "Hugging Face", "onnx": "ONNX"}[format])
     plain = merged_copy(model)
     state = _export_weights(plain)
     special = SpecialTokens(

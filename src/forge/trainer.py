@@ -21,27 +21,39 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from forge.config import DTYPE_ALIASES, ModelConfig, bounded, check_specs, choice, documented, get_preset
+from forge.budget import DEFAULT_BUDGET, AutoPick, TimePlan, auto_pick, format_duration, parse_duration
+from forge.config import DTYPE_ALIASES, ModelConfig, bounded, check_specs, choice, documented
 from forge.core.checkpoint import check_replaceable
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.lora import apply_lora, has_lora, lora_rank, merge_lora
-from forge.core.optim import build_adamw, clip_grad_norm
-from forge.core.quantize import dequantize_model, has_quantized
+from forge.core.optim import MUON_DEFAULT_LR, OPTIMIZERS, OptimizerKind, build_optimizer, clip_grad_norm
 from forge.core.schedule import Schedule, ScheduleKind
 from forge.core.transformer import Transformer
-from forge.data import Corpus, DataSource, TokenDataset, cache_dir
-from forge.errors import ConfigError, DataError
+from forge.data import Corpus, DataSource, TokenDataset
+from forge.errors import ConfigError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
-from forge.models import create_model, load, padded_vocab, save
+from forge.models import save
+from forge.runs import PreparedRun, prepare_run
 from forge.tokenizer import Tokenizer, TokenizerKind
 
-__all__ = ["PreparedRun", "TrainConfig", "TrainResult", "Trainer", "prepare_run", "train"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "PreparedRun",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "auto_preset",
+    "prepare_run",
+    "train",
+]
 
 log = logging.getLogger("forge")
 #: Training precision in the one dtype vocabulary (``bf16`` and ``fp32`` are accepted as aliases).
 Precision = Literal["auto", "float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Listener = Callable[[Event], None]
+#: Steps in total when neither ``steps`` nor a time budget is given.
+DEFAULT_STEPS = 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,11 +63,19 @@ class TrainConfig:
     Each field is defined once, with its bounds (``forge.config.bounded``); ``forge train``'s flags are built
     from them.
 
-    >>> TrainConfig(steps=100).warmup_steps
-    10
+    A time budget (``time="2m"``, or ``max_seconds=120``) plans the steps from the measured step time; with
+    ``steps`` too, the run ends at whichever comes first, and its schedule is planned for that.
+
+    >>> TrainConfig(steps=100).warmup_steps, TrainConfig(time="1m30s").budget
+    (10, 90.0)
     """
 
-    steps: int = bounded(1000, integer=True, ge=1, doc="Optimizer steps in total, counting a resumed run's.")
+    steps: int | None = bounded(
+        None,
+        integer=True,
+        ge=1,
+        doc=f"Optimizer steps in total, counting a resumed run's; unset: as many as fit in time, else {DEFAULT_STEPS}.",
+    )
     batch_size: int = bounded(16, integer=True, ge=1, doc="Sequences per micro-batch.")
     context: int | None = bounded(None, integer=True, ge=1, doc="Tokens per window; unset: the model's context.")
     lr: float = bounded(1e-3, gt=0, doc="Peak learning rate.")
@@ -63,6 +83,10 @@ class TrainConfig:
     warmup: int | None = bounded(None, integer=True, ge=0, doc="Warmup steps; unset: 10% of steps, at most 100.")
     schedule: ScheduleKind = choice("cosine", get_args(ScheduleKind), doc="Learning-rate schedule after warmup.")
     weight_decay: float = bounded(0.1, ge=0, doc="AdamW weight decay.")
+    optimizer: OptimizerKind = choice(
+        "adamw", OPTIMIZERS, doc="adamw; or muon: Muon for the hidden matrices, AdamW for the rest."
+    )
+    muon_lr: float = bounded(MUON_DEFAULT_LR, gt=0, doc="Muon's peak learning rate (with optimizer=muon).")
     grad_clip: float | None = bounded(1.0, gt=0, optional=True, doc="Clip the gradient norm to this (None: off).")
     grad_accum: int = bounded(1, integer=True, ge=1, doc="Micro-batches per optimizer step.")
     eval_every: int = bounded(100, integer=True, ge=0, doc="Evaluate every N steps; 0: at the start and end only.")
@@ -81,18 +105,48 @@ class TrainConfig:
     compile: bool | None = documented(None, doc="torch.compile the training step; None: on CUDA only.")
     lora_rank: int = bounded(0, integer=True, ge=0, doc="LoRA rank: > 0 trains adapters, merged at the end; 0: all.")
     lora_alpha: float | None = bounded(None, gt=0, doc="LoRA scale numerator; unset: 2 * lora_rank.")
-    max_seconds: float | None = bounded(None, gt=0, doc="Stop (evaluate, save) at the first step end past this.")
+    max_seconds: float | None = bounded(None, gt=0, doc="Time budget in seconds (the same as time, as a number).")
+    time: str | float | None = documented(
+        None,
+        doc="Wall-clock budget, e.g. 90s, 2m, 1h, 1m30s: the schedule is planned from the measured step time to "
+        "warm down at the last step, and the run ends on time with its final evaluation and checkpoint.",
+    )
 
     def __post_init__(self) -> None:
         check_specs(self)
+        if self.time is not None:
+            parse_duration(self.time)  # a bad duration fails here, naming the value
+            if self.max_seconds is not None:
+                raise ConfigError(
+                    f"time={self.time!r} and max_seconds={self.max_seconds} both set the time budget; pass one",
+                    field="time",
+                )
+
+    @property
+    def budget(self) -> float | None:
+        """The time budget in seconds, if any."""
+        return parse_duration(self.time) if self.time is not None else self.max_seconds
+
+    @property
+    def total_steps(self) -> int | None:
+        """The step count to stop at: ``steps``; unset, ``DEFAULT_STEPS`` without a budget and none with one."""
+        if self.steps is not None:
+            return self.steps
+        return None if self.budget is not None else DEFAULT_STEPS
 
     @property
     def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else min(100, self.steps // 10)
+        return self.warmup_for(self.total_steps or DEFAULT_STEPS)
 
-    def schedule_for(self) -> Schedule:
+    def warmup_for(self, total: int) -> int:
+        """Warm-up steps for a run of ``total`` steps: ``warmup``, else 10% of them, at most 100."""
+        return self.warmup if self.warmup is not None else min(100, total // 10)
+
+    def schedule_for(self, total: int | None = None) -> Schedule:
+        """The schedule of a run of ``total`` steps (unset: ``total_steps``)."""
+        total = total or self.total_steps or DEFAULT_STEPS
         min_lr = self.min_lr if self.min_lr is not None else self.lr / 10
-        return Schedule(kind=self.schedule, lr=self.lr, min_lr=min_lr, warmup=self.warmup_steps, total=self.steps)
+        return Schedule(kind=self.schedule, lr=self.lr, min_lr=min_lr, warmup=self.warmup_for(total), total=total)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,6 +165,10 @@ class TrainResult:
     checkpoint: Path | None = None
     #: The trainer's state at the end (optimizer, step, RNG): continue from it with ``train(state=...)``.
     state: dict[str, Any] | None = field(default=None, repr=False)
+    #: Seconds: ``budget`` (or None), ``prepare`` (before the clock), ``steps``, ``eval``, ``checkpoint``, ``total``.
+    timing: dict[str, float | None] = field(default_factory=dict)
+    #: What ``preset="auto"`` picked and why (None for another preset).
+    auto: str | None = None
 
     @property
     def train_loss(self) -> float | None:
@@ -168,13 +226,20 @@ class Trainer:
         self.compiled = config.compile if config.compile is not None else device.type == "cuda"
         self._build_step(model)
         self.schedule = config.schedule_for()
+        #: The step the schedule counts from: a time-budgeted run warms up and down within its own budget.
+        self.schedule_origin = 0
+        self.plan: TimePlan | None = None
+        self.timing: dict[str, float] = {"eval": 0.0, "checkpoint": 0.0}
         self.data_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.result = TrainResult(model=model, tokenizer=tokenizer, step=0)
 
     def _build_step(self, model: Transformer) -> None:
         """The optimizer and the loss function the steps call (a distributed trainer wraps the model first)."""
-        self.optimizer = build_adamw(model, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        cfg = self.config
+        self.optimizer = build_optimizer(
+            model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr
+        )
         # Inductor fuses each block's norms, RoPE and activations; shapes are fixed (B, context) windows.
         self._loss = torch.compile(model.loss, dynamic=False) if self.compiled else model.loss
 
@@ -218,24 +283,29 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------
     def run(self) -> TrainResult:
-        """Train up to ``steps`` in total (or until ``max_seconds``), evaluating and saving on the way."""
+        """Train up to ``steps`` in total, or for the time budget, evaluating and saving on the way."""
         cfg = self.config
-        if self.step >= cfg.steps:
+        cap = cfg.total_steps
+        if cap is not None and self.step >= cap:
             raise ConfigError(
-                f"steps={cfg.steps} trains nothing: the checkpoint is already at step {self.step}; "
+                f"steps={cap} trains nothing: the checkpoint is already at step {self.step}; "
                 f"steps counts in total, so pass a number above {self.step}",
                 field="steps",
             )
         self.model.train()
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
-        self._emit_start()
         t0 = time.perf_counter()
+        budget = cfg.budget
+        if budget is not None:  # the schedule counts from here, planned once the first step is timed
+            self.plan = TimePlan(budget=budget, start_step=self.step, cap=cap, eval_every=cfg.eval_every)
+            self.schedule_origin = self.step
+        self._emit_start(self._planned_total(t0))
         tf32 = torch.backends.cuda.matmul.allow_tf32
         # TF32 for any fp32 matmul left outside autocast (3x the fp32 rate on Ampere and later);
         # a process-wide flag, so only for the length of the run.
         torch.backends.cuda.matmul.allow_tf32 = self.device.type == "cuda" or tf32
         try:
-            if self.step == 0:
+            if self.step == 0 and self.plan is None:  # a budget is better spent on steps
                 self._evaluate()
             self._steps(t0)
         except KeyboardInterrupt:
@@ -248,11 +318,11 @@ class Trainer:
     def _tokens_per_step(self) -> int:
         return self.config.batch_size * self.context * self.config.grad_accum
 
-    def _emit_start(self) -> None:
+    def _emit_start(self, total: int) -> None:
         self.emit(
             StartEvent(
                 start_step=self.step,
-                total_steps=self.config.steps,
+                total_steps=total,
                 parameters=self.model.num_params(),
                 device=str(self.device),
                 precision=str(self.dtype).removeprefix("torch.") if self.dtype else "float32",
@@ -263,37 +333,57 @@ class Trainer:
             )
         )
 
+    def _planned_total(self, t0: float) -> int:
+        """The step to end at: the step count, or as many steps as the time left holds (planned again each step)."""
+        if self.plan is None:
+            return self.config.total_steps or DEFAULT_STEPS
+        return self.plan.total(step=self.step, elapsed=time.perf_counter() - t0)
+
+    def _replan(self, t0: float, step_seconds: float) -> int:
+        """Time the step just taken, and plan the schedule again so that it warms down at the new last step."""
+        assert self.plan is not None
+        plan = self.plan
+        plan.observe(step_seconds)
+        assert plan.step_time is not None  # the final evaluation and checkpoint: measured, or estimated
+        evals = self.result.evals
+        plan.eval_cost = self.timing["eval"] / len(evals) if evals else plan.step_time * self.config.eval_batches / 3
+        weights = self.model.num_params() * 4 * 3  # the weights and AdamW's two moments
+        plan.reserve = plan.eval_cost + (weights / 2e8 + 0.05 if self.out else 0.0)
+        total = plan.total(step=self.step, elapsed=time.perf_counter() - t0)
+        self.schedule = self.config.schedule_for(max(1, total - self.schedule_origin))
+        return total
+
     def _steps(self, t0: float) -> None:
         """Optimizer steps up to the last, or until the time budget is spent; ``t0``: when the run started."""
         cfg = self.config
         first_step = self.step
-        while self.step < cfg.steps:
+        total = self._planned_total(t0)
+        while self.step < total:
+            started = time.perf_counter()
             loss, lr, grad_norm = self._undoable_step()
             self.step += 1
+            if self.plan is not None:
+                total = self._replan(t0, time.perf_counter() - started)
             self.result.losses.append((self.step, loss))
             elapsed = time.perf_counter() - t0
             done = self.step - first_step
             self.emit(
                 StepEvent(
                     step=self.step,
-                    total_steps=cfg.steps,
+                    total_steps=total,
                     loss=loss,
                     lr=lr,
                     grad_norm=grad_norm,
                     tokens_per_sec=done * self._tokens_per_step / max(elapsed, 1e-9),
                     elapsed=elapsed,
-                    eta=elapsed / done * (cfg.steps - self.step),
+                    eta=elapsed / done * (total - self.step),
                 )
             )
-            # A time budget is checked after every step, so a slow machine stops on time, not on a step count.
-            out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
-            last = self.step == cfg.steps or out_of_time
+            last = self.step >= total
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self._evaluate()
             if self.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
                 self._save()
-            if out_of_time:
-                break
 
     def _undoable_step(self) -> tuple[float, float, float]:
         """One optimizer step; Ctrl-C during it puts back the half-drawn batches, so that a resume sees exactly
@@ -312,6 +402,13 @@ class Trainer:
             self._save()
         self.result.step = self.step
         self.result.state = self.state_dict()
+        total = time.perf_counter() - t0
+        self.result.timing.update(
+            budget=self.config.budget,
+            total=total,
+            steps=total - self.timing["eval"] - self.timing["checkpoint"],
+            **self.timing,
+        )
         if has_lora(self.model):  # the result is a plain model: the adapters folded into its weights
             merge_lora(self.model)
         self.emit(
@@ -331,9 +428,9 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, float, float]:
         cfg = self.config
-        lr = self.schedule(self.step)
+        lr = self.schedule(self.step - self.schedule_origin)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups peak at muon_lr
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x, y = self._train_batch(micro)
@@ -381,13 +478,17 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def _evaluate(self) -> None:
+        started = time.perf_counter()
         val = self.evaluate()
+        self.timing["eval"] += time.perf_counter() - started
         self.result.evals.append((self.step, val))
         self.emit(EvalEvent(step=self.step, val_loss=val, val_perplexity=math.exp(min(val, 50.0))))
 
     def _save(self) -> None:
         assert self.out is not None
+        started = time.perf_counter()
         save(self.out, self.model, self.tokenizer, training_state=self.state_dict(), meta=self.meta)
+        self.timing["checkpoint"] += time.perf_counter() - started
         self.result.checkpoint = self.out
         self.emit(CheckpointEvent(step=self.step, path=str(self.out)))
 
@@ -406,55 +507,6 @@ def _precision(precision: Precision, device: torch.device) -> torch.dtype | None
     return native
 
 
-def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Tokenizer:
-    """Train a tokenizer on the corpus, cached by corpus content, kind and size."""
-    path = cache_dir() / "tokenizers" / f"{corpus.fingerprint()[:32]}-{kind}-{vocab_size}.json"
-    if path.exists():
-        return Tokenizer.load(path)
-    tokenizer = Tokenizer.train(corpus.chunks(), kind=kind, vocab_size=vocab_size)
-    try:
-        tokenizer.save(path)
-    except OSError as e:  # a full disk: one line, not a traceback
-        raise DataError(
-            f"could not write the tokenizer cache {str(path)!r}: {e.strerror or e}; free some disk space, "
-            "or point FORGE_CACHE_DIR at another disk"
-        ) from None
-    return tokenizer
-
-
-def _resumed(
-    path: str | os.PathLike[str], config: TrainConfig
-) -> tuple[Transformer, Tokenizer, dict[str, Any] | None, TrainConfig]:
-    """A checkpoint's model (with its LoRA adapters, if any), tokenizer and state, and the config to go on with."""
-    loaded = load(path, with_state=True, keep_adapters=True)
-    if has_lora(loaded.model) and not config.lora_rank:  # a LoRA run resumes as one
-        config = dataclasses.replace(config, lora_rank=lora_rank(loaded.model))
-    return loaded.model, loaded.tokenizer, loaded.training_state, config
-
-
-def _fresh(
-    corpus: Corpus,
-    preset: str | ModelConfig,
-    tokenizer: TokenizerKind | Tokenizer,
-    vocab_size: int | None,
-    config: TrainConfig,
-) -> tuple[Transformer, Tokenizer]:
-    """A new model of ``preset``, seeded by ``config.seed``, and its tokenizer (trained on the corpus unless given)."""
-    cfg = get_preset(preset) if isinstance(preset, str) else preset
-    if config.context is not None and config.context > cfg.context_length:
-        raise ConfigError(
-            f"context={config.context} is longer than the model's context of {cfg.context_length}; "
-            f"use context={cfg.context_length} or less",
-            field="context",
-        )
-    if isinstance(tokenizer, Tokenizer):
-        tok = tokenizer
-    else:
-        tok = _tokenizer_for(corpus, tokenizer, vocab_size or cfg.vocab_size)
-    torch.manual_seed(config.seed)
-    return create_model(cfg, vocab_size=padded_vocab(tok.vocab_size)), tok
-
-
 def train(
     data: DataSource,
     *,
@@ -468,6 +520,7 @@ def train(
     device: str = "auto",
     listeners: Iterable[Listener] = (),
     config: TrainConfig | None = None,
+    announce: Callable[[str], None] | None = None,
     **options: Any,
 ) -> TrainResult:
     """Train a model on ``data`` (a file, a folder, or a list of strings).
@@ -479,11 +532,22 @@ def train(
     further (a model with quantized weights, such as a GGUF kept quantized, is
     first dequantized to float32 in place); add the ``state`` of an earlier
     :class:`TrainResult` to continue its run. ``options`` are :class:`TrainConfig` fields.
+
+    ``preset="auto"`` picks the model shape and the BPE vocabulary from the time budget (``time=``; with neither
+    a budget nor ``steps``, a budget of ``DEFAULT_BUDGET`` seconds), the device and the corpus size
+    (:func:`auto_preset`); ``result.auto`` says what it picked, and ``announce`` is told before training.
     """
+    started = time.perf_counter()
     config = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     dev = resolve_device(device)
     if out is not None:
         check_replaceable(Path(out))  # fail before tokenizing, not after training
+    pick = None
+    if preset == "auto" and resume is None and model is None:
+        config, pick = auto_preset(data, config, str(dev), tokenizer=tokenizer)
+        preset, vocab_size = pick.config, vocab_size or pick.vocab_size
+        if announce is not None:
+            announce(pick.reason)
     run = prepare_run(
         data, preset=preset, resume=resume, model=model, tokenizer=tokenizer, vocab_size=vocab_size, config=config
     )
@@ -508,43 +572,26 @@ def train(
     )
     if run.state is not None:
         trainer.load_state_dict(run.state)
-    return trainer.run()
+    prepared = time.perf_counter() - started
+    result = trainer.run()
+    result.timing["prepare"] = prepared
+    result.auto = pick.reason if pick else None
+    return result
 
 
-@dataclass
-class PreparedRun:
-    """What a run starts from: its model, tokenizer, token dataset, config, and the state to resume (if any)."""
-
-    model: Transformer
-    tokenizer: Tokenizer
-    corpus: Corpus
-    dataset: TokenDataset
-    config: TrainConfig
-    state: dict[str, Any] | None = None
-
-
-def prepare_run(
-    data: DataSource,
-    *,
-    preset: str | ModelConfig,
-    resume: str | os.PathLike[str] | None,
-    model: Transformer | None,
-    tokenizer: TokenizerKind | Tokenizer,
-    vocab_size: int | None,
-    config: TrainConfig,
-) -> PreparedRun:
-    """The model (fresh from ``preset``, given, or resumed), its tokenizer and the corpus tokenized with it."""
+def auto_preset(
+    data: DataSource, config: TrainConfig, device: str = "cpu", *, tokenizer: TokenizerKind | Tokenizer = "bpe"
+) -> tuple[TrainConfig, AutoPick]:
+    """What ``preset="auto"`` trains on ``data``: the shape for the budget, the device and the corpus size, and
+    the one-line reason; and the config to train with (given neither a budget nor ``steps``, the
+    ``DEFAULT_BUDGET``)."""
+    if config.budget is None and config.steps is None:
+        config = dataclasses.replace(config, time=format_duration(DEFAULT_BUDGET))
     corpus = Corpus.from_source(data)
-    state = None
-    if resume is not None:
-        model, tok, state, config = _resumed(resume, config)
-    elif model is not None:
-        if not isinstance(tokenizer, Tokenizer):
-            raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")
-        tok = tokenizer
-        if has_quantized(model):  # e.g. a GGUF kept quantized: train its float32 twin, in place
-            dequantize_model(model, torch.float32).float()
-    else:
-        model, tok = _fresh(corpus, preset, tokenizer, vocab_size, config)
-    dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)
-    return PreparedRun(model=model, tokenizer=tok, corpus=corpus, dataset=dataset, config=config, state=state)
+    size = sum(p.stat().st_size for p in corpus.files) + sum(len(t.encode()) for t in corpus.texts)
+    budget = config.budget
+    kind = tokenizer if isinstance(tokenizer, str) else "given"
+    pick = auto_pick(
+        budget=budget or DEFAULT_BUDGET, corpus_bytes=size, device=device, assumed=budget is None, tokenizer=kind
+    )
+    return config, pick

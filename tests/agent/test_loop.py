@@ -314,6 +314,22 @@ def test_a_task_is_not_done_while_it_names_what_no_call_has_used(
     assert _unfinished(task, tools, made) is unfinished
 
 
+def test_a_word_the_results_already_hold_does_not_keep_the_task_open() -> None:
+    """ "How many miles longer ...": the lookup said "131 miles", so "miles" asks for no conversion; once the
+    subtraction is made the task is done. "... in miles" after "212 km" still asks for one."""
+    from forge.agent.loop import _unfinished
+
+    tools = [t.schema() for t in (_lookup, _convert, _calculate)]
+    task = "How many miles longer than 100 miles is the river Auden?"
+    made = _made(("_lookup", {"topic": "river Auden"}), ("_calculate", {"a": 131, "operation": "subtract", "b": 100}))
+    known = ["The river Auden is 131 miles long.", "131 - 100 = 31"]
+    assert _unfinished(task, tools, made)  # without the results, "miles" names the unused conversion
+    assert not _unfinished(task, tools, made, known)
+    assert _unfinished(task, tools, made[:1], known[:1])  # 100 is not used yet: the computation is to come
+    miles = "How long is the river Auden in miles?"
+    assert _unfinished(miles, tools, made[:1], ["The river Auden is 212 km long."])
+
+
 def test_a_tool_of_closed_choices_the_task_never_mentions_is_not_offered() -> None:
     from forge.agent.loop import _may_help
 

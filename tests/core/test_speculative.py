@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import math
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from forge.app import Forge
+from forge.cli import main
 from forge.config import ModelConfig
 from forge.core.decode import Batcher, Sequence
 from forge.core.sampling import SamplingParams, probabilities
 from forge.core.speculative import DRAFT_MAX, DRAFT_TOKENS, MIN_ACCEPTANCE, PAUSE, WINDOW, NgramProposer, Speculation
 from forge.core.transformer import Transformer
+from forge.errors import ConfigError
+from forge.models import padded_vocab, save
 from forge.tokenizer import Tokenizer
 from helpers import generate
 
@@ -31,10 +36,15 @@ def model(
 
 
 def run(
-    model: Transformer, seqs: list[Sequence], join_at: dict[int, int] | None = None, max_batch: int = 4
+    model: Transformer,
+    seqs: list[Sequence],
+    join_at: dict[int, int] | None = None,
+    max_batch: int = 4,
+    draft: Transformer | None = None,
 ) -> list[list[int]]:
-    """Drive a batcher; sequence i joins at step join_at[i]. Tokens per sequence."""
-    batcher = Batcher(model, max_batch=max_batch, max_len=250)
+    """Drive a batcher (speculating rows take ``draft``'s proposals if given); sequence i joins at step
+    join_at[i]. Tokens per sequence."""
+    batcher = Batcher(model, max_batch=max_batch, max_len=250, draft=draft)
     out: dict[int, list[int]] = {id(s): [] for s in seqs}
     pending, step, join_at = list(seqs), 0, join_at or {}
     while pending or batcher.running:
@@ -75,6 +85,27 @@ def test_greedy_speculation_gives_the_plain_tokens_in_a_batch(model: Transformer
     proposed = sum(s.spec.proposed for s in seqs if s.spec is not None)
     accepted = sum(s.spec.accepted for s in seqs if s.spec is not None)
     assert 0 < accepted < proposed  # verify steps ran, and kept only what the model agreed with
+
+
+@pytest.mark.parametrize("same_weights", [True, False])
+def test_greedy_speculation_with_a_draft_model_gives_the_plain_tokens(
+    model: Transformer, peaked_model: Callable[..., Transformer], same_weights: bool
+) -> None:
+    # A draft with the model's own weights agrees with it everywhere; one of other weights rarely does.
+    draft = copy.deepcopy(model) if same_weights else peaked_model(model.config, seed=7)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], [1, 6, 1, 8, 0, 3, 3]]
+    budgets = [40, 33, 47]
+    plain = run(model, [Sequence(p, n, GREEDY) for p, n in zip(prompts, budgets, strict=True)])
+    seqs = [Sequence(p, n, GREEDY, speculate=True) for p, n in zip(prompts, budgets, strict=True)]
+    assert run(model, seqs, join_at={1: 2, 2: 5}, max_batch=2, draft=draft) == plain
+    proposed = sum(s.spec.proposed for s in seqs if s.spec is not None)
+    accepted = sum(s.spec.accepted for s in seqs if s.spec is not None)
+    assert proposed > 0
+    if same_weights:
+        assert accepted == proposed  # every proposal is the model's own next token
+        assert sum(s.spec.steps for s in seqs if s.spec is not None) < sum(budgets) / 3
+    else:
+        assert accepted < proposed
 
 
 def test_a_text_that_repeats_its_prompt_takes_several_tokens_a_forward(
@@ -205,3 +236,43 @@ def test_smollm2_gives_the_same_text_with_speculation_and_the_prefix_cache(smoll
     assert texts == [plain, plain]
     assert stats["prefix_cache"]["hits"] == 1 and stats["prefix_cache"]["tokens_reused"] >= 48
     assert 0 < stats["speculative_accepted"] <= stats["speculative_proposed"]
+
+
+def test_a_draft_model_through_the_app_the_engine_and_the_cli(
+    bigram_dir: Path,
+    tmp_path: Path,
+    bpe_tokenizer: Tokenizer,
+    small_config: Callable[..., ModelConfig],
+    peaked_model: Callable[..., Transformer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plain_app = Forge.load(bigram_dir)
+    plain = generate(plain_app, "a", max_tokens=20, temperature=0)
+    assert plain.startswith("bcdefgh")
+    app = Forge.load(bigram_dir, draft=bigram_dir)  # the same tokenizer: its own checkpoint
+    assert generate(app, "a", max_tokens=20, temperature=0, speculate="draft") == plain
+
+    async def batched() -> str:
+        await app.start_batching(max_batch=2, speculate="draft")
+        try:
+            result = await app.generate("a", max_tokens=20, temperature=0)
+        finally:
+            await app.stop_batching()
+        assert isinstance(result, str)
+        return result
+
+    assert asyncio.run(batched()) == plain
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        generate(plain_app, "a", max_tokens=4, speculate="draft")
+    other = tmp_path / "other-tokenizer"
+    save(other, peaked_model(small_config("gpt2", vocab_size=padded_vocab(bpe_tokenizer.vocab_size))), bpe_tokenizer)
+    with pytest.raises(ConfigError, match=rf"vocabulary of {bpe_tokenizer.vocab_size} tokens, the model \d+: a draft"):
+        Forge.load(bigram_dir, draft=other)
+    # The CLI: --draft implies --speculate draft; --speculate draft alone is refused in one line.
+    assert main(["generate", str(bigram_dir), "--prompt", "a", "--max-tokens", "20", "--draft", str(bigram_dir)]) == 0
+    assert capsys.readouterr().out.strip() == "a" + plain
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", str(bigram_dir), "--prompt", "a", "--speculate", "draft"])
+    err = capsys.readouterr().err
+    assert refused.value.code != 0
+    assert "--draft MODEL" in err and "Traceback" not in err

@@ -71,6 +71,8 @@ ANSWER = "Question: {task}\nTool results:\n{results}\n\nAnswer the question in o
 TOOL_PROMPT = "Tool: {name}. {about}\nA task for this tool:"
 #: ... and whether the last tool result answers the task (``final_answer``).
 RESULT_PROMPT = "Known: {result}\nA question this answers:"
+#: What the model reads first when it judges the next call from the last tool result (see ``_next_tool``).
+KNOWN_PROMPT = "Known: {result}\n"
 #: ... and which of an argument's choices the task needs; more choices than this are left to the model.
 CHOICE_PROMPT = "{tool}({name}={value!r})\nA task for this call:"
 MAX_CHOICES = 64
@@ -310,7 +312,8 @@ class Agent:
         if len(allowed) > 1:  # which tool, or whether it is done: the model's judgement, not its first token
             last = next(reversed(run.results.values()))[1].content if run.results else None
             made = run.results.keys()
-            allowed = [await asyncio.to_thread(_likeliest_tool, self.app, run.task, allowed, last, made)]
+            known = [r.content for _, r in run.results.values() if not r.error]
+            allowed = [await asyncio.to_thread(_likeliest_tool, self.app, run.task, allowed, last, made, known)]
             if allowed[0]["function"]["name"] == FINAL:
                 return []
         return allowed
@@ -415,13 +418,13 @@ def _key(call: ToolCall) -> tuple[str, str]:
 
 
 def _quote(answer: str, results: list[ToolResultEvent]) -> str | None:
-    """The last tool result, quoted, if the answer has the last number of none of the results (the number a
-    task asks for: a lookup's figure, a calculation's result); None when it has one or there is no number."""
+    """The last tool result with a number, quoted, if the answer leaves out its last number (the number the
+    task asks for: a lookup's figure, a calculation's result; in a two-step task the second call's, made from
+    the first one's result, which SmolLM2's answer repeated instead); None when it has it or there is none."""
     said = set(_NUMBER.findall(_THOUSANDS.sub("", answer)))
-    figures = [n[-1] for r in results if (n := _NUMBER.findall(_THOUSANDS.sub("", r.content)))]
-    if not figures or said & set(figures):
+    last = next((r for r in reversed(results) if _NUMBER.search(r.content)), None)
+    if last is None or _NUMBER.findall(_THOUSANDS.sub("", last.content))[-1] in said:
         return None
-    last = next(r for r in reversed(results) if _NUMBER.search(r.content))
     return f'({last.name} returned "{last.content}")'
 
 
@@ -430,7 +433,12 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 48,213 is 48213
 
 
 def _likeliest_tool(
-    app: Forge, task: str, tools: list[dict[str, Any]], last: str | None = None, made: Collection[Any] = ()
+    app: Forge,
+    task: str,
+    tools: list[dict[str, Any]],
+    last: str | None = None,
+    made: Collection[Any] = (),
+    known: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The tool whose description ``task`` follows best, by the chat model's likelihood of the task's words,
     with its choices narrowed (see ``_likeliest_choices``); ``final_answer`` is judged by how well the task
@@ -438,7 +446,8 @@ def _likeliest_tool(
     ``made`` is not offered: the task names it, so it would win again and again. Neither is a tool whose
     arguments are all closed choices none of which the task mentions (a lookup of "Eiffel Tower" does not
     help with "What is 1234 plus 5678?"), unless nothing else is left. While the task is plainly not done
-    (see ``_unfinished``), ``final_answer`` is not offered."""
+    (see ``_unfinished``; ``known``: the results so far), ``final_answer`` is not offered. A tool that wins
+    after a ``last`` result is judged again with that result (see ``_next_tool``)."""
     model, tokenizer = app.model, app.tokenizer
     assert model is not None and tokenizer is not None, "checked before the loop"
     relevant = [t for t in tools if t["function"]["name"] == FINAL or _may_help(task, t)]
@@ -446,7 +455,7 @@ def _likeliest_tool(
         tools = relevant
     narrowed = [t if t["function"]["name"] == FINAL else _likeliest_choices(model, tokenizer, task, t) for t in tools]
     offered = [t for t in narrowed if _determined(t) not in made] or narrowed
-    if _unfinished(task, tools, made) and any(t["function"]["name"] != FINAL for t in offered):
+    if _unfinished(task, tools, made, known) and any(t["function"]["name"] != FINAL for t in offered):
         offered = [t for t in offered if t["function"]["name"] != FINAL]
     described = [
         RESULT_PROMPT.format(result=last or "nothing yet")
@@ -455,19 +464,36 @@ def _likeliest_tool(
         for t in offered
     ]
     scores = likelihoods(model, tokenizer, described, " " + task)
+    chosen = offered[max(range(len(offered)), key=scores.__getitem__)]
+    if last is None or chosen["function"]["name"] == FINAL:
+        return chosen
+    return _next_tool(model, tokenizer, task, [t for t in tools if t["function"]["name"] != FINAL], last, made)
+
+
+def _next_tool(
+    model: Any, tokenizer: Any, task: str, tools: list[dict[str, Any]], last: str, made: Collection[Any]
+) -> dict[str, Any]:
+    """The tool (choices narrowed) that ``task`` follows best, each tool and choice read after "Known: <last
+    result>": judged from the task alone, SmolLM2 converted a lookup's "330 metres" "feet to metres"."""
+    context = KNOWN_PROMPT.format(result=last)
+    narrowed = [_likeliest_choices(model, tokenizer, task, t, context) for t in tools]
+    offered = [t for t in narrowed if _determined(t) not in made] or narrowed
+    described = [context + TOOL_PROMPT.format(name=t["function"]["name"], about=_about(t["function"])) for t in offered]
+    scores = likelihoods(model, tokenizer, described, " " + task)
     return offered[max(range(len(offered)), key=scores.__getitem__)]
 
 
-def _unfinished(task: str, tools: list[dict[str, Any]], made: Collection[Any]) -> bool:
+def _unfinished(task: str, tools: list[dict[str, Any]], made: Collection[Any], known: Sequence[str] = ()) -> bool:
     """Whether ``task`` plainly needs another call after those ``made``: it names a tool not used yet
-    ("... then use the calculator"), or one of an unused tool's choices ("... in feet" for a conversion
-    "metres to feet"), or it holds a number no call has used ("how many years before 2024 ...")."""
+    ("... then use the calculator"), or an unused tool's choice that no result ``known`` holds ("... in feet"
+    after "330 metres"; not "metres higher" after "8849 metres"), or a number no call has used."""
     if not made:
         return False
     used = {name for name, _ in made}
+    said = " ".join(known)
     for t in tools:
         name = t["function"]["name"]
-        if name != FINAL and name not in used and (_names(task, name) or _mentions(task, t)):
+        if name != FINAL and name not in used and (_names(task, name) or _mentions(task, t, said)):
             return True
     used_numbers = {n for _, arguments in made for n in _numbers(arguments)}
     return bool(_numbers(task) - used_numbers)
@@ -487,9 +513,10 @@ def _choices(schema: dict[str, Any]) -> dict[str, list[Any] | None]:
     }
 
 
-def _mentions(task: str, schema: dict[str, Any]) -> bool:
-    """Whether ``task`` shares a word (three letters or more) with one of the tool's choices."""
-    words = {w for w in _words(task) if len(w) >= 3}
+def _mentions(task: str, schema: dict[str, Any], known: str = "") -> bool:
+    """Whether ``task`` shares a word (three letters or more) with one of the tool's choices, other than the
+    words of ``known`` (what the tool results already said)."""
+    words = {w for w in _words(task) if len(w) >= 3} - _words(known)
     return any(words & _words(str(c)) for options in _choices(schema).values() for c in options or ())
 
 
@@ -527,15 +554,18 @@ def _about(function: dict[str, Any]) -> str:
     return f"{function.get('description', '')} Arguments: {'; '.join(arguments) or 'none'}."
 
 
-def _likeliest_choices(model: Any, tokenizer: Any, task: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _likeliest_choices(
+    model: Any, tokenizer: Any, task: str, schema: dict[str, Any], context: str = ""
+) -> dict[str, Any]:
     """``schema`` with each argument that has a list of choices (an enum, a Literal) held to the one the task
-    follows best: small models pick "Eiffel Tower" for any landmark, "miles to km" for any conversion."""
+    follows best (read after ``context``): small models pick "Eiffel Tower" for any landmark, "miles to km"
+    for any conversion."""
     function = schema["function"]
     properties = dict(function.get("parameters", {}).get("properties", {}))
     for name, spec in properties.items():
         options = spec.get("enum") if isinstance(spec, dict) else None
         if isinstance(options, list) and len(options) > 1 and len(options) <= MAX_CHOICES:
-            contexts = [CHOICE_PROMPT.format(tool=function["name"], name=name, value=v) for v in options]
+            contexts = [context + CHOICE_PROMPT.format(tool=function["name"], name=name, value=v) for v in options]
             scores = likelihoods(model, tokenizer, contexts, " " + task)
             properties[name] = {**spec, "enum": [options[max(range(len(options)), key=scores.__getitem__)]]}
     parameters = {**function.get("parameters", {}), "properties": properties}

@@ -74,6 +74,7 @@ class TrainingDisplay:
             self.progress.update(
                 self.task,
                 completed=event.step,
+                total=event.total_steps,  # a time budget's plan moves as the measured speed does
                 loss=f"{event.loss:.3f}",
                 lr=f"{event.lr:.2e}",
                 tps=f"{event.tokens_per_sec:,.0f}",

@@ -59,6 +59,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.cache: KVCache | None = None
+        # QK-norm: RMSNorm over each head's queries and keys, one gain per head dim shared by the heads (Qwen3).
+        self.qk_norm_eps = cfg.norm_eps
+        self.q_norm = nn.Parameter(torch.ones(cfg.head_dim)) if cfg.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(cfg.head_dim)) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -72,6 +76,11 @@ class CausalSelfAttention(nn.Module):
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, (H + 2Hkv) * D)
         v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D)
+        if self.q_norm is not None and self.k_norm is not None:  # before RoPE, as Qwen3
+            q, k = qk.split([H, Hkv], dim=1)
+            q = ops.add_rms_norm(q, None, self.q_norm, self.qk_norm_eps)[0]
+            k = ops.add_rms_norm(k, None, self.k_norm, self.qk_norm_eps)[0]
+            qk = torch.cat([q, k], dim=1)
         if rope is not None:  # queries and keys rotate together: one op for both
             qk = ops.rope(qk, *rope)
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)

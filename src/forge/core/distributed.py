@@ -43,6 +43,7 @@ __all__ = [
     "Strategy",
     "World",
     "all_mean",
+    "all_min",
     "barrier",
     "choose_strategy",
     "clip_grad_norm",
@@ -211,6 +212,15 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= dist.get_world_size()
     return values
+
+
+def all_min(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over the ranks (e.g. the last step each rank's clock allows). Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -45,6 +46,7 @@ class Norm(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.activation = cfg.activation
         self.swiglu = cfg.activation == "swiglu"
         # SwiGLU fuses gate and up projections into one matmul: (d, 2*ff).
         self.up = nn.Linear(cfg.d_model, cfg.ff_dim * (2 if self.swiglu else 1), bias=cfg.bias)
@@ -52,7 +54,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ops.linear(x, self.up.weight, self.up.bias)
-        h = ops.swiglu(h) if self.swiglu else ops.gelu(h)  # swiglu: (.., 2 * ff) -> (.., ff)
+        if self.swiglu:
+            h = ops.swiglu(h)  # (.., 2 * ff) -> (.., ff)
+        elif self.activation == "relu2":
+            h = torch.relu(h).square()  # ReLU² (Primer; the modded-nanogpt speedrun)
+        else:
+            h = ops.gelu(h)
         return ops.linear(h, self.down.weight, self.down.bias)
 
 
@@ -236,7 +243,15 @@ class Transformer(nn.Module):
             rows = torch.arange(x.shape[0], device=x.device)
             x, delta = x[rows, select][:, None], delta[rows, select][:, None]  # (B, 1, d)
         x = self.norm.add(x, delta)[0]  # after the slice: only the rows that get logits
-        return ops.linear(x, self.lm_head.weight)  # (B, T, vocab)
+        return self.head(x)  # (B, T, vocab)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final normalised hidden states ``h`` (..., d): the output head, soft-capped if configured."""
+        logits = ops.linear(h, self.lm_head.weight)
+        cap = self.config.logit_softcap
+        if cap is None:
+            return logits
+        return (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
 
     def hidden(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, d): what the output head sees (used for embeddings)."""
@@ -282,4 +297,6 @@ class Transformer(nn.Module):
         On GPUs the output head and the loss are one fused kernel that never holds the full logits.
         """
         h = self.norm.add(*self._trunk(idx, None, None, None))[0]  # (B, T, d)
+        if self.config.logit_softcap is not None:  # the fused kernel has no cap: the logits are materialised
+            return F.cross_entropy(self.head(h).float().reshape(-1, self.config.vocab_size), targets.reshape(-1))
         return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))

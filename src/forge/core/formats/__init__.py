@@ -12,6 +12,7 @@ Forge's parameter names (see ``forge.core.transformer``)::
     blocks.{i}.norm1.weight/.bias, blocks.{i}.norm2.weight/.bias
     blocks.{i}.attn.qkv.weight/.bias   rows: [q (H*D); k (Hkv*D); v (Hkv*D)], RoPE in "rotate half" layout
     blocks.{i}.attn.proj.weight/.bias
+    blocks.{i}.attn.q_norm, blocks.{i}.attn.k_norm   (head_dim,) gains, with ModelConfig.qk_norm (not exportable)
     blocks.{i}.mlp.up.weight/.bias     SwiGLU: rows [gate (ff); up (ff)]; GELU: (ff, d)
     blocks.{i}.mlp.down.weight/.bias
 
@@ -27,8 +28,29 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
+from forge.errors import ConfigError
 
-__all__ = ["Pretrained", "SpecialTokens"]
+__all__ = ["Pretrained", "SpecialTokens", "check_exportable"]
+
+
+def check_exportable(config: ModelConfig, target: str) -> None:
+    """Refuse, naming them, the architecture options ``target``'s graphs (llama.cpp's GGUF architectures,
+    transformers' GPT-2/Llama/Qwen2 classes, the ONNX graph) have no place for: exported without them, the
+    model would compute something else.
+    """
+    found = []
+    if config.qk_norm:
+        found.append("qk_norm=True")
+    if config.logit_softcap is not None:
+        found.append(f"logit_softcap={config.logit_softcap}")
+    if config.activation == "relu2":
+        found.append("activation='relu2'")
+    if found:
+        raise ConfigError(
+            f"{target} export can't represent this model's {', '.join(found)}: the format's architectures have "
+            "no such layer. Run it with Forge itself (its checkpoint works with generate, serve and the Python "
+            f"API), or train an exportable model without {' / '.join(found)} (the defaults)"
+        )
 
 
 @dataclass

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
 from forge.core.checkpoint import fsync_file, write_error
-from forge.core.formats import SpecialTokens
+from forge.core.formats import SpecialTokens, check_exportable
 from forge.core.formats.gguf import _expected_shapes, _gguf, _permute
 from forge.core.formats.gguf_tokenizer import write_tokenizer
 from forge.core.quantize import Int4Weight, QuantizedWeight
@@ -121,6 +121,7 @@ def _check_gguf_target(out: Path) -> None:
 
 
 def _export_architecture(config: ModelConfig) -> str:
+    check_exportable(config, "GGUF")
     if config.position == "rope" and config.norm == "rmsnorm" and config.activation == "swiglu":
         if (
             config.rope_scaling

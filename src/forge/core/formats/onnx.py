@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from forge.config import ModelConfig
 from forge.core.checkpoint import atomic_directory, fsync_file, write_durably
-from forge.core.formats import SpecialTokens
+from forge.core.formats import SpecialTokens, check_exportable
 from forge.core.formats.hf import config_to_hf
 from forge.core.formats.hf_tokenizer import json_bytes, read_json, tokenizer_files
 from forge.core.formats.onnx_graph import matmul_weights, trace
@@ -135,6 +135,7 @@ def _check(target: Path, config: ModelConfig, dtype: str) -> dict[str, Any]:
             f"cannot write the ONNX folder {str(target)!r}: its parent folder {str(target.parent)!r} does not "
             "exist; create it first or choose another path"
         )
+    check_exportable(config, "ONNX")
     try:
         hf_config = config_to_hf(config)  # transformers.js picks the model class by model_type
     except ConfigError as e:

@@ -1,0 +1,112 @@
+"""What a training run starts from: the corpus tokenized, and a model fresh from a preset, given, or resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from forge.config import ModelConfig, get_preset
+from forge.core.lora import has_lora, lora_rank
+from forge.core.quantize import dequantize_model, has_quantized
+from forge.core.transformer import Transformer
+from forge.data import Corpus, DataSource, TokenDataset, cache_dir
+from forge.errors import ConfigError, DataError
+from forge.models import create_model, load, padded_vocab
+from forge.tokenizer import Tokenizer, TokenizerKind
+
+if TYPE_CHECKING:
+    from forge.trainer import TrainConfig
+
+__all__ = ["PreparedRun", "prepare_run"]
+
+
+def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Tokenizer:
+    """Train a tokenizer on the corpus, cached by corpus content, kind and size."""
+    path = cache_dir() / "tokenizers" / f"{corpus.fingerprint()[:32]}-{kind}-{vocab_size}.json"
+    if path.exists():
+        return Tokenizer.load(path)
+    tokenizer = Tokenizer.train(corpus.chunks(), kind=kind, vocab_size=vocab_size)
+    try:
+        tokenizer.save(path)
+    except OSError as e:  # a full disk: one line, not a traceback
+        raise DataError(
+            f"could not write the tokenizer cache {str(path)!r}: {e.strerror or e}; free some disk space, "
+            "or point FORGE_CACHE_DIR at another disk"
+        ) from None
+    return tokenizer
+
+
+def _resumed(
+    path: str | os.PathLike[str], config: TrainConfig
+) -> tuple[Transformer, Tokenizer, dict[str, Any] | None, TrainConfig]:
+    """A checkpoint's model (with its LoRA adapters, if any), tokenizer and state, and the config to go on with."""
+    loaded = load(path, with_state=True, keep_adapters=True)
+    if has_lora(loaded.model) and not config.lora_rank:  # a LoRA run resumes as one
+        config = dataclasses.replace(config, lora_rank=lora_rank(loaded.model))
+    return loaded.model, loaded.tokenizer, loaded.training_state, config
+
+
+def _fresh(
+    corpus: Corpus,
+    preset: str | ModelConfig,
+    tokenizer: TokenizerKind | Tokenizer,
+    vocab_size: int | None,
+    config: TrainConfig,
+) -> tuple[Transformer, Tokenizer]:
+    """A new model of ``preset``, seeded by ``config.seed``, and its tokenizer (trained on the corpus unless given)."""
+    cfg = get_preset(preset) if isinstance(preset, str) else preset
+    if config.context is not None and config.context > cfg.context_length:
+        raise ConfigError(
+            f"context={config.context} is longer than the model's context of {cfg.context_length}; "
+            f"use context={cfg.context_length} or less",
+            field="context",
+        )
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok = _tokenizer_for(corpus, tokenizer, vocab_size or cfg.vocab_size)
+    torch.manual_seed(config.seed)
+    return create_model(cfg, vocab_size=padded_vocab(tok.vocab_size)), tok
+
+
+@dataclass
+class PreparedRun:
+    """What a run starts from: its model, tokenizer, token dataset, config, and the state to resume (if any)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    corpus: Corpus
+    dataset: TokenDataset
+    config: TrainConfig
+    state: dict[str, Any] | None = None
+
+
+def prepare_run(
+    data: DataSource,
+    *,
+    preset: str | ModelConfig,
+    resume: str | os.PathLike[str] | None,
+    model: Transformer | None,
+    tokenizer: TokenizerKind | Tokenizer,
+    vocab_size: int | None,
+    config: TrainConfig,
+) -> PreparedRun:
+    """The model (fresh from ``preset``, given, or resumed), its tokenizer and the corpus tokenized with it."""
+    corpus = Corpus.from_source(data)
+    state = None
+    if resume is not None:
+        model, tok, state, config = _resumed(resume, config)
+    elif model is not None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise ConfigError("train(model=...) needs the model's Tokenizer as tokenizer=...; got a tokenizer kind")
+        tok = tokenizer
+        if has_quantized(model):  # e.g. a GGUF kept quantized: train its float32 twin, in place
+            dequantize_model(model, torch.float32).float()
+    else:
+        model, tok = _fresh(corpus, preset, tokenizer, vocab_size, config)
+    dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)
+    return PreparedRun(model=model, tokenizer=tok, corpus=corpus, dataset=dataset, config=config, state=state)
