@@ -94,3 +94,25 @@ def run_cli(args: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_cached_decode_matches_full(model: Any, idx: Any) -> None:
+    """A prefill of 8 tokens and single-token steps through the KV cache give the full forward's logits."""
+    import torch
+
+    from forge.core.kv_cache import CacheWrite
+
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(idx.shape[0], idx.shape[1])
+        rows = slice(0, idx.shape[0])
+        try:
+            prefill = model(idx[:, :8], write=CacheWrite(rows=rows, pos=0, length=8))
+            steps = [
+                model(idx[:, t : t + 1], write=CacheWrite(rows=rows, pos=t, length=t + 1))
+                for t in range(8, idx.shape[1])
+            ]
+        finally:
+            model.clear_cache()
+    torch.testing.assert_close(prefill, full[:, :8], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], rtol=1e-4, atol=1e-5)

@@ -11,10 +11,10 @@ import torch
 
 from forge import models
 from forge.config import ModelConfig
-from forge.core.kv_cache import CacheWrite
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError
 from forge.tokenizer import Tokenizer
+from helpers import assert_cached_decode_matches_full
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "qk_norm": {"qk_norm": True},
@@ -46,17 +46,7 @@ def test_forward_backward_reach_every_parameter(model: Transformer) -> None:
 def test_kv_cache_decode_equals_full_forward(model: Transformer) -> None:
     idx = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     model.eval()
-    with torch.no_grad():
-        full = model(idx)
-        model.setup_cache(2, 12)
-        try:
-            rows = slice(0, 2)
-            prefill = model(idx[:, :8], write=CacheWrite(rows=rows, pos=0, length=8))
-            steps = [model(idx[:, t : t + 1], write=CacheWrite(rows=rows, pos=t, length=t + 1)) for t in range(8, 12)]
-        finally:
-            model.clear_cache()
-    torch.testing.assert_close(prefill, full[:, :8], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], rtol=1e-4, atol=1e-5)
+    assert_cached_decode_matches_full(model, idx)
 
 
 def test_options_change_the_model(small_config: Callable[..., ModelConfig]) -> None:

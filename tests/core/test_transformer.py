@@ -12,6 +12,7 @@ from forge.core.attention import apply_rope, rope_tables
 from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.transformer import ROPE_INITIAL_LEN, Transformer
 from forge.errors import GenerationError
+from helpers import assert_cached_decode_matches_full
 
 FAMILIES = ["gpt2", "llama"]
 
@@ -180,18 +181,7 @@ def test_dropout_only_in_training(small_config: Callable[..., ModelConfig]) -> N
 
 
 def test_kv_cache_prefill_and_decode_match_full_forward(model: Transformer) -> None:
-    idx = _tokens(model.config.vocab_size, (2, 12))
-    with torch.no_grad():
-        full = model(idx)
-        model.setup_cache(2, 12)
-        rows = slice(0, 2)
-        try:
-            prefill = model(idx[:, :8], write=CacheWrite(rows=rows, pos=0, length=8))
-            steps = [model(idx[:, t : t + 1], write=CacheWrite(rows=rows, pos=t, length=t + 1)) for t in range(8, 12)]
-        finally:
-            model.clear_cache()
-    torch.testing.assert_close(prefill, full[:, :8], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], rtol=1e-4, atol=1e-5)
+    assert_cached_decode_matches_full(model, _tokens(model.config.vocab_size, (2, 12)))
     assert all(block.attn.cache is None for block in model.blocks)
 
 
