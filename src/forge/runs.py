@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -18,8 +18,25 @@ from forge.errors import ConfigError, DataError
 from forge.models import create_model, load, padded_vocab
 from forge.tokenizer import Tokenizer, TokenizerKind
 
-if TYPE_CHECKING:
-    from forge.trainer import TrainConfig
+
+class RunConfig(Protocol):
+    """What preparing a run reads of its ``TrainConfig`` (typed so, without importing ``forge.trainer`` back)."""
+
+    @property
+    def lora_rank(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def context(self) -> int | None: ...
+
+    @property
+    def val_fraction(self) -> float: ...
+
+
+#: The run's own config type (``TrainConfig``), handed back as it came.
+Config = TypeVar("Config", bound=RunConfig)
 
 __all__ = ["PreparedRun", "prepare_run"]
 
@@ -41,12 +58,12 @@ def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Toke
 
 
 def _resumed(
-    path: str | os.PathLike[str], config: TrainConfig
-) -> tuple[Transformer, Tokenizer, dict[str, Any] | None, TrainConfig]:
+    path: str | os.PathLike[str], config: Config
+) -> tuple[Transformer, Tokenizer, dict[str, Any] | None, Config]:
     """A checkpoint's model (with its LoRA adapters, if any), tokenizer and state, and the config to go on with."""
     loaded = load(path, with_state=True, keep_adapters=True)
     if has_lora(loaded.model) and not config.lora_rank:  # a LoRA run resumes as one
-        config = dataclasses.replace(config, lora_rank=lora_rank(loaded.model))
+        config = dataclasses.replace(config, lora_rank=lora_rank(loaded.model))  # type: ignore[type-var]
     return loaded.model, loaded.tokenizer, loaded.training_state, config
 
 
@@ -55,7 +72,7 @@ def _fresh(
     preset: str | ModelConfig,
     tokenizer: TokenizerKind | Tokenizer,
     vocab_size: int | None,
-    config: TrainConfig,
+    config: RunConfig,
 ) -> tuple[Transformer, Tokenizer]:
     """A new model of ``preset``, seeded by ``config.seed``, and its tokenizer (trained on the corpus unless given)."""
     cfg = get_preset(preset) if isinstance(preset, str) else preset
@@ -74,14 +91,14 @@ def _fresh(
 
 
 @dataclass
-class PreparedRun:
+class PreparedRun(Generic[Config]):
     """What a run starts from: its model, tokenizer, token dataset, config, and the state to resume (if any)."""
 
     model: Transformer
     tokenizer: Tokenizer
     corpus: Corpus
     dataset: TokenDataset
-    config: TrainConfig
+    config: Config
     state: dict[str, Any] | None = None
 
 
@@ -93,8 +110,8 @@ def prepare_run(
     model: Transformer | None,
     tokenizer: TokenizerKind | Tokenizer,
     vocab_size: int | None,
-    config: TrainConfig,
-) -> PreparedRun:
+    config: Config,
+) -> PreparedRun[Config]:
     """The model (fresh from ``preset``, given, or resumed), its tokenizer and the corpus tokenized with it."""
     corpus = Corpus.from_source(data)
     state = None
