@@ -299,6 +299,8 @@ class Trainer:
         if budget is not None:  # the schedule counts from here, planned once the first step is timed
             self.plan = TimePlan(budget=budget, start_step=self.step, cap=cap, eval_every=cfg.eval_every)
             self.schedule_origin = self.step
+            # Saving the weights and AdamW's two moments at the end: an estimate, in seconds.
+            self._save_cost = self.model.num_params() * 4 * 3 / 2e8 + 0.05 if self.out else 0.0
         self._emit_start(self._planned_total(t0))
         tf32 = torch.backends.cuda.matmul.allow_tf32
         # TF32 for any fp32 matmul left outside autocast (3x the fp32 rate on Ampere and later);
@@ -347,8 +349,7 @@ class Trainer:
         assert plan.step_time is not None  # the final evaluation and checkpoint: measured, or estimated
         evals = self.result.evals
         plan.eval_cost = self.timing["eval"] / len(evals) if evals else plan.step_time * self.config.eval_batches / 3
-        weights = self.model.num_params() * 4 * 3  # the weights and AdamW's two moments
-        plan.reserve = plan.eval_cost + (weights / 2e8 + 0.05 if self.out else 0.0)
+        plan.reserve = plan.eval_cost + self._save_cost
         total = plan.total(step=self.step, elapsed=time.perf_counter() - t0)
         self.schedule = self.config.schedule_for(max(1, total - self.schedule_origin))
         return total

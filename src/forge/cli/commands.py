@@ -29,6 +29,7 @@ from forge.cli.options import (
 )
 from forge.cli.progress import TrainingDisplay
 from forge.config import preset_names
+from forge.core.checkpoint import read_training_state
 from forge.core.device import resolve_device
 from forge.core.distributed import World
 from forge.core.quantize import quantize_model
@@ -354,7 +355,7 @@ def default_optimizer(resume: Path | None, model: str | None, strategy: str) -> 
     held-out text in 120 s on a 2-core CPU against AdamW's 3.23 (benchmarks/results/quality_cpu.json); AdamW to
     fine-tune a pretrained model or under FSDP (Muon needs whole matrices); a resumed run keeps its own."""
     if resume is not None:
-        state = models.load(resume, with_state=True).training_state or {}
+        state = read_training_state(resume) or {}
         return str((state.get("train_config") or {}).get("optimizer", "adamw"))
     return "adamw" if model is not None or strategy == "fsdp" else "muon"
 

@@ -43,6 +43,7 @@ __all__ = [
     "fsync_file",
     "load_checkpoint",
     "read_manifest",
+    "read_training_state",
     "recover_swap",
     "save_checkpoint",
     "write_durably",
@@ -328,6 +329,12 @@ def load_checkpoint(
         training_state=training_state,
         meta=manifest.get("meta", {}),
     )
+
+
+def read_training_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A checkpoint's training state alone (None if it has none), without loading its weights."""
+    root = Path(path)
+    return _load_state(root, "cpu") if (root / STATE).is_file() else None
 
 
 def _load_state(root: Path, map_location: str | torch.device) -> dict[str, Any]:
