@@ -5,7 +5,7 @@
  */
 
 import { type Context, type Middleware, compose } from "./context.js";
-import { ConfigError, preview } from "./errors.js";
+import { AbortError, ConfigError, preview } from "./errors.js";
 import type { Emitter } from "./events.js";
 
 export const seconds = (): number => performance.now() / 1000;
@@ -64,6 +64,7 @@ export class Stack {
     let index = 0;
     try {
       for await (const piece of chunks) {
+        if (ctx.signal?.aborted) throw new AbortError(); // a piece already buffered when the signal fired
         if (!piece) continue;
         this.emitter.emit("token", { name: "token", id: ctx.id, index: index++, text: piece });
         text += piece;
