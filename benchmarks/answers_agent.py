@@ -1,6 +1,6 @@
 """Agents that use their tools: 24 tool tasks for SmolLM2-135M, scored on the final answer.
 
-    python benchmarks/answers_agent.py [--tasks N] [--model smollm2]
+    python benchmarks/answers_agent.py [--tasks N] [--only 8,14] [--model smollm2]
 
 Four kinds of task (lookup, arithmetic, unit conversion, two-step: a lookup
 then a computation with its result), each with the number the final answer
@@ -197,14 +197,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=None, help="run only the first N tasks (round-robin over kinds)")
     parser.add_argument("--kinds", default=None, help="only these kinds, comma-separated (e.g. two-step)")
+    parser.add_argument("--only", default=None, help="only these tasks, by their 0-based index in TASKS (e.g. 8,14)")
     parser.add_argument("--model", default="smollm2", help="what Forge.load() loads (default: smollm2)")
     args = parser.parse_args()
     began = time.perf_counter()
     app = Forge.load(args.model)
     details = []
     kinds = set(args.kinds.split(",")) if args.kinds else None
+    only = {TASKS[int(i)] for i in args.only.split(",")} if args.only else None
     for task in subset(args.tasks):
-        if kinds is not None and task.kind not in kinds:
+        if (kinds is not None and task.kind not in kinds) or (only is not None and task not in only):
             continue
         details.append(run_task(app, task))
         print(json.dumps({k: details[-1][k] for k in ("task", "correct", "calls", "answer")}), file=sys.stderr)

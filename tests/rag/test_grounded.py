@@ -9,7 +9,7 @@ import pytest
 from forge import models
 from forge.rag import NOT_FOUND, Rag
 from forge.rag.embed import LocalEmbedder
-from forge.rag.grounded import _pieces, passages, quotes
+from forge.rag.grounded import Passage, _pieces, passages, quotes, rerank
 from forge.rag.retrieval import Citation, cited
 
 PLAY = """ACT II. SCENE VII.
@@ -135,3 +135,16 @@ def test_a_free_answer_cites_a_source_or_declines(rag: Rag, seed: int) -> None:
 def test_a_bad_mode_is_named(rag: Rag) -> None:
     with pytest.raises(Exception, match="mode must be 'quote' or 'free', got 'poem'"):
         rag.answer("Who runs the telemetry desk?", mode="poem")  # type: ignore[arg-type]
+
+
+def test_the_rerank_blends_the_models_judgement_with_the_passages_own_scores(rag: Rag) -> None:
+    """Weight 1 (the default): the model's order alone, whatever the passages' own scores; weight 0: those
+    scores alone."""
+    model, tokenizer = rag.app.model, rag.app.tokenizer
+    question = "Who runs the telemetry desk?"
+    right = Passage(1, "", "Kenji runs the telemetry desk.", score=0.0, similarity=0.0)
+    wrong = Passage(2, "", "The countdown starts at 06:00 local time.", score=9.0, similarity=0.0)
+    other = Passage(3, "", "The team meets every Tuesday in room 4B.", score=8.0, similarity=0.0)
+    choices = [wrong, right, other]
+    assert rerank(model, tokenizer, question, choices)[0] is right  # the model reads which passage is asked about
+    assert rerank(model, tokenizer, question, choices, weight=0.0) == [wrong, other, right]

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Seque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from forge.agent.choose import next_tool, rechoose_calls
 from forge.agent.memory import Memory
 from forge.agent.tools import Tool, tool
 from forge.app import Forge
@@ -71,8 +72,6 @@ ANSWER = "Question: {task}\nTool results:\n{results}\n\nAnswer the question in o
 TOOL_PROMPT = "Tool: {name}. {about}\nA task for this tool:"
 #: ... and whether the last tool result answers the task (``final_answer``).
 RESULT_PROMPT = "Known: {result}\nA question this answers:"
-#: What the model reads first when it judges the next call from the last tool result (see ``_next_tool``).
-KNOWN_PROMPT = "Known: {result}\n"
 #: ... and which of an argument's choices the task needs; more choices than this are left to the model.
 CHOICE_PROMPT = "{tool}({name}={value!r})\nA task for this call:"
 MAX_CHOICES = 64
@@ -295,8 +294,9 @@ class Agent:
             async for item in self._calls(messages, run.schemas, allowed, run.step):
                 if isinstance(item, AgentTokenEvent):
                     yield item
-                else:
-                    calls = item
+                else:  # the calls, their closed arguments chosen again from the task (see forge.agent.choose)
+                    last = [r.content for _, r in run.results.values() if not r.error][-1:]
+                    calls = await asyncio.to_thread(rechoose_calls, self.app, run.task, run.schemas, item, *last)
         except Exception as e:
             yield AgentFailureEvent(e, run.step)
             run.failed = True
@@ -385,10 +385,8 @@ class Agent:
         )
         async for piece in stream:
             yield AgentTokenEvent(piece, step)
-            for _ in parser.feed(piece):
-                pass
-        for _ in parser.finish():
-            pass
+            list(parser.feed(piece))
+        list(parser.finish())
         if not parser.calls:
             raise ForgeError(
                 "the model's reply ended before its tool call was complete; raise max_tokens "
@@ -447,7 +445,7 @@ def _likeliest_tool(
     arguments are all closed choices none of which the task mentions (a lookup of "Eiffel Tower" does not
     help with "What is 1234 plus 5678?"), unless nothing else is left. While the task is plainly not done
     (see ``_unfinished``; ``known``: the results so far), ``final_answer`` is not offered. A tool that wins
-    after a ``last`` result is judged again with that result (see ``_next_tool``)."""
+    after a ``last`` result is judged again with that result (see ``forge.agent.choose.next_tool``)."""
     model, tokenizer = app.model, app.tokenizer
     assert model is not None and tokenizer is not None, "checked before the loop"
     relevant = [t for t in tools if t["function"]["name"] == FINAL or _may_help(task, t)]
@@ -467,20 +465,7 @@ def _likeliest_tool(
     chosen = offered[max(range(len(offered)), key=scores.__getitem__)]
     if last is None or chosen["function"]["name"] == FINAL:
         return chosen
-    return _next_tool(model, tokenizer, task, [t for t in tools if t["function"]["name"] != FINAL], last, made)
-
-
-def _next_tool(
-    model: Any, tokenizer: Any, task: str, tools: list[dict[str, Any]], last: str, made: Collection[Any]
-) -> dict[str, Any]:
-    """The tool (choices narrowed) that ``task`` follows best, each tool and choice read after "Known: <last
-    result>": judged from the task alone, SmolLM2 converted a lookup's "330 metres" "feet to metres"."""
-    context = KNOWN_PROMPT.format(result=last)
-    narrowed = [_likeliest_choices(model, tokenizer, task, t, context) for t in tools]
-    offered = [t for t in narrowed if _determined(t) not in made] or narrowed
-    described = [context + TOOL_PROMPT.format(name=t["function"]["name"], about=_about(t["function"])) for t in offered]
-    scores = likelihoods(model, tokenizer, described, " " + task)
-    return offered[max(range(len(offered)), key=scores.__getitem__)]
+    return next_tool(model, tokenizer, task, [t for t in tools if t["function"]["name"] != FINAL], last, made)
 
 
 def _unfinished(task: str, tools: list[dict[str, Any]], made: Collection[Any], known: Sequence[str] = ()) -> bool:

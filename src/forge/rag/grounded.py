@@ -180,11 +180,22 @@ def _phrases(question: str, tokens: Sequence[list[str]]) -> np.ndarray:
     return np.array([len(asked & set(itertools.pairwise(words))) / max(1, len(asked)) for words in tokens])
 
 
-def rerank(model: Transformer, tokenizer: Tokenizer, question: str, choices: Sequence[Passage]) -> list[Passage]:
+def rerank(
+    model: Transformer, tokenizer: Tokenizer, question: str, choices: Sequence[Passage], weight: float = 1.0
+) -> list[Passage]:
     """``choices`` ordered by how likely the chat model finds ``question`` after each of them (UPR): the model's
-    judgement of which passage the question is about, read in one batched pass, not left to its first token."""
-    scores = likelihoods(model, tokenizer, [RERANK_PROMPT.format(passage=_shown(p)) for p in choices], " " + question)
-    return [choices[i] for i in sorted(range(len(choices)), key=lambda i: -scores[i])]
+    judgement of which passage the question is about, read in one batched pass, not left to its first token.
+    With ``weight`` < 1 the order is a blend: ``weight`` times the likelihoods plus ``1 - weight`` times the
+    passages' own scores, each standardised over ``choices`` (so neither scale dominates)."""
+    heard = likelihoods(model, tokenizer, [RERANK_PROMPT.format(passage=_shown(p)) for p in choices], " " + question)
+    blend = weight * _standard(heard) + (1.0 - weight) * _standard([p.score for p in choices])
+    return [choices[i] for i in np.argsort(-blend, kind="stable")]
+
+
+def _standard(values: Sequence[float]) -> np.ndarray:
+    """``values`` less their mean, over their standard deviation (all 0 when they are all equal)."""
+    a = np.asarray(values, dtype=np.float64)
+    return (a - a.mean()) / (a.std() or 1.0)
 
 
 def _shown(p: Passage) -> str:
