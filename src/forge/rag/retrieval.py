@@ -14,11 +14,12 @@ from them citing ``[n]``. The answer comes back with the sources it cites.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from forge.rag.grounded import (
     QUOTE_SYSTEM,
     Citation,
     Mode,
+    Passage,
     free_grammar,
     passages,
     quote_grammar,
@@ -41,6 +43,9 @@ from forge.rag.loaders import Document, LoadFailure, load_document, walk_files
 from forge.rag.pgvector import PgVectorStore
 from forge.rag.store import Hit, NewChunk, SqliteStore, VectorStore
 from forge.structured import Grammar
+
+if TYPE_CHECKING:
+    from forge.tokenizer import Tokenizer
 
 __all__ = [
     "NOT_FOUND",
@@ -287,12 +292,18 @@ class Rag:
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}], sources
 
     def plan(
-        self, question: str, k: int | None = None, filter: Mapping[str, Any] | None = None, mode: Mode = "quote"
+        self,
+        question: str,
+        k: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        mode: Mode = "quote",
+        max_tokens: int | None = None,
     ) -> Plan:
         """What answering ``question`` takes: the chat messages, the numbered sources, and the grammar the
         answer is held to (``mode`` "quote": quotes of the closest passages; "free": own words with at least
         one citation). ``k`` chunks are searched (None: ``DEFAULT_K`` for the mode). ``plan.messages`` is
-        None when nothing retrieved is close enough to answer from."""
+        None when nothing retrieved is close enough to answer from. With ``max_tokens``, a quote is chosen
+        among the passages whose whole answer fits in it (when none does, the answer's grammar says so)."""
         if mode not in ("quote", "free"):
             raise ConfigError(f"mode must be 'quote' or 'free', got {mode!r}")
         hits = self.query(question, DEFAULT_K[mode] if k is None else k, filter)
@@ -306,7 +317,8 @@ class Rag:
             return Plan(None, sources, None)
         model, tokenizer = self.app.model, self.app.tokenizer
         assert model is not None and tokenizer is not None, "the app has a model"
-        best = rerank(model, tokenizer, question, ranked[:RERANK_POOL], RERANK_WEIGHT)[:QUOTE_CHOICES]
+        pool = _fitting(ranked, tokenizer, max_tokens, RERANK_POOL) or ranked[:RERANK_POOL]
+        best = rerank(model, tokenizer, question, pool, RERANK_WEIGHT)[:QUOTE_CHOICES]
         choices, sources = renumbered(best, sources)
         listed = "\n".join(p.answer() for p in choices)
         messages = [
@@ -328,7 +340,7 @@ class Rag:
         **options: Any,
     ) -> Answer:
         """The answer to ``question`` from the top ``k`` chunks, with the sources it cites; see :meth:`plan`."""
-        plan = self.plan(question, k, filter, mode)
+        plan = self.plan(question, k, filter, mode, _max_tokens(options))
         if plan.messages is None:
             return Answer(NOT_FOUND, [], plan.sources)
         text = self.app.sync.chat(plan.messages, grammar=plan.grammar, **{**ANSWER_DEFAULTS, **options})
@@ -347,7 +359,7 @@ class Rag:
         **options: Any,
     ) -> tuple[Iterator[str], list[Citation]]:
         """The answer piece by piece, and the numbered sources it may cite."""
-        plan = self.plan(question, k, filter, mode)
+        plan = self.plan(question, k, filter, mode, _max_tokens(options))
         if plan.messages is None:
             return iter([NOT_FOUND]), plan.sources
         pieces = self.app.sync.chat_stream(plan.messages, grammar=plan.grammar, **{**ANSWER_DEFAULTS, **options})
@@ -363,7 +375,8 @@ class Rag:
         **options: Any,
     ) -> AsyncIterator[str]:
         """The answer piece by piece, in an event loop."""
-        plan = await asyncio.to_thread(self.plan, question, k, filter, mode)  # embedding is slow work
+        # embedding is slow work
+        plan = await asyncio.to_thread(self.plan, question, k, filter, mode, _max_tokens(options))
         if plan.messages is None:
             yield NOT_FOUND
             return
@@ -396,6 +409,20 @@ class Rag:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _max_tokens(options: Mapping[str, Any]) -> int | None:
+    limit = options.get("max_tokens", ANSWER_DEFAULTS["max_tokens"])
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def _fitting(ranked: Sequence[Passage], tokenizer: Tokenizer, max_tokens: int | None, n: int) -> list[Passage]:
+    """The first ``n`` of ``ranked`` whose answer, with the end-of-text token and a token to spare (the
+    grammar may split it otherwise), fits in ``max_tokens`` (None: any)."""
+    if max_tokens is None:
+        return list(ranked[:n])
+    fits = (p for p in ranked if len(tokenizer.encode(p.answer())) + 2 <= max_tokens)
+    return list(itertools.islice(fits, n))
 
 
 def open_store(spec: str | Path) -> VectorStore:
