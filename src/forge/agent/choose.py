@@ -58,7 +58,7 @@ MAX_ARGUMENTS = 4
 #: At most this many candidate calls, all tools together, when the next tool is judged (one forward pass).
 MAX_ACTIONS = 64
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 48,213 is 48213
 
 
 def closed_arguments(schema: dict[str, Any]) -> dict[str, list[Any]]:
@@ -130,7 +130,7 @@ def next_tool(
     likeliest wins, its closed arguments held to that call's choices. A call of closed arguments only that
     was ``made`` before is not offered. Judged by the tool's description instead, SmolLM2 converted
     "8849 metres" "feet to metres" for "How many metres higher than 8000 metres is Mount Everest?"."""
-    numbers = list(dict.fromkeys(_NUMBER.findall(_THOUSANDS.sub("", f"{last} {task}"))))
+    numbers = list(dict.fromkeys(_NUMBER.findall(THOUSANDS.sub("", f"{last} {task}"))))
     share = max(1, MAX_ACTIONS // max(1, len(tools)))
     rows = [(schema, a) for schema in tools for a in _actions(schema, numbers, made)[:share]]
     rows = rows or [(schema, a) for schema in tools for a in _actions(schema, numbers)[:share]]

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Seque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from forge.agent.choose import next_tool, rechoose_calls
+from forge.agent.choose import THOUSANDS, next_tool, rechoose_calls
 from forge.agent.memory import Memory
 from forge.agent.tools import Tool, tool
 from forge.app import Forge
@@ -419,15 +419,14 @@ def _quote(answer: str, results: list[ToolResultEvent]) -> str | None:
     """The last tool result with a number, quoted, if the answer leaves out its last number (the number the
     task asks for: a lookup's figure, a calculation's result; in a two-step task the second call's, made from
     the first one's result, which SmolLM2's answer repeated instead); None when it has it or there is none."""
-    said = set(_NUMBER.findall(_THOUSANDS.sub("", answer)))
+    said = set(_NUMBER.findall(THOUSANDS.sub("", answer)))
     last = next((r for r in reversed(results) if _NUMBER.search(r.content)), None)
-    if last is None or _NUMBER.findall(_THOUSANDS.sub("", last.content))[-1] in said:
+    if last is None or _NUMBER.findall(THOUSANDS.sub("", last.content))[-1] in said:
         return None
     return f'({last.name} returned "{last.content}")'
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 48,213 is 48213
 
 
 def _likeliest_tool(
@@ -486,7 +485,7 @@ def _unfinished(task: str, tools: list[dict[str, Any]], made: Collection[Any], k
 
 def _numbers(text: str) -> set[float]:
     """The numbers in ``text``, as values: 17 and 17.0 are one number, 48,213 is 48213."""
-    return {float(n) for n in _NUMBER.findall(_THOUSANDS.sub("", text))}
+    return {float(n) for n in _NUMBER.findall(THOUSANDS.sub("", text))}
 
 
 def _choices(schema: dict[str, Any]) -> dict[str, list[Any] | None]:
