@@ -4,7 +4,7 @@
 //
 // job: { url, steps: [...], timeout_ms, chromium, webgpu } (webgpu: false leaves out --enable-unsafe-webgpu). Each step is one of
 //   { evaluate: "async (arg) => ...", arg }   run in the page once window.forgeReady resolved; its value is returned
-//   { chat: "a prompt", screenshot: "/path.png" } type into the chat page, press Enter, sample the reply while it
+//   { chat: "a prompt", screenshot: "/path.png" } type into the chat page, press Enter, record the reply at each change as it
 //                                               streams, screenshot it when done
 // Output: { results: [...], console: [...] } on stdout; a failure prints { error, console } and exits 1.
 
@@ -18,22 +18,29 @@ async function readJob() {
   return JSON.parse(Buffer.concat(chunks).toString("utf-8"));
 }
 
-/** Type `prompt` into the chat page and watch the reply grow; returns its text at each sample and at the end. */
+/** Type `prompt` into the chat page and watch the reply grow; returns its text at each change and at the end.
+ *  A MutationObserver in the page records every change as it happens (observer callbacks run as microtasks between
+ *  the page's own steps), so the count of samples does not depend on how fast this process polls. */
 async function chat(page, prompt, screenshot) {
+  await page.evaluate(() => {
+    window.forgeSamples = [];
+    const record = () => {
+      const reply = [...document.querySelectorAll(".msg.assistant")].at(-1);
+      if (reply && window.forgeSamples.at(-1) !== reply.textContent) window.forgeSamples.push(reply.textContent);
+    };
+    new MutationObserver(record).observe(document.body, { subtree: true, childList: true, characterData: true });
+  });
   await page.fill("#prompt", prompt);
   await page.press("#prompt", "Enter");
   const reply = page.locator(".msg.assistant").last();
   await reply.waitFor();
-  const seen = [];
-  for (;;) {
-    const [text, done] = await reply.evaluate((el) => [el.textContent, el.dataset.done === "true"]);
-    if (seen.at(-1) !== text) seen.push(text);
-    if (done) break;
-    await page.waitForTimeout(20);
-  }
+  await page.waitForFunction(() => [...document.querySelectorAll(".msg.assistant")].at(-1)?.dataset.done === "true");
+  const final = await reply.textContent();
+  const seen = (await page.evaluate(() => window.forgeSamples)).filter((text) => text !== "");
+  if (seen.at(-1) !== final) seen.push(final);
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   const status = await page.locator("#status").textContent();
-  return { samples: seen, reply: seen.at(-1), status };
+  return { samples: seen, reply: final, status };
 }
 
 async function main() {
