@@ -115,6 +115,19 @@ def test_auto_grows_the_model_with_the_budget_and_the_data() -> None:
     assert "auto preset:" in small.reason and "30s budget" in small.reason
 
 
+def test_auto_on_a_gpu_grows_the_model_as_far_as_the_data_allows() -> None:
+    cpu = auto_pick(budget=600, corpus_bytes=5_100_000, device="cpu")
+    gpu = auto_pick(budget=600, corpus_bytes=5_100_000, device="cuda")
+    hidden = 12 * gpu.config.d_model**2 * gpu.config.n_layer
+    # The GPU's compute buys a bigger model than the CPU's, up to about 2 hidden parameters per byte of text.
+    assert gpu.config.d_model * gpu.config.n_layer > cpu.config.d_model * cpu.config.n_layer
+    assert 1_000_000 < hidden <= 2 * 5_100_000
+    assert "the most this much text supports" in gpu.reason
+    more_text = auto_pick(budget=600, corpus_bytes=500_000_000, device="cuda")
+    assert more_text.config.d_model > gpu.config.d_model
+    assert "supports" not in more_text.reason
+
+
 def test_forge_train_time_auto_says_what_it_picked_and_how_the_time_went(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
