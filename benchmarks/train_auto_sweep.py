@@ -3,15 +3,16 @@
 Each arm trains on the Shakespeare corpus for the same wall clock (``forge.train(..., time=...)``, the budget
 mechanism itself) and is scored in bits per byte on a TUNING text (the GNU FDL 1.3 and the Apache 2.0 licence,
 English prose that is not Shakespeare); the benchmark's held-out text (GPL-3, benchmarks/quality_cpu.py) is never
-used here. Arms are interleaved round by round, so CPU contention hits all alike. The baseline arm is the old
-default (the tiny preset, BPE 2048, cosine). Results are written after every arm.
+used here. Arms are interleaved round by round, so CPU contention hits all alike. Each arm is one change to
+Forge's defaults; the baseline arm, "defaults", changes nothing. Results are written after every arm.
 
-    python benchmarks/train_auto_sweep.py [--seconds 60] [--rounds 1] [--arms base,d128l4,...]
+    python benchmarks/train_auto_sweep.py [--seconds 120] [--rounds 1] [--arms defaults,b32,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,32 +23,44 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import forge
 from _common import SHAKESPEARE, environment, save_result
-from forge.config import ModelConfig, get_preset
+from forge.budget import auto_pick
+from forge.cli.commands import default_optimizer
+from forge.config import ModelConfig
 from forge.evaluate import evaluate
 
 LICENSES = Path("/usr/share/common-licenses")
 TUNING = (LICENSES / "GFDL-1.3", LICENSES / "Apache-2.0")
+#: What `forge train DATA` sets beyond TrainConfig's own defaults (its optimizer for a new model).
+CLI_DEFAULTS: dict[str, Any] = {"optimizer": default_optimizer(None, None, "auto")}
+SHAKESPEARE_BYTES = sum(p.stat().st_size for p in SHAKESPEARE.rglob("*.txt"))
 
 
-def _shape(width: int, layers: int, context: int, heads: int = 4) -> ModelConfig:
-    return ModelConfig(vocab_size=1024, context_length=context, n_layer=layers, n_head=heads, d_model=width)
-
-
-#: name -> (model shape, BPE vocabulary, train options)
-ARMS: dict[str, tuple[ModelConfig, int, dict[str, Any]]] = {
-    "base_tiny": (get_preset("tiny"), 2048, {}),
-    "d128l2c128": (_shape(128, 2, 128), 1024, {}),
-    "d128l4c128": (_shape(128, 4, 128), 1024, {}),
-    "d192l4c128": (_shape(192, 4, 128, 6), 1024, {}),
-    "d256l4c128": (_shape(256, 4, 128), 1024, {}),
-    "d128l4c64": (_shape(128, 4, 64), 1024, {}),
-    "d128l4c128_v512": (_shape(128, 4, 128), 512, {}),
-    "d128l4c128_v2048": (_shape(128, 4, 128), 2048, {}),
-    "d128l4c128_lr3e-3": (_shape(128, 4, 128), 1024, {"lr": 3e-3}),
-    "d128l4c128_wsd": (_shape(128, 4, 128), 1024, {"schedule": "wsd"}),
-    "d128l4c128_b32": (_shape(128, 4, 128), 1024, {"batch_size": 32}),
-    "d128l4c128_b8": (_shape(128, 4, 128), 1024, {"batch_size": 8}),
+#: name -> changes to what ``forge train DATA --time SECONDS`` does by default (the auto preset's shape and
+#: vocabulary, TrainConfig's options as the CLI sets them): {"shape": ModelConfig fields, "vocab": int,
+#: "train": TrainConfig fields}. "defaults" changes nothing: it is the baseline every arm is read against.
+ARMS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "adamw": {"train": {"optimizer": "adamw"}},
+    "compile": {"train": {"compile": True}},
+    "b8": {"train": {"batch_size": 8}},
+    "b32": {"train": {"batch_size": 32}},
+    "lr3e-3": {"train": {"lr": 3e-3}},
+    "muon_lr0.04": {"train": {"muon_lr": 0.04}},
+    "v512": {"vocab": 512},
+    "v2048": {"vocab": 2048},
+    "ctx64": {"shape": {"context_length": 64}},
+    "rope": {"shape": {"position": "rope"}},
+    "llama": {"shape": {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False}},
 }
+
+
+def arm_setup(name: str, seconds: float) -> tuple[ModelConfig, int, dict[str, Any]]:
+    """The shape, vocabulary and train options of arm ``name`` for a budget of ``seconds``."""
+    arm = ARMS[name]
+    pick = auto_pick(budget=seconds, corpus_bytes=SHAKESPEARE_BYTES, device="cpu")
+    vocab = arm.get("vocab", pick.vocab_size)
+    shape = dataclasses.replace(pick.config, vocab_size=vocab, **arm.get("shape", {}))
+    return shape, vocab, {**CLI_DEFAULTS, **arm.get("train", {})}
 
 
 def tuning_text() -> str:
@@ -55,16 +68,10 @@ def tuning_text() -> str:
 
 
 def run_arm(name: str, seconds: float, text: str) -> dict[str, Any]:
-    shape, vocab, options = ARMS[name]
+    shape, vocab, options = arm_setup(name, seconds)
     started = time.perf_counter()
     result = forge.train(
-        SHAKESPEARE,
-        preset=shape,
-        vocab_size=vocab,
-        time=seconds,
-        eval_every=0,
-        device="cpu",
-        **{"batch_size": 16, "lr": 2e-3, **options},
+        SHAKESPEARE, preset=shape, vocab_size=vocab, time=seconds, eval_every=0, device="cpu", **options
     )
     wall = time.perf_counter() - started
     score = evaluate(result.model, result.tokenizer, text)
@@ -76,13 +83,13 @@ def run_arm(name: str, seconds: float, text: str) -> dict[str, Any]:
         "train_seconds": round(result.timing["total"] or 0.0, 2),
         "wall_seconds": round(wall, 2),
         "parameters": result.model.num_params(),
-        "options": {"shape": shape.to_dict(), "vocab": vocab, "batch_size": 16, "lr": 2e-3, **options},
+        "options": {"shape": shape.to_dict(), "vocab": vocab, **options},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="Training budget of each arm.")
+    parser.add_argument("--seconds", type=float, default=120.0, help="Training budget of each arm.")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--arms", default=",".join(ARMS), help="Comma-separated arm names.")
     parser.add_argument(
@@ -94,7 +101,8 @@ def main() -> None:
     arms = args.arms.split(",")
     text = tuning_text()
     for name in arms:  # tokenizers trained (and cached) before any clock starts
-        forge.train(SHAKESPEARE, preset=ARMS[name][0], vocab_size=ARMS[name][1], steps=1, eval_every=0, device="cpu")
+        shape, vocab, _ = arm_setup(name, args.seconds)
+        forge.train(SHAKESPEARE, preset=shape, vocab_size=vocab, steps=1, eval_every=0, device="cpu")
     out: dict[str, Any] = {
         "benchmark": "train_auto_sweep",
         "seconds_per_arm": args.seconds,

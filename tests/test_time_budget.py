@@ -11,6 +11,7 @@ import torch
 from tests.helpers import run_cli
 
 from forge.budget import TimePlan, auto_pick, format_duration, parse_duration
+from forge.core.checkpoint import read_training_state
 from forge.errors import ConfigError
 from forge.events import Event, StepEvent
 from forge.models import load
@@ -128,6 +129,18 @@ def test_auto_on_a_gpu_grows_the_model_as_far_as_the_data_allows() -> None:
     assert "supports" not in more_text.reason
 
 
+def test_auto_trains_a_new_model_llama_style_with_muon_at_its_measured_lr() -> None:
+    quick = dict(steps=1, tokenizer="char", batch_size=2, context=16, eval_every=0, eval_batches=1)
+    result = train(TEXT, preset="auto", **quick)
+    pick = auto_pick(budget=120, corpus_bytes=len(TEXT[0]), device="cpu")
+    config = result.state["train_config"]  # type: ignore[index]
+    assert (config["lr"], config["optimizer"]) == (pick.lr, "muon") and pick.lr != TrainConfig().lr
+    assert result.model.config.family == "llama" and result.model.config.norm == "rmsnorm"
+    # What the call chose stays as it chose it.
+    chosen = train(TEXT, preset="auto", lr=5e-4, optimizer="adamw", **quick).state["train_config"]  # type: ignore[index]
+    assert (chosen["lr"], chosen["optimizer"]) == (5e-4, "adamw")
+
+
 def test_forge_train_time_auto_says_what_it_picked_and_how_the_time_went(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -141,6 +154,10 @@ def test_forge_train_time_auto_says_what_it_picked_and_how_the_time_went(
     assert "time budget 2s:" in out and "reading the data" in out
     _, info, _ = run_cli(["info", tmp_path / "run", "--json"], capsys)
     assert json.loads(info)["step"] >= 1
+    # No --lr: the auto shape's measured learning rate.
+    saved = read_training_state(tmp_path / "run")
+    assert saved is not None
+    assert saved["train_config"]["lr"] == auto_pick(budget=2, corpus_bytes=len(TEXT[0]), device="cpu").lr
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("whether to take arms against a sea of troubles, and by opposing end them.")
     code, scored, err = run_cli(["eval", tmp_path / "run", held_out, "--json"], capsys)  # the fresh checkpoint

@@ -9,6 +9,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from forge.budget import DEFAULT_BUDGET, AutoPick, auto_pick, format_duration
 from forge.config import ModelConfig, get_preset
 from forge.core.lora import has_lora, lora_rank
 from forge.core.quantize import dequantize_model, has_quantized
@@ -34,11 +35,17 @@ class RunConfig(Protocol):
     @property
     def val_fraction(self) -> float: ...
 
+    @property
+    def budget(self) -> float | None: ...
+
+    @property
+    def steps(self) -> int | None: ...
+
 
 #: The run's own config type (``TrainConfig``), handed back as it came.
 Config = TypeVar("Config", bound=RunConfig)
 
-__all__ = ["PreparedRun", "prepare_run"]
+__all__ = ["PreparedRun", "auto_preset", "prepare_run"]
 
 
 def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Tokenizer:
@@ -127,3 +134,28 @@ def prepare_run(
         model, tok = _fresh(corpus, preset, tokenizer, vocab_size, config)
     dataset = TokenDataset.build(corpus, tok, val_fraction=config.val_fraction)
     return PreparedRun(model=model, tokenizer=tok, corpus=corpus, dataset=dataset, config=config, state=state)
+
+
+def auto_preset(
+    data: DataSource,
+    config: Config,
+    device: str = "cpu",
+    *,
+    tokenizer: TokenizerKind | Tokenizer = "bpe",
+    chosen: dict[str, Any] | None = None,
+) -> tuple[Config, AutoPick]:
+    """What ``preset="auto"`` trains on ``data``: the shape for the budget, the device and the corpus size, and
+    the one-line reason; and the config to train with (given neither a budget nor ``steps``, the
+    ``DEFAULT_BUDGET``)."""
+    if config.budget is None and config.steps is None:
+        config = dataclasses.replace(config, time=format_duration(DEFAULT_BUDGET))
+    corpus = Corpus.from_source(data)
+    size = sum(p.stat().st_size for p in corpus.files) + sum(len(t.encode()) for t in corpus.texts)
+    budget = config.budget
+    kind = tokenizer if isinstance(tokenizer, str) else "given"
+    pick = auto_pick(
+        budget=budget or DEFAULT_BUDGET, corpus_bytes=size, device=device, assumed=budget is None, tokenizer=kind
+    )
+    if chosen is not None:  # the options a call chose: the rest of lr and optimizer as measured for the shape
+        config = dataclasses.replace(config, **{"lr": pick.lr, "optimizer": "muon"} | chosen)
+    return config, pick

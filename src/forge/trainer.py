@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from forge.budget import DEFAULT_BUDGET, AutoPick, TimePlan, auto_pick, format_duration, parse_duration
+from forge.budget import TimePlan, parse_duration
 from forge.config import DTYPE_ALIASES, ModelConfig, bounded, check_specs, choice, documented
 from forge.core.checkpoint import check_replaceable
 from forge.core.device import autocast_dtype, resolve_device
@@ -29,11 +29,11 @@ from forge.core.lora import apply_lora, has_lora, lora_rank, merge_lora
 from forge.core.optim import MUON_DEFAULT_LR, OPTIMIZERS, OptimizerKind, build_optimizer, clip_grad_norm
 from forge.core.schedule import Schedule, ScheduleKind
 from forge.core.transformer import Transformer
-from forge.data import Corpus, DataSource, TokenDataset
+from forge.data import DataSource, TokenDataset
 from forge.errors import ConfigError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
 from forge.models import save
-from forge.runs import PreparedRun, prepare_run
+from forge.runs import PreparedRun, auto_preset, prepare_run
 from forge.tokenizer import Tokenizer, TokenizerKind
 
 __all__ = [
@@ -536,16 +536,18 @@ def train(
 
     ``preset="auto"`` picks the model shape and the BPE vocabulary from the time budget (``time=``; with neither
     a budget nor ``steps``, a budget of ``DEFAULT_BUDGET`` seconds), the device and the corpus size
-    (:func:`auto_preset`); ``result.auto`` says what it picked, and ``announce`` is told before training.
+    (:func:`auto_preset`), and trains with Muon at the shape's measured ``lr`` unless ``options`` (or
+    ``config``) say otherwise; ``result.auto`` says what it picked, and ``announce`` is told before training.
     """
     started = time.perf_counter()
+    given = config is not None
     config = dataclasses.replace(config, **options) if config else TrainConfig(**options)
     dev = resolve_device(device)
     if out is not None:
         check_replaceable(Path(out))  # fail before tokenizing, not after training
     pick = None
     if preset == "auto" and resume is None and model is None:
-        config, pick = auto_preset(data, config, str(dev), tokenizer=tokenizer)
+        config, pick = auto_preset(data, config, str(dev), tokenizer=tokenizer, chosen=None if given else options)
         preset, vocab_size = pick.config, vocab_size or pick.vocab_size
         if announce is not None:
             announce(pick.reason)
@@ -578,21 +580,3 @@ def train(
     result.timing["prepare"] = prepared
     result.auto = pick.reason if pick else None
     return result
-
-
-def auto_preset(
-    data: DataSource, config: TrainConfig, device: str = "cpu", *, tokenizer: TokenizerKind | Tokenizer = "bpe"
-) -> tuple[TrainConfig, AutoPick]:
-    """What ``preset="auto"`` trains on ``data``: the shape for the budget, the device and the corpus size, and
-    the one-line reason; and the config to train with (given neither a budget nor ``steps``, the
-    ``DEFAULT_BUDGET``)."""
-    if config.budget is None and config.steps is None:
-        config = dataclasses.replace(config, time=format_duration(DEFAULT_BUDGET))
-    corpus = Corpus.from_source(data)
-    size = sum(p.stat().st_size for p in corpus.files) + sum(len(t.encode()) for t in corpus.texts)
-    budget = config.budget
-    kind = tokenizer if isinstance(tokenizer, str) else "given"
-    pick = auto_pick(
-        budget=budget or DEFAULT_BUDGET, corpus_bytes=size, device=device, assumed=budget is None, tokenizer=kind
-    )
-    return config, pick

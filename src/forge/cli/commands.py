@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -137,6 +138,11 @@ def train_cmd(
     dist_config = DistributedConfig(**{k: options.pop(k) for k in DISTRIBUTED_FLAGS})
     if options["optimizer"] is None:
         options["optimizer"] = default_optimizer(resume, model, dist_config.strategy)
+    lr_source = click.get_current_context().get_parameter_source("lr")
+    if preset == "auto" and resume is None and model is None and lr_source is ParameterSource.DEFAULT:
+        # A new model of the auto shape trains at the learning rate measured for it.
+        _, pick = auto_preset(data, TrainConfig(**options), str(resolve_device(device)), tokenizer=tokenizer)  # type: ignore[arg-type]
+        options["lr"] = pick.lr
     if dist_config.launches or World.from_env() is not None:
         config, shape = TrainConfig(**options), preset
         if preset == "auto" and resume is None and model is None:  # picked here, once, for every rank
@@ -388,7 +394,6 @@ def demo_cmd(seconds: float, steps: int | None, out: Path, device: str, seed: in
         steps=steps,
         max_seconds=None if steps else seconds,
         batch_size=16,
-        lr=2e-3,
         optimizer=default_optimizer(None, None, "auto"),
         eval_every=-(-steps // 5) if steps else 0,
         seed=seed,

@@ -87,17 +87,21 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """About ``U V^T`` of ``g = U S V^T`` (singular values pushed into about [0.5, 1.5]) by Newton–Schulz; g is 2-D."""
+    """About ``U V^T`` of ``g = U S V^T`` (singular values pushed into about [0.5, 1.5]) by Newton–Schulz.
+
+    ``g`` is one matrix, or a stack of same-shape matrices (``(n, rows, cols)``) orthogonalised together in batched
+    matmuls: one call for all of a model's blocks, not one per matrix.
+    """
     a, b, c = NS_COEFFICIENTS
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -129,18 +133,25 @@ class Muon(torch.optim.Optimizer):
         loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, beta = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - beta)
-                update = p.grad.lerp(buf, beta) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            # Same-shape matrices (the same weight of every block) step together: a few batched kernels a
+            # step instead of a few dozen small ones per matrix, which on a CPU cost more than the arithmetic.
+            by_shape: dict[tuple[int | str, ...], list[torch.Tensor]] = {}
+            for p in params:
+                by_shape.setdefault((*p.shape, str(p.device), str(p.dtype)), []).append(p)
+            for same in by_shape.values():
+                grads = [p.grad for p in same]
+                bufs = [self.state[p]["momentum_buffer"] for p in same]
+                torch._foreach_lerp_(bufs, grads, 1 - beta)
+                stacked = torch.stack(grads).lerp_(torch.stack(bufs), beta) if group["nesterov"] else torch.stack(bufs)
+                updates = orthogonalize(stacked, group["ns_steps"]).unbind(0)
+                if group["weight_decay"]:
+                    torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
+                scale = max(1.0, same[0].shape[0] / same[0].shape[1]) ** 0.5
+                torch._foreach_add_(same, updates, alpha=-lr * scale)
         return loss
 
 
