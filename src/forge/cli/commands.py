@@ -138,15 +138,15 @@ def train_cmd(
     dist_config = DistributedConfig(**{k: options.pop(k) for k in DISTRIBUTED_FLAGS})
     if options["optimizer"] is None:
         options["optimizer"] = default_optimizer(resume, model, dist_config.strategy)
-    lr_source = click.get_current_context().get_parameter_source("lr")
-    if preset == "auto" and resume is None and model is None and lr_source is ParameterSource.DEFAULT:
-        # A new model of the auto shape trains at the learning rate measured for it.
-        _, pick = auto_preset(data, TrainConfig(**options), str(resolve_device(device)), tokenizer=tokenizer)  # type: ignore[arg-type]
-        options["lr"] = pick.lr
+    config, pick = TrainConfig(**options), None
+    if preset == "auto" and resume is None and model is None:  # picked here, once, for every rank
+        # A new model of the auto shape trains at the learning rate measured for it, unless --lr says otherwise.
+        lr_given = click.get_current_context().get_parameter_source("lr") is not ParameterSource.DEFAULT
+        chosen = {k: v for k, v in options.items() if k != "lr" or lr_given}
+        config, pick = auto_preset(data, config, str(resolve_device(device)), tokenizer=tokenizer, chosen=chosen)  # type: ignore[arg-type]
     if dist_config.launches or World.from_env() is not None:
-        config, shape = TrainConfig(**options), preset
-        if preset == "auto" and resume is None and model is None:  # picked here, once, for every rank
-            config, pick = auto_preset(data, config, str(resolve_device(device)), tokenizer=tokenizer)  # type: ignore[arg-type]
+        shape = preset
+        if pick is not None:
             shape, vocab_size = pick.config, vocab_size or pick.vocab_size  # type: ignore[assignment]
             console.print(pick.reason)
         spec = RunSpec(
@@ -172,7 +172,7 @@ def train_cmd(
         tokenizer=pretrained.tokenizer if pretrained else tokenizer,  # type: ignore[arg-type]
         vocab_size=vocab_size,
         device=device,
-        config=TrainConfig(**options),
+        config=config,
         listeners=[TrainingDisplay(console)],
         announce=console.print,
     )
