@@ -12,6 +12,7 @@ excluded), the speedup, the acceptance rate, and whether the tokens are identica
 
     python benchmarks/speculative.py                  # CPU
     python benchmarks/speculative.py --device cuda    # a GPU (bf16), eager steps on both sides
+    python benchmarks/speculative.py --device cuda --graphs   # both sides replay CUDA graphs
     python benchmarks/speculative.py --draft smollm2   # also a draft model: the fp32 model, drafted by its
                                                       # int4 GGUF kept quantized (speculative_draft_*.json)
 """
@@ -78,6 +79,11 @@ def encode(app: Forge, text: str) -> list[int]:
     return tok.encode_prompt(prompt)
 
 
+#: Graph-replaying batchers, one per kind of run, and their cache length (every prompt here fits).
+_KEPT: dict[tuple, Batcher] = {}
+GRAPH_LEN = 1024
+
+
 def decode(
     app: Forge,
     ids: list[int],
@@ -85,12 +91,20 @@ def decode(
     max_tokens: int,
     device: torch.device,
     draft: Transformer | None = None,
+    graphs: bool = False,
 ) -> dict[str, Any]:
     """One greedy generation (``draft``: its proposals, else n-gram lookup's); decode seconds exclude the
-    prefill and its first token."""
+    prefill and its first token. ``graphs`` (CUDA): a batcher that replays captured graphs, kept for the
+    next generation of the same kind (plain: 8 greedy steps a replay; speculating: one verify a replay)."""
     assert app.model is not None and app.tokenizer is not None
     limit = app.tokenizer.vocab_size
-    batcher = Batcher(app.model, max_batch=1, max_len=len(ids) + max_tokens, vocab_limit=limit, draft=draft)
+    if graphs:
+        key = ("speculative-benchmark", speculate, id(draft))
+        if key not in _KEPT:
+            _KEPT[key] = Batcher(app.model, max_batch=1, max_len=GRAPH_LEN, vocab_limit=limit, draft=draft, graphs=key)
+        batcher = _KEPT[key]
+    else:
+        batcher = Batcher(app.model, max_batch=1, max_len=len(ids) + max_tokens, vocab_limit=limit, draft=draft)
     seq = Sequence(list(ids), max_tokens, SamplingParams(temperature=0), None, app.tokenizer.stop_ids)
     seq.speculate = speculate
     tokens = [r.token for r in [batcher.add(seq)]]
@@ -114,10 +128,15 @@ def decode(
 def compare(app: Forge, ids: list[int], args: argparse.Namespace, drafts: dict[str, Transformer | None]) -> dict:
     """Plain decoding, then each speculative mode, on one prompt: the fastest of ``args.repeats`` runs each."""
     device = torch.device(args.device)
-    runs = {"plain": min((decode(app, ids, False, args.max_tokens, device) for _ in range(args.repeats)), key=_secs)}
+    g = args.graphs
+    runs = {
+        "plain": min(
+            (decode(app, ids, False, args.max_tokens, device, None, g) for _ in range(args.repeats)), key=_secs
+        )
+    }
     for mode, draft in drafts.items():
         runs[mode] = min(
-            (decode(app, ids, True, args.max_tokens, device, draft) for _ in range(args.repeats)), key=_secs
+            (decode(app, ids, True, args.max_tokens, device, draft, g) for _ in range(args.repeats)), key=_secs
         )
     return runs
 
@@ -154,7 +173,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--draft", default=None, help="also speculate with this draft model (kept quantized)")
     parser.add_argument("--model", default="smollm2", help="the model: a known name or a path (default: smollm2)")
+    parser.add_argument(
+        "--graphs", action="store_true", help="CUDA: both sides replay captured graphs, as forge generate does there"
+    )
     args = parser.parse_args()
+    if args.graphs and args.device != "cuda":
+        raise SystemExit("--graphs: CUDA graphs need --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -167,6 +191,7 @@ def main() -> None:
         drafts["draft"] = load_draft(args.draft, app.tokenizer, device)
     result: dict[str, Any] = {"benchmark": "speculative", "max_tokens": args.max_tokens, "draft": args.draft}
     result["kinds"] = {}
+    result["graphs"] = args.graphs
     for draft in drafts.values():
         decode(app, encode(app, "Hello"), True, 8, device, draft)  # warm-up
     for kind, prompts in PROMPTS.items():
@@ -185,7 +210,7 @@ def main() -> None:
         result["kinds"][kind] = summary | {"prompts": rows}
     result["environment"] = environment(device)
     suffix = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
-    save_result(f"speculative_{'draft_' if args.draft else ''}{suffix}", result)
+    save_result(f"speculative_{'draft_' if args.draft else ''}{'graphs_' if args.graphs else ''}{suffix}", result)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Prints JSON and saves it under benchmarks/results/. Every run trains the same pr
 with the same per-process batch (weak scaling: N processes see N times the tokens a step); tokens/s is
 timed from rank 0's step events after the warmup steps.
 
-- ``--device cpu`` (gloo): ``scaling_efficiency = tok/s(N processes) / (N * tok/s(1 process))``.
+- ``--device cpu`` (gloo): ``scaling_efficiency = tok/s(N processes) / (N * tok/s(1 process))``, where the
+  1-process run has all the cores; and ``per_core_scaling_efficiency``, against 1 process given the
+  threads each of the N has (cores / N). On a machine whose cores the single process already keeps
+  busy, only the second says what the processes' communication costs.
 - ``--device cuda`` (NCCL, one GPU): FSDP2 on one process against the plain trainer, same model,
   batch, bf16 autocast and torch.compile; target ``fsdp_vs_plain >= 0.95``.
 
@@ -15,9 +18,12 @@ timed from rank 0's step events after the warmup steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +91,20 @@ def distributed(data: Path, args: argparse.Namespace, nproc: int, strategy: str,
     return _tokens_per_sec(times, args.batch_size * args.context * nproc, args.warmup)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Workers launched inside get ``n`` threads each (the launcher keeps an OMP_NUM_THREADS it finds)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -113,6 +133,10 @@ def main() -> None:
             runs.setdefault(f"{args.strategy}_{args.nproc}", []).append(
                 distributed(args.data, args, args.nproc, args.strategy, Path(tmp, f"b{r}"))
             )
+            with _threads(max(1, (os.cpu_count() or 1) // args.nproc)):
+                runs.setdefault(f"{args.strategy}_1_same_threads", []).append(
+                    distributed(args.data, args, 1, args.strategy, Path(tmp, f"c{r}"))
+                )
     tok_s = {k: statistics.median(v) for k, v in runs.items()}
     out: dict[str, Any] = {
         "benchmark": "train_dist",
@@ -130,6 +154,8 @@ def main() -> None:
         out["speedup"] = round(many / one, 3)
         out["scaling_efficiency"] = round(many / (args.nproc * one), 3)
         out["dist_1_vs_plain"] = round(one / tok_s["plain"], 3)
+        per_core = tok_s[f"{args.strategy}_1_same_threads"]
+        out["per_core_scaling_efficiency"] = round(many / (args.nproc * per_core), 3)
         save_result("train_dist_cpu", out)
 
 

@@ -233,6 +233,8 @@ class Engine:
                     for job in dropped:
                         self._finish(job, cancelled=True)
                     self._admit(joining)
+                    if joining:  # their first tokens go out now, not after the next step
+                        self._flush()
                     try:
                         results = self.batcher.step()
                     except Exception as e:  # the batch is lost, the engine is not

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forge.config import ModelConfig
+from forge.core import ops
 from forge.core.decode import Batcher, Sequence
 from forge.core.prefix_cache import BLOCK, PrefixCache
 from forge.core.sampling import SamplingParams
@@ -71,6 +72,27 @@ def test_a_shared_prefix_is_reused_and_the_output_is_the_same(model: Transformer
     again, seqs = generate(model, prompts, cache, together=True)
     assert again == plain
     assert all(s.cached >= 48 for s in seqs)
+
+
+def test_rows_joining_after_one_cached_prefix_match_the_plain_output(model: Transformer) -> None:
+    # Rows that find the same cached prefix and differ after it join in one unmasked causal prefill,
+    # right-padded to the longest rest: the padding never reaches a row's own tokens.
+    prompts = shared_prompts([3, 10, 20], seed=1)
+    plain, _ = generate(model, prompts, None)
+    cache = PrefixCache(1 << 30)
+    generate(model, [[*prompts[0][:50], 7]], cache)  # stores the 3 full blocks of the shared head
+    cached, seqs = generate(model, prompts, cache, together=True)
+    assert [s.cached for s in seqs] == [48, 48, 48]
+    assert cached == plain
+
+
+def test_causal_attention_after_a_prefix_sees_each_query_s_keys_up_to_itself() -> None:
+    # Queries that continue a prefix: the last query sees every key, the first sees the prefix and itself.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (3, 7, 7))
+    mask = torch.arange(7) <= (torch.arange(3) + 4)[:, None]  # (3, 7): query i at position 4 + i
+    want = ops.attention(q, k, v, causal=False, mask=mask[None, None])
+    torch.testing.assert_close(ops.attention(q, k, v, causal=True), want)
 
 
 def test_a_prompt_stored_whole_leaves_its_last_token_to_compute(model: Transformer) -> None:

@@ -276,3 +276,31 @@ def test_a_draft_model_through_the_app_the_engine_and_the_cli(
     err = capsys.readouterr().err
     assert refused.value.code != 0
     assert "--draft MODEL" in err and "Traceback" not in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_graphed_verify_on_cuda_gives_the_plain_tokens(
+    char_tokenizer: Tokenizer, bigram_model: Callable[..., Transformer]
+) -> None:
+    """A batcher that replays CUDA graphs verifies from a captured graph too; the tokens are the eager plain ones."""
+    table = {c: "abcdefgh"[(i + 1) % 8] for i, c in enumerate("abcdefgh")}
+    model = bigram_model(char_tokenizer, table, context_length=256).cuda().eval()
+    prompts = [char_tokenizer.encode(t) for t in ("abcdefghabc", "cdefghabcdefg", "fghabcdefgh")]
+    plain = run(model, [Sequence(p, 60, GREEDY) for p in prompts], max_batch=3)
+    batcher = Batcher(model, max_batch=3, max_len=256, graphs=("test", "verify"))
+    seqs = [Sequence(p, 60, GREEDY, speculate=True) for p in prompts]
+    out: dict[int, list[int]] = {id(s): [] for s in seqs}
+    for r in batcher.add_many(seqs):
+        out[id(r.seq)].append(r.token)
+    while batcher.running:
+        for r in batcher.step():
+            out[id(r.seq)].append(r.token)
+            if r.finished:
+                batcher.remove(r.seq)
+    assert [out[id(s)] for s in seqs] == plain
+    assert batcher.graphs is not None and batcher.graphs.verifier is not None  # the verify step was a replay
+    assert batcher.graphs.verify_width == DRAFT_MAX + 1
+    for seq in seqs:  # the prompt predicts every token: every proposal accepted, several tokens a replay
+        assert seq.spec is not None and 0 < seq.spec.accepted == seq.spec.proposed
+        assert seq.spec.steps <= 60 // 3

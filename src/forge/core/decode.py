@@ -359,7 +359,11 @@ class Batcher:
         T = max(map(len, suffixes))
         padded = torch.tensor([p + [0] * (T - len(p)) for p in suffixes], device=self.device)  # (k, T)
         last = torch.tensor([len(p) - 1 for p in suffixes], device=self.device) if min(map(len, suffixes)) < T else None
-        if any(s.cached for s in seqs):  # each row continues its cached prefix
+        cached = {s.cached for s in seqs}
+        if len(cached) == 1 and (start := cached.pop()):  # every row continues a cached prefix of one length
+            # Causal attention over [0, start + T) with no mask: the fused kernel's path, no new shapes to plan.
+            logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=start, length=start + T), last)
+        elif any(s.cached for s in seqs):  # each row continues its cached prefix
             starts = torch.tensor([s.cached for s in seqs], device=self.device)
             write = CacheWrite(rows=rows, pos=starts, length=max(sizes))
             logits = prefill(self.model, padded, write, last, starts)

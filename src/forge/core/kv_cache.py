@@ -48,7 +48,8 @@ class CacheWrite:
     tensor: a decode step, a speculative verify step, a batch of prefills after cached prefixes).
     ``rows``: the cache rows the batch's rows map to, in order. ``length``: attention reads positions
     [0, length); the caller's mask hides each row's positions past its own end. A block of T > 1 tokens
-    written anywhere but from position 0 needs the caller's mask (causal attention assumes position 0).
+    written from an int ``pos`` with ``length = pos + T`` needs no mask: causal attention aligns the last
+    query with the last key. Blocks at per-row positions need the caller's mask.
     """
 
     rows: slice

@@ -138,7 +138,9 @@ def attention(
     """Scaled dot-product attention; q is (B, H, Tq, D), k and v are (B, Hkv, Tk, D).
 
     ``mask`` is a boolean (B, 1, Tq, Tk) where True means "may attend"; it
-    replaces ``causal``. Grouped-query attention is handled when Hkv < H.
+    replaces ``causal``. Grouped-query attention is handled when Hkv < H. ``causal`` aligns the last
+    query with the last key (query i sees keys up to i + Tk - Tq), as Forge's attention kernel does: a
+    block of queries after a cached prefix attends causally with no mask.
     """
     if q.shape[2] == 1 and (mask is not None or q.is_cuda):  # a decode step: one query per row
         keep = mask.reshape(mask.shape[0], -1) if mask is not None else q.new_ones(1, k.shape[2], dtype=torch.bool)
@@ -147,6 +149,9 @@ def attention(
     if fast:
         return fast(q, k, v, causal=causal)
     gqa = k.shape[1] != q.shape[1]
+    Tq, Tk = q.shape[2], k.shape[2]
+    if causal and mask is None and Tq != Tk:  # SDPA's is_causal aligns the first query with the first key
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril_(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
 
 

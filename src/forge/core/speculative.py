@@ -198,13 +198,31 @@ def _rejection(probs: torch.Tensor, draft: list[int], generator: torch.Generator
     return len(draft), [*draft, token]
 
 
+def _forward(b: Batch, inputs: torch.Tensor) -> torch.Tensor:
+    """The eager verify forward: logits (n, W, V) of the running rows' ``inputs`` (n, W) from their lengths."""
+    seqs, device, W = b.running, b.device, inputs.shape[1]
+    rows = slice(0, len(seqs))
+    starts = torch.tensor([s.length for s in seqs], device=device)  # (n,)
+    length = min(b.max_len, max(s.length for s in seqs) + W)
+    positions = (starts[:, None] + torch.arange(W, device=device)).clamp_(max=length - 1)  # (n, W)
+    mask = torch.arange(length, device=device) <= positions[:, :, None]  # (n, W, length)
+    write = CacheWrite(rows=rows, pos=starts, length=length, flat_index=b.caches[0].flat_index(rows, starts, W))
+    b._install()
+    logits = b.model(inputs, positions=positions, mask=mask[:, None], write=write)  # (n, W, V)
+    if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
+        logits[..., b.vocab_limit :] = float("-inf")
+    return logits
+
+
 def verify(b: Batch) -> list[Accepted] | None:
     """One speculative step of every running row of ``b``: their tokens, or None where no row has a proposal.
 
     The rows' next inputs and proposals (padded to the longest) go through one forward at each row's
     own positions; each row then keeps what :func:`accept_row` accepts, its cache length grows by as
     many tokens, and its last token becomes its next input. Keys written past a row's new length are
-    never read: the row writes those slots again before its mask shows them.
+    never read: the row writes those slots again before its mask shows them. Where the batcher replays
+    CUDA graphs and the whole batch runs, the forward is a captured graph's replay (padded to
+    :data:`DRAFT_MAX` + 1 tokens a row), not hundreds of kernel launches.
     """
     seqs = b.running
     drafts = [s.spec.draft(s.max_new_tokens - s.generated - 1) if s.spec is not None else [] for s in seqs]
@@ -215,21 +233,19 @@ def verify(b: Batch) -> list[Accepted] | None:
                 seq.spec.record(0, 0, 1)  # a plain step follows: one token each
         return None
     n, device = len(seqs), b.device
-    rows = slice(0, n)
-    inputs = torch.zeros(n, K + 1, dtype=torch.long, device=device)
-    inputs[:, 0] = b.tokens[rows, 0]
-    inputs[:, 1:] = torch.tensor([d + [0] * (K - len(d)) for d in drafts], device=device)
-    starts = torch.tensor([s.length for s in seqs], device=device)  # (n,)
-    length = min(b.max_len, max(s.length for s in seqs) + K + 1)
-    positions = (starts[:, None] + torch.arange(K + 1, device=device)).clamp_(max=length - 1)  # (n, K + 1)
-    mask = torch.arange(length, device=device) <= positions[:, :, None]  # (n, K + 1, length)
-    write = CacheWrite(rows=rows, pos=starts, length=length, flat_index=b.caches[0].flat_index(rows, starts, K + 1))
-    b._install()
-    logits = b.model(inputs, positions=positions, mask=mask[:, None], write=write)  # (n, K + 1, V)
-    if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
-        logits[..., b.vocab_limit :] = float("-inf")
+    graphed = b.graphs is not None and n == b.max_batch  # the whole batch runs: replay a captured verify
+    width = DRAFT_MAX + 1 if graphed else K + 1
+    inputs = torch.zeros(n, width, dtype=torch.long, device=device)
+    inputs[:, 0] = b.tokens[:n, 0]
+    inputs[:, 1 : K + 1] = torch.tensor([d + [0] * (K - len(d)) for d in drafts], device=device)
+    if graphed:
+        assert b.graphs is not None
+        logits, argmax = b.graphs.verify(inputs, [s.length for s in seqs])
+    else:
+        logits = _forward(b, inputs)
+        argmax = logits.argmax(dim=-1)
     greedy = [s.params.greedy for s in seqs]
-    targets = logits.argmax(dim=-1).tolist() if any(greedy) else None  # one transfer for every greedy row
+    targets = argmax.tolist() if any(greedy) else None  # one transfer for every greedy row
     accepted = [
         accept_row(logits[i, : len(d) + 1], d, s.params, s.generator, s.logprobs, targets[i] if targets else None)
         for i, (s, d) in enumerate(zip(seqs, drafts, strict=True))
@@ -239,5 +255,5 @@ def verify(b: Batch) -> list[Accepted] | None:
         seq.generated += len(a.tokens)
         if seq.spec is not None:
             seq.spec.record(len(d), a.accepted, len(a.tokens))
-    b.tokens[rows, 0] = torch.tensor([a.tokens[-1] for a in accepted], device=device)
+    b.tokens[:n, 0] = torch.tensor([a.tokens[-1] for a in accepted], device=device)
     return accepted

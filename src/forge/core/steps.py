@@ -28,6 +28,7 @@ class Batch(Protocol):
     tokens: torch.Tensor
     vocab_limit: int | None
     running: Sequence[Any]
+    graphs: GraphedSteps | None
 
     def _install(self) -> None: ...
 
@@ -95,6 +96,9 @@ class GraphedSteps:
         self.logits = torch.empty(0)
         self.greedy: torch.cuda.CUDAGraph | None = None
         self.sampled: torch.cuda.CUDAGraph | None = None
+        self.verifier: torch.cuda.CUDAGraph | None = None
+        self.verify_inputs = torch.zeros(0, dtype=torch.long, device=device)  # (B, width), set on first use
+        self.verify_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (B, width, V), argmax (B, width))
         # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
         # the graph then launches fewer, larger kernels. It costs a compile on first use.
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -120,6 +124,44 @@ class GraphedSteps:
         self._sync(lengths)
         self.sampled.replay()
         return self.logits
+
+    def verify(self, inputs: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One replayed speculative verify forward of every row: logits (B, W, V) and their argmax (B, W).
+
+        ``inputs`` (B, W): each row's next input and its proposals, padded to the graph's width W (the
+        first call's width; later calls pad to it, and a short proposal costs the same as a long one,
+        which weight-bound decoding hardly notices). Row i's tokens sit from ``lengths[i]`` on. The
+        outputs are valid until the next replay.
+        """
+        if self.verifier is None:
+            self.verify_inputs = inputs.clone()
+            self.synced = False
+            self.verifier = self._capture(self._verify_step, lengths)
+        assert inputs.shape[1] <= self.verify_width, "the caller pads the proposals to verify_width"
+        self.verify_inputs.zero_()
+        self.verify_inputs[:, : inputs.shape[1]] = inputs
+        self._sync(lengths)
+        self.verifier.replay()
+        self.synced = False  # the caller advances each row by what it accepted
+        assert self.verify_out is not None
+        return self.verify_out
+
+    @property
+    def verify_width(self) -> int:
+        return int(self.verify_inputs.shape[1])
+
+    def _verify_step(self) -> None:
+        """The verify forward over the whole cache, each row's W tokens from its ``pos``, under a causal mask."""
+        b, W = self.batcher, self.verify_width
+        rows = slice(0, b.max_batch)
+        positions = (self.pos[:, None] + torch.arange(W, device=self.pos.device)).clamp_(max=b.max_len - 1)
+        mask = torch.arange(b.max_len, device=self.pos.device) <= positions[:, :, None]  # (B, W, max_len)
+        flat = b.caches[0].flat_index(rows, self.pos, W)
+        write = CacheWrite(rows=rows, pos=self.pos, length=b.max_len, flat_index=flat)
+        logits = b.model(self.verify_inputs, positions=positions, mask=mask[:, None], write=write)  # (B, W, V)
+        if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
+            logits[..., b.vocab_limit :] = float("-inf")
+        self.verify_out = (logits, logits.argmax(dim=-1))
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One step of every row over the whole cache, under a mask: the same shapes every step."""
