@@ -111,18 +111,19 @@ def byte_bits(logits: Any, text: bytes, block: int, device: torch.device) -> flo
     return total / math.log(2) / scored
 
 
-def forge_arm(seconds: float, device: str, **options: Any) -> dict[str, Any]:
+def forge_arm(seconds: float, device: str, data: Path = SHAKESPEARE, **options: Any) -> dict[str, Any]:
     """Forge's defaults, ``forge train DATA --time SECONDS`` (and ``options``); the tokenizer is cached by a
     first, 1-step run."""
-    forge.train(SHAKESPEARE, preset="auto", steps=1, time=seconds, eval_every=0, device=device)
+    forge.train(data, preset="auto", steps=1, time=seconds, eval_every=0, device=device)
     started = time.perf_counter()
-    result = forge.train(SHAKESPEARE, preset="auto", time=seconds, device=device, **options)
+    result = forge.train(data, preset="auto", time=seconds, device=device, **options)
     wall = time.perf_counter() - started
     score = evaluate(result.model, result.tokenizer, HELD_OUT)
     return {
         "bits_per_byte": round(score.bits_per_byte, 4),
         "steps": result.step,
         "auto": result.auto,
+        "kept_step": result.kept[0] if result.kept else None,
         "timing": {k: round(v, 2) for k, v in result.timing.items() if v is not None},
         "wall_seconds": round(wall, 1),
     }
@@ -175,23 +176,31 @@ def main() -> None:
         action="store_true",
         help="also train Forge with AdamW (the auto preset trains a new model with Muon)",
     )
+    parser.add_argument(
+        "--compare-keep-best",
+        action="store_true",
+        help="also train Forge ending with its last weights (--no-keep-best), to see what keep_best saves",
+    )
+    parser.add_argument("--data", type=Path, default=SHAKESPEARE, help="the training text (default: all 42 texts)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.device == "cuda":
-        baseline = {"hf_trainer": hf_arm(SHAKESPEARE, args.seconds)}
+        baseline = {"hf_trainer": hf_arm(args.data, args.seconds)}
     else:
-        baseline = {"plain_char_gpt": plain_arm(corpus_bytes(SHAKESPEARE), args.seconds, device)}
-    ours = forge_arm(args.seconds, args.device)
+        baseline = {"plain_char_gpt": plain_arm(corpus_bytes(args.data), args.seconds, device)}
+    ours = forge_arm(args.seconds, args.device, args.data)
     others: dict[str, Any] = {}
-    if args.compare_optimizers:
-        others["forge_adamw"] = forge_arm(args.seconds, args.device, optimizer="adamw")  # the auto preset's is Muon
+    if args.compare_optimizers:  # the auto preset's is Muon
+        others["forge_adamw"] = forge_arm(args.seconds, args.device, args.data, optimizer="adamw")
+    if args.compare_keep_best:
+        others["forge_last_weights"] = forge_arm(args.seconds, args.device, args.data, keep_best=False)
     base_bpb = next(iter(baseline.values()))["bits_per_byte"]
     out: dict[str, Any] = {
         "benchmark": "quality_cpu",
         "seconds": args.seconds,
-        "data": str(SHAKESPEARE),
+        "data": str(args.data),
         "held_out": str(HELD_OUT),
         "forge": ours,
         **others,
@@ -200,10 +209,11 @@ def main() -> None:
         "target": {"bits_per_byte": 2.6, "ratio": 0.85} if args.device == "cpu" else None,
         "environment": environment(device),
     }
+    suffix = "" if args.data == SHAKESPEARE else f"_{args.data.stem}"
     if args.device == "cuda":
-        save_gpu_result("quality", out)
+        save_gpu_result(f"quality{suffix}", out)
     else:
-        save_result("quality_cpu", out)
+        save_result(f"quality_cpu{suffix}", out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,6 +92,39 @@ def test_eval_every_zero_evaluates_at_start_and_end() -> None:
     rec = Recorder()
     train(TEXT, steps=4, eval_every=0, listeners=[rec], **FAST)
     assert [e.step for e in rec.of(EvalEvent)] == [0, 4]
+
+
+def _overfitting_text() -> list[str]:
+    """Training text of six words, validation text of twelve: the run learns, then overfits the six."""
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "lord", "lady", "sword", "crown", "castle", "night", "day", "love", "death"]
+    train_part = " ".join(rng.choice(words[:6]) for _ in range(1500))
+    return [train_part + ". " + " ".join(rng.choice(words) for _ in range(200))]
+
+
+def test_keep_best_ends_with_the_weights_of_the_best_evaluation() -> None:
+    # A constant learning rate: the first N steps of a long run are a run of N steps, weight for weight.
+    options = FAST | {"batch_size": 8, "context": 32, "lr": 1e-2, "schedule": "constant", "warmup": 0}
+    rec = Recorder()
+    kept = train(_overfitting_text(), steps=300, eval_every=20, listeners=[rec], **options)
+    evals = dict(kept.evals)
+    best_step = min(evals, key=evals.__getitem__)
+    assert evals[best_step] < evals[300]  # the run got worse on new text after its best evaluation
+    assert kept.kept == (best_step, evals[best_step]) and kept.val_loss == evals[best_step]
+    assert rec.of(EndEvent)[-1].kept_step == best_step
+    again = train(_overfitting_text(), steps=best_step, eval_every=0, **options)
+    for (name, a), b in zip(kept.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    last = train(_overfitting_text(), steps=300, eval_every=20, keep_best=False, **options)
+    assert last.kept is None and last.val_loss == evals[300] and last.evals == kept.evals
+    assert any(not torch.equal(a, b) for a, b in zip(kept.model.parameters(), last.model.parameters(), strict=True))
+
+
+def test_keep_best_keeps_the_last_weights_when_they_are_the_best() -> None:
+    rec = Recorder()
+    result = train(TEXT, steps=6, eval_every=3, listeners=[rec], **FAST)
+    assert result.kept is None and rec.of(EndEvent)[-1].kept_step is None
+    assert result.val_loss == result.evals[-1][1] == min(v for _, v in result.evals)
 
 
 def test_checkpoint_every(tmp_path: Path) -> None:

@@ -125,6 +125,8 @@ def logs_dir(out: str | os.PathLike[str]) -> Path:
 class DistributedTrainer(Trainer):
     """A :class:`Trainer` whose model is wrapped for DDP or FSDP2 and whose steps and checkpoints are collective."""
 
+    keeps_best = False  # the ranks' copies (or shards) would have to agree on it: the last weights are kept
+
     def __init__(
         self,
         model: Transformer,

@@ -103,6 +103,8 @@ class EndEvent(Event):
     val_loss: float | None
     elapsed: float
     interrupted: bool
+    #: The step whose weights the run ended with, when it was not the last (``keep_best``: later steps overfit).
+    kept_step: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ class RunConfig(Protocol):
 #: The run's own config type (``TrainConfig``), handed back as it came.
 Config = TypeVar("Config", bound=RunConfig)
 
-__all__ = ["PreparedRun", "auto_preset", "prepare_run"]
+__all__ = ["BestWeights", "PreparedRun", "auto_preset", "prepare_run"]
 
 
 def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Tokenizer:
@@ -159,3 +159,30 @@ def auto_preset(
     if chosen is not None:  # the options a call chose: the rest of lr and optimizer as measured for the shape
         config = dataclasses.replace(config, **{"lr": pick.lr, "optimizer": "muon"} | chosen)
     return config, pick
+
+
+class BestWeights:
+    """The weights of the lowest validation loss seen so far, copied to host memory, to end a run with them.
+
+    A small corpus and a long budget (a GPU's minutes on a megabyte of text) train many epochs, and the
+    last steps can be much worse on new text than the best ones: on the H200, 255 s on 0.8 MB of
+    Shakespeare ended at 5.46 bits per byte on held-out English where HF's Trainer got 3.36.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.loss = float("inf")
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, model: torch.nn.Module, step: int, loss: float) -> None:
+        """Keep ``model``'s weights if ``loss`` is the lowest yet."""
+        if loss < self.loss:
+            self.step, self.loss = step, loss
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module, final_loss: float) -> tuple[int, float] | None:
+        """Put the kept weights back if they evaluated better than ``final_loss``: their (step, loss), else None."""
+        if self._state is None or self.step is None or not final_loss > self.loss:
+            return None
+        model.load_state_dict(self._state)
+        return self.step, self.loss

@@ -33,7 +33,7 @@ from forge.data import DataSource, TokenDataset
 from forge.errors import ConfigError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
 from forge.models import save
-from forge.runs import PreparedRun, auto_preset, prepare_run
+from forge.runs import BestWeights, PreparedRun, auto_preset, prepare_run
 from forge.tokenizer import Tokenizer, TokenizerKind
 
 __all__ = [
@@ -91,6 +91,9 @@ class TrainConfig:
     grad_accum: int = bounded(1, integer=True, ge=1, doc="Micro-batches per optimizer step.")
     eval_every: int = bounded(100, integer=True, ge=0, doc="Evaluate every N steps; 0: at the start and end only.")
     eval_batches: int = bounded(10, integer=True, ge=1, doc="Validation batches per evaluation.")
+    keep_best: bool = documented(
+        True, doc="End with the weights of the best evaluation when later steps overfit (a small text, a long run)."
+    )
     val_fraction: float = bounded(0.1, gt=0, lt=1, doc="Share of the corpus held out for validation.")
     checkpoint_every: int = bounded(0, integer=True, ge=0, doc="Save every N steps; 0: at the end (and on Ctrl-C).")
     seed: int = bounded(1337, integer=True, doc="Seeds the model, the batches and LoRA adapters.")
@@ -169,6 +172,8 @@ class TrainResult:
     timing: dict[str, float | None] = field(default_factory=dict)
     #: What ``preset="auto"`` picked and why (None for another preset).
     auto: str | None = None
+    #: (step, val loss) of the weights the run ended with, when ``keep_best`` put an earlier step's back.
+    kept: tuple[int, float] | None = None
 
     @property
     def train_loss(self) -> float | None:
@@ -176,11 +181,17 @@ class TrainResult:
 
     @property
     def val_loss(self) -> float | None:
+        """The validation loss of the weights the run ended with."""
+        if self.kept is not None:
+            return self.kept[1]
         return self.evals[-1][1] if self.evals else None
 
 
 class Trainer:
     """Runs optimizer steps on a model over a token dataset, emitting events."""
+
+    #: Whether ``keep_best`` applies (a sharded model's weights are not this process's to copy whole).
+    keeps_best = True
 
     def __init__(
         self,
@@ -233,6 +244,7 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.result = TrainResult(model=model, tokenizer=tokenizer, step=0)
+        self.best = BestWeights() if config.keep_best and self.keeps_best else None
 
     def _build_step(self, model: Transformer) -> None:
         """The optimizer and the loss function the steps call (a distributed trainer wraps the model first)."""
@@ -399,6 +411,8 @@ class Trainer:
 
     def _finish(self, t0: float) -> TrainResult:
         """Save, fold the adapters in, and report the end; the result."""
+        if self.best is not None and self.result.evals and self.result.evals[-1][0] == self.step:
+            self.result.kept = self.best.restore(self.model, self.result.evals[-1][1])
         if self.out:
             self._save()
         self.result.step = self.step
@@ -419,6 +433,7 @@ class Trainer:
                 val_loss=self.result.val_loss,
                 elapsed=time.perf_counter() - t0,
                 interrupted=self.result.interrupted,
+                kept_step=self.result.kept[0] if self.result.kept else None,
             )
         )
         self.model.eval()
@@ -483,6 +498,8 @@ class Trainer:
         val = self.evaluate()
         self.timing["eval"] += time.perf_counter() - started
         self.result.evals.append((self.step, val))
+        if self.best is not None:
+            self.best.offer(self.model, self.step, val)
         self.emit(EvalEvent(step=self.step, val_loss=val, val_perplexity=math.exp(min(val, 50.0))))
 
     def _save(self) -> None:

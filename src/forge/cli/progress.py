@@ -91,6 +91,13 @@ class TrainingDisplay:
                 self.progress.stop()
             if event.interrupted:
                 self.console.print(f"[yellow]interrupted at step {event.step}[/]")
+            if event.kept_step is not None:
+                self.console.print(
+                    f"kept the weights of step {event.kept_step}, the best validation loss ({event.val_loss:.4f}): "
+                    "the steps after it overfit the training text (--no-keep-best keeps the last)",
+                    markup=False,
+                    highlight=False,
+                )
 
     def _plain_step(self, event: StepEvent) -> None:
         now = self.clock()
