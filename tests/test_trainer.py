@@ -16,6 +16,7 @@ from forge.data import Corpus, TokenDataset
 from forge.errors import CheckpointError, ConfigError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
 from forge.models import create_model, load, padded_vocab
+from forge.runs import BestWeights
 from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig, Trainer, train
 
@@ -417,3 +418,19 @@ def test_max_seconds_stops_the_run_on_time(hamlet: Path, tmp_path: Path) -> None
 def test_max_seconds_is_validated(bad: float) -> None:
     with pytest.raises(ConfigError, match="max_seconds"):
         TrainConfig(max_seconds=bad)
+
+
+def test_best_weights_copy_and_put_back_only_the_trained_parameters() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].requires_grad_(False)  # frozen, as a LoRA run's base weights
+    best = BestWeights()
+    best.offer(model, step=10, loss=1.0)
+    assert best.restore(model, final_loss=1.0) is None  # the last weights are as good: kept
+    kept = model[1].weight.detach().clone()
+    best.offer(model, step=20, loss=1.5)  # worse: not copied
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+        model[0].weight.add_(1.0)
+    frozen = model[0].weight.detach().clone()
+    assert best.restore(model, final_loss=1.5) == (10, 1.0)
+    assert torch.equal(model[1].weight, kept) and torch.equal(model[0].weight, frozen)

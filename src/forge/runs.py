@@ -175,14 +175,15 @@ class BestWeights:
         self._state: dict[str, torch.Tensor] | None = None
 
     def offer(self, model: torch.nn.Module, step: int, loss: float) -> None:
-        """Keep ``model``'s weights if ``loss`` is the lowest yet."""
+        """Keep ``model``'s trained weights if ``loss`` is the lowest yet (a LoRA run's: its adapters only)."""
         if loss < self.loss:
             self.step, self.loss = step, loss
-            self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            trained = model.named_parameters()
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in trained if v.requires_grad}
 
     def restore(self, model: torch.nn.Module, final_loss: float) -> tuple[int, float] | None:
         """Put the kept weights back if they evaluated better than ``final_loss``: their (step, loss), else None."""
         if self._state is None or self.step is None or not final_loss > self.loss:
             return None
-        model.load_state_dict(self._state)
+        model.load_state_dict(self._state, strict=False)  # frozen weights and buffers never changed
         return self.step, self.loss
