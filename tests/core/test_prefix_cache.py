@@ -86,13 +86,21 @@ def test_rows_joining_after_one_cached_prefix_match_the_plain_output(model: Tran
     assert cached == plain
 
 
-def test_causal_attention_after_a_prefix_sees_each_query_s_keys_up_to_itself() -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_causal_attention_after_a_prefix_sees_each_query_s_keys_up_to_itself(device: str) -> None:
     # Queries that continue a prefix: the last query sees every key, the first sees the prefix and itself.
+    # Grouped heads (4 query heads over 2), as Llama's; on CUDA in bf16 through the lower-right causal bias.
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (3, 7, 7))
-    mask = torch.arange(7) <= (torch.arange(3) + 4)[:, None]  # (3, 7): query i at position 4 + i
-    want = ops.attention(q, k, v, causal=False, mask=mask[None, None])
-    torch.testing.assert_close(ops.attention(q, k, v, causal=True), want)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(2, h, n, 64, generator=g).to(device, dtype) for h, n in ((4, 3), (2, 7), (2, 7)))
+    mask = torch.arange(7, device=device) <= (torch.arange(3, device=device) + 4)[:, None]  # query i at 4 + i
+    want = ops.attention(q.float(), k.float(), v.float(), causal=False, mask=mask[None, None])
+    got = ops.attention(q, k, v, causal=True)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=2e-2 if device == "cuda" else 1e-5, rtol=2e-2)
 
 
 def test_a_prompt_stored_whole_leaves_its_last_token_to_compute(model: Transformer) -> None:

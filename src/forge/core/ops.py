@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from forge import kernels
 from forge.core.quantize import KERNEL_DTYPES, QuantizedWeight
@@ -151,6 +152,12 @@ def attention(
     gqa = k.shape[1] != q.shape[1]
     Tq, Tk = q.shape[2], k.shape[2]
     if causal and mask is None and Tq != Tk:  # SDPA's is_causal aligns the first query with the first key
+        if q.is_cuda:
+            # The lower-right causal bias runs the flash / memory-efficient kernels with no mask tensor. A
+            # materialised mask takes cuDNN's path, which plans every new (Tq, Tk) anew: on an H200, 70 ms
+            # (median; up to 1.2 s) for each new length of the part after a cached prefix, against 0.2 ms.
+            bias = causal_lower_right(Tq, Tk)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)  # type: ignore[arg-type]
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril_(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
 
