@@ -5,7 +5,10 @@ at a time, through ``forge.core.decode.Batcher`` (the engine's loop) with a pref
 
 * ``prefill_uncached``: the whole prompt in one forward (the baseline);
 * ``prefill_cached``: the same prompt after its system prompt was stored: ~25 tokens computed;
-* ``decode_step``: one eager step of one running row.
+* ``decode_step``: one eager step of one running row;
+* ``engine_decode`` (CUDA): ms per generated token through ``forge.engine.Engine`` (128 greedy tokens after a
+  ~500-token prompt), one request alone and 4 at once, with the engine's CUDA graphs (replayed for the whole
+  batch however many rows run) against eager steps (``cuda_graphs=False``, the baseline).
 
 The requests cycle through 8 questions; the warm-up sees 3 of them, so, as in live traffic, some measured calls
 compute a suffix length not seen before.
@@ -22,6 +25,7 @@ H200 this is what bounds the prefix cache's TTFT gain (benchmarks/serve_prefix.p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +37,8 @@ from _common import environment, save_result, sync
 from forge.core.decode import Batcher, Sequence
 from forge.core.prefix_cache import PrefixCache
 from forge.core.sampling import SamplingParams
+from forge.engine import Engine
+from forge.generator import GenerationConfig
 from serve_prefix import QUESTIONS, load, system_prompt
 
 
@@ -57,6 +63,36 @@ def measure(fn, device: torch.device, repeats: int) -> dict[str, float]:
     wall = statistics.median(walls)
     busy = device_seconds(prof) if device.type == "cuda" else wall
     return {"wall_s": wall, "device_s": busy, "host_bound_share": max(0.0, 1 - busy / wall)}
+
+
+def engine_decode(model: torch.nn.Module, tokenizer: object, new_tokens: int = 128) -> dict[str, dict[str, float]]:
+    """Milliseconds per generated token through the serving engine, graphs on and off, 1 and 4 requests."""
+    prompt = system_prompt(tokenizer, 500) + "Question: who speaks first?\nAnswer:"
+    cfg = GenerationConfig(max_tokens=new_tokens, temperature=0, stop_at_eos=False)
+
+    async def one(engine: Engine) -> None:
+        async for _ in engine.stream(prompt, cfg):
+            pass
+
+    async def timed(engine: Engine, n: int) -> float:
+        await asyncio.gather(*(one(engine) for _ in range(n)))  # warm: graphs captured, kernels planned
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            await asyncio.gather(*(one(engine) for _ in range(n)))
+            best = min(best, time.perf_counter() - start)
+        return best / new_tokens * 1e3  # ms per step: the n requests decode together
+
+    async def arm(graphs: bool) -> dict[str, float]:
+        engine = Engine(model, tokenizer, max_batch=8, max_len=1024, cuda_graphs=graphs).start()
+        try:
+            return {"1_request_ms_per_token": await timed(engine, 1), "4_requests_ms_per_step": await timed(engine, 4)}
+        finally:
+            await engine.stop()
+
+    out = {"eager": asyncio.run(arm(False)), "graphs": asyncio.run(arm(True))}
+    out["speedup"] = {k: out["eager"][k] / out["graphs"][k] for k in out["eager"]}
+    return out
 
 
 def main() -> None:
@@ -101,6 +137,7 @@ def main() -> None:
         batcher.add(running)
         step = measure(batcher.step, device, args.repeats)
         batcher.remove(running)
+    engine = engine_decode(model, tokenizer) if device.type == "cuda" else None
     result = {
         "benchmark": "engine_overhead",
         "shape": args.shape,
@@ -111,6 +148,7 @@ def main() -> None:
         "decode_step": step,
         "cached_over_uncached_wall": cached["wall_s"] / uncached["wall_s"],
         "cached_over_uncached_device": cached["device_s"] / max(uncached["device_s"], 1e-12),
+        "engine_decode": engine,
         "environment": environment(device),
     }
     suffix = "cpu" if device.type == "cpu" else f"{args.shape}_{torch.cuda.get_device_name().replace(' ', '_')}"

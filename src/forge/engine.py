@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from forge.core.cuda_graphs import forget
 from forge.core.decode import Batcher, Sequence, StepResult
 from forge.core.kv_cache import plan_cache
 from forge.core.prefix_cache import BLOCK, PrefixCache
@@ -58,6 +59,8 @@ class Engine:
     start each request from its longest stored prefix (see ``forge.core.prefix_cache``).
     ``speculate="ngram"``: every request decodes speculatively (``forge.core.speculative``); ``"draft"``:
     with proposals from ``draft``, a smaller model with the same tokenizer (``forge.core.draft``).
+    ``cuda_graphs`` (on CUDA): decode steps replay CUDA graphs of the whole batch while any rows run,
+    captured on first use; rows not running compute in their free rows and are dropped.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Engine:
         prefix_cache_bytes: int | None = None,
         speculate: str = "off",
         draft: Transformer | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         context = model.config.context_length
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
@@ -104,6 +108,10 @@ class Engine:
             vocab_limit=tokenizer.vocab_size,
             prefix_cache=self.prefix_cache,
             draft=draft,  # with a draft model, every speculating request takes its proposals
+            # On CUDA, decode steps replay CUDA graphs of the whole batch, however many rows run: an eager
+            # step of a 1B model took ~15 ms of host time on an H200 for 2 ms of GPU work.
+            graphs=("engine", id(self)) if cuda_graphs and weight.device.type == "cuda" else None,
+            partial_graphs=True,
         )
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: dict[int, _Job] = {}  # id(seq) -> job, for the running ones
@@ -140,6 +148,7 @@ class Engine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        forget(self.model, ("engine", id(self)))  # its graphs and caches are not the model's to keep
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for metrics: queue depth, running requests, batch sizes per step."""

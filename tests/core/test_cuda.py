@@ -221,3 +221,81 @@ def test_sampled_decoding_replays_a_logits_graph_equal_to_eager() -> None:
     assert any(batcher.graphs.sampled is not None for batcher in kept.values())  # a logits graph was captured, kept
     assert torch.equal(run(True, 1, 40), run(False, 1, 40))  # reused, with another seed and length
     assert dict(model.__dict__["_decode_graphs"]) == kept
+
+
+def _continuous(batcher: object, seqs: list, first: int) -> dict[int, list[int]]:
+    """Run ``seqs`` through ``batcher``: ``first`` of them at once, the rest joining as rows free up."""
+    out = {id(s): [r.token] for s, r in zip(seqs[:first], batcher.add_many(seqs[:first]), strict=True)}
+    waiting = list(seqs[first:])
+    while batcher.running or waiting:
+        for r in batcher.step():
+            out[id(r.seq)].append(r.token)
+            if r.finished:
+                batcher.remove(r.seq)
+        if waiting and batcher.free:
+            seq = waiting.pop(0)
+            out[id(seq)] = [batcher.add(seq).token]
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_partial_batches_replay_the_whole_batch_s_graph_equal_to_eager(temperature: float) -> None:
+    """The serving engine's batcher replays its graphs while only some rows run (rows join and leave)."""
+    from forge.core.decode import Batcher, Sequence
+
+    model = _peaked_llama()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20], [30, 31]]
+    budgets = [40, 56, 36, 48, 44]  # long enough to capture; rows finish at different steps
+
+    def run(graphs: bool) -> list[list[int]]:
+        params = SamplingParams(temperature=temperature)
+        seqs = [
+            Sequence(p, n, params, generator=torch.Generator("cuda").manual_seed(i) if temperature else None)
+            for i, (p, n) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+        batcher = Batcher(
+            model, max_batch=4, max_len=128, graphs=("test", graphs) if graphs else None, partial_graphs=True
+        )
+        out = _continuous(batcher, seqs, first=2)  # two rows of four: a partial batch from the start
+        if graphs:
+            assert batcher.graphs is not None
+            assert (batcher.graphs.greedy if temperature == 0 else batcher.graphs.sampled) is not None  # replayed
+        return [out[id(s)] for s in seqs]
+
+    assert run(True) == run(False)
+
+
+def test_the_engine_replays_graphs_and_recaptures_when_weights_move(tmp_path: object) -> None:
+    import asyncio
+
+    from forge.engine import Engine
+    from forge.generator import GenerationConfig
+    from forge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, kind="char")
+    model = _peaked_llama()
+    cfg = GenerationConfig(temperature=0, max_tokens=40, stop_at_eos=False)
+    prompts = ["to be", "or not", "that is the question"]
+
+    async def serve(graphs: bool) -> tuple[list[str], Engine]:
+        engine = Engine(model, tok, max_batch=4, max_len=128, cuda_graphs=graphs).start()
+        try:
+            together = await asyncio.gather(*(_text(engine.stream(p, cfg)) for p in prompts))
+            alone = [await _text(engine.stream(p, cfg)) for p in prompts]  # one row of four
+            if graphs:
+                model.cpu().cuda()  # weights in new memory: the next replay must not read the old
+                alone.append(await _text(engine.stream(prompts[0], cfg)))
+            return [*together, *alone], engine
+        finally:
+            await engine.stop()
+
+    graphed, engine = asyncio.run(serve(True))
+    assert engine.batcher.graphs is not None and engine.batcher.graphs.greedy is not None
+    assert ("engine", id(engine)) not in model.__dict__.get("_decode_graphs", {})  # stopped: not kept on the model
+    eager, _ = asyncio.run(serve(False))
+    assert graphed[: len(eager)] == eager and graphed[-1] == eager[0]
+    assert len(set(eager)) > 1
+
+
+async def _text(stream: object) -> str:
+    return "".join([piece async for piece in stream])

@@ -26,7 +26,7 @@ import torch
 from forge import kernels
 from forge.core.transformer import Transformer
 
-__all__ = ["KEEP", "capture", "graph_key", "keep", "reusable"]
+__all__ = ["KEEP", "capture", "forget", "graph_key", "keep", "reusable"]
 
 #: How many captured shapes a model keeps (each holds its own KV caches).
 KEEP = 2
@@ -77,3 +77,10 @@ def keep(model: Transformer, key: Hashable, value: object) -> None:
     kept.move_to_end(key)
     while len(kept) > KEEP:
         kept.popitem(last=False)
+
+
+def forget(model: Transformer, key: Hashable) -> None:
+    """Drop what was kept for ``key`` on this model (its owner is done with it)."""
+    kept: OrderedDict[Hashable, Any] | None = model.__dict__.get("_decode_graphs")
+    if kept is not None:
+        kept.pop(key, None)

@@ -243,6 +243,7 @@ class Batcher:
         dtype: torch.dtype | None = None,
         cache: bool = True,
         graphs: Hashable | None = None,
+        partial_graphs: bool = False,
         compile: bool = False,
         prefix_cache: PrefixCache | None = None,
         draft: Transformer | None = None,
@@ -261,7 +262,7 @@ class Batcher:
         self.counts: torch.Tensor | None = None  # (max_batch, V), for presence/frequency penalties
         self.running: list[Sequence] = []  # running[i].row == i
         self.observe: Observer | None = None
-        self.graphs = GraphedSteps(self, graphs, compile) if graphs is not None and cache else None
+        self.graphs = GraphedSteps(self, graphs, compile, partial_graphs) if graphs is not None and cache else None
         # Elsewhere than CUDA, ``compile`` compiles the eager decode step (see :func:`compiled_step`).
         self.compiled = compile and cache and self.graphs is None
 
@@ -387,15 +388,18 @@ class Batcher:
                 logprobs = [a.logprobs for a in accepted] if any(s.logprobs is not None for s in seqs) else None
                 return Picked(self.tokens[: len(seqs)], ids=ids, token_logprobs=logprobs)
         logits = None
-        if self.graphs is not None and len(seqs) == self.max_batch:  # replay while the whole batch runs
-            remaining = max(s.max_new_tokens - s.generated for s in seqs)
+        if self.graphs is not None and (len(seqs) == self.max_batch or self.graphs.partial):
+            # Replay the whole batch's graph; with ``partial``, rows past the running ones compute on in their
+            # free rows (cache slots no running row reads) and their outputs are dropped.
+            n, remaining = len(seqs), max(s.max_new_tokens - s.generated for s in seqs)
             if self.observe is None and all(s.group is None and s.logprobs is None for s in seqs):
                 block = self.graphs.chunk(lengths, remaining)
                 if block is not None:
                     for seq in seqs:
                         seq.length, seq.generated = seq.length + GRAPH_CHUNK, seq.generated + GRAPH_CHUNK
-                    return Picked(block)
+                    return Picked(block[:n])
             logits = self.graphs.step(lengths, remaining)
+            logits = logits[:n] if logits is not None else None
         if logits is None:
             logits = self._forward(lengths)
         for seq in seqs:

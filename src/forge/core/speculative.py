@@ -233,7 +233,8 @@ def verify(b: Batch) -> list[Accepted] | None:
                 seq.spec.record(0, 0, 1)  # a plain step follows: one token each
         return None
     n, device = len(seqs), b.device
-    graphed = b.graphs is not None and n == b.max_batch  # the whole batch runs: replay a captured verify
+    # The whole batch runs (or the graphs replay partial batches): replay a captured verify.
+    graphed = b.graphs is not None and (n == b.max_batch or b.graphs.partial)
     width = DRAFT_MAX + 1 if graphed else K + 1
     inputs = torch.zeros(n, width, dtype=torch.long, device=device)
     inputs[:, 0] = b.tokens[:n, 0]

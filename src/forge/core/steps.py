@@ -87,9 +87,13 @@ class GraphedSteps:
     Both read the batcher's caches and ``tokens`` and this object's ``pos``, which they advance.
     """
 
-    def __init__(self, batcher: Batch, key: Hashable, compile: bool) -> None:
+    def __init__(self, batcher: Batch, key: Hashable, compile: bool, partial: bool = False) -> None:
         B, device = batcher.max_batch, batcher.device
         self.batcher, self.key = batcher, key
+        # partial: replay while only some rows run (the serving engine, whose batch is never full for long);
+        # the rest compute in their free rows at position 0, unread.
+        self.partial = partial
+        self.weights = _weights(batcher.model)  # the graphs read these tensors: new ones mean a new capture
         self.pos = torch.zeros(B, dtype=torch.long, device=device)  # each row's next cache slot
         self.synced = False  # whether pos matches the rows' lengths
         self.out = torch.empty(B, GRAPH_CHUNK, dtype=torch.long, device=device)
@@ -107,6 +111,7 @@ class GraphedSteps:
         """The next :data:`GRAPH_CHUNK` greedy tokens of every row (B, chunk); None where eager steps are better."""
         if max(lengths) + GRAPH_CHUNK > self.batcher.max_len:
             return None
+        self._fresh()
         if self.greedy is None:
             if remaining <= 2 * GRAPH_CHUNK:  # capturing costs ~100 steps: a short run stays eager
                 return None
@@ -117,6 +122,7 @@ class GraphedSteps:
 
     def step(self, lengths: list[int], remaining: int) -> torch.Tensor | None:
         """The logits (B, V) of one replayed step, valid until the next; None where an eager step is better."""
+        self._fresh()
         if self.sampled is None:
             if remaining <= LOGITS_GRAPH_MIN_TOKENS:
                 return None
@@ -133,18 +139,28 @@ class GraphedSteps:
         which weight-bound decoding hardly notices). Row i's tokens sit from ``lengths[i]`` on. The
         outputs are valid until the next replay.
         """
+        self._fresh()
+        n = inputs.shape[0]  # the running rows: fewer than B when ``partial``
         if self.verifier is None:
-            self.verify_inputs = inputs.clone()
+            self.verify_inputs = inputs.new_zeros(self.batcher.max_batch, inputs.shape[1])
+            self.verify_inputs[:n] = inputs
             self.synced = False
             self.verifier = self._capture(self._verify_step, lengths)
         assert inputs.shape[1] <= self.verify_width, "the caller pads the proposals to verify_width"
         self.verify_inputs.zero_()
-        self.verify_inputs[:, : inputs.shape[1]] = inputs
+        self.verify_inputs[:n, : inputs.shape[1]] = inputs
         self._sync(lengths)
         self.verifier.replay()
         self.synced = False  # the caller advances each row by what it accepted
         assert self.verify_out is not None
-        return self.verify_out
+        logits, argmax = self.verify_out
+        return logits[:n], argmax[:n]
+
+    def _fresh(self) -> None:
+        """Forget the graphs when the model's weights were replaced (they read the old tensors): capture anew."""
+        if self.partial and _weights(self.batcher.model) != self.weights:
+            self.greedy = self.sampled = self.verifier = None
+            self.weights = _weights(self.batcher.model)
 
     @property
     def verify_width(self) -> int:
@@ -186,7 +202,8 @@ class GraphedSteps:
 
     def _sync(self, lengths: list[int]) -> None:
         if not self.synced:  # rows joined, left or stepped eagerly since the last replay
-            self.pos.copy_(torch.tensor(lengths, device=self.pos.device))
+            padded = lengths + [0] * (self.batcher.max_batch - len(lengths))  # free rows: position 0
+            self.pos.copy_(torch.tensor(padded, device=self.pos.device))
             self.synced = True
 
     def _capture(self, steps: Callable[[], None], lengths: list[int]) -> torch.cuda.CUDAGraph:
@@ -195,6 +212,12 @@ class GraphedSteps:
         graph = capture(steps, restore=[self.batcher.tokens, self.pos])
         keep(self.batcher.model, self.key, self.batcher)  # worth reusing now
         return graph
+
+
+def _weights(model: torch.nn.Module) -> int:
+    """Where the model's weights live: a captured graph reads them there. (Not its buffers: the KV caches
+    come and go as buffers while a batcher's caches are installed; weights moved move the RoPE tables too.)"""
+    return hash(tuple(p.data_ptr() for p in model.parameters()))
 
 
 _compiled_step: Callable[..., torch.Tensor] | None = None
