@@ -67,6 +67,21 @@ def _peaked_llama() -> torch.nn.Module:
     return model
 
 
+def _continuous(batcher: object, seqs: list, first: int) -> dict[int, list[int]]:
+    """Run ``seqs`` through ``batcher``: ``first`` of them at once, the rest joining as rows free up."""
+    out = {id(s): [r.token] for s, r in zip(seqs[:first], batcher.add_many(seqs[:first]), strict=True)}
+    waiting = list(seqs[first:])
+    while batcher.running or waiting:
+        for r in batcher.step():
+            out[id(r.seq)].append(r.token)
+            if r.finished:
+                batcher.remove(r.seq)
+        if waiting and batcher.free:
+            seq = waiting.pop(0)
+            out[id(seq)] = [batcher.add(seq).token]
+    return out
+
+
 def test_continuous_batching_on_cuda_equals_each_alone() -> None:
     from forge.core.decode import Batcher, Sequence
 
@@ -75,16 +90,7 @@ def test_continuous_batching_on_cuda_equals_each_alone() -> None:
     params = SamplingParams(temperature=0)
     batcher = Batcher(model, max_batch=3, max_len=64)  # fewer rows than prompts: one joins later
     seqs = [Sequence(p, 12, params) for p in prompts]
-    out = {id(s): [r.token] for s, r in zip(seqs[:3], batcher.add_many(seqs[:3]), strict=True)}
-    waiting = seqs[3:]
-    while batcher.running or waiting:
-        for r in batcher.step():
-            out[id(r.seq)].append(r.token)
-            if r.finished:
-                batcher.remove(r.seq)
-        if waiting and batcher.free:
-            seq = waiting.pop()
-            out[id(seq)] = [batcher.add(seq).token]
+    out = _continuous(batcher, seqs, first=3)
     for seq, prompt in zip(seqs, prompts, strict=True):
         alone = [int(t[0]) for t in generate_tokens(model, [prompt], max_new_tokens=12, params=params)]
         assert out[id(seq)] == alone
@@ -221,21 +227,6 @@ def test_sampled_decoding_replays_a_logits_graph_equal_to_eager() -> None:
     assert any(batcher.graphs.sampled is not None for batcher in kept.values())  # a logits graph was captured, kept
     assert torch.equal(run(True, 1, 40), run(False, 1, 40))  # reused, with another seed and length
     assert dict(model.__dict__["_decode_graphs"]) == kept
-
-
-def _continuous(batcher: object, seqs: list, first: int) -> dict[int, list[int]]:
-    """Run ``seqs`` through ``batcher``: ``first`` of them at once, the rest joining as rows free up."""
-    out = {id(s): [r.token] for s, r in zip(seqs[:first], batcher.add_many(seqs[:first]), strict=True)}
-    waiting = list(seqs[first:])
-    while batcher.running or waiting:
-        for r in batcher.step():
-            out[id(r.seq)].append(r.token)
-            if r.finished:
-                batcher.remove(r.seq)
-        if waiting and batcher.free:
-            seq = waiting.pop(0)
-            out[id(seq)] = [batcher.add(seq).token]
-    return out
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
