@@ -100,7 +100,10 @@ def test_causal_attention_after_a_prefix_sees_each_query_s_keys_up_to_itself(dev
     want = ops.attention(q.float(), k.float(), v.float(), causal=False, mask=mask[None, None])
     got = ops.attention(q, k, v, causal=True)
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), want, atol=2e-2 if device == "cuda" else 1e-5, rtol=2e-2)
+    if device == "cuda":  # bf16
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    else:
+        torch.testing.assert_close(got, want)
 
 
 def test_a_prompt_stored_whole_leaves_its_last_token_to_compute(model: Transformer) -> None:
