@@ -29,6 +29,12 @@ from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig
 
 TOL = 1e-5
+#: Final weights after a resume or through the CLI. AdamW divides each update by the root of its squared
+#: gradients, so an element whose gradient is near zero turns last-bit differences in the summed gradients into
+#: update differences of order lr: on one AMD EPYC host a single element of 140k moved 1.4e-5 (lr 5e-4), the
+#: rest stayed within 1e-6, at this commit and at the one before. A missing gradient average or a wrong shard
+#: moves every element by about lr a step; the losses, compared at TOL, hold the parity itself.
+WEIGHTS_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +128,7 @@ def test_killed_rank_stops_the_run_and_resume_on_2_or_1_matches(
     assert on_two.losses[-1][1] < reference["losses"][0][1] - 0.2  # it learned: the parity is not of noise
     on_one = _one_process(_spec(text, tmp_path / "copy", "ddp", 4, resume=tmp_path / "copy"), monkeypatch)
     assert _max_diff(on_one["losses"], reference["losses"][5:]) < TOL  # FSDP shards of 2 ranks, loaded by DDP on 1
-    assert _weights_diff(out, tmp_path / "ref") < TOL
+    assert _weights_diff(out, tmp_path / "ref") < WEIGHTS_TOL
 
 
 def test_cli_nproc_2_matches_one_process_then_generate(
@@ -155,7 +161,7 @@ def test_cli_nproc_2_matches_one_process_then_generate(
         ),
         monkeypatch,
     )
-    assert _weights_diff(out, tmp_path / "one") < TOL
+    assert _weights_diff(out, tmp_path / "one") < WEIGHTS_TOL
     metrics = load(out, with_state=True).training_state["metrics"]  # type: ignore[index]
     assert (
         abs(metrics["train_loss"] - one["losses"][-1][1]) < TOL and abs(metrics["val_loss"] - one["evals"][-1][1]) < TOL

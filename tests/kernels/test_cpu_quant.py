@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +103,15 @@ def test_int8_activations_are_exact_on_their_own_grid() -> None:
     x[:, 0], x[:, 32] = 127, 127
     _close(_int8_acts(cpu_quant.int4_mm, x, qs, d, mins, 32), x @ w.T, 1e-6)
     _close(cpu_quant.int4_mm(x, qs, d, mins, 32), x @ w.T)
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path: Path) -> None:
+    # torch waits on the build lock without end: a build killed on first use would hang every later process.
+    lock = tmp_path / "lock"
+    assert not cpu_quant._clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    built = lock.stat().st_mtime
+    assert not cpu_quant._clear_stale_lock(tmp_path, now=built + 30)  # a build under way: kept
+    assert lock.exists()
+    assert cpu_quant._clear_stale_lock(tmp_path, now=built + cpu_quant.STALE_LOCK_SECONDS + 1)
+    assert not lock.exists()

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from forge import kernels
 from forge.core.quantize import KERNEL_DTYPES, QuantizedWeight
@@ -156,6 +155,8 @@ def attention(
             # The lower-right causal bias runs the flash / memory-efficient kernels with no mask tensor. A
             # materialised mask takes cuDNN's path, which plans every new (Tq, Tk) anew: on an H200, 70 ms
             # (median; up to 1.2 s) for each new length of the part after a cached prefix, against 0.2 ms.
+            from torch.nn.attention.bias import causal_lower_right  # here: it imports torch._dynamo
+
             bias = causal_lower_right(Tq, Tk)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)  # type: ignore[arg-type]
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril_(diagonal=Tk - Tq)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ def _build() -> bool:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         log.info("Forge's CPU quantized kernels need AVX2; using PyTorch's quantized ops")
         return False
+    _clear_stale_lock()
     try:
         from torch.utils.cpp_extension import load
 
@@ -71,6 +73,31 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+#: A build takes 20-40 s; a lock this old was left by a build that was killed (Ctrl-C on first use).
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(build_dir: Path | None = None, now: float | None = None) -> bool:
+    """Remove the extension's build lock when a killed build left it behind; whether it did.
+
+    torch waits for that lock without end, so without this every later process would hang on first use.
+    """
+    try:
+        if build_dir is None:
+            from torch.utils.cpp_extension import _get_build_directory
+
+            build_dir = Path(_get_build_directory("forge_cpu_quant", verbose=False))
+        lock = build_dir / "lock"
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+        if age < STALE_LOCK_SECONDS:
+            return False
+        log.warning("removing %s, left %.0f s ago by a build of Forge's CPU kernels that did not finish", lock, age)
+        lock.unlink()
+        return True
+    except (OSError, ImportError):  # no lock (the usual case), or torch's layout changed: nothing to clear
+        return False
 
 
 def _register_fakes() -> None:
