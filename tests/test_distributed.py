@@ -29,12 +29,14 @@ from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig
 
 TOL = 1e-5
-#: Final weights after a resume or through the CLI. AdamW divides each update by the root of its squared
-#: gradients, so an element whose gradient is near zero turns last-bit differences in the summed gradients into
-#: update differences of order lr: on one AMD EPYC host a single element of 140k moved 1.4e-5 (lr 5e-4), the
-#: rest stayed within 1e-6, at this commit and at the one before. A missing gradient average or a wrong shard
-#: moves every element by about lr a step; the losses, compared at TOL, hold the parity itself.
+#: Final weights after a resume or through the CLI: every element within WEIGHTS_TOL, and all but 1 in 10,000
+#: within TOL. AdamW divides each update by the root of its squared gradients, so an element whose gradient is a
+#: near-cancelling sum turns the last-bit differences of another summation order into an update difference of
+#: order lr: on one AMD EPYC host a single element of 140k moved 1.4e-5 (lr 5e-4), at this commit and at the one
+#: before, and every other stayed within 1e-6. A missing gradient average or a wrong shard moves every element by
+#: about lr a step; the losses are compared at TOL.
 WEIGHTS_TOL = 1e-4
+OUTLIERS = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +88,12 @@ def _max_diff(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> float:
     return max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True))
 
 
-def _weights_diff(a: Path, b: Path) -> float:
+def _weights_match(a: Path, b: Path) -> bool:
+    """Whether two checkpoints' weights agree: every element within WEIGHTS_TOL, nearly all within TOL."""
     wa, wb = load(a).model.state_dict(), load(b).model.state_dict()
     assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten().float() for k in wa])
+    return float(diffs.max()) < WEIGHTS_TOL and int((diffs >= TOL).sum()) <= OUTLIERS * diffs.numel()
 
 
 def _killing_entry(spec: RunSpec, pids: str) -> dict[str, Any]:
@@ -128,7 +132,7 @@ def test_killed_rank_stops_the_run_and_resume_on_2_or_1_matches(
     assert on_two.losses[-1][1] < reference["losses"][0][1] - 0.2  # it learned: the parity is not of noise
     on_one = _one_process(_spec(text, tmp_path / "copy", "ddp", 4, resume=tmp_path / "copy"), monkeypatch)
     assert _max_diff(on_one["losses"], reference["losses"][5:]) < TOL  # FSDP shards of 2 ranks, loaded by DDP on 1
-    assert _weights_diff(out, tmp_path / "ref") < WEIGHTS_TOL
+    assert _weights_match(out, tmp_path / "ref")
 
 
 def test_cli_nproc_2_matches_one_process_then_generate(
@@ -161,7 +165,7 @@ def test_cli_nproc_2_matches_one_process_then_generate(
         ),
         monkeypatch,
     )
-    assert _weights_diff(out, tmp_path / "one") < WEIGHTS_TOL
+    assert _weights_match(out, tmp_path / "one")
     metrics = load(out, with_state=True).training_state["metrics"]  # type: ignore[index]
     assert (
         abs(metrics["train_loss"] - one["losses"][-1][1]) < TOL and abs(metrics["val_loss"] - one["evals"][-1][1]) < TOL
