@@ -26,7 +26,7 @@ import torch
 from forge import kernels
 from forge.core.transformer import Transformer
 
-__all__ = ["KEEP", "capture", "forget", "graph_key", "keep", "reusable"]
+__all__ = ["KEEP", "capture", "forget", "graph_key", "keep", "reusable", "weights_at"]
 
 #: How many captured shapes a model keeps (each holds its own KV caches).
 KEEP = 2
@@ -56,9 +56,14 @@ def graph_key(
     model: Transformer, batch: int, total: int, *, chunk: int, vocab_limit: int | None, compile: bool
 ) -> tuple:
     """What a captured graph depends on: shapes, options, kernels on or off, and where the weights live."""
-    weights = tuple(p.data_ptr() for p in model.parameters())
     dtype = model.tok_emb.weight.dtype
-    return (batch, total, chunk, vocab_limit, compile, kernels.enabled(), dtype, hash(weights))
+    return (batch, total, chunk, vocab_limit, compile, kernels.enabled(), dtype, weights_at(model))
+
+
+def weights_at(model: torch.nn.Module) -> int:
+    """Where the model's weights live: a captured graph reads them there. (Not its buffers: the KV caches
+    come and go as buffers while a batcher's caches are installed; weights moved move the RoPE tables too.)"""
+    return hash(tuple(p.data_ptr() for p in model.parameters()))
 
 
 def reusable(model: Transformer, key: Hashable) -> Any | None:

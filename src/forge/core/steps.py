@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from forge.core.cuda_graphs import capture, keep
+from forge.core.cuda_graphs import capture, keep, weights_at
 from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.transformer import Transformer
 
@@ -93,7 +93,7 @@ class GraphedSteps:
         # partial: replay while only some rows run (the serving engine, whose batch is never full for long);
         # the rest compute in their free rows at position 0, unread.
         self.partial = partial
-        self.weights = _weights(batcher.model)  # the graphs read these tensors: new ones mean a new capture
+        self.weights = weights_at(batcher.model)  # the graphs read these tensors: new ones mean a new capture
         self.pos = torch.zeros(B, dtype=torch.long, device=device)  # each row's next cache slot
         self.synced = False  # whether pos matches the rows' lengths
         self.out = torch.empty(B, GRAPH_CHUNK, dtype=torch.long, device=device)
@@ -158,9 +158,9 @@ class GraphedSteps:
 
     def _fresh(self) -> None:
         """Forget the graphs when the model's weights were replaced (they read the old tensors): capture anew."""
-        if self.partial and _weights(self.batcher.model) != self.weights:
+        if self.partial and (now := weights_at(self.batcher.model)) != self.weights:
             self.greedy = self.sampled = self.verifier = None
-            self.weights = _weights(self.batcher.model)
+            self.weights = now
 
     @property
     def verify_width(self) -> int:
@@ -212,12 +212,6 @@ class GraphedSteps:
         graph = capture(steps, restore=[self.batcher.tokens, self.pos])
         keep(self.batcher.model, self.key, self.batcher)  # worth reusing now
         return graph
-
-
-def _weights(model: torch.nn.Module) -> int:
-    """Where the model's weights live: a captured graph reads them there. (Not its buffers: the KV caches
-    come and go as buffers while a batcher's caches are installed; weights moved move the RoPE tables too.)"""
-    return hash(tuple(p.data_ptr() for p in model.parameters()))
 
 
 _compiled_step: Callable[..., torch.Tensor] | None = None
