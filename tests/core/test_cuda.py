@@ -290,3 +290,16 @@ def test_the_engine_replays_graphs_and_recaptures_when_weights_move(tmp_path: ob
 
 async def _text(stream: object) -> str:
     return "".join([piece async for piece in stream])
+
+
+def test_argmax_in_two_passes_equals_torch_s_first_maximum() -> None:
+    """ops.argmax over a 128k vocabulary (chunked on CUDA) gives argmax's index, ties to the first."""
+    from forge.core import ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for vocab in (128256, 49152, 50257, 1000):
+        x = torch.randn(4, vocab, device="cuda", generator=g).to(torch.bfloat16)
+        x[1, vocab // 3] = x[1, vocab - 5] = 100.0  # a tie: the first one wins
+        x[2] = 0.0
+        assert torch.equal(ops.argmax(x), x.argmax(-1)), vocab
+        assert ops.argmax(x)[1].item() == vocab // 3 and ops.argmax(x)[2].item() == 0

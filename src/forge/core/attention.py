@@ -81,15 +81,21 @@ class CausalSelfAttention(nn.Module):
             q = ops.add_rms_norm(q, None, self.q_norm, self.qk_norm_eps)[0]
             k = ops.add_rms_norm(k, None, self.k_norm, self.qk_norm_eps)[0]
             qk = torch.cat([q, k], dim=1)
-        if rope is not None:  # queries and keys rotate together: one op for both
-            qk = ops.rope(qk, *rope)
-        q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
-        causal = True
+        fused = None
         if write is not None:
             assert self.cache is not None, "a CacheWrite needs a KV cache: Transformer.use_caches first"
-            k, v = self.cache.write(write, k, v)
-            # A prefill from 0 is causal; a decode step's one query attends under the caller's mask (or to all).
-            causal = T > 1
+            if rope is not None:  # RoPE and the cache write in one kernel, where the device has one
+                fused = self.cache.write_rotated(write, qk, v, rope)
+        if fused is not None:
+            q, k, v = fused
+        else:
+            if rope is not None:  # queries and keys rotate together: one op for both
+                qk = ops.rope(qk, *rope)
+            q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+            if write is not None:
+                k, v = self.cache.write(write, k, v)  # type: ignore[union-attr]
+        # A prefill from 0 is causal; a decode step's one query attends under the caller's mask (or to all).
+        causal = write is None or T > 1
         if self.training and self.dropout:
             y = nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout, enable_gqa=Hkv != H

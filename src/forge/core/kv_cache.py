@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from forge.config import ModelConfig
+from forge.core import ops
 from forge.errors import ConfigError, GenerationError
 
 __all__ = [
@@ -109,6 +110,22 @@ class KVCache(nn.Module):
             keys.view(-1, D).index_copy_(0, index, k.reshape(-1, D))  # k (B, Hkv, T, D) -> (B * Hkv * T, D)
             values.view(-1, D).index_copy_(0, index, v.reshape(-1, D))
         return keys[w.rows, :, : w.length], values[w.rows, :, : w.length]
+
+    def write_rotated(
+        self, w: CacheWrite, qk: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """RoPE and the write of :meth:`write` in one fused kernel, for per-row positions (a decode or verify step):
+        the rotated queries, then keys and values as :meth:`write` returns them. ``qk`` (B, H + Hkv, T, D) holds the
+        query and key heads before RoPE. None where the device has no such kernel, or ``pos`` is an int."""
+        if isinstance(w.pos, int) or (torch.is_grad_enabled() and qk.requires_grad):
+            return None
+        keys, values = self.k, self.v
+        assert w.length <= keys.shape[2], f"KV cache overflow: {w.length} > {keys.shape[2]}"
+        index = w.flat_index if w.flat_index is not None else self.flat_index(w.rows, w.pos, qk.shape[2])
+        q = ops.rope_cache(qk, v, *rope, keys, values, index)
+        if q is None:
+            return None
+        return q, keys[w.rows, :, : w.length], values[w.rows, :, : w.length]
 
     def flat_index(self, rows: slice, pos: torch.Tensor, tokens: int = 1) -> torch.Tensor:
         """Indices into ``k.view(-1, D)`` of each row's every head at positions ``pos`` (B,) .. ``pos + tokens - 1``.

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from forge.core import ops
 from forge.core.cuda_graphs import capture, keep, weights_at
 from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.transformer import Transformer
@@ -177,7 +178,7 @@ class GraphedSteps:
         logits = b.model(self.verify_inputs, positions=positions, mask=mask[:, None], write=write)  # (B, W, V)
         if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
             logits[..., b.vocab_limit :] = float("-inf")
-        self.verify_out = (logits, logits.argmax(dim=-1))
+        self.verify_out = (logits, ops.argmax(logits))
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One step of every row over the whole cache, under a mask: the same shapes every step."""
@@ -192,7 +193,7 @@ class GraphedSteps:
             logits = self.forward(b.tokens, self.pos)  # (B, V)
             if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
                 logits[:, b.vocab_limit :] = float("-inf")
-            self.out[:, j] = logits.argmax(dim=-1)
+            self.out[:, j] = ops.argmax(logits)
             b.tokens.copy_(self.out[:, j : j + 1])
             self.pos.add_(1)
 

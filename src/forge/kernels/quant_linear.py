@@ -5,7 +5,10 @@
 holds them (GGUF's int4 blocks, plain int8), their scales and minimums, and the scheme's name. :data:`CUDA_PATHS`
 picks the kernel from the scheme and the number of rows of x (:mod:`forge.kernels.quant_matmul`):
 
-- ``"gemv"``: dequant-GEMV, reading 4 or 8 bits a weight; the decode step of a few sequences.
+- ``"gemv_q8"``: dequant-GEMV with x rounded to int8 per group of 32 (as llama.cpp's CUDA MMVQ does), four
+  products a ``dp4a``; the decode step of a few sequences. Weights it can't take (int4 outside GGUF's blocks,
+  groups that aren't a power of two from 32) get the exact ``"gemv"``.
+- ``"gemv"``: dequant-GEMV in fp32, reading 4 or 8 bits a weight: exact to the dequantized weight.
 - ``"gemm"``: tiled dequant-GEMM (``tl.dot``), the weight still read once per block of 64 rows; a batch.
 - ``"dequant"``: the weight written out in x's dtype, then cuBLAS; a long prefill, where the matmul is
   compute-bound and the extra pass over the weight is small against it.
@@ -29,14 +32,16 @@ _ANY = 1 << 62
 
 #: For each scheme, ``(most rows of x, path)`` in increasing order: the first bound that M fits picks the path.
 #: Measured on an H200 (``benchmarks/quant_gpu.py``'s "paths" rows, Llama-1B's linears, microseconds): at M=1
-#: the GEMV beats bf16 cuBLAS and the other paths for every scheme (int4 gate_up 14.4 against 19.2); at M=16 and
-#: 64 the GEMV is 5-30x slower. int8 per channel at M=16-64: the GEMM (gate_up 21-25) beats dequant-then-cuBLAS
-#: (47); int4 and int8 per group: dequant wins there (int4 gate_up at 64: 45.5 against 53.2), and in decode at
-#: batch 64 (1B int4: 28.0k tok/s against 18.6k). The GEMV bound of 4 is not measured between 1 and 16.
+#: the GEMVs beat bf16 cuBLAS and the other paths for every scheme, and ``gemv_q8`` (x rounded to int8 per 32,
+#: dp4a) beats the exact ``gemv``: int4 gate_up 8.3 against 13.4 and bf16's 19.2, down 7.6 against 9.5 (1B
+#: decode: 1,040 against 884 tok/s). At M=16 and 64 the GEMVs are 5-30x slower. int8 per channel at M=16-64:
+#: the GEMM (gate_up 21-25) beats dequant-then-cuBLAS (47); int4 and int8 per group: dequant wins there (int4
+#: gate_up at 64: 45.5 against 53.2), and in decode at batch 64 (1B int4: 28.0k tok/s against 18.6k). The GEMV
+#: bound of 4 is not measured between 1 and 16.
 CUDA_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
-    "int4": ((4, "gemv"), (_ANY, "dequant")),
-    "int8": ((4, "gemv"), (64, "gemm"), (_ANY, "dequant")),
-    "int8_group": ((4, "gemv"), (_ANY, "dequant")),
+    "int4": ((4, "gemv_q8"), (_ANY, "dequant")),
+    "int8": ((4, "gemv_q8"), (64, "gemm"), (_ANY, "dequant")),
+    "int8_group": ((4, "gemv_q8"), (_ANY, "dequant")),
 }
 
 

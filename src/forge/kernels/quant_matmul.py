@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 
 from forge.kernels.attention_tiles import dot, dot_precision, upcast
+from forge.kernels.quant_gemv import as_float as _as_float
+from forge.kernels.quant_gemv import gemv_q8, gemv_tile, gemv_words
 from forge.kernels.reference import dequantize_int4, dequantize_int8, pack_int4
 
 __all__ = [
@@ -56,7 +58,7 @@ __all__ = [
 #: Without ``path=``, up to this many rows of x run the GEMV kernel, more the GEMM.
 GEMV_MAX_M = 16
 #: The kernels a call can ask for with ``path=``.
-PATHS = ("gemv", "gemm", "dequant")
+PATHS = ("gemv", "gemv_q8", "gemm", "dequant")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _GGUF_BLOCK = 32  # values in a GGUF block: 16 bytes of int4
 
@@ -70,18 +72,12 @@ class Config(NamedTuple):
     grouped: bool = True  # GEMV: sum each group, then scale it (False: scale every element)
     block_m: int = 16
     stages: int = 3
+    tile: bool = True  # GEMV: quant_gemv.gemv_tile (False: quant_gemv.gemv_words, the earlier word kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _as_float(v, OFFSET: tl.constexpr):
-    """Small non-negative int32 values v as fp32 minus OFFSET without a conversion instruction (a quarter-rate
-    op on NVIDIA GPUs, the bottleneck of a naive dequant-GEMV): 0x4B000000 | v is the float 2**23 + v."""
-    return (v | 0x4B000000).to(tl.float32, bitcast=True) - OFFSET
 
 
 @triton.jit
@@ -95,79 +91,6 @@ def _unpack(word, BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constex
     if SIGNED:  # an int8 byte b holds v + 128 as b ^ 0x80
         return _as_float(v ^ 0x80, 8388608.0 + 128.0 + Q_OFFSET)
     return _as_float(v, 8388608.0 + Q_OFFSET)
-
-
-@triton.jit
-def _word_value(word, j: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr):
-    """Value j of each int32 word as fp32, minus Q_OFFSET."""
-    v = (word >> (BITS * j)) & ((1 << BITS) - 1)
-    if SIGNED:
-        return _as_float(v ^ 0x80, 8388608.0 + 128.0 + Q_OFFSET)
-    return _as_float(v, 8388608.0 + Q_OFFSET)
-
-
-@triton.jit
-def _gemv(
-    X, W, S, Z, B, Y, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
-    BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, GGUF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """BLOCK_N outputs of one row of x: y[n] = sum_k x[k] * ((q[n, k] - Q_OFFSET) * s[n, k // G] + z[n, k // G]).
-
-    W is read as int32 words of 32 // BITS values; value j of every word meets x's column of it (VALS * w + j,
-    or GGUF's order): a strided read of x, from L1, measured faster than unpacking words into a 3-D tile.
-    G == 0: one scale (and minimum) per output, applied to the finished sums. GROUPED: each group's q.x is
-    summed, then scaled once (G divides BLOCK_K); else each word is scaled (G is a multiple of a word's values).
-    """
-    VALS: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_K // VALS  # words of a weight row per step
-    NG: tl.constexpr = BLOCK_K // G if G > 0 else 1  # groups per step
-    GW: tl.constexpr = G // VALS if G > 0 else 1  # words per group
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = rn < N
-    rn64 = rn.to(tl.int64)
-    x_row = X + tl.program_id(1).to(tl.int64) * stride_xm
-    rows = W + rn64[:, None] * (K // VALS)
-    acc = tl.zeros((BLOCK_N, NG if GROUPED else WORDS), dtype=tl.float32)  # GROUPED only with G > 0
-    xacc = tl.zeros((WORDS,), dtype=tl.float32)  # sum of x: a per-channel minimum multiplies it
-    for k0 in range(0, K, BLOCK_K):
-        w = k0 // VALS + tl.arange(0, WORDS)
-        w_in = w < K // VALS
-        word = tl.load(rows + w[None, :], mask=n_in[:, None] & w_in[None, :], other=0)
-        # The word's first column of x; in GGUF's blocks value j is at + j // 2 (+ 16 for odd j).
-        x_word = x_row + ((w // 4) * 32 + (w % 4) * 4 if GGUF else VALS * w)
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # q.x within each word
-        xs = tl.zeros((WORDS,), dtype=tl.float32)
-        for j in tl.static_range(VALS):
-            xj = tl.load(x_word + ((j % 2) * 16 + j // 2 if GGUF else j), mask=w_in, other=0.0).to(tl.float32)
-            part += _word_value(word, j, BITS, SIGNED, Q_OFFSET) * xj[None, :]
-            xs += xj
-        if G == 0:
-            acc += part
-            xacc += xs
-        elif GROUPED:
-            g = k0 // G + tl.arange(0, NG)
-            gmask = n_in[:, None] & (g < K // G)[None, :]
-            offs = rn64[:, None] * stride_sn + g[None, :] * stride_sg
-            s = tl.load(S + offs, mask=gmask, other=0.0).to(tl.float32)
-            acc += s * tl.sum(tl.reshape(part, (BLOCK_N, NG, GW)), axis=2)
-            if HAS_MIN:
-                z = tl.load(Z + offs, mask=gmask, other=0.0).to(tl.float32)
-                acc += z * tl.sum(tl.reshape(xs, (NG, GW)), axis=1)[None, :]
-        else:
-            offs = rn64[:, None] * stride_sn + (w * VALS // G)[None, :] * stride_sg
-            wmask = n_in[:, None] & w_in[None, :]
-            acc += tl.load(S + offs, mask=wmask, other=0.0).to(tl.float32) * part
-            if HAS_MIN:
-                acc += tl.load(Z + offs, mask=wmask, other=0.0).to(tl.float32) * xs[None, :]
-    y = tl.sum(acc, axis=1)
-    if G == 0:
-        y *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            y += tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32) * tl.sum(xacc, axis=0)
-    if HAS_BIAS:
-        y += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)
-    tl.store(Y + tl.program_id(1).to(tl.int64) * stride_ym + rn, y.to(Y.dtype.element_ty), mask=n_in)
 
 
 @triton.jit
@@ -331,20 +254,22 @@ def _programs_target(device: torch.device) -> int:
     return 2 * (_sm_count(device.index) if device.type == "cuda" else 4)
 
 
-def gemv_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Config:
-    """The GEMV launch for m rows of x against an (n, k) weight: the widest block of outputs (up to 32) that
-    still gives every multiprocessor one and a half programs."""
-    block_n = 32
-    while block_n > 2 and triton.cdiv(n, block_n) * m < _programs_target(device) * 3 // 4:
-        block_n //= 2
-    # Measured on an H200 (a sweep of launch configs): 1 KiB of each row a step for narrow blocks of rows,
-    # 512 B for wide ones; eight warps for the widest steps.
-    row_bytes = 1024 if block_n <= 8 else 512
-    block_k = max(min(row_bytes * (8 // bits), triton.next_power_of_2(k)), 32 // bits)
-    if _pow2(group):
-        block_k = max(block_k, group)  # a whole group per step, so each is scaled once
-    warps = 8 if bits == 4 and block_k >= 2048 else 4
-    return Config(block_n=block_n, block_k=block_k, warps=warps, grouped=_pow2(group))
+def gemv_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device, *, q8: bool = False) -> Config:
+    """The GEMV launch for m rows of x against an (n, k) weight, from a sweep of launch configs on an H200 (the 1B
+    and 135M Llama shapes' linears, 36 configs each): whole rows of up to 2,048 values a step.
+
+    ``q8`` (:func:`~forge.kernels.quant_gemv.gemv_q8`): blocks of 8 rows, 8 warps; where the rows give more than
+    8 programs per multiprocessor, half the step and 4 warps (an int8 per-channel weight: a quarter).
+    Else (:func:`~forge.kernels.quant_gemv.gemv_tile`): blocks of 2 rows (4 for groups above 32), 2 warps.
+    """
+    step = min(2048, triton.next_power_of_2(k))
+    if q8:
+        if triton.cdiv(n, 8) * m >= 4 * _programs_target(device):
+            step = min(step, 512 if bits == 8 and group == 0 else 1024)
+        return Config(block_n=8, block_k=max(step, group, 32), warps=8 if step >= 2048 else 4)
+    if bits == 8 and k < 4096:
+        step = min(step, 1024)
+    return Config(block_n=4 if group > 32 else 2, block_k=max(step, group, 32 // bits), warps=2)
 
 
 def gemm_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Config:
@@ -410,22 +335,45 @@ def _launch(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    gemv = (path == "gemv" or (path is None and m <= GEMV_MAX_M)) and _whole_words(k, group, bits)  # else GEMM
-    (w_ptr, s_ptr, z_ptr), flags, strides = _operands(q, scale, minimum, bits, group, as_bytes=gguf and not gemv)
+    gemv = (path in ("gemv", "gemv_q8") or (path is None and m <= GEMV_MAX_M)) and _whole_words(k, group, bits)
+    if config is not None:
+        _check_config(config, bits, gemm=not gemv, gguf_group=group if gguf else 0)
+    if config is not None:
+        cfg = config
+    elif gemv:
+        cfg = gemv_config(m, n, k, bits, group, x.device, q8=path == "gemv_q8")
+    else:
+        cfg = gemm_config(m, n, k, bits, group, x.device)
+    # quant_gemv's tile kernel: groups of a power of two within a step, or one scale per output
+    tile = gemv and cfg.tile and (group == 0 or (_pow2(group) and cfg.block_k % group == 0))
+    q8 = path == "gemv_q8" and _q8_fits(k, group, bits, gguf, cfg)
+    (w_ptr, s_ptr, z_ptr), flags, strides = _operands(
+        q, scale, minimum, bits, group, as_bytes=(gguf and not gemv) or (tile and not q8)
+    )  # fmt: skip
     words = flags.pop("WORDS_IN")
     args = (x2, w_ptr, s_ptr, z_ptr, bias.contiguous() if bias is not None else s_ptr, y)  # unused: any tensor
     flags.update(Q_OFFSET=q_offset, HAS_BIAS=bias is not None, GGUF=gguf)
-    if config is not None:
-        _check_config(config, bits, gemm=not gemv, gguf_group=group if gguf else 0)
+    if q8:
+        gemv_q8[(triton.cdiv(n, cfg.block_n), m)](
+            *args, n, k, x2.stride(0), y.stride(0), *strides, **{f: v for f, v in flags.items() if f != "GGUF"},
+            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, EMULATE=x.device.type != "cuda",
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], n)
+    if tile:
+        gemv_tile[(triton.cdiv(n, cfg.block_n), m)](
+            *args, n, k, x2.stride(0), y.stride(0), *strides, **flags,
+            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.warps,
+        )  # fmt: skip
+        return y.reshape(*x.shape[:-1], n)
     if gemv:
-        cfg = config or gemv_config(m, n, k, bits, group, x.device)
         grouped = cfg.grouped and _pow2(group) and cfg.block_k % group == 0
-        _gemv[(triton.cdiv(n, cfg.block_n), m)](
+        gemv_words[(triton.cdiv(n, cfg.block_n), m)](
             *args, n, k, x2.stride(0), y.stride(0), *strides, **flags,
             GROUPED=grouped, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], n)
-    cfg = config or gemm_config(m, n, k, bits, group, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _gemm[grid](
         *args, m, n, k, x2.stride(0), y.stride(0), *strides, **flags, WORDS_IN=words,
@@ -433,6 +381,13 @@ def _launch(
         BLOCK_K=cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
+
+
+def _q8_fits(k: int, group: int, bits: int, gguf: bool, cfg: Config) -> bool:
+    """Whether :func:`~forge.kernels.quant_gemv.gemv_q8` takes this weight: int8, or int4 in GGUF's blocks, with x
+    in whole groups of 32 and weight groups of a power of two from 32 that divide the step."""
+    whole = group == 0 or (group % 32 == 0 and _pow2(group) and cfg.block_k % group == 0)
+    return (bits == 8 or gguf) and k % 32 == 0 and cfg.block_k % 32 == 0 and whole
 
 
 def _dequantize(
