@@ -1,10 +1,13 @@
 """Forge's Triton kernels for weight-only quantized matmuls: dequant-GEMV, tiled dequant-GEMM, dequantize.
 
 Decoding reads every weight once per step, so a weight stored in 4 or 8 bits is read 4 or 2 times faster
-than bf16, if the matmul dequantizes on the fly instead of materialising a float weight. Three kernels, which
+than bf16, if the matmul dequantizes on the fly instead of materialising a float weight. The kernels, which
 :mod:`forge.kernels.quant_linear` chooses between by the rows of x (``path=``):
 
-- ``"gemv"``: a dequant-GEMV for a few rows (decoding): one program per row of x and block of outputs.
+- ``"gemv_q8"``: a dequant-GEMV for a few rows (decoding) with x rounded to int8 per group of 32, four products
+  a ``dp4a`` (:func:`~forge.kernels.quant_gemv.gemv_q8`); weights it can't take get the exact ``"gemv"``.
+- ``"gemv"``: the exact dequant-GEMV, in fp32 (:func:`~forge.kernels.quant_gemv.gemv_tile`; groups that are not
+  a power of two: :func:`~forge.kernels.quant_gemv.gemv_words`).
 - ``"gemm"``: a tiled dequant-GEMM (the seed's ``matmul_tiled``): weight tiles dequantized in registers, then
   ``tl.dot``.
 - ``"dequant"``: the weight dequantized to x's dtype by a Triton kernel, then cuBLAS (long prefills).
