@@ -1,4 +1,4 @@
-"""What the GPU decode path's int8 rounding of x costs: SmolLM2-135M (its shipped Q4_1 GGUF, kept quantized) scored
+"""What the GPU decode path's rounding of x costs: SmolLM2-135M (its shipped Q4_1 GGUF, kept quantized) scored
 with every quantized linear's input rounded to int8 per group of 32, as ``gemv_q8`` does on CUDA, against the exact
 input, in the same run on the CPU.
 
@@ -7,11 +7,13 @@ x rounded per 32 values (scale absmax / 127) so that four products take one ``dp
 does. Rounding is per row, so rounding every row of a whole-text forward scores each position as decoding it
 would. Reported for a held-out English text (the GPL-3 licence text Debian ships), not tuned on:
 
-- ``bits_per_byte`` exact and rounded (``forge eval``'s sliding windows), and their ratio;
+for x rounded to int16 (``gemv_q16``, two products a ``dp2a``) and to int8 (``gemv_q8``, four a ``dp4a``):
+
+- ``bits_per_byte`` (``forge eval``'s sliding windows) and its ratio to the exact input's;
 - ``top1_agreement_512``: over the text's first 512 positions, the share whose most likely next token is the same;
   ``bf16_top1_agreement_512`` gives the scale of such noise: the same file dequantized to bfloat16 against it;
-- ``greedy``: 32-token greedy continuations of a few prompts, rounding where the GPU would (x of up to 4 rows),
-  and whether they equal the exact ones.
+- ``chat``: the reply to "What is the capital of France?" and ``greedy``: 32-token greedy continuations of a few
+  prompts, rounding where the GPU would (x of up to 4 rows: the decode steps), against the exact ones.
 
     python benchmarks/gemv_q8_quality.py [--text PATH] [--max-tokens 4000]
 """
@@ -30,23 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, save_result
 from forge import Forge
 from forge.core.quantize import Int4Weight, Int8GroupWeight, Int8Weight
-from forge.kernels.reference import round_to_q8
+from forge.kernels.reference import round_x
 from forge.models import locate
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
 
 
 @contextmanager
-def rounded(most_rows: int | None) -> Iterator[None]:
-    """Every quantized linear (of the schemes gemv_q8 takes) multiplies by x rounded to int8 per 32, where x has
-    at most ``most_rows`` rows (None: always)."""
+def rounded(most_rows: int | None, bits: int = 8) -> Iterator[None]:
+    """Every quantized linear (of the schemes gemv_q8 takes) multiplies by x rounded to ``bits`` per 32, where x
+    has at most ``most_rows`` rows (None: always)."""
     saved = {cls: cls.linear for cls in (Int4Weight, Int8Weight, Int8GroupWeight)}
 
     def wrap(linear):  # type: ignore[no-untyped-def]
         def run(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
             rows = x.numel() // x.shape[-1]
             if most_rows is None or rows <= most_rows:
-                x = round_to_q8(x).to(x.dtype)
+                x = round_x(x, bits).to(x.dtype)
             return linear(self, x, bias)
 
         return run
@@ -74,35 +76,41 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     app = Forge.load(locate(args.model), device="cpu")
-    scores = {}
-    for name, most in (("exact", 0), ("rounded", None)):
-        with rounded(most):
-            scores[name] = app.sync.run_coroutine(app.evaluate(args.text, max_tokens=args.max_tokens))
     ids = app.tokenizer.encode(args.text.read_text())[:512]
     exact = top1(app, ids)
-    with rounded(None):
-        agree = (top1(app, ids) == exact).float().mean().item()
+    exact_bpb = app.sync.run_coroutine(app.evaluate(args.text, max_tokens=args.max_tokens))
     bf16 = Forge.load(locate(args.model), device="cpu", dtype="bfloat16")
-    bf16_agree = (top1(bf16, ids) == exact).float().mean().item()
-    del bf16
-    greedy = []
-    for prompt in PROMPTS:
-        want = app.sync.generate(prompt, max_tokens=32, temperature=0)
-        with rounded(4):
-            got = app.sync.generate(prompt, max_tokens=32, temperature=0)
-        greedy.append({"prompt": prompt, "exact": want, "rounded": got, "equal": want == got})
-    out = {
+    out: dict[str, object] = {
         "benchmark": "gemv_q8_quality",
         "model": args.model,
         "text": str(args.text),
-        "tokens": scores["exact"]["tokens"],
-        "bits_per_byte": {k: v["bits_per_byte"] for k, v in scores.items()},
-        "bpb_ratio": scores["rounded"]["bits_per_byte"] / scores["exact"]["bits_per_byte"],
-        "top1_agreement_512": agree,
-        "bf16_top1_agreement_512": bf16_agree,
-        "greedy": greedy,
-        "env": environment(torch.device("cpu")),
+        "tokens": exact_bpb["tokens"],
+        "bits_per_byte_exact": exact_bpb["bits_per_byte"],
+        "bf16_top1_agreement_512": (top1(bf16, ids) == exact).float().mean().item(),
     }
+    del bf16
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    out["chat_exact"] = app.sync.chat(chat, max_tokens=24, temperature=0)
+    for bits in (16, 8):
+        with rounded(None, bits):
+            bpb = app.sync.run_coroutine(app.evaluate(args.text, max_tokens=args.max_tokens))["bits_per_byte"]
+            agree = (top1(app, ids) == exact).float().mean().item()
+        row: dict[str, object] = {
+            "bits_per_byte": bpb,
+            "bpb_ratio": bpb / exact_bpb["bits_per_byte"],
+            "top1_agreement_512": agree,
+        }
+        with rounded(4, bits):  # where the GPU rounds: the decode steps
+            row["chat"] = app.sync.chat(chat, max_tokens=24, temperature=0)
+        greedy = []
+        for prompt in PROMPTS:
+            want = app.sync.generate(prompt, max_tokens=32, temperature=0)
+            with rounded(4, bits):
+                got = app.sync.generate(prompt, max_tokens=32, temperature=0)
+            greedy.append({"prompt": prompt, "exact": want, "rounded": got, "equal": want == got})
+        row["greedy"] = greedy
+        out[f"int{bits}"] = row
+    out["env"] = environment(torch.device("cpu"))
     save_result("gemv_q8_quality", out)
 
 

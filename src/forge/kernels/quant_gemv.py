@@ -127,24 +127,59 @@ def _dp4a(a, b, c, A_SIGNED: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _q8(xv, inv):
-    """x values (W, 4) times their group's 127 / absmax (W, 1), rounded to int8: (the bytes packed into int32
-    words (W,), the rounded values (W, 4)). Adding 1.5 * 2**23 rounds a float below 2**22 in magnitude to the
-    nearest integer, in its low mantissa bits."""
-    r = (xv * inv + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    return tl.sum((r & 0xFF) << (8 * tl.arange(0, 4))[None, :], axis=1), r  # disjoint bytes: the sum is an OR
+def _dp2a(a, b, c, HI: tl.constexpr, B_SIGNED: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the dot product of the two signed 16-bit halves of a with bytes 0-1 (2-3 if HI) of b (signed if
+    B_SIGNED): one ``dp2a`` instruction each on NVIDIA GPUs, by shifts in Triton's interpreter (EMULATE)."""
+    if EMULATE:
+        for j in tl.static_range(2):
+            aj = (a << (16 - 16 * j)) >> 16
+            k: tl.constexpr = 2 * HI + j
+            bj = (b << (24 - 8 * k)) >> 24 if B_SIGNED else (b >> (8 * k)) & 0xFF
+            c += aj * bj
+        return c
+    if HI and B_SIGNED:
+        asm: tl.constexpr = "dp2a.hi.s32.s32 $0, $1, $2, $3;"
+    elif HI:
+        asm: tl.constexpr = "dp2a.hi.s32.u32 $0, $1, $2, $3;"
+    elif B_SIGNED:
+        asm: tl.constexpr = "dp2a.lo.s32.s32 $0, $1, $2, $3;"
+    else:
+        asm: tl.constexpr = "dp2a.lo.s32.u32 $0, $1, $2, $3;"
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _round(xv, inv):
+    """x times its group's inverse scale, rounded to the nearest integer (int32). Adding 1.5 * 2**23 rounds a float
+    below 2**22 in magnitude to an integer in its low mantissa bits."""
+    return (xv * inv + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _dot_words(word, r, acc, B_SIGNED: tl.constexpr, X16: tl.constexpr, EMULATE: tl.constexpr):
+    """acc (N, W) + each word of weight bytes (N, W) dotted with its 4 rounded x values r (W, 4): int8 x packed
+    into a word for one ``dp4a``, or int16 x packed in pairs for two ``dp2a``."""
+    j = tl.arange(0, 4)[None, :]
+    if X16:
+        xlo = tl.sum(tl.where(j < 2, (r & 0xFFFF) << (16 * (j % 2)), 0), axis=1)  # x of bytes 0 and 1
+        xhi = tl.sum(tl.where(j >= 2, (r & 0xFFFF) << (16 * (j % 2)), 0), axis=1)  # x of bytes 2 and 3
+        acc = _dp2a(tl.broadcast_to(xlo[None, :], word.shape), word, acc, False, B_SIGNED, EMULATE)
+        return _dp2a(tl.broadcast_to(xhi[None, :], word.shape), word, acc, True, B_SIGNED, EMULATE)
+    xw = tl.sum((r & 0xFF) << (8 * j), axis=1)  # disjoint bytes: the sum is an OR
+    return _dp4a(word, tl.broadcast_to(xw[None, :], word.shape), acc, B_SIGNED, EMULATE)
 
 
 @triton.jit
 def gemv_q8(
     X, W, S, Z, B, Y, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, X16: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """:func:`gemv_tile` with x rounded to int8 per group of 32 (scale absmax / 127, as llama.cpp's CUDA MMVQ
-    does) so that four products cost one ``dp4a``. W is read as int32 words: int4 in GGUF's blocks (word w of
-    a block: columns 4w..4w+3 in its low nibbles, 16 on in its high ones) or int8. G: 0 or a multiple of 32."""
+    """:func:`gemv_tile` with x rounded to integers per group of 32, so that the products are integer dot products:
+    int16 (X16; scale absmax / 32767, two products a ``dp2a``), or int8 (scale absmax / 127, four a ``dp4a``, as
+    llama.cpp's CUDA MMVQ does). W is read as int32 words: int4 in GGUF's blocks (word w of a block: columns
+    4w..4w+3 in its low nibbles, 16 on in its high ones) or int8. G: 0 or a multiple of 32."""
     VALS: tl.constexpr = 32 // BITS  # values per word
     WORDS: tl.constexpr = BLOCK_K // VALS
     NX: tl.constexpr = BLOCK_K // 32  # groups of x per step
@@ -183,19 +218,20 @@ def gemv_q8(
             else:
                 xl = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
             amax = tl.max(tl.reshape(tl.abs(xl), (NX, 32)), axis=1)
-        inv = tl.where(amax > 0, 127.0 / amax, 0.0)  # (NX,)
+        top: tl.constexpr = 32767.0 if X16 else 127.0
+        inv = tl.where(amax > 0, top / amax, 0.0)  # (NX,)
         inv_w = tl.reshape(tl.broadcast_to(inv[:, None], (NX, WPX)), (WORDS,))[:, None]
         zero = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
-        xw, r = _q8(xl, inv_w)
+        r = _round(xl, inv_w)
         if BITS == 4:
-            lo = _dp4a(word & 0x0F0F0F0F, tl.broadcast_to(xw[None, :], (BLOCK_N, WORDS)), zero, False, EMULATE)
-            xw, rh = _q8(xh, inv_w)
-            d = _dp4a((word >> 4) & 0x0F0F0F0F, tl.broadcast_to(xw[None, :], (BLOCK_N, WORDS)), lo, False, EMULATE)
+            d = _dot_words(word & 0x0F0F0F0F, r, zero, False, X16, EMULATE)
+            rh = _round(xh, inv_w)
+            d = _dot_words((word >> 4) & 0x0F0F0F0F, rh, d, False, X16, EMULATE)
             r += rh
         else:
-            d = _dp4a(word, tl.broadcast_to(xw[None, :], (BLOCK_N, WORDS)), zero, SIGNED, EMULATE)
+            d = _dot_words(word, r, zero, SIGNED, X16, EMULATE)
         # Each group of 32's q . x and sum of x, both of the rounded x: a minimum then meets the same x as q.
-        xscale = amax / 127.0
+        xscale = amax / top
         dx = tl.sum(tl.reshape(d, (BLOCK_N, NX, WPX)), axis=2).to(tl.float32) * xscale[None, :]
         xsum = tl.sum(tl.reshape(r, (NX, 4 * WPX)), axis=1).to(tl.float32) * xscale
         if Q_OFFSET != 0:

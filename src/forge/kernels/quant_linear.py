@@ -5,9 +5,12 @@
 holds them (GGUF's int4 blocks, plain int8), their scales and minimums, and the scheme's name. :data:`CUDA_PATHS`
 picks the kernel from the scheme and the number of rows of x (:mod:`forge.kernels.quant_matmul`):
 
-- ``"gemv_q8"``: dequant-GEMV with x rounded to int8 per group of 32 (as llama.cpp's CUDA MMVQ does), four
-  products a ``dp4a``; the decode step of a few sequences. Weights it can't take (int4 outside GGUF's blocks,
-  groups that aren't a power of two from 32) get the exact ``"gemv"``.
+- ``"gemv_q16"``: dequant-GEMV with x rounded to int16 per group of 32 (within 1/32767 of each group's largest
+  value, as Forge's CPU kernels do), two products a ``dp2a``; the decode step of a few sequences. Weights it
+  can't take (int4 outside GGUF's blocks, groups that aren't a power of two from 32) get the exact ``"gemv"``.
+- ``"gemv_q8"``: the same with x rounded to int8 (as llama.cpp's CUDA MMVQ does), four products a ``dp4a``:
+  faster, but the rounding moves logits enough to change a small model's answers (SmolLM2's "capital of France"
+  becomes "L'Étoile"; ``benchmarks/gemv_q8_quality.py``), so no table entry takes it.
 - ``"gemv"``: dequant-GEMV in fp32, reading 4 or 8 bits a weight: exact to the dequantized weight.
 - ``"gemm"``: tiled dequant-GEMM (``tl.dot``), the weight still read once per block of 64 rows; a batch.
 - ``"dequant"``: the weight written out in x's dtype, then cuBLAS; a long prefill, where the matmul is
@@ -40,9 +43,9 @@ _ANY = 1 << 62
 #: gate_up at 64: 45.5 against 53.2), and in decode at batch 64 (1B int4: 28.0k tok/s against 18.6k). The GEMV
 #: bound of 4 is not measured between 1 and 16.
 CUDA_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
-    "int4": ((4, "gemv_q8"), (_ANY, "dequant")),
-    "int8": ((4, "gemv_q8"), (64, "gemm"), (_ANY, "dequant")),
-    "int8_group": ((4, "gemv_q8"), (_ANY, "dequant")),
+    "int4": ((4, "gemv_q16"), (_ANY, "dequant")),
+    "int8": ((4, "gemv_q16"), (64, "gemm"), (_ANY, "dequant")),
+    "int8_group": ((4, "gemv_q16"), (_ANY, "dequant")),
 }
 
 

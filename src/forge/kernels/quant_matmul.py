@@ -4,8 +4,9 @@ Decoding reads every weight once per step, so a weight stored in 4 or 8 bits is 
 than bf16, if the matmul dequantizes on the fly instead of materialising a float weight. The kernels, which
 :mod:`forge.kernels.quant_linear` chooses between by the rows of x (``path=``):
 
-- ``"gemv_q8"``: a dequant-GEMV for a few rows (decoding) with x rounded to int8 per group of 32, four products
-  a ``dp4a`` (:func:`~forge.kernels.quant_gemv.gemv_q8`); weights it can't take get the exact ``"gemv"``.
+- ``"gemv_q16"`` and ``"gemv_q8"``: a dequant-GEMV for a few rows (decoding) with x rounded to int16 or int8 per
+  group of 32, integer dot products (``dp2a``, ``dp4a``: :func:`~forge.kernels.quant_gemv.gemv_q8`); weights they
+  can't take get the exact ``"gemv"``.
 - ``"gemv"``: the exact dequant-GEMV, in fp32 (:func:`~forge.kernels.quant_gemv.gemv_tile`; groups that are not
   a power of two: :func:`~forge.kernels.quant_gemv.gemv_words`).
 - ``"gemm"``: a tiled dequant-GEMM (the seed's ``matmul_tiled``): weight tiles dequantized in registers, then
@@ -61,7 +62,9 @@ __all__ = [
 #: Without ``path=``, up to this many rows of x run the GEMV kernel, more the GEMM.
 GEMV_MAX_M = 16
 #: The kernels a call can ask for with ``path=``.
-PATHS = ("gemv", "gemv_q8", "gemm", "dequant")
+PATHS = ("gemv", "gemv_q16", "gemv_q8", "gemm", "dequant")
+#: The GEMV paths that round x to integers per group of 32: int16 (``gemv_q16``) or int8 (``gemv_q8``).
+ROUNDED_GEMV = ("gemv_q16", "gemv_q8")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _GGUF_BLOCK = 32  # values in a GGUF block: 16 bytes of int4
 
@@ -338,18 +341,18 @@ def _launch(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    gemv = (path in ("gemv", "gemv_q8") or (path is None and m <= GEMV_MAX_M)) and _whole_words(k, group, bits)
+    gemv = (path in ("gemv", *ROUNDED_GEMV) or (path is None and m <= GEMV_MAX_M)) and _whole_words(k, group, bits)
     if config is not None:
         _check_config(config, bits, gemm=not gemv, gguf_group=group if gguf else 0)
     if config is not None:
         cfg = config
     elif gemv:
-        cfg = gemv_config(m, n, k, bits, group, x.device, q8=path == "gemv_q8")
+        cfg = gemv_config(m, n, k, bits, group, x.device, q8=path in ROUNDED_GEMV)
     else:
         cfg = gemm_config(m, n, k, bits, group, x.device)
     # quant_gemv's tile kernel: groups of a power of two within a step, or one scale per output
     tile = gemv and cfg.tile and (group == 0 or (_pow2(group) and cfg.block_k % group == 0))
-    q8 = path == "gemv_q8" and _q8_fits(k, group, bits, gguf, cfg)
+    q8 = path in ROUNDED_GEMV and _q8_fits(k, group, bits, gguf, cfg)
     (w_ptr, s_ptr, z_ptr), flags, strides = _operands(
         q, scale, minimum, bits, group, as_bytes=(gguf and not gemv) or (tile and not q8)
     )  # fmt: skip
@@ -359,7 +362,7 @@ def _launch(
     if q8:
         gemv_q8[(triton.cdiv(n, cfg.block_n), m)](
             *args, n, k, x2.stride(0), y.stride(0), *strides, **{f: v for f, v in flags.items() if f != "GGUF"},
-            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, EMULATE=x.device.type != "cuda",
+            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, X16=path == "gemv_q16", EMULATE=x.device.type != "cuda",
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], n)
@@ -387,8 +390,8 @@ def _launch(
 
 
 def _q8_fits(k: int, group: int, bits: int, gguf: bool, cfg: Config) -> bool:
-    """Whether :func:`~forge.kernels.quant_gemv.gemv_q8` takes this weight: int8, or int4 in GGUF's blocks, with x
-    in whole groups of 32 and weight groups of a power of two from 32 that divide the step."""
+    """Whether :func:`~forge.kernels.quant_gemv.gemv_q8` (both rounded paths) takes this weight: int8, or int4 in
+    GGUF's blocks, with x in whole groups of 32 and weight groups of a power of two from 32 that divide the step."""
     whole = group == 0 or (group % 32 == 0 and _pow2(group) and cfg.block_k % group == 0)
     return (bits == 8 or gguf) and k % 32 == 0 and cfg.block_k % 32 == 0 and whole
 

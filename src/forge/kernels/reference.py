@@ -22,10 +22,10 @@ __all__ = [
     "gelu",
     "linear_cross_entropy",
     "pack_int4",
-    "q8_applies",
     "quantized_linear",
     "rope",
-    "round_to_q8",
+    "round_x",
+    "rounded_gemv_applies",
     "softmax",
     "swiglu",
 ]
@@ -147,13 +147,15 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor 
     return _apply_scale(q.to(torch.int32), scale, minimum)
 
 
-def round_to_q8(x: torch.Tensor) -> torch.Tensor:
-    """x (..., K) rounded to int8 per group of 32 columns (scale absmax / 127), back in fp32: the x that the
-    ``gemv_q8`` path multiplies by (``quant_gemv.gemv_q8``'s twin; K a multiple of 32)."""
+def round_x(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x (..., K) rounded to int8 (``bits=8``, scale absmax / 127) or int16 (scale absmax / 32767) per group of 32
+    columns, back in fp32: the x that the ``gemv_q8``/``gemv_q16`` paths multiply by (``quant_gemv.gemv_q8``'s
+    twin; K a multiple of 32)."""
+    top = 127.0 if bits == 8 else 32767.0
     g = x.float().unflatten(-1, (-1, 32))
     amax = g.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return (torch.round(g * inv) * (amax / 127.0)).flatten(-2)
+    inv = torch.where(amax > 0, top / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / top)).flatten(-2)
 
 
 def _apply_scale(values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
@@ -183,13 +185,14 @@ def quantized_linear(
         w = dequantize_int4(q, scale, minimum, gguf_blocks=gguf_blocks)
     else:
         w = dequantize_int8(q, scale, minimum)
-    xf = round_to_q8(x) if path == "gemv_q8" and q8_applies(scheme, x.shape[-1], scale, gguf_blocks) else x.float()
+    rounded = path in ("gemv_q8", "gemv_q16") and rounded_gemv_applies(scheme, x.shape[-1], scale, gguf_blocks)
+    xf = round_x(x, 8 if path == "gemv_q8" else 16) if rounded else x.float()
     return F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
 
 
-def q8_applies(scheme: str, k: int, scale: torch.Tensor, gguf_blocks: bool) -> bool:
-    """Whether the ``gemv_q8`` path rounds x to int8 for this weight (else it computes the exact GEMV): int8, or
-    int4 in GGUF's blocks, K a multiple of 32, groups (if any) a power of two from 32."""
+def rounded_gemv_applies(scheme: str, k: int, scale: torch.Tensor, gguf_blocks: bool) -> bool:
+    """Whether the ``gemv_q8`` and ``gemv_q16`` paths round x for this weight (else they compute the exact GEMV):
+    int8, or int4 in GGUF's blocks, K a multiple of 32, groups (if any) a power of two from 32."""
     group = 0 if scale.dim() == 1 else k // scale.shape[1]
     whole = group == 0 or (group >= 32 and group & (group - 1) == 0)
     return (scheme != "int4" or gguf_blocks) and k % 32 == 0 and whole
