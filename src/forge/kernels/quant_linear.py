@@ -35,10 +35,10 @@ _ANY = 1 << 62
 
 #: For each scheme, ``(most rows of x, path)`` in increasing order: the first bound that M fits picks the path.
 #: Measured on an H200 (``benchmarks/quant_gpu.py``'s "paths" rows, Llama-1B's linears, microseconds): at M=1
-#: the GEMVs beat bf16 cuBLAS and the other paths for every scheme, and ``gemv_q8`` (x rounded to int8 per 32,
-#: dp4a) beats the exact ``gemv``: int4 gate_up 9.2 against 14.8 and bf16's 18.7, down 7.6 against 9.6 (1B
-#: decode, before RoPE's fusion with the cache write: 1,040 against 884 tok/s). At M=16 and 64 the GEMVs are
-#: 3-30x slower. int8 per channel at M=16-64:
+#: the GEMVs beat bf16 cuBLAS and the other paths for every scheme, and ``gemv_q16`` (x rounded to int16 per
+#: 32, dp2a) beats the exact ``gemv``: int4 gate_up 9.4 against 14.7 and bf16's 19.3, down 8.2 against 9.5
+#: (``gemv_q8``: 9.3 and 7.5). 1B int4 decode: 1,137 tok/s with gemv_q16. At M=16 and 64 the GEMVs are 3-30x
+#: slower. int8 per channel at M=16-64:
 #: the GEMM (gate_up 21-25) beats dequant-then-cuBLAS (47); int4 and int8 per group: dequant wins there (int4
 #: gate_up at 64: 45.5 against 53.2), and in decode at batch 64 (1B int4: 28.0k tok/s against 18.6k). The GEMV
 #: bound of 4 is not measured between 1 and 16.
