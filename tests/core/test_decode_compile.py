@@ -12,8 +12,8 @@ from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
 
 
-def _model() -> Transformer:
-    torch.manual_seed(0)
+def _model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
     return Transformer(get_preset("tiny").replace(vocab_size=128)).eval()
 
 
@@ -45,3 +45,23 @@ def test_a_compiled_batch_takes_the_whole_context_lazily_and_ragged_prompts_stay
     assert same.compiled and same.max_len == model.config.context_length
     ragged = fixed_batcher(model, [Row([1, 2], 4, p), Row([3], 4, p)], compile=True)
     assert not ragged.compiled and ragged.max_len == 6
+
+
+def test_a_compiled_step_is_kept_per_structure_and_reads_the_weights_it_is_given() -> None:
+    """The compiled step skips Dynamo's guards on the model's modules and is kept per model structure instead:
+    two models of one structure share it, each with its own weights' tokens; a model quantized in place has a
+    new structure and gets a step of its own."""
+    from forge.core import steps
+    from forge.core.quantize import quantize_model
+
+    a, b = _model(0), _model(1)
+    prompt, sampled = [[3, 1, 4, 1, 5]], {"temperature": 1.0}
+    want_a, want_b = _run(a, prompt, 12, False, **sampled), _run(b, prompt, 12, False, **sampled)
+    assert want_a != want_b  # else sharing the wrong weights would go unseen
+    assert _run(a, prompt, 12, True, **sampled) == want_a
+    kept = len(steps._compiled_steps)
+    assert _run(b, prompt, 12, True, **sampled) == want_b
+    assert len(steps._compiled_steps) == kept  # one structure: one compiled step
+    quantize_model(a, "int8")
+    assert _run(a, prompt, 12, True, **sampled) == _run(a, prompt, 12, False, **sampled)
+    assert len(steps._compiled_steps) == min(kept + 1, steps.COMPILED_KEEP)

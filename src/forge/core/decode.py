@@ -265,6 +265,7 @@ class Batcher:
         self.graphs = GraphedSteps(self, graphs, compile, partial_graphs) if graphs is not None and cache else None
         # Elsewhere than CUDA, ``compile`` compiles the eager decode step (see :func:`compiled_step`).
         self.compiled = compile and cache and self.graphs is None
+        self._step: Callable[..., torch.Tensor] | None = None  # the compiled step, chosen on first use
 
     @property
     def free(self) -> int:
@@ -418,7 +419,9 @@ class Batcher:
         if min(lengths) == max(lengths):  # one position for all rows (batch 1 always): the cheapest step
             tokens = self.tokens if rows.stop == self.max_batch else self.tokens[rows]  # batch 1: no slicing
             if self.compiled:
-                return compiled_step()(self.model, tokens, rows.stop, lengths[0])
+                if self._step is None:  # once the caches are installed: they are part of the model's structure
+                    self._step = compiled_step(self.model)
+                return self._step(self.model, tokens, rows.stop, lengths[0])
             return decode_step(self.model, tokens, CacheWrite(rows=rows, pos=lengths[0], length=lengths[0] + 1))
         pos = torch.tensor(lengths, device=self.device)  # (n,), from the host: no device sync
         flat = self.caches[0].flat_index(rows, pos)

@@ -7,6 +7,8 @@ run it. :class:`GraphedSteps` replays a full batch's decode step from CUDA graph
 
 from __future__ import annotations
 
+import types
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol
 
@@ -15,6 +17,7 @@ import torch
 from forge.core import ops
 from forge.core.cuda_graphs import capture, keep, weights_at
 from forge.core.kv_cache import CacheWrite, KVCache
+from forge.core.quantize import QuantizedWeight
 from forge.core.transformer import Transformer
 
 
@@ -215,25 +218,48 @@ class GraphedSteps:
         return graph
 
 
-_compiled_step: Callable[..., torch.Tensor] | None = None
+#: Compiled decode steps by model structure (:func:`_structure`), the most recently used last.
+_compiled_steps: OrderedDict[Hashable, Callable[..., torch.Tensor]] = OrderedDict()
+#: How many structures keep their compiled step.
+COMPILED_KEEP = 4
 
 
 def _plain_step(model: Transformer, tokens: torch.Tensor, n: int, pos: int) -> torch.Tensor:
     return decode_step(model, tokens, CacheWrite(rows=slice(0, n), pos=pos, length=pos + 1))
 
 
-def compiled_step() -> Callable[[Transformer, torch.Tensor, int, int], torch.Tensor]:
-    """``step(model, tokens, n, pos)``: the decode step of rows 0..n-1 all at ``pos``, compiled once for all lengths.
+def _structure(model: Transformer) -> Hashable:
+    """What a compiled step's code depends on in the model: the names, shapes and dtypes of its parameters and
+    buffers (the installed KV caches among them) and the kinds of its quantized weights."""
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in model.named_parameters())
+    tensors += tuple((name, tuple(t.shape), t.dtype) for name, t in model.named_buffers())
+    return tensors + tuple(type(m).__name__ for m in model.modules() if isinstance(m, QuantizedWeight))
+
+
+def compiled_step(model: Transformer) -> Callable[[Transformer, torch.Tensor, int, int], torch.Tensor]:
+    """``step(model, tokens, n, pos)``: the decode step of rows 0..n-1 all at ``pos``, compiled for ``model``'s
+    structure, for all lengths.
 
     On a CPU the eager step is hundreds of small PyTorch ops a token, each paying Python dispatch;
     torch.compile (Inductor) fuses the norms, RoPE, SwiGLU and residual adds into a few C++ loops and
-    calls the matmuls (quantized or not) directly. Positions are dynamic; the caches' shapes are not
-    (Dynamo guards module buffers' shapes), so :func:`fixed_batcher` gives a compiled batch caches of the
-    model's whole context, allocated lazily: one compile per model and batch size. Inductor's on-disk
-    cache makes later processes' compiles faster.
+    calls the matmuls (quantized or not) directly. Positions are dynamic. Dynamo's guards on the model's
+    modules are skipped (checking them took 1.7 ms a token for SmolLM2, more than a layer's work): instead
+    each structure (:func:`_structure`: the caches' shapes too, which is why :func:`fixed_batcher` gives a
+    compiled batch caches of the model's whole context, allocated lazily) gets its own compiled copy of the
+    step, looked up once per generation. A model of the same structure shares it: the weights are read from the
+    model passed in. Inductor's on-disk cache makes later processes' compiles faster.
     """
-    global _compiled_step
-    if _compiled_step is None:
-        # The KV caches' lengths vary from one generation to the next: their buffers' shapes must not be guarded.
-        _compiled_step = torch.compile(_plain_step, dynamic=True)
-    return _compiled_step
+    key = _structure(model)
+    step = _compiled_steps.get(key)
+    if step is None:
+        # A copy of the function's code: Dynamo keeps its compiled code on the code object, so this copy's cache,
+        # whose guards skip the model's modules, is never consulted for another structure.
+        code = _plain_step.__code__.replace()
+        fresh = types.FunctionType(code, _plain_step.__globals__, _plain_step.__name__)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        step = torch.compile(fresh, dynamic=True, options=options)
+        _compiled_steps[key] = step
+        while len(_compiled_steps) > COMPILED_KEEP:
+            _compiled_steps.popitem(last=False)
+    _compiled_steps.move_to_end(key)
+    return step
