@@ -33,6 +33,41 @@ def as_float(v, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _scaled(
+    sums, xsums, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg,
+    G: tl.constexpr, NG: tl.constexpr, HAS_MIN: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    """The step's weight groups from column k0 applied: scale * (q . x) (sums, (BLOCK_N, NG)) plus, with minimums,
+    minimum * (the group's sum of x) (xsums, (NG,))."""
+    g = k0 // G + tl.arange(0, NG)
+    offs = rn64[:, None] * stride_sn + g[None, :] * stride_sg
+    mask = n_in[:, None] & (g < K // G)[None, :]
+    s = tl.load(S + offs) if EVEN else tl.load(S + offs, mask=mask, other=0.0)
+    out = s.to(tl.float32) * sums
+    if HAS_MIN:
+        z = tl.load(Z + offs) if EVEN else tl.load(Z + offs, mask=mask, other=0.0)
+        out += z.to(tl.float32) * xsums[None, :]
+    return out
+
+
+@triton.jit
+def _finish(
+    acc, xacc, S, Z, B, Y, rn, rn64, n_in, stride_sn, stride_ym,
+    G: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Sum a program's partial products (acc) into its outputs; per-channel scales (and minimums, times the sum of
+    x, xacc) and the bias applied; stored to its row of Y."""
+    y = tl.sum(acc, axis=1)
+    if G == 0:
+        y *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            y += tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32) * tl.sum(xacc, axis=0)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)
+    tl.store(Y + tl.program_id(1).to(tl.int64) * stride_ym + rn, y.to(Y.dtype.element_ty), mask=n_in)
+
+
+@triton.jit
 def gemv_tile(
     X, W, S, Z, B, Y, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr,
@@ -81,30 +116,13 @@ def gemv_tile(
             part = lo * xl[None, :] + hi * xh[None, :]
             xs = xl + xh
         if G > 0:
-            g = k0 // G + tl.arange(0, NG)
-            offs = rn64[:, None] * stride_sn + g[None, :] * stride_sg
-            if EVEN:
-                s = tl.load(S + offs).to(tl.float32)
-            else:
-                s = tl.load(S + offs, mask=n_in[:, None] & (g < K // G)[None, :], other=0.0).to(tl.float32)
-            acc += s * tl.sum(tl.reshape(part, (BLOCK_N, NG, GB)), axis=2)
-            if HAS_MIN:
-                if EVEN:
-                    z = tl.load(Z + offs).to(tl.float32)
-                else:
-                    z = tl.load(Z + offs, mask=n_in[:, None] & (g < K // G)[None, :], other=0.0).to(tl.float32)
-                acc += z * tl.sum(tl.reshape(xs, (NG, GB)), axis=1)[None, :]
+            sums = tl.sum(tl.reshape(part, (BLOCK_N, NG, GB)), axis=2)
+            acc += _scaled(sums, tl.sum(tl.reshape(xs, (NG, GB)), axis=1), S, Z, rn64, n_in, k0, K, stride_sn,
+                           stride_sg, G, NG, HAS_MIN, EVEN)  # fmt: skip
         else:
             acc += part
             xacc += xs
-    y = tl.sum(acc, axis=1)
-    if G == 0:
-        y *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            y += tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32) * tl.sum(xacc, axis=0)
-    if HAS_BIAS:
-        y += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)
-    tl.store(Y + tl.program_id(1).to(tl.int64) * stride_ym + rn, y.to(Y.dtype.element_ty), mask=n_in)
+    _finish(acc, xacc, S, Z, B, Y, rn, rn64, n_in, stride_sn, stride_ym, G, HAS_MIN, HAS_BIAS)
 
 
 @triton.jit
@@ -237,30 +255,13 @@ def gemv_q8(
         if Q_OFFSET != 0:
             dx -= Q_OFFSET * xsum[None, :]
         if G > 0:
-            g = k0 // G + tl.arange(0, NG)
-            offs = rn64[:, None] * stride_sn + g[None, :] * stride_sg
-            if EVEN:
-                s = tl.load(S + offs).to(tl.float32)
-            else:
-                s = tl.load(S + offs, mask=n_in[:, None] & (g < K // G)[None, :], other=0.0).to(tl.float32)
-            acc += s * tl.sum(tl.reshape(dx, (BLOCK_N, NG, G // 32)), axis=2)
-            if HAS_MIN:
-                if EVEN:
-                    z = tl.load(Z + offs).to(tl.float32)
-                else:
-                    z = tl.load(Z + offs, mask=n_in[:, None] & (g < K // G)[None, :], other=0.0).to(tl.float32)
-                acc += z * tl.sum(tl.reshape(xsum, (NG, G // 32)), axis=1)[None, :]
+            sums = tl.sum(tl.reshape(dx, (BLOCK_N, NG, G // 32)), axis=2)
+            acc += _scaled(sums, tl.sum(tl.reshape(xsum, (NG, G // 32)), axis=1), S, Z, rn64, n_in, k0, K,
+                           stride_sn, stride_sg, G, NG, HAS_MIN, EVEN)  # fmt: skip
         else:
             acc += dx
             xacc += xsum
-    y = tl.sum(acc, axis=1)
-    if G == 0:
-        y *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            y += tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32) * tl.sum(xacc, axis=0)
-    if HAS_BIAS:
-        y += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)
-    tl.store(Y + tl.program_id(1).to(tl.int64) * stride_ym + rn, y.to(Y.dtype.element_ty), mask=n_in)
+    _finish(acc, xacc, S, Z, B, Y, rn, rn64, n_in, stride_sn, stride_ym, G, HAS_MIN, HAS_BIAS)
 
 
 @triton.jit
@@ -326,11 +327,4 @@ def gemv_words(
             acc += tl.load(S + offs, mask=wmask, other=0.0).to(tl.float32) * part
             if HAS_MIN:
                 acc += tl.load(Z + offs, mask=wmask, other=0.0).to(tl.float32) * xs[None, :]
-    y = tl.sum(acc, axis=1)
-    if G == 0:
-        y *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            y += tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32) * tl.sum(xacc, axis=0)
-    if HAS_BIAS:
-        y += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)
-    tl.store(Y + tl.program_id(1).to(tl.int64) * stride_ym + rn, y.to(Y.dtype.element_ty), mask=n_in)
+    _finish(acc, xacc, S, Z, B, Y, rn, rn64, n_in, stride_sn, stride_ym, G, HAS_MIN, HAS_BIAS)

@@ -55,14 +55,20 @@ def _rope(
     tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=inside)
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    B, HX, T, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+def _tables(cos: torch.Tensor, sin: torch.Tensor, B: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B or 1, 1, T, D) as (B, 1, T, D) views with unit last stride and equal strides."""
     cos = cos.expand(B, 1, T, D) if cos.shape[0] == 1 else cos
     sin = sin.expand(B, 1, T, D) if sin.shape[0] == 1 else sin
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    B, HX, T, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = _tables(cos, sin, B, T, D)
     y = torch.empty((B, HX, T, D), dtype=x.dtype, device=x.device)
     half = D // 2
     _rope[(B * T,)](
@@ -151,10 +157,7 @@ def rope_cache(
         qk = qk.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    cos = cos.expand(B, 1, T, D) if cos.shape[0] == 1 else cos
-    sin = sin.expand(B, 1, T, D) if sin.shape[0] == 1 else sin
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _tables(cos, sin, B, T, D)
     h = HX - hkv
     y = torch.empty((B, h, T, D), dtype=qk.dtype, device=qk.device)
     half = D // 2
