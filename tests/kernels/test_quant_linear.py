@@ -55,11 +55,10 @@ def _check(weight: QuantizedWeight, x: torch.Tensor, path: str | None, bias: tor
     operands = weight.kernel_operands()._asdict()
     y = quantized_linear(x, bias=bias, path=path, **operands)
     assert y.shape == (*x.shape[:-1], weight.shape[0]) and y.dtype == x.dtype
-    b = None if bias is None else bias.float()
     scheme, scale, gguf_blocks = operands["scheme"], operands["scale"], operands["gguf_blocks"]
     q8 = path in ("gemv_q8", "gemv_q16") and reference.rounded_gemv_applies(scheme, x.shape[-1], scale, gguf_blocks)
-    xf = reference.round_x(x, 8 if path == "gemv_q8" else 16) if q8 else x.float()  # x rounded per 32
-    expected = F.linear(xf, weight.dequantize(torch.float32), b).to(x.dtype)
+    # The twin: the exact dequantized weight in fp32, times x rounded per 32 where the path rounds it.
+    expected = reference.quantized_linear(x, bias=bias, path=path, **operands)
     # dequant: the weight rounded to x's dtype, then one matmul; the others accumulate the exact weight in fp32.
     # gemv_q8/16: a GPU's fast fp32 division can round a value of x to the neighbouring integer.
     close(y, expected, x.dtype, scale=4 if path == "dequant" else 50 if q8 else 1)

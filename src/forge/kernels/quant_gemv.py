@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["as_float", "gemv_q8", "gemv_tile", "gemv_words"]
+__all__ = ["as_float", "gemv_rounded", "gemv_tile", "gemv_words"]
 
 
 @triton.jit
@@ -188,7 +188,7 @@ def _dot_words(word, r, acc, B_SIGNED: tl.constexpr, X16: tl.constexpr, EMULATE:
 
 
 @triton.jit
-def gemv_q8(
+def gemv_rounded(
     X, W, S, Z, B, Y, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, X16: tl.constexpr, EMULATE: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -5,7 +5,7 @@ than bf16, if the matmul dequantizes on the fly instead of materialising a float
 :mod:`forge.kernels.quant_linear` chooses between by the rows of x (``path=``):
 
 - ``"gemv_q16"`` and ``"gemv_q8"``: a dequant-GEMV for a few rows (decoding) with x rounded to int16 or int8 per
-  group of 32, integer dot products (``dp2a``, ``dp4a``: :func:`~forge.kernels.quant_gemv.gemv_q8`); weights they
+  group of 32, integer dot products (``dp2a``, ``dp4a``: :func:`~forge.kernels.quant_gemv.gemv_rounded`); weights they
   can't take get the exact ``"gemv"``.
 - ``"gemv"``: the exact dequant-GEMV, in fp32 (:func:`~forge.kernels.quant_gemv.gemv_tile`; groups that are not
   a power of two: :func:`~forge.kernels.quant_gemv.gemv_words`).
@@ -41,7 +41,7 @@ import triton.language as tl
 
 from forge.kernels.attention_tiles import dot, dot_precision, upcast
 from forge.kernels.quant_gemv import as_float as _as_float
-from forge.kernels.quant_gemv import gemv_q8, gemv_tile, gemv_words
+from forge.kernels.quant_gemv import gemv_rounded, gemv_tile, gemv_words
 from forge.kernels.reference import dequantize_int4, dequantize_int8, pack_int4
 
 __all__ = [
@@ -78,7 +78,6 @@ class Config(NamedTuple):
     grouped: bool = True  # GEMV: sum each group, then scale it (False: scale every element)
     block_m: int = 16
     stages: int = 3
-    tile: bool = True  # GEMV: quant_gemv.gemv_tile (False: quant_gemv.gemv_words, the earlier word kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,16 +259,18 @@ def _programs_target(device: torch.device) -> int:
     return 2 * (_sm_count(device.index) if device.type == "cuda" else 4)
 
 
-def gemv_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device, *, q8: bool = False) -> Config:
+def gemv_config(
+    m: int, n: int, k: int, bits: int, group: int, device: torch.device, *, rounded: bool = False
+) -> Config:
     """The GEMV launch for m rows of x against an (n, k) weight, from a sweep of launch configs on an H200 (the 1B
     and 135M Llama shapes' linears, 36 configs each): whole rows of up to 2,048 values a step.
 
-    ``q8`` (:func:`~forge.kernels.quant_gemv.gemv_q8`): blocks of 8 rows, 8 warps; where the rows give more than
-    8 programs per multiprocessor, half the step and 4 warps (an int8 per-channel weight: a quarter).
+    ``rounded`` (:func:`~forge.kernels.quant_gemv.gemv_rounded`): blocks of 8 rows, 8 warps; where the rows give
+    more than 8 programs per multiprocessor, half the step and 4 warps (an int8 per-channel weight: a quarter).
     Else (:func:`~forge.kernels.quant_gemv.gemv_tile`): blocks of 2 rows (4 for groups above 32), 2 warps.
     """
     step = min(2048, triton.next_power_of_2(k))
-    if q8:
+    if rounded:
         if triton.cdiv(n, 8) * m >= 4 * _programs_target(device):
             step = min(step, 512 if bits == 8 and group == 0 else 1024)
         return Config(block_n=8, block_k=max(step, group, 32), warps=8 if step >= 2048 else 4)
@@ -344,23 +345,22 @@ def _launch(
     gemv = (path in ("gemv", *ROUNDED_GEMV) or (path is None and m <= GEMV_MAX_M)) and _whole_words(k, group, bits)
     if config is not None:
         _check_config(config, bits, gemm=not gemv, gguf_group=group if gguf else 0)
-    if config is not None:
         cfg = config
     elif gemv:
-        cfg = gemv_config(m, n, k, bits, group, x.device, q8=path in ROUNDED_GEMV)
+        cfg = gemv_config(m, n, k, bits, group, x.device, rounded=path in ROUNDED_GEMV)
     else:
         cfg = gemm_config(m, n, k, bits, group, x.device)
-    # quant_gemv's tile kernel: groups of a power of two within a step, or one scale per output
-    tile = gemv and cfg.tile and (group == 0 or (_pow2(group) and cfg.block_k % group == 0))
-    q8 = path in ROUNDED_GEMV and _q8_fits(k, group, bits, gguf, cfg)
+    # quant_gemv's tile kernel: groups of a power of two within a step, or one scale per output (else gemv_words)
+    tile = gemv and (group == 0 or (_pow2(group) and cfg.block_k % group == 0))
+    rounded = path in ROUNDED_GEMV and _rounded_fits(k, group, bits, gguf, cfg)
     (w_ptr, s_ptr, z_ptr), flags, strides = _operands(
-        q, scale, minimum, bits, group, as_bytes=(gguf and not gemv) or (tile and not q8)
+        q, scale, minimum, bits, group, as_bytes=(gguf and not gemv) or (tile and not rounded)
     )  # fmt: skip
     words = flags.pop("WORDS_IN")
     args = (x2, w_ptr, s_ptr, z_ptr, bias.contiguous() if bias is not None else s_ptr, y)  # unused: any tensor
     flags.update(Q_OFFSET=q_offset, HAS_BIAS=bias is not None, GGUF=gguf)
-    if q8:
-        gemv_q8[(triton.cdiv(n, cfg.block_n), m)](
+    if rounded:
+        gemv_rounded[(triton.cdiv(n, cfg.block_n), m)](
             *args, n, k, x2.stride(0), y.stride(0), *strides, **{f: v for f, v in flags.items() if f != "GGUF"},
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, X16=path == "gemv_q16", EMULATE=x.device.type != "cuda",
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps,
@@ -389,9 +389,10 @@ def _launch(
     return y.reshape(*x.shape[:-1], n)
 
 
-def _q8_fits(k: int, group: int, bits: int, gguf: bool, cfg: Config) -> bool:
-    """Whether :func:`~forge.kernels.quant_gemv.gemv_q8` (both rounded paths) takes this weight: int8, or int4 in
-    GGUF's blocks, with x in whole groups of 32 and weight groups of a power of two from 32 that divide the step."""
+def _rounded_fits(k: int, group: int, bits: int, gguf: bool, cfg: Config) -> bool:
+    """Whether :func:`~forge.kernels.quant_gemv.gemv_rounded` (``gemv_q16``, ``gemv_q8``) takes this weight: int8,
+    or int4 in GGUF's blocks, with x in whole groups of 32 and weight groups of a power of two from 32 that divide
+    the step."""
     whole = group == 0 or (group % 32 == 0 and _pow2(group) and cfg.block_k % group == 0)
     return (bits == 8 or gguf) and k % 32 == 0 and cfg.block_k % 32 == 0 and whole
 

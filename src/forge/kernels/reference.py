@@ -149,7 +149,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor 
 
 def round_x(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """x (..., K) rounded to int8 (``bits=8``, scale absmax / 127) or int16 (scale absmax / 32767) per group of 32
-    columns, back in fp32: the x that the ``gemv_q8``/``gemv_q16`` paths multiply by (``quant_gemv.gemv_q8``'s
+    columns, back in fp32: the x that the ``gemv_q8``/``gemv_q16`` paths multiply by (``quant_gemv.gemv_rounded``'s
     twin; K a multiple of 32)."""
     top = 127.0 if bits == 8 else 32767.0
     g = x.float().unflatten(-1, (-1, 32))
