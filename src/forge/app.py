@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from forge import server
+from forge import compute, server
 from forge.config import INFERENCE_DTYPES, PRESETS, ModelConfig, dtype_name, get_preset
 from forge.core.device import autocast_dtype, resolve_device
 from forge.core.quantize import SCHEMES, has_quantized, quantize_model, weight_bytes
@@ -102,8 +102,10 @@ class Forge:
         if isinstance(model, str) and model in PRESETS and not _looks_like_path(model):
             self._preset = model  # a preset name wins over a same-named directory: use "./name" for that
         elif Path(model).exists() or str(model) in KNOWN_MODELS:
-            loaded = load(model, device=self.device, with_state=True, quantized=not self._float_dtype_asked)
-            self._adopt(loaded.model, loaded.tokenizer, loaded.training_state)
+            # On the compute thread, like all the app's model work: see forge.compute.
+            quantized = not self._float_dtype_asked
+            loaded = compute.call(load, model, device=self.device, with_state=True, quantized=quantized)
+            compute.call(self._adopt, loaded.model, loaded.tokenizer, loaded.training_state)
             self._pretrained = loaded.meta
         elif isinstance(model, os.PathLike) or _looks_like_path(model):
             raise CheckpointError(
@@ -265,7 +267,8 @@ class Forge:
         """
         self._emitter.bind_loop(asyncio.get_running_loop())
         try:
-            return await asyncio.to_thread(self._train, data, steps, out, options)
+            # Its own thread: the app's other jobs (another app's requests) go on meanwhile; see forge.compute.
+            return await compute.run_apart(self._train, data, steps, out, options)
         finally:  # async listeners of the run's events have finished when train returns
             await self._emitter.drain()
 
@@ -394,7 +397,7 @@ class Forge:
                     out.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
             return out
 
-        return await asyncio.to_thread(run)
+        return await compute.run(run)
 
     async def evaluate(
         self,
@@ -422,7 +425,7 @@ class Forge:
             with lock:  # the weights don't change (training) while they are scored
                 return evaluate_text(model, tokenizer, text_or_path, config).to_dict()
 
-        result = await asyncio.to_thread(run)
+        result = await compute.run(run)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         return {**result, "model": self._source, "dtype": dtype, "quantize": self.quantize}
 
@@ -528,17 +531,19 @@ class Forge:
         if self._engine is not None:
             raise ConfigError("batching is already on; call app.stop_batching() first")
         assert self._generator is not None
-        self._engine = Engine(
-            model,
-            tokenizer,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            max_len=context,
-            lock=self._generator.lock,
-            prefix_cache=prefix_cache,
-            speculate=speculate,
-            draft=self._draft,
-        ).start()
+        self._engine = await compute.run(  # its KV cache is allocated there, and it steps there
+            lambda: Engine(
+                model,
+                tokenizer,
+                max_batch=max_batch,
+                max_queue=max_queue,
+                max_len=context,
+                lock=self._generator.lock if self._generator else None,
+                prefix_cache=prefix_cache,
+                speculate=speculate,
+                draft=self._draft,
+            ).start()
+        )
         return self
 
     async def stop_batching(self, *, drain: bool = True) -> None:

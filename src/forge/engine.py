@@ -1,8 +1,9 @@
 """The serving engine: continuous batching behind an async API.
 
-A worker thread owns a :class:`forge.core.decode.Batcher`, the token loop. Async callers
+The engine owns a :class:`forge.core.decode.Batcher`, the token loop, and runs it on the compute thread
+(:mod:`forge.compute`), one step per tick between the app's other jobs. Async callers
 submit a prompt and get an :class:`AsyncTextStream` back; between two batched
-steps the thread admits waiting requests into free cache rows and drops the
+steps the engine admits waiting requests into free cache rows and drops the
 ones that finished or were cancelled, so no request waits for another to
 finish. Requests are admitted by the plain generator's ``admit`` (one length
 check, budget, seed and grammar for both), and text (detokenization, stop
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from forge import compute
 from forge.core.cuda_graphs import forget
 from forge.core.decode import Batcher, Sequence, StepResult
 from forge.core.kv_cache import plan_cache
@@ -118,7 +121,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._drain = True
-        self._thread: threading.Thread | None = None
+        self._stopped: concurrent.futures.Future[None] | None = None  # set while attached to the compute thread
         self._error: BaseException | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[tuple[str, Any]], StepResult]]] = {}
         self.stats: dict[str, Any] = {
@@ -132,9 +135,10 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="forge-engine", daemon=True)
-            self._thread.start()
+        """Run on the compute thread (``forge.compute``), one step per tick, between the app's other jobs."""
+        if self._stopped is None:
+            self._stopped = concurrent.futures.Future()
+            compute.attach(self)
         return self
 
     async def stop(self, *, drain: bool = True) -> None:
@@ -144,10 +148,10 @@ class Engine:
             if not drain:
                 for job in [*self._waiting, *self._jobs.values()]:
                     job.cancelled = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        if self._stopped is not None:
+            compute.wake()
+            await asyncio.wrap_future(self._stopped)
+            self._stopped = None
         forget(self.model, ("engine", id(self)))  # its graphs and caches are not the model's to keep
 
     def snapshot(self) -> dict[str, Any]:
@@ -202,7 +206,7 @@ class Engine:
                     retry_after=1.0,
                 )
             self._waiting.append(job)
-            self._cond.notify_all()
+        compute.wake()
         return AsyncTextStream(self._pieces(job, row), [row])
 
     async def _pieces(self, job: _Job, row: StreamRow) -> AsyncIterator[str]:
@@ -217,53 +221,66 @@ class Engine:
             if row.finish is None or not job.seq.done:  # left early, a stop string, or cancelled: free the slot
                 with self._cond:
                     job.cancelled = True
-                    self._cond.notify_all()
+                compute.wake()
 
     # -- the worker ---------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def tick(self) -> bool:
+        """One step of the batch, with waiting requests admitted first; whether there was work (compute.Resident)."""
         try:
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._waiting and not self.batcher.running:
-                        self._cond.wait()
-                    if self._stopping and (not self._drain or (not self._waiting and not self.batcher.running)):
-                        self._fail_all(QueueFullError("the server is shutting down", retry_after=5.0))
-                        return
-                    joining = []
-                    while self._waiting and len(joining) < self.batcher.free:
-                        job = self._waiting.popleft()
-                        if job.cancelled:
-                            self.stats["cancelled"] += 1
-                        else:
-                            joining.append(job)
-                            self._jobs[id(job.seq)] = job
-                    dropped = [j for j in self._jobs.values() if j.cancelled and j not in joining]
-                with self.lock:
-                    for job in dropped:
-                        self._finish(job, cancelled=True)
-                    self._admit(joining)
-                    if joining:  # their first tokens go out now, not after the next step
-                        self._flush()
-                    try:
-                        results = self.batcher.step()
-                    except Exception as e:  # the batch is lost, the engine is not
-                        for job in list(self._jobs.values()):
-                            self._fail(job, e)
-                        results = []
-                    for r in results:
-                        self._deliver(self._jobs[id(r.seq)], r)
-                    self.batcher.release()  # the model is free for others between steps
-                self._flush()
-                if results:
-                    with self._cond:
-                        n = len(results)
-                        self.stats["steps"] += 1
-                        self.stats["batch_size_hist"][n] += 1
-                        self.stats["batch_size_max"] = max(self.stats["batch_size_max"], n)
+            return self._tick()
         except BaseException as e:  # a bug: fail every request rather than hang them
+            log.exception("the engine failed; every request fails with it")
             self._error = e
-            self._fail_all(e)
-            raise
+            with self._cond:
+                self._fail_all(e)
+            self._end()
+            return False
+
+    def _end(self) -> None:
+        compute.detach(self)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _tick(self) -> bool:
+        with self._cond:
+            if self._stopping and (not self._drain or (not self._waiting and not self.batcher.running)):
+                self._fail_all(QueueFullError("the server is shutting down", retry_after=5.0))
+                self._end()
+                return False
+            if not self._waiting and not self.batcher.running:
+                return False
+            joining = []
+            while self._waiting and len(joining) < self.batcher.free:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    self.stats["cancelled"] += 1
+                else:
+                    joining.append(job)
+                    self._jobs[id(job.seq)] = job
+            dropped = [j for j in self._jobs.values() if j.cancelled and j not in joining]
+        with self.lock:
+            for job in dropped:
+                self._finish(job, cancelled=True)
+            self._admit(joining)
+            if joining:  # their first tokens go out now, not after the next step
+                self._flush()
+            try:
+                results = self.batcher.step()
+            except Exception as e:  # the batch is lost, the engine is not
+                for job in list(self._jobs.values()):
+                    self._fail(job, e)
+                results = []
+            for r in results:
+                self._deliver(self._jobs[id(r.seq)], r)
+            self.batcher.release()  # the model is free for others between steps
+        self._flush()
+        if results:
+            with self._cond:
+                n = len(results)
+                self.stats["steps"] += 1
+                self.stats["batch_size_hist"][n] += 1
+                self.stats["batch_size_max"] = max(self.stats["batch_size_max"], n)
+        return True
 
     def _admit(self, jobs: list[_Job]) -> None:
         """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone."""

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from forge import compute
 from forge.config import bounded, check_specs, choice, documented, same_as
 from forge.core.decode import Sequence as DecodeSequence
 from forge.core.decode import StepResult, fixed_batcher
@@ -511,7 +512,7 @@ class Generator:
             except BaseException as e:  # hand every failure to the awaiting side
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
-        worker = loop.run_in_executor(None, work)
+        worker = asyncio.wrap_future(compute.submit(work))  # on the compute thread, see forge.compute
         try:
             while True:
                 kind, value = await queue.get()
@@ -529,7 +530,7 @@ class Generator:
         self, prompts: str | Sequence[str], config: GenerationConfig | None = None, **options: Any
     ) -> str | list[str]:
         """Async twin of :meth:`generate`."""
-        return await asyncio.to_thread(self.generate, prompts, config, **options)
+        return await compute.run(self.generate, prompts, config, **options)
 
 
 def likelihoods(model: Transformer, tokenizer: Tokenizer, contexts: Sequence[str], continuation: str) -> list[float]:

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Seque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from forge import compute
 from forge.agent.choose import THOUSANDS, next_tool, rechoose_calls
 from forge.agent.memory import Memory
 from forge.agent.tools import Tool, tool
@@ -296,7 +297,7 @@ class Agent:
                     yield item
                 else:  # the calls, their closed arguments chosen again from the task (see forge.agent.choose)
                     last = [r.content for _, r in run.results.values() if not r.error][-1:]
-                    calls = await asyncio.to_thread(rechoose_calls, self.app, run.task, run.schemas, item, *last)
+                    calls = await compute.run(rechoose_calls, self.app, run.task, run.schemas, item, *last)
         except Exception as e:
             yield AgentFailureEvent(e, run.step)
             run.failed = True
@@ -313,7 +314,7 @@ class Agent:
             last = next(reversed(run.results.values()))[1].content if run.results else None
             made = run.results.keys()
             known = [r.content for _, r in run.results.values() if not r.error]
-            allowed = [await asyncio.to_thread(_likeliest_tool, self.app, run.task, allowed, last, made, known)]
+            allowed = [await compute.run(_likeliest_tool, self.app, run.task, allowed, last, made, known)]
             if allowed[0]["function"]["name"] == FINAL:
                 return []
         return allowed

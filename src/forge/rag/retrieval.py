@@ -13,7 +13,6 @@ from them citing ``[n]``. The answer comes back with the sources it cites.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from forge import compute
 from forge.app import Forge
 from forge.errors import ConfigError
 from forge.rag.chunking import chunk_text, content_hash
@@ -376,7 +376,7 @@ class Rag:
     ) -> AsyncIterator[str]:
         """The answer piece by piece, in an event loop."""
         # embedding is slow work
-        plan = await asyncio.to_thread(self.plan, question, k, filter, mode, _max_tokens(options))
+        plan = await compute.run(self.plan, question, k, filter, mode, _max_tokens(options))
         if plan.messages is None:
             yield NOT_FOUND
             return

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from forge import compute
 from forge.errors import ConfigError
 from forge.server.config import ServerConfig
 from forge.server.errors import ApiError, error_body, error_response
@@ -238,7 +239,7 @@ async def _rag_query(served: Served, request: Request) -> Response:
             param="filter",
         ) from None
     try:
-        hits = await asyncio.to_thread(retriever.search, req.query, req.k, req.filter)
+        hits = await compute.run(retriever.search, req.query, req.k, req.filter)
     except ConfigError as e:
         raise ApiError(e.message, param="filter") from None
     return JSONResponse({"object": "list", "data": hits, "model": served.model_name})

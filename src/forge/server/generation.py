@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from forge import compute
 from forge.errors import ChatTemplateError, ConfigError, ContextLengthError, ForgeError
 from forge.middleware import Context
 from forge.requests import encode
@@ -176,7 +177,7 @@ async def chat_job(served: Served, req: ChatRequest, meta: Mapping[str, Any]) ->
         # Retrieval, reranking and the grounding grammar are slow work; a request's own format wins over it.
         mode = "free" if grammar else served.config.rag_mode
         retriever, k = served.config.retriever, served.config.rag_k
-        messages, sources, grounding = await asyncio.to_thread(retriever.augment, messages, k, mode)
+        messages, sources, grounding = await compute.run(retriever.augment, messages, k, mode)
         if grammar is None and grounding is not None:
             options["grammar"] = grounding
             grammar = "messages"
