@@ -41,24 +41,38 @@ def _int8_acts(fn, *args, **kw):  # llama.cpp's method: activations rounded to i
     return fn(*args, **kw, precise=False)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 9])
-@pytest.mark.parametrize(("n", "k", "group"), [(96, 576, 32), (50, 1536, 64), (33, 256, 128)])
+@pytest.fixture(params=[False, True], ids=["avx2", "vnni"])
+def vnni(request: pytest.FixtureRequest):
+    """Each path of the precise kernels in turn: AVX2, and AVX512-VNNI where the CPU has it."""
+    default = cpu_quant.vnni()
+    if request.param and not cpu_quant.vnni(True):
+        pytest.skip("the CPU has no AVX512-VNNI")
+    cpu_quant.vnni(request.param)
+    yield request.param
+    cpu_quant.vnni(default)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9])
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 576, 32), (50, 1536, 64), (33, 256, 128), (7, 96, 32)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
-def test_int4_mm_matches_the_dequantized_weight(m: int, n: int, k: int, group: int, scale_dtype: torch.dtype) -> None:
+def test_int4_mm_matches_the_dequantized_weight(
+    m: int, n: int, k: int, group: int, scale_dtype: torch.dtype, vnni: bool
+) -> None:
     qs, d, mins, w = _int4(n, k, group, scale_dtype)
-    x = torch.randn(m, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     ref = x @ w.T
     _close(cpu_quant.int4_mm(x, qs, d, mins, group), ref)
     _close(_int8_acts(cpu_quant.int4_mm, x, qs, d, mins, group), ref, 0.02)
     y = cpu_quant.int4_mm(x.bfloat16(), qs, d, mins, group)
     assert y.dtype == torch.bfloat16
-    _close(y, x.bfloat16().float() @ w.T, 1e-2)  # the output rounded to bf16
-    _close(_int8_acts(cpu_quant.int4_mm, x.bfloat16(), qs, d, mins, group), ref, 0.02)
+    ref16 = x.bfloat16().float() @ w.T  # what bf16 activations stand for
+    _close(y, ref16, 1e-2)  # the output rounded to bf16
+    _close(_int8_acts(cpu_quant.int4_mm, x.bfloat16(), qs, d, mins, group), ref16, 0.02)
 
 
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize(("n", "k", "group"), [(96, 576, 32), (40, 512, 512), (17, 192, 64)])
-def test_int8_mm_matches_the_dequantized_weight(m: int, n: int, k: int, group: int) -> None:
+def test_int8_mm_matches_the_dequantized_weight(m: int, n: int, k: int, group: int, vnni: bool) -> None:
     q, d, w = _int8(n, k, group, torch.float16)
     x = torch.randn(m, k)
     _close(cpu_quant.int8_mm(x, q, d, group), x @ w.T)
@@ -73,6 +87,24 @@ def test_int8_mm_with_minimums() -> None:
     ref = x @ (w + m.repeat_interleave(32, dim=1)).T
     _close(cpu_quant.int8_mm(x, q, d, 32, m), ref)
     _close(_int8_acts(cpu_quant.int8_mm, x, q, d, 32, m), ref, 0.02)
+
+
+def test_the_vnni_and_avx2_paths_agree() -> None:
+    """The VNNI path rounds x to max|x| / 32639 per block, the AVX2 path to / 32767: both within ~5e-5."""
+    if not cpu_quant.vnni(True):
+        pytest.skip("the CPU has no AVX512-VNNI")
+    qs, d, mins, w = _int4(64, 576, 32, torch.float16, seed=3)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 576)  # blocks of
+    # very different sizes
+    try:
+        on = cpu_quant.int4_mm(x, qs, d, mins, 32)
+        cpu_quant.vnni(False)
+        off = cpu_quant.int4_mm(x, qs, d, mins, 32)
+    finally:
+        cpu_quant.vnni(True)
+    assert not torch.equal(on, off)  # two paths did run
+    _close(on, off)
+    _close(on, x @ w.T)
 
 
 def test_a_zero_row_of_activations_gives_zero() -> None:

@@ -16,6 +16,8 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -190,6 +192,16 @@ void gemm_rows(const uint8_t* qs, const S* wd, const S* wm, const Acts& a, const
   for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<Y>(hsum(_mm256_add_ps(even[r], odd[r])) + mins[r]);
 }
 
+// Each row's activation sum per group of the weight's scales (for the minimums' term): from the blocks' sums.
+std::vector<float> group_sums(const std::vector<float>& s, int64_t M, int64_t K, int64_t group, bool needed) {
+  const int64_t nb = K / kBlock, per = group / kBlock, ng = K / group;
+  std::vector<float> gs(needed ? M * ng : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(gs.size()); ++i) {
+    for (int64_t j = 0; j < per; ++j) gs[i] += s[i / ng * nb + i % ng * per + j];
+  }
+  return gs;
+}
+
 template <bool Int4, bool Precise, typename S, typename Y>
 void run(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group, at::Tensor& y) {
   const int64_t M = a.M, N = qs.size(0);
@@ -197,11 +209,7 @@ void run(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at::Ten
   const S* wd = d.data_ptr<S>();
   const S* wm = m.defined() ? m.data_ptr<S>() : nullptr;
   Y* out = y.data_ptr<Y>();
-  const int64_t nb = a.K / kBlock, per = group / kBlock, ng = a.K / group;
-  std::vector<float> gs(wm != nullptr ? M * ng : 0);  // each row's activation sum per group
-  for (int64_t i = 0; i < static_cast<int64_t>(gs.size()); ++i) {
-    for (int64_t j = 0; j < per; ++j) gs[i] += a.s[i / ng * nb + i % ng * per + j];
-  }
+  const std::vector<float> gs = group_sums(a.s, M, a.K, group, wm != nullptr);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t m0 = 0;
@@ -220,6 +228,265 @@ void dispatch(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at
   if (!half && !bf16) run<Int4, Precise, float, float>(a, qs, d, m, group, y);
 }
 
+// ---- AVX512-VNNI (precise mode): u8 x s8 dot products, 64 values an instruction ----------------------------
+// The activations' int16 blocks are split into two int8 halves, x = 256 * hi + lo (|x| <= 32639, so both fit),
+// and each pair of weight blocks is one zmm of 64 bytes: int4 values as they are (0..15), int8 values + 128
+// (the extra 128 * sum(x) is taken off again). Bytes 0..15 hold the first block's elements 0..15, 16..31 the
+// second block's 0..15, 32..47 and 48..63 the elements 16..31 of each: the nibbles' order, with no shuffle.
+// The int32 lanes 0-3 and 8-11 then sum the first block, 4-7 and 12-15 the second.
+#define FORGE_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+constexpr float kVnniMax = 32639.f;  // 127 * 256 + 127: the largest x whose two halves are both int8
+
+int vnni_mode = -1;  // -1: not decided yet; 0: off; 1: on
+
+bool vnni_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+bool use_vnni() {
+  if (vnni_mode < 0) vnni_mode = vnni_supported() ? 1 : 0;
+  return vnni_mode == 1;
+}
+
+struct ActsV {
+  std::vector<int8_t> hi, lo;  // (M, pairs, 64) in the weights' byte order
+  std::vector<float> dx;       // (M, pairs, 16): each lane's block scale
+  std::vector<int32_t> corr;   // (M, pairs, 16): 128 * sum(x) of each block, in lanes 0 and 4 (int8 weights)
+  std::vector<float> sx;       // (M, pairs, 16): each block's sum of x in lanes 0 and 4, for the minimums
+  int64_t M, K, np;
+};
+
+template <typename T>
+void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int32_t* corr, float* sx) {
+  for (int64_t j = 0; j < K / kBlock / 2 * 16; ++j) corr[j] = 0, sx[j] = 0.f;
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const int64_t p = b / 2, h = b % 2;
+    float v[kBlock];
+    float amax = 0.f, sum = 0.f;
+    for (int i = 0; i < kBlock; ++i) {
+      v[i] = static_cast<float>(x[b * kBlock + i]);
+      amax = std::max(amax, std::fabs(v[i]));
+      sum += v[i];
+    }
+    const float d = amax / kVnniMax, inv = d > 0.f ? 1.f / d : 0.f;
+    int32_t isum = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int q = static_cast<int>(std::nearbyint(v[i] * inv));
+      const int l = ((q + 128) & 255) - 128;  // the low half, -128..127; q - l is a multiple of 256
+      const int64_t at = p * 64 + (i < 16 ? h * 16 + i : 32 + h * 16 + (i - 16));
+      hi[at] = static_cast<int8_t>((q - l) / 256);
+      lo[at] = static_cast<int8_t>(l);
+      isum += q;
+    }
+    for (int j = 0; j < 4; ++j) dx[p * 16 + h * 4 + j] = d, dx[p * 16 + 8 + h * 4 + j] = d;
+    corr[p * 16 + h * 4] = 128 * isum;
+    sx[p * 16 + h * 4] = sum;
+  }
+}
+
+ActsV prepare_acts_vnni(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), np = K / kBlock / 2;
+  ActsV a{std::vector<int8_t>(M * np * 64), std::vector<int8_t>(M * np * 64), std::vector<float>(M * np * 16),
+          std::vector<int32_t>(M * np * 16), std::vector<float>(M * np * 16), M, K, np};
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t o = m * np;
+      if (bf16) {
+        quantize_row_vnni(x.data_ptr<at::BFloat16>() + m * K, K, &a.hi[o * 64], &a.lo[o * 64], &a.dx[o * 16],
+                          &a.corr[o * 16], &a.sx[o * 16]);
+      } else {
+        quantize_row_vnni(x.data_ptr<float>() + m * K, K, &a.hi[o * 64], &a.lo[o * 64], &a.dx[o * 16],
+                          &a.corr[o * 16], &a.sx[o * 16]);
+      }
+    }
+  });
+  return a;
+}
+
+// The scales and minimums of blocks b and b + 1 as [d0, d1, m0, m1]; fp16 pairs of one group each: one conversion.
+template <typename S>
+FORGE_VNNI inline __m128 pair_scales(const S* d, const S* m, int64_t b, int64_t per) {
+  if constexpr (std::is_same_v<S, at::Half>) {
+    if (per == 1) {
+      int32_t dd, mm = 0;
+      std::memcpy(&dd, d + b, 4);
+      if (m != nullptr) std::memcpy(&mm, m + b, 4);
+      return _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128(dd), _mm_cvtsi32_si128(mm)));
+    }
+  }
+  const float m0 = m != nullptr ? to_f32(m[b / per]) : 0.f, m1 = m != nullptr ? to_f32(m[(b + 1) / per]) : 0.f;
+  return _mm_setr_ps(to_f32(d[b / per]), to_f32(d[(b + 1) / per]), m0, m1);
+}
+
+// One pair of weight blocks against R activation rows: acc[r] += per lane (w . x) * d * dx, + m * sum(x).
+template <bool Int4, bool Mins, int R>
+FORGE_VNNI inline void pair_vnni(const uint8_t* wq, __m128 dm, const ActsV& a, int64_t m0, int64_t p, __m512* acc) {
+  __m512i w;
+  if constexpr (Int4) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  } else {  // two blocks of 32 int8 values: to the nibbles' order, then + 128 to make them unsigned
+    w = _mm512_loadu_si512(wq);
+    w = _mm512_shuffle_i64x2(w, w, _MM_SHUFFLE(3, 1, 2, 0));
+    w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+  const __m512 dm512 = _mm512_castps128_ps512(dm);
+  const __m512 dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1), dm512);
+  const __m512 mw = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 2, 2, 3, 3, 3, 3), dm512);
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = (m0 + r) * a.np + p;
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i ih = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(&a.hi[o * 64]));
+    const __m512i il = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(&a.lo[o * 64]));
+    __m512i i = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);
+    if constexpr (!Int4) i = _mm512_sub_epi32(i, _mm512_loadu_si512(&a.corr[o * 16]));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dw, _mm512_loadu_ps(&a.dx[o * 16])), acc[r]);
+    if constexpr (Mins) acc[r] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(&a.sx[o * 16]), acc[r]);
+  }
+}
+
+template <bool Int4, bool Mins, int R, typename S, typename Y>
+FORGE_VNNI void gemm_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, const ActsV& a, int64_t group, int64_t n,
+                               int64_t m0, Y* y, int64_t N) {
+  const int64_t K = a.K, nb = K / kBlock, per = group / kBlock, ng = K / group;
+  const int64_t stride = Int4 ? 32 : 64;  // bytes per pair of blocks
+  __m512 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = _mm512_setzero_ps(), odd[r] = _mm512_setzero_ps();
+  const uint8_t* row = qs + n * (nb / 2) * stride;
+  const S* d = wd + n * ng;
+  const S* mn = Mins ? wm + n * ng : nullptr;
+  int64_t p = 0;
+  for (; p + 1 < a.np; p += 2) {  // two chains of multiply-adds in flight
+    pair_vnni<Int4, Mins, R>(row + p * stride, pair_scales(d, mn, 2 * p, per), a, m0, p, even);
+    pair_vnni<Int4, Mins, R>(row + (p + 1) * stride, pair_scales(d, mn, 2 * p + 2, per), a, m0, p + 1, odd);
+  }
+  if (p < a.np) pair_vnni<Int4, Mins, R>(row + p * stride, pair_scales(d, mn, 2 * p, per), a, m0, p, even);
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<Y>(_mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])));
+}
+
+
+// Decode (few activation rows): two weight rows a zmm, [row n's pair of blocks | row n + 1's], against the
+// activations' pair broadcast to both halves; the lanes 0-7 sum row n, 8-15 row n + 1. Per 128 weights: two
+// loads, four dpbusd and one multiply-add, where the pair kernel needs twice the instructions.
+template <typename S>
+FORGE_VNNI inline __m256 two_rows_scales(const S* d, const S* m, int64_t ng, int64_t b, int64_t per) {
+  if constexpr (std::is_same_v<S, at::Half>) {
+    if (per == 1) {
+      int32_t d0, d1, m0 = 0, m1 = 0;  // registers, not a stack array: a vector load of fresh stores stalls
+      std::memcpy(&d0, d + b, 4);
+      std::memcpy(&d1, d + ng + b, 4);
+      if (m != nullptr) std::memcpy(&m0, m + b, 4), std::memcpy(&m1, m + ng + b, 4);
+      return _mm256_cvtph_ps(_mm_setr_epi32(d0, d1, m0, m1));
+    }
+  }
+  float v[8];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t k = (j & 2 ? ng : 0) + (b + (j & 1)) / per;
+    v[j] = to_f32(d[k]);
+    v[4 + j] = m != nullptr ? to_f32(m[k]) : 0.f;
+  }
+  return _mm256_loadu_ps(v);
+}
+
+// The activations of a pair's low (half 0) or high (1) nibbles, in both 256-bit halves.
+FORGE_VNNI inline __m512i halves(const std::vector<int8_t>& v, int64_t o, int half) {
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&v[o * 64 + half * 32])));
+}
+
+template <bool Mins, typename S, typename Y>
+FORGE_VNNI void two_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, const ActsV& a, int64_t group, int64_t n,
+                              int64_t mrow, Y* y, int64_t N) {
+  const int64_t nb = a.K / kBlock, per = group / kBlock, ng = a.K / group, rowbytes = nb * 16;
+  const uint8_t* r0 = qs + n * rowbytes;
+  const S* d = wd + n * ng;
+  const S* mn = Mins ? wm + n * ng : nullptr;
+  const __m512i mask = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i idx_m = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t p = 0; p < a.np; ++p) {
+    const int64_t o = mrow * a.np + p;
+    const __m512i raw = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + p * 32))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + rowbytes + p * 32)), 1);
+    const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    const __m512i ih = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, halves(a.hi, o, 0)), hi, halves(a.hi, o, 1));
+    const __m512i il = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, halves(a.lo, o, 0)), hi, halves(a.lo, o, 1));
+    const __m512i i = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);
+    const __m512 dm = _mm512_castps256_ps512(two_rows_scales(d, mn, ng, 2 * p, per));
+    const __m512 dx = _mm512_loadu_ps(&a.dx[o * 16]);  // [dx0 x4, dx1 x4] twice: both rows' lanes
+    __m512 r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(_mm512_permutexvar_ps(idx_d, dm), dx), acc[p & 1]);
+    if constexpr (Mins) {
+      const __m512 sx = _mm512_loadu_ps(&a.sx[o * 16]);  // the blocks' sums in lanes 0 and 4: to 8 and 12 too
+      r = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx_m, dm), _mm512_shuffle_f32x4(sx, sx, _MM_SHUFFLE(1, 0, 1, 0)), r);
+    }
+    acc[p & 1] = r;
+  }
+  const __m512 v = _mm512_add_ps(acc[0], acc[1]);
+  y[mrow * N + n] = static_cast<Y>(hsum(_mm512_castps512_ps256(v)));
+  y[mrow * N + n + 1] = static_cast<Y>(hsum(_mm512_extractf32x8_ps(v, 1)));
+}
+
+template <bool Int4, typename S, typename Y>
+void run_vnni(const ActsV& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
+              at::Tensor& y) {
+  const int64_t M = a.M, N = qs.size(0);
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
+  const S* wd = d.data_ptr<S>();
+  const S* wm = m.defined() ? m.data_ptr<S>() : nullptr;
+  Y* out = y.data_ptr<Y>();
+  if (Int4 && M < kRows) {  // decode: two weight rows at a time, each activation row in turn
+    at::parallel_for(0, N / 2, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t n = 2 * begin; n < 2 * end; n += 2) {
+        for (int64_t m0 = 0; m0 < M; ++m0) {
+          if (wm != nullptr) {
+            two_rows_vnni<true>(q, wd, wm, a, group, n, m0, out, N);
+          } else {
+            two_rows_vnni<false>(q, wd, wm, a, group, n, m0, out, N);
+          }
+        }
+      }
+    });
+    if (N % 2 == 0) return;
+    for (int64_t m0 = 0; m0 < M; ++m0) {  // the last row of an odd N
+      if (wm != nullptr) {
+        gemm_rows_vnni<Int4, true, 1>(q, wd, wm, a, group, N - 1, m0, out, N);
+      } else {
+        gemm_rows_vnni<Int4, false, 1>(q, wd, wm, a, group, N - 1, m0, out, N);
+      }
+    }
+    return;
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t m0 = 0;
+      if (wm != nullptr) {
+        for (; m0 + kRows <= M; m0 += kRows) gemm_rows_vnni<Int4, true, kRows>(q, wd, wm, a, group, n, m0, out, N);
+        for (; m0 < M; ++m0) gemm_rows_vnni<Int4, true, 1>(q, wd, wm, a, group, n, m0, out, N);
+      } else {
+        for (; m0 + kRows <= M; m0 += kRows) gemm_rows_vnni<Int4, false, kRows>(q, wd, wm, a, group, n, m0, out, N);
+        for (; m0 < M; ++m0) gemm_rows_vnni<Int4, false, 1>(q, wd, wm, a, group, n, m0, out, N);
+      }
+    }
+  });
+}
+
+template <bool Int4>
+void dispatch_vnni(const ActsV& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
+                   at::Tensor& y, bool half, bool bf16) {
+  if (half && bf16) run_vnni<Int4, at::Half, at::BFloat16>(a, qs, d, m, group, y);
+  if (half && !bf16) run_vnni<Int4, at::Half, float>(a, qs, d, m, group, y);
+  if (!half && bf16) run_vnni<Int4, float, at::BFloat16>(a, qs, d, m, group, y);
+  if (!half && !bf16) run_vnni<Int4, float, float>(a, qs, d, m, group, y);
+}
+
 template <bool Int4>
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
                bool precise) {
@@ -232,9 +499,13 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c
   TORCH_CHECK(d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat, "forge quant mm: scales fp16 or fp32");
   TORCH_CHECK(!m.defined() || (m.scalar_type() == d.scalar_type() && m.sizes() == d.sizes() && m.is_contiguous()),
               "forge quant mm: minimums like scales");
-  const Acts a = prepare_acts(x, precise);
   at::Tensor y = at::empty({M, N}, x.options());
   const bool half = d.scalar_type() == at::kHalf, bf16 = x.scalar_type() == at::kBFloat16;
+  if (Int4 && precise && K % (2 * kBlock) == 0 && use_vnni()) {  // int8: AVX2 reads it as fast (memory-bound)
+    dispatch_vnni<Int4>(prepare_acts_vnni(x), qs, d, m, group, y, half, bf16);
+    return y;
+  }
+  const Acts a = prepare_acts(x, precise);
   if (precise) {
     dispatch<Int4, true>(a, qs, d, m, group, y, half, bf16);
   } else {
@@ -253,11 +524,19 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   return qmm<false>(x, qs, d, m.has_value() ? *m : at::Tensor(), group, precise);
 }
 
+// Whether the precise kernels take the AVX512-VNNI path: mode -1 asks, 0 turns it off, 1 on (where supported).
+bool vnni(int64_t mode) {
+  if (mode == 0) vnni_mode = 0;
+  if (mode == 1) vnni_mode = vnni_supported() ? 1 : 0;
+  return use_vnni();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(forge_cpu, lib) {
   lib.def("int4_mm(Tensor x, Tensor qs, Tensor d, Tensor m, int group, bool precise=True) -> Tensor");
   lib.def("int8_mm(Tensor x, Tensor qs, Tensor d, Tensor? m, int group, bool precise=True) -> Tensor");
+  lib.def("vnni(int mode=-1) -> bool", &vnni);
 }
 
 TORCH_LIBRARY_IMPL(forge_cpu, CPU, lib) {
