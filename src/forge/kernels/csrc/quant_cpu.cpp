@@ -400,6 +400,11 @@ FORGE_VNNI inline __m512i halves(const std::vector<int8_t>& v, int64_t o, int ha
   return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(&v[o * 64 + half * 32])));
 }
 
+#ifndef FORGE_PREFETCH_ROWS
+#define FORGE_PREFETCH_ROWS 4
+#endif
+constexpr int64_t kPrefetchRows = FORGE_PREFETCH_ROWS;
+
 template <bool Mins, typename S, typename Y>
 FORGE_VNNI void two_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, const ActsV& a, int64_t group, int64_t n,
                               int64_t mrow, Y* y, int64_t N) {
@@ -411,8 +416,11 @@ FORGE_VNNI void two_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, const
   const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i idx_m = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  const uint8_t* ahead = r0 + kPrefetchRows * rowbytes;  // the rows a few tiles on: memory, not cache, bounds decode
   for (int64_t p = 0; p < a.np; ++p) {
     const int64_t o = mrow * a.np + p;
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + p * 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + rowbytes + p * 32), _MM_HINT_T0);
     const __m512i raw = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + p * 32))),
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + rowbytes + p * 32)), 1);
