@@ -228,12 +228,11 @@ void dispatch(const Acts& a, const at::Tensor& qs, const at::Tensor& d, const at
   if (!half && !bf16) run<Int4, Precise, float, float>(a, qs, d, m, group, y);
 }
 
-// ---- AVX512-VNNI (precise mode): u8 x s8 dot products, 64 values an instruction ----------------------------
+// ---- AVX512-VNNI (precise mode, int4 decode): u8 x s8 dot products, 64 values an instruction ------------------
 // The activations' int16 blocks are split into two int8 halves, x = 256 * hi + lo (|x| <= 32639, so both fit),
-// and each pair of weight blocks is one zmm of 64 bytes: int4 values as they are (0..15), int8 values + 128
-// (the extra 128 * sum(x) is taken off again). Bytes 0..15 hold the first block's elements 0..15, 16..31 the
-// second block's 0..15, 32..47 and 48..63 the elements 16..31 of each: the nibbles' order, with no shuffle.
-// The int32 lanes 0-3 and 8-11 then sum the first block, 4-7 and 12-15 the second.
+// and a pair of int4 weight blocks (0..15, unsigned) is 64 bytes: bytes 0..15 hold the first block's elements
+// 0..15, 16..31 the second block's 0..15, 32..47 and 48..63 the elements 16..31 of each: the nibbles' order,
+// with no shuffle. The int32 lanes 0-3 and 8-11 then sum the first block, 4-7 and 12-15 the second.
 #define FORGE_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 constexpr float kVnniMax = 32639.f;  // 127 * 256 + 127: the largest x whose two halves are both int8
@@ -255,14 +254,13 @@ bool use_vnni() {
 struct ActsV {
   std::vector<int8_t> hi, lo;  // (M, pairs, 64) in the weights' byte order
   std::vector<float> dx;       // (M, pairs, 16): each lane's block scale
-  std::vector<int32_t> corr;   // (M, pairs, 16): 128 * sum(x) of each block, in lanes 0 and 4 (int8 weights)
   std::vector<float> sx;       // (M, pairs, 16): each block's sum of x in lanes 0 and 4, for the minimums
   int64_t M, K, np;
 };
 
 template <typename T>
-void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, int32_t* corr, float* sx) {
-  for (int64_t j = 0; j < K / kBlock / 2 * 16; ++j) corr[j] = 0, sx[j] = 0.f;
+void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, float* sx) {
+  for (int64_t j = 0; j < K / kBlock / 2 * 16; ++j) sx[j] = 0.f;
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const int64_t p = b / 2, h = b % 2;
     float v[kBlock];
@@ -273,17 +271,14 @@ void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx,
       sum += v[i];
     }
     const float d = amax / kVnniMax, inv = d > 0.f ? 1.f / d : 0.f;
-    int32_t isum = 0;
     for (int i = 0; i < kBlock; ++i) {
       const int q = static_cast<int>(std::nearbyint(v[i] * inv));
       const int l = ((q + 128) & 255) - 128;  // the low half, -128..127; q - l is a multiple of 256
       const int64_t at = p * 64 + (i < 16 ? h * 16 + i : 32 + h * 16 + (i - 16));
       hi[at] = static_cast<int8_t>((q - l) / 256);
       lo[at] = static_cast<int8_t>(l);
-      isum += q;
     }
     for (int j = 0; j < 4; ++j) dx[p * 16 + h * 4 + j] = d, dx[p * 16 + 8 + h * 4 + j] = d;
-    corr[p * 16 + h * 4] = 128 * isum;
     sx[p * 16 + h * 4] = sum;
   }
 }
@@ -291,17 +286,17 @@ void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx,
 ActsV prepare_acts_vnni(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), np = K / kBlock / 2;
   ActsV a{std::vector<int8_t>(M * np * 64), std::vector<int8_t>(M * np * 64), std::vector<float>(M * np * 16),
-          std::vector<int32_t>(M * np * 16), std::vector<float>(M * np * 16), M, K, np};
+          std::vector<float>(M * np * 16), M, K, np};
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t o = m * np;
       if (bf16) {
         quantize_row_vnni(x.data_ptr<at::BFloat16>() + m * K, K, &a.hi[o * 64], &a.lo[o * 64], &a.dx[o * 16],
-                          &a.corr[o * 16], &a.sx[o * 16]);
+                          &a.sx[o * 16]);
       } else {
         quantize_row_vnni(x.data_ptr<float>() + m * K, K, &a.hi[o * 64], &a.lo[o * 64], &a.dx[o * 16],
-                          &a.corr[o * 16], &a.sx[o * 16]);
+                          &a.sx[o * 16]);
       }
     }
   });
@@ -324,19 +319,12 @@ FORGE_VNNI inline __m128 pair_scales(const S* d, const S* m, int64_t b, int64_t 
 }
 
 // One pair of weight blocks against R activation rows: acc[r] += per lane (w . x) * d * dx, + m * sum(x).
-template <bool Int4, bool Mins, int R>
+template <bool Mins, int R>
 FORGE_VNNI inline void pair_vnni(const uint8_t* wq, __m128 dm, const ActsV& a, int64_t m0, int64_t p, __m512* acc) {
-  __m512i w;
-  if constexpr (Int4) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-    w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  } else {  // two blocks of 32 int8 values: to the nibbles' order, then + 128 to make them unsigned
-    w = _mm512_loadu_si512(wq);
-    w = _mm512_shuffle_i64x2(w, w, _MM_SHUFFLE(3, 1, 2, 0));
-    w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
-  }
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+  const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   const __m512 dm512 = _mm512_castps128_ps512(dm);
   const __m512 dw = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1), dm512);
   const __m512 mw = _mm512_permutexvar_ps(_mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 2, 2, 3, 3, 3, 3), dm512);
@@ -345,18 +333,17 @@ FORGE_VNNI inline void pair_vnni(const uint8_t* wq, __m128 dm, const ActsV& a, i
     const __m512i zero = _mm512_setzero_si512();
     const __m512i ih = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(&a.hi[o * 64]));
     const __m512i il = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(&a.lo[o * 64]));
-    __m512i i = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);
-    if constexpr (!Int4) i = _mm512_sub_epi32(i, _mm512_loadu_si512(&a.corr[o * 16]));
+    const __m512i i = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);
     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(dw, _mm512_loadu_ps(&a.dx[o * 16])), acc[r]);
     if constexpr (Mins) acc[r] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(&a.sx[o * 16]), acc[r]);
   }
 }
 
-template <bool Int4, bool Mins, int R, typename S, typename Y>
+template <bool Mins, int R, typename S, typename Y>
 FORGE_VNNI void gemm_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, const ActsV& a, int64_t group, int64_t n,
                                int64_t m0, Y* y, int64_t N) {
   const int64_t K = a.K, nb = K / kBlock, per = group / kBlock, ng = K / group;
-  const int64_t stride = Int4 ? 32 : 64;  // bytes per pair of blocks
+  const int64_t stride = 32;  // bytes per pair of blocks
   __m512 even[R], odd[R];
   for (int r = 0; r < R; ++r) even[r] = _mm512_setzero_ps(), odd[r] = _mm512_setzero_ps();
   const uint8_t* row = qs + n * (nb / 2) * stride;
@@ -364,10 +351,10 @@ FORGE_VNNI void gemm_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, cons
   const S* mn = Mins ? wm + n * ng : nullptr;
   int64_t p = 0;
   for (; p + 1 < a.np; p += 2) {  // two chains of multiply-adds in flight
-    pair_vnni<Int4, Mins, R>(row + p * stride, pair_scales(d, mn, 2 * p, per), a, m0, p, even);
-    pair_vnni<Int4, Mins, R>(row + (p + 1) * stride, pair_scales(d, mn, 2 * p + 2, per), a, m0, p + 1, odd);
+    pair_vnni<Mins, R>(row + p * stride, pair_scales(d, mn, 2 * p, per), a, m0, p, even);
+    pair_vnni<Mins, R>(row + (p + 1) * stride, pair_scales(d, mn, 2 * p + 2, per), a, m0, p + 1, odd);
   }
-  if (p < a.np) pair_vnni<Int4, Mins, R>(row + p * stride, pair_scales(d, mn, 2 * p, per), a, m0, p, even);
+  if (p < a.np) pair_vnni<Mins, R>(row + p * stride, pair_scales(d, mn, 2 * p, per), a, m0, p, even);
   for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<Y>(_mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])));
 }
 
@@ -442,7 +429,7 @@ FORGE_VNNI void two_rows_vnni(const uint8_t* qs, const S* wd, const S* wm, const
   y[mrow * N + n + 1] = static_cast<Y>(hsum(_mm512_extractf32x8_ps(v, 1)));
 }
 
-template <bool Int4, typename S, typename Y>
+template <typename S, typename Y>
 void run_vnni(const ActsV& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
               at::Tensor& y) {
   const int64_t M = a.M, N = qs.size(0);
@@ -450,49 +437,34 @@ void run_vnni(const ActsV& a, const at::Tensor& qs, const at::Tensor& d, const a
   const S* wd = d.data_ptr<S>();
   const S* wm = m.defined() ? m.data_ptr<S>() : nullptr;
   Y* out = y.data_ptr<Y>();
-  if (Int4 && M < kRows) {  // decode: two weight rows at a time, each activation row in turn
-    at::parallel_for(0, N / 2, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t n = 2 * begin; n < 2 * end; n += 2) {
-        for (int64_t m0 = 0; m0 < M; ++m0) {
-          if (wm != nullptr) {
-            two_rows_vnni<true>(q, wd, wm, a, group, n, m0, out, N);
-          } else {
-            two_rows_vnni<false>(q, wd, wm, a, group, n, m0, out, N);
-          }
+  // Decode only (M < kRows): for more rows the AVX2 kernel, which reuses each weight block for four of them, is
+  // faster (measured: 0.82-0.93x with this path at M = 16 and 64).
+  at::parallel_for(0, N / 2, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = 2 * begin; n < 2 * end; n += 2) {
+      for (int64_t m0 = 0; m0 < M; ++m0) {
+        if (wm != nullptr) {
+          two_rows_vnni<true>(q, wd, wm, a, group, n, m0, out, N);
+        } else {
+          two_rows_vnni<false>(q, wd, wm, a, group, n, m0, out, N);
         }
-      }
-    });
-    if (N % 2 == 0) return;
-    for (int64_t m0 = 0; m0 < M; ++m0) {  // the last row of an odd N
-      if (wm != nullptr) {
-        gemm_rows_vnni<Int4, true, 1>(q, wd, wm, a, group, N - 1, m0, out, N);
-      } else {
-        gemm_rows_vnni<Int4, false, 1>(q, wd, wm, a, group, N - 1, m0, out, N);
-      }
-    }
-    return;
-  }
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      int64_t m0 = 0;
-      if (wm != nullptr) {
-        for (; m0 + kRows <= M; m0 += kRows) gemm_rows_vnni<Int4, true, kRows>(q, wd, wm, a, group, n, m0, out, N);
-        for (; m0 < M; ++m0) gemm_rows_vnni<Int4, true, 1>(q, wd, wm, a, group, n, m0, out, N);
-      } else {
-        for (; m0 + kRows <= M; m0 += kRows) gemm_rows_vnni<Int4, false, kRows>(q, wd, wm, a, group, n, m0, out, N);
-        for (; m0 < M; ++m0) gemm_rows_vnni<Int4, false, 1>(q, wd, wm, a, group, n, m0, out, N);
       }
     }
   });
+  for (int64_t m0 = 0; N % 2 == 1 && m0 < M; ++m0) {  // the last row of an odd N
+    if (wm != nullptr) {
+      gemm_rows_vnni<true, 1>(q, wd, wm, a, group, N - 1, m0, out, N);
+    } else {
+      gemm_rows_vnni<false, 1>(q, wd, wm, a, group, N - 1, m0, out, N);
+    }
+  }
 }
 
-template <bool Int4>
 void dispatch_vnni(const ActsV& a, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t group,
                    at::Tensor& y, bool half, bool bf16) {
-  if (half && bf16) run_vnni<Int4, at::Half, at::BFloat16>(a, qs, d, m, group, y);
-  if (half && !bf16) run_vnni<Int4, at::Half, float>(a, qs, d, m, group, y);
-  if (!half && bf16) run_vnni<Int4, float, at::BFloat16>(a, qs, d, m, group, y);
-  if (!half && !bf16) run_vnni<Int4, float, float>(a, qs, d, m, group, y);
+  if (half && bf16) run_vnni<at::Half, at::BFloat16>(a, qs, d, m, group, y);
+  if (half && !bf16) run_vnni<at::Half, float>(a, qs, d, m, group, y);
+  if (!half && bf16) run_vnni<float, at::BFloat16>(a, qs, d, m, group, y);
+  if (!half && !bf16) run_vnni<float, float>(a, qs, d, m, group, y);
 }
 
 template <bool Int4>
@@ -509,9 +481,12 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c
               "forge quant mm: minimums like scales");
   at::Tensor y = at::empty({M, N}, x.options());
   const bool half = d.scalar_type() == at::kHalf, bf16 = x.scalar_type() == at::kBFloat16;
-  if (Int4 && precise && K % (2 * kBlock) == 0 && use_vnni()) {  // int8: AVX2 reads it as fast (memory-bound)
-    dispatch_vnni<Int4>(prepare_acts_vnni(x), qs, d, m, group, y, half, bf16);
-    return y;
+  // VNNI: int4 decode. int8 weights are read as fast by AVX2 (memory-bound), and prefill too (see run_vnni).
+  if constexpr (Int4) {
+    if (precise && M < kRows && K % (2 * kBlock) == 0 && use_vnni()) {
+      dispatch_vnni(prepare_acts_vnni(x), qs, d, m, group, y, half, bf16);
+      return y;
+    }
   }
   const Acts a = prepare_acts(x, precise);
   if (precise) {
