@@ -38,16 +38,25 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// Block b (32 values) of a row of activations as floats in v; returns its largest |value|, its sum in *sum.
+template <typename T>
+inline float load_block(const T* x, int64_t b, float* v, float* sum) {
+  float amax = 0.f, total = 0.f;
+  for (int i = 0; i < kBlock; ++i) {
+    v[i] = static_cast<float>(x[b * kBlock + i]);
+    amax = std::max(amax, std::fabs(v[i]));
+    total += v[i];
+  }
+  *sum = total;
+  return amax;
+}
+
 // One row's K activations -> int8 blocks. Returns nothing; fills xq (K), dx (K/32), sx (K/32).
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* xq, float* dx, float* sx) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    float v[kBlock];
-    float amax = 0.f;
-    for (int i = 0; i < kBlock; ++i) {
-      v[i] = static_cast<float>(x[b * kBlock + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-    }
+    float v[kBlock], unused;
+    const float amax = load_block(x, b, v, &unused);
     const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
     int sum = 0;
     for (int i = 0; i < kBlock; ++i) {
@@ -84,13 +93,8 @@ struct Acts {
 template <typename T>
 void quantize_row16(const T* x, int64_t K, int16_t* xq, float* dx, float* sx) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    float v[kBlock];
-    float amax = 0.f, sum = 0.f;
-    for (int i = 0; i < kBlock; ++i) {
-      v[i] = static_cast<float>(x[b * kBlock + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-      sum += v[i];
-    }
+    float v[kBlock], sum;
+    const float amax = load_block(x, b, v, &sum);
     const float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
     for (int i = 0; i < kBlock; ++i) xq[b * kBlock + i] = static_cast<int16_t>(std::nearbyint(v[i] * inv));
     dx[b] = d;
@@ -269,13 +273,8 @@ void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx,
   for (int64_t j = 0; j < K / kBlock / 2 * 16; ++j) sx[j] = 0.f;
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const int64_t p = b / 2, h = b % 2;
-    float v[kBlock];
-    float amax = 0.f, sum = 0.f;
-    for (int i = 0; i < kBlock; ++i) {
-      v[i] = static_cast<float>(x[b * kBlock + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-      sum += v[i];
-    }
+    float v[kBlock], sum;
+    const float amax = load_block(x, b, v, &sum);
     const float d = amax / kVnniMax, inv = d > 0.f ? 1.f / d : 0.f;
     for (int i = 0; i < kBlock; ++i) {
       const int q = static_cast<int>(std::nearbyint(v[i] * inv));
