@@ -134,3 +134,31 @@ def test_training_runs_on_a_thread_of_its_own_that_ends(notes: Path) -> None:
     assert seen and {t.name for t in seen} == {"forge-train"}
     seen[0].join(timeout=10)
     assert not seen[0].is_alive()  # gone with its OpenMP team: it can't slow the compute thread's decoding
+
+
+def test_an_engine_waiting_for_its_model_does_not_hold_up_other_apps(bigram_dir: Path) -> None:
+    """While one app's weights are busy (its lock held, as training holds it), its engine waits without
+    blocking the compute thread: another app's request is answered meanwhile."""
+    defaults = GenerationConfig(temperature=0, max_tokens=4)
+    busy, other = Forge.load(bigram_dir, defaults=defaults), Forge.load(bigram_dir, defaults=defaults)
+    expected = other.sync.generate("c")
+
+    async def main() -> tuple[str, bool, str]:
+        await busy.start_batching(max_batch=2)
+        assert busy._generator is not None
+        lock = busy._generator.lock
+        lock.acquire()
+        try:
+            waiting = asyncio.ensure_future(busy.generate("a"))
+            await asyncio.sleep(0.2)  # the engine has the request and is waiting for the lock
+            answer = await asyncio.wait_for(other.generate("c"), timeout=60)
+            still_waiting = not waiting.done()
+        finally:
+            lock.release()
+        first = await asyncio.wait_for(waiting, timeout=60)
+        await busy.stop_batching()
+        return answer, still_waiting, first
+
+    answer, still_waiting, first = asyncio.run(main())
+    assert answer == expected and still_waiting
+    assert first == "bcde"  # and the engine went on once the weights were free

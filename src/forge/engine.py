@@ -41,6 +41,8 @@ log = logging.getLogger("forge.engine")
 
 #: Joining requests are prefilled together up to this many prompt tokens a forward (bounds its activations).
 PREFILL_TOKENS = 4096
+#: How long a step waits for the model's lock (held by training) before the compute thread's other jobs go first.
+LOCK_WAIT_S = 0.05
 #: The prefix cache's default bound, as a share of the batch's KV cache (at least 16 MB).
 PREFIX_CACHE_FRACTION = 0.25
 
@@ -249,16 +251,21 @@ class Engine:
                 return False
             if not self._waiting and not self.batcher.running:
                 return False
-            joining = []
-            while self._waiting and len(joining) < self.batcher.free:
-                job = self._waiting.popleft()
-                if job.cancelled:
-                    self.stats["cancelled"] += 1
-                else:
-                    joining.append(job)
-                    self._jobs[id(job.seq)] = job
-            dropped = [j for j in self._jobs.values() if j.cancelled and j not in joining]
-        with self.lock:
+        # The weights may be busy (the app training on its own thread): then the compute thread's other jobs
+        # (another app's requests) go first, and the engine tries again.
+        if not self.lock.acquire(timeout=LOCK_WAIT_S):
+            return True
+        try:
+            with self._cond:
+                joining = []
+                while self._waiting and len(joining) < self.batcher.free:
+                    job = self._waiting.popleft()
+                    if job.cancelled:
+                        self.stats["cancelled"] += 1
+                    else:
+                        joining.append(job)
+                        self._jobs[id(job.seq)] = job
+                dropped = [j for j in self._jobs.values() if j.cancelled and j not in joining]
             for job in dropped:
                 self._finish(job, cancelled=True)
             self._admit(joining)
@@ -273,6 +280,8 @@ class Engine:
             for r in results:
                 self._deliver(self._jobs[id(r.seq)], r)
             self.batcher.release()  # the model is free for others between steps
+        finally:
+            self.lock.release()
         self._flush()
         if results:
             with self._cond:
