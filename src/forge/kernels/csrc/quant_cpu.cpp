@@ -268,43 +268,57 @@ struct ActsV {
   int64_t M, K, np;
 };
 
+// 16 activations as floats: fp32 as they are, bf16 widened (its bits are fp32's top half).
+FORGE_VNNI inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+FORGE_VNNI inline __m512 load16(const at::BFloat16* x) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// One row of activations in the layout above, 16 values an instruction (nearest-even rounding, as nearbyint).
 template <typename T>
-void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, float* sx) {
-  for (int64_t j = 0; j < K / kBlock / 2 * 16; ++j) sx[j] = 0.f;
+FORGE_VNNI void quantize_row_vnni(const T* x, int64_t K, int8_t* hi, int8_t* lo, float* dx, float* sx) {
+  std::memset(sx, 0, sizeof(float) * (K / kBlock / 2 * 16));
+  const __m512i c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const int64_t p = b / 2, h = b % 2;
-    float v[kBlock], sum;
-    const float amax = load_block(x, b, v, &sum);
+    const __m512 v[2] = {load16(x + b * kBlock), load16(x + b * kBlock + 16)};
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
     const float d = amax / kVnniMax, inv = d > 0.f ? 1.f / d : 0.f;
-    for (int i = 0; i < kBlock; ++i) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-      const int l = ((q + 128) & 255) - 128;  // the low half, -128..127; q - l is a multiple of 256
-      const int64_t at = p * 128 + (i < 16 ? 0 : 64) + h * 16 + i % 16;  // and again 32 bytes on
-      hi[at] = hi[at + 32] = static_cast<int8_t>((q - l) / 256);
-      lo[at] = lo[at + 32] = static_cast<int8_t>(l);
+    for (int half = 0; half < 2; ++half) {  // elements 0..15, then 16..31
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[half], _mm512_set1_ps(inv)));
+      // the low half, -128..127; q - l is a multiple of 256
+      const __m512i l = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(q, c128), c255), c128);
+      const __m128i l8 = _mm512_cvtepi32_epi8(l), h8 = _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(q, l), 8));
+      const int64_t at = p * 128 + half * 64 + h * 16;  // and again 32 bytes on
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), h8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at + 32), h8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), l8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at + 32), l8);
     }
     for (int j = 0; j < 4; ++j) dx[p * 16 + h * 4 + j] = d, dx[p * 16 + 8 + h * 4 + j] = d;
     sx[p * 16 + h * 4] = sx[p * 16 + 8 + h * 4] = sum;
   }
 }
 
-ActsV prepare_acts_vnni(const at::Tensor& x) {
+// The activations as the decode kernel reads them, in this thread's buffers (kept: no allocation per call).
+const ActsV& prepare_acts_vnni(const at::Tensor& x) {
+  thread_local ActsV a;
   const int64_t M = x.size(0), K = x.size(1), np = K / kBlock / 2;
-  ActsV a{std::vector<int8_t>(M * np * 128), std::vector<int8_t>(M * np * 128), std::vector<float>(M * np * 16),
-          std::vector<float>(M * np * 16), M, K, np};
+  a.M = M, a.K = K, a.np = np;
+  a.hi.resize(M * np * 128), a.lo.resize(M * np * 128), a.dx.resize(M * np * 16), a.sx.resize(M * np * 16);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const int64_t o = m * np;
-      if (bf16) {
-        quantize_row_vnni(x.data_ptr<at::BFloat16>() + m * K, K, &a.hi[o * 128], &a.lo[o * 128], &a.dx[o * 16],
-                          &a.sx[o * 16]);
-      } else {
-        quantize_row_vnni(x.data_ptr<float>() + m * K, K, &a.hi[o * 128], &a.lo[o * 128], &a.dx[o * 16],
-                          &a.sx[o * 16]);
-      }
+  for (int64_t m = 0; m < M; ++m) {  // a few rows (decode): not worth a parallel region
+    const int64_t o = m * np;
+    if (bf16) {
+      quantize_row_vnni(x.data_ptr<at::BFloat16>() + m * K, K, &a.hi[o * 128], &a.lo[o * 128], &a.dx[o * 16],
+                        &a.sx[o * 16]);
+    } else {
+      quantize_row_vnni(x.data_ptr<float>() + m * K, K, &a.hi[o * 128], &a.lo[o * 128], &a.dx[o * 16],
+                        &a.sx[o * 16]);
     }
-  });
+  }
   return a;
 }
 
