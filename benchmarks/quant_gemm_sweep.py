@@ -1,0 +1,145 @@
+"""Launch configs of Forge's quantized Triton GEMM at batch 16 and 64, against bf16 cuBLAS in the same run.
+
+Issue 17's "no loss at batch 64" on the H200: at M = 16 the GEMM path took 18.8 us on the 1B qkv shape where
+dequantize-then-cuBLAS took 10.8 and bf16 6.6 (``quant_gpu_NVIDIA_H200.json``, ``paths``), with the config
+``gemm_config`` picks (BLOCK_N shrunk to 16 to fill the SMs). This sweeps BLOCK_M, BLOCK_N, BLOCK_K, warps and
+stages for the Llama 1B linears, int4 (groups of 32, GGUF blocks) and int8, and reports per shape and batch the
+bf16 time, the dequant path, the default config and the best configs, each timed as CUDA-graph replays over
+enough weight copies to leave L2 (as quant_gpu.py times kernels).
+
+    python benchmarks/quant_gemm_sweep.py            # an NVIDIA GPU; writes quant_gemm_sweep_<GPU>.json
+    python benchmarks/quant_gemm_sweep.py --dry-run  # Triton's interpreter on the CPU, two configs: checks it
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant_gpu as qg
+from _common import environment, save_gpu_result
+from forge.kernels.quant_matmul import Config, gemm_config, int4_linear, int8_linear
+
+
+def call(x: torch.Tensor, ops: dict, cfg: Config | None, path: str) -> torch.Tensor:
+    ops = dict(ops)
+    scheme, bias = ops.pop("scheme"), ops.pop("bias", None)
+    if scheme == "int4":
+        gguf = ops.get("gguf_blocks", False)
+        return int4_linear(x, ops["q"], ops["scale"], ops["minimum"], bias, gguf_blocks=gguf, path=path, config=cfg)
+    return int8_linear(x, ops["q"], ops["scale"], ops["minimum"], bias, path=path, config=cfg)
+
+
+def timed(fn, banks: list, x: torch.Tensor, dry: bool, reps: int = 10) -> float:
+    """Microseconds per call: one CUDA graph over every copy in ``banks``, replayed ``reps`` times."""
+    if dry:
+        fn(x, banks[0])
+        return 1.0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for p in banks[:2]:
+            fn(x, p)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for p in banks:
+            fn(x, p)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1000 / (reps * len(banks))
+
+
+def measure(x: torch.Tensor, banks: list, ref: torch.Tensor, cfg: Config | None, path: str, dry: bool):
+    """(microseconds per call, max relative error against ``ref``) of ``path`` with ``cfg``."""
+
+    def fn(x: torch.Tensor, ops: dict) -> torch.Tensor:
+        return call(x, ops, cfg, path)
+
+    y = fn(x, banks[0]).float()
+    return timed(fn, banks, x, dry), ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+def grid_for(m: int) -> list[Config]:
+    block_ms = (16,) if m <= 16 else (32, 64)
+    return [
+        Config(bn, bk, w, block_m=bm, stages=st)
+        for bm in block_ms
+        for bn in (32, 64, 128)
+        for bk in (64, 128, 256)
+        for w in (4, 8)
+        for st in (3, 4)
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, the 135M shapes, two configs")
+    args = p.parse_args()
+    dry = args.dry_run
+    if dry:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        sys.exit("quant_gemm_sweep.py needs an NVIDIA GPU (or --dry-run)")
+    dev = torch.device("cpu" if dry else "cuda")
+    l2 = 1 if dry else torch.cuda.get_device_properties(dev).L2_cache_size
+    shape = qg.SHAPES["smollm2-135m" if dry else "llama-1b"]
+    makes = qg.forge_weights()
+    schemes = ("int4_g32",) if dry else ("int4_g32", "int8")
+    rows, t0 = [], time.time()
+    for lin, (n, k) in qg.linear_shapes(shape).items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        for m in (16,) if dry else (16, 64):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            copies = max(1, min(255, math.ceil(2 * l2 / (w.numel() * 2))))
+            base = timed(lambda x, p: F.linear(x, p[0]), [(w,)] + [(w.clone(),) for _ in range(copies - 1)], x, dry)
+            for label in schemes:
+                weight = makes[label](w)
+                copies = max(2, min(256, math.ceil(2 * l2 / weight.nbytes)))
+                banks = [
+                    q.kernel_operands()._asdict() for q in [weight, *(copy.deepcopy(weight) for _ in range(copies - 1))]
+                ]
+                ref = F.linear(x.float(), weight.dequantize(torch.float32))
+
+                row = {"linear": lin, "m": m, "n": n, "k": k, "scheme": label, "bf16_us": base}
+                for path in ("dequant", "gemm"):
+                    row[f"{path}_us"], row[f"{path}_err"] = measure(x, banks, ref, None, path, dry)
+                row["default_config"] = list(gemm_config(m, n, k, 4 if "int4" in label else 8, 32, dev))
+                found = []
+                for cfg in grid_for(m)[:2] if dry else grid_for(m):
+                    try:
+                        us, err = measure(x, banks, ref, cfg, "gemm", dry)
+                        found.append([us, err, cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages])
+                    except Exception as e:  # a config the compiler refuses (shared memory): say so, go on
+                        found.append([None, str(e)[:100], cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages])
+                timed_ok = sorted((f for f in found if f[0] is not None), key=lambda f: f[0])
+                row["best"] = timed_ok[:8]  # [us, max rel err, block_m, block_n, block_k, warps, stages]
+                row["best_vs_bf16"] = base / timed_ok[0][0] if timed_ok else None
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    out = {"benchmark": "quant_gemm_sweep", "dry_run": dry, "rows": rows, "seconds": time.time() - t0}
+    out["env"] = environment(dev)
+    if dry:
+        print(json.dumps(out, indent=2))
+    else:
+        save_gpu_result("quant_gemm_sweep", out)
+
+
+if __name__ == "__main__":
+    main()
