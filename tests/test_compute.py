@@ -162,3 +162,17 @@ def test_an_engine_waiting_for_its_model_does_not_hold_up_other_apps(bigram_dir:
     answer, still_waiting, first = asyncio.run(main())
     assert answer == expected and still_waiting
     assert first == "bcde"  # and the engine went on once the weights were free
+
+
+def test_shutdown_finishes_the_running_job_and_cancels_the_queued_ones() -> None:
+    thread = ComputeThread("test-compute")
+    started, gate, ran = threading.Event(), threading.Event(), []
+    running = thread.submit(lambda: (started.set(), gate.wait(10), ran.append("first"))[2])
+    queued = thread.submit(lambda: ran.append("second"))
+    assert started.wait(10)
+    stopper = threading.Thread(target=thread.shutdown)
+    stopper.start()
+    gate.set()
+    stopper.join(timeout=10)
+    assert not stopper.is_alive() and running.done() and queued.cancelled() and ran == ["first"]
+    assert thread.call(lambda: threading.current_thread().name) == threading.current_thread().name  # ran here

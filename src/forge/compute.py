@@ -21,6 +21,7 @@ A job must not wait for another job (or for an event loop that waits for one): t
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import logging
@@ -51,6 +52,7 @@ class ComputeThread:
         self._residents: list[Resident] = []
         self._cond = threading.Condition()
         self._woken = False
+        self._closing = False
         self._thread: threading.Thread | None = None
 
     def is_current(self) -> bool:
@@ -60,9 +62,15 @@ class ComputeThread:
         """Queue ``fn(*args, **kwargs)``; its future. On the compute thread itself, use :meth:`call` instead."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
-            self._start()
-            self._jobs.append((future, lambda: fn(*args, **kwargs)))
-            self._cond.notify()
+            if not self._closing:
+                self._start()
+                self._jobs.append((future, lambda: fn(*args, **kwargs)))
+                self._cond.notify()
+                return future
+        try:  # the interpreter is exiting and the thread has ended: run it here
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
         return future
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -96,6 +104,19 @@ class ComputeThread:
             self._woken = True
             self._cond.notify()
 
+    def shutdown(self) -> None:
+        """Finish the running job, cancel the queued ones and end the thread. Called at interpreter exit: a daemon
+        thread still inside torch's C++ code while the interpreter finalizes aborts the process."""
+        with self._cond:
+            self._closing = True
+            jobs, self._jobs = list(self._jobs), collections.deque()
+            thread = self._thread
+            self._cond.notify_all()
+        for future, _ in jobs:
+            future.cancel()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     def _start(self) -> None:  # under self._cond
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -105,8 +126,10 @@ class ComputeThread:
         busy = False  # whether the residents' last round did work: then go round again without waiting
         while True:
             with self._cond:
-                while not self._jobs and not self._woken and not busy:
+                while not self._jobs and not self._woken and not busy and not self._closing:
                     self._cond.wait()
+                if self._closing:
+                    return
                 job = self._jobs.popleft() if self._jobs else None
                 residents, self._woken = list(self._residents), False
             if job is not None:
@@ -152,6 +175,7 @@ async def run_apart(fn: Callable[..., T], /, *args: Any, name: str = "forge-trai
 
 
 _compute = ComputeThread()
+atexit.register(_compute.shutdown)
 submit = _compute.submit
 call = _compute.call
 run = _compute.run
