@@ -14,9 +14,7 @@ enough weight copies to leave L2 (as quant_gpu.py times kernels).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import sys
 import time
@@ -40,40 +38,15 @@ def call(x: torch.Tensor, ops: dict, cfg: Config | None, path: str) -> torch.Ten
     return int8_linear(x, ops["q"], ops["scale"], ops["minimum"], bias, path=path, config=cfg)
 
 
-def timed(fn, banks: list, x: torch.Tensor, dry: bool, reps: int = 10) -> float:
-    """Microseconds per call: one CUDA graph over every copy in ``banks``, replayed ``reps`` times."""
-    if dry:
-        fn(x, banks[0])
-        return 1.0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for p in banks[:2]:
-            fn(x, p)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for p in banks:
-            fn(x, p)
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1000 / (reps * len(banks))
+def measure(run: qg.Run, x: torch.Tensor, weight, ref: torch.Tensor, cfg: Config | None, path: str):
+    """(microseconds per call, max relative error against ``ref``) of ``path`` with ``cfg``, timed as quant_gpu
+    times its kernels (:func:`quant_gpu.time_us`: graph replays over copies of the weight that leave L2)."""
 
+    def fn(x: torch.Tensor, p: tuple) -> torch.Tensor:
+        return call(x, p[0].kernel_operands()._asdict(), cfg, path)
 
-def measure(x: torch.Tensor, banks: list, ref: torch.Tensor, cfg: Config | None, path: str, dry: bool):
-    """(microseconds per call, max relative error against ``ref``) of ``path`` with ``cfg``."""
-
-    def fn(x: torch.Tensor, ops: dict) -> torch.Tensor:
-        return call(x, ops, cfg, path)
-
-    y = fn(x, banks[0]).float()
-    return timed(fn, banks, x, dry), ((y - ref).abs().max() / ref.abs().max()).item()
+    y = fn(x, (weight,)).float()
+    return qg.time_us(run, fn, x, (weight,)), ((y - ref).abs().max() / ref.abs().max()).item()
 
 
 def grid_for(m: int) -> list[Config]:
@@ -98,7 +71,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("quant_gemm_sweep.py needs an NVIDIA GPU (or --dry-run)")
     dev = torch.device("cpu" if dry else "cuda")
-    l2 = 1 if dry else torch.cuda.get_device_properties(dev).L2_cache_size
+    run = qg.Run(dev, reps=10, budget_s=float("inf"))
     shape = qg.SHAPES["smollm2-135m" if dry else "llama-1b"]
     makes = qg.forge_weights()
     schemes = ("int4_g32",) if dry else ("int4_g32", "int8")
@@ -107,24 +80,19 @@ def main() -> None:
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         for m in (16,) if dry else (16, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            copies = max(1, min(255, math.ceil(2 * l2 / (w.numel() * 2))))
-            base = timed(lambda x, p: F.linear(x, p[0]), [(w,)] + [(w.clone(),) for _ in range(copies - 1)], x, dry)
+            base = qg.time_us(run, lambda x, p: F.linear(x, p[0]), x, (w,))
             for label in schemes:
                 weight = makes[label](w)
-                copies = max(2, min(256, math.ceil(2 * l2 / weight.nbytes)))
-                banks = [
-                    q.kernel_operands()._asdict() for q in [weight, *(copy.deepcopy(weight) for _ in range(copies - 1))]
-                ]
                 ref = F.linear(x.float(), weight.dequantize(torch.float32))
 
                 row = {"linear": lin, "m": m, "n": n, "k": k, "scheme": label, "bf16_us": base}
                 for path in ("dequant", "gemm"):
-                    row[f"{path}_us"], row[f"{path}_err"] = measure(x, banks, ref, None, path, dry)
+                    row[f"{path}_us"], row[f"{path}_err"] = measure(run, x, weight, ref, None, path)
                 row["default_config"] = list(gemm_config(m, n, k, 4 if "int4" in label else 8, 32, dev))
                 found = []
                 for cfg in grid_for(m)[:2] if dry else grid_for(m):
                     try:
-                        us, err = measure(x, banks, ref, cfg, "gemm", dry)
+                        us, err = measure(run, x, weight, ref, cfg, "gemm")
                         found.append([us, err, cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages])
                     except Exception as e:  # a config the compiler refuses (shared memory): say so, go on
                         found.append([None, str(e)[:100], cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages])
