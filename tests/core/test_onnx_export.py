@@ -72,29 +72,34 @@ class Decoder:
         self.names = [o.name for o in self.session.get_outputs()]
         self.inputs = [i.name for i in self.session.get_inputs()]
 
+        self.past = [name for name in self.inputs if name.startswith("past_key_values.")]
+
     def run(
-        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray], keep: int = 0
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        feed.update(zip(self.inputs[3:], past, strict=True))
+        feed.update(zip(self.past, past, strict=True))
+        feed["num_logits_to_keep"] = np.array(keep, np.int64)
         logits, *present = self.session.run(None, feed)
         return logits, present
 
     def empty_past(self, cfg: ModelConfig, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, cfg.kv_heads, 0, cfg.head_dim), np.float32) for _ in self.inputs[3:]]
+        return [np.zeros((batch, cfg.kv_heads, 0, cfg.head_dim), np.float32) for _ in self.past]
 
-    def prefill(self, cfg: ModelConfig, ids: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def prefill(self, cfg: ModelConfig, ids: list[int], keep: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
         n = len(ids)
-        return self.run(np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None], self.empty_past(cfg, 1))
+        empty = self.empty_past(cfg, 1)
+        return self.run(np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None], empty, keep)
 
     def greedy(self, cfg: ModelConfig, prompt: list[int], steps: int) -> list[int]:
-        """A prefill, then one token a step through the KV cache."""
-        logits, past = self.prefill(cfg, prompt)
+        """A prefill, then one token a step through the KV cache; only the last position's logits each time."""
+        logits, past = self.prefill(cfg, prompt, keep=1)
+        assert logits.shape[1] == 1
         out = [int(logits[0, -1].argmax())]
         for _ in range(steps - 1):
             n = len(prompt) + len(out)
             step = np.array([[out[-1]]])
-            logits, past = self.run(step, np.ones((1, n), np.int64), np.array([[n - 1]]), past)
+            logits, past = self.run(step, np.ones((1, n), np.int64), np.array([[n - 1]]), past, keep=1)
             out.append(int(logits[0, -1].argmax()))
         return out
 
@@ -137,6 +142,25 @@ def test_fp32_logits_equal_forges(
     assert np.abs(logits[0] - expected).max() < FP32_BOUND
     assert len(present) == 2 * model.config.n_layer
     assert present[0].shape == (1, model.config.kv_heads, len(ids), model.config.head_dim)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_num_logits_to_keep_gives_the_last_positions_logits(
+    exported: Callable[[str, str], Export], bpe_tokenizer: Tokenizer, dtype: str
+) -> None:
+    model, folder = exported("llama", dtype)
+    decoder = Decoder(folder)
+    assert decoder.inputs[-1] == "num_logits_to_keep"
+    ids = bpe_tokenizer.encode(PROMPT)
+    every, present = decoder.prefill(model.config, ids, keep=0)
+    assert every.shape[1] == len(ids)
+    for keep in (1, 3):
+        last, kept_present = decoder.prefill(model.config, ids, keep=keep)
+        assert last.shape == (1, keep, every.shape[2])
+        np.testing.assert_allclose(last[0], every[0, -keep:], atol=1e-5)
+        assert all(np.array_equal(a, b) for a, b in zip(present, kept_present, strict=True))
+    longer, _ = decoder.prefill(model.config, ids, keep=len(ids) + 5)  # more than there are: all of them
+    assert longer.shape[1] == len(ids)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -189,7 +213,7 @@ def test_the_folder_is_what_transformers_js_loads(
     n = model.config.n_layer
     assert decoder.inputs == ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")
-    ]
+    ] + ["num_logits_to_keep"]  # transformers.js feeds it (0: every position's logits)
     assert decoder.names == ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
 
 

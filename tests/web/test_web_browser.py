@@ -10,7 +10,6 @@ greedy tokens. SwiftShader has no shader-f16, so activations stay float32 there.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -63,15 +62,9 @@ def test_a_tiny_trained_model_runs_as_pytorch_does(tiny_web: Exported, hamlet_te
     _check(tiny_web, hamlet_text, provider)
 
 
-#: SmolLM2 on SwiftShader's WebGPU (a CPU emulating a GPU) took 750 s on this project's 2-core machines,
-#: more than the rest of tests/web together: it runs when FORGE_SLOW_TESTS=1 (it passed: 256/256, 32/32).
-SLOW = pytest.mark.skipif(
-    os.environ.get("FORGE_SLOW_TESTS") != "1",
-    reason="SmolLM2 on SwiftShader's WebGPU takes ~12 min on 2 cores; set FORGE_SLOW_TESTS=1 to run it",
-)
-
-
-@pytest.mark.parametrize("provider", ["wasm", pytest.param("webgpu", marks=SLOW)])
+#: SmolLM2 on SwiftShader's WebGPU (a CPU emulating a GPU) takes about 280 s on this project's 2-core machines:
+#: a 576 x 1536 matrix-vector product there takes 30 ms, so a token costs about 5 s.
+@pytest.mark.parametrize("provider", ["wasm", "webgpu"])
 def test_smollm2_int8_runs_as_pytorch_does(smol_web: Exported, hamlet_text: str, provider: str) -> None:
     _check(smol_web, hamlet_text, provider)
 

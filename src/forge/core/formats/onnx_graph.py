@@ -5,10 +5,13 @@ with the past keys and values passed in and the present ones returned, in Optimu
 transformers.js and onnxruntime-genai's exports use)::
 
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
-             past_key_values.{i}.key / .value (B, Hkv, P, D) float32
-    outputs  logits (B, T, vocab) float32, present.{i}.key / .value (B, Hkv, P+T, D) float32
+             past_key_values.{i}.key / .value (B, Hkv, P, D) float32, num_logits_to_keep () int64
+    outputs  logits (B, L, vocab) float32, present.{i}.key / .value (B, Hkv, P+T, D) float32
 
-B, T and P are dynamic; P = 0 (empty past tensors) is a prefill. Keys are cached after RoPE, as Forge and
+B, T and P are dynamic; P = 0 (empty past tensors) is a prefill. ``num_logits_to_keep`` (transformers.js's
+name, which it sets to 0) asks for the logits of the last L positions only, or of all T with 0: a generator
+that reads only the last position's logits passes 1, so the head's matmul runs on one row instead of the whole
+prompt's (SmolLM2: a 2,000-token prompt's logits are 393 MB of float32). Keys are cached after RoPE, as Forge and
 transformers cache them. :func:`trace` exports it with ``torch.onnx.export(dynamo=True)``; every weight matmul
 reads an (in, out) initializer named by :func:`matmul_weights`, which ``onnx_quant`` replaces with
 onnxruntime's ``MatMulNBits``.
@@ -31,13 +34,22 @@ from torch import nn
 from forge.config import ModelConfig
 from forge.core.attention import rope_tables
 
-__all__ = ["OPSET", "DecoderGraph", "input_names", "matmul_weights", "output_names", "trace"]
+__all__ = ["KEEP", "OPSET", "DecoderGraph", "input_names", "matmul_weights", "output_names", "trace"]
 
 #: The ONNX opset written: onnxruntime 1.17+ and onnxruntime-web run it (Gelu became an op in 20).
 OPSET = 20
 
 
+#: The input that limits the logits to the last positions (0: all of them); see the module docstring.
+KEEP = "num_logits_to_keep"
+
+
 def input_names(n_layer: int) -> list[str]:
+    """The graph's inputs, in order (``num_logits_to_keep`` last)."""
+    return [*_traced_inputs(n_layer), KEEP]
+
+
+def _traced_inputs(n_layer: int) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")
     ]
@@ -217,7 +229,7 @@ def trace(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Any:
         program = torch.onnx.export(
             graph,
             _example_inputs(config),
-            input_names=input_names(config.n_layer),
+            input_names=_traced_inputs(config.n_layer),
             output_names=output_names(config.n_layer),
             dynamic_shapes=dims,
             opset_version=OPSET,
@@ -225,7 +237,39 @@ def trace(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Any:
             verbose=False,
         )
     assert program is not None, "torch.onnx.export(dynamo=True) returns the program"
-    return program.model_proto
+    return _keep_last_logits(program.model_proto)
+
+
+def _keep_last_logits(model: Any) -> Any:
+    """Add the ``num_logits_to_keep`` input: the head's MatMul reads ``x[:, -L:]``, L the input's value.
+
+    ``Slice`` clamps: L = 0 starts at -0 = 0, all positions; an L beyond the sequence also keeps all of them.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    (head,) = [n for n in graph.node if n.output[0] == "logits"]
+    assert head.op_type == "MatMul", f"the logits come from a {head.op_type}, not the head's MatMul"
+    x, p = head.input[0], "logits_to_keep"
+    helpers = [
+        helper.make_tensor(f"{p}.shape", TensorProto.INT64, [1], [1]),
+        helper.make_tensor(f"{p}.end", TensorProto.INT64, [1], [2**63 - 1]),
+        helper.make_tensor(f"{p}.axis", TensorProto.INT64, [1], [1]),
+    ]
+    graph.initializer.extend(helpers)
+    nodes = [
+        helper.make_node("Neg", [KEEP], [f"{p}.neg"], name=f"{p}.Neg"),
+        helper.make_node("Reshape", [f"{p}.neg", f"{p}.shape"], [f"{p}.start"], name=f"{p}.Reshape"),
+        helper.make_node("Slice", [x, f"{p}.start", f"{p}.end", f"{p}.axis"], [f"{p}.x"], name=f"{p}.Slice"),
+    ]
+    head.input[0] = f"{p}.x"
+    at = list(graph.node).index(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+    graph.input.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, []))
+    (logits,) = [o for o in graph.output if o.name == "logits"]
+    logits.type.tensor_type.shape.dim[1].dim_param = "num_logits"
+    return model
 
 
 @contextlib.contextmanager

@@ -102,6 +102,7 @@ export class ForgeWeb {
     this.kvHeads = config.num_key_value_heads ?? config.num_attention_heads ?? config.n_head;
     this.headDim = config.head_dim ?? (config.hidden_size ?? config.n_embd) / (config.num_attention_heads ?? config.n_head);
     this.eos = new Set(manifest.eos_token_ids);
+    this.keepsLogits = session.inputNames.includes("num_logits_to_keep");
     this.busy = Promise.resolve();
   }
 
@@ -129,8 +130,12 @@ export class ForgeWeb {
     return this.template.render({ messages, add_generation_prompt: true, ...special });
   }
 
-  /** One forward pass of `ids` after `past`; returns { logits (a CPU tensor), present (the new cache) }. */
-  async forward(ids, past, start) {
+  /**
+   * One forward pass of `ids` after `past`; returns { logits (on the CPU), rows, vocab, present (the new cache) }.
+   * `keep`: the logits of the last `keep` positions only (0: all), where the model takes num_logits_to_keep
+   * (folders exported before it give all of them): generating reads one row, so the output head runs on one.
+   */
+  async forward(ids, past, start, keep = 0) {
     const { Tensor } = this.ort;
     const n = ids.length;
     const feeds = {
@@ -138,6 +143,7 @@ export class ForgeWeb {
       attention_mask: new Tensor("int64", new BigInt64Array(start + n).fill(1n), [1, start + n]),
       position_ids: new Tensor("int64", BigInt64Array.from({ length: n }, (_, i) => BigInt(start + i)), [1, n]),
     };
+    if (this.keepsLogits) feeds.num_logits_to_keep = new Tensor("int64", BigInt64Array.of(BigInt(keep)), []);
     for (let i = 0; i < this.layers; i++) {
       for (const kv of ["key", "value"]) {
         feeds[`past_key_values.${i}.${kv}`] =
@@ -150,7 +156,7 @@ export class ForgeWeb {
     const present = {};
     for (const [name, tensor] of Object.entries(outputs)) if (name !== "logits") present[name] = tensor;
     if (past) for (const tensor of Object.values(past)) tensor.dispose?.();
-    return { logits: data, vocab: logits.dims[2], present };
+    return { logits: data, rows: logits.dims[1], vocab: logits.dims[2], present };
   }
 
   /** The argmax token after each position of `ids`, from one forward pass (forced decoding). */
@@ -182,10 +188,10 @@ export class ForgeWeb {
           finishReason = "abort";
           return;
         }
-        const out = await this.forward(input, past, start);
+        const out = await this.forward(input, past, start, 1);
         past = out.present;
         start += input.length;
-        const token = pick(out.logits, (input.length - 1) * out.vocab, out.vocab, { temperature, topP, rand });
+        const token = pick(out.logits, (out.rows - 1) * out.vocab, out.vocab, { temperature, topP, rand });
         if (this.eos.has(token)) {
           finishReason = "stop";
           return;
