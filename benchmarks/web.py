@@ -3,9 +3,10 @@
 Both run in one browser session per provider (WASM, then WebGPU), on the folder `forge export --format web`
 wrote: Forge's forge-web.js on onnxruntime-web, transformers.js (@huggingface/transformers, which bundles its
 own onnxruntime-web) through ``AutoModelForCausalLM.from_pretrained(folder)``. Each generates greedily from the
-same prompt ids; each timing is one warm-up run, then the best of ``--repeats``. Speed is generated tokens over
-the whole generation's time (prefill included). Without a GPU, Chromium's WebGPU is SwiftShader (CPU
-emulation): its figures check that the path works, not how fast a GPU is.
+same prompt ids; each timing is one warm-up run, then the best of ``--repeats`` rounds that alternate which
+engine goes first. Speed is generated tokens over the whole generation's time (prefill included). Without a
+GPU, Chromium's WebGPU is SwiftShader (CPU emulation): its figures check that the path works, not how fast a
+GPU is.
 
     python benchmarks/web.py --model smollm2                   # SmolLM2-135M, int8 (the web export's default)
     python benchmarks/web.py --model runs/tiny --tokens 64     # any checkpoint; --folder DIR: an export
@@ -40,23 +41,12 @@ TJS = NPM / "@huggingface" / "transformers"
 PROMPT = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer"
 JS_DTYPES = {"float32": "fp32", "int8": "q8", "int4": "q4"}
 
-# One run of each engine in the page: warm-up, then the best of `repeats`. Returns tokens/s and the tokens.
+# Both engines in the page, loaded side by side: a warm-up run of each, then `repeats` rounds that alternate
+# which engine goes first, so that a host that slows down mid-run weighs on both. Each engine's best round counts.
 _BENCH = """async ({ provider, tokens, repeats, dtype, threads }) => {
   const { load } = await import("/model/forge-web.js");
   const forge = await load("/model/", { provider, threads });
   const ids = forge.encodePrompt(%(prompt)s);
-  const time = async (run) => {
-    await run();
-    let best = Infinity, out;
-    for (let i = 0; i < repeats; i++) {
-      const t = performance.now();
-      out = await run();
-      best = Math.min(best, performance.now() - t);
-    }
-    return { seconds: best / 1000, tokens: out, tokens_per_s: out.length / (best / 1000) };
-  };
-  const ours = await time(() => forge.complete(ids, { maxTokens: tokens }));
-  await forge.session.release();
   const tjs = await import("/tjs/transformers.js");
   tjs.env.allowRemoteModels = false;
   tjs.env.allowLocalModels = true;
@@ -65,11 +55,31 @@ _BENCH = """async ({ provider, tokens, repeats, dtype, threads }) => {
   if (threads) tjs.env.backends.onnx.wasm.numThreads = threads;
   const model = await tjs.AutoModelForCausalLM.from_pretrained("model", { device: provider, dtype });
   const input = new tjs.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, ids.length]);
-  const theirs = await time(async () => {
-    const out = await model.generate({ input_ids: input, max_new_tokens: tokens, do_sample: false });
-    return Array.from(out.data.slice(ids.length), Number);
-  });
-  return { forge: ours, transformers_js: theirs, provider: forge.provider, prompt_tokens: ids.length };
+  const engines = {
+    forge: () => forge.complete(ids, { maxTokens: tokens }),
+    transformers_js: async () => {
+      const out = await model.generate({ input_ids: input, max_new_tokens: tokens, do_sample: false });
+      return Array.from(out.data.slice(ids.length), Number);
+    },
+  };
+  const runs = { forge: [], transformers_js: [] };
+  const outs = {};
+  const once = async (name) => {
+    const t = performance.now();
+    outs[name] = await engines[name]();
+    return (performance.now() - t) / 1000;
+  };
+  for (const name of Object.keys(engines)) await once(name);  // warm-up
+  for (let i = 0; i < repeats; i++) {
+    const order = i %% 2 ? ["transformers_js", "forge"] : ["forge", "transformers_js"];
+    for (const name of order) runs[name].push(await once(name));
+  }
+  const result = { provider: forge.provider, prompt_tokens: ids.length };
+  for (const name of Object.keys(engines)) {
+    const best = Math.min(...runs[name]);
+    result[name] = { seconds: best, runs_s: runs[name], tokens: outs[name], tokens_per_s: outs[name].length / best };
+  }
+  return result;
 }"""
 
 

@@ -6,6 +6,7 @@ small files named as onnxruntime-web 1.31 names them, so these tests need no npm
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from starlette.testclient import TestClient
 
 from forge import models
 from forge.config import ModelConfig
+from forge.core.quantize import quantize_model
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
 from forge.tokenizer import Tokenizer
@@ -106,6 +108,11 @@ def test_a_small_model_defaults_to_float32_and_a_large_one_to_int8(tiny: Transfo
     assert default_web_dtype(tiny) == "float32"
     big = Transformer(tiny.config.replace(d_model=1024, n_head=8, n_kv_head=4, vocab_size=32768))
     assert default_web_dtype(big) == "int8"
+    # A quantized model (a GGUF's blocks) keeps quantized weights, however small: SmolLM2's int4 weights hold
+    # 135M values, a 540 MB float32 file, though its float parameters alone are a few MB.
+    small = copy.deepcopy(tiny)
+    quantize_model(small, "int4")
+    assert default_web_dtype(small) == "int8"
 
 
 def test_bad_exports_are_refused_and_leave_nothing(

@@ -30,6 +30,7 @@ from forge import models
 from forge.core.checkpoint import atomic_directory, write_durably
 from forge.core.formats.onnx import ONNX_FILES
 from forge.core.formats.onnx_graph import output_names
+from forge.core.quantize import QuantizedWeight
 from forge.core.transformer import Transformer
 from forge.errors import CheckpointError, ConfigError
 from forge.tokenizer import Tokenizer
@@ -68,10 +69,15 @@ class OnnxruntimeWeb:
 
 
 def default_web_dtype(model: Transformer) -> str:
-    """float32 for a small model (its file stays under 100 MB), else int8 (when its widths allow blocks of 32)."""
+    """int8 for a quantized model (a GGUF's blocks, kept) or one whose float32 file would pass 100 MB, when its
+    widths allow blocks of 32; else float32."""
     cfg = model.config
-    size = 4 * sum(p.numel() for p in model.parameters())
-    return "int8" if size > _FLOAT32_LIMIT and cfg.d_model % 32 == 0 and cfg.ff_dim % 32 == 0 else "float32"
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    inside = {id(t) for m in quantized for t in m.parameters()}
+    floats = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    size = 4 * (floats + sum(m.shape.numel() for m in quantized))  # a quantized weight's values are buffers
+    large = bool(quantized) or size > _FLOAT32_LIMIT
+    return "int8" if large and cfg.d_model % 32 == 0 and cfg.ff_dim % 32 == 0 else "float32"
 
 
 def _package_dir(path: Path) -> Path | None:
