@@ -24,11 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from _common import ROOT, save_result
+from _common import ROOT, environment, save_result
 from forge import models
 from forge.web import default_web_dtype, export_web
 from forge.web.serve import Isolated
@@ -147,6 +148,7 @@ def main() -> None:
         "transformers_js": json.loads((TJS / "package.json").read_text())["version"],
         "browser": "headless Chromium, WebGPU = SwiftShader (CPU emulation) without a GPU",
         "runs": runs,
+        "environment": environment(torch.device("cpu")),
     }
     save_result("web_smollm2_cpu" if smollm2 else "web_cpu", out)
 
