@@ -72,11 +72,8 @@ def default_web_dtype(model: Transformer) -> str:
     """int8 for a quantized model (a GGUF's blocks, kept) or one whose float32 file would pass 100 MB, when its
     widths allow blocks of 32; else float32."""
     cfg = model.config
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
-    inside = {id(t) for m in quantized for t in m.parameters()}
-    floats = sum(p.numel() for p in model.parameters() if id(p) not in inside)
-    size = 4 * (floats + sum(m.shape.numel() for m in quantized))  # a quantized weight's values are buffers
-    large = bool(quantized) or size > _FLOAT32_LIMIT
+    quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
+    large = quantized or 4 * sum(p.numel() for p in model.parameters()) > _FLOAT32_LIMIT
     return "int8" if large and cfg.d_model % 32 == 0 and cfg.ff_dim % 32 == 0 else "float32"
 
 
