@@ -49,22 +49,32 @@ def measure(run: qg.Run, x: torch.Tensor, weight, ref: torch.Tensor, cfg: Config
     return qg.time_us(run, fn, x, (weight,)), ((y - ref).abs().max() / ref.abs().max()).item()
 
 
-def grid_for(m: int) -> list[Config]:
-    block_ms = (16,) if m <= 16 else (32, 64)
+def grid_for(m: int, k: int) -> list[Config]:
+    """BLOCK_M covering the rows (re-reading weights per row block costs bandwidth), both weight-tile loads
+    (``rep``), and split-K (runtime: no new compile) where K is long enough to share out."""
+    block_m = min(64, max(16, 1 << (m - 1).bit_length()))
+    splits = (1, 2, 4) if k >= 4096 else (1, 2)
     return [
-        Config(bn, bk, w, block_m=bm, stages=st)
-        for bm in block_ms
+        Config(bn, bk, w, block_m=block_m, stages=3, split_k=sk, rep=rep)
+        for rep in (False, True)
         for bn in (32, 64, 128)
-        for bk in (64, 128, 256)
+        for bk in (128, 256)
         for w in (4, 8)
-        for st in (3, 4)
+        for sk in splits
     ]
+
+
+def _knobs(cfg: Config) -> list:
+    return [cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split_k, cfg.rep]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, the 135M shapes, two configs")
+    p.add_argument("--m", default="64", help="rows of x, comma-separated (default: 64, issue 17's batch)")
+    p.add_argument("--budget-s", type=float, default=400.0, help="stop sweeping after this long, keeping the rows")
     args = p.parse_args()
+    ms = tuple(int(v) for v in args.m.split(","))
     dry = args.dry_run
     if dry:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -78,7 +88,9 @@ def main() -> None:
     rows, t0 = [], time.time()
     for lin, (n, k) in qg.linear_shapes(shape).items():
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
-        for m in (16,) if dry else (16, 64):
+        for m in (16,) if dry else ms:
+            if time.time() - t0 > args.budget_s:
+                break
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             base = qg.time_us(run, lambda x, p: F.linear(x, p[0]), x, (w,))
             for label in schemes:
@@ -90,18 +102,24 @@ def main() -> None:
                     row[f"{path}_us"], row[f"{path}_err"] = measure(run, x, weight, ref, None, path)
                 row["default_config"] = list(gemm_config(m, n, k, 4 if "int4" in label else 8, 32, dev))
                 found = []
-                for cfg in grid_for(m)[:2] if dry else grid_for(m):
+                grid = grid_for(m, k)
+                for cfg in (grid[:1] + grid[-1:]) if dry else grid:
                     try:
                         us, err = measure(run, x, weight, ref, cfg, "gemm")
-                        found.append([us, err, cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages])
+                        found.append([us, err, *_knobs(cfg)])
                     except Exception as e:  # a config the compiler refuses (shared memory): say so, go on
-                        found.append([None, str(e)[:100], cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages])
+                        found.append([None, str(e)[:100], *_knobs(cfg)])
                 timed_ok = sorted((f for f in found if f[0] is not None), key=lambda f: f[0])
-                row["best"] = timed_ok[:8]  # [us, max rel err, block_m, block_n, block_k, warps, stages]
+                row["best"] = timed_ok[:8]  # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k, rep]
+                row["best_by_split_rep"] = {
+                    f"split{sk}_rep{int(rep)}": next((f for f in timed_ok if f[7] == sk and f[8] == rep), None)
+                    for sk in (1, 2, 4)
+                    for rep in (False, True)
+                }
                 row["best_vs_bf16"] = base / timed_ok[0][0] if timed_ok else None
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = {"benchmark": "quant_gemm_sweep", "dry_run": dry, "rows": rows, "seconds": time.time() - t0}
+    out = {"benchmark": "quant_gemm_sweep", "dry_run": dry, "m": ms, "rows": rows, "seconds": time.time() - t0}
     out["env"] = environment(dev)
     if dry:
         print(json.dumps(out, indent=2))

@@ -78,6 +78,8 @@ class Config(NamedTuple):
     grouped: bool = True  # GEMV: sum each group, then scale it (False: scale every element)
     block_m: int = 16
     stages: int = 3
+    split_k: int = 1  # GEMM: programs along K, each summing every split_k-th step; fp32 partials summed after
+    rep: bool = False  # GEMM: each value's word or byte loaded by its own lane and shifted (no register reshape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,14 +167,57 @@ def _gguf_cols(HALF: tl.constexpr):
 
 
 @triton.jit
+def _rep_tile(
+    W, S, Z, rn64, n_in, rk, K, stride_sn, stride_sg,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
+    HAS_MIN: tl.constexpr, GGUF: tl.constexpr,
+):  # fmt: skip
+    """The weights of rows rn64 at columns rk as one (BLOCK_N, BLOCK_K) fp32 tile, each value read from its own
+    word (or byte) and shifted into place: lanes reading the same word hit the same cache line, and no register
+    tile is reshaped before ``tl.dot`` (gemlite's layout of the load). Group scales are applied (G > 0)."""
+    if GGUF:  # byte c % 16 of block c // 32, low nibble for its first 16 columns, high for the rest
+        at = (rk // 32) * 16 + rk % 16
+        shift = ((rk // 16) % 2) * 4
+        per_row = K // 2
+    elif WORDS_IN:
+        VALS: tl.constexpr = 32 // BITS
+        at = rk // VALS
+        shift = (rk % VALS) * BITS
+        per_row = K // VALS
+    else:  # bytes, one value each
+        at = rk
+        shift = rk * 0
+        per_row = K
+    mask = n_in[:, None] & (rk < K)[None, :]
+    raw = tl.load(W + rn64[:, None] * per_row + at[None, :], mask=mask, other=0)
+    if WORDS_IN or GGUF:
+        v = (raw.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
+        if SIGNED:  # an int8 byte b holds v + 128 as b ^ 0x80
+            q = _as_float(v ^ 0x80, 8388608.0 + 128.0 + Q_OFFSET)
+        else:
+            q = _as_float(v, 8388608.0 + Q_OFFSET)
+    else:
+        q = raw.to(tl.float32)
+    if G > 0:
+        offs = rn64[:, None] * stride_sn + (rk // G)[None, :] * stride_sg
+        q = q * tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            q = q + tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+    return q
+
+
+@triton.jit
 def _gemm(
-    X, W, S, Z, B, Y, M, N, K, stride_xm, stride_ym, stride_sn, stride_sg,
+    X, W, S, Z, B, Y, M, N, K, stride_xm, stride_ym, stride_yk, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, GGUF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """A (BLOCK_M, BLOCK_N) tile of x @ W.T: each (BLOCK_N, BLOCK_K) weight tile is dequantized in registers,
-    then fed to tl.dot (GGUF: as two half tiles; W is then bytes, else words where WORDS_IN)."""
+    then fed to tl.dot (GGUF: as two half tiles; W is then bytes, else words where WORDS_IN; REP: one tile
+    from :func:`_rep_tile`). Programs along axis 1 split K: split s sums steps s, s + splits, ... into its own
+    (M, N) slice of Y, stride_yk apart (the bias in split 0's)."""
+    pid_k, splits = tl.program_id(1), tl.num_programs(1)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = tl.program_id(0) % m_tiles  # neighbouring programs share a weight tile
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -182,8 +227,17 @@ def _gemm(
     x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if GGUF:  # two dots of half the depth: the low nibbles' columns, then the high ones' (16 further on)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * splits):
+        if REP:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            q = _rep_tile(
+                W, S, Z, rn64, n_in, rk, K, stride_sn, stride_sg, BITS, SIGNED, Q_OFFSET, WORDS_IN, G, HAS_MIN, GGUF
+            )  # fmt: skip
+            xv = tl.load(x_rows + rk[None, :], mask=m_in[:, None] & (rk < K)[None, :], other=0.0)
+            acc = dot(xv, tl.trans(q.to(xv.dtype)), acc, PREC, UPCAST)
+            if G == 0 and HAS_MIN:
+                xacc += tl.sum(xv.to(tl.float32), axis=1)
+        elif GGUF:  # two dots of half the depth: the low nibbles' columns, then the high ones' (16 further on)
             lo, hi = _gguf_halves(
                 W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg, Q_OFFSET, G, HAS_MIN, BLOCK_N, BLOCK_K
             )  # fmt: skip
@@ -208,8 +262,9 @@ def _gemm(
         if HAS_MIN:
             acc += xacc[:, None] * tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        acc += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    y = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        if pid_k == 0:
+            acc += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    y = Y + pid_k.to(tl.int64) * stride_yk + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(y, acc.to(Y.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
 
 
@@ -380,12 +435,16 @@ def _launch(
             GROUPED=grouped, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.warps,
         )  # fmt: skip
         return y.reshape(*x.shape[:-1], n)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    splits = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _gemm[grid](
-        *args, m, n, k, x2.stride(0), y.stride(0), *strides, **flags, WORDS_IN=words,
-        PREC=dot_precision(x.dtype), UPCAST=upcast(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        *args[:-1], out, m, n, k, x2.stride(0), n, m * n, *strides, **flags, WORDS_IN=words,
+        PREC=dot_precision(x.dtype), UPCAST=upcast(x.dtype), REP=cfg.rep, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
+    if splits > 1:
+        y.copy_(out.sum(0))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -426,10 +485,10 @@ def _check_config(cfg: Config, bits: int, *, gemm: bool, gguf_group: int = 0) ->
     bad = {name: v for name, v in sizes.items() if not _pow2(v)}
     # tl.dot multiplies tiles of at least 16; the GEMV reads whole words; the GEMM's GGUF tiles are whole groups.
     least = max(gguf_group, 16) if gemm else 32 // bits
-    if bad or (gemm and min(cfg.block_m, cfg.block_n) < 16) or cfg.block_k < least:
+    if bad or (gemm and min(cfg.block_m, cfg.block_n) < 16) or cfg.block_k < least or cfg.split_k < 1:
         raise ValueError(
             f"bad launch config {cfg}: block sizes and warps are powers of two; the GEMM (more than {GEMV_MAX_M} "
-            f"rows) needs block_m and block_n >= 16, and block_k >= {least} here"
+            f"rows) needs block_m and block_n >= 16, and block_k >= {least} here; split_k >= 1"
         )
 
 
