@@ -192,7 +192,7 @@ def _rep_tile(
     raw = tl.load(W + rn64[:, None] * per_row + at[None, :], mask=mask, other=0)
     if WORDS_IN or GGUF:
         v = (raw.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
-        if SIGNED:  # an int8 byte b holds v + 128 as b ^ 0x80
+        if SIGNED:  # noqa: SIM108 (an int8 byte b holds v + 128 as b ^ 0x80)
             q = _as_float(v ^ 0x80, 8388608.0 + 128.0 + Q_OFFSET)
         else:
             q = _as_float(v, 8388608.0 + Q_OFFSET)
@@ -261,7 +261,7 @@ def _gemm(
         acc *= tl.load(S + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)[None, :]
         if HAS_MIN:
             acc += xacc[:, None] * tl.load(Z + rn64 * stride_sn, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
+    if HAS_BIAS:  # noqa: SIM102 (a constexpr, then a runtime test)
         if pid_k == 0:
             acc += tl.load(B + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
     y = Y + pid_k.to(tl.int64) * stride_yk + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
