@@ -155,14 +155,33 @@ def test_every_gemv_config_gives_the_same_result(config: Config) -> None:
     close(int8_linear(x, q8, s, z, config=config), expected, torch.float32)
 
 
-@pytest.mark.parametrize(
-    "config", [Config(16, 128, block_m=16), Config(64, 256, warps=8, block_m=32, stages=2)], ids=str
-)
+GEMM_CONFIGS = [
+    Config(16, 128, block_m=16),
+    Config(64, 256, warps=8, block_m=32, stages=2),
+    Config(32, 64, block_m=16, split_k=3),  # K shared out: 9 steps of 64, 3 splits; fp32 partials summed
+    Config(16, 128, block_m=16, rep=True),  # each value loaded by its own lane and shifted
+    Config(32, 64, block_m=32, split_k=4, rep=True),
+    Config(16, 256, block_m=16, split_k=8),  # more splits than steps: as many as there are
+]
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=str)
 def test_every_gemm_config_gives_the_same_result(config: Config) -> None:
+    """Every launch of the tiled GEMM: int4 in pairs and in GGUF's blocks, int8 per group and per channel, bias."""
     q, scale, minimum = _int4(40, 576, 32, seed=9)
     packed, s, z = _on(pack_int4(q), scale.bfloat16(), minimum.bfloat16())
+    bias = _x((40,), torch.float32, seed=3)
     x = _x((37, 576), torch.float32)
-    close(int4_linear(x, packed, s, z, config=config), _expected(x, dequantize_int4(packed, s, z)), torch.float32)
+    w = dequantize_int4(packed, s, z)
+    close(int4_linear(x, packed, s, z, bias, config=config), _expected(x, w, bias), torch.float32)
+    blocks = q.reshape(40, 18, 2, 16)  # GGUF: byte b of a block holds columns b (low nibble) and b + 16
+    gguf_q = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).to(torch.uint8).reshape(40, 288).to(DEVICE)
+    close(int4_linear(x, gguf_q, s, z, config=config, gguf_blocks=True), _expected(x, w), torch.float32)
+    q8 = torch.randint(-127, 128, (40, 576), generator=_gen(10), dtype=torch.int8).to(DEVICE)
+    close(int8_linear(x, q8, s, config=config), _expected(x, dequantize_int8(q8, s)), torch.float32)
+    per_channel = s[:, 0].contiguous()
+    xb = x.bfloat16()
+    close(int8_linear(xb, q8, per_channel, config=config), _expected(xb, dequantize_int8(q8, per_channel)), xb.dtype)
 
 
 @pytest.mark.parametrize("m", [1, 20])
