@@ -177,3 +177,58 @@ def test_the_plain_generator_keeps_a_chat_s_earlier_turns(
     assert cached.generate(follow, cfg) == plain.generate(follow, cfg)
     assert cached.prefix_cache is not None and cached.prefix_cache.stats.hits == 1
     assert cached.prefix_cache.stats.tokens_reused == 32  # 34 tokens of the first exchange in the cache: 2 blocks
+
+
+class _Eager:
+    """A stand-in for a captured CUDA graph on the CPU: replaying runs the captured steps again, eagerly."""
+
+    def __init__(self, steps: Callable[[], None], restore: list[torch.Tensor]) -> None:
+        self.steps = steps
+        saved = [t.clone() for t in restore]
+        steps()  # the warm-up run, as forge.core.cuda_graphs.capture does, then the inputs restored
+        for t, v in zip(restore, saved, strict=True):
+            t.copy_(v)
+
+    def replay(self) -> None:
+        self.steps()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_short_rest_after_a_cached_prefix_replays_the_tail_graph(
+    device: str, model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows joining a batch that replays graphs, each a few tokens past a cached prefix, take their first tokens
+    from one replay of the tail graph while another row is mid-generation; every token equals the plain batch's."""
+    if device == "cpu":
+        import forge.core.steps as steps
+
+        monkeypatch.setattr(steps, "capture", _Eager)
+    model = model.to(device)
+    prompts = shared_prompts([5, 9, 30, 40], shared=64, seed=3)  # 30 and 40 tokens: past TAIL_TOKENS (32)
+
+    def run(graphs: bool) -> tuple[list[list[int]], Batcher]:
+        cache = PrefixCache(1 << 30)
+        batcher = Batcher(
+            model, max_batch=4, max_len=200, prefix_cache=cache, graphs=("tail", device) if graphs else None,
+            partial_graphs=True,
+        )  # fmt: skip
+        out: dict[int, list[int]] = {}
+        first = Sequence(list(prompts[0]), 40, GREEDY)  # stores the head, then runs on while the others join
+        out[id(first)] = [batcher.add(first).token]
+        seqs = [first] + [Sequence(list(p), 24, GREEDY) for p in prompts[1:]]
+        for r in batcher.step() + batcher.step():
+            out[id(r.seq)].append(r.token)
+        for r in batcher.add_many(seqs[1:3]) + batcher.add_many(seqs[3:]):
+            out[id(r.seq)] = [r.token]
+        while batcher.running:
+            for r in batcher.step():
+                out[id(r.seq)].append(r.token)
+                if r.finished:
+                    batcher.remove(r.seq)
+        assert [s.cached for s in seqs[1:]] == [64, 64, 64]
+        return [out[id(s)] for s in seqs], batcher
+
+    plain, _ = run(False)
+    graphed, batcher = run(True)
+    assert graphed == plain
+    assert batcher.graphs is not None and batcher.graphs.tailer is not None  # the 9-token rest was a replay

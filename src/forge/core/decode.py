@@ -48,7 +48,7 @@ from forge.core.sampling import (
     top_logprobs,
 )
 from forge.core.speculative import DRAFT_MAX, NgramProposer, Proposer, Speculation, verify
-from forge.core.steps import GRAPH_CHUNK, GraphedSteps, compiled_step, decode_step, prefill
+from forge.core.steps import GRAPH_CHUNK, TAIL_TOKENS, GraphedSteps, compiled_step, decode_step, prefill
 from forge.core.transformer import Transformer
 
 __all__ = [
@@ -362,7 +362,13 @@ class Batcher:
         padded = torch.tensor([p + [0] * (T - len(p)) for p in suffixes], device=self.device)  # (k, T)
         last = torch.tensor([len(p) - 1 for p in suffixes], device=self.device) if min(map(len, suffixes)) < T else None
         cached = {s.cached for s in seqs}
-        if len(cached) == 1 and (start := cached.pop()):  # every row continues a cached prefix of one length
+        if self._tail_graph(seqs, suffixes):  # every row continues a cached prefix, by a few tokens: one replay
+            assert self.graphs is not None
+            joining = {id(s) for s in seqs}
+            lengths = [s.cached if id(s) in joining else s.length for s in self.running]
+            tails = self.graphs.tail({s.row: p for s, p in zip(seqs, suffixes, strict=True)}, lengths)
+            logits = tails[rows]
+        elif len(cached) == 1 and (start := cached.pop()):  # every row continues a cached prefix of one length
             # Causal attention over [0, start + T) with no mask: the fused kernel's path, no new shapes to plan.
             logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=start, length=start + T), last)
         elif any(s.cached for s in seqs):  # each row continues its cached prefix
@@ -375,6 +381,19 @@ class Batcher:
             for seq in seqs:
                 self.prefix_cache.store(seq.prompt, self.caches, seq.row, len(seq.prompt))
         return self._pick(rows, seqs, logits)
+
+    def _tail_graph(self, seqs: list[Sequence], suffixes: list[list[int]]) -> bool:
+        """Whether the joining rows' prefill replays the captured tail graph (GraphedSteps.tail): CUDA graphs
+        that replay partial batches (or a full one), every row after a cached prefix with at most TAIL_TOKENS
+        tokens left, all of them inside the cache."""
+        g = self.graphs
+        return (
+            g is not None
+            and (g.partial or len(self.running) == self.max_batch)
+            and all(s.cached for s in seqs)
+            and max(map(len, suffixes)) <= TAIL_TOKENS
+            and all(s.cached + TAIL_TOKENS <= self.max_len for s in seqs)
+        )
 
     @torch.inference_mode()
     def decode(self) -> Picked:

@@ -37,12 +37,24 @@ class Batch(Protocol):
     def _install(self) -> None: ...
 
 
-__all__ = ["GRAPH_CHUNK", "LOGITS_GRAPH_MIN_TOKENS", "Batch", "GraphedSteps", "compiled_step", "decode_step", "prefill"]
+__all__ = [
+    "GRAPH_CHUNK",
+    "LOGITS_GRAPH_MIN_TOKENS",
+    "TAIL_TOKENS",
+    "Batch",
+    "GraphedSteps",
+    "compiled_step",
+    "decode_step",
+    "prefill",
+]
 
 #: Greedy decode steps per CUDA-graph replay: tokens come back to the host once per chunk.
 GRAPH_CHUNK = 8
 #: A sampled generation captures its graph only past this many tokens (capturing costs about a hundred steps).
 LOGITS_GRAPH_MIN_TOKENS = 32
+#: Tokens a row of the captured tail-prefill graph computes: the part of a prompt after its cached prefix, up to
+#: this many, replays one graph instead of an eager forward's hundreds of launches (GraphedSteps.tail).
+TAIL_TOKENS = 32
 
 
 def prefill(
@@ -107,6 +119,10 @@ class GraphedSteps:
         self.verifier: torch.cuda.CUDAGraph | None = None
         self.verify_inputs = torch.zeros(0, dtype=torch.long, device=device)  # (B, width), set on first use
         self.verify_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (B, width, V), argmax (B, width))
+        self.tailer: torch.cuda.CUDAGraph | None = None
+        self.tail_inputs = torch.zeros(B, TAIL_TOKENS, dtype=torch.long, device=device)
+        self.tail_last = torch.zeros(B, dtype=torch.long, device=device)  # each row's last real input
+        self.tail_out = torch.empty(0)  # (B, V), set when captured
         # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
         # the graph then launches fewer, larger kernels. It costs a compile on first use.
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -160,10 +176,49 @@ class GraphedSteps:
         logits, argmax = self.verify_out
         return logits[:n], argmax[:n]
 
+    def tail(self, joining: dict[int, list[int]], lengths: list[int]) -> torch.Tensor:
+        """Logits (B, V) after each joining row's tokens, from one replay of a captured forward of every row.
+
+        ``joining``: row -> its prompt's tokens after its cached prefix (at most :data:`TAIL_TOKENS`), which
+        continue from that row's entry of ``lengths`` (the prefix's length; the other running rows' lengths
+        are where their next tokens go). Every row computes TAIL_TOKENS tokens from its position: the padding of
+        joining rows and the zeros of the others land past their rows' lengths, slots written again before a
+        mask shows them (as the verify graph's do). Valid until the next replay.
+        """
+        self._fresh()
+        if self.tailer is None:
+            self.synced = False
+            self.tailer = self._capture(self._tail_step, lengths)
+        self.tail_inputs.zero_()
+        last = [0] * self.batcher.max_batch
+        for row, tokens in joining.items():
+            assert 0 < len(tokens) <= TAIL_TOKENS, "the caller sends at most TAIL_TOKENS tokens a row"
+            self.tail_inputs[row, : len(tokens)] = torch.tensor(tokens, device=self.tail_inputs.device)
+            last[row] = len(tokens) - 1
+        self.tail_last.copy_(torch.tensor(last, device=self.tail_last.device))
+        self.synced = False
+        self._sync(lengths)
+        self.tailer.replay()
+        self.synced = False  # the joining rows' lengths are their prompts' now
+        return self.tail_out
+
+    def _tail_step(self) -> None:
+        """The tail forward: each row's TAIL_TOKENS inputs from its ``pos`` under a causal mask over the cache,
+        the logits of its ``tail_last`` one."""
+        b, W = self.batcher, TAIL_TOKENS
+        rows = slice(0, b.max_batch)
+        positions = (self.pos[:, None] + torch.arange(W, device=self.pos.device)).clamp_(max=b.max_len - 1)
+        mask = torch.arange(b.max_len, device=self.pos.device) <= positions[:, :, None]  # (B, W, max_len)
+        flat = b.caches[0].flat_index(rows, self.pos, W)
+        write = CacheWrite(rows=rows, pos=self.pos, length=b.max_len, flat_index=flat)
+        self.tail_out = b.model(
+            self.tail_inputs, positions=positions, mask=mask[:, None], write=write, select=self.tail_last
+        )[:, -1]  # fmt: skip
+
     def _fresh(self) -> None:
         """Forget the graphs when the model's weights were replaced (they read the old tensors): capture anew."""
         if self.partial and (now := weights_at(self.batcher.model)) != self.weights:
-            self.greedy = self.sampled = self.verifier = None
+            self.greedy = self.sampled = self.verifier = self.tailer = None
             self.weights = now
 
     @property
