@@ -79,7 +79,6 @@ class Config(NamedTuple):
     block_m: int = 16
     stages: int = 3
     split_k: int = 1  # GEMM: programs along K, each summing every split_k-th step; fp32 partials summed after
-    rep: bool = False  # GEMM: each value's word or byte loaded by its own lane and shifted (no register reshape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,56 +166,16 @@ def _gguf_cols(HALF: tl.constexpr):
 
 
 @triton.jit
-def _rep_tile(
-    W, S, Z, rn64, n_in, rk, K, stride_sn, stride_sg,
-    BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
-    HAS_MIN: tl.constexpr, GGUF: tl.constexpr,
-):  # fmt: skip
-    """The weights of rows rn64 at columns rk as one (BLOCK_N, BLOCK_K) fp32 tile, each value read from its own
-    word (or byte) and shifted into place: lanes reading the same word hit the same cache line, and no register
-    tile is reshaped before ``tl.dot`` (gemlite's layout of the load). Group scales are applied (G > 0)."""
-    if GGUF:  # byte c % 16 of block c // 32, low nibble for its first 16 columns, high for the rest
-        at = (rk // 32) * 16 + rk % 16
-        shift = ((rk // 16) % 2) * 4
-        per_row = K // 2
-    elif WORDS_IN:
-        VALS: tl.constexpr = 32 // BITS
-        at = rk // VALS
-        shift = (rk % VALS) * BITS
-        per_row = K // VALS
-    else:  # bytes, one value each
-        at = rk
-        shift = rk * 0
-        per_row = K
-    mask = n_in[:, None] & (rk < K)[None, :]
-    raw = tl.load(W + rn64[:, None] * per_row + at[None, :], mask=mask, other=0)
-    if WORDS_IN or GGUF:
-        v = (raw.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
-        if SIGNED:  # noqa: SIM108 (an int8 byte b holds v + 128 as b ^ 0x80)
-            q = _as_float(v ^ 0x80, 8388608.0 + 128.0 + Q_OFFSET)
-        else:
-            q = _as_float(v, 8388608.0 + Q_OFFSET)
-    else:
-        q = raw.to(tl.float32)
-    if G > 0:
-        offs = rn64[:, None] * stride_sn + (rk // G)[None, :] * stride_sg
-        q = q * tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            q = q + tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-    return q
-
-
-@triton.jit
 def _gemm(
     X, W, S, Z, B, Y, M, N, K, stride_xm, stride_ym, stride_yk, stride_sn, stride_sg,
     BITS: tl.constexpr, SIGNED: tl.constexpr, Q_OFFSET: tl.constexpr, WORDS_IN: tl.constexpr, G: tl.constexpr,
     HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, GGUF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    REP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """A (BLOCK_M, BLOCK_N) tile of x @ W.T: each (BLOCK_N, BLOCK_K) weight tile is dequantized in registers,
-    then fed to tl.dot (GGUF: as two half tiles; W is then bytes, else words where WORDS_IN; REP: one tile
-    from :func:`_rep_tile`). Programs along axis 1 split K: split s sums steps s, s + splits, ... into its own
-    (M, N) slice of Y, stride_yk apart (the bias in split 0's)."""
+    then fed to tl.dot (GGUF: as two half tiles; W is then bytes, else words where WORDS_IN). Programs along
+    axis 1 split K: split s sums steps s, s + splits, ... into its own (M, N) slice of Y, stride_yk apart (the
+    bias in split 0's)."""
     pid_k, splits = tl.program_id(1), tl.num_programs(1)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = tl.program_id(0) % m_tiles  # neighbouring programs share a weight tile
@@ -228,16 +187,7 @@ def _gemm(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * splits):
-        if REP:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            q = _rep_tile(
-                W, S, Z, rn64, n_in, rk, K, stride_sn, stride_sg, BITS, SIGNED, Q_OFFSET, WORDS_IN, G, HAS_MIN, GGUF
-            )  # fmt: skip
-            xv = tl.load(x_rows + rk[None, :], mask=m_in[:, None] & (rk < K)[None, :], other=0.0)
-            acc = dot(xv, tl.trans(q.to(xv.dtype)), acc, PREC, UPCAST)
-            if G == 0 and HAS_MIN:
-                xacc += tl.sum(xv.to(tl.float32), axis=1)
-        elif GGUF:  # two dots of half the depth: the low nibbles' columns, then the high ones' (16 further on)
+        if GGUF:  # two dots of half the depth: the low nibbles' columns, then the high ones' (16 further on)
             lo, hi = _gguf_halves(
                 W, S, Z, rn64, n_in, k0, K, stride_sn, stride_sg, Q_OFFSET, G, HAS_MIN, BLOCK_N, BLOCK_K
             )  # fmt: skip
@@ -335,12 +285,17 @@ def gemv_config(
 
 
 def gemm_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Config:
-    """The tiled GEMM launch: BLOCK_M covers up to 64 rows; BLOCK_N shrinks until the SMs are busy."""
+    """The tiled GEMM launch, from a sweep at M = 64 on an H200 (``quant_gemm_sweep_NVIDIA_H200.json``: Llama-1B's
+    linears, int4 in groups of 32 and int8 per channel, 36 launches each; the best for int8 per channel, which the
+    path table sends here at batch 16-64): BLOCK_M covers the rows, up to 64; a weight at least 4x longer than
+    wide (the MLP's down projection) splits K 4 ways, else its few tiles along N leave SMs idle (int8 down:
+    20.2 us against 32.7 unsplit); BLOCK_N 64 for such weights and wide ones (N >= 8192), else 32 (more
+    programs; qkv: 10.5 us against 13.8 with the old 16); K steps of 256, 128 for wide weights."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
-    block_n = 128
-    while block_n > 16 and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < _programs_target(device) // 2:
-        block_n //= 2
-    return Config(block_n=block_n, block_k=256 if bits == 4 else 128, warps=4, block_m=block_m, stages=3)
+    split = 4 if k >= 4 * n else 1
+    wide = n >= 8192
+    block_n = 64 if split > 1 or wide else 32
+    return Config(block_n=block_n, block_k=128 if wide else 256, warps=4, block_m=block_m, stages=3, split_k=split)
 
 
 def _pow2(n: int) -> bool:
@@ -440,7 +395,7 @@ def _launch(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _gemm[grid](
         *args[:-1], out, m, n, k, x2.stride(0), n, m * n, *strides, **flags, WORDS_IN=words,
-        PREC=dot_precision(x.dtype), UPCAST=upcast(x.dtype), REP=cfg.rep, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PREC=dot_precision(x.dtype), UPCAST=upcast(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if splits > 1:
