@@ -284,18 +284,20 @@ def gemv_config(
     return Config(block_n=4 if group > 32 else 2, block_k=max(step, group, 32 // bits), warps=2)
 
 
-def gemm_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> Config:
+def gemm_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device, *, itemsize: int = 2) -> Config:
     """The tiled GEMM launch, from a sweep at M = 64 on an H200 (``quant_gemm_sweep_NVIDIA_H200.json``: Llama-1B's
     linears, int4 in groups of 32 and int8 per channel, 36 launches each; the best for int8 per channel, which the
     path table sends here at batch 16-64): BLOCK_M covers the rows, up to 64; a weight at least 4x longer than
     wide (the MLP's down projection) splits K 4 ways, else its few tiles along N leave SMs idle (int8 down:
     20.2 us against 32.7 unsplit); BLOCK_N 64 for such weights and wide ones (N >= 8192), else 32 (more
-    programs; qkv: 10.5 us against 13.8 with the old 16); K steps of 256, 128 for wide weights."""
+    programs; qkv: 10.5 us against 13.8 with the old 16); K steps of 256, 128 for wide weights and for fp32 x
+    (``itemsize`` 4: three stages of its (64, 256) tiles would not fit in an SM's shared memory)."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     split = 4 if k >= 4 * n else 1
     wide = n >= 8192
     block_n = 64 if split > 1 or wide else 32
-    return Config(block_n=block_n, block_k=128 if wide else 256, warps=4, block_m=block_m, stages=3, split_k=split)
+    block_k = 128 if wide or itemsize > 2 else 256
+    return Config(block_n=block_n, block_k=block_k, warps=4, block_m=block_m, stages=3, split_k=split)
 
 
 def _pow2(n: int) -> bool:
@@ -359,7 +361,7 @@ def _launch(
     elif gemv:
         cfg = gemv_config(m, n, k, bits, group, x.device, rounded=path in ROUNDED_GEMV)
     else:
-        cfg = gemm_config(m, n, k, bits, group, x.device)
+        cfg = gemm_config(m, n, k, bits, group, x.device, itemsize=x.element_size())
     # quant_gemv's tile kernel: groups of a power of two within a step, or one scale per output (else gemv_words)
     tile = gemv and (group == 0 or (_pow2(group) and cfg.block_k % group == 0))
     rounded = path in ROUNDED_GEMV and _rounded_fits(k, group, bits, gguf, cfg)
