@@ -326,3 +326,34 @@ def test_forge_serve_sizes_the_cache_and_says_so(
         ["serve", long_dir, "--device", "cpu", "--dtype", "float32", "--context", LONG, "--max-batch", 8], capsys
     )
     assert code == 2 and "Traceback" not in err and "lower --context or --max-batch" in err
+
+
+def test_each_prefill_chunk_s_first_tokens_go_out_before_the_next_chunk(
+    random_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests joining together but prefilled in several chunks (here: each shares a new system prompt with the
+    first, which is prefilled alone so that the rest reuse its cached keys): a chunk's first tokens are handed to
+    their streams before the next chunk's prefill starts, not after every chunk (TTFT of the first request)."""
+    from forge.engine import Engine
+
+    held: list[int] = []  # tokens not yet handed over when each chunk's prefill starts
+    real_prefill = Engine._prefill
+
+    def prefill(self: Engine, chunk: list[Any]) -> None:
+        held.append(sum(len(items) for items in self._outbox.values()))
+        real_prefill(self, chunk)
+
+    monkeypatch.setattr(Engine, "_prefill", prefill)
+    system = "you answer questions about the text: " * 3  # 100+ characters: whole blocks of the prefix cache
+
+    async def main() -> list[str]:
+        app = await serving(random_dir, max_batch=4)
+        app.defaults = GenerationConfig(temperature=0, max_tokens=4)
+        texts = await asyncio.gather(*(app.generate(system + p) for p in PROMPTS[:3]))
+        await app.stop_batching()
+        return list(texts)
+
+    texts = run(main)
+    assert len(texts) == 3 and all(texts)
+    assert len(held) >= 2  # the first request alone, then the two that reuse its prefix
+    assert held == [0] * len(held)

@@ -292,13 +292,15 @@ class Engine:
         return True
 
     def _admit(self, jobs: list[_Job]) -> None:
-        """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone."""
+        """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone. Each chunk's
+        first tokens go out as soon as it is prefilled, not after the chunks behind it."""
         chunk: list[_Job] = []
         for job in jobs:
             if chunk and (
                 sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) > PREFILL_TOKENS or self._shares(chunk, job)
             ):
                 self._prefill(chunk)
+                self._flush()
                 chunk = []
             chunk.append(job)
         if chunk:
