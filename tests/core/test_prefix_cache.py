@@ -232,3 +232,9 @@ def test_a_short_rest_after_a_cached_prefix_replays_the_tail_graph(
     graphed, batcher = run(True)
     assert graphed == plain
     assert batcher.graphs is not None and batcher.graphs.tailer is not None  # the 9-token rest was a replay
+    import forge.core.decode as decode
+
+    monkeypatch.setattr(decode, "TAIL_MAX_BATCH", 3)  # a batch wider than that: its padding would cost too much
+    graphed, batcher = run(True)
+    assert graphed == plain
+    assert batcher.graphs is not None and batcher.graphs.tailer is None

@@ -48,7 +48,7 @@ from forge.core.sampling import (
     top_logprobs,
 )
 from forge.core.speculative import DRAFT_MAX, NgramProposer, Proposer, Speculation, verify
-from forge.core.steps import GRAPH_CHUNK, TAIL_TOKENS, GraphedSteps, compiled_step, decode_step, prefill
+from forge.core.steps import GRAPH_CHUNK, TAIL_MAX_BATCH, TAIL_TOKENS, GraphedSteps, compiled_step, decode_step, prefill
 from forge.core.transformer import Transformer
 
 __all__ = [
@@ -384,11 +384,12 @@ class Batcher:
 
     def _tail_graph(self, seqs: list[Sequence], suffixes: list[list[int]]) -> bool:
         """Whether the joining rows' prefill replays the captured tail graph (GraphedSteps.tail): CUDA graphs
-        that replay partial batches (or a full one), every row after a cached prefix with at most TAIL_TOKENS
-        tokens left, all of them inside the cache."""
+        that replay partial batches (or a full one) of at most TAIL_MAX_BATCH rows, every row after a cached
+        prefix with at most TAIL_TOKENS tokens left, all of them inside the cache."""
         g = self.graphs
         return (
             g is not None
+            and self.max_batch <= TAIL_MAX_BATCH
             and (g.partial or len(self.running) == self.max_batch)
             and all(s.cached for s in seqs)
             and max(map(len, suffixes)) <= TAIL_TOKENS
