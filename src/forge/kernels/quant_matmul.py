@@ -286,10 +286,10 @@ def gemv_config(
 
 def gemm_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device, *, itemsize: int = 2) -> Config:
     """The tiled GEMM launch, from a sweep at M = 64 on an H200 (``quant_gemm_sweep_NVIDIA_H200.json``: Llama-1B's
-    linears, int4 in groups of 32 and int8 per channel, 36 launches each; the best for int8 per channel, which the
-    path table sends here at batch 16-64): BLOCK_M covers the rows, up to 64; a weight at least 4x longer than
-    wide (the MLP's down projection) splits K 4 ways, else its few tiles along N leave SMs idle (int8 down:
-    20.2 us against 32.7 unsplit); BLOCK_N 64 for such weights and wide ones (N >= 8192), else 32 (more
+    linears, int4 in groups of 32 and int8 per channel, 24-36 launches each; the best for int8 per channel, which
+    the path table sends here at batch 5-64, measured at 64 only): BLOCK_M covers the rows, up to 64; a weight at
+    least 4x longer than wide (the MLP's down projection) splits K 4 ways, else its few tiles along N leave SMs
+    idle (int8 down: 20.2 us against 32.7 unsplit); BLOCK_N 64 for such weights and wide ones (N >= 8192), else 32 (more
     programs; qkv: 10.5 us against 13.8 with the old 16); K steps of 256, 128 for wide weights and for fp32 x
     (``itemsize`` 4: three stages of its (64, 256) tiles would not fit in an SM's shared memory)."""
     block_m = min(64, max(16, triton.next_power_of_2(m)))
