@@ -100,7 +100,7 @@ def main() -> None:
                 row = {"linear": lin, "m": m, "n": n, "k": k, "scheme": label, "bf16_us": base}
                 for path in ("dequant", "gemm"):
                     row[f"{path}_us"], row[f"{path}_err"] = measure(run, x, weight, ref, None, path)
-                row["default_config"] = list(gemm_config(m, n, k, 4 if "int4" in label else 8, 32, dev))
+                row["default_config"] = list(gemm_config(m, n, k))
                 found = []
                 grid = grid_for(m, k)
                 for cfg in (grid[:1] + grid[-1:]) if dry else grid:

@@ -191,34 +191,25 @@ class GraphedSteps:
         mask shows them (as the verify graph's do). Valid until the next replay.
         """
         self._fresh()
+        self.synced = False  # joining rows start at their cached prefix's length
         if self.tailer is None:
-            self.synced = False
             self.tailer = self._capture(self._tail_step, lengths)
-        self.tail_inputs.zero_()
-        last = [0] * self.batcher.max_batch
+        B = self.batcher.max_batch
+        inputs, last = [[0] * TAIL_TOKENS for _ in range(B)], [0] * B
         for row, tokens in joining.items():
             assert 0 < len(tokens) <= TAIL_TOKENS, "the caller sends at most TAIL_TOKENS tokens a row"
-            self.tail_inputs[row, : len(tokens)] = torch.tensor(tokens, device=self.tail_inputs.device)
+            inputs[row][: len(tokens)] = tokens
             last[row] = len(tokens) - 1
-        self.tail_last.copy_(torch.tensor(last, device=self.tail_last.device))
-        self.synced = False
+        self.tail_inputs.copy_(torch.tensor(inputs))
+        self.tail_last.copy_(torch.tensor(last))
         self._sync(lengths)
         self.tailer.replay()
         self.synced = False  # the joining rows' lengths are their prompts' now
         return self.tail_out
 
     def _tail_step(self) -> None:
-        """The tail forward: each row's TAIL_TOKENS inputs from its ``pos`` under a causal mask over the cache,
-        the logits of its ``tail_last`` one."""
-        b, W = self.batcher, TAIL_TOKENS
-        rows = slice(0, b.max_batch)
-        positions = (self.pos[:, None] + torch.arange(W, device=self.pos.device)).clamp_(max=b.max_len - 1)
-        mask = torch.arange(b.max_len, device=self.pos.device) <= positions[:, :, None]  # (B, W, max_len)
-        flat = b.caches[0].flat_index(rows, self.pos, W)
-        write = CacheWrite(rows=rows, pos=self.pos, length=b.max_len, flat_index=flat)
-        self.tail_out = b.model(
-            self.tail_inputs, positions=positions, mask=mask[:, None], write=write, select=self.tail_last
-        )[:, -1]  # fmt: skip
+        """The tail forward: each row's TAIL_TOKENS inputs from its ``pos``, the logits of its ``tail_last`` one."""
+        self.tail_out = self._window(self.tail_inputs, select=self.tail_last)[:, -1]
 
     def _fresh(self) -> None:
         """Forget the graphs when the model's weights were replaced (they read the old tensors): capture anew."""
@@ -232,16 +223,22 @@ class GraphedSteps:
 
     def _verify_step(self) -> None:
         """The verify forward over the whole cache, each row's W tokens from its ``pos``, under a causal mask."""
-        b, W = self.batcher, self.verify_width
+        b = self.batcher
+        logits = self._window(self.verify_inputs)  # (B, W, V)
+        if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
+            logits[..., b.vocab_limit :] = float("-inf")
+        self.verify_out = (logits, ops.argmax(logits))
+
+    def _window(self, tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward of every row's W = ``tokens.shape[1]`` tokens from its ``pos``, over the whole cache under a
+        causal mask (the verify and tail graphs): logits (B, W, V), or (B, 1, V) at ``select``."""
+        b, W = self.batcher, tokens.shape[1]
         rows = slice(0, b.max_batch)
         positions = (self.pos[:, None] + torch.arange(W, device=self.pos.device)).clamp_(max=b.max_len - 1)
         mask = torch.arange(b.max_len, device=self.pos.device) <= positions[:, :, None]  # (B, W, max_len)
         flat = b.caches[0].flat_index(rows, self.pos, W)
         write = CacheWrite(rows=rows, pos=self.pos, length=b.max_len, flat_index=flat)
-        logits = b.model(self.verify_inputs, positions=positions, mask=mask[:, None], write=write)  # (B, W, V)
-        if b.vocab_limit is not None and b.vocab_limit < logits.shape[-1]:
-            logits[..., b.vocab_limit :] = float("-inf")
-        self.verify_out = (logits, ops.argmax(logits))
+        return b.model(tokens, positions=positions, mask=mask[:, None], write=write, select=select)
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One step of every row over the whole cache, under a mask: the same shapes every step."""

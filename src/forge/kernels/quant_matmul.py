@@ -284,7 +284,7 @@ def gemv_config(
     return Config(block_n=4 if group > 32 else 2, block_k=max(step, group, 32 // bits), warps=2)
 
 
-def gemm_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device, *, itemsize: int = 2) -> Config:
+def gemm_config(m: int, n: int, k: int, *, itemsize: int = 2) -> Config:
     """The tiled GEMM launch, from a sweep at M = 64 on an H200 (``quant_gemm_sweep_NVIDIA_H200.json``: Llama-1B's
     linears, int4 in groups of 32 and int8 per channel, 24-36 launches each; the best for int8 per channel, which
     the path table sends here at batch 5-64, measured at 64 only): BLOCK_M covers the rows, up to 64; a weight at
@@ -361,7 +361,7 @@ def _launch(
     elif gemv:
         cfg = gemv_config(m, n, k, bits, group, x.device, rounded=path in ROUNDED_GEMV)
     else:
-        cfg = gemm_config(m, n, k, bits, group, x.device, itemsize=x.element_size())
+        cfg = gemm_config(m, n, k, itemsize=x.element_size())
     # quant_gemv's tile kernel: groups of a power of two within a step, or one scale per output (else gemv_words)
     tile = gemv and (group == 0 or (_pow2(group) and cfg.block_k % group == 0))
     rounded = path in ROUNDED_GEMV and _rounded_fits(k, group, bits, gguf, cfg)
