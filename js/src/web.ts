@@ -39,7 +39,7 @@ export interface WebGenerateOptions {
 }
 
 export interface WebOptions {
-  /** "auto" (WebGPU when the browser has an adapter, else WASM), "webgpu" or "wasm". */
+  /** "auto" (WebGPU when the browser has a hardware adapter, else WASM: a software one is slower), "webgpu" or "wasm". */
   provider?: "auto" | "webgpu" | "wasm";
 }
 

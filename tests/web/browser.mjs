@@ -52,10 +52,18 @@ async function main() {
     const page = await browser.newPage();
     page.setDefaultTimeout(job.timeout_ms ?? 600_000);
     page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
-    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+    // An uncaught error while the page loads (a syntax error in a module, say) means forgeReady never comes: fail
+    // at once with that error rather than after the whole timeout.
+    let threw;
+    const thrown = new Promise((_, reject) => (threw = reject));
+    thrown.catch(() => {});
+    page.on("pageerror", (e) => {
+      logs.push(`pageerror: ${e.message}`);
+      threw(new Error(`the page threw while loading: ${e.message}`));
+    });
     await page.goto(job.url);
-    await page.waitForFunction(() => window.forgeReady !== undefined);
-    await page.evaluate(() => window.forgeReady);
+    await Promise.race([page.waitForFunction(() => window.forgeReady !== undefined), thrown]);
+    await Promise.race([page.evaluate(() => window.forgeReady), thrown]);
     const results = [];
     for (const step of job.steps) {
       if (step.chat !== undefined) {

@@ -38,16 +38,21 @@ def _check(exported: Exported, hamlet_text: str, provider: str) -> None:
     ids = _fixed_ids(exported, hamlet_text)
     prompt = ids[:48]
     with serving(web_app(exported.folder)) as url:
-        info, top, tokens, encoded = browse(
+        info, fetched, top, tokens, encoded = browse(
             f"{url}?provider={provider}",
             [
                 {"evaluate": "async () => ({ provider: forge.provider, fallback: forge.fallback })"},
+                {"evaluate": "async () => performance.getEntriesByType('resource').map((e) => e.name)"},
                 {"evaluate": "async (ids) => forge.topTokens(ids)", "arg": ids},
                 {"evaluate": f"async (ids) => forge.complete(ids, {{ maxTokens: {STEPS} }})", "arg": prompt},
                 {"evaluate": "async (text) => forge.encodePrompt(text)", "arg": PROMPT},
             ],
         )
     assert info == {"provider": provider, "fallback": None}
+    # WASM runs on onnxruntime-web's plain WASM build (faster there), WebGPU on its asyncify build.
+    binaries = {name.rsplit("/", 1)[-1] for name in fetched if name.endswith(".wasm")}
+    wasm = {"wasm": "ort-wasm-simd-threaded.wasm", "webgpu": "ort-wasm-simd-threaded.asyncify.wasm"}[provider]
+    assert binaries == {wasm}
     share = agreement(top, exported.top_tokens(ids))
     print(f"{exported.folder.name} {exported.dtype} on {provider}: top-1 agreement {share:.4f} over {POSITIONS}")
     assert share >= MIN_AGREEMENT
@@ -88,6 +93,16 @@ def test_seeded_sampling_repeats_and_the_page_says_when_webgpu_is_missing(tiny_w
     assert provider == "wasm" and "WebGPU" in fallback
     assert "fell back to WASM" in shown
     assert first == again and first != other
+
+
+def test_auto_takes_wasm_over_a_software_webgpu_adapter(tiny_web: Exported) -> None:
+    # Headless Chromium's WebGPU here is SwiftShader, a CPU emulating a GPU: WASM is the faster choice.
+    status = "async () => [forge.provider, forge.fallback, document.querySelector('#status').textContent]"
+    adapter = "async () => (await navigator.gpu.requestAdapter()).info.isFallbackAdapter"
+    with serving(web_app(tiny_web.folder)) as url:
+        software, (provider, fallback, shown) = browse(url, [{"evaluate": adapter}, {"evaluate": status}])
+    assert software is True  # the premise: this browser's only adapter is a software one
+    assert provider == "wasm" and "software fallback" in fallback and "fell back to WASM" in shown
 
 
 def test_the_chat_page_streams_a_reply(smol_web: Exported, tmp_path_factory: pytest.TempPathFactory) -> None:

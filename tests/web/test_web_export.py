@@ -42,6 +42,9 @@ def fake_ort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (dist / "ort.webgpu.min.mjs").write_text('import("./ort-wasm-simd-threaded.asyncify.mjs")')
     (dist / "ort-wasm-simd-threaded.asyncify.mjs").write_text('fetch("ort-wasm-simd-threaded.asyncify.wasm")')
     (dist / "ort-wasm-simd-threaded.asyncify.wasm").write_bytes(b"\0asm" + bytes(64))
+    (dist / "ort.wasm.min.mjs").write_text('import("./ort-wasm-simd-threaded.mjs")')  # the plain WASM build
+    (dist / "ort-wasm-simd-threaded.mjs").write_text('fetch("ort-wasm-simd-threaded.wasm")')
+    (dist / "ort-wasm-simd-threaded.wasm").write_bytes(b"\0asm" + bytes(32))
     (dist / "ort-wasm-simd-threaded.jsep.wasm").write_bytes(b"\0asm")  # another build: not copied
     return package
 
@@ -72,9 +75,13 @@ def test_the_folder_holds_the_model_the_runtime_and_onnxruntime_web(
     assert manifest["eos_token_ids"] == sorted(bpe_tokenizer.stop_ids)
     assert manifest["onnxruntime_web"]["version"] == "9.9.9"
     assert manifest["onnxruntime_web"]["module"] == "ort/ort.webgpu.min.mjs"
+    assert manifest["onnxruntime_web"]["wasm_module"] == "ort/ort.wasm.min.mjs"
     assert sorted(p.name for p in (folder / "ort").iterdir()) == [
         "ort-wasm-simd-threaded.asyncify.mjs",
         "ort-wasm-simd-threaded.asyncify.wasm",
+        "ort-wasm-simd-threaded.mjs",
+        "ort-wasm-simd-threaded.wasm",
+        "ort.wasm.min.mjs",
         "ort.webgpu.min.mjs",
     ]
     names = {p.name for p in folder.iterdir()}
@@ -94,6 +101,7 @@ def test_without_a_local_onnxruntime_web_the_page_loads_the_pinned_cdn_copy(
     ort = find_onnxruntime_web()
     assert ort.files == () and ort.source == "cdn"
     assert ort.module == f"https://cdn.jsdelivr.net/npm/onnxruntime-web@{ORT_VERSION}/dist/ort.webgpu.min.mjs"
+    assert ort.wasm_module == f"https://cdn.jsdelivr.net/npm/onnxruntime-web@{ORT_VERSION}/dist/ort.wasm.min.mjs"
 
 
 def test_a_bad_onnxruntime_web_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

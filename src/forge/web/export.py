@@ -7,9 +7,10 @@ The folder is the ONNX folder of :mod:`forge.core.formats.onnx` (transformers.js
                     WASM), a KV cache, greedy and seeded sampling, token-by-token streaming
     index.html      a chat page that streams replies and says which provider runs it; it sets ``window.forge``
     vendor/         @huggingface/tokenizers and @huggingface/jinja (chat templates), with their licences
-    ort/            onnxruntime-web's WebGPU module and its WASM binary (about 29 MB), when a local copy was found
+    ort/            onnxruntime-web's WebGPU build (about 29 MB) and its plain WASM build (about 15 MB, faster on
+                    the WASM provider), when a local copy was found
 
-onnxruntime-web is ~29 MB of WASM, too big for Forge's wheel, so the export copies it from a local npm install
+onnxruntime-web is ~44 MB of WASM, too big for Forge's wheel, so the export copies it from a local npm install
 (``--onnxruntime-web DIR``, ``$FORGE_ONNXRUNTIME_WEB``, or ``./node_modules/onnxruntime-web``); without one the
 page loads the pinned version from the jsDelivr CDN, and the export says so. The tokenizer and template packages
 are small and ship inside Forge (``forge/web/assets/vendor``, versions in ``VERSIONS.json``).
@@ -50,6 +51,9 @@ ORT_VERSION = "1.31.1"
 #: An onnxruntime-web package folder (or a node_modules holding one) to copy into the export.
 ORT_ENV = "FORGE_ONNXRUNTIME_WEB"
 _ORT_MODULE = "ort.webgpu.min.mjs"
+#: onnxruntime-web's plain WASM build, for the WASM provider: without the asyncify instrumentation that the WebGPU
+#: build's binary needs, it runs SmolLM2's decode step in 230 ms where that one takes 280 (one thread, Chromium).
+_ORT_WASM_MODULE = "ort.wasm.min.mjs"
 _CDN = "https://cdn.jsdelivr.net/npm/onnxruntime-web@{version}/dist/"
 _MANIFEST = "web.json"
 _FORMAT = "forge-web"
@@ -60,12 +64,17 @@ _FLOAT32_LIMIT = 100_000_000
 
 @dataclass(frozen=True)
 class OnnxruntimeWeb:
-    """Where the page gets onnxruntime-web: ``files`` to copy into ort/ (empty: the CDN ``module`` URL)."""
+    """Where the page gets onnxruntime-web: ``files`` to copy into ort/ (empty: the CDN URLs).
+
+    ``module`` is the WebGPU build (it runs WASM too); ``wasm_module``, when there is one, the plain WASM build
+    that the runtime loads for the WASM provider because it is faster there.
+    """
 
     version: str
     module: str
     files: tuple[Path, ...] = ()
     source: str = "cdn"
+    wasm_module: str | None = None
 
 
 def default_web_dtype(model: Transformer) -> str:
@@ -100,9 +109,11 @@ def find_onnxruntime_web(given: str | os.PathLike[str] | None = None) -> Onnxrun
     else:
         package = _package_dir(Path.cwd() / "node_modules")
         if package is None:
-            return OnnxruntimeWeb(ORT_VERSION, _CDN.format(version=ORT_VERSION) + _ORT_MODULE)
+            cdn = _CDN.format(version=ORT_VERSION)
+            return OnnxruntimeWeb(ORT_VERSION, cdn + _ORT_MODULE, wasm_module=cdn + _ORT_WASM_MODULE)
     dist = package / "dist"
-    wasm = _wasm_files(dist)
+    modules = [m for m in (_ORT_MODULE, _ORT_WASM_MODULE) if (dist / m).is_file()]
+    wasm = _wasm_files(dist, modules)
     missing = [f for f in wasm if not (dist / f).is_file()]
     if not wasm or missing:
         raise ConfigError(
@@ -110,15 +121,16 @@ def find_onnxruntime_web(given: str | os.PathLike[str] | None = None) -> Onnxrun
             f"({', '.join(missing) or 'none named'}); reinstall it with `npm install onnxruntime-web`"
         )
     version = json.loads((package / "package.json").read_text(encoding="utf-8")).get("version", "unknown")
-    files = (dist / _ORT_MODULE, *(dist / f for f in wasm), package / "LICENSE")
-    return OnnxruntimeWeb(version, f"ort/{_ORT_MODULE}", tuple(f for f in files if f.is_file()), str(package))
+    files = (*(dist / m for m in modules), *(dist / f for f in wasm), package / "LICENSE")
+    plain = f"ort/{_ORT_WASM_MODULE}" if _ORT_WASM_MODULE in modules else None
+    return OnnxruntimeWeb(version, f"ort/{_ORT_MODULE}", tuple(f for f in files if f.is_file()), str(package), plain)
 
 
-def _wasm_files(dist: Path) -> list[str]:
-    """The WASM build's files the module loads: its .mjs (named in the module) and the .wasm that one names."""
+def _wasm_files(dist: Path, modules: list[str]) -> list[str]:
+    """The WASM builds' files the modules load: each one's .mjs (named in the module) and the .wasm it names."""
     pattern = re.compile(r"ort-wasm-simd-threaded[a-z.]*\.(?:mjs|wasm)")
     found: set[str] = set()
-    todo = [_ORT_MODULE]
+    todo = list(modules)
     while todo:
         path = dist / todo.pop()
         if path.suffix != ".mjs" or not path.is_file():
@@ -204,5 +216,6 @@ def _manifest(model: Transformer, tokenizer: Tokenizer, dtype: str, name: str, o
         "add_bos": bool(tokenizer.add_bos),
         "eos_token_ids": sorted(tokenizer.stop_ids),  # what ends a generation in Python too
         "special_tokens": {"bos_token": tokenizer.bos or "", "eos_token": tokenizer.eos or ""},
-        "onnxruntime_web": {"version": ort.version, "module": ort.module, "source": ort.source},
+        "onnxruntime_web": {"version": ort.version, "module": ort.module, "source": ort.source}
+        | ({"wasm_module": ort.wasm_module} if ort.wasm_module else {}),
     }
