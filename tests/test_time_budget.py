@@ -86,12 +86,13 @@ def test_a_time_budget_ends_on_time_with_the_schedule_warmed_down(tmp_path: Path
     steps = _steps(events)
     assert result.step == steps[-1].step == steps[-1].total_steps > 1  # the last step is the one planned last
     # The schedule was planned against the budget, not a step count: the last step is at its warm-down's end.
-    # Near it, not on it: a step slower than the plan's average ends the run a step or two before the plan
-    # that set that step's rate (a 300-step plan would leave it at 0.7 of the way down, not 0.02).
+    # Near it, not on it: a step slower than the plan's average ends the run a few steps before the plan
+    # that set that step's rate (on a busy machine ~30 steps fit in the budget, and each step the plan
+    # missed is ~3% of the way), whereas a 300-step plan would leave it at 0.8 of the way down.
     planned = TrainConfig(lr=1e-3, schedule="linear").schedule_for(result.step)
     assert planned(result.step - 1) == min(planned(s) for s in range(planned.warmup, result.step))
     floor, peak = planned(result.step - 1), 1e-3
-    assert floor <= steps[-1].lr <= floor + 0.05 * (peak - floor)
+    assert floor <= steps[-1].lr <= floor + 0.15 * (peak - floor)
     assert max(s.lr for s in steps) > floor + 0.5 * (peak - floor)  # it did warm up first
     # A behaviour bound, not a speed figure: ends at the budget, plus generous slack for a busy machine.
     assert result.timing["budget"] == 3.0 and result.timing["total"] is not None and result.timing["total"] < 3 + 8
