@@ -71,6 +71,9 @@ if "--check" in sys.argv and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quant_gpu import graph_us, l2_copies  # how Forge's kernel benchmarks time a call
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ----------------------------------------------------------------------------------------------------
@@ -660,37 +663,6 @@ class Clock:
         return False
 
 
-def copies_for(nbytes: int) -> int:
-    """Weight copies that together make twice the L2, so each call reads its weight from HBM (2..256)."""
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    return max(2, min(256, math.ceil(2 * l2 / max(1, nbytes))))
-
-
-def time_graph(fn, bank: list, reps: int) -> float:
-    """us per call: a CUDA graph with one call per weight copy, replayed ``reps`` times (no launch overhead)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: compiles, cuBLAS workspaces
-        for p in bank[:2]:
-            fn(p)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for p in bank:
-            fn(p)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    us = start.elapsed_time(end) * 1000 / (reps * len(bank))
-    del graph
-    return us
-
-
 def time_eager(fn, bank: list, reps: int) -> float:
     """us per call launched from Python one after another (launch overhead included), over the same copies."""
     for p in bank[:2]:
@@ -776,7 +748,7 @@ class Case:
 
     def ensure_bank(self) -> list[QWeight]:
         if not self.bank:
-            self.bank = [self.qw0] + [self.qw0.clone() for _ in range(copies_for(self.qw0.nbytes()) - 1)]
+            self.bank = [self.qw0] + [self.qw0.clone() for _ in range(l2_copies(self.qw0.nbytes()) - 1)]
         return self.bank
 
     def free(self) -> None:
@@ -808,14 +780,14 @@ def measure_new(
             res["error"] = f"wrong result: max rel error {worst[1]:.3g}"
         else:
             bank = case.ensure_bank()
-            res["us"] = time_graph(lambda p: launch(case.x, p), bank, reps)
+            res["us"] = graph_us(lambda p: launch(case.x, p), bank, reps)
             after = errors(launch(case.x, case.qw0), case.ref)  # once more after the replays (split-K races)
             if not after[1] < 1e-2:
                 res["error"] = f"wrong result after timing: max rel error {after[1]:.3g}"
                 res.pop("us")
             if extra:
                 res["eager_us"] = time_eager(lambda p: launch(case.x, p), bank, reps)
-                res["hot_us"] = time_graph(lambda p: launch(case.x, p), [case.qw0] * len(bank), reps)
+                res["hot_us"] = graph_us(lambda p: launch(case.x, p), [case.qw0] * len(bank), reps)
                 res["kernel"] = kernel_info(launch)
                 res["copies"] = len(bank)
     except Exception as e:
@@ -833,7 +805,7 @@ def forge_call(qw: QWeight, x: torch.Tensor, path: str) -> torch.Tensor:
 
 
 def bf16_bank(wb16: torch.Tensor) -> list[torch.Tensor]:
-    return [wb16] + [wb16.clone() for _ in range(copies_for(wb16.numel() * 2) - 1)]
+    return [wb16] + [wb16.clone() for _ in range(l2_copies(wb16.numel() * 2) - 1)]
 
 
 def baselines(case: Case, wb16: torch.Tensor, reps: int, bf16_cache: dict) -> dict:
@@ -843,7 +815,7 @@ def baselines(case: Case, wb16: torch.Tensor, reps: int, bf16_cache: dict) -> di
     key = (case.shape, case.m)
     if key not in bf16_cache:
         try:
-            r = {"us": time_graph(lambda p: F.linear(case.x, p), bf16_bank(wb16), reps)}
+            r = {"us": graph_us(lambda p: F.linear(case.x, p), bf16_bank(wb16), reps)}
             r["err_abs"], r["err_rel"] = errors(F.linear(case.x, wb16), case.ref)
             bf16_cache[key] = r
         except Exception as e:
@@ -852,7 +824,7 @@ def baselines(case: Case, wb16: torch.Tensor, reps: int, bf16_cache: dict) -> di
     bank = case.ensure_bank()
     for path in ("gemm", "dequant"):
         try:
-            r = {"us": time_graph(lambda p, path=path: forge_call(p, case.x, path), bank, reps)}
+            r = {"us": graph_us(lambda p, path=path: forge_call(p, case.x, path), bank, reps)}
             r["err_abs"], r["err_rel"] = errors(forge_call(case.qw0, case.x, path), case.ref)
             out[f"forge_{path}"] = r
         except Exception as e:
@@ -866,12 +838,12 @@ def extra_baselines(row: dict, case: Case, wb16: torch.Tensor, reps: int) -> Non
     try:
         bank = bf16_bank(wb16)
         row["bf16"]["eager_us"] = time_eager(lambda p: F.linear(case.x, p), bank, reps)
-        row["bf16"]["hot_us"] = time_graph(lambda p: F.linear(case.x, p), [wb16] * len(bank), reps)
+        row["bf16"]["hot_us"] = graph_us(lambda p: F.linear(case.x, p), [wb16] * len(bank), reps)
         del bank
         qbank = case.ensure_bank()
         if "us" in row.get("forge_gemm", {}):
             row["forge_gemm"]["eager_us"] = time_eager(lambda p: forge_call(p, case.x, "gemm"), qbank, reps)
-            row["forge_gemm"]["hot_us"] = time_graph(
+            row["forge_gemm"]["hot_us"] = graph_us(
                 lambda p: forge_call(p, case.x, "gemm"), [case.qw0] * len(qbank), reps
             )
     except Exception as e:

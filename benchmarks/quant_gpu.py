@@ -207,33 +207,43 @@ def clone(params: tuple) -> tuple:
     return tuple(t.clone() if isinstance(t, torch.Tensor) else copy.deepcopy(t) for t in params)
 
 
+def l2_copies(nbytes: int, device: torch.device | None = None) -> int:
+    """Copies of a weight of ``nbytes`` that together make twice the L2 (2..256), so each call reads it from HBM."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, min(256, math.ceil(2 * l2 / max(1, nbytes))))
+
+
+def graph_us(call: Callable[[object], object], bank: list, reps: int) -> float:
+    """µs per call: one CUDA graph calling ``call`` once per item of ``bank`` (no launch overhead), replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS workspaces
+        for p in bank[:2]:
+            call(p)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for p in bank:
+            call(p)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (reps * len(bank))
+
+
 def time_us(run: Run, fn: Callable[[torch.Tensor, tuple], torch.Tensor], x: torch.Tensor, params: tuple) -> float:
     """µs per call. CUDA: a graph calling fn once per copy of params (together 2x the L2, at most 256), replayed."""
     if run.device.type != "cuda":  # the dry run: one call, to exercise the code
         t0 = time.perf_counter()
         fn(x, params)
         return (time.perf_counter() - t0) * 1e6
-    l2 = torch.cuda.get_device_properties(run.device).L2_cache_size
-    copies = max(2, min(256, math.ceil(2 * l2 / max(1, nbytes(params)))))
+    copies = l2_copies(nbytes(params), run.device)
     bank = [params] + [clone(params) for _ in range(copies - 1)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS workspaces
-        for p in bank[:2]:
-            fn(x, p)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for p in bank:
-            fn(x, p)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(run.reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (run.reps * copies)
+    return graph_us(lambda p: fn(x, p), bank, run.reps)
 
 
 def kernel_row(run: Run, prepare: Callable[[torch.Tensor], Prepared] | Prepared, w: torch.Tensor, m: int) -> dict:

@@ -112,7 +112,8 @@ def find_onnxruntime_web(given: str | os.PathLike[str] | None = None) -> Onnxrun
             cdn = _CDN.format(version=ORT_VERSION)
             return OnnxruntimeWeb(ORT_VERSION, cdn + _ORT_MODULE, wasm_module=cdn + _ORT_WASM_MODULE)
     dist = package / "dist"
-    modules = [m for m in (_ORT_MODULE, _ORT_WASM_MODULE) if (dist / m).is_file()]
+    # _package_dir saw the WebGPU build; the plain WASM one is optional (the WebGPU build runs WASM too).
+    modules = [_ORT_MODULE] + ([_ORT_WASM_MODULE] if (dist / _ORT_WASM_MODULE).is_file() else [])
     wasm = _wasm_files(dist, modules)
     missing = [f for f in wasm if not (dist / f).is_file()]
     if not wasm or missing:
@@ -216,6 +217,10 @@ def _manifest(model: Transformer, tokenizer: Tokenizer, dtype: str, name: str, o
         "add_bos": bool(tokenizer.add_bos),
         "eos_token_ids": sorted(tokenizer.stop_ids),  # what ends a generation in Python too
         "special_tokens": {"bos_token": tokenizer.bos or "", "eos_token": tokenizer.eos or ""},
-        "onnxruntime_web": {"version": ort.version, "module": ort.module, "source": ort.source}
-        | ({"wasm_module": ort.wasm_module} if ort.wasm_module else {}),
+        "onnxruntime_web": {
+            "version": ort.version,
+            "module": ort.module,
+            "wasm_module": ort.wasm_module,  # None: the WebGPU build runs WASM too
+            "source": ort.source,
+        },
     }
