@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from forge.errors import ConfigError, DataError
+from forge.prompt_memory import MIN_CHARS, PromptMemory, reusable
 
 __all__ = ["EOS", "Tokenizer", "TokenizerKind"]
 
@@ -57,6 +59,9 @@ class Tokenizer:
         self.add_bos = add_bos and self.bos_id is not None
         self.chat_template = chat_template
         self._id_bytes = _byte_table(hf)
+        self._memory: PromptMemory | None = None  # made on the first long prompt, if the tokenizer allows it
+        self._memory_checked = False
+        self._memory_lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -151,10 +156,27 @@ class Tokenizer:
         return self.encode_prompts([text])[0]
 
     def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
-        batch = self.encode_batch(texts)
+        """Like :meth:`encode_batch`, with ``bos`` first when the model wants it.
+
+        A long prompt that shares a prefix with a recent one is tokenized only past the shared part
+        (``forge.prompt_memory``: exact, for byte-level BPE tokenizers): agents, RAG and chat repeat a long
+        system prompt with every request.
+        """
+        memory = self.prompt_memory() if any(len(t) >= MIN_CHARS for t in texts) else None
+        batch = self.encode_batch(texts) if memory is None else [memory.encode(t) for t in texts]
         if self.add_bos and self.bos_id is not None:
             batch = [ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids] for ids in batch]
         return batch
+
+    def prompt_memory(self) -> PromptMemory | None:
+        """The memory of recent long prompts' ids; None where this tokenizer's pipeline doesn't allow reuse."""
+        if not self._memory_checked:
+            with self._memory_lock:
+                if not self._memory_checked:
+                    if reusable(json.loads(self.hf.to_str())):
+                        self._memory = PromptMemory(self.hf)
+                    self._memory_checked = True
+        return self._memory
 
     def token(self, i: int) -> str | None:
         """The token string of id ``i``."""
