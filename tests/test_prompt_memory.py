@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
 import pytest
 
+from forge.app import Forge
+from forge.generator import GenerationConfig
+from forge.models import create_model, padded_vocab, save
 from forge.prompt_memory import MAX_PROMPTS, MIN_CHARS, PromptMemory, reusable
 from forge.tokenizer import Tokenizer
 
@@ -151,3 +155,34 @@ def test_reusable_reads_the_pipeline(change: dict, expected: bool) -> None:
         "model": {"type": "BPE", "byte_fallback": False},
     }
     assert reusable({**config, **change}) is expected
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_server_remembers_prompts_only_with_its_prefix_cache_on(
+    tmp_path: Path, play: str, prefix_cache: bool
+) -> None:
+    """Requests through the app and its batching engine: ``prefix_cache=False`` reuses nothing of a shared
+    prompt, its tokens included; on, the second request is tokenized past the shared part. Same text both ways."""
+    tok = Tokenizer.train([play[:30000]], vocab_size=400)
+    path = tmp_path / "ckpt"
+    save(path, create_model("tiny", vocab_size=padded_vocab(tok.vocab_size), context_length=2048), tok)
+    system = play[50000 : 50000 + MIN_CHARS + 500]
+
+    questions = (" Who is it?", " What is it?")
+
+    async def main() -> tuple[list[str], dict[str, int]]:
+        app = Forge.load(path, defaults=GenerationConfig(temperature=0, max_tokens=4))
+        await app.start_batching(max_batch=2, prefix_cache=prefix_cache)
+        try:
+            texts = [await app.generate(system + question) for question in questions]
+        finally:
+            await app.stop_batching()
+        memory = app.tokenizer.prompt_memory()
+        assert memory is not None
+        return texts, dict(memory.stats)
+
+    texts, stats = asyncio.run(main())
+    assert stats["hits"] == (1 if prefix_cache else 0)
+    assert stats["lookups"] == (2 if prefix_cache else 0)
+    plain = Forge.load(path, defaults=GenerationConfig(temperature=0, max_tokens=4))
+    assert texts == [plain.sync.generate(system + q) for q in questions]

@@ -186,6 +186,7 @@ class Engine:
             prompt=prompt,
             ids=ids,
             strict=strict,
+            remember=self.prefix_cache is not None,  # prefix caching off: the prompt's tokens are not reused either
         )
         seq, row = admitted.seq, admitted.row
         if cfg.speculate == "draft" and self.batcher.draft is None:

@@ -234,6 +234,7 @@ def admit(
     prompt: str | None = None,
     ids: list[int] | None = None,
     strict: bool = False,
+    remember: bool = True,
 ) -> Admitted:
     """Turn a prompt (or its ``ids``, already encoded: then they are used) into a sequence for the token loop.
 
@@ -243,6 +244,7 @@ def admit(
     starts from BOS (or EOS). The budget is ``cfg.max_tokens``, cut to what the context leaves, or with
     ``strict`` refused when it does not fit. Seeded from ``cfg.seed`` (or the OS); the grammar becomes a
     constraint over the model's ``vocab_size`` ids.
+    ``remember``: a long prompt is tokenized only past what it shares with a recent one (``forge.prompt_memory``).
 
     >>> tok = Tokenizer.train(["abc"], kind="char")
     >>> a = admit(tok, GenerationConfig(max_tokens=50), context=16, vocab_size=320, device="cpu", prompt="ab")
@@ -251,7 +253,7 @@ def admit(
     """
     if ids is None:
         assert prompt is not None, "pass the prompt or its ids"
-        ids = tokenizer.encode_prompt(prompt)
+        ids = tokenizer.encode_prompt(prompt, remember=remember)
     ids = list(ids)
     prompt_tokens = len(ids)
     if prompt_tokens >= context:

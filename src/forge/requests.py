@@ -15,6 +15,7 @@ are the generator's admission, which refuses a prompt that does not fit.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,13 +36,15 @@ Messages = Sequence[Mapping[str, Any]] | str
 Tools = Sequence[Mapping[str, Any]]
 
 
-async def encode(tokenizer: Tokenizer, text: str, *, prompt: bool = True) -> list[int]:
+async def encode(tokenizer: Tokenizer, text: str, *, prompt: bool = True, remember: bool = True) -> list[int]:
     """The token ids of ``text``: as a prompt (with BOS when the model wants one), or plain text.
+
+    ``remember``: a long prompt is tokenized only past what it shares with a recent one (``forge.prompt_memory``).
 
     >>> await encode(tokenizer, "Hello")  # doctest: +SKIP
     [19556]
     """
-    encoder = tokenizer.encode_prompt if prompt else tokenizer.encode
+    encoder = functools.partial(tokenizer.encode_prompt, remember=remember) if prompt else tokenizer.encode
     return encoder(text) if len(text) <= THREAD_CHARS else await asyncio.to_thread(encoder, text)
 
 

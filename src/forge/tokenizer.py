@@ -151,18 +151,19 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, *, remember: bool = True) -> list[int]:
         """Like :meth:`encode`, with ``bos`` first when the model wants it (and the text has none)."""
-        return self.encode_prompts([text])[0]
+        return self.encode_prompts([text], remember=remember)[0]
 
-    def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_prompts(self, texts: Sequence[str], *, remember: bool = True) -> list[list[int]]:
         """Like :meth:`encode_batch`, with ``bos`` first when the model wants it.
 
         A long prompt that shares a prefix with a recent one is tokenized only past the shared part
         (``forge.prompt_memory``: exact, for byte-level BPE tokenizers): agents, RAG and chat repeat a long
-        system prompt with every request.
+        system prompt with every request. ``remember=False`` tokenizes every text whole (a server without prefix
+        caching).
         """
-        memory = self.prompt_memory() if any(len(t) >= MIN_CHARS for t in texts) else None
+        memory = self.prompt_memory() if remember and any(len(t) >= MIN_CHARS for t in texts) else None
         batch = self.encode_batch(texts) if memory is None else [memory.encode(t) for t in texts]
         if self.add_bos and self.bos_id is not None:
             batch = [ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids] for ids in batch]

@@ -231,10 +231,52 @@ def test_a_short_rest_after_a_cached_prefix_replays_the_tail_graph(
     plain, _ = run(False)
     graphed, batcher = run(True)
     assert graphed == plain
-    assert batcher.graphs is not None and batcher.graphs.tailer is not None  # the 9-token rest was a replay
+    assert batcher.graphs is not None and set(batcher.graphs.tailers) == {4}  # the rest of rows 1 and 2: a replay
     import forge.core.decode as decode
 
     monkeypatch.setattr(decode, "TAIL_MAX_BATCH", 3)  # a batch wider than that: its padding would cost too much
     graphed, batcher = run(True)
     assert graphed == plain
-    assert batcher.graphs is not None and batcher.graphs.tailer is None
+    assert batcher.graphs is not None and not batcher.graphs.tailers
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_the_tail_graph_computes_only_the_rows_up_to_the_joining_ones(
+    device: str, model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request after another (a chat user's turns) joins row 0 of an empty batch: its tail replays a graph of
+    one row, not the batch's eight; a second joining beside it takes the two-row graph. Tokens as the plain batch's."""
+    if device == "cpu":
+        import forge.core.steps as steps
+
+        monkeypatch.setattr(steps, "capture", _Eager)
+    model = model.to(device)
+    prompts = shared_prompts([7, 12, 3], shared=48, seed=5)
+
+    def run(graphs: bool) -> tuple[list[list[int]], Batcher]:
+        batcher = Batcher(
+            model, max_batch=8, max_len=160, prefix_cache=PrefixCache(1 << 30),
+            graphs=("rows", device) if graphs else None, partial_graphs=True,
+        )  # fmt: skip
+        outs = []
+        for prompt in prompts[:2]:  # one at a time: each alone in row 0
+            seq = Sequence(list(prompt), 12, GREEDY)
+            outs.append([batcher.add(seq).token])
+            while batcher.running:
+                for r in batcher.step():
+                    outs[-1].append(r.token)
+                    if r.finished:
+                        batcher.remove(r.seq)
+        first, second = Sequence(list(prompts[0]), 12, GREEDY), Sequence(list(prompts[2]), 12, GREEDY)
+        outs += [[batcher.add(first).token], [batcher.add(second).token]]  # row 1 joins while row 0 runs
+        while batcher.running:
+            for r in batcher.step():
+                outs[-2 if r.seq is first else -1].append(r.token)
+                if r.finished:
+                    batcher.remove(r.seq)
+        return outs, batcher
+
+    plain, _ = run(False)
+    graphed, batcher = run(True)
+    assert graphed == plain
+    assert batcher.graphs is not None and set(batcher.graphs.tailers) == {1, 2}

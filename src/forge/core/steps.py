@@ -124,10 +124,12 @@ class GraphedSteps:
         self.verifier: torch.cuda.CUDAGraph | None = None
         self.verify_inputs = torch.zeros(0, dtype=torch.long, device=device)  # (B, width), set on first use
         self.verify_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (B, width, V), argmax (B, width))
-        self.tailer: torch.cuda.CUDAGraph | None = None
+        # The tail graphs, by how many leading rows they compute (1, 2, 4, ... up to B): rows 0..k-1, where k covers
+        # the joining rows. A lone request computes one row's tokens, not the whole batch's.
+        self.tailers: dict[int, torch.cuda.CUDAGraph] = {}
         self.tail_inputs = torch.zeros(B, TAIL_TOKENS, dtype=torch.long, device=device)
         self.tail_last = torch.zeros(B, dtype=torch.long, device=device)  # each row's last real input
-        self.tail_out = torch.empty(0)  # (B, V), set when captured
+        self.tail_outs: dict[int, torch.Tensor] = {}  # k -> (k, V), set when captured
         # torch.compile fuses each layer's elementwise work (norms, RoPE, SwiGLU) into a few kernels;
         # the graph then launches fewer, larger kernels. It costs a compile on first use.
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -182,39 +184,44 @@ class GraphedSteps:
         return logits[:n], argmax[:n]
 
     def tail(self, joining: dict[int, list[int]], lengths: list[int]) -> torch.Tensor:
-        """Logits (B, V) after each joining row's tokens, from one replay of a captured forward of every row.
+        """Logits (k, V) of rows 0..k-1 after each joining row's tokens, from one replay of a captured forward of
+        those rows, k the smallest of 1, 2, 4, ... (or the batch) that holds every joining row.
 
         ``joining``: row -> its prompt's tokens after its cached prefix (at most :data:`TAIL_TOKENS`), which
         continue from that row's entry of ``lengths`` (the prefix's length; the other running rows' lengths
-        are where their next tokens go). Every row computes TAIL_TOKENS tokens from its position: the padding of
-        joining rows and the zeros of the others land past their rows' lengths, slots written again before a
-        mask shows them (as the verify graph's do). Valid until the next replay.
+        are where their next tokens go). Every row of the k computes TAIL_TOKENS tokens from its position: the
+        padding of joining rows and the zeros of the others land past their rows' lengths, slots written again
+        before a mask shows them (as the verify graph's do); rows past k are not touched. Valid until the next
+        replay.
         """
         self._fresh()
         self.synced = False  # joining rows start at their cached prefix's length
-        if self.tailer is None:
-            self.tailer = self._capture(self._tail_step, lengths)
         B = self.batcher.max_batch
-        inputs, last = [[0] * TAIL_TOKENS for _ in range(B)], [0] * B
+        k = min(B, 1 << max(joining).bit_length())  # rows 0..max(joining): a power of two at least that many
+        if k not in self.tailers:
+            self.tailers[k] = self._capture(lambda: self._tail_step(k), lengths)
+        inputs, last = [[0] * TAIL_TOKENS for _ in range(k)], [0] * k
         for row, tokens in joining.items():
             assert 0 < len(tokens) <= TAIL_TOKENS, "the caller sends at most TAIL_TOKENS tokens a row"
             inputs[row][: len(tokens)] = tokens
             last[row] = len(tokens) - 1
-        self.tail_inputs.copy_(torch.tensor(inputs))
-        self.tail_last.copy_(torch.tensor(last))
+        self.tail_inputs[:k].copy_(torch.tensor(inputs))
+        self.tail_last[:k].copy_(torch.tensor(last))
         self._sync(lengths)
-        self.tailer.replay()
+        self.tailers[k].replay()
         self.synced = False  # the joining rows' lengths are their prompts' now
-        return self.tail_out
+        return self.tail_outs[k]
 
-    def _tail_step(self) -> None:
-        """The tail forward: each row's TAIL_TOKENS inputs from its ``pos``, the logits of its ``tail_last`` one."""
-        self.tail_out = self._window(self.tail_inputs, select=self.tail_last)[:, -1]
+    def _tail_step(self, k: int) -> None:
+        """The tail forward of rows 0..k-1: each row's TAIL_TOKENS inputs from its ``pos``, the logits of its
+        ``tail_last`` one."""
+        self.tail_outs[k] = self._window(self.tail_inputs[:k], select=self.tail_last[:k])[:, -1]
 
     def _fresh(self) -> None:
         """Forget the graphs when the model's weights were replaced (they read the old tensors): capture anew."""
         if self.partial and (now := weights_at(self.batcher.model)) != self.weights:
-            self.greedy = self.sampled = self.verifier = self.tailer = None
+            self.greedy = self.sampled = self.verifier = None
+            self.tailers.clear()
             self.weights = now
 
     @property
@@ -230,14 +237,15 @@ class GraphedSteps:
         self.verify_out = (logits, ops.argmax(logits))
 
     def _window(self, tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        """The forward of every row's W = ``tokens.shape[1]`` tokens from its ``pos``, over the whole cache under a
-        causal mask (the verify and tail graphs): logits (B, W, V), or (B, 1, V) at ``select``."""
-        b, W = self.batcher, tokens.shape[1]
-        rows = slice(0, b.max_batch)
-        positions = (self.pos[:, None] + torch.arange(W, device=self.pos.device)).clamp_(max=b.max_len - 1)
-        mask = torch.arange(b.max_len, device=self.pos.device) <= positions[:, :, None]  # (B, W, max_len)
-        flat = b.caches[0].flat_index(rows, self.pos, W)
-        write = CacheWrite(rows=rows, pos=self.pos, length=b.max_len, flat_index=flat)
+        """The forward of rows 0..n-1 (n = ``tokens.shape[0]``), each row's W = ``tokens.shape[1]`` tokens from its
+        ``pos``, over the whole cache under a causal mask (the verify and tail graphs): logits (n, W, V), or
+        (n, 1, V) at ``select``."""
+        b, (n, W) = self.batcher, tokens.shape
+        rows, pos = slice(0, n), self.pos[:n]
+        positions = (pos[:, None] + torch.arange(W, device=pos.device)).clamp_(max=b.max_len - 1)
+        mask = torch.arange(b.max_len, device=pos.device) <= positions[:, :, None]  # (n, W, max_len)
+        flat = b.caches[0].flat_index(rows, pos, W)
+        write = CacheWrite(rows=rows, pos=pos, length=b.max_len, flat_index=flat)
         return b.model(tokens, positions=positions, mask=mask[:, None], write=write, select=select)
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
