@@ -39,9 +39,9 @@ def counting_encodes(app: Forge, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = tokenizer.encode_prompt
 
-    def encode_prompt(text: str) -> list[int]:
+    def encode_prompt(text: str, **options: bool) -> list[int]:
         seen.append(text)
-        return real(text)
+        return real(text, **options)
 
     monkeypatch.setattr(tokenizer, "encode_prompt", encode_prompt)
     return seen
@@ -151,9 +151,9 @@ def test_long_texts_are_tokenized_off_the_event_loop(app: Forge, monkeypatch: py
     threads: list[bool] = []
     real = tokenizer.encode_prompt
 
-    def encode_prompt(text: str) -> list[int]:
+    def encode_prompt(text: str, **options: bool) -> list[int]:
         threads.append(threading.current_thread() is threading.main_thread())
-        return real(text)
+        return real(text, **options)
 
     monkeypatch.setattr(tokenizer, "encode_prompt", encode_prompt)
 
