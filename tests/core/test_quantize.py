@@ -25,7 +25,7 @@ from forge.core.quantize import (
     quantize_model,
     quantize_weight,
 )
-from forge.core.quantize.base import _kernel_rows, pack_int4
+from forge.core.quantize.base import CPU_DEQUANT_ROWS, _kernel_rows, pack_int4
 from forge.core.sampling import SamplingParams
 from forge.core.transformer import Transformer
 from forge.errors import ConfigError
@@ -238,6 +238,30 @@ def test_int8_groups_match_their_dequantized_reference(group: int, with_min: boo
     assert torch.equal(qw.unpacked(), q.int()) and torch.equal(qw.dequantize(), want)
     x, bias = torch.randn(4, 128).to(dtype), torch.randn(56).to(dtype)
     _close(qw.linear(x, bias), x.float() @ want.T + bias.float(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme", ["int8", "int4", "q8_0"])
+def test_a_prefill_on_the_cpu_dequantizes_and_decoding_takes_the_kernel(
+    scheme: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU kernels read the weight once per few rows: a prompt's prefill (CPU_DEQUANT_ROWS rows and more; 16 for
+    int8 per channel in fp32, whose aten kernel is slow) dequantizes and runs the float matmul instead."""
+    w = _weight(out=64, width=128)
+    qw = from_gguf(8, _gguf_blocks("Q8_0", 64, 128), (64, 128)) if scheme == "q8_0" else quantize_weight(w, scheme)
+    dequantized: list[int] = []
+    real = qw._reference
+
+    def reference(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        dequantized.append(x.numel() // x.shape[-1])
+        return real(x, bias)
+
+    monkeypatch.setattr(qw, "_reference", reference)
+    rows = 16 if scheme == "int8" and dtype == torch.float32 else CPU_DEQUANT_ROWS
+    for n in (1, rows - 1, rows, 300):
+        x = torch.randn(1, n, 128).to(dtype)
+        _close(ops.linear(x, qw), torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32)), dtype)
+    assert dequantized == [rows, 300]
 
 
 def test_int4_values_are_read_back_as_aten_packs_them() -> None:
