@@ -30,6 +30,7 @@ safe to use from several threads (the server tokenizes in worker threads).
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import itertools
@@ -80,7 +81,8 @@ class PromptMemory:
     def __init__(self, hf: Any) -> None:
         self.hf = hf
         self._lock = threading.Lock()
-        self._prompts: collections.OrderedDict[str, tuple[list[int], list[int]]] = collections.OrderedDict()
+        # text -> (its ids, the byte offset after each id), as machine integers (a fifth of a list of ints' memory)
+        self._prompts: collections.OrderedDict[str, tuple[array.array, array.array]] = collections.OrderedDict()
         self._chars = 0
         self._lengths: list[int] | None = None  # bytes of each id's text
         self._added: list[str] = []
@@ -107,13 +109,13 @@ class PromptMemory:
         found = self._from_memory(text, lengths)
         if found is None:
             ids = self.hf.encode(text, add_special_tokens=False).ids
-            ends = list(itertools.accumulate(map(lengths.__getitem__, ids)))
+            ends = array.array("q", itertools.accumulate(map(lengths.__getitem__, ids)))
         else:
             ids, ends = found
         self._remember(text, ids, ends)
         return ids
 
-    def _from_memory(self, text: str, lengths: list[int]) -> tuple[list[int], list[int]] | None:
+    def _from_memory(self, text: str, lengths: list[int]) -> tuple[list[int], array.array] | None:
         """The ids of ``text`` from a remembered prompt's up to a safe cut and a fresh encoding of the rest, and
         the byte offset after each id."""
         with self._lock:
@@ -138,9 +140,9 @@ class PromptMemory:
         with self._lock:
             self.stats["hits"] += 1
             self.stats["chars_reused"] += cut
-        return ids[: j + 1] + rest, ends[: j + 1] + list(
-            itertools.accumulate(map(lengths.__getitem__, rest), initial=at)
-        )[1:]
+        rest_ends = itertools.accumulate(map(lengths.__getitem__, rest), initial=at)
+        next(rest_ends)  # the cut itself
+        return ids[: j + 1].tolist() + rest, ends[: j + 1] + array.array("q", rest_ends)
 
     def _cut(self, prompt: str, shared: int) -> int | None:
         """The last safe cut of ``prompt`` that both texts agree on well past; None if there is none near."""
@@ -159,7 +161,7 @@ class PromptMemory:
             return None
         return found
 
-    def _remember(self, text: str, ids: list[int], ends: list[int]) -> None:
+    def _remember(self, text: str, ids: list[int], ends: array.array) -> None:
         if len(text) > MAX_CHARS // 4:
             return
         if not ends or ends[-1] != len(text.encode("utf-8")):  # the ids do not spell the text byte for byte
@@ -168,7 +170,7 @@ class PromptMemory:
             if text in self._prompts:
                 self._prompts.move_to_end(text)
                 return
-            self._prompts[text] = (ids, ends)
+            self._prompts[text] = (array.array("q", ids), ends)
             self._chars += len(text)
             while len(self._prompts) > MAX_PROMPTS or self._chars > MAX_CHARS:
                 old, _ = self._prompts.popitem(last=False)
