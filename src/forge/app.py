@@ -313,10 +313,8 @@ class Forge:
         if ctx.messages is not None and ctx.messages != ctx.rendered:  # a middleware changed the conversation
             ctx.prompt = render_prompt(tokenizer, ctx.messages, tools=ctx.tools)
             ctx.rendered = [dict(m) for m in ctx.messages]
-        if ctx.ids is None:  # tokenized once, here, unless the caller gave the ids
-            # A server with its prefix cache off reuses nothing of a shared prompt, its tokens included.
-            remember = self._engine is None or self._engine.prefix_cache is not None
-            ctx.ids = await encode(tokenizer, ctx.prompt, remember=remember)
+        if ctx.ids is None:  # tokenized once, here, unless the caller gave the ids; prefix cache off: reusing nothing
+            ctx.ids = await encode(tokenizer, ctx.prompt, remember=getattr(self._engine, "prefix_cache", 1) is not None)
         # The engine (serving: continuous batching) or the plain generator admits it: length, budget, seed.
         run = self._engine.stream if self._engine is not None else self._generator.astream
         stream = run(ctx.prompt, ctx.params, ids=ctx.ids, strict=ctx.strict_budget)
