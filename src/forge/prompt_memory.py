@@ -84,38 +84,30 @@ class PromptMemory:
         # text -> (its ids, the byte offset after each id), as machine integers (a fifth of a list of ints' memory)
         self._prompts: collections.OrderedDict[str, tuple[array.array, array.array]] = collections.OrderedDict()
         self._chars = 0
-        self._lengths: list[int] | None = None  # bytes of each id's text
-        self._added: list[str] = []
         self.stats = {"lookups": 0, "hits": 0, "chars_reused": 0}
-
-    def _tables(self) -> list[int]:
-        """Bytes of each id's text: a byte-level token's characters are one byte each; added tokens are text."""
-        if self._lengths is None:
-            vocab = self.hf.get_vocab(with_added_tokens=True)
-            lengths = [0] * (max(vocab.values()) + 1)
-            for token, i in vocab.items():
-                lengths[i] = len(token)
-            added = [t.content for t in self.hf.get_added_tokens_decoder().values()]
-            for content in added:
-                lengths[vocab[content]] = len(content.encode("utf-8"))
-            self._added = sorted(set(added), key=len, reverse=True)
-            self._lengths = lengths
-        return self._lengths
+        # Bytes of each id's text: a byte-level token's characters are one byte each; added tokens are text.
+        vocab = hf.get_vocab(with_added_tokens=True)
+        self._lengths = [0] * (max(vocab.values()) + 1)
+        for token, i in vocab.items():
+            self._lengths[i] = len(token)
+        added = [t.content for t in hf.get_added_tokens_decoder().values()]
+        for content in added:
+            self._lengths[vocab[content]] = len(content.encode("utf-8"))
+        self._longest_added = max(map(len, added), default=0)
 
     def encode(self, text: str) -> list[int]:
         if len(text) < MIN_CHARS:
             return self.hf.encode(text, add_special_tokens=False).ids
-        lengths = self._tables()
-        found = self._from_memory(text, lengths)
+        found = self._from_memory(text)
         if found is None:
             ids = self.hf.encode(text, add_special_tokens=False).ids
-            ends = array.array("q", itertools.accumulate(map(lengths.__getitem__, ids)))
+            ends = array.array("q", itertools.accumulate(map(self._lengths.__getitem__, ids)))
         else:
             ids, ends = found
         self._remember(text, ids, ends)
         return ids
 
-    def _from_memory(self, text: str, lengths: list[int]) -> tuple[list[int], array.array] | None:
+    def _from_memory(self, text: str) -> tuple[list[int], array.array] | None:
         """The ids of ``text`` from a remembered prompt's up to a safe cut and a fresh encoding of the rest, and
         the byte offset after each id."""
         with self._lock:
@@ -140,14 +132,13 @@ class PromptMemory:
         with self._lock:
             self.stats["hits"] += 1
             self.stats["chars_reused"] += cut
-        rest_ends = itertools.accumulate(map(lengths.__getitem__, rest), initial=at)
+        rest_ends = itertools.accumulate(map(self._lengths.__getitem__, rest), initial=at)
         next(rest_ends)  # the cut itself
         return ids[: j + 1].tolist() + rest, ends[: j + 1] + array.array("q", rest_ends)
 
     def _cut(self, prompt: str, shared: int) -> int | None:
         """The last safe cut of ``prompt`` that both texts agree on well past; None if there is none near."""
-        longest = len(self._added[0]) if self._added else 0
-        end = shared - LOOKAHEAD - longest  # the cut's right letter sits before this
+        end = shared - LOOKAHEAD - self._longest_added  # the cut's right letter sits before this
         if end < 2:
             return None
         found, width = None, 128
@@ -157,8 +148,6 @@ class PromptMemory:
             if end - width <= 1:
                 break
             width *= 4
-        if found is None:
-            return None
         return found
 
     def _remember(self, text: str, ids: list[int], ends: array.array) -> None:

@@ -11,9 +11,9 @@ characters it never saw.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -59,9 +59,6 @@ class Tokenizer:
         self.add_bos = add_bos and self.bos_id is not None
         self.chat_template = chat_template
         self._id_bytes = _byte_table(hf)
-        self._memory: PromptMemory | None = None  # made on the first long prompt, if the tokenizer allows it
-        self._memory_checked = False
-        self._memory_lock = threading.Lock()
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -171,13 +168,11 @@ class Tokenizer:
 
     def prompt_memory(self) -> PromptMemory | None:
         """The memory of recent long prompts' ids; None where this tokenizer's pipeline doesn't allow reuse."""
-        if not self._memory_checked:
-            with self._memory_lock:
-                if not self._memory_checked:
-                    if reusable(json.loads(self.hf.to_str())):
-                        self._memory = PromptMemory(self.hf)
-                    self._memory_checked = True
-        return self._memory
+        return self._prompt_memory
+
+    @functools.cached_property
+    def _prompt_memory(self) -> PromptMemory | None:  # made on the first long prompt: reading the JSON costs ms
+        return PromptMemory(self.hf) if reusable(json.loads(self.hf.to_str())) else None
 
     def token(self, i: int) -> str | None:
         """The token string of id ``i``."""
