@@ -280,3 +280,31 @@ def test_the_tail_graph_computes_only_the_rows_up_to_the_joining_ones(
     graphed, batcher = run(True)
     assert graphed == plain
     assert batcher.graphs is not None and set(batcher.graphs.tailers) == {1, 2}
+
+
+def test_every_layers_cache_is_one_buffer_and_a_prefix_moves_the_same_either_way(model: Transformer) -> None:
+    # The caches a model makes are views of one (layers, 2, rows, heads, positions, dim) buffer, so that a
+    # prefix is loaded (and a row moved) in one copy; caches whose buffers were replaced since (Module.to)
+    # take the copy a layer, with the same result.
+    from forge.core.kv_cache import stacked
+
+    caches = model.make_caches(3, 64)
+    whole = stacked(caches)
+    assert whole is not None and whole.shape == (len(caches), 2, 3, *caches[0].k.shape[1:])
+    g = torch.Generator().manual_seed(0)
+    whole.copy_(torch.randn(whole.shape, generator=g))
+    tokens = list(range(40))
+    cache = PrefixCache(1 << 30)
+    assert cache.store(tokens, caches, row=0, length=40) == 40 // BLOCK
+    separate = torch.nn.ModuleList(model.make_caches(3, 64)).to(torch.float64).to(whole.dtype)
+    assert stacked(list(separate)) is None  # .to made new buffers: no longer views of one
+    for target in (caches, list(separate)):
+        assert cache.load(tokens, target, row=2) == 32
+        for layer, c in enumerate(target):
+            assert torch.equal(c.k[2, :, :32], whole[layer, 0, 0, :, :32])
+            assert torch.equal(c.v[2, :, :32], whole[layer, 1, 0, :, :32])
+    # The separate caches store blocks equal to the stacked ones'.
+    other = PrefixCache(1 << 30)
+    other.store(tokens, list(separate), row=2, length=32)
+    mine = {k: b.kv for k, b in cache._blocks.items()}
+    assert other._blocks and all(torch.equal(b.kv, mine[k]) for k, b in other._blocks.items())

@@ -27,6 +27,7 @@ __all__ = [
     "check_cache_fits",
     "free_memory",
     "plan_cache",
+    "stacked",
 ]
 
 #: The share of free memory a serving KV cache takes by default; the rest is for activations and everything else.
@@ -83,12 +84,52 @@ class KVCache(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         lazy: bool = False,
+        buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
-        make = torch.empty if lazy else torch.zeros  # empty: untouched pages cost no memory
-        self.register_buffer("k", make(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", make(shape, dtype=dtype, device=device), persistent=False)
+        if buffers is not None:  # views of every layer's one buffer (see :meth:`stack`)
+            keys, values = buffers
+            assert keys.shape == values.shape == shape, f"{tuple(keys.shape)} is not {shape}"
+        else:
+            make = torch.empty if lazy else torch.zeros  # empty: untouched pages cost no memory
+            keys, values = make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
+        self.register_buffer("k", keys, persistent=False)
+        self.register_buffer("v", values, persistent=False)
+
+    @classmethod
+    def stack(
+        cls,
+        n_layer: int,
+        *,
+        batch: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        lazy: bool = False,
+    ) -> list[KVCache]:
+        """One cache per layer, all views of one (n_layer, 2, batch, n_kv_head, max_len, head_dim) buffer.
+
+        The same memory as separate buffers, but a row's keys and values of every layer are one strided view
+        (``stacked(caches)[:, :, row]``): a prefix cache copies a prefix into a row, or a row into another, in
+        one op instead of two a layer (on a GPU each op costs its launch on the host).
+        """
+        make = torch.empty if lazy else torch.zeros
+        buffer = make((n_layer, 2, batch, n_kv_head, max_len, head_dim), dtype=dtype, device=device)
+        return [
+            cls(
+                batch=batch,
+                n_kv_head=n_kv_head,
+                max_len=max_len,
+                head_dim=head_dim,
+                dtype=dtype,
+                device=device,
+                buffers=(buffer[layer, 0], buffer[layer, 1]),
+            )
+            for layer in range(n_layer)
+        ]
 
     @property
     def max_len(self) -> int:
@@ -147,6 +188,23 @@ class KVCache(nn.Module):
         """Copy row ``src`` onto row ``dst`` (compacting the rows of a batch after one leaves)."""
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
+
+
+def stacked(caches: list[KVCache]) -> torch.Tensor | None:
+    """The (n_layer, 2, batch, heads, max_len, head_dim) buffer whose views ``caches`` are, in order (see
+    :meth:`KVCache.stack`); None where they are not (made one by one, or their buffers since replaced, as
+    ``Module.to`` does)."""
+    buffer = caches[0].k._base if caches else None
+    if buffer is None or buffer.dim() != 6 or buffer.shape[0] != len(caches) or buffer.shape[2:] != caches[0].k.shape:
+        return None
+    base, step = buffer.data_ptr(), buffer.stride(1) * buffer.element_size()
+    for layer, cache in enumerate(caches):
+        k, v = cache.k, cache.v
+        if k._base is not buffer or v._base is not buffer or k.data_ptr() != base + 2 * layer * step:
+            return None
+        if v.data_ptr() != base + (2 * layer + 1) * step:
+            return None
+    return buffer
 
 
 # -- sizing -------------------------------------------------------------------------------------------------------

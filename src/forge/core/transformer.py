@@ -194,18 +194,16 @@ class Transformer(nn.Module):
         if not lazy:
             check_cache_fits(cfg, batch, max_len, dtype, device)
         self.ensure_positions(max_len)  # before any graph captures a read of the tables
-        return [
-            KVCache(
-                batch=batch,
-                n_kv_head=cfg.kv_heads,
-                max_len=max_len,
-                head_dim=cfg.head_dim,
-                dtype=dtype,
-                device=device,
-                lazy=lazy,
-            )
-            for _ in self.blocks
-        ]
+        return KVCache.stack(
+            len(self.blocks),
+            batch=batch,
+            n_kv_head=cfg.kv_heads,
+            max_len=max_len,
+            head_dim=cfg.head_dim,
+            dtype=dtype,
+            device=device,
+            lazy=lazy,
+        )
 
     def use_caches(self, caches: list[KVCache] | None) -> None:
         """Install per-layer caches (None removes them): a batching engine keeps its own between steps."""
