@@ -362,17 +362,17 @@ class Batcher:
             for seq in seqs:
                 seq.cached = self.prefix_cache.load(seq.prompt, self.caches, seq.row)
         suffixes = [s.prompt[s.cached :] for s in seqs]
-        T = max(map(len, suffixes))
-        padded = torch.tensor([p + [0] * (T - len(p)) for p in suffixes], device=self.device)  # (k, T)
-        last = torch.tensor([len(p) - 1 for p in suffixes], device=self.device) if min(map(len, suffixes)) < T else None
-        cached = {s.cached for s in seqs}
         if self._tail_graph(seqs, suffixes):  # every row continues a cached prefix, by a few tokens: one replay
             assert self.graphs is not None
             joining = {id(s) for s in seqs}
             lengths = [s.cached if id(s) in joining else s.length for s in self.running]
-            tails = self.graphs.tail({s.row: p for s, p in zip(seqs, suffixes, strict=True)}, lengths)
-            logits = tails[rows]
-        elif len(cached) == 1 and (start := cached.pop()):  # every row continues a cached prefix of one length
+            logits = self.graphs.tail({s.row: p for s, p in zip(seqs, suffixes, strict=True)}, lengths)[rows]
+            return self._stored(rows, seqs, logits)
+        T = max(map(len, suffixes))
+        padded = torch.tensor([p + [0] * (T - len(p)) for p in suffixes], device=self.device)  # (k, T)
+        last = torch.tensor([len(p) - 1 for p in suffixes], device=self.device) if min(map(len, suffixes)) < T else None
+        cached = {s.cached for s in seqs}
+        if len(cached) == 1 and (start := cached.pop()):  # every row continues a cached prefix of one length
             # Causal attention over [0, start + T) with no mask: the fused kernel's path, no new shapes to plan.
             logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=start, length=start + T), last)
         elif any(s.cached for s in seqs):  # each row continues its cached prefix
@@ -381,6 +381,10 @@ class Batcher:
             logits = prefill(self.model, padded, write, last, starts)
         else:
             logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=0, length=T), last)
+        return self._stored(rows, seqs, logits)
+
+    def _stored(self, rows: slice, seqs: list[Sequence], logits: torch.Tensor) -> Picked:
+        """After a prefill: the prompts' new blocks go into the prefix cache, then the first tokens are picked."""
         if self.prefix_cache is not None:
             for seq in seqs:
                 self.prefix_cache.store(seq.prompt, self.caches, seq.row, len(seq.prompt))
