@@ -72,8 +72,11 @@ class CharGPT(nn.Module):
         return self.ln(self.blocks(x)) @ self.tok.weight.T
 
 
-def plain_arm(data: torch.Tensor, seconds: float, device: torch.device, batch: int = 32) -> dict[str, Any]:
-    """The plain loop: random windows, AdamW at 1e-3 after 50 warm-up steps, until the clock runs out."""
+def plain_arm(
+    data: torch.Tensor, seconds: float, device: torch.device, batch: int = 32, also: tuple[Path, ...] = ()
+) -> dict[str, Any]:
+    """The plain loop: random windows, AdamW at 1e-3 after 50 warm-up steps, until the clock runs out. Scored on
+    the held-out text, and on each of ``also`` (under ``also``, by file name)."""
     torch.manual_seed(0)
     model = CharGPT().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
@@ -92,7 +95,10 @@ def plain_arm(data: torch.Tensor, seconds: float, device: torch.device, batch: i
         step += 1
     train_seconds = time.perf_counter() - started
     bpb = byte_bits(lambda ids: model(ids), HELD_OUT.read_bytes(), model.block, device)
-    return {"bits_per_byte": round(bpb, 4), "steps": step, "train_seconds": round(train_seconds, 1)}
+    out: dict[str, Any] = {"bits_per_byte": round(bpb, 4), "steps": step, "train_seconds": round(train_seconds, 1)}
+    if also:
+        out["also"] = {p.name: round(byte_bits(model, p.read_bytes(), model.block, device), 4) for p in also}
+    return out
 
 
 @torch.no_grad()
@@ -111,15 +117,19 @@ def byte_bits(logits: Any, text: bytes, block: int, device: torch.device) -> flo
     return total / math.log(2) / scored
 
 
-def forge_arm(seconds: float, device: str, data: Path = SHAKESPEARE, **options: Any) -> dict[str, Any]:
+def forge_arm(
+    seconds: float, device: str, data: Path = SHAKESPEARE, also: tuple[Path, ...] = (), **options: Any
+) -> dict[str, Any]:
     """Forge's defaults, ``forge train DATA --time SECONDS`` (and ``options``); the tokenizer is cached by a
-    first, 1-step run."""
+    first, 1-step run. Scored on the held-out text, and on each of ``also`` (under ``also``, by file name)."""
     forge.train(data, preset="auto", steps=1, time=seconds, eval_every=0, device=device)
     started = time.perf_counter()
     result = forge.train(data, preset="auto", time=seconds, device=device, **options)
     wall = time.perf_counter() - started
     score = evaluate(result.model, result.tokenizer, HELD_OUT)
+    extra = {p.name: round(evaluate(result.model, result.tokenizer, p).bits_per_byte, 4) for p in also}
     return {
+        **({"also": extra} if extra else {}),
         "bits_per_byte": round(score.bits_per_byte, 4),
         "steps": result.step,
         "auto": result.auto,

@@ -51,6 +51,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "ctx64": {"shape": {"context_length": 64}},
     "rope": {"shape": {"position": "rope"}},
     "llama": {"shape": {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False}},
+    "l6": {"shape": {"n_layer": 6}},
+    "d192": {"shape": {"d_model": 192, "n_head": 6}},
+    "ctx256": {"shape": {"context_length": 256}},
 }
 
 
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="Training budget of each arm.")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--arms", default=",".join(ARMS), help="Comma-separated arm names.")
+    parser.add_argument("--tag", default="", help="appended to the result's file name (a re-sweep beside the old)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 keeps a shared CPU from stalling every op)."
     )
@@ -114,7 +118,7 @@ def main() -> None:
         for name in arms:
             out["runs"].append(run_arm(name, args.seconds, text))
             print(out["runs"][-1], file=sys.stderr, flush=True)
-            save_result(f"train_auto_sweep_{int(args.seconds)}s", out)
+            save_result(f"train_auto_sweep_{int(args.seconds)}s{args.tag}", out)
 
 
 if __name__ == "__main__":

@@ -264,3 +264,28 @@ def test_a_cache_larger_than_free_memory_is_a_clear_error(
     with pytest.raises(GenerationError, match=r"needs 8\.0 GB, but only 1\.0 GB of memory is free"):
         model.make_caches(4, 1 << 22)
     assert len(model.make_caches(1, 64)) == len(model.blocks)
+
+
+def test_bf16_attention_under_autograd_on_the_cpu_runs_in_fp32() -> None:
+    # SDPA's CPU kernel runs its backward ~5x slower in bf16 than in fp32, so ops.attention trains in fp32 there:
+    # the output is the fp32 attention of the bf16 inputs rounded once, and so are the gradients.
+    import torch.nn.functional as F
+
+    from forge.core import ops
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs it: autocast must not cast back
+        y = ops.attention(q, k, v, causal=True)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn(y.shape, generator=g).bfloat16()
+    y.backward(grad)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True)
+    ref.backward(grad.float())
+    assert torch.equal(y, ref.bfloat16())
+    for ours, theirs in zip((q, k, v), ref_in, strict=True):
+        assert ours.grad is not None and theirs.grad is not None
+        assert torch.equal(ours.grad, theirs.grad.bfloat16())
+    with torch.no_grad():  # inference keeps bf16 (its forward is faster in bf16)
+        assert ops.attention(q, k, v, causal=True).dtype == torch.bfloat16
