@@ -4,8 +4,10 @@ Muon (Keller Jordan, 2024; the modded-nanogpt speedrun) updates a 2-D weight by 
 momentum of its gradient (five Newton–Schulz iterations), scaled by ``sqrt(max(1, rows / cols))``. It suits the
 hidden matrices only: embeddings, the output head, norm gains and biases (and LoRA adapters, low-rank by design)
 stay on AdamW. PyTorch 2.9+ ships ``torch.optim.Muon`` with the same update, but it always iterates in bfloat16,
-which CPUs without native bf16 run about 5x slower than float32 (measured on this project's 2-core CI CPU), so
-:class:`Muon` here is the reference algorithm with the iteration in bfloat16 on GPUs and float32 elsewhere.
+which CPUs without native bf16 run about 5x slower than float32, so :class:`Muon` here is the reference algorithm
+with the iteration in bfloat16 where the hardware runs it natively (GPUs, CPUs with AVX512-BF16 or AMX: on this
+project's 2-core CPU the auto preset's matrices orthogonalise in 7 ms against 12 in float32, and 1024 x 512 ones
+3.7x faster) and float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from forge.core.device import autocast_dtype
 from forge.core.lora import LoRA
 from forge.errors import ConfigError
 
@@ -93,7 +96,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     matmuls: one call for all of a model's blocks, not one per matrix.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(autocast_dtype(g.device) or torch.float32)  # bf16 where the hardware runs it natively
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
