@@ -359,9 +359,9 @@ def info_cmd(model_dir: Path, as_json: bool) -> None:
 def default_optimizer(resume: Path | None, model: str | None, strategy: str) -> str:
     """`forge train`'s optimizer when none is named: Muon for a new model, which reached 3.15 bits per byte on
     held-out text in 120 s on a 2-core CPU against AdamW's 3.23 with GPT-2-style blocks at lr 1e-3 (with the
-    auto preset's Llama-style blocks at lr 3e-3 the two are within noise, 3.04 and 3.03:
-    benchmarks/results/quality_cpu.json); AdamW to fine-tune a pretrained model or under FSDP (Muon needs whole
-    matrices); a resumed run keeps its own."""
+    auto preset's Llama-style blocks at lr 3e-3 the two are within noise, 3.04 and 3.03 in d016026's run of
+    benchmarks/quality_cpu.py --compare-optimizers); AdamW to fine-tune a pretrained model or under FSDP (Muon
+    needs whole matrices); a resumed run keeps its own."""
     if resume is not None:
         state = read_training_state(resume) or {}
         return str((state.get("train_config") or {}).get("optimizer", "adamw"))
