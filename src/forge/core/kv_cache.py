@@ -88,7 +88,7 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (batch, n_kv_head, max_len, head_dim)
-        if buffers is not None:  # views of every layer's one buffer (see :meth:`stack`)
+        if buffers is not None:  # views of every layer's one buffer (see :func:`stacked`)
             keys, values = buffers
             assert keys.shape == values.shape == shape, f"{tuple(keys.shape)} is not {shape}"
         else:
@@ -96,40 +96,6 @@ class KVCache(nn.Module):
             keys, values = make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
         self.register_buffer("k", keys, persistent=False)
         self.register_buffer("v", values, persistent=False)
-
-    @classmethod
-    def stack(
-        cls,
-        n_layer: int,
-        *,
-        batch: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        lazy: bool = False,
-    ) -> list[KVCache]:
-        """One cache per layer, all views of one (n_layer, 2, batch, n_kv_head, max_len, head_dim) buffer.
-
-        The same memory as separate buffers, but a row's keys and values of every layer are one strided view
-        (``stacked(caches)[:, :, row]``): a prefix cache copies a prefix into a row, or a row into another, in
-        one op instead of two a layer (on a GPU each op costs its launch on the host).
-        """
-        make = torch.empty if lazy else torch.zeros
-        buffer = make((n_layer, 2, batch, n_kv_head, max_len, head_dim), dtype=dtype, device=device)
-        return [
-            cls(
-                batch=batch,
-                n_kv_head=n_kv_head,
-                max_len=max_len,
-                head_dim=head_dim,
-                dtype=dtype,
-                device=device,
-                buffers=(buffer[layer, 0], buffer[layer, 1]),
-            )
-            for layer in range(n_layer)
-        ]
 
     @property
     def max_len(self) -> int:
@@ -191,9 +157,14 @@ class KVCache(nn.Module):
 
 
 def stacked(caches: list[KVCache]) -> torch.Tensor | None:
-    """The (n_layer, 2, batch, heads, max_len, head_dim) buffer whose views ``caches`` are, in order (see
-    :meth:`KVCache.stack`); None where they are not (made one by one, or their buffers since replaced, as
-    ``Module.to`` does)."""
+    """The (n_layer, 2, batch, heads, max_len, head_dim) buffer whose views ``caches`` are, in order; None where
+    they are not (made one by one, or their buffers since replaced, as ``Module.to`` does).
+
+    ``Transformer.make_caches`` makes every layer's cache a view of one such buffer: the same memory as separate
+    buffers, but a row's keys and values of every layer are one strided view (``stacked(caches)[:, :, row]``), so
+    a prefix cache copies a prefix into a row, or a row into another, in one op instead of two a layer (on a GPU
+    each op costs its launch on the host).
+    """
     buffer = caches[0].k._base if caches else None
     if buffer is None or buffer.dim() != 6 or buffer.shape[0] != len(caches) or buffer.shape[2:] != caches[0].k.shape:
         return None

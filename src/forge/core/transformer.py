@@ -194,16 +194,21 @@ class Transformer(nn.Module):
         if not lazy:
             check_cache_fits(cfg, batch, max_len, dtype, device)
         self.ensure_positions(max_len)  # before any graph captures a read of the tables
-        return KVCache.stack(
-            len(self.blocks),
-            batch=batch,
-            n_kv_head=cfg.kv_heads,
-            max_len=max_len,
-            head_dim=cfg.head_dim,
-            dtype=dtype,
-            device=device,
-            lazy=lazy,
-        )
+        make = torch.empty if lazy else torch.zeros  # empty: untouched pages cost no memory
+        # Every layer's keys and values are views of one buffer (see kv_cache.stacked).
+        whole = make((len(self.blocks), 2, batch, cfg.kv_heads, max_len, cfg.head_dim), dtype=dtype, device=device)
+        return [
+            KVCache(
+                batch=batch,
+                n_kv_head=cfg.kv_heads,
+                max_len=max_len,
+                head_dim=cfg.head_dim,
+                dtype=dtype,
+                device=device,
+                buffers=(whole[layer, 0], whole[layer, 1]),
+            )
+            for layer in range(len(self.blocks))
+        ]
 
     def use_caches(self, caches: list[KVCache] | None) -> None:
         """Install per-layer caches (None removes them): a batching engine keeps its own between steps."""
