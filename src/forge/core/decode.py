@@ -36,7 +36,7 @@ import torch
 
 from forge.core.cuda_graphs import graph_key, reusable
 from forge.core.draft import DraftProposer
-from forge.core.kv_cache import CacheWrite, KVCache, stacked
+from forge.core.kv_cache import CacheWrite, KVCache, move_row
 from forge.core.prefix_cache import PrefixCache
 from forge.core.sampling import (
     SamplingParams,
@@ -304,12 +304,7 @@ class Batcher:
             self.prefix_cache.store(tokens, self.caches, seq.row, min(seq.length, len(tokens) - 1))
         last = self.running.pop()
         if last is not seq:
-            whole = stacked(self.caches)
-            if whole is not None:  # every layer's row in one copy
-                whole[:, :, seq.row] = whole[:, :, last.row]
-            else:
-                for cache in self.caches:
-                    cache.move_row(last.row, seq.row)
+            move_row(self.caches, last.row, seq.row)
             for state in (self.tokens, self.seen, self.counts):
                 if state is not None:
                     state[seq.row] = state[last.row]

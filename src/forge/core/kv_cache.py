@@ -26,8 +26,11 @@ __all__ = [
     "cache_bytes",
     "check_cache_fits",
     "free_memory",
+    "move_row",
     "plan_cache",
+    "read_rows",
     "stacked",
+    "write_rows",
 ]
 
 #: The share of free memory a serving KV cache takes by default; the rest is for activations and everything else.
@@ -146,15 +149,6 @@ class KVCache(nn.Module):
         t = (pos[:, None] + torch.arange(tokens, device=pos.device)).clamp_(max=L - 1)[:, None, :]  # (B, 1, T)
         return ((r * H + h) * L + t).reshape(-1)  # (B * H * T,)
 
-    def read_row(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (Hkv, end - start, D) of ``row`` at positions [start, end): views, not copies."""
-        return self.k[row, :, start:end], self.v[row, :, start:end]
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row ``src`` onto row ``dst`` (compacting the rows of a batch after one leaves)."""
-        self.k[dst] = self.k[src]
-        self.v[dst] = self.v[src]
-
 
 def stacked(caches: list[KVCache]) -> torch.Tensor | None:
     """The (n_layer, 2, batch, heads, max_len, head_dim) buffer whose views ``caches`` are, in order; None where
@@ -176,6 +170,37 @@ def stacked(caches: list[KVCache]) -> torch.Tensor | None:
         if v.data_ptr() != base + (2 * layer + 1) * step:
             return None
     return buffer
+
+
+def read_rows(caches: list[KVCache], row: int, start: int, end: int) -> torch.Tensor:
+    """Every layer's keys and values of ``row`` at positions [start, end): (n_layer, 2, heads, end - start, D), a
+    view of the one buffer (a copy where the caches are not its views)."""
+    whole = stacked(caches)
+    if whole is not None:
+        return whole[:, :, row, :, start:end]
+    return torch.stack([torch.stack((c.k[row, :, start:end], c.v[row, :, start:end])) for c in caches])
+
+
+def write_rows(caches: list[KVCache], row: int, kv: torch.Tensor) -> None:
+    """Write ``kv`` (n_layer, 2, heads, n, D) into positions [0, n) of ``row`` in every layer: one copy."""
+    whole, n = stacked(caches), kv.shape[3]
+    if whole is not None:
+        whole[:, :, row, :, :n] = kv
+        return
+    for layer, cache in enumerate(caches):
+        cache.k[row, :, :n] = kv[layer, 0]
+        cache.v[row, :, :n] = kv[layer, 1]
+
+
+def move_row(caches: list[KVCache], src: int, dst: int) -> None:
+    """Copy row ``src`` onto row ``dst`` in every layer (compacting a batch after a row leaves): one copy."""
+    whole = stacked(caches)
+    if whole is not None:
+        whole[:, :, dst] = whole[:, :, src]
+        return
+    for cache in caches:
+        cache.k[dst] = cache.k[src]
+        cache.v[dst] = cache.v[src]
 
 
 # -- sizing -------------------------------------------------------------------------------------------------------

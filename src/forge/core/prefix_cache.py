@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forge.core.kv_cache import KVCache, stacked
+from forge.core.kv_cache import KVCache, read_rows, write_rows
 
 __all__ = ["BLOCK", "PrefixCache", "PrefixStats"]
 
@@ -115,13 +115,7 @@ class PrefixCache:
             return 0
         self._touch([b.key for b in found])
         kv = torch.cat([b.kv for b in found], dim=3)  # (n_layer, 2, Hkv, n * BLOCK, D)
-        whole = stacked(caches)
-        if whole is not None:  # every layer's keys and values in one copy
-            whole[:, :, row, :, : kv.shape[3]] = kv
-        else:
-            for layer, cache in enumerate(caches):
-                cache.k[row, :, : kv.shape[3]] = kv[layer, 0]
-                cache.v[row, :, : kv.shape[3]] = kv[layer, 1]
+        write_rows(caches, row, kv)
         n = min(kv.shape[3], len(tokens) - 1)  # a prompt found whole: its last token is computed again
         self.stats.hits += 1
         self.stats.tokens_reused += n
@@ -143,11 +137,7 @@ class PrefixCache:
         if first == len(keys):
             return 0
         start, end = first * BLOCK, len(keys) * BLOCK
-        whole = stacked(caches)
-        if whole is not None:  # a view of every layer's keys and values, cut into blocks (copies) below
-            kv = whole[:, :, row, :, start:end]  # (L, 2, Hkv, n, D)
-        else:  # one copy per layer of every new block's keys and values
-            kv = torch.stack([torch.stack(cache.read_row(row, start, end)) for cache in caches])
+        kv = read_rows(caches, row, start, end)  # (L, 2, Hkv, n, D): cut into blocks (copies) below
         new = 0
         for index in range(first, len(keys)):
             key, parent, block = chain[index]
