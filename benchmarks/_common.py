@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
+# FORGE_SHAKESPEARE: where the corpus is not beside the checkout (a device machine).
+SHAKESPEARE = Path(os.environ.get("FORGE_SHAKESPEARE") or ROOT.parent / "shared" / "data" / "shakespeare")
 
 
 def environment(device: torch.device) -> dict[str, object]:

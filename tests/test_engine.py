@@ -357,3 +357,38 @@ def test_each_prefill_chunk_s_first_tokens_go_out_before_the_next_chunk(
     assert len(texts) == 3 and all(texts)
     assert len(held) >= 2  # the first request alone, then the two that reuse its prefix
     assert held == [0] * len(held)
+
+
+def test_a_prefill_chunk_is_bounded_by_the_tokens_it_computes_padding_included(
+    random_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PREFILL_TOKENS bounds a chunk by what its forward computes: prompts found in the prefix cache count only
+    their uncached tails (requests sharing a system prompt join in one chunk after the first), and prompts of
+    unequal length count as the longest, which the batch is padded to."""
+    import forge.engine
+
+    sizes: list[list[int]] = []
+    real_prefill = forge.engine.Engine._prefill
+
+    def prefill(self: Any, chunk: list[Any]) -> None:
+        sizes.append([len(j.seq.prompt) for j in chunk])
+        real_prefill(self, chunk)
+
+    monkeypatch.setattr(forge.engine.Engine, "_prefill", prefill)
+    monkeypatch.setattr(forge.engine, "PREFILL_TOKENS", 250)
+    system = "you answer questions about the text: " * 4  # ~150 tokens: two whole prompts are more than 250
+
+    async def main(prompts: list[str]) -> list[str]:
+        app = await serving(random_dir, max_batch=4)
+        app.defaults = GenerationConfig(temperature=0, max_tokens=2)
+        texts = await asyncio.gather(*(app.generate(p) for p in prompts))
+        await app.stop_batching()
+        return list(texts)
+
+    assert all(run(lambda: main([system + p for p in PROMPTS[:4]])))
+    assert [len(chunk) for chunk in sizes] == [1, 3]  # the first computes the prefix; the rest, their tails
+    sizes.clear()
+    short, long = "ab", system + "tell me more"  # no shared blocks: both computed whole
+    assert all(run(lambda: main([short, long])))
+    assert len(sizes) == 2  # 2 x the longer prompt is more than 250 (their sum is not)
+    assert sum(sizes[0] + sizes[1]) <= 250 < 2 * max(sizes[0] + sizes[1])

@@ -39,7 +39,8 @@ __all__ = ["Engine"]
 
 log = logging.getLogger("forge.engine")
 
-#: Joining requests are prefilled together up to this many prompt tokens a forward (bounds its activations).
+#: Joining requests are prefilled together up to this many tokens a forward, padding included (bounds its
+#: activations); a prompt's tokens found in the prefix cache are not computed and don't count.
 PREFILL_TOKENS = 4096
 #: How long a step waits for the model's lock (held by training) before the compute thread's other jobs go first.
 LOCK_WAIT_S = 0.05
@@ -296,16 +297,30 @@ class Engine:
         """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone. Each chunk's
         first tokens go out as soon as it is prefilled, not after the chunks behind it."""
         chunk: list[_Job] = []
+        widest = 0  # the most tokens a prompt of the chunk computes: the batch's prompts are padded to it
         for job in jobs:
-            if chunk and (
-                sum(len(j.seq.prompt) for j in chunk) + len(job.seq.prompt) > PREFILL_TOKENS or self._shares(chunk, job)
-            ):
-                self._prefill(chunk)
-                self._flush()
-                chunk = []
+            if chunk and self._shares(chunk, job):  # first the prefill that stores the prefix job starts with
+                chunk, widest = self._prefill_now(chunk), 0
+            tokens = self._to_compute(job)
+            if chunk and (len(chunk) + 1) * max(widest, tokens) > PREFILL_TOKENS:
+                chunk, widest = self._prefill_now(chunk), 0
             chunk.append(job)
+            widest = max(widest, tokens)
         if chunk:
             self._prefill(chunk)
+
+    def _prefill_now(self, chunk: list[_Job]) -> list[_Job]:
+        """Prefill ``chunk`` and send its first tokens; the next chunk, empty."""
+        self._prefill(chunk)
+        self._flush()
+        return []
+
+    def _to_compute(self, job: _Job) -> int:
+        """The prompt tokens ``job``'s prefill computes: those after its stored prefix (a peek at the cache)."""
+        n = len(job.seq.prompt)
+        if self.prefix_cache is None or n <= BLOCK:
+            return n
+        return n - min(self.prefix_cache.cached_blocks(job.seq.prompt) * BLOCK, n - 1)
 
     def _shares(self, chunk: list[_Job], job: _Job) -> bool:
         """Whether ``job`` starts like one of ``chunk`` with a block not cached yet: it waits for that prefill.

@@ -288,6 +288,32 @@ def test_the_engine_replays_graphs_and_recaptures_when_weights_move(tmp_path: ob
     assert len(set(eager)) > 1
 
 
+def test_the_engine_replays_graphs_for_short_requests_too() -> None:
+    """The serving engine's graphs outlive a request: it captures them for a 4-token reply too (a one-shot
+    generation that short stays eager), and the replies are the eager ones."""
+    import asyncio
+
+    from forge.engine import Engine
+    from forge.generator import GenerationConfig
+    from forge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, kind="char")
+    model = _peaked_llama()
+    cfg = GenerationConfig(temperature=0, max_tokens=4, stop_at_eos=False)
+    prompts = ["to be", "or not", "that is the question"]
+
+    async def serve(graphs: bool) -> tuple[list[str], Engine]:
+        engine = Engine(model, tok, max_batch=4, max_len=128, cuda_graphs=graphs, prefix_cache=False).start()
+        try:
+            return list(await asyncio.gather(*(_text(engine.stream(p, cfg)) for p in prompts))), engine
+        finally:
+            await engine.stop()
+
+    graphed, engine = asyncio.run(serve(True))
+    assert engine.batcher.graphs is not None and engine.batcher.graphs.greedy is not None
+    assert graphed == asyncio.run(serve(False))[0]
+
+
 async def _text(stream: object) -> str:
     return "".join([piece async for piece in stream])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_checks import DEVICE, ON_GPU, close
 
 from forge.kernels import decode_attention as dec
@@ -69,6 +70,39 @@ def test_decode_attention_matches_reference(shape: tuple, dtype: torch.dtype, ti
     out = dec.decode_attention(q, k, v, mask)
     assert out.shape == (B, H, 1, D) and out.dtype == dtype
     close(out, reference.decode_attention(q, k, v, mask), dtype, scale=5)
+
+
+# (B, H, Hkv, W, Tk, D): several queries a row, each with its own mask row (a verify step, a prompt's tail).
+MULTI_SHAPES = [(3, 4, 2, 5, 70, 32), (2, 6, 3, 8, 300, 16), (1, 4, 4, 32, 40, 16), (2, 2, 1, 1, 50, 16)]
+if ON_GPU:
+    MULTI_SHAPES += [(8, 32, 8, 32, 2304, 64), (1, 9, 3, 32, 2048, 64), (4, 32, 8, 5, 4096, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", MULTI_SHAPES, ids=lambda s: "B{}H{}kv{}W{}k{}D{}".format(*s))
+def test_several_queries_a_row_match_the_reference(shape: tuple, dtype: torch.dtype, tiles: str) -> None:
+    """Each row's W queries attend causally after a prefix of its own length, as a tail after a cached prefix
+    does (keys past the row's end are stale), and one row's middle query sees a single key."""
+    B, H, Hkv, W, Tk, D = shape
+    q, k, v = _qkv(B, H, Hkv, W, Tk, D, dtype)
+    starts = torch.randint(0, Tk - W + 1, (B,), device=DEVICE)
+    positions = starts[:, None] + torch.arange(W, device=DEVICE)  # (B, W)
+    mask = torch.arange(Tk, device=DEVICE) <= positions[:, :, None]  # (B, W, Tk)
+    mask[0, W // 2] = torch.arange(Tk, device=DEVICE) == Tk // 2
+    out = dec.decode_attention(q, k, v, mask)
+    assert out.shape == (B, H, W, D) and out.dtype == dtype
+    close(out, reference.decode_attention(q, k, v, mask), dtype, scale=5)
+    sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:, None], enable_gqa=True)
+    close(out, sdpa.to(dtype), dtype, scale=5)  # and against PyTorch's own attention
+
+
+def test_too_many_rows_are_refused_with_the_way_out() -> None:
+    from forge.core import ops
+
+    assert ops.DECODE_MAX_ROWS <= dec.MAX_ROWS  # ops sends no more rows than the kernel takes
+    q, k, v = _qkv(1, 8, 1, 17, 20, 16, torch.float32)  # 8 heads a kv head x 17 queries: 136 rows
+    with pytest.raises(ValueError, match=r"more than 128.*forge\.kernels\.attention"):
+        dec.decode_attention(q, k, v, torch.ones(1, 17, 20, dtype=torch.bool, device=DEVICE))
 
 
 def test_decode_attention_ignores_masked_garbage() -> None:

@@ -114,9 +114,8 @@ class PrefixCache:
         if not found:
             return 0
         self._touch([b.key for b in found])
-        kv = torch.cat([b.kv for b in found], dim=3)  # (n_layer, 2, Hkv, n * BLOCK, D)
-        write_rows(caches, row, kv)
-        n = min(kv.shape[3], len(tokens) - 1)  # a prompt found whole: its last token is computed again
+        write_rows(caches, row, _joined([b.kv for b in found]))
+        n = min(len(found) * BLOCK, len(tokens) - 1)  # a prompt found whole: its last token is computed again
         self.stats.hits += 1
         self.stats.tokens_reused += n
         return n
@@ -168,3 +167,13 @@ class PrefixCache:
             self.stats.evictions += 1
             gone += 1
         return gone
+
+
+def _joined(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The blocks (n_layer, 2, Hkv, BLOCK, D) one after another: (n_layer, 2, Hkv, n * BLOCK, D).
+
+    Concatenated as 3-d views: CUDA's batched concatenation (one launch for up to 128 inputs) takes at most
+    4 dimensions, and 5-d blocks fall back to a copy a block (a 2,000-token prefix: 125 launches, ~1 ms).
+    """
+    L, two, H, _, D = blocks[0].shape
+    return torch.cat([b.view(L * two * H, BLOCK, D) for b in blocks], dim=1).view(L, two, H, -1, D)

@@ -112,7 +112,8 @@ class GraphedSteps:
         B, device = batcher.max_batch, batcher.device
         self.batcher, self.key = batcher, key
         # partial: replay while only some rows run (the serving engine, whose batch is never full for long);
-        # the rest compute in their free rows at position 0, unread.
+        # the rest compute in their free rows at position 0, unread. Its graphs outlive a request, so they are
+        # captured on first use however few tokens that request still needs.
         self.partial = partial
         self.weights = weights_at(batcher.model)  # the graphs read these tensors: new ones mean a new capture
         self.pos = torch.zeros(B, dtype=torch.long, device=device)  # each row's next cache slot
@@ -140,8 +141,8 @@ class GraphedSteps:
             return None
         self._fresh()
         if self.greedy is None:
-            if remaining <= 2 * GRAPH_CHUNK:  # capturing costs ~100 steps: a short run stays eager
-                return None
+            if remaining <= 2 * GRAPH_CHUNK and not self.partial:  # capturing costs ~100 steps: a short run stays
+                return None  # eager, except in the serving engine, whose graphs serve every later request
             self.greedy = self._capture(self._greedy_steps, lengths)
         self._sync(lengths)
         self.greedy.replay()
@@ -151,7 +152,7 @@ class GraphedSteps:
         """The logits (B, V) of one replayed step, valid until the next; None where an eager step is better."""
         self._fresh()
         if self.sampled is None:
-            if remaining <= LOGITS_GRAPH_MIN_TOKENS:
+            if remaining <= LOGITS_GRAPH_MIN_TOKENS and not self.partial:  # as in chunk
                 return None
             self.sampled = self._capture(self._sampled_step, lengths)
         self._sync(lengths)

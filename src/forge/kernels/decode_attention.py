@@ -3,7 +3,9 @@
 ``decode_attention`` serves one query per sequence over a preallocated, padded KV cache. A single query
 gives each (batch, kv head) far too little work to fill the GPU, so the cache is cut into splits
 processed in parallel and merged by a second small kernel ("flash decoding"). Every launch parameter
-depends on shapes alone, so the call can be captured in a CUDA graph.
+depends on shapes alone, so the call can be captured in a CUDA graph. A few queries per sequence, each with
+its own mask row (a speculative verify, a prompt's tail after a cached prefix), take the same path: their
+rows join the grouped heads' rows of one program, which reads the keys and values once for all of them.
 
 It is a separate op from ``forge.kernels.attention`` (training and prefill) but shares its input checks,
 dot and launch-config tuple (``forge.kernels.attention_tiles``). As there, query head h reads kv head
@@ -19,7 +21,7 @@ import triton.language as tl
 
 from forge.kernels.attention_tiles import LOG2E, TileConfig, check_inputs, dot, dot_precision, upcast
 
-__all__ = ["decode_attention"]
+__all__ = ["MAX_ROWS", "decode_attention"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -39,6 +41,7 @@ def _decode_split(
     PART_ACC,
     sqb,
     sqh,
+    sqw,
     sqd,
     skb,
     skh,
@@ -49,13 +52,16 @@ def _decode_split(
     svt,
     svd,
     smb,
+    smw,
     smt,
     sob,
     soh,
+    sow,
     sod,
     H,
     Hkv,
     G,
+    W,
     Tk,
     chunk,
     splits,
@@ -65,10 +71,12 @@ def _decode_split(
     BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr,
     SINGLE: tl.constexpr,
+    MULTI: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One split of the cache for all G query heads of one kv head: K and V are read once per group."""
+    """One split of the cache for all G query heads of one kv head, and all W queries of the row (``MULTI``):
+    K and V are read once for the G * W rows of scores."""
     bhkv = tl.program_id(0)
     split = tl.program_id(1)
     b = bhkv // Hkv
@@ -76,13 +84,16 @@ def _decode_split(
     b64 = b.to(tl.int64)
     hkv64 = hkv.to(tl.int64)
 
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_g = tl.arange(0, BLOCK_G)  # rows: query w = r // G of head g = r % G
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    g_ok = offs_g < G
-    heads = hkv * G + offs_g
-    # The G heads are rows of one matrix so the scores are a tensor-core dot; rows past G are padding.
-    q = tl.load(Q + b64 * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
+    g_ok = offs_g < G * W
+    query = (offs_g // G).to(tl.int64)
+    heads = hkv * G + offs_g % G
+    # The G heads (of W queries) are rows of one matrix so the scores are a tensor-core dot; rows past G * W are
+    # padding.
+    q_rows = b64 * sqb + heads[:, None] * sqh + query[:, None] * sqw
+    q = tl.load(Q + q_rows + offs_d[None, :] * sqd, mask=g_ok[:, None], other=0.0)
 
     k_ptrs = K + b64 * skb + hkv64 * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
     v_ptrs = V + b64 * svb + hkv64 * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
@@ -99,20 +110,27 @@ def _decode_split(
     offs_s = tl.arange(0, SCAN)
     first = hi
     last = lo
-    for start in range(lo, hi, SCAN):
+    for start in range(lo, hi, SCAN):  # the span any of the row's queries may see
         cols = start + offs_s
-        ok = tl.load(mask_ptr + cols * smt, mask=cols < hi, other=0) != 0
-        first = tl.minimum(first, tl.min(tl.where(ok, cols, hi), 0))
-        last = tl.maximum(last, tl.max(tl.where(ok, cols + 1, lo), 0))
+        for w in range(0, W):
+            ok = tl.load(mask_ptr + w * smw + cols * smt, mask=cols < hi, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(ok, cols, hi), 0))
+            last = tl.maximum(last, tl.max(tl.where(ok, cols + 1, lo), 0))
     for start_n in range(lo + (first - lo) // BLOCK_N * BLOCK_N, last, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        allowed = tl.load(mask_ptr + cols * smt, mask=cols < hi, other=0) != 0
+        if MULTI:  # each query its own mask row; keys any of them sees are loaded
+            rows_ok = g_ok[:, None] & (cols < hi)[None, :]
+            allowed = tl.load(mask_ptr + query[:, None] * smw + cols[None, :] * smt, mask=rows_ok, other=0) != 0
+            needed = tl.max(allowed.to(tl.int32), 0) != 0
+        else:
+            needed = tl.load(mask_ptr + cols * smt, mask=cols < hi, other=0) != 0
+            allowed = needed[None, :]
         # Loads predicated on the mask fetch nothing for the holes inside the span.
-        k = tl.load(k_ptrs + start_n * skt, mask=allowed[:, None], other=0.0)
-        v = tl.load(v_ptrs + start_n * svt, mask=allowed[:, None], other=0.0)
+        k = tl.load(k_ptrs + start_n * skt, mask=needed[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * svt, mask=needed[:, None], other=0.0)
         qk = dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        qk = tl.where(allowed[None, :], qk * qk_scale, float("-inf"))
+        qk = tl.where(allowed, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -123,10 +141,10 @@ def _decode_split(
 
     if SINGLE:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = Out + b64 * sob + heads[:, None] * soh + offs_d[None, :] * sod
+        o_ptrs = Out + b64 * sob + heads[:, None] * soh + query[:, None] * sow + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_ok[:, None])
     else:
-        part = (b64 * H + heads) * splits + split  # partials laid out (B, H, splits[, D])
+        part = ((b64 * W + query) * H + heads) * splits + split  # partials laid out (B, W, H, splits[, D])
         tl.store(PART_M + part, m_i, mask=g_ok)
         tl.store(PART_L + part, l_i, mask=g_ok)
         tl.store(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
@@ -140,15 +158,18 @@ def _decode_merge(
     Out,
     sob,
     soh,
+    sow,
     sod,
     H,
+    W,
     splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """Combine the splits' (max, sum, unnormalised output) of one (batch, head) into its output row."""
+    """Combine the splits' (max, sum, unnormalised output) of one (batch, query, head) into its output row."""
     bh = tl.program_id(0)
-    b = bh // H
+    b = bh // (W * H)
+    query = bh // H % W
     h = bh % H
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -161,7 +182,7 @@ def _decode_merge(
     w = tl.math.exp2(m - m_max)  # splits with no allowed key have m = -1e30 and weigh 0
     denom = tl.sum(l_s * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_d * sod
+    o_ptrs = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + query.to(tl.int64) * sow + offs_d * sod
     tl.store(o_ptrs, out.to(Out.dtype.element_ty))
 
 
@@ -205,45 +226,58 @@ def _decode_splits(batch_kv_heads: int, tk: int, block_n: int, sms: int) -> tupl
 # ----------------------------------------------------------------------------------------------------
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row over a padded cache: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask (B, Tk) bool.
+#: At most this many rows of scores a program (query heads of a kv head, times queries of a row).
+MAX_ROWS = 128
 
-    True in ``mask`` means the key may be attended to; every row must have at least one. Forward only.
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A few queries per row over a padded cache: q (B, H, W, D), k and v (B, Hkv, Tk, D), mask (B, W, Tk) bool
+    (for W = 1 also (B, Tk)). W is one in a decode step, a few in a speculative verify or a prompt's tail after a
+    cached prefix: each (batch, kv head, split) program takes all W * H / Hkv rows at once, so K and V are read
+    once for them, at most :data:`MAX_ROWS` rows.
+
+    True in ``mask`` means the key may be attended to; every query must have at least one. Forward only.
     Launches one kernel, or two when the cache is split; the launch depends on shapes alone (no host
     sync), so it can be captured in a CUDA graph.
     """
-    B, H, Hkv, Tq, Tk, D = check_inputs(q, k, v, "decode_attention")
-    if Tq != 1:
-        raise ValueError(f"decode_attention: q must hold one query per row, (B, H, 1, D); got {tuple(q.shape)}")
-    if mask.shape != (B, Tk) or mask.dtype != torch.bool:
-        raise ValueError(
-            f"decode_attention: mask must be a bool (B, Tk) = ({B}, {Tk}); got {mask.dtype} {tuple(mask.shape)}"
-        )
+    B, H, Hkv, W, Tk, D = check_inputs(q, k, v, "decode_attention")
     G = H // Hkv
-    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+    if G * W > MAX_ROWS:
+        raise ValueError(
+            f"decode_attention: {W} queries of {G} heads a kv head make {G * W} rows, more than {MAX_ROWS}; "
+            "use forge.kernels.attention for long blocks of queries"
+        )
+    if W == 1 and mask.dim() == 2:
+        mask = mask[:, None]
+    if mask.shape != (B, W, Tk) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"decode_attention: mask must be a bool (B, W, Tk) = ({B}, {W}, {Tk}); got {mask.dtype} {tuple(mask.shape)}"
+        )
+    out = torch.empty(B, H, W, D, dtype=q.dtype, device=q.device)
     if B * H == 0:
         return out
-    cfg = _decode_config(D, q.dtype)
+    rows = max(16, triton.next_power_of_2(G * W))
+    cfg = _decode_config(D, q.dtype) if W == 1 else TileConfig(16, 64, 4 if rows <= 32 else 8, 2)
     splits, chunk = _decode_splits(B * Hkv, Tk, cfg.block_n, _sm_count(q.device))
     if splits > 1:
-        part_m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(B, W, H, splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(B, W, H, splits, D, dtype=torch.float32, device=q.device)
     else:  # never touched by the kernel when there is one split
         part_m = part_l = part_acc = out
     mask_u8 = mask.view(torch.uint8)  # same bytes; bool pointers are awkward in Triton
     _decode_split[(B * Hkv, splits)](
         q, k, v, mask_u8, out, part_m, part_l, part_acc,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_u8.stride(),
-        out.stride(0), out.stride(1), out.stride(3),
-        H, Hkv, G, Tk, chunk, splits, D**-0.5 * LOG2E,
-        HEAD_DIM=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=cfg.block_n,
-        SCAN=max(cfg.block_n, min(2048, triton.next_power_of_2(chunk))), SINGLE=splits == 1,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), *k.stride(), *v.stride(), *mask_u8.stride(),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        H, Hkv, G, W, Tk, chunk, splits, D**-0.5 * LOG2E,
+        HEAD_DIM=D, BLOCK_G=rows, BLOCK_N=cfg.block_n,
+        SCAN=max(cfg.block_n, min(2048, triton.next_power_of_2(chunk))), SINGLE=splits == 1, MULTI=W > 1,
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
-        _decode_merge[(B * H,)](
-            part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(3), H, splits,
+        _decode_merge[(B * W * H,)](
+            part_m, part_l, part_acc, out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), H, W, splits,
             HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
         )  # fmt: skip
     return out

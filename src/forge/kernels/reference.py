@@ -94,16 +94,18 @@ def attention(
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row over a padded cache: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask (B, Tk) bool.
+    """W queries per row over a padded cache: q (B, H, W, D), k and v (B, Hkv, Tk, D), mask (B, W, Tk) bool, or
+    (B, Tk) for all of them.
 
-    True in ``mask`` means the key may be attended to; every row has at least one.
+    True in ``mask`` means the key may be attended to; every query has at least one.
     """
+    mask = mask[:, None] if mask.dim() == 2 else mask  # (B, 1 or W, Tk)
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, Tk)
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, W, Tk)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
