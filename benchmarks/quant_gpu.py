@@ -15,7 +15,8 @@ raised; a section that would run past ``--budget-s`` is skipped and listed under
   int4 g32 / g64 by the path table, tinygemm int4 (``aten._weight_int4pack_mm``) g32 / g64, torchao's int4 if
   installed. Each variant cycles through copies of its weight that together exceed the L2 cache, captured in one
   CUDA graph: weights from HBM, no launch overhead. ``gbps`` counts weight, scale, x and y bytes.
-- ``paths``: the 1B linears at M = 1 ... 1024, each path (gemv, gemm, dequant) against bf16;
+- ``paths``: the 1B linears at M = 1 ... 1024, each path of ``quant_matmul.PATHS`` (the GEMVs, gemm, mma, dequant)
+  against bf16 ("mma" on a weight it can't take, int8 per group, times the "gemm" it falls back to);
   ``suggested_paths`` is the fastest path per M summed over the four linears: what ``CUDA_PATHS`` should say.
 
     PYTHONPATH=src python benchmarks/quant_gpu.py --out benchmarks/results/quant_gpu_NVIDIA_H200.json

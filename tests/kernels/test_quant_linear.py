@@ -1,9 +1,9 @@
 """Forge's quantized weights through the CUDA kernels ``ops.linear`` dispatches to, against their dequantized matmul.
 
-Every path (dequant-GEMV, tiled dequant-GEMM, dequantize then matmul) runs on each weight class's own buffers:
-int4 in GGUF's blocks at groups of 32/64/128, int8 per channel, int8 per group of 16/32 with and without a
-minimum, at M = 1 and M = 5. On a CPU the kernels run in Triton's interpreter (shapes kept small), registered
-for "cpu" only for the length of a test.
+Every path (dequant-GEMV, tiled dequant-GEMM, the "mma" GEMMs, dequantize then matmul) runs on each weight
+class's own buffers: int4 in GGUF's blocks at groups of 32/64/128, int8 per channel, int8 per group of 16/32 with
+and without a minimum, at M = 1 and M = 5. On a CPU the kernels run in Triton's interpreter (shapes kept small),
+registered for "cpu" only for the length of a test.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def test_the_dequantize_kernel_matches_its_twin() -> None:
 
 
 def test_the_path_table() -> None:
-    assert [choose_path("int4", m) for m in (1, 4, 5, 64, 4096)] == ["gemv_q16"] * 2 + ["dequant"] * 3
-    assert [choose_path("int8", m) for m in (1, 4, 5, 64, 65)] == ["gemv_q16"] * 2 + ["gemm"] * 2 + ["dequant"]
+    assert [choose_path("int4", m) for m in (1, 4, 5, 64, 4096)] == ["gemv_q16"] * 2 + ["mma"] * 2 + ["dequant"]
+    assert [choose_path("int8", m) for m in (1, 4, 5, 64, 65)] == ["gemv_q16"] * 2 + ["mma"] * 2 + ["dequant"]
     assert set(CUDA_PATHS) == set(quant_linear.SCHEMES)
     with pytest.raises(ValueError, match="no quantized CUDA kernels for scheme 'int3'"):
         choose_path("int3", 1)

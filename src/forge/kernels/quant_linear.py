@@ -13,6 +13,10 @@ picks the kernel from the scheme and the number of rows of x (:mod:`forge.kernel
   becomes "L'Étoile"; ``benchmarks/gemv_q8_quality.py``), so no table entry takes it.
 - ``"gemv"``: dequant-GEMV in fp32, reading 4 or 8 bits a weight: exact to the dequantized weight.
 - ``"gemm"``: tiled dequant-GEMM (``tl.dot``), the weight still read once per block of 64 rows; a batch.
+- ``"mma"``: the batch GEMMs of :mod:`forge.kernels.quant_gemm`, each weight value dequantized straight into the
+  tensor cores' bf16 (or fp16) operand: int8 per channel and int4 in GGUF's blocks, 5 to 64 rows. Calls they
+  can't take (fp32 x, int4 outside GGUF's blocks, K not a multiple of 32) run the path they replaced: int4
+  ``"dequant"``, int8 ``"gemm"``.
 - ``"dequant"``: the weight written out in x's dtype, then cuBLAS; a long prefill, where the matmul is
   compute-bound and the extra pass over the weight is small against it.
 
@@ -38,19 +42,24 @@ _ANY = 1 << 62
 #: the GEMVs beat bf16 cuBLAS and the other paths for every scheme, and ``gemv_q16`` (x rounded to int16 per
 #: 32, dp2a) beats the exact ``gemv``: int4 gate_up 9.4 against 14.7 and bf16's 19.3, down 8.2 against 9.5
 #: (``gemv_q8``: 9.3 and 7.5). 1B int4 decode: 1,137 tok/s with gemv_q16. At M=16 and 64 the GEMVs are 3-30x
-#: slower. int8 per channel at M=16-64:
-#: the GEMM (gate_up 21-25) beats dequant-then-cuBLAS (47); int4 and int8 per group: dequant wins there (int4
-#: gate_up at 64: 45.5 against 53.2), and in decode at batch 64 (1B int4: 28.0k tok/s against 18.6k). The GEMV
-#: bound of 4 is not measured between 1 and 16.
+#: slower. The GEMV bound of 4 is not measured between 1 and 16. At M=16-64 on the H200, before "mma": int8 per
+#: channel's "gemm" (gate_up 21-25) beat dequant-then-cuBLAS (47); for int4 and int8 per group dequant won (int4
+#: gate_up at 64: 45.5 against "gemm"'s 53.2; 1B int4 decode at batch 64: 28.0k tok/s against 18.6k), and it
+#: still does for int8 per group.
+#: "mma" at M=5-64 (int4 in GGUF's blocks, int8 per channel) is from the H100 probe (benchmarks/
+#: quant_gemm_probe.py, results/quant_gemm_probe_NVIDIA_H100_80GB_HBM3.json): kernel-level, CUDA-graph timed,
+#: cold weights; Llama-1B's qkv + o + gate_up + down summed, us. int8 at M=64: 56 against bf16 cuBLAS's 60 and
+#: "gemm"'s 65; at M=16: 44 against 57 and 57. int4 (groups of 32) at M=64: 74 against bf16's 60 and
+#: "dequant"'s 112; at M=16: 65 against 57 and 109. Not yet timed on the H200 or in decode.
 CUDA_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
-    "int4": ((4, "gemv_q16"), (_ANY, "dequant")),
-    "int8": ((4, "gemv_q16"), (64, "gemm"), (_ANY, "dequant")),
+    "int4": ((4, "gemv_q16"), (64, "mma"), (_ANY, "dequant")),
+    "int8": ((4, "gemv_q16"), (64, "mma"), (_ANY, "dequant")),
     "int8_group": ((4, "gemv_q16"), (_ANY, "dequant")),
 }
 
 
 def choose_path(scheme: str, m: int) -> str:
-    """The kernel :data:`CUDA_PATHS` gives ``scheme`` for ``m`` rows of x: one of "gemv", "gemm", "dequant"."""
+    """The kernel :data:`CUDA_PATHS` gives ``scheme`` for ``m`` rows of x: one of :data:`PATHS`."""
     table = CUDA_PATHS.get(scheme)
     if table is None:
         raise ValueError(f"no quantized CUDA kernels for scheme {scheme!r}; the schemes are {', '.join(SCHEMES)}")

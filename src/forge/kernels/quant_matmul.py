@@ -11,6 +11,9 @@ than bf16, if the matmul dequantizes on the fly instead of materialising a float
   a power of two: :func:`~forge.kernels.quant_gemv.gemv_words`).
 - ``"gemm"``: a tiled dequant-GEMM (the seed's ``matmul_tiled``): weight tiles dequantized in registers, then
   ``tl.dot``.
+- ``"mma"``: GEMMs for batches (:mod:`~forge.kernels.quant_gemm`) that dequantize each weight value straight into
+  the tensor cores' 16-bit operand, for int8 per channel and int4 in GGUF's blocks with bf16 or fp16 x; other
+  calls run the path it replaced (int4 ``"dequant"``, int8 ``"gemm"``).
 - ``"dequant"``: the weight dequantized to x's dtype by a Triton kernel, then cuBLAS (long prefills).
 
 Values become floats with an integer OR and one subtraction, never a conversion instruction. Layouts:
@@ -40,6 +43,7 @@ import triton
 import triton.language as tl
 
 from forge.kernels.attention_tiles import dot, dot_precision, upcast
+from forge.kernels.quant_gemm import mma_linear
 from forge.kernels.quant_gemv import as_float as _as_float
 from forge.kernels.quant_gemv import gemv_rounded, gemv_tile, gemv_words
 from forge.kernels.reference import dequantize_int4, dequantize_int8, pack_int4
@@ -62,7 +66,7 @@ __all__ = [
 #: Without ``path=``, up to this many rows of x run the GEMV kernel, more the GEMM.
 GEMV_MAX_M = 16
 #: The kernels a call can ask for with ``path=``.
-PATHS = ("gemv", "gemv_q16", "gemv_q8", "gemm", "dequant")
+PATHS = ("gemv", "gemv_q16", "gemv_q8", "gemm", "mma", "dequant")
 #: The GEMV paths that round x to integers per group of 32: int16 (``gemv_q16``) or int8 (``gemv_q8``).
 ROUNDED_GEMV = ("gemv_q16", "gemv_q8")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -347,6 +351,11 @@ def _launch(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if path == "mma":  # quant_gemm's kernels where they take the weight, else the path they replaced
+        y = mma_linear(x2, q, scale, minimum, bias, bits=bits, gguf=gguf, config=config)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], n)
+        path = "dequant" if bits == 4 else "gemm"
     if path == "dequant":
         w = _dequantize(q, scale, minimum, bits, group, x.dtype, q_offset, gguf)
         b = bias.to(x.dtype) if bias is not None else None
