@@ -50,7 +50,7 @@ class _Block:
     key: int
     parent: int | None
     tokens: tuple[int, ...]
-    kv: torch.Tensor  # (n_layer, 2, Hkv, BLOCK, D)
+    kv: torch.Tensor  # (n_layer * 2 * Hkv, BLOCK, D): see _joined
 
 
 @dataclass
@@ -63,6 +63,7 @@ class PrefixCache:
     def __post_init__(self) -> None:
         self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()
         self._block_bytes = 0  # bytes of one block, known from the first one stored
+        self._shape = (0, 0, 0, 0)  # (n_layer, 2, Hkv, D) of the caches the blocks come from
 
     @property
     def bytes(self) -> int:
@@ -114,7 +115,10 @@ class PrefixCache:
         if not found:
             return 0
         self._touch([b.key for b in found])
-        write_rows(caches, row, _joined([b.kv for b in found]))
+        L, two, H, D = self._shape
+        # One batched concatenation of 3-d blocks: CUDA's takes at most 4 dimensions, and 5-d blocks fell back to
+        # a copy a block (125 launches for a 2,000-token prefix, ~1 ms on an H100).
+        write_rows(caches, row, torch.cat([b.kv for b in found], dim=1).view(L, two, H, -1, D))
         n = min(len(found) * BLOCK, len(tokens) - 1)  # a prompt found whole: its last token is computed again
         self.stats.hits += 1
         self.stats.tokens_reused += n
@@ -137,10 +141,13 @@ class PrefixCache:
             return 0
         start, end = first * BLOCK, len(keys) * BLOCK
         kv = read_rows(caches, row, start, end)  # (L, 2, Hkv, n, D): cut into blocks (copies) below
+        L, two, H, _, D = kv.shape
+        self._shape = (L, two, H, D)
         new = 0
         for index in range(first, len(keys)):
             key, parent, block = chain[index]
-            part = kv[:, :, :, (index - first) * BLOCK : (index - first + 1) * BLOCK].clone()
+            part = kv[:, :, :, (index - first) * BLOCK : (index - first + 1) * BLOCK]
+            part = part.clone(memory_format=torch.contiguous_format).view(L * two * H, BLOCK, D)  # never a view
             self._block_bytes = part.numel() * part.element_size()
             if self._block_bytes > self.max_bytes:
                 break
@@ -168,12 +175,3 @@ class PrefixCache:
             gone += 1
         return gone
 
-
-def _joined(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """The blocks (n_layer, 2, Hkv, BLOCK, D) one after another: (n_layer, 2, Hkv, n * BLOCK, D).
-
-    Concatenated as 3-d views: CUDA's batched concatenation (one launch for up to 128 inputs) takes at most
-    4 dimensions, and 5-d blocks fall back to a copy a block (a 2,000-token prefix: 125 launches, ~1 ms).
-    """
-    L, two, H, _, D = blocks[0].shape
-    return torch.cat([b.view(L * two * H, BLOCK, D) for b in blocks], dim=1).view(L, two, H, -1, D)
