@@ -296,6 +296,9 @@ class Engine:
     def _admit(self, jobs: list[_Job]) -> None:
         """Prefill the joining jobs together, in chunks of bounded size; a failing job fails alone. Each chunk's
         first tokens go out as soon as it is prefilled, not after the chunks behind it."""
+        if len(jobs) == 1:  # nothing to split: no peek at the prefix cache
+            self._prefill(jobs)
+            return
         chunk: list[_Job] = []
         widest = 0  # the most tokens a prompt of the chunk computes: the batch's prompts are padded to it
         for job in jobs:
