@@ -174,4 +174,3 @@ class PrefixCache:
             self.stats.evictions += 1
             gone += 1
         return gone
-

@@ -2,10 +2,12 @@
 
 ``forge.kernels.attention`` (training and prefill) and ``forge.kernels.decode_attention`` (one query per
 row over a KV cache) both use these, so both ops accept the same inputs and multiply tiles the same way.
+The quantized matmuls use the dots and :func:`sm_count` too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -23,6 +25,7 @@ __all__ = [
     "dot",
     "dot_precision",
     "load_rows",
+    "sm_count",
     "upcast",
 ]
 
@@ -32,6 +35,17 @@ HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Triton's interpreter (the CPU test path); read when the kernels are decorated, as Triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (which split-K launches fill); 4 elsewhere (Triton's interpreter, where
+    it only sets the splits)."""
+    return _sm_count(device.index) if device.type == "cuda" else 4
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge.kernels.attention_tiles import LOG2E, TileConfig, check_inputs, dot, dot_precision, upcast
+from forge.kernels.attention_tiles import LOG2E, TileConfig, check_inputs, dot, dot_precision, sm_count, upcast
 
 __all__ = ["MAX_ROWS", "decode_attention"]
 
@@ -198,21 +198,6 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     return TileConfig(16, 64 if head_dim > 64 else 128, 4, 3)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_SM_COUNTS: dict[int, int] = {}
-
-
-def _sm_count_cuda(index: int) -> int:
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
 def _decode_splits(batch_kv_heads: int, tk: int, block_n: int, sms: int) -> tuple[int, int]:
     """(splits, keys per split): about two programs per SM, each with at least a couple of tiles."""
     tiles = triton.cdiv(tk, block_n)
@@ -258,7 +243,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         return out
     rows = max(16, triton.next_power_of_2(G * W))
     cfg = _decode_config(D, q.dtype) if W == 1 else TileConfig(16, 64, 4 if rows <= 32 else 8, 2)
-    splits, chunk = _decode_splits(B * Hkv, Tk, cfg.block_n, _sm_count(q.device))
+    splits, chunk = _decode_splits(B * Hkv, Tk, cfg.block_n, sm_count(q.device))
     if splits > 1:
         part_m = torch.empty(B, W, H, splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)

@@ -33,14 +33,13 @@ state across calls. Launch parameters come from shapes alone (:func:`mma_config`
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Protocol
 
 import torch
 import triton
 import triton.language as tl
 
-from forge.kernels.attention_tiles import dot, upcast
+from forge.kernels.attention_tiles import dot, sm_count, upcast
 
 __all__ = ["MmaConfig", "int4_gguf_gemm", "int8_channel_gemm", "mma_config", "mma_linear", "mma_unsupported"]
 
@@ -189,16 +188,6 @@ def _sum_splits(WS, B, Y, N, MN, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.const
 # ----------------------------------------------------------------------------------------------------
 # Launch configs
 # ----------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device; 4 elsewhere (Triton's interpreter, where it only sets the splits)."""
-    return _sm_count(device.index) if device.type == "cuda" else 4
 
 
 def _k_step(k: int, most: int) -> int:

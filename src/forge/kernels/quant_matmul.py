@@ -34,7 +34,6 @@ cuBLAS) are in :mod:`forge.kernels.quant_tinygemm`; :func:`dequantize_int4` and 
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from forge.kernels.attention_tiles import dot, dot_precision, upcast
+from forge.kernels.attention_tiles import dot, dot_precision, sm_count, upcast
 from forge.kernels.quant_gemm import mma_linear
 from forge.kernels.quant_gemv import as_float as _as_float
 from forge.kernels.quant_gemv import gemv_rounded, gemv_tile, gemv_words
@@ -258,14 +257,9 @@ def _dequant(
 # ----------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_target(device: torch.device) -> int:
     """About two programs per multiprocessor: enough loads in flight without a long tail."""
-    return 2 * (_sm_count(device.index) if device.type == "cuda" else 4)
+    return 2 * sm_count(device)
 
 
 def gemv_config(
