@@ -40,9 +40,9 @@ __all__ = [
 #: Head dims the attention kernels are built for; others take PyTorch's path.
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 #: Most rows of scores (queries a row times query heads a kv head) that go to the decoding kernel rather than
-#: SDPA: on an H100, (B, H, Hkv, W) = (8, 32, 8, 5) over 2,304 keys took 31.6 us against SDPA's 81.8 (batch 64:
-#: 173 against 548), but 32 queries (128 rows) 111 against 81 at batch 8 (``forge.kernels.decode_attention``
-#: takes up to its MAX_ROWS, 128).
+#: SDPA (``benchmarks/decode_attention_gpu.py``, H200; an H100 gave the same): (B, H, Hkv, W) = (8, 32, 8, 5) over
+#: 2,304 keys took 31.3 us against SDPA's 80.0 (batch 64: 172 against 556), but 32 queries (128 rows) 112.7
+#: against 80.9 at batch 8 (``forge.kernels.decode_attention`` takes up to its MAX_ROWS, 128).
 DECODE_MAX_ROWS = 32
 
 
@@ -188,8 +188,8 @@ def attention(
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     inference = not (torch.is_grad_enabled() and q.requires_grad)  # the decoding kernel has no backward
     if mask is not None and q.is_cuda and inference and Tq * (q.shape[1] // k.shape[1]) <= DECODE_MAX_ROWS:
-        # A few queries a row over the cache (a speculative verify, a prompt's tail after a cached prefix): the
-        # decoding kernel reads the keys once for all of them, where SDPA with a mask takes cuDNN's path.
+        # A few queries a row over the cache (a speculative verify): the decoding kernel reads the keys once for
+        # all of them, where SDPA with a mask takes cuDNN's path. A 32-token tail after a cached prefix is more rows.
         fast = _kernel("decode_attention", q) if q.shape[-1] in KERNEL_HEAD_DIMS else None
         if fast:
             return fast(q, k, v, mask[:, 0].expand(B, Tq, Tk))

@@ -50,7 +50,7 @@ class _Block:
     key: int
     parent: int | None
     tokens: tuple[int, ...]
-    kv: torch.Tensor  # (n_layer * 2 * Hkv, BLOCK, D): see _joined
+    kv: torch.Tensor  # (n_layer * 2 * Hkv, BLOCK, D): 3-d, so that a load concatenates them in one launch
 
 
 @dataclass
