@@ -10,7 +10,6 @@ of 1,000-2,000 tokens in a 2,304-slot cache. ``forge.core.ops.DECODE_MAX_ROWS`` 
 
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
@@ -18,26 +17,20 @@ import torch.nn.functional as F
 
 from _common import environment, save_result
 from forge.kernels.decode_attention import decode_attention
+from quant_gpu import graph_us  # how Forge's kernel benchmarks time a call
 
 # (B, H, Hkv, W, Tk): Llama-1B's heads with a 32-token tail (one row, eight) and a 5-token verify (8, 64 rows);
 # SmolLM2's heads with a tail.
 CASES = [(1, 32, 8, 32, 2304), (8, 32, 8, 32, 2304), (8, 32, 8, 5, 2304), (1, 9, 3, 32, 2304), (64, 32, 8, 5, 2304)]
 
 
-def graph_us(fn, reps: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+def _kernel(p: tuple) -> torch.Tensor:
+    return decode_attention(*p)
+
+
+def _sdpa(p: tuple) -> torch.Tensor:
+    q, k, v, mask = p
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
 
 
 def main() -> None:
@@ -47,14 +40,11 @@ def main() -> None:
         k, v = (torch.randn(B, Hkv, Tk, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         positions = torch.randint(1000, 2000, (B, 1), device="cuda") + torch.arange(W, device="cuda")
         mask = torch.arange(Tk, device="cuda") <= positions[:, :, None]  # (B, W, Tk)
-
-        kernel = functools.partial(decode_attention, q, k, v, mask)
-        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-        err = (kernel().float() - sdpa().float()).abs().max().item()
+        err = (_kernel((q, k, v, mask)).float() - _sdpa((q, k, v, mask)).float()).abs().max().item()
         rows[f"B{B}H{H}kv{Hkv}W{W}T{Tk}"] = {
             "rows_a_program": W * H // Hkv,
-            "kernel_us": round(graph_us(kernel), 2),
-            "sdpa_us": round(graph_us(sdpa), 2),
+            "kernel_us": round(graph_us(_kernel, [(q, k, v, mask)], 200), 2),
+            "sdpa_us": round(graph_us(_sdpa, [(q, k, v, mask)], 200), 2),
             "max_abs_diff": err,
         }
     result = {"benchmark": "decode_attention_gpu", "cases": rows, "environment": environment(torch.device("cuda"))}

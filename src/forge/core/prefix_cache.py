@@ -63,7 +63,6 @@ class PrefixCache:
     def __post_init__(self) -> None:
         self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()
         self._block_bytes = 0  # bytes of one block, known from the first one stored
-        self._shape = (0, 0, 0, 0)  # (n_layer, 2, Hkv, D) of the caches the blocks come from
 
     @property
     def bytes(self) -> int:
@@ -115,10 +114,10 @@ class PrefixCache:
         if not found:
             return 0
         self._touch([b.key for b in found])
-        L, two, H, D = self._shape
+        _, H, _, D = caches[0].k.shape
         # One batched concatenation of 3-d blocks: CUDA's takes at most 4 dimensions, and 5-d blocks fell back to
         # a copy a block (125 launches for a 2,000-token prefix, ~1 ms on an H100).
-        write_rows(caches, row, torch.cat([b.kv for b in found], dim=1).view(L, two, H, -1, D))
+        write_rows(caches, row, torch.cat([b.kv for b in found], dim=1).view(len(caches), 2, H, -1, D))
         n = min(len(found) * BLOCK, len(tokens) - 1)  # a prompt found whole: its last token is computed again
         self.stats.hits += 1
         self.stats.tokens_reused += n
@@ -142,7 +141,6 @@ class PrefixCache:
         start, end = first * BLOCK, len(keys) * BLOCK
         kv = read_rows(caches, row, start, end)  # (L, 2, Hkv, n, D): cut into blocks (copies) below
         L, two, H, _, D = kv.shape
-        self._shape = (L, two, H, D)
         new = 0
         for index in range(first, len(keys)):
             key, parent, block = chain[index]

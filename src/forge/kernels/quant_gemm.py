@@ -33,7 +33,7 @@ state across calls. Launch parameters come from shapes alone (:func:`mma_config`
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 import triton
@@ -56,21 +56,6 @@ class MmaConfig(NamedTuple):
     warps: int = 4
     stages: int = 3
     split_k: int = 1
-
-
-class _Launch(Protocol):  # MmaConfig, or quant_matmul.Config (the same fields)
-    @property
-    def block_m(self) -> int: ...
-    @property
-    def block_n(self) -> int: ...
-    @property
-    def block_k(self) -> int: ...
-    @property
-    def warps(self) -> int: ...
-    @property
-    def stages(self) -> int: ...
-    @property
-    def split_k(self) -> int: ...
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,7 +221,7 @@ def mma_config(m: int, n: int, k: int, *, bits: int, sms: int) -> MmaConfig:
     return MmaConfig(block_m, block_n, block_k, 4, int8_stages if bits == 8 else int4_stages, split)
 
 
-def _check_config(cfg: _Launch, k: int) -> None:
+def _check_config(cfg: MmaConfig, k: int) -> None:
     sizes = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps)
     if any(v <= 0 or v & (v - 1) for v in sizes) or min(cfg.block_m, cfg.block_n, cfg.block_k) < 16:
         raise ValueError(f"bad launch config {cfg} for the mma kernels: powers of two, blocks of at least 16")
@@ -269,7 +254,7 @@ def mma_unsupported(
 
 
 def _gemm(
-    kernel, x2: torch.Tensor, n: int, weight: tuple, bias: torch.Tensor | None, cfg: _Launch, **flags: object
+    kernel, x2: torch.Tensor, n: int, weight: tuple, bias: torch.Tensor | None, cfg: MmaConfig, **flags: object
 ) -> torch.Tensor:
     """Launch ``kernel`` over (M, N) tiles and the splits of K, then (split) the sum of its partials."""
     if x2.stride(-1) != 1:
@@ -302,7 +287,7 @@ def int8_channel_gemm(
     q: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: _Launch | None = None,
+    config: MmaConfig | None = None,
 ) -> torch.Tensor:
     """``x2 @ (q * scale[:, None]).T (+ bias)``: x2 (M, K) bf16 or fp16, q (N, K) int8, scale (N,); (M, N) in
     x2's dtype. ``config`` overrides :func:`mma_config`."""
@@ -317,7 +302,7 @@ def int4_gguf_gemm(
     scale: torch.Tensor,
     minimum: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: _Launch | None = None,
+    config: MmaConfig | None = None,
 ) -> torch.Tensor:
     """``x2 @ W.T (+ bias)`` for W in GGUF's int4 blocks: x2 (M, K) bf16 or fp16, q (N, K/2) uint8, scale and
     minimum (N, K/g) with g a multiple of 32; (M, N) in x2's dtype. ``config`` overrides :func:`mma_config`."""
@@ -341,7 +326,7 @@ def mma_linear(
     *,
     bits: int,
     gguf: bool,
-    config: _Launch | None = None,
+    config: MmaConfig | None = None,
 ) -> torch.Tensor | None:
     """``x2 @ W.T (+ bias)`` by the kernel for this weight, or None where :func:`mma_unsupported` says it can't."""
     if mma_unsupported(x2, q, scale, minimum, bits=bits, gguf=gguf) is not None:

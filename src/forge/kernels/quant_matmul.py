@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from forge.kernels.attention_tiles import dot, dot_precision, sm_count, upcast
-from forge.kernels.quant_gemm import mma_linear
+from forge.kernels.quant_gemm import MmaConfig, mma_linear
 from forge.kernels.quant_gemv import as_float as _as_float
 from forge.kernels.quant_gemv import gemv_rounded, gemv_tile, gemv_words
 from forge.kernels.reference import dequantize_int4, dequantize_int8, pack_int4
@@ -346,7 +346,8 @@ def _launch(
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path == "mma":  # quant_gemm's kernels where they take the weight, else the path they replaced
-        y = mma_linear(x2, q, scale, minimum, bias, bits=bits, gguf=gguf, config=config)
+        cfg = None if config is None else MmaConfig(*(getattr(config, f) for f in MmaConfig._fields))
+        y = mma_linear(x2, q, scale, minimum, bias, bits=bits, gguf=gguf, config=cfg)
         if y is not None:
             return y.reshape(*x.shape[:-1], n)
         path = "dequant" if bits == 4 else "gemm"
