@@ -3,7 +3,7 @@ Forge's decoding kernel (``forge.kernels.decode_attention``, all of a row's quer
 PyTorch's SDPA with the same boolean mask (cuDNN's path), in the same run.
 
 Times are CUDA-graph replays (no launch overhead), microseconds, bf16, each row's queries causal after a prefix
-of 1,000-2,000 tokens in a 2,304-slot cache. ``forge.core.ops.DECODE_MAX_ROWS`` is set from these figures.
+of 1,000-2,000 tokens in a 2,304-slot cache. ``forge.core.ops``'s DECODE_* routing is set from these figures.
 
     PYTHONPATH=$PWD/src python benchmarks/decode_attention_gpu.py       # NVIDIA GPU; JSON to stdout and results/
 """
@@ -19,9 +19,9 @@ from _common import environment, save_result
 from forge.kernels.decode_attention import decode_attention
 from quant_gpu import graph_us  # how Forge's kernel benchmarks time a call
 
-# (B, H, Hkv, W, Tk): Llama-1B's heads with a 32-token tail (one row, eight) and a 5-token verify (8, 64 rows);
+# (B, H, Hkv, W, Tk): Llama-1B's heads with a 32-token tail (one row to eight) and a 5-token verify (8, 64 rows);
 # SmolLM2's heads with a tail.
-CASES = [(1, 32, 8, 32, 2304), (8, 32, 8, 32, 2304), (8, 32, 8, 5, 2304), (1, 9, 3, 32, 2304), (64, 32, 8, 5, 2304)]
+CASES = [(1, 32, 8, 32, 2304), (2, 32, 8, 32, 2304), (4, 32, 8, 32, 2304), (8, 32, 8, 32, 2304), (8, 32, 8, 5, 2304), (1, 9, 3, 32, 2304), (64, 32, 8, 5, 2304)]
 
 
 def _kernel(p: tuple) -> torch.Tensor:

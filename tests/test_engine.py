@@ -392,3 +392,56 @@ def test_a_prefill_chunk_is_bounded_by_the_tokens_it_computes_padding_included(
     assert all(run(lambda: main([short, long])))
     assert len(sizes) == 2  # 2 x the longer prompt is more than 250 (their sum is not)
     assert sum(sizes[0] + sizes[1]) <= 250 < 2 * max(sizes[0] + sizes[1])
+
+
+def test_first_tokens_reach_their_event_loop_before_the_next_step_starts(
+    random_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a prefill the compute thread waits until the event loop has taken the first tokens (at most
+    HANDOFF_S, long here) before it steps the batch: the step's Python work would otherwise hold the GIL that the
+    loop needs to pass them on, and the time to first token would include that step."""
+    import forge.engine
+    from forge.core.decode import Batcher
+
+    sent, taken, behind = [0], [0], []
+    joined = [False]
+    real_deliver, real_put_all, real_prefill, real_step = (
+        forge.engine.Engine._deliver,
+        forge.engine._put_all,
+        forge.engine.Engine._prefill,
+        Batcher.step,
+    )
+
+    def deliver(self: Any, job: Any, r: Any) -> None:
+        sent[0] += 1
+        real_deliver(self, job, r)
+
+    def put_all(items: list[Any], event: Any) -> None:
+        taken[0] += len(items)
+        real_put_all(items, event)
+
+    def prefill(self: Any, chunk: list[Any]) -> None:
+        real_prefill(self, chunk)
+        joined[0] = True
+
+    def step(self: Batcher) -> Any:
+        if joined[0]:  # the first step after requests joined: their first tokens must have been taken
+            behind.append(sent[0] - taken[0])
+            joined[0] = False
+        return real_step(self)
+
+    monkeypatch.setattr(forge.engine.Engine, "_deliver", deliver)
+    monkeypatch.setattr(forge.engine, "_put_all", put_all)
+    monkeypatch.setattr(forge.engine.Engine, "_prefill", prefill)
+    monkeypatch.setattr(Batcher, "step", step)
+    monkeypatch.setattr(forge.engine, "HANDOFF_S", 30.0)  # ends when the loop takes them, never by the clock here
+
+    async def main() -> list[str]:
+        app = await serving(random_dir, max_batch=2)
+        app.defaults = GenerationConfig(temperature=0, max_tokens=6)
+        texts = await asyncio.gather(*(app.generate(p) for p in PROMPTS))
+        await app.stop_batching()
+        return list(texts)
+
+    assert all(run(main))
+    assert len(behind) >= 3 and behind == [0] * len(behind)

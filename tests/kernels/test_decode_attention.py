@@ -99,7 +99,7 @@ def test_several_queries_a_row_match_the_reference(shape: tuple, dtype: torch.dt
 def test_too_many_rows_are_refused_with_the_way_out() -> None:
     from forge.core import ops
 
-    assert ops.DECODE_MAX_ROWS <= dec.MAX_ROWS  # ops sends no more rows than the kernel takes
+    assert ops.DECODE_MAX_ROWS <= ops.DECODE_TAIL_MAX_ROWS <= dec.MAX_ROWS  # ops sends no more rows than it takes
     q, k, v = _qkv(1, 8, 1, 17, 20, 16, torch.float32)  # 8 heads a kv head x 17 queries: 136 rows
     with pytest.raises(ValueError, match=r"more than 128.*forge\.kernels\.attention"):
         dec.decode_attention(q, k, v, torch.ones(1, 17, 20, dtype=torch.bool, device=DEVICE))

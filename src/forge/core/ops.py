@@ -39,11 +39,16 @@ __all__ = [
 
 #: Head dims the attention kernels are built for; others take PyTorch's path.
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-#: Most rows of scores (queries a row times query heads a kv head) that go to the decoding kernel rather than
-#: SDPA (``benchmarks/decode_attention_gpu.py``, H200; an H100 gave the same): (B, H, Hkv, W) = (8, 32, 8, 5) over
-#: 2,304 keys took 31.3 us against SDPA's 80.0 (batch 64: 172 against 556), but 32 queries (128 rows) 112.7
-#: against 80.9 at batch 8 (``forge.kernels.decode_attention`` takes up to its MAX_ROWS, 128).
+#: Where the decoding kernel beats SDPA (cuDNN's path with a mask) for a few queries a row over a KV cache, by
+#: ``benchmarks/decode_attention_gpu.py`` on an H200 over 2,304 keys, (B, H, Hkv, W) of Llama-1B's heads:
+#: - up to DECODE_MAX_ROWS rows of scores a program (queries a row times query heads a kv head), any batch: a
+#:   5-token verify took 36.2 us against 78.9 at batch 8, 176 against 553 at batch 64;
+#: - up to DECODE_TAIL_MAX_ROWS a program (the kernel's MAX_ROWS) while the batch's rows stay within DECODE_TAIL_ROWS:
+#:   a 32-token tail after a cached prefix took 16.4 us against 42.9 for one row, 37.3 against 43.5 for two, but
+#:   47.0 against 43.9 for four and 84.8 against 79.9 for eight.
 DECODE_MAX_ROWS = 32
+DECODE_TAIL_MAX_ROWS = 128
+DECODE_TAIL_ROWS = 256
 
 
 def _kernel(op: str, x: torch.Tensor) -> Callable[..., Any] | None:
@@ -187,9 +192,10 @@ def attention(
         return decode_attention(q, k, v, keep)
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     inference = not (torch.is_grad_enabled() and q.requires_grad)  # the decoding kernel has no backward
-    if mask is not None and q.is_cuda and inference and Tq * (q.shape[1] // k.shape[1]) <= DECODE_MAX_ROWS:
-        # A few queries a row over the cache (a speculative verify): the decoding kernel reads the keys once for
-        # all of them, where SDPA with a mask takes cuDNN's path. A 32-token tail after a cached prefix is more rows.
+    rows = Tq * (q.shape[1] // k.shape[1])
+    if mask is not None and q.is_cuda and inference and _few_queries(B, rows):
+        # A few queries a row over the cache (a speculative verify, a prompt's tail after a cached prefix): the
+        # decoding kernel reads the keys once for all of them, where SDPA with a mask takes cuDNN's path.
         fast = _kernel("decode_attention", q) if q.shape[-1] in KERNEL_HEAD_DIMS else None
         if fast:
             return fast(q, k, v, mask[:, 0].expand(B, Tq, Tk))
@@ -217,6 +223,11 @@ def attention(
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
     return y.to(dtype) if upcast else y
+
+
+def _few_queries(batch: int, rows: int) -> bool:
+    """Whether a batch of ``rows`` rows of scores a program goes to the decoding kernel (see DECODE_MAX_ROWS)."""
+    return rows <= DECODE_MAX_ROWS or (rows <= DECODE_TAIL_MAX_ROWS and batch * rows <= DECODE_TAIL_ROWS)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ def _decode_split(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     SINGLE: tl.constexpr,
     MULTI: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -108,14 +109,17 @@ def _decode_split(
     # span of allowed keys in this split first (one byte per key, against 4 * D for K and V) and walk only
     # that. The bounds come from data on the device, so the launch stays the same for a CUDA graph.
     offs_s = tl.arange(0, SCAN)
+    offs_w = tl.arange(0, BLOCK_W)
     first = hi
     last = lo
     for start in range(lo, hi, SCAN):  # the span any of the row's queries may see
         cols = start + offs_s
-        for w in range(0, W):
-            ok = tl.load(mask_ptr + w * smw + cols * smt, mask=cols < hi, other=0) != 0
-            first = tl.minimum(first, tl.min(tl.where(ok, cols, hi), 0))
-            last = tl.maximum(last, tl.max(tl.where(ok, cols + 1, lo), 0))
+        # All W mask rows in one load: a loop over them waited for memory W times in a row.
+        seen = (offs_w < W)[:, None] & (cols < hi)[None, :]
+        rows = tl.load(mask_ptr + offs_w[:, None] * smw + cols[None, :] * smt, mask=seen, other=0)
+        ok = tl.max(rows.to(tl.int32), 0) != 0
+        first = tl.minimum(first, tl.min(tl.where(ok, cols, hi), 0))
+        last = tl.maximum(last, tl.max(tl.where(ok, cols + 1, lo), 0))
     for start_n in range(lo + (first - lo) // BLOCK_N * BLOCK_N, last, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -250,6 +254,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         part_acc = torch.empty(B, W, H, splits, D, dtype=torch.float32, device=q.device)
     else:  # never touched by the kernel when there is one split
         part_m = part_l = part_acc = out
+    block_w = triton.next_power_of_2(W)  # the mask rows a span scan reads at once (at most MAX_ROWS bytes a key)
     mask_u8 = mask.view(torch.uint8)  # same bytes; bool pointers are awkward in Triton
     _decode_split[(B * Hkv, splits)](
         q, k, v, mask_u8, out, part_m, part_l, part_acc,
@@ -257,7 +262,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         H, Hkv, G, W, Tk, chunk, splits, D**-0.5 * LOG2E,
         HEAD_DIM=D, BLOCK_G=rows, BLOCK_N=cfg.block_n,
-        SCAN=max(cfg.block_n, min(2048, triton.next_power_of_2(chunk))), SINGLE=splits == 1, MULTI=W > 1,
+        SCAN=max(cfg.block_n, min(2048, 4096 // block_w, triton.next_power_of_2(chunk))), BLOCK_W=block_w,
+        SINGLE=splits == 1, MULTI=W > 1,
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
