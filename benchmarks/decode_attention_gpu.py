@@ -21,7 +21,15 @@ from quant_gpu import graph_us  # how Forge's kernel benchmarks time a call
 
 # (B, H, Hkv, W, Tk): Llama-1B's heads with a 32-token tail (one row to eight) and a 5-token verify (8, 64 rows);
 # SmolLM2's heads with a tail.
-CASES = [(1, 32, 8, 32, 2304), (2, 32, 8, 32, 2304), (4, 32, 8, 32, 2304), (8, 32, 8, 32, 2304), (8, 32, 8, 5, 2304), (1, 9, 3, 32, 2304), (64, 32, 8, 5, 2304)]
+CASES = [
+    (1, 32, 8, 32, 2304),
+    (2, 32, 8, 32, 2304),
+    (4, 32, 8, 32, 2304),
+    (8, 32, 8, 32, 2304),
+    (8, 32, 8, 5, 2304),
+    (1, 9, 3, 32, 2304),
+    (64, 32, 8, 5, 2304),
+]
 
 
 def _kernel(p: tuple) -> torch.Tensor:
