@@ -291,7 +291,7 @@ class Engine:
         self._flush()
         if results:
             with self._cond:
-                n = len(results)
+                n = len({id(r.seq) for r in results})  # rows: a graph replay gives each several tokens
                 self.stats["steps"] += 1
                 self.stats["batch_size_hist"][n] += 1
                 self.stats["batch_size_max"] = max(self.stats["batch_size_max"], n)

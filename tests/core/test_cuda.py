@@ -203,10 +203,12 @@ def test_captured_decode_graph_is_reused_across_generations() -> None:
     second, eager = both([[9, 10], [11, 12, 13, 14, 15, 16, 17]], 33)  # other prompts, lengths and padding
     assert torch.equal(second, eager)
     assert dict(model.__dict__["_decode_graphs"]) == kept  # no new capture
+    held = [p.data for p in model.parameters()]  # so that the allocator cannot put them back where they were
     model.cpu().cuda()  # the weights move to new memory: a new capture, never a stale replay
     third, eager = both([[1, 2, 3], [4]], 24)
     assert torch.equal(third, eager)
     assert len(model.__dict__["_decode_graphs"]) == 2 and dict(model.__dict__["_decode_graphs"]) != kept
+    assert all(h.is_cuda for h in held)  # still where the first graph read them
 
 
 def test_sampled_decoding_replays_a_logits_graph_equal_to_eager() -> None:

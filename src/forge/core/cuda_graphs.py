@@ -61,9 +61,11 @@ def graph_key(
 
 
 def weights_at(model: torch.nn.Module) -> int:
-    """Where the model's weights live: a captured graph reads them there. (Not its buffers: the KV caches
-    come and go as buffers while a batcher's caches are installed; weights moved move the RoPE tables too.)"""
-    return hash(tuple(p.data_ptr() for p in model.parameters()))
+    """Where the model's weights and RoPE tables live: a captured graph reads them there. (Not its other
+    buffers: the KV caches come and go as buffers while a batcher's caches are installed. The tables count on
+    their own: weights moved away and back may land where they were, the tables elsewhere.)"""
+    tables = (getattr(model, name, None) for name in ("rope_cos", "rope_sin"))
+    return hash((*(p.data_ptr() for p in model.parameters()), *(t.data_ptr() for t in tables if t is not None)))
 
 
 def reusable(model: Transformer, key: Hashable) -> Any | None:
