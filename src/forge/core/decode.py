@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forge.core.cuda_graphs import graph_key, reusable
+from forge.core.device import on_device
 from forge.core.draft import DraftProposer
 from forge.core.kv_cache import CacheWrite, KVCache, move_row
 from forge.core.prefix_cache import PrefixCache
@@ -364,14 +365,14 @@ class Batcher:
             logits = self.graphs.tail({s.row: p for s, p in zip(seqs, suffixes, strict=True)}, lengths)[rows]
             return self._stored(rows, seqs, logits)
         T = max(map(len, suffixes))
-        padded = torch.tensor([p + [0] * (T - len(p)) for p in suffixes], device=self.device)  # (k, T)
-        last = torch.tensor([len(p) - 1 for p in suffixes], device=self.device) if min(map(len, suffixes)) < T else None
+        padded = on_device([p + [0] * (T - len(p)) for p in suffixes], self.device)  # (k, T)
+        last = on_device([len(p) - 1 for p in suffixes], self.device) if min(map(len, suffixes)) < T else None
         cached = {s.cached for s in seqs}
         if len(cached) == 1 and (start := cached.pop()):  # every row continues a cached prefix of one length
             # Causal attention over [0, start + T) with no mask: the fused kernel's path, no new shapes to plan.
             logits = prefill(self.model, padded, CacheWrite(rows=rows, pos=start, length=start + T), last)
         elif any(s.cached for s in seqs):  # each row continues its cached prefix
-            starts = torch.tensor([s.cached for s in seqs], device=self.device)
+            starts = on_device([s.cached for s in seqs], self.device)
             write = CacheWrite(rows=rows, pos=starts, length=max(sizes))
             logits = prefill(self.model, padded, write, last, starts)
         else:
@@ -446,7 +447,7 @@ class Batcher:
                     self._step = compiled_step(self.model)
                 return self._step(self.model, tokens, rows.stop, lengths[0])
             return decode_step(self.model, tokens, CacheWrite(rows=rows, pos=lengths[0], length=lengths[0] + 1))
-        pos = torch.tensor(lengths, device=self.device)  # (n,), from the host: no device sync
+        pos = on_device(lengths, self.device)  # (n,), from the host: no device sync
         flat = self.caches[0].flat_index(rows, pos)
         write = CacheWrite(rows=rows, pos=pos, length=max(lengths) + 1, flat_index=flat)
         return decode_step(self.model, self.tokens[rows], write, pos)

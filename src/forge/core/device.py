@@ -6,7 +6,7 @@ import torch
 
 from forge.errors import DeviceError
 
-__all__ = ["DEVICES", "autocast_dtype", "resolve_device"]
+__all__ = ["DEVICES", "autocast_dtype", "on_device", "resolve_device", "upload"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -58,3 +58,20 @@ def _cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def on_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of host ``values`` on ``device``, without waiting for the device.
+
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory and then waits for every kernel queued
+    before it (PyTorch synchronizes the stream): in a prefill, for the prefix cache's copies. From pinned memory
+    the copy is queued like a kernel and the host goes on (the pinned block is reused only after the copy).
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def upload(dst: torch.Tensor, values: list) -> None:
+    """Copy host ``values`` into ``dst`` without waiting for the device (see :func:`on_device`)."""
+    dst.copy_(torch.tensor(values, dtype=dst.dtype, pin_memory=dst.is_cuda), non_blocking=True)

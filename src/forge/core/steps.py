@@ -16,6 +16,7 @@ import torch
 
 from forge.core import ops
 from forge.core.cuda_graphs import capture, keep, weights_at
+from forge.core.device import upload
 from forge.core.kv_cache import CacheWrite, KVCache
 from forge.core.quantize import QuantizedWeight
 from forge.core.transformer import Transformer
@@ -206,8 +207,8 @@ class GraphedSteps:
             assert 0 < len(tokens) <= TAIL_TOKENS, "the caller sends at most TAIL_TOKENS tokens a row"
             inputs[row][: len(tokens)] = tokens
             last[row] = len(tokens) - 1
-        self.tail_inputs[:k].copy_(torch.tensor(inputs))
-        self.tail_last[:k].copy_(torch.tensor(last))
+        upload(self.tail_inputs[:k], inputs)  # no wait for the prefix cache's copies queued before
+        upload(self.tail_last[:k], last)
         self._sync(lengths)
         self.tailers[k].replay()
         self.synced = False  # the joining rows' lengths are their prompts' now
@@ -273,7 +274,7 @@ class GraphedSteps:
     def _sync(self, lengths: list[int]) -> None:
         if not self.synced:  # rows joined, left or stepped eagerly since the last replay
             padded = lengths + [0] * (self.batcher.max_batch - len(lengths))  # free rows: position 0
-            self.pos.copy_(torch.tensor(padded, device=self.pos.device))
+            upload(self.pos, padded)
             self.synced = True
 
     def _capture(self, steps: Callable[[], None], lengths: list[int]) -> torch.cuda.CUDAGraph:
