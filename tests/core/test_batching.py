@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from forge.config import ModelConfig
 from forge.core.decode import Batcher, Sequence
 from forge.core.generate import generate_tokens
 from forge.core.sampling import SamplingParams
-from forge.core.transformer import Transformer
+from forge.core.transformer import ROPE_INITIAL_LEN, Transformer
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -129,3 +130,29 @@ def test_joining_together_in_one_prefill_equals_each_alone(model: Transformer) -
     with torch.no_grad():  # the first token's logprob is the padded prefill's, and equals the unpadded one
         expected = torch.log_softmax(model(torch.tensor([ps[1]]))[0, -1].float(), -1)[firsts[1].token]
     assert firsts[1].logprob == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_weights_at_sees_every_way_weights_are_replaced() -> None:
+    """A captured graph is keyed by where the weights live (cuda_graphs.weights_at, which walks the parameters
+    once per module structure): a replaced parameter, a replaced submodule, new data in place of a parameter's
+    each give a new key; nothing changed gives the same one. So do new RoPE tables, which it reads every time."""
+    from forge.core.cuda_graphs import weights_at
+    from forge.models import create_model
+
+    model = create_model("tiny", vocab_size=64)
+    key = weights_at(model)
+    assert weights_at(model) == key
+    changes = [
+        lambda: setattr(model.blocks[0].attn, "qkv", torch.nn.Linear(*model.blocks[0].attn.qkv.weight.shape[::-1])),
+        lambda: setattr(model.lm_head, "weight", torch.nn.Parameter(model.lm_head.weight.detach().clone())),
+        lambda: setattr(model.blocks[1].mlp.up.weight, "data", model.blocks[1].mlp.up.weight.detach().clone()),
+    ]
+    for change in changes:
+        change()
+        assert weights_at(model) != key
+        key = weights_at(model)
+    config = ModelConfig(vocab_size=64, context_length=ROPE_INITIAL_LEN * 4, n_layer=1, n_head=2, d_model=16)
+    llama = Transformer(replace(config, position="rope"))
+    key = weights_at(llama)
+    llama.ensure_positions(ROPE_INITIAL_LEN * 2)  # tables regrown, in new memory
+    assert weights_at(llama) != key

@@ -63,9 +63,31 @@ def graph_key(
 def weights_at(model: torch.nn.Module) -> int:
     """Where the model's weights and RoPE tables live: a captured graph reads them there. (Not its other
     buffers: the KV caches come and go as buffers while a batcher's caches are installed. The tables count on
-    their own: weights moved away and back may land where they were, the tables elsewhere.)"""
+    their own: weights moved away and back may land where they were, the tables elsewhere.)
+
+    The parameter list is walked once per module structure (:data:`_structure`): walking a 1B model's modules
+    took 0.45 ms of host time on a GPU server, paid before every cached prompt's tail in the serving engine.
+    """
+    walked = model.__dict__.get("_weights_walk")
+    if walked is None or walked[0] != _structure[0]:
+        walked = (_structure[0], tuple(model.parameters()))
+        model.__dict__["_weights_walk"] = walked
     tables = (getattr(model, name, None) for name in ("rope_cos", "rope_sin"))
-    return hash((*(p.data_ptr() for p in model.parameters()), *(t.data_ptr() for t in tables if t is not None)))
+    return hash((*(p.data_ptr() for p in walked[1]), *(t.data_ptr() for t in tables if t is not None)))
+
+
+#: Bumped whenever any module anywhere registers a parameter or a submodule (assigning one replaces it), so that
+#: :func:`weights_at` walks a model's parameters again. Moving weights (``.to``) changes their addresses, which it
+#: reads every time.
+_structure = [0]
+
+
+def _restructured(*_: object) -> None:
+    _structure[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_restructured)
+torch.nn.modules.module.register_module_module_registration_hook(_restructured)
 
 
 def reusable(model: Transformer, key: Hashable) -> Any | None:
