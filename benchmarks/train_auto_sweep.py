@@ -37,7 +37,8 @@ SHAKESPEARE_BYTES = sum(p.stat().st_size for p in SHAKESPEARE.rglob("*.txt"))
 
 #: name -> changes to what ``forge train DATA --time SECONDS`` does by default (the auto preset's shape and
 #: vocabulary, TrainConfig's options as the CLI sets them): {"shape": ModelConfig fields, "vocab": int,
-#: "train": TrainConfig fields}. "defaults" changes nothing: it is the baseline every arm is read against.
+#: "tokenizer": "bpe" or "char", "train": TrainConfig fields}. "defaults" changes nothing: it is the baseline every
+#: arm is read against.
 ARMS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "adamw": {"train": {"optimizer": "adamw"}},
@@ -54,6 +55,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "l6": {"shape": {"n_layer": 6}},
     "d192": {"shape": {"d_model": 192, "n_head": 6}},
     "ctx256": {"shape": {"context_length": 256}},
+    "char": {"tokenizer": "char"},
+    "dropout0.1": {"shape": {"dropout": 0.1}},
+    "wd0.3": {"train": {"weight_decay": 0.3}},
 }
 
 
@@ -73,9 +77,11 @@ def tuning_text() -> str:
 def run_arm(name: str, seconds: float, text: str) -> dict[str, Any]:
     shape, vocab, options = arm_setup(name, seconds)
     started = time.perf_counter()
+    tokenizer = ARMS[name].get("tokenizer", "bpe")
     result = forge.train(
-        SHAKESPEARE, preset=shape, vocab_size=vocab, time=seconds, eval_every=0, device="cpu", **options
-    )
+        SHAKESPEARE, preset=shape, tokenizer=tokenizer, vocab_size=vocab, time=seconds, eval_every=0, device="cpu",
+        **options,
+    )  # fmt: skip
     wall = time.perf_counter() - started
     score = evaluate(result.model, result.tokenizer, text)
     return {
@@ -86,7 +92,7 @@ def run_arm(name: str, seconds: float, text: str) -> dict[str, Any]:
         "train_seconds": round(result.timing["total"] or 0.0, 2),
         "wall_seconds": round(wall, 2),
         "parameters": result.model.num_params(),
-        "options": {"shape": shape.to_dict(), "vocab": vocab, **options},
+        "options": {"shape": shape.to_dict(), "vocab": vocab, "tokenizer": tokenizer, **options},
     }
 
 
@@ -106,7 +112,8 @@ def main() -> None:
     text = tuning_text()
     for name in arms:  # tokenizers trained (and cached) before any clock starts
         shape, vocab, _ = arm_setup(name, args.seconds)
-        forge.train(SHAKESPEARE, preset=shape, vocab_size=vocab, steps=1, eval_every=0, device="cpu")
+        kind = ARMS[name].get("tokenizer", "bpe")
+        forge.train(SHAKESPEARE, preset=shape, tokenizer=kind, vocab_size=vocab, steps=1, eval_every=0, device="cpu")
     out: dict[str, Any] = {
         "benchmark": "train_auto_sweep",
         "seconds_per_arm": args.seconds,

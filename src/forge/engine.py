@@ -20,7 +20,6 @@ import collections
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +44,6 @@ log = logging.getLogger("forge.engine")
 PREFILL_TOKENS = 4096
 #: How long a step waits for the model's lock (held by training) before the compute thread's other jobs go first.
 LOCK_WAIT_S = 0.05
-#: How long the compute thread waits, after sending first tokens, for the event loops to take them before it
-#: starts the next step: that step's host work holds the GIL the loop needs to pass the token on.
-HANDOFF_S = 0.002
 #: The prefix cache's default bound, as a share of the batch's KV cache (at least 16 MB).
 PREFIX_CACHE_FRACTION = 0.25
 
@@ -276,7 +272,7 @@ class Engine:
                 self._finish(job, cancelled=True)
             self._admit(joining)
             if joining:  # their first tokens go out now, not after the next step
-                self._flush(handoff=True)
+                self._flush()
             try:
                 results = self.batcher.step()
             except Exception as e:  # the batch is lost, the engine is not
@@ -319,7 +315,7 @@ class Engine:
     def _prefill_now(self, chunk: list[_Job]) -> list[_Job]:
         """Prefill ``chunk`` and send its first tokens; the next chunk, empty."""
         self._prefill(chunk)
-        self._flush(handoff=True)
+        self._flush()
         return []
 
     def _to_compute(self, job: _Job) -> int:
@@ -361,23 +357,11 @@ class Engine:
             self._finish(job, cancelled=False)
         self._outbox.setdefault(job.loop, []).append((job.queue, r))
 
-    def _flush(self, *, handoff: bool = False) -> None:
-        """Hand the step's tokens over: one wake-up per event loop, not one per token.
-
-        ``handoff`` (first tokens): wait until each loop has taken them, at most :data:`HANDOFF_S`. Otherwise the
-        next step's Python work holds the GIL while the woken loop waits for it, and the first token reaches its
-        caller only when that step blocks on the GPU.
-        """
-        taken = []
+    def _flush(self) -> None:
+        """Hand the step's tokens over: one wake-up per event loop, not one per token."""
         for loop, items in self._outbox.items():
-            event = threading.Event() if handoff else None
-            loop.call_soon_threadsafe(_put_all, items, event)
-            taken.append(event)
+            loop.call_soon_threadsafe(_put_all, items)
         self._outbox = {}
-        deadline = time.monotonic() + HANDOFF_S
-        for event in taken:
-            if event is not None:
-                event.wait(max(0.0, deadline - time.monotonic()))
 
     def _finish(self, job: _Job, *, cancelled: bool) -> None:
         spec = job.seq.spec
@@ -425,8 +409,6 @@ def _prefix_cache(enabled: bool, nbytes: int | None, cache_bytes: int) -> Prefix
     return PrefixCache(bound) if enabled and bound > 0 else None
 
 
-def _put_all(items: list[tuple[asyncio.Queue[tuple[str, Any]], StepResult]], taken: threading.Event | None) -> None:
+def _put_all(items: list[tuple[asyncio.Queue[tuple[str, Any]], StepResult]]) -> None:
     for queue, r in items:
         queue.put_nowait(("token", r))
-    if taken is not None:
-        taken.set()
