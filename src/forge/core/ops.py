@@ -40,12 +40,13 @@ __all__ = [
 #: Head dims the attention kernels are built for; others take PyTorch's path.
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 #: Where the decoding kernel beats SDPA (cuDNN's path with a mask) for a few queries a row over a KV cache, by
-#: ``benchmarks/decode_attention_gpu.py`` on an H200 over 2,304 keys, (B, H, Hkv, W) of Llama-1B's heads:
+#: ``benchmarks/decode_attention_gpu.py`` on an H200 over 2,304 keys, (B, H, Hkv, W) of Llama-1B's heads (the
+#: committed JSON):
 #: - up to DECODE_MAX_ROWS rows of scores a program (queries a row times query heads a kv head), any batch: a
-#:   5-token verify took 36.2 us against 78.9 at batch 8, 176 against 553 at batch 64;
+#:   5-token verify took 36.2 us against 79.4 at batch 8, 179 against 558 at batch 64;
 #: - up to DECODE_TAIL_MAX_ROWS a program (the kernel's MAX_ROWS) while the batch's rows stay within DECODE_TAIL_ROWS:
-#:   a 32-token tail after a cached prefix took 16.4 us against 42.9 for one row, 37.3 against 43.5 for two, but
-#:   47.0 against 43.9 for four and 84.8 against 79.9 for eight.
+#:   a 32-token tail after a cached prefix took 18.4 us against 43.1 for one row, 36.6 against 43.6 for two, but
+#:   46.8 against 44.2 for four and 85.2 against 80.6 for eight.
 DECODE_MAX_ROWS = 32
 DECODE_TAIL_MAX_ROWS = 128
 DECODE_TAIL_ROWS = 256
