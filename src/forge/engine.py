@@ -323,7 +323,7 @@ class Engine:
         n = len(job.seq.prompt)
         if self.prefix_cache is None or n <= BLOCK:
             return n
-        return n - min(self.prefix_cache.cached_blocks(job.seq.prompt) * BLOCK, n - 1)
+        return n - self.prefix_cache.reusable(job.seq.prompt)
 
     def _shares(self, chunk: list[_Job], job: _Job) -> bool:
         """Whether ``job`` starts like one of ``chunk`` with a block not cached yet: it waits for that prefill.

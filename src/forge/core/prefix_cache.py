@@ -103,6 +103,10 @@ class PrefixCache:
         """How many leading full blocks of ``tokens`` are stored (a peek: no counters, no recency)."""
         return len(self._found(tokens, len(tokens)))
 
+    def reusable(self, tokens: list[int]) -> int:
+        """How many leading tokens of ``tokens`` a :meth:`load` would reuse (a peek: no counters, no recency)."""
+        return _reused(self.cached_blocks(tokens), tokens)
+
     def load(self, tokens: list[int], caches: list[KVCache], row: int) -> int:
         """Copy the longest stored prefix of ``tokens`` into ``row`` of ``caches``; how many tokens it covers.
 
@@ -118,7 +122,7 @@ class PrefixCache:
         # One batched concatenation of 3-d blocks: CUDA's takes at most 4 dimensions, and 5-d blocks fell back to
         # a copy a block (125 launches for a 2,000-token prefix, ~1 ms on an H100).
         write_rows(caches, row, torch.cat([b.kv for b in found], dim=1).view(len(caches), 2, H, -1, D))
-        n = min(len(found) * BLOCK, len(tokens) - 1)  # a prompt found whole: its last token is computed again
+        n = _reused(len(found), tokens)
         self.stats.hits += 1
         self.stats.tokens_reused += n
         return n
@@ -172,3 +176,9 @@ class PrefixCache:
             self.stats.evictions += 1
             gone += 1
         return gone
+
+
+def _reused(blocks: int, tokens: list[int]) -> int:
+    """The tokens ``blocks`` stored blocks of ``tokens`` save computing: a prompt found whole still computes its
+    last token, whose logits start the generation."""
+    return min(blocks * BLOCK, len(tokens) - 1)
