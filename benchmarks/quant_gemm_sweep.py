@@ -26,6 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_gpu as qg
 from _common import environment, save_gpu_result
+from forge.kernels.attention_tiles import sm_count
+from forge.kernels.quant_gemm import MmaConfig, mma_config
 from forge.kernels.quant_matmul import Config, gemm_config, int4_linear, int8_linear
 
 
@@ -64,8 +66,23 @@ def grid_for(m: int, k: int) -> list[Config]:
     ]
 
 
-def _knobs(cfg: Config) -> list:
-    return [cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split_k]
+def mma_grid_for(m: int, scheme: str) -> list[MmaConfig]:
+    """The "mma" path's launches: BLOCK_M covering the rows; int4 also each way of unpacking (MmaConfig.unpack)."""
+    block_m = min(64, max(16, 1 << (m - 1).bit_length()))
+    unpacks = (0, 1, 2) if scheme.startswith("int4") else (0,)
+    return [
+        MmaConfig(block_m, bn, bk, w, st, sk, u)
+        for u in unpacks
+        for bn in (32, 64)
+        for bk in (128, 256)
+        for w in (4, 8)
+        for st in (3, 4)
+        for sk in (1, 2, 4)
+    ]
+
+
+def _knobs(cfg: Config | MmaConfig) -> list:
+    return [cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split_k, getattr(cfg, "unpack", 0)]
 
 
 def main() -> None:
@@ -73,6 +90,7 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, the 135M shapes, two configs")
     p.add_argument("--m", default="64", help="rows of x, comma-separated (default: 64, issue 17's batch)")
     p.add_argument("--budget-s", type=float, default=400.0, help="stop sweeping after this long, keeping the rows")
+    p.add_argument("--path", choices=["gemm", "mma"], default="mma", help="which kernels' launches to sweep")
     args = p.parse_args()
     ms = tuple(int(v) for v in args.m.split(","))
     dry = args.dry_run
@@ -98,30 +116,38 @@ def main() -> None:
                 ref = F.linear(x.float(), weight.dequantize(torch.float32))
 
                 row = {"linear": lin, "m": m, "n": n, "k": k, "scheme": label, "bf16_us": base}
-                for path in ("dequant", "gemm"):
+                for path in ("dequant", args.path):
                     row[f"{path}_us"], row[f"{path}_err"] = measure(run, x, weight, ref, None, path)
-                row["default_config"] = list(gemm_config(m, n, k))
+                if args.path == "mma":
+                    bits = 4 if label.startswith("int4") else 8
+                    row["default_config"] = list(mma_config(m, n, k, bits=bits, sms=sm_count(dev)))
+                    grid = mma_grid_for(m, label)
+                else:
+                    row["default_config"] = list(gemm_config(m, n, k))
+                    grid = grid_for(m, k)
                 found = []
-                grid = grid_for(m, k)
                 for cfg in (grid[:1] + grid[-1:]) if dry else grid:
                     try:
-                        us, err = measure(run, x, weight, ref, cfg, "gemm")
+                        us, err = measure(run, x, weight, ref, cfg, args.path)
                         found.append([us, err, *_knobs(cfg)])
                     except Exception as e:  # a config the compiler refuses (shared memory): say so, go on
                         found.append([None, str(e)[:100], *_knobs(cfg)])
                 timed_ok = sorted((f for f in found if f[0] is not None), key=lambda f: f[0])
-                row["best"] = timed_ok[:8]  # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k]
+                row["best"] = timed_ok[:8]  # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k, unpack]
                 by_split = {sk: next((f for f in timed_ok if f[7] == sk), None) for sk in (1, 2, 4)}
                 row["best_by_split"] = {f"split{sk}": f for sk, f in by_split.items()}
+                by_unpack = {u: next((f for f in timed_ok if f[8] == u), None) for u in (0, 1, 2)}
+                row["best_by_unpack"] = {f"unpack{u}": f for u, f in by_unpack.items()}
                 row["best_vs_bf16"] = base / timed_ok[0][0] if timed_ok else None
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = {"benchmark": "quant_gemm_sweep", "dry_run": dry, "m": ms, "rows": rows, "seconds": time.time() - t0}
+    out = {"benchmark": "quant_gemm_sweep", "path": args.path, "dry_run": dry, "m": ms, "rows": rows}
+    out["seconds"] = time.time() - t0
     out["env"] = environment(dev)
     if dry:
         print(json.dumps(out, indent=2))
     else:
-        save_gpu_result("quant_gemm_sweep", out)
+        save_gpu_result("quant_gemm_sweep" if args.path == "gemm" else "quant_mma_sweep", out)
 
 
 if __name__ == "__main__":
