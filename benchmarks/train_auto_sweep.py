@@ -4,7 +4,9 @@ Each arm trains on the Shakespeare corpus for the same wall clock (``forge.train
 mechanism itself) and is scored in bits per byte on a TUNING text (the GNU FDL 1.3 and the Apache 2.0 licence,
 English prose that is not Shakespeare); the benchmark's held-out text (GPL-3, benchmarks/quality_cpu.py) is never
 used here. Arms are interleaved round by round, so CPU contention hits all alike. Each arm is one change to
-Forge's defaults; the baseline arm, "defaults", changes nothing. Results are written after every arm.
+Forge's defaults; the baseline arm, "defaults", changes nothing. Results are written after every arm. (Until
+the label-smoothing sweep's second round, ``_ls2``, included, every arm trained at TrainConfig's lr of 1e-3, not
+the 3e-3 that ``forge train`` uses for the auto shape of a 120 s budget.)
 
     python benchmarks/train_auto_sweep.py [--seconds 120] [--rounds 1] [--arms defaults,b32,...]
 """
@@ -23,15 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import forge
 from _common import SHAKESPEARE, environment, save_result
-from forge.budget import auto_pick
-from forge.cli.commands import default_optimizer
 from forge.config import ModelConfig
 from forge.evaluate import evaluate
+from forge.runs import auto_preset
+from forge.trainer import TrainConfig
 
 LICENSES = Path("/usr/share/common-licenses")
 TUNING = (LICENSES / "GFDL-1.3", LICENSES / "Apache-2.0")
-#: What `forge train DATA` sets beyond TrainConfig's own defaults (its optimizer for a new model).
-CLI_DEFAULTS: dict[str, Any] = {"optimizer": default_optimizer(None, None, "auto")}
+#: The TrainConfig fields `forge train DATA` sets for a new model of the auto shape, as measured for it.
+MEASURED = ("lr", "optimizer", "label_smoothing")
 SHAKESPEARE_BYTES = sum(p.stat().st_size for p in SHAKESPEARE.rglob("*.txt"))
 
 
@@ -45,6 +47,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "compile": {"train": {"compile": True}},
     "b8": {"train": {"batch_size": 8}},
     "b32": {"train": {"batch_size": 32}},
+    "lr1e-3": {"train": {"lr": 1e-3}},
     "lr3e-3": {"train": {"lr": 3e-3}},
     "muon_lr0.04": {"train": {"muon_lr": 0.04}},
     "v512": {"vocab": 512},
@@ -58,16 +61,25 @@ ARMS: dict[str, dict[str, Any]] = {
     "char": {"tokenizer": "char"},
     "dropout0.1": {"shape": {"dropout": 0.1}},
     "wd0.3": {"train": {"weight_decay": 0.3}},
+    "ls0": {"train": {"label_smoothing": 0.0}},
+    "ls0.05": {"train": {"label_smoothing": 0.05}},
+    "ls0.1": {"train": {"label_smoothing": 0.1}},
+    "ls0.15": {"train": {"label_smoothing": 0.15}},
+    "ls0.2": {"train": {"label_smoothing": 0.2}},
 }
 
 
 def arm_setup(name: str, seconds: float) -> tuple[ModelConfig, int, dict[str, Any]]:
-    """The shape, vocabulary and train options of arm ``name`` for a budget of ``seconds``."""
+    """The shape, vocabulary and train options of arm ``name`` for a budget of ``seconds``: what ``forge train
+    DATA --time SECONDS`` picks (:func:`forge.runs.auto_preset`: the shape, and the lr, optimizer and label
+    smoothing measured for it), then the arm's changes."""
     arm = ARMS[name]
-    pick = auto_pick(budget=seconds, corpus_bytes=SHAKESPEARE_BYTES, device="cpu")
+    base = TrainConfig(time=seconds, eval_every=0)
+    config, pick = auto_preset(SHAKESPEARE, base, "cpu", tokenizer=arm.get("tokenizer", "bpe"), chosen={})
     vocab = arm.get("vocab", pick.vocab_size)
     shape = dataclasses.replace(pick.config, vocab_size=vocab, **arm.get("shape", {}))
-    return shape, vocab, {**CLI_DEFAULTS, **arm.get("train", {})}
+    measured = {k: getattr(config, k) for k in MEASURED}
+    return shape, vocab, {**measured, **arm.get("train", {})}
 
 
 def tuning_text() -> str:

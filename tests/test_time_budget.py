@@ -132,6 +132,9 @@ def test_auto_on_a_gpu_grows_the_model_as_far_as_the_data_allows() -> None:
     more_text = auto_pick(budget=600, corpus_bytes=500_000_000, device="cuda")
     assert more_text.config.d_model > gpu.config.d_model
     assert "supports" not in more_text.reason
+    # Label smoothing was measured on the CPU's small shapes only; the bigger ones train without.
+    assert auto_pick(budget=120, corpus_bytes=5_100_000, device="cpu").label_smoothing == 0.1
+    assert cpu.label_smoothing == gpu.label_smoothing == 0.0
 
 
 def test_auto_trains_a_new_model_llama_style_with_muon_at_its_measured_lr() -> None:
@@ -140,10 +143,12 @@ def test_auto_trains_a_new_model_llama_style_with_muon_at_its_measured_lr() -> N
     pick = auto_pick(budget=120, corpus_bytes=len(TEXT[0]), device="cpu")
     config = result.state["train_config"]  # type: ignore[index]
     assert (config["lr"], config["optimizer"]) == (pick.lr, "muon") and pick.lr != TrainConfig().lr
+    assert config["label_smoothing"] == pick.label_smoothing == 0.1 != TrainConfig().label_smoothing
     assert result.model.config.family == "llama" and result.model.config.norm == "rmsnorm"
     # What the call chose stays as it chose it.
-    chosen = train(TEXT, preset="auto", lr=5e-4, optimizer="adamw", **quick).state["train_config"]  # type: ignore[index]
-    assert (chosen["lr"], chosen["optimizer"]) == (5e-4, "adamw")
+    options = dict(lr=5e-4, optimizer="adamw", label_smoothing=0.0)
+    chosen = train(TEXT, preset="auto", **options, **quick).state["train_config"]  # type: ignore[index]
+    assert (chosen["lr"], chosen["optimizer"], chosen["label_smoothing"]) == (5e-4, "adamw", 0.0)
 
 
 def test_forge_train_time_auto_says_what_it_picked_and_how_the_time_went(
@@ -162,7 +167,8 @@ def test_forge_train_time_auto_says_what_it_picked_and_how_the_time_went(
     # No --lr: the auto shape's measured learning rate.
     saved = read_training_state(tmp_path / "run")
     assert saved is not None
-    assert saved["train_config"]["lr"] == auto_pick(budget=2, corpus_bytes=len(TEXT[0]), device="cpu").lr
+    pick = auto_pick(budget=2, corpus_bytes=len(TEXT[0]), device="cpu")
+    assert (saved["train_config"]["lr"], saved["train_config"]["label_smoothing"]) == (pick.lr, pick.label_smoothing)
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("whether to take arms against a sea of troubles, and by opposing end them.")
     code, scored, err = run_cli(["eval", tmp_path / "run", held_out, "--json"], capsys)  # the fresh checkpoint

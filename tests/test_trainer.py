@@ -95,6 +95,16 @@ def test_eval_every_zero_evaluates_at_start_and_end() -> None:
     assert [e.step for e in rec.of(EvalEvent)] == [0, 4]
 
 
+def test_label_smoothing_shapes_the_training_loss_not_the_validation_loss() -> None:
+    """The same seed and batches: the first step's loss is the smoothed one, the evaluation before any step is the
+    plain cross-entropy either way (the same weights), and the runs then part."""
+    runs = {e: train(TEXT, steps=3, eval_every=0, label_smoothing=e, **FAST) for e in (0.0, 0.3)}
+    plain, smoothed = runs[0.0], runs[0.3]
+    assert plain.evals[0] == smoothed.evals[0]
+    assert smoothed.losses[0][1] != plain.losses[0][1]
+    assert plain.evals[-1] != smoothed.evals[-1]
+
+
 def _overfitting_text() -> list[str]:
     """Training text of six words, validation text of twelve: the run learns, then overfits the six."""
     rng = random.Random(0)
@@ -297,6 +307,8 @@ def test_trained_tokenizer_is_cached(forge_cache_dir: Path, monkeypatch: pytest.
         ("weight_decay", -0.1),
         ("precision", "fp16"),
         ("val_fraction", 1.0),
+        ("label_smoothing", 1.0),
+        ("label_smoothing", -0.1),
     ],
 )
 def test_train_config_validation(field: str, value: object) -> None:

@@ -156,8 +156,9 @@ def auto_preset(
     pick = auto_pick(
         budget=budget or DEFAULT_BUDGET, corpus_bytes=size, device=device, assumed=budget is None, tokenizer=kind
     )
-    if chosen is not None:  # the options a call chose: the rest of lr and optimizer as measured for the shape
-        config = dataclasses.replace(config, **{"lr": pick.lr, "optimizer": "muon"} | chosen)
+    if chosen is not None:  # the options a call chose; the rest of these as measured for the shape
+        measured = {"lr": pick.lr, "optimizer": "muon", "label_smoothing": pick.label_smoothing}
+        config = dataclasses.replace(config, **measured | chosen)
     return config, pick
 
 

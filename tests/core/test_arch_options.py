@@ -43,6 +43,26 @@ def test_forward_backward_reach_every_parameter(model: Transformer) -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_label_smoothing_is_torchs_definition_without_the_logits(model: Transformer) -> None:
+    """The fused head's smoothed loss (cross-entropy plus e times the target's margin over the mean logit) equals
+    F.cross_entropy(label_smoothing=e) on the materialised logits, value and gradients."""
+    idx = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    x, y = idx[:, :-1], idx[:, 1:].reshape(-1)
+    for e in (0.1, 0.3):
+        model.zero_grad()
+        loss = model.loss(x, idx[:, 1:], label_smoothing=e)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        logits = model(x).float()
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, label_smoothing=e)
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
+    assert model.loss(x, idx[:, 1:], label_smoothing=0.3) != model.loss(x, idx[:, 1:])
+
+
 def test_kv_cache_decode_equals_full_forward(model: Transformer) -> None:
     idx = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     model.eval()

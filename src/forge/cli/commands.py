@@ -105,6 +105,10 @@ def _console() -> Console:
         "help": "adamw or muon [default: muon for a new model (not under --strategy fsdp), adamw to fine-tune; "
         "a resumed run keeps its own].",
     },
+    label_smoothing={
+        "help": "Share of each target's mass spread over the vocabulary in the training loss [default: 0.1 for "
+        "a new model of the auto preset's small (CPU) shapes, where it was measured; else 0]."
+    },
 )
 @field_options(DistributedConfig, DISTRIBUTED_FLAGS)
 def train_cmd(
@@ -140,9 +144,11 @@ def train_cmd(
         options["optimizer"] = default_optimizer(resume, model, dist_config.strategy)
     config, pick = TrainConfig(**options), None
     if preset == "auto" and resume is None and model is None:  # picked here, once, for every rank
-        # A new model of the auto shape trains at the learning rate measured for it, unless --lr says otherwise.
-        lr_given = click.get_current_context().get_parameter_source("lr") is not ParameterSource.DEFAULT
-        chosen = {k: v for k, v in options.items() if k != "lr" or lr_given}
+        # A new model of the auto shape trains at the learning rate and smoothing measured for it, unless the
+        # flags say otherwise.
+        ctx = click.get_current_context()
+        given = {k for k in ("lr", "label_smoothing") if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        chosen = {k: v for k, v in options.items() if k not in ("lr", "label_smoothing") or k in given}
         config, pick = auto_preset(data, config, str(resolve_device(device)), tokenizer=tokenizer, chosen=chosen)  # type: ignore[arg-type]
     if dist_config.launches or World.from_env() is not None:
         shape = preset

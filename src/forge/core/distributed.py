@@ -122,8 +122,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(idx, targets)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        return self.model.loss(idx, targets, label_smoothing)
 
 
 def training_bytes(model: nn.Module) -> int:

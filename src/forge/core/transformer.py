@@ -294,12 +294,21 @@ class Transformer(nn.Module):
         assert delta is not None, "a model has at least one block"
         return x, delta
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy, computed in fp32 for stability.
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean next-token cross-entropy, computed in fp32 for stability; with ``label_smoothing`` e, against
+        targets that put e of their mass evenly on the whole vocabulary (F.cross_entropy's definition).
 
-        On GPUs the output head and the loss are one fused kernel that never holds the full logits.
+        On GPUs the output head and the loss are one fused kernel that never holds the full logits. Smoothing adds
+        ``e * (z_target - mean_j z_j)`` a row, where ``mean_j z_j`` is h times the mean row of the head: no logits.
         """
         h = self.norm.add(*self._trunk(idx, None, None, None))[0]  # (B, T, d)
+        flat = targets.reshape(-1)
         if self.config.logit_softcap is not None:  # the fused kernel has no cap: the logits are materialised
-            return F.cross_entropy(self.head(h).float().reshape(-1, self.config.vocab_size), targets.reshape(-1))
-        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+            logits = self.head(h).float().reshape(-1, self.config.vocab_size)
+            return F.cross_entropy(logits, flat, label_smoothing=label_smoothing)
+        rows, weight = h.reshape(-1, h.shape[-1]), self.lm_head.weight
+        loss = ops.linear_cross_entropy(rows, weight, flat)
+        if label_smoothing:
+            margin = (rows.float() * (weight[flat].float() - weight.float().mean(0))).sum(-1)
+            loss = loss + label_smoothing * margin.mean()
+        return loss

@@ -23,6 +23,12 @@ HBM):
   pack_int4's layout) and 65 at M = 16 (bf16 57, dequant 109). Measured at groups of 32 only; other GGUF groups
   (64 to 256) run the same code, a group's scale read by each of its values.
 
+int4 has two more ways to unpack (``MmaConfig.unpack``), candidates not yet timed on a GPU (no device was lent
+when they were written; ``benchmarks/quant_gemm_sweep.py --path mma`` times them): each K step as GGUF blocks of 32
+one after another, a block's scale and minimum one (1, BLOCK_N) row broadcast over it instead of a load per value,
+either addressing each value's byte (1) or reading the (16, BLOCK_N) bytes once for two dots of 16 columns (2).
+:func:`mma_config` picks 0, the probe's winner, until a sweep says otherwise.
+
 Rows past M and columns past N read the last row or column (no masks on loads; the stores are masked). K is
 walked in whole steps of ``BLOCK_K``, which must divide it. Programs along axis 1 of the grid split K: each
 stores its fp32 partial to a (splits, M, N) workspace and a second small kernel sums them, adds the bias and
