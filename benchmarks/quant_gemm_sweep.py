@@ -133,7 +133,8 @@ def main() -> None:
                     except Exception as e:  # a config the compiler refuses (shared memory): say so, go on
                         found.append([None, str(e)[:100], *_knobs(cfg)])
                 timed_ok = sorted((f for f in found if f[0] is not None), key=lambda f: f[0])
-                row["best"] = timed_ok[:8]  # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k, unpack]
+                # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k, unpack]
+                row["best"] = timed_ok[:8]
                 by_split = {sk: next((f for f in timed_ok if f[7] == sk), None) for sk in (1, 2, 4)}
                 row["best_by_split"] = {f"split{sk}": f for sk, f in by_split.items()}
                 by_unpack = {u: next((f for f in timed_ok if f[8] == u), None) for u in (0, 1, 2)}

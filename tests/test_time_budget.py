@@ -133,7 +133,7 @@ def test_auto_on_a_gpu_grows_the_model_as_far_as_the_data_allows() -> None:
     assert more_text.config.d_model > gpu.config.d_model
     assert "supports" not in more_text.reason
     # Label smoothing was measured on the CPU's small shapes only; the bigger ones train without.
-    assert auto_pick(budget=120, corpus_bytes=5_100_000, device="cpu").label_smoothing == 0.1
+    assert auto_pick(budget=120, corpus_bytes=5_100_000, device="cpu").label_smoothing == 0.05
     assert cpu.label_smoothing == gpu.label_smoothing == 0.0
 
 
@@ -143,7 +143,7 @@ def test_auto_trains_a_new_model_llama_style_with_muon_at_its_measured_lr() -> N
     pick = auto_pick(budget=120, corpus_bytes=len(TEXT[0]), device="cpu")
     config = result.state["train_config"]  # type: ignore[index]
     assert (config["lr"], config["optimizer"]) == (pick.lr, "muon") and pick.lr != TrainConfig().lr
-    assert config["label_smoothing"] == pick.label_smoothing == 0.1 != TrainConfig().label_smoothing
+    assert config["label_smoothing"] == pick.label_smoothing == 0.05 != TrainConfig().label_smoothing
     assert result.model.config.family == "llama" and result.model.config.norm == "rmsnorm"
     # What the call chose stays as it chose it.
     options = dict(lr=5e-4, optimizer="adamw", label_smoothing=0.0)

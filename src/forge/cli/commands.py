@@ -106,7 +106,7 @@ def _console() -> Console:
         "a resumed run keeps its own].",
     },
     label_smoothing={
-        "help": "Share of each target's mass spread over the vocabulary in the training loss [default: 0.1 for "
+        "help": "Share of each target's mass spread over the vocabulary in the training loss [default: 0.05 for "
         "a new model of the auto preset's small (CPU) shapes, where it was measured; else 0]."
     },
 )

@@ -171,7 +171,8 @@ def _int4_gguf(
                 if UNPACK == 1:  # (32, BLOCK_N) codes, each byte read for each of its nibbles
                     raw = tl.load(w_cols + (kb // 2 + f % 16)[:, None]).to(tl.int32)
                     c = (raw >> ((f // 16) * 4)[:, None]) & 0xF
-                    acc = dot(tl.load(x_rows + (kb + f)[None, :]), _int4_values(c, s, z, FP16, UPCAST), acc, _PREC, UPCAST)
+                    w = _int4_values(c, s, z, FP16, UPCAST)
+                    acc = dot(tl.load(x_rows + (kb + f)[None, :]), w, acc, _PREC, UPCAST)
                 else:  # the (16, BLOCK_N) bytes read once: low nibbles hold columns 0-15, high ones 16-31
                     raw = tl.load(w_cols + (kb // 2 + f)[:, None]).to(tl.int32)
                     lo = _int4_values(raw & 0xF, s, z, FP16, UPCAST)
