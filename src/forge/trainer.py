@@ -88,9 +88,7 @@ class TrainConfig:
     )
     muon_lr: float = bounded(MUON_DEFAULT_LR, gt=0, doc="Muon's peak learning rate (with optimizer=muon).")
     grad_clip: float | None = bounded(1.0, gt=0, optional=True, doc="Clip the gradient norm to this (None: off).")
-    label_smoothing: float = bounded(
-        0.0, ge=0, lt=1, doc="Share of each target's mass spread over the vocabulary (training loss only)."
-    )
+    label_smoothing: float = bounded(0.0, ge=0, lt=1, doc="Target mass spread over the vocabulary (training loss).")
     grad_accum: int = bounded(1, integer=True, ge=1, doc="Micro-batches per optimizer step.")
     eval_every: int = bounded(100, integer=True, ge=0, doc="Evaluate every N steps; 0: at the start and end only.")
     eval_batches: int = bounded(10, integer=True, ge=1, doc="Validation batches per evaluation.")
