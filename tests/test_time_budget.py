@@ -169,6 +169,13 @@ def test_forge_train_time_auto_says_what_it_picked_and_how_the_time_went(
     assert saved is not None
     pick = auto_pick(budget=2, corpus_bytes=len(TEXT[0]), device="cpu")
     assert (saved["train_config"]["lr"], saved["train_config"]["label_smoothing"]) == (pick.lr, pick.label_smoothing)
+    # Flags given win over the measured values, 0 included.
+    code, _, err = run_cli(
+        [*args, "--steps", "1", "--lr", "5e-4", "--label-smoothing", "0", "--out", tmp_path / "r2"], capsys
+    )
+    chosen = read_training_state(tmp_path / "r2")
+    assert code == 0 and chosen is not None, err
+    assert (chosen["train_config"]["lr"], chosen["train_config"]["label_smoothing"]) == (5e-4, 0.0)
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("whether to take arms against a sea of troubles, and by opposing end them.")
     code, scored, err = run_cli(["eval", tmp_path / "run", held_out, "--json"], capsys)  # the fresh checkpoint
