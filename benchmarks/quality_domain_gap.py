@@ -52,7 +52,7 @@ def main() -> None:
             for value in filter(None, args.smoothing.split(",")):
                 ls = forge_arm(args.seconds, "cpu", data, also=(play,), label_smoothing=float(value))
                 runs.append((f"forge_ls{value}", ls))
-    arms = {name: arm for name, arm in runs}  # the last round's; every round's under "runs"
+    arms = dict(runs)  # the last round's; every round's under "runs"
     out = {
         "benchmark": "quality_domain_gap",
         "seconds": args.seconds,

@@ -27,13 +27,11 @@ import forge
 from _common import SHAKESPEARE, environment, save_result
 from forge.config import ModelConfig
 from forge.evaluate import evaluate
-from forge.runs import auto_preset
+from forge.runs import MEASURED, auto_preset
 from forge.trainer import TrainConfig
 
 LICENSES = Path("/usr/share/common-licenses")
 TUNING = (LICENSES / "GFDL-1.3", LICENSES / "Apache-2.0")
-#: The TrainConfig fields `forge train DATA` sets for a new model of the auto shape, as measured for it.
-MEASURED = ("lr", "optimizer", "label_smoothing")
 SHAKESPEARE_BYTES = sum(p.stat().st_size for p in SHAKESPEARE.rglob("*.txt"))
 
 

@@ -45,7 +45,11 @@ class RunConfig(Protocol):
 #: The run's own config type (``TrainConfig``), handed back as it came.
 Config = TypeVar("Config", bound=RunConfig)
 
-__all__ = ["BestWeights", "PreparedRun", "auto_preset", "prepare_run"]
+__all__ = ["MEASURED", "BestWeights", "PreparedRun", "auto_preset", "prepare_run"]
+
+#: The TrainConfig fields :func:`auto_preset` sets for a new model of the auto shape, as measured for it, unless
+#: the call chose them.
+MEASURED = ("lr", "optimizer", "label_smoothing")
 
 
 def _tokenizer_for(corpus: Corpus, kind: TokenizerKind, vocab_size: int) -> Tokenizer:
@@ -156,8 +160,9 @@ def auto_preset(
     pick = auto_pick(
         budget=budget or DEFAULT_BUDGET, corpus_bytes=size, device=device, assumed=budget is None, tokenizer=kind
     )
-    if chosen is not None:  # the options a call chose; the rest of these as measured for the shape
+    if chosen is not None:  # the options a call chose; the rest of MEASURED as measured for the shape
         measured = {"lr": pick.lr, "optimizer": "muon", "label_smoothing": pick.label_smoothing}
+        assert measured.keys() == set(MEASURED)
         config = dataclasses.replace(config, **measured | chosen)
     return config, pick
 

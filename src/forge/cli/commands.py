@@ -39,6 +39,7 @@ from forge.distributed import DistributedConfig, RunSpec, last_checkpoint_step, 
 from forge.draft import load_draft
 from forge.errors import ConfigError, DataError, ForgeError
 from forge.generator import GenerationConfig, Generator
+from forge.runs import MEASURED
 from forge.trainer import TrainConfig, TrainResult, auto_preset, train
 
 __all__ = ["GENERATION_FLAGS", "TRAIN_FLAGS", "cli"]
@@ -144,11 +145,11 @@ def train_cmd(
         options["optimizer"] = default_optimizer(resume, model, dist_config.strategy)
     config, pick = TrainConfig(**options), None
     if preset == "auto" and resume is None and model is None:  # picked here, once, for every rank
-        # A new model of the auto shape trains at the learning rate and smoothing measured for it, unless the
-        # flags say otherwise.
+        # A new model of the auto shape trains with the options measured for it (lr, optimizer, smoothing), unless
+        # flags say otherwise: a flag's default is no choice.
         ctx = click.get_current_context()
-        given = {k for k in ("lr", "label_smoothing") if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
-        chosen = {k: v for k, v in options.items() if k not in ("lr", "label_smoothing") or k in given}
+        given = {k for k in MEASURED if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        chosen = {k: v for k, v in options.items() if k not in MEASURED or k in given}
         config, pick = auto_preset(data, config, str(resolve_device(device)), tokenizer=tokenizer, chosen=chosen)  # type: ignore[arg-type]
     if dist_config.launches or World.from_env() is not None:
         shape = preset
