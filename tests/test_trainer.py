@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import forge.trainer as trainer_module
+from forge.budget import compile_pays
 from forge.data import Corpus, TokenDataset
 from forge.errors import CheckpointError, ConfigError
 from forge.events import CheckpointEvent, EndEvent, EvalEvent, Event, StartEvent, StepEvent
@@ -214,14 +217,45 @@ def test_compiled_step_trains_the_same(tmp_path: Path) -> None:
     """--compile runs the step under torch.compile (Inductor on CPUs too): same losses, a plain checkpoint."""
     plain_events, compiled_events = Recorder(), Recorder()
     plain = train(TEXT, steps=4, eval_every=0, seed=1, listeners=[plain_events], **FAST)
+    counters.clear()
     compiled = train(
         TEXT, steps=4, eval_every=0, seed=1, compile=True, out=tmp_path / "run", listeners=[compiled_events], **FAST
     )
     assert compiled_events.of(StartEvent)[0].compiled and not plain_events.of(StartEvent)[0].compiled
+    # One graph, the training step's: the evaluations (at step 0 and at the end) stay eager on a CPU.
+    assert len(compiled.evals) == 2 and counters["stats"]["unique_graphs"] == 1
     assert [loss for _, loss in compiled.losses] == pytest.approx([loss for _, loss in plain.losses], rel=1e-4)
     reloaded = load(tmp_path / "run").model  # saved weights carry no compile wrapper prefixes
     for name, tensor in compiled.model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("device", "seconds", "compiler", "compiled"),
+    [
+        ("cuda", None, None, True),
+        ("cpu", 120.0, "/usr/bin/g++", True),
+        ("cpu", 60.0, "/usr/bin/g++", False),  # the compile would eat what it saves
+        ("cpu", None, "/usr/bin/g++", False),  # a step count: no budget to weigh it against
+        ("cpu", 120.0, None, False),  # Inductor needs a C++ compiler on a CPU
+        ("mps", 120.0, "/usr/bin/g++", False),
+    ],
+)
+def test_compile_none_compiles_where_it_pays(
+    monkeypatch: pytest.MonkeyPatch, device: str, seconds: float | None, compiler: str | None, compiled: bool
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: compiler)
+    assert compile_pays(device, seconds) is compiled
+
+
+def test_a_cpu_time_budget_worth_a_compile_compiles_the_step() -> None:
+    tok = Tokenizer.train(TEXT, kind="char")
+    dataset = TokenDataset.build(Corpus.from_source(TEXT), tok)
+    model = create_model("tiny", vocab_size=padded_vocab(tok.vocab_size), n_layer=1)
+    cpu = torch.device("cpu")
+    for config, compiled in ((TrainConfig(time="2m"), compile_pays("cpu", 120.0)), (TrainConfig(), False)):
+        assert Trainer(model, tok, dataset, config, device=cpu).compiled is compiled
+    assert not Trainer(model, tok, dataset, TrainConfig(time="2m", compile=False), device=cpu).compiled
 
 
 def test_same_seed_same_run_different_seed_differs() -> None:

@@ -15,14 +15,24 @@ evaluation and checkpoint is held back from the start.
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from forge.config import ModelConfig
 from forge.errors import ConfigError
 
-__all__ = ["DEFAULT_BUDGET", "AutoPick", "TimePlan", "auto_pick", "format_duration", "parse_duration"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "AutoPick",
+    "TimePlan",
+    "auto_pick",
+    "compile_pays",
+    "format_duration",
+    "parse_duration",
+]
 
 #: The budget ``preset="auto"`` assumes when neither a time nor a step count is given (seconds).
 DEFAULT_BUDGET = 300.0
@@ -151,6 +161,25 @@ _CUDA_SPEEDUP = 200.0
 #: clear of memorising the corpus. Bounding parameters, not compute, lets a fast device grow the model as far as
 #: the data allows (5 MB of text: 256 x 8 on a GPU), where a compute cap kept it at the CPU's size.
 _PARAMS_PER_BYTE = 2.0
+
+
+#: The least CPU budget (seconds) for which ``TrainConfig(compile=None)`` compiles the training step. The auto
+#: shape's step took 45 ms compiled against 70 ms eager (forward and backward, bf16, 2 cores), after a cold
+#: compile of 25 s (4 s with Inductor's cache warm): even at 25 s the compile pays off past about 70 s. At 120 s
+#: on the tuning text (benchmarks/results/train_auto_sweep_120s_compile.json), compiled runs took 1818 steps
+#: (cold) and 2021 (warm) against 1438 and 1533 eager, and scored 2.944 and 2.954 bits per byte against 2.956
+#: and 2.975.
+COMPILE_PAYS_AT = 90.0
+
+
+def compile_pays(device: str, budget: float | None) -> bool:
+    """Whether ``compile=None`` compiles the training step: always on CUDA; on a CPU with a C++ compiler (which
+    Inductor needs) for a time budget of at least ``COMPILE_PAYS_AT``; never elsewhere, nor for a step count."""
+    if device.startswith("cuda"):
+        return True
+    cxx = os.environ.get("CXX") or "g++"
+    has_compiler = shutil.which(cxx) is not None or shutil.which("clang++") is not None
+    return device == "cpu" and budget is not None and budget >= COMPILE_PAYS_AT and has_compiler
 
 
 def auto_pick(

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from forge.budget import TimePlan, parse_duration
+from forge.budget import TimePlan, compile_pays, parse_duration
 from forge.config import DTYPE_ALIASES, ModelConfig, bounded, check_specs, choice, documented
 from forge.core.checkpoint import check_replaceable
 from forge.core.device import autocast_dtype, resolve_device
@@ -105,8 +105,7 @@ class TrainConfig:
         doc="Autocast dtype (weights stay float32); auto: bfloat16 where the hardware runs it natively.",
     )
     gradient_checkpointing: bool = documented(False, doc="Recompute activations to save memory.")
-    #: None: on CUDA only (a CPU compile costs ~25 s).
-    compile: bool | None = documented(None, doc="torch.compile the training step; None: on CUDA only.")
+    compile: bool | None = documented(None, doc="torch.compile the training step; None: CUDA, CPU budgets >= 90 s.")
     lora_rank: int = bounded(0, integer=True, ge=0, doc="LoRA rank: > 0 trains adapters, merged at the end; 0: all.")
     lora_alpha: float | None = bounded(None, gt=0, doc="LoRA scale numerator; unset: 2 * lora_rank.")
     max_seconds: float | None = bounded(None, gt=0, doc="Time budget in seconds (the same as time, as a number).")
@@ -235,7 +234,7 @@ class Trainer:
             # Seeded by the run, not the global RNG: the same seed gives the same adapters and losses.
             generator = torch.Generator().manual_seed(config.seed)
             apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, generator=generator)
-        self.compiled = config.compile if config.compile is not None else device.type == "cuda"
+        self.compiled = config.compile if config.compile is not None else compile_pays(device.type, config.budget)
         self._build_step(model)
         self.schedule = config.schedule_for()
         #: The step the schedule counts from: a time-budgeted run warms up and down within its own budget.
@@ -253,8 +252,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr
         )
-        # Inductor fuses each block's norms, RoPE and activations; shapes are fixed (B, context) windows.
+        # Fixed-shape windows. Eval (no grad: a 2nd graph) compiles on CUDA only: on a CPU it costs more than it saves.
         self._loss = torch.compile(model.loss, dynamic=False) if self.compiled else model.loss
+        self._eval_loss = self._loss if self.device.type == "cuda" else model.loss
 
     # -- state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -490,7 +490,7 @@ class Trainer:
         for _ in range(self.config.eval_batches):
             x, y = self.dataset.batch("val", self.config.batch_size, self.context, rng)
             with self._autocast():
-                losses.append(float(self._loss(x.to(self.device), y.to(self.device))))
+                losses.append(float(self._eval_loss(x.to(self.device), y.to(self.device))))
         self.model.train(was_training)
         return sum(losses) / len(losses)
 

@@ -100,7 +100,7 @@ def _console() -> Console:
     TrainConfig,
     TRAIN_FLAGS,
     lora_rank={"aliases": ("--lora",)},
-    compile={"help": "torch.compile the training step [default: on for CUDA, off elsewhere]."},
+    compile={"help": "torch.compile the training step [default: on for CUDA; on a CPU for a --time of 90 s or more]."},
     optimizer={
         "default": None,
         "help": "adamw or muon [default: muon for a new model (not under --strategy fsdp), adamw to fine-tune; "

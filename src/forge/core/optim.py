@@ -101,9 +101,12 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    # x <- a x + (b G + c G^2) x with G = x x^T, each sum fused into its matmul (addmm/baddbmm): on a CPU the
+    # separate scalings and additions cost as much as the small matmuls themselves.
+    fused_mm = torch.baddbmm if x.dim() == 3 else torch.addmm
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = fused_mm(x, fused_mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.mT if tall else x).to(g.dtype)
 
 
