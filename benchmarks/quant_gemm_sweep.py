@@ -67,12 +67,11 @@ def grid_for(m: int, k: int) -> list[Config]:
 
 
 def mma_grid_for(m: int, scheme: str) -> list[MmaConfig]:
-    """The "mma" path's launches: BLOCK_M covering the rows; int4 also each way of unpacking (MmaConfig.unpack)."""
+    """The "mma" path's launches: BLOCK_M covering the rows. (Its first run also swept two other ways of unpacking
+    int4, one GGUF block at a time: slower on every 1B linear, dropped; quant_mma_sweep_NVIDIA_H100_80GB_HBM3.json.)"""
     block_m = min(64, max(16, 1 << (m - 1).bit_length()))
-    unpacks = (0, 1, 2) if scheme.startswith("int4") else (0,)
     return [
-        MmaConfig(block_m, bn, bk, w, st, sk, u)
-        for u in unpacks
+        MmaConfig(block_m, bn, bk, w, st, sk)
         for bn in (32, 64)
         for bk in (128, 256)
         for w in (4,)  # mma_config's 4 warps: the probe's 8 never won a 1B linear at M = 64
@@ -82,7 +81,7 @@ def mma_grid_for(m: int, scheme: str) -> list[MmaConfig]:
 
 
 def _knobs(cfg: Config | MmaConfig) -> list:
-    return [cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split_k, getattr(cfg, "unpack", 0)]
+    return [cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split_k]
 
 
 def main() -> None:
@@ -135,12 +134,10 @@ def main() -> None:
                     except Exception as e:  # a config the compiler refuses (shared memory): say so, go on
                         found.append([None, str(e)[:100], *_knobs(cfg)])
                 timed_ok = sorted((f for f in found if f[0] is not None), key=lambda f: f[0])
-                # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k, unpack]
+                # [us, max rel err, block_m, block_n, block_k, warps, stages, split_k]
                 row["best"] = timed_ok[:8]
                 by_split = {sk: next((f for f in timed_ok if f[7] == sk), None) for sk in (1, 2, 4)}
                 row["best_by_split"] = {f"split{sk}": f for sk, f in by_split.items()}
-                by_unpack = {u: next((f for f in timed_ok if f[8] == u), None) for u in (0, 1, 2)}
-                row["best_by_unpack"] = {f"unpack{u}": f for u, f in by_unpack.items()}
                 row["best_vs_bf16"] = base / timed_ok[0][0] if timed_ok else None
                 print(json.dumps(row), flush=True)
                 rows.append(row)

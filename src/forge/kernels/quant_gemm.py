@@ -23,11 +23,10 @@ HBM):
   pack_int4's layout) and 65 at M = 16 (bf16 57, dequant 109). Measured at groups of 32 only; other GGUF groups
   (64 to 256) run the same code, a group's scale read by each of its values.
 
-int4 has two more ways to unpack (``MmaConfig.unpack``), candidates not yet timed on a GPU (no device was lent
-when they were written; ``benchmarks/quant_gemm_sweep.py --path mma`` times them): each K step as GGUF blocks of 32
-one after another, a block's scale and minimum one (1, BLOCK_N) row broadcast over it instead of a load per value,
-either addressing each value's byte (1) or reading the (16, BLOCK_N) bytes once for two dots of 16 columns (2).
-:func:`mma_config` picks 0, the probe's winner, until a sweep says otherwise.
+The same int4 tile one GGUF block at a time, each block's scale and minimum one (1, BLOCK_N) row broadcast
+instead of a load per value (addressing each value's byte, or reading a block's 16 bytes once for two dots of 16
+columns), lost on the H100 at M = 64 for every 1B linear: 15.2 and 18.7 us on qkv against 11.4, 51 and 59 on
+gate_up against 29 (``results/quant_mma_sweep_NVIDIA_H100_80GB_HBM3.json``). They were dropped.
 
 Rows past M and columns past N read the last row or column (no masks on loads; the stores are masked). K is
 walked in whole steps of ``BLOCK_K``, which must divide it. Programs along axis 1 of the grid split K: each
@@ -62,7 +61,6 @@ class MmaConfig(NamedTuple):
     warps: int = 4
     stages: int = 3
     split_k: int = 1
-    unpack: int = 0  # int4 only: 0 a (BLOCK_K, BLOCK_N) tile a step; 1 and 2 one GGUF block at a time (see _int4_gguf)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +137,7 @@ def _int8_channel(
 @triton.jit
 def _int4_gguf(
     X, Q, S, Z, B, Y, WS, M, N, K, stride_xm, stride_sn, stride_sg, k_split,
-    G: tl.constexpr, FP16: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, UNPACK: tl.constexpr,
+    G: tl.constexpr, FP16: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y's (BLOCK_M, BLOCK_N) tile over columns [program_id(1) * k_split, + k_split) of K: the weight built as a
@@ -154,31 +152,13 @@ def _int4_gguf(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = tl.program_id(1) * k_split
     for k0 in range(k_lo, tl.minimum(K, k_lo + k_split), BLOCK_K):
-        if UNPACK == 0:  # the whole tile at once, each value's scale and minimum loaded with it
-            rk = k0 + tl.arange(0, BLOCK_K)
-            byte = (rk // 32) * 16 + rk % 16  # column rk's byte in its block of 32, and its nibble
-            shift = ((rk // 16) % 2) * 4
-            c = (tl.load(w_cols + byte[:, None]).to(tl.int32) >> shift[:, None]) & 0xF
-            offs = s_cols + (rk // G)[:, None] * stride_sg
-            w = _int4_values(c, tl.load(S + offs), tl.load(Z + offs), FP16, UPCAST)
-            acc = dot(tl.load(x_rows + rk[None, :]), w, acc, _PREC, UPCAST)
-        else:  # one block of 32 columns at a time: its scale and minimum a (1, BLOCK_N) row, broadcast
-            for b in tl.static_range(BLOCK_K // 32):
-                kb = k0 + b * 32
-                offs = s_cols + (kb // G) * stride_sg
-                s, z = tl.load(S + offs), tl.load(Z + offs)
-                f = tl.arange(0, 32 if UNPACK == 1 else 16)
-                if UNPACK == 1:  # (32, BLOCK_N) codes, each byte read for each of its nibbles
-                    raw = tl.load(w_cols + (kb // 2 + f % 16)[:, None]).to(tl.int32)
-                    c = (raw >> ((f // 16) * 4)[:, None]) & 0xF
-                    w = _int4_values(c, s, z, FP16, UPCAST)
-                    acc = dot(tl.load(x_rows + (kb + f)[None, :]), w, acc, _PREC, UPCAST)
-                else:  # the (16, BLOCK_N) bytes read once: low nibbles hold columns 0-15, high ones 16-31
-                    raw = tl.load(w_cols + (kb // 2 + f)[:, None]).to(tl.int32)
-                    lo = _int4_values(raw & 0xF, s, z, FP16, UPCAST)
-                    acc = dot(tl.load(x_rows + (kb + f)[None, :]), lo, acc, _PREC, UPCAST)
-                    hi = _int4_values(raw >> 4, s, z, FP16, UPCAST)
-                    acc = dot(tl.load(x_rows + (kb + 16 + f)[None, :]), hi, acc, _PREC, UPCAST)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        byte = (rk // 32) * 16 + rk % 16  # column rk's byte in its block of 32, and its nibble
+        shift = ((rk // 16) % 2) * 4
+        c = (tl.load(w_cols + byte[:, None]).to(tl.int32) >> shift[:, None]) & 0xF
+        offs = s_cols + (rk // G)[:, None] * stride_sg
+        w = _int4_values(c, tl.load(S + offs), tl.load(Z + offs), FP16, UPCAST)
+        acc = dot(tl.load(x_rows + rk[None, :]), w, acc, _PREC, UPCAST)
     _finish(acc, B, Y, WS, rm, rn, M, N, HAS_BIAS, False)
 
 
@@ -338,9 +318,8 @@ def int4_gguf_gemm(
     weight = (q.contiguous(), scale, minimum)
     strides = (scale.stride(0), scale.stride(1))
     return _gemm(
-        _int4_gguf, x2, n, weight, bias, cfg, strides=strides, G=k // scale.shape[1], FP16=x2.dtype == torch.float16,
-        UNPACK=cfg.unpack,
-    )  # fmt: skip
+        _int4_gguf, x2, n, weight, bias, cfg, strides=strides, G=k // scale.shape[1], FP16=x2.dtype == torch.float16
+    )
 
 
 def mma_linear(
