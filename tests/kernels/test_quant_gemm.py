@@ -56,17 +56,16 @@ def test_int8_per_channel_matches_the_dequantized_matmul(
     close(y, _expected(x, dequantize_int8(weight.q, weight.scale), bias), dtype)
 
 
-@pytest.mark.parametrize("unpack", [0, 1, 2])
 @pytest.mark.parametrize(("m", "n", "k", "config", "with_bias", "dtype"), CASES, ids=IDS)
 def test_int4_in_gguf_blocks_matches_the_dequantized_matmul(
-    m: int, n: int, k: int, config: MmaConfig, with_bias: bool, dtype: torch.dtype, unpack: int
+    m: int, n: int, k: int, config: MmaConfig, with_bias: bool, dtype: torch.dtype
 ) -> None:
-    """Each way of unpacking (a tile a step, or one block of 32 at a time, with groups of 32 and of 64)."""
-    group = 64 if unpack and m == 16 else 32
+    """Groups of 32 (a GGUF block), and of 64 at 16 rows."""
+    group = 64 if m == 16 else 32
     weight = Int4Weight.quantize(torch.randn(n, k, generator=_gen(n + k)), group).to(DEVICE)
     bias = torch.randn(n, generator=_gen(3)).to(DEVICE) if with_bias else None
     x = _x(m, k, dtype)
-    y = int4_gguf_gemm(x, weight.qs, weight.scale, weight.min, bias, config._replace(unpack=unpack))
+    y = int4_gguf_gemm(x, weight.qs, weight.scale, weight.min, bias, config)
     assert y.shape == (m, n) and y.dtype == dtype
     w = dequantize_int4(weight.qs, weight.scale, weight.min, gguf_blocks=True)
     close(y, _expected(x, w, bias), dtype)
@@ -151,10 +150,10 @@ PROBE_BEST = {
 @pytest.mark.parametrize(("n", "k"), list(PROBE_BEST))
 def test_the_heuristic_gives_the_probes_best_launches(n: int, k: int) -> None:
     int4, int8 = PROBE_BEST[(n, k)]
-    assert list(mma_config(64, n, k, bits=4, sms=132)) == [*int4, 0]
-    assert list(mma_config(64, n, k, bits=8, sms=132)) == [*int8, 0]
+    assert list(mma_config(64, n, k, bits=4, sms=132)) == int4
+    assert list(mma_config(64, n, k, bits=8, sms=132)) == int8
     for m in (5, 16, 32):  # fewer rows: the same launch, BLOCK_M covering them
-        assert list(mma_config(m, n, k, bits=8, sms=132)) == [{5: 16, 16: 16, 32: 32}[m], *int8[1:], 0]
+        assert list(mma_config(m, n, k, bits=8, sms=132)) == [{5: 16, 16: 16, 32: 32}[m], *int8[1:]]
 
 
 def test_the_heuristic_generalises() -> None:
