@@ -58,7 +58,7 @@ class TrainingDisplay:
         if isinstance(event, StartEvent):
             self.console.print(
                 f"[bold]model[/] {_fmt_params(event.parameters)} params on {event.device} "
-                f"({event.precision}{', compiled' if event.compiled else ''}); "
+                f"({event.precision}{', compiled: the first step compiles it' if event.compiled else ''}); "
                 f"data {event.train_tokens:,} train / {event.val_tokens:,} val tokens; "
                 f"{event.tokens_per_step:,} tokens per step"
             )
