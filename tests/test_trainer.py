@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import shutil
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
@@ -246,6 +247,16 @@ def test_compile_none_compiles_where_it_pays(
 ) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: compiler)
     assert compile_pays(device, seconds) is compiled
+
+
+def test_compile_none_stays_eager_without_pythons_headers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Inductor's CPU kernels include Python.h: a Python without its headers (no python3-dev) trains eagerly."""
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    real = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "include" else real(name))
+    assert not compile_pays("cpu", 120.0)
+    (tmp_path / "Python.h").write_text("")
+    assert compile_pays("cpu", 120.0)
 
 
 def test_a_cpu_time_budget_worth_a_compile_compiles_the_step() -> None:

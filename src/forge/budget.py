@@ -18,7 +18,9 @@ import math
 import os
 import re
 import shutil
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from forge.config import ModelConfig
@@ -173,13 +175,16 @@ COMPILE_PAYS_AT = 90.0
 
 
 def compile_pays(device: str, budget: float | None) -> bool:
-    """Whether ``compile=None`` compiles the training step: always on CUDA; on a CPU with a C++ compiler (which
-    Inductor needs) for a time budget of at least ``COMPILE_PAYS_AT``; never elsewhere, nor for a step count."""
+    """Whether ``compile=None`` compiles the training step: always on CUDA; on a CPU for a time budget of at least
+    ``COMPILE_PAYS_AT``, where Inductor can build its kernels (a C++ compiler, and Python's headers, which its CPU
+    kernels' bindings include); never elsewhere, nor for a step count."""
     if device.startswith("cuda"):
         return True
+    if device != "cpu" or budget is None or budget < COMPILE_PAYS_AT:
+        return False
     cxx = os.environ.get("CXX") or "g++"
     has_compiler = shutil.which(cxx) is not None or shutil.which("clang++") is not None
-    return device == "cpu" and budget is not None and budget >= COMPILE_PAYS_AT and has_compiler
+    return has_compiler and (Path(sysconfig.get_path("include")) / "Python.h").is_file()
 
 
 def auto_pick(
