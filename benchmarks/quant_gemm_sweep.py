@@ -66,7 +66,7 @@ def grid_for(m: int, k: int) -> list[Config]:
     ]
 
 
-def mma_grid_for(m: int, scheme: str) -> list[MmaConfig]:
+def mma_grid_for(m: int) -> list[MmaConfig]:
     """The "mma" path's launches: BLOCK_M covering the rows. (Its first run also swept two other ways of unpacking
     int4, one GGUF block at a time: slower on every 1B linear, dropped; quant_mma_sweep_NVIDIA_H100_80GB_HBM3.json.)"""
     block_m = min(64, max(16, 1 << (m - 1).bit_length()))
@@ -120,7 +120,7 @@ def main() -> None:
                 if args.path == "mma":
                     bits = 4 if label.startswith("int4") else 8
                     row["default_config"] = list(mma_config(m, n, k, bits=bits, sms=sm_count(dev)))
-                    grid = mma_grid_for(m, label)
+                    grid = mma_grid_for(m)
                 else:
                     row["default_config"] = list(gemm_config(m, n, k))
                     grid = grid_for(m, k)
