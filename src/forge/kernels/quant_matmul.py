@@ -346,8 +346,7 @@ def _launch(
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path == "mma":  # quant_gemm's kernels where they take the weight, else the path they replaced
-        shared = {} if config is None else {f: getattr(config, f) for f in config._fields if f in MmaConfig._fields}
-        cfg = MmaConfig(**shared) if config is not None else None
+        cfg = None if config is None else MmaConfig(**{f: getattr(config, f) for f in MmaConfig._fields})
         y = mma_linear(x2, q, scale, minimum, bias, bits=bits, gguf=gguf, config=cfg)
         if y is not None:
             return y.reshape(*x.shape[:-1], n)
