@@ -26,7 +26,11 @@ HBM):
 The same int4 tile one GGUF block at a time, each block's scale and minimum one (1, BLOCK_N) row broadcast
 instead of a load per value (addressing each value's byte, or reading a block's 16 bytes once for two dots of 16
 columns), lost on the H100 at M = 64 for every 1B linear: 15.2 and 18.7 us on qkv against 11.4, 51 and 59 on
-gate_up against 29 (``results/quant_mma_sweep_NVIDIA_H100_80GB_HBM3.json``). They were dropped.
+gate_up against 29 (``results/quant_mma_sweep_NVIDIA_H100_80GB_HBM3.json``). They were dropped. Neither did
+reading the codes as int32 words and unpacking eight nibbles at a time help, in a pre-shuffled layout or in GGUF's,
+with Triton's shifts or Marlin's ``prmt``/``lop3`` PTX (``benchmarks/quant_words_probe.py``: the four 1B linears at
+M = 64 in 67.5 us at best on an H200, against this kernel's 72.4 and bf16 cuBLAS's 47.4): the unpacking is not
+what bounds this kernel.
 
 Rows past M and columns past N read the last row or column (no masks on loads; the stores are masked). K is
 walked in whole steps of ``BLOCK_K``, which must divide it. Programs along axis 1 of the grid split K: each
