@@ -14,9 +14,13 @@ the 3e-3 that ``forge train`` uses for the auto shape of a 120 s budget.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import forge
+import forge.data
 from _common import SHAKESPEARE, environment, save_result
 from forge.config import ModelConfig
 from forge.evaluate import evaluate
 from forge.runs import MEASURED, auto_preset
+from forge.tokenizer import Tokenizer
 from forge.trainer import TrainConfig
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -64,6 +70,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "ls0.1": {"train": {"label_smoothing": 0.1}},
     "ls0.15": {"train": {"label_smoothing": 0.15}},
     "ls0.2": {"train": {"label_smoothing": 0.2}},
+    # BPE-dropout (Provilkov et al., 2020): the training text tokenized with 10% of merges skipped, so the model
+    # sees the rarer splits that text unlike its corpus gets; scoring tokenizes as usual.
+    "bpe_dropout0.1": {"bpe_dropout": 0.1},
 }
 
 
@@ -84,14 +93,40 @@ def tuning_text() -> str:
     return "\n\n".join(p.read_text() for p in TUNING)
 
 
+@contextlib.contextmanager
+def bpe_dropout(p: float | None) -> Iterator[None]:
+    """Within: training data is tokenized with BPE-dropout ``p`` (into a token cache of its own); None: as usual."""
+    if p is None:
+        yield
+        return
+    build, write = forge.data.TokenDataset.build.__func__, forge.data._write_tokens
+
+    def dropped(corpus: Any, tokenizer: Tokenizer, path: Path, dtype: Any) -> None:
+        spec = json.loads(tokenizer.to_str())
+        spec["model"]["dropout"] = p
+        write(corpus, Tokenizer.from_str(json.dumps(spec), tokenizer.config()), path, dtype)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        forge.data.TokenDataset.build = classmethod(
+            lambda cls, c, t, **k: build(cls, c, t, **{**k, "directory": cache})
+        )
+        forge.data._write_tokens = dropped
+        try:
+            yield
+        finally:
+            forge.data.TokenDataset.build, forge.data._write_tokens = classmethod(build), write
+
+
 def run_arm(name: str, seconds: float, text: str) -> dict[str, Any]:
     shape, vocab, options = arm_setup(name, seconds)
     started = time.perf_counter()
     tokenizer = ARMS[name].get("tokenizer", "bpe")
-    result = forge.train(
-        SHAKESPEARE, preset=shape, tokenizer=tokenizer, vocab_size=vocab, time=seconds, eval_every=0, device="cpu",
-        **options,
-    )  # fmt: skip
+    with bpe_dropout(ARMS[name].get("bpe_dropout")):
+        result = forge.train(
+            SHAKESPEARE, preset=shape, tokenizer=tokenizer, vocab_size=vocab, time=seconds, eval_every=0,
+            device="cpu", **options,
+        )  # fmt: skip
     wall = time.perf_counter() - started
     score = evaluate(result.model, result.tokenizer, text)
     return {
