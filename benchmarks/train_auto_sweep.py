@@ -65,6 +65,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "char": {"tokenizer": "char"},
     "dropout0.1": {"shape": {"dropout": 0.1}},
     "wd0.3": {"train": {"weight_decay": 0.3}},
+    "wsd": {"train": {"schedule": "wsd"}},
     "ls0": {"train": {"label_smoothing": 0.0}},
     "ls0.05": {"train": {"label_smoothing": 0.05}},
     "ls0.1": {"train": {"label_smoothing": 0.1}},
