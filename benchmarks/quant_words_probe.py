@@ -23,6 +23,9 @@ leave L2; ``results/quant_words_probe_<GPU>.json``):
 * H200: bf16 cuBLAS 47.4, Forge's mma 72.4; words 68.1 (asm 0), 67.5 (asm 1), 69.6 (asm 2); gguf 107.6 and 109.0.
 * H100 (asm 0 only, the first version): bf16 59.1, mma 71.9, words 67.9.
 
+Those figures came from earlier forms of this script, with the two layouts as two kernels; this form joins them,
+with the same loads, unpacking and sweep.
+
 Cheaper unpacking changed nothing: the kernel is bound by neither the unpacking nor memory (gate_up reads 8 MB in
 28 us). What Triton makes of a dot whose operand is computed in registers (no overlap of the dequantization with
 the tensor cores) is the likely limit; a kernel written below Triton (Marlin's) would be needed. Nothing here
@@ -51,7 +54,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, save_gpu_result
-from forge.kernels.quant_gemm import _sum_splits
+from forge.kernels.quant_gemm import _finish, _sum_splits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
@@ -160,16 +163,7 @@ def _words_gemm(
             if UPCAST:
                 w, xv = w.to(tl.float32), xv.to(tl.float32)
             acc = tl.dot(w, xv, acc) if SWAP else tl.dot(xv, w, acc)
-    if SWAP:
-        offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
-        mask = (rm < M)[None, :] & (rn < N)[:, None]
-    else:
-        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-        mask = (rm < M)[:, None] & (rn < N)[None, :]
-    if tl.num_programs(1) == 1:
-        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
-    else:
-        tl.store(WS + tl.program_id(1).to(tl.int64) * M * N + offs, acc, mask=mask)
+    _finish(acc, S, Y, WS, rm, rn, M, N, False, SWAP)  # no bias (S: any pointer)
 
 
 def words_gemm(
