@@ -14,6 +14,8 @@ than bf16, if the matmul dequantizes on the fly instead of materialising a float
 - ``"mma"``: GEMMs for batches (:mod:`~forge.kernels.quant_gemm`) that dequantize each weight value straight into
   the tensor cores' 16-bit operand, for int8 per channel and int4 in GGUF's blocks with bf16 or fp16 x; other
   calls run the path it replaced (int4 ``"dequant"``, int8 ``"gemm"``).
+- ``"cuda_mma"``: the same GEMMs in CUDA C++ compiled by NVRTC (:mod:`~forge.kernels.quant_cuda`), bf16 x, 1 to
+  64 rows; calls it can't take run ``"mma"``.
 - ``"dequant"``: the weight dequantized to x's dtype by a Triton kernel, then cuBLAS (long prefills).
 
 Values become floats with an integer OR and one subtraction, never a conversion instruction. Layouts:
@@ -42,6 +44,7 @@ import triton
 import triton.language as tl
 
 from forge.kernels.attention_tiles import dot, dot_precision, sm_count, upcast
+from forge.kernels.quant_cuda import cuda_mma_linear, cuda_mma_unsupported
 from forge.kernels.quant_gemm import MmaConfig, mma_linear
 from forge.kernels.quant_gemv import as_float as _as_float
 from forge.kernels.quant_gemv import gemv_rounded, gemv_tile, gemv_words
@@ -65,7 +68,7 @@ __all__ = [
 #: Without ``path=``, up to this many rows of x run the GEMV kernel, more the GEMM.
 GEMV_MAX_M = 16
 #: The kernels a call can ask for with ``path=``.
-PATHS = ("gemv", "gemv_q16", "gemv_q8", "gemm", "mma", "dequant")
+PATHS = ("gemv", "gemv_q16", "gemv_q8", "gemm", "mma", "cuda_mma", "dequant")
 #: The GEMV paths that round x to integers per group of 32: int16 (``gemv_q16``) or int8 (``gemv_q8``).
 ROUNDED_GEMV = ("gemv_q16", "gemv_q8")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -345,6 +348,10 @@ def _launch(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if path == "cuda_mma":  # quant_cuda's kernel where it takes the call, else the Triton "mma"
+        if cuda_mma_unsupported(x2, q, scale, minimum, bits=bits, gguf=gguf) is None and (bits == 8 or gguf):
+            return cuda_mma_linear(x2, q, scale, minimum, bias, bits=bits).reshape(*x.shape[:-1], n)
+        path = "mma"
     if path == "mma":  # quant_gemm's kernels where they take the weight, else the path they replaced
         cfg = None if config is None else MmaConfig(**{f: getattr(config, f) for f in MmaConfig._fields})
         y = mma_linear(x2, q, scale, minimum, bias, bits=bits, gguf=gguf, config=cfg)

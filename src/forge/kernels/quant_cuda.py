@@ -1,0 +1,149 @@
+"""The ``"cuda_mma"`` path of :mod:`forge.kernels.quant_matmul`: a CUDA C++ quantized GEMM for 5 to 64 rows of bf16
+x, compiled at run time by NVRTC (``torch.cuda._compile_kernel``; no nvcc needed), ``csrc/quant_mma.cu``.
+
+Why below Triton: at M = 64 the Triton ``"mma"`` kernels (:mod:`forge.kernels.quant_gemm`) lose to bf16 cuBLAS on
+the H200 (the four Llama-1B linears in 72 us against 47), and no cheaper unpacking changed that
+(``benchmarks/quant_words_probe.py``): Triton stages a dot operand computed in registers through shared memory.
+This kernel is Marlin's idea cut to Forge's layouts: the weight is the ``mma.sync`` A operand, loaded from HBM
+straight into registers (128-bit loads, one super-step ahead), dequantized there with ``prmt``/``lop3`` and
+``fma.rn.bf16x2``; x is the B operand, staged by ``cp.async``. It reads the weights as Forge keeps them (GGUF's
+int4 blocks, int8 per channel): no second copy.
+
+Numerics are the Triton kernels': int4 ``(c - 128 + 128) * scale + minimum`` rounded once to bf16 per value
+(scale and minimum rounded to bf16), int8 exact with the scale on the fp32 accumulator; fp32 accumulation.
+Launch parameters come from shapes alone (:func:`cuda_config`), so the call is captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import triton
+
+from forge.kernels.attention_tiles import sm_count
+
+__all__ = ["CudaMmaConfig", "cuda_config", "cuda_mma_linear", "cuda_mma_unsupported"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "quant_mma.cu"
+_SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_M = 64
+
+
+class CudaMmaConfig(NamedTuple):
+    """A launch of the CUDA kernel: 16-row A tiles a warp, warps a CTA, x stages, weight super-steps loaded ahead,
+    and CTAs along K (their fp32 partials summed by a second kernel)."""
+
+    at: int = 1
+    warps: int = 4
+    stages: int = 4
+    pd: int = 2
+    split_k: int = 1
+
+
+def _super_step(bits: int) -> int:
+    return 128 if bits == 4 else 64  # columns of K a super-step: four GGUF blocks, or four 16-byte int8 spans
+
+
+def cuda_mma_unsupported(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, *, bits: int, gguf: bool
+) -> str | None:
+    """Why the CUDA kernel can't take this call (None: it can)."""
+    if x.device.type != "cuda" or torch.version.hip is not None:
+        return "the CUDA kernel runs on NVIDIA GPUs"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "mma.sync with bf16 needs compute capability 8.0 or newer"
+    if x.dtype != torch.bfloat16:
+        return f"x is {x.dtype}: the CUDA kernel takes bf16"
+    m, k = x.numel() // max(x.shape[-1], 1), x.shape[-1]
+    if not 1 <= m <= MAX_M:
+        return f"{m} rows of x: the CUDA kernel takes 1 to {MAX_M}"
+    if k % _super_step(bits):
+        return f"K={k} is not a multiple of {_super_step(bits)}"
+    if scale.dtype not in _SCALE_KINDS:
+        return f"scales in {scale.dtype}"
+    if bits == 8:
+        if q.dtype != torch.int8 or scale.dim() != 1 or minimum is not None:
+            return "int8 takes signed q with one scale per output channel and no minimum"
+        return None
+    if not gguf or minimum is None or scale.dim() != 2:
+        return "int4 takes GGUF's blocks of 32 with a scale and a minimum per group"
+    if k % scale.shape[1] or (k // scale.shape[1]) % 32 or minimum.dtype != scale.dtype:
+        return "int4 takes groups of a multiple of 32 columns, scale and minimum of one dtype"
+    return None
+
+
+def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig:
+    """The launch for m rows of x against an (n, k) weight, from shapes alone: K split until the CTAs make about
+    two waves of the SMs, keeping at least two super-steps a CTA."""
+    cfg = CudaMmaConfig()
+    tiles = triton.cdiv(n, cfg.warps * 16 * cfg.at)
+    steps = k // _super_step(bits)
+    split = 1
+    while split < 16 and tiles * split * 2 <= 2 * sms and steps % (2 * split) == 0 and steps // (2 * split) >= 2:
+        split *= 2
+    return cfg._replace(split_k=split)
+
+
+@functools.cache
+def _kernel(bits: int, mt: int, at: int, warps: int, stages: int, pd: int, scale_kind: int):
+    defines = dict(INT4=int(bits == 4), MT=mt, AT=at, WARPS=warps, STAGES=stages, PD=pd, SCALE_KIND=scale_kind)
+    options = [f"-D{key}={value}" for key, value in defines.items()] + ["--std=c++17"]
+    return torch.cuda._compile_kernel(_SOURCE.read_text(), "forge_quant_mma", nvcc_options=options)
+
+
+def cuda_mma_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int,
+    config: CudaMmaConfig | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)``: int4 (``bits=4``: q (N, K/2) uint8 in GGUF's blocks, scale and minimum (N, K/g)) or
+    int8 per channel (``bits=8``: q (N, K) int8, scale (N,)); x (..., K) bf16 with at most 64 rows."""
+    why = cuda_mma_unsupported(x, q, scale, minimum, bits=bits, gguf=True)
+    if why is not None:
+        raise ValueError(f"cuda_mma_linear can't take this call: {why}")
+    k, n = x.shape[-1], q.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = config or cuda_config(m, n, k, bits=bits, sms=sm_count(x.device))
+    ss = _super_step(bits)
+    steps = k // ss
+    split = max(1, min(cfg.split_k, steps))
+    k_split = triton.cdiv(steps, split) * ss
+    split = triton.cdiv(k, k_split)
+    mt = min(8, max(2, triton.next_power_of_2(triton.cdiv(m, 8))))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    q = q.contiguous()
+    if bits == 4:
+        if minimum.stride() != scale.stride():
+            scale, minimum = scale.contiguous(), minimum.contiguous()
+        strides = (scale.stride(0), scale.stride(1))
+        blocks_per_group = (k // scale.shape[1]) // 32
+    else:
+        strides, blocks_per_group, minimum = (scale.stride(0), 0), 1, scale
+    b = bias.to(x.dtype).contiguous() if bias is not None else y
+    kernel = _kernel(bits, mt, cfg.at, cfg.warps, cfg.stages, cfg.pd, _SCALE_KINDS[scale.dtype])
+    stage_bytes = mt * 8 * (ss * 2 + (32 if bits == 4 else 16))
+    kernel(
+        grid=(triton.cdiv(n, cfg.warps * 16 * cfg.at), split, 1),
+        block=(cfg.warps * 32, 1, 1),
+        args=[q, scale, minimum, b, x2, y, ws, m, n, k, x2.stride(0), *strides, blocks_per_group, k_split,
+              int(bias is not None), int(split > 1)],
+        shared_mem=cfg.stages * stage_bytes,
+    )  # fmt: skip
+    if split > 1:
+        from forge.kernels.quant_gemm import _sum_splits
+
+        mn = m * n
+        _sum_splits[(triton.cdiv(mn, 1024),)](ws, b, y, n, mn, split, HAS_BIAS=bias is not None, BLOCK=1024)
+    return y.view(*x.shape[:-1], n)
