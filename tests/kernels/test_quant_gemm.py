@@ -125,8 +125,8 @@ class _Spy:
 
 
 def test_the_table_takes_mma_for_batches() -> None:
-    for scheme in ("int4", "int8"):
-        assert [choose_path(scheme, m) for m in (4, 5, 16, 64, 65)] == ["gemv_q16", "mma", "mma", "mma", "dequant"]
+    for scheme, batch in (("int4", "cuda_mma"), ("int8", "mma")):  # cuda_mma: the Triton "mma" off an NVIDIA GPU
+        assert [choose_path(scheme, m) for m in (4, 5, 16, 64, 65)] == ["gemv_q16", *[batch] * 3, "dequant"]
     assert choose_path("int8_group", 16) == "dequant"
     assert dict(CUDA_PATHS["int8"])[64] == "mma"
     weight = Int4Weight.quantize(torch.randn(40, 256, generator=_gen(10)), 32).to(DEVICE)

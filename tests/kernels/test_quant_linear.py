@@ -132,7 +132,7 @@ def test_the_dequantize_kernel_matches_its_twin() -> None:
 
 
 def test_the_path_table() -> None:
-    assert [choose_path("int4", m) for m in (1, 4, 5, 64, 4096)] == ["gemv_q16"] * 2 + ["mma"] * 2 + ["dequant"]
+    assert [choose_path("int4", m) for m in (1, 4, 5, 64, 4096)] == ["gemv_q16"] * 2 + ["cuda_mma"] * 2 + ["dequant"]
     assert [choose_path("int8", m) for m in (1, 4, 5, 64, 65)] == ["gemv_q16"] * 2 + ["mma"] * 2 + ["dequant"]
     assert set(CUDA_PATHS) == set(quant_linear.SCHEMES)
     with pytest.raises(ValueError, match="no quantized CUDA kernels for scheme 'int3'"):

@@ -76,13 +76,15 @@ def cuda_mma_unsupported(
 
 
 def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig:
-    """The launch for m rows of x against an (n, k) weight, from shapes alone: K split until the CTAs make about
-    two waves of the SMs, keeping at least two super-steps a CTA."""
-    cfg = CudaMmaConfig()
+    """The launch for m rows of x against an (n, k) weight, from shapes alone: CTAs of 8 warps (128 rows of the
+    weight), 3 stages, weights one super-step ahead (the H100 sweep's best for most of Llama-1B's linears at M = 32
+    and 64, ``results/quant_cuda_probe_NVIDIA_H100_80GB_HBM3.json``); K split, up to 8 ways, while the CTAs fit
+    two per SM and each split keeps at least 4 super-steps."""
+    cfg = CudaMmaConfig(at=1, warps=8, stages=3, pd=1)
     tiles = triton.cdiv(n, cfg.warps * 16 * cfg.at)
     steps = k // _super_step(bits)
     split = 1
-    while split < 16 and tiles * split * 2 <= 2 * sms and steps % (2 * split) == 0 and steps // (2 * split) >= 2:
+    while split < 8 and tiles * split * 2 <= 2 * sms and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
         split *= 2
     return cfg._replace(split_k=split)
 
@@ -91,7 +93,16 @@ def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig
 def _kernel(bits: int, mt: int, at: int, warps: int, stages: int, pd: int, scale_kind: int):
     defines = dict(INT4=int(bits == 4), MT=mt, AT=at, WARPS=warps, STAGES=stages, PD=pd, SCALE_KIND=scale_kind)
     options = [f"-D{key}={value}" for key, value in defines.items()] + ["--std=c++17"]
-    return torch.cuda._compile_kernel(_SOURCE.read_text(), "forge_quant_mma", nvcc_options=options)
+    kernel = torch.cuda._compile_kernel(_SOURCE.read_text(), "forge_quant_mma", nvcc_options=options)
+    smem = _smem(bits, mt, stages)
+    if smem >= 48 * 1024:  # past the default limit a kernel must ask for it
+        kernel.set_shared_memory_config(smem)
+    return kernel
+
+
+def _smem(bits: int, mt: int, stages: int) -> int:
+    """Bytes of x's stages: mt * 8 rows of a super-step's columns, padded (as XS in the source)."""
+    return stages * mt * 8 * (_super_step(bits) * 2 + (32 if bits == 4 else 16))
 
 
 def cuda_mma_linear(
@@ -133,13 +144,12 @@ def cuda_mma_linear(
         strides, blocks_per_group, minimum = (scale.stride(0), 0), 1, scale
     b = bias.to(x.dtype).contiguous() if bias is not None else y
     kernel = _kernel(bits, mt, cfg.at, cfg.warps, cfg.stages, cfg.pd, _SCALE_KINDS[scale.dtype])
-    stage_bytes = mt * 8 * (ss * 2 + (32 if bits == 4 else 16))
     kernel(
         grid=(triton.cdiv(n, cfg.warps * 16 * cfg.at), split, 1),
         block=(cfg.warps * 32, 1, 1),
         args=[q, scale, minimum, b, x2, y, ws, m, n, k, x2.stride(0), *strides, blocks_per_group, k_split,
               int(bias is not None), int(split > 1)],
-        shared_mem=cfg.stages * stage_bytes,
+        shared_mem=_smem(bits, mt, cfg.stages),
     )  # fmt: skip
     if split > 1:
         from forge.kernels.quant_gemm import _sum_splits

@@ -53,7 +53,7 @@ _ANY = 1 << 62
 #: "dequant"'s 112; at M=16: 65 against 57 and 109. In decode at batch 64 on the H200 (1B shape,
 #: results/quant_gpu_batch64_mma_NVIDIA_H200.json): int8 42.7k tok/s, int4 35.5k, bf16 46.1k.
 CUDA_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
-    "int4": ((4, "gemv_q16"), (64, "mma"), (_ANY, "dequant")),
+    "int4": ((4, "gemv_q16"), (64, "cuda_mma"), (_ANY, "dequant")),
     "int8": ((4, "gemv_q16"), (64, "mma"), (_ANY, "dequant")),
     "int8_group": ((4, "gemv_q16"), (_ANY, "dequant")),
 }
