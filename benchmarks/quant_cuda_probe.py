@@ -50,9 +50,10 @@ def check(dev: torch.device) -> list[dict]:
     from forge.kernels.quant_cuda import CudaMmaConfig, cuda_mma_linear
 
     rows = []
-    for bits, group, sdt, m, n, k, bias, split in itertools.product(
+    hopper = torch.cuda.get_device_capability(dev) == (9, 0)
+    for bits, group, sdt, m, n, k, bias, split, wg in itertools.product(
         (4, 8), (32, 128), (torch.float32, torch.float16, torch.bfloat16), (1, 5, 17, 64), (200,), (1024,),
-        (False, True), (1, 4),
+        (False, True), (1, 4), (0, 1) if hopper else (0,),
     ):  # fmt: skip
         if bits == 8 and group != 32:
             continue
@@ -65,9 +66,9 @@ def check(dev: torch.device) -> list[dict]:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         b = torch.randn(n, device=dev, dtype=torch.bfloat16) if bias else None
         ref = x.float() @ w.T + (b.float() if bias else 0)
-        y = cuda_mma_linear(x, q, s, z, b, bits=bits, config=CudaMmaConfig(split_k=split))
-        err = rel_err(y, ref)
-        rows.append(dict(bits=bits, group=group, scale=str(sdt), m=m, bias=bias, split=split, err=round(err, 5)))
+        cfg = CudaMmaConfig(warps=8 if wg else 4, split_k=split, wgmma=wg)
+        err = rel_err(cuda_mma_linear(x, q, s, z, b, bits=bits, config=cfg), ref)
+        rows.append(dict(bits=bits, group=group, scale=str(sdt), m=m, bias=bias, split=split, wgmma=wg, err=round(err, 5)))
     bad = [r for r in rows if not r["err"] < 1e-2]
     print(f"check: {len(rows)} cases, worst rel err {max(r['err'] for r in rows):.5f}, {len(bad)} over 1e-2", flush=True)
     return bad or rows[:3]
@@ -88,10 +89,9 @@ def main() -> None:
     dev, t0 = torch.device("cuda"), time.time()
     out: dict = {"benchmark": "quant_cuda_probe", "check": check(dev), "rows": []}
     sms = sm_count(dev)
-    grid = [
-        CudaMmaConfig(at, warps, stages, pd, split)
-        for at, warps, stages, pd, split in itertools.product((1, 2), (4, 8), (3, 4), (1, 2), (1, 2, 4, 8))
-    ]
+    grid = [CudaMmaConfig(1, warps, stages, 1, split, 1) for warps, stages, split in
+            itertools.product((4, 8), (2, 3, 4), (1, 2, 4, 8))]  # fmt: skip
+    grid += [CudaMmaConfig(at, 8 // at, 3, 1, split) for at, split in itertools.product((1, 2), (1, 2, 4, 8))]
     for m in args.m:
         for name, (n, k) in SHAPES.items():
             torch.manual_seed(n + k)

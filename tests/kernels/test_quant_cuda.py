@@ -18,6 +18,7 @@ from forge.kernels.quant_matmul import int4_linear, int8_linear
 from forge.kernels.reference import dequantize_int4, dequantize_int8
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="the CUDA kernel needs an NVIDIA GPU")
+HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -37,6 +38,12 @@ CASES = [
     (64, 264, 2048, 64, False, CudaMmaConfig(warps=8, split_k=8)),
     (64, 130, 640, 32, True, CudaMmaConfig(at=2, warps=8, split_k=3)),
 ]
+# the Hopper form: the same shapes, warpgroups of 4 warps (one or two a CTA), 2 to 4 stages
+WGMMA_CASES = [
+    (m, n, k, group, bias, CudaMmaConfig(warps=4 * (1 + i % 2), stages=2 + i % 3, pd=1, split_k=cfg.split_k, wgmma=1))
+    for i, (m, n, k, group, bias, cfg) in enumerate(CASES)
+]
+CASES += [pytest.param(*case, marks=pytest.mark.skipif(not HOPPER, reason="wgmma needs sm_90")) for case in WGMMA_CASES]
 
 
 @gpu

@@ -41,6 +41,7 @@ class CudaMmaConfig(NamedTuple):
     stages: int = 4
     pd: int = 2
     split_k: int = 1
+    wgmma: int = 0  # 1: the Hopper form (sm_90a: wgmma, x read by the tensor cores from shared memory)
 
 
 def _super_step(bits: int) -> int:
@@ -81,7 +82,7 @@ def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig
     and 64, ``results/quant_cuda_probe_NVIDIA_H100_80GB_HBM3.json``); K split, up to 8 ways, while the CTAs fit
     two per SM and each split keeps at least 4 super-steps."""
     cfg = CudaMmaConfig(at=1, warps=8, stages=3, pd=1)
-    tiles = triton.cdiv(n, cfg.warps * 16 * cfg.at)
+    tiles = triton.cdiv(n, _rows(cfg))
     steps = k // _super_step(bits)
     split = 1
     while split < 8 and tiles * split * 2 <= 2 * sms and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
@@ -90,19 +91,29 @@ def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig
 
 
 @functools.cache
-def _kernel(bits: int, mt: int, at: int, warps: int, stages: int, pd: int, scale_kind: int):
-    defines = dict(INT4=int(bits == 4), MT=mt, AT=at, WARPS=warps, STAGES=stages, PD=pd, SCALE_KIND=scale_kind)
+def _kernel(bits: int, mt: int, cfg: CudaMmaConfig, scale_kind: int):
+    defines = dict(INT4=int(bits == 4), MT=mt, AT=cfg.at, WARPS=cfg.warps, STAGES=cfg.stages, PD=cfg.pd,
+                   SCALE_KIND=scale_kind, WGMMA=cfg.wgmma)  # fmt: skip
     options = [f"-D{key}={value}" for key, value in defines.items()] + ["--std=c++17"]
-    kernel = torch.cuda._compile_kernel(_SOURCE.read_text(), "forge_quant_mma", nvcc_options=options)
-    smem = _smem(bits, mt, stages)
+    kernel = torch.cuda._compile_kernel(
+        _SOURCE.read_text(), "forge_quant_mma", compute_capability="90a" if cfg.wgmma else None, nvcc_options=options
+    )
+    smem = _smem(bits, mt, cfg)
     if smem >= 48 * 1024:  # past the default limit a kernel must ask for it
         kernel.set_shared_memory_config(smem)
     return kernel
 
 
-def _smem(bits: int, mt: int, stages: int) -> int:
-    """Bytes of x's stages: mt * 8 rows of a super-step's columns, padded (as XS in the source)."""
-    return stages * mt * 8 * (_super_step(bits) * 2 + (32 if bits == 4 else 16))
+def _smem(bits: int, mt: int, cfg: CudaMmaConfig) -> int:
+    """Bytes of x's stages: mt * 8 rows of a super-step's columns (the mma.sync form pads rows, as XS in the
+    source)."""
+    row = _super_step(bits) * 2 + (0 if cfg.wgmma else 32 if bits == 4 else 16)
+    return cfg.stages * mt * 8 * row
+
+
+def _rows(cfg: CudaMmaConfig) -> int:
+    """Rows of the weight a CTA: 16 a warp (the Hopper form: one A tile a warp, warps in fours)."""
+    return cfg.warps * 16 * (1 if cfg.wgmma else cfg.at)
 
 
 def cuda_mma_linear(
@@ -143,13 +154,15 @@ def cuda_mma_linear(
     else:
         strides, blocks_per_group, minimum = (scale.stride(0), 0), 1, scale
     b = bias.to(x.dtype).contiguous() if bias is not None else y
-    kernel = _kernel(bits, mt, cfg.at, cfg.warps, cfg.stages, cfg.pd, _SCALE_KINDS[scale.dtype])
+    if cfg.wgmma and (cfg.warps % 4 or torch.cuda.get_device_capability(x.device) != (9, 0)):
+        raise ValueError(f"launch {cfg}: the wgmma form needs a Hopper GPU (sm_90) and warps in fours")
+    kernel = _kernel(bits, mt, cfg._replace(split_k=1), _SCALE_KINDS[scale.dtype])
     kernel(
-        grid=(triton.cdiv(n, cfg.warps * 16 * cfg.at), split, 1),
+        grid=(triton.cdiv(n, _rows(cfg)), split, 1),
         block=(cfg.warps * 32, 1, 1),
         args=[q, scale, minimum, b, x2, y, ws, m, n, k, x2.stride(0), *strides, blocks_per_group, k_split,
               int(bias is not None), int(split > 1)],
-        shared_mem=_smem(bits, mt, cfg.stages),
+        shared_mem=_smem(bits, mt, cfg),
     )  # fmt: skip
     if split > 1:
         from forge.kernels.quant_gemm import _sum_splits

@@ -19,7 +19,7 @@
 // packed to bf16 pairs; the per-channel scale multiplies the fp32 accumulator at the end.
 //
 // Macros: INT4, MT (n8 tiles of x rows: 2, 4 or 8), AT (16-row A tiles a warp: 1 or 2), WARPS, STAGES,
-// PD (super-steps of weights loaded ahead), SCALE_KIND (0 fp32, 1 fp16, 2 bf16 scales and minimums).
+// PD (super-steps of weights loaded ahead), WGMMA (the Hopper form below, sm_90a), SCALE_KIND (0 fp32, 1 fp16, 2 bf16 scales and minimums).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -144,6 +144,7 @@ __device__ __forceinline__ int swz(int chunk) {
 #endif
 }
 
+#if !WGMMA
 // One super-step of a warp: its weights w (rows g and g + 8 of each A tile, 16 bytes each) against x's stage at
 // shared address xs.
 __device__ __forceinline__ void compute(float (&acc)[AT][MT][4], const u32 (&w)[AT][2][4],
@@ -354,3 +355,233 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
         }
     }
 }
+#else  // WGMMA
+// ---------------------------------------------------------------------------------------------------------------
+// The Hopper form (WGMMA 1, sm_90a): wgmma.mma_async with the weight as the register A operand and x as the
+// shared-memory B operand, read by the tensor cores through a descriptor (no ld.shared, no B registers). A warpgroup
+// (4 warps) takes 64 rows of the weight, each warp its 16 rows in mma.sync's A layout, so the dequantization above is
+// unchanged. wgmma reads B's k columns in order, so x is staged with the threads' k permutation applied: each 4-byte
+// pair of x columns goes by cp.async to the slot its owner thread's A registers hold, in the no-swizzle K-major
+// layout of 8x16-byte core matrices (LBO: the next 8 columns of K; SBO: the next 8 rows of x).
+#define LBO (MROWS * 16)
+#define SLICE (2 * LBO)
+#define WG_STAGE (SS / 16 * SLICE)
+#define PAIRS (SS / 2)
+
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
+
+__device__ __forceinline__ u64 desc(u32 addr) {  // no swizzle; LBO and SBO in 16-byte units
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(LBO >> 4) << 16) | ((u64)(128 >> 4) << 32);
+}
+
+#if MT == 8
+#define WG_N 64
+#elif MT == 4
+#define WG_N 32
+#else
+#define WG_N 16
+#endif
+
+__device__ __forceinline__ void wgmma(float (&d)[MT][4], u32 a0, u32 a1, u32 a2, u32 a3, u64 db) {
+#if MT == 8
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,"
+      "%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db));
+#elif MT == 4
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db));
+#else
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, 1, 1, 1, 0;"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db));
+#endif
+}
+
+__device__ __forceinline__ void keep(float (&d)[MT][4]) {  // the accumulators stay put around async wgmma
+#pragma unroll
+  for (int j = 0; j < MT; j++)
+#pragma unroll
+    for (int c = 0; c < 4; c++) asm volatile("" : "+f"(d[j][c])::"memory");
+}
+
+#define NSLICE (SS / 16)
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
+    const unsigned char* __restrict__ q, const scale_t* __restrict__ sc, const scale_t* __restrict__ mn,
+    const u16* __restrict__ bias, const u16* __restrict__ x, u16* __restrict__ y, float* __restrict__ ws, int M,
+    int N, int K, int stride_xm, int stride_sn, int stride_sg, int blocks_per_group, int k_split, int has_bias,
+    int split) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const u32 sbase = smem_u32(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_warp = blockIdx.x * (WARPS * 16) + warp * 16;  // warp w of a warpgroup: its rows 16w .. 16w+15
+  const int k_lo = blockIdx.y * k_split;
+  const int k_hi = min(K, k_lo + k_split);
+  const int nss = (k_hi - k_lo) / SS;
+
+  const unsigned char* wp[2];
+#if INT4
+  long srow[2];
+#endif
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int r = min(n_warp + g + 8 * h, N - 1);
+#if INT4
+    wp[h] = q + (long)r * (K / 2) + k_lo / 2 + 16 * t;
+    srow[h] = (long)r * stride_sn;
+#else
+    wp[h] = q + (long)r * K + k_lo + 16 * t;
+#endif
+  }
+
+  float acc[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; j++)
+#pragma unroll
+    for (int c = 0; c < 4; c++) acc[j][c] = 0.f;
+
+  // x's super-step j into stage s, each 4-byte pair of columns to its owner's slot
+  auto load_x = [&](int j, int s) {
+    const int k0 = k_lo + j * SS;
+    const u32 base = sbase + s * WG_STAGE;
+    for (int idx = threadIdx.x; idx < MROWS * PAIRS; idx += WARPS * 32) {
+      const int m = idx / PAIRS, p = idx % PAIRS;
+      const int col = 2 * p, owner = col / SPAN, r = col % SPAN;
+#if INT4
+      const int w = r % 16, slice = (r / 16) * 4 + w / 4;
+#else
+      const int w = r, slice = w / 4;
+#endif
+      const u32 dst = base + slice * SLICE + ((w % 4) / 2) * LBO + (m / 8) * 128 + (m % 8) * 16 + 4 * owner;
+      cp_async4(dst, x + (long)min(m, M - 1) * stride_xm + k0 + col);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (s < nss) load_x(s, s);
+    cp_commit();
+  }
+
+  u32 wb[2][4];
+#if INT4
+  scale_t sb[2], zb[2];
+#endif
+  auto load_w = [&](int j) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      ldg128(wb[h], wp[h] + (long)j * 64);
+#if INT4
+      const long grp = ((k_lo + j * SS) / 32 + t) / blocks_per_group;
+      sb[h] = sc[srow[h] + grp * stride_sg];
+      zb[h] = mn[srow[h] + grp * stride_sg];
+#endif
+    }
+  };
+  if (nss > 0) load_w(0);
+
+  for (int j = 0; j < nss; j++) {
+    cp_wait<STAGES - 2>();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes, seen by wgmma
+    __syncthreads();
+    {
+      const int jn = j + STAGES - 1;
+      if (jn < nss) load_x(jn, jn % STAGES);
+      cp_commit();
+    }
+    u32 w[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+      for (int c = 0; c < 4; c++) w[h][c] = wb[h][c];
+    u32 a[NSLICE][4];
+#if INT4
+    u32 s2[2], z2[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const float sv = to_f32(sb[h]), zv = to_f32(zb[h]);
+      s2[h] = pack2(sv, sv);
+      z2[h] = pack2(zv, zv);
+    }
+#endif
+    if (j + 1 < nss) load_w(j + 1);
+#if INT4
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      u32 e0[4], e1[4];
+      nibble_pairs(w[0][i], e0);
+      nibble_pairs(w[1][i], e1);
+      const u32 one = 0x3F803F80u, m128 = 0xC300C300u;
+#pragma unroll
+      for (int hi = 0; hi < 2; hi++) {
+        u32* r = a[hi * 4 + i];
+        r[0] = fma2(fma2(e0[hi], one, m128), s2[0], z2[0]);
+        r[1] = fma2(fma2(e1[hi], one, m128), s2[1], z2[1]);
+        r[2] = fma2(fma2(e0[2 + hi], one, m128), s2[0], z2[0]);
+        r[3] = fma2(fma2(e1[2 + hi], one, m128), s2[1], z2[1]);
+      }
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      byte_pairs(w[0][i], a[i][0], a[i][2]);
+      byte_pairs(w[1][i], a[i][1], a[i][3]);
+    }
+#endif
+    const u32 xs = sbase + (j % STAGES) * WG_STAGE;
+    keep(acc);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < NSLICE; s++) wgmma(acc, a[s][0], a[s][1], a[s][2], a[s][3], desc(xs + s * SLICE));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < NSLICE; s++)  // A's registers held until the wgmma that reads them is done
+      asm volatile("" : "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
+    keep(acc);
+  }
+  cp_wait<0>();
+
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int n = n_warp + g + 8 * h;
+    if (n >= N) continue;
+#if INT4
+    const float sn = 1.f;
+#else
+    const float sn = to_f32(sc[(long)n * stride_sn]);
+#endif
+    const float bn = (has_bias && !split) ? __uint_as_float(((u32)bias[n]) << 16) : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+      for (int c = 0; c < 2; c++) {
+        const int m = nt * 8 + 2 * t + c;
+        if (m >= M) continue;
+        const float v = acc[nt][2 * h + c] * sn;
+        if (split)
+          ws[((long)blockIdx.y * M + m) * N + n] = v;
+        else
+          y[(long)m * N + n] = to_bf16(v + bn);
+      }
+  }
+}
+#endif  // WGMMA
