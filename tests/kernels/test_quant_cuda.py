@@ -38,9 +38,9 @@ CASES = [
     (64, 264, 2048, 64, False, CudaMmaConfig(warps=8, split_k=8)),
     (64, 130, 640, 32, True, CudaMmaConfig(at=2, warps=8, split_k=3)),
 ]
-# the Hopper form: the same shapes, warpgroups of 4 warps (one or two a CTA), 2 to 4 stages
+# the Hopper form: the same shapes, warpgroups of 4 warps (one or two a CTA), 2 to 4 stages, serial and overlapped
 WGMMA_CASES = [
-    (m, n, k, group, bias, CudaMmaConfig(warps=4 * (1 + i % 2), stages=2 + i % 3, pd=1, split_k=cfg.split_k, wgmma=1))
+    (m, n, k, group, bias, CudaMmaConfig(warps=4 * (1 + i % 2), stages=2 + i % 3, pd=1 + i % 2, split_k=cfg.split_k, wgmma=1))
     for i, (m, n, k, group, bias, cfg) in enumerate(CASES)
 ]
 CASES += [pytest.param(*case, marks=pytest.mark.skipif(not HOPPER, reason="wgmma needs sm_90")) for case in WGMMA_CASES]

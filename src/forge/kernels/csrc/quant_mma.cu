@@ -458,20 +458,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
 #pragma unroll
     for (int c = 0; c < 4; c++) acc[j][c] = 0.f;
 
-  // x's super-step j into stage s, each 4-byte pair of columns to its owner's slot
+  // x's super-step j into stage s, each 4-byte pair of columns to its owner's slot. A thread copies the SPAN / 2
+  // pairs of one row m and one owner t': lanes are (m % 8, t'), so a warp's 32 copies land in 32 banks.
   auto load_x = [&](int j, int s) {
     const int k0 = k_lo + j * SS;
     const u32 base = sbase + s * WG_STAGE;
-    for (int idx = threadIdx.x; idx < MROWS * PAIRS; idx += WARPS * 32) {
-      const int m = idx / PAIRS, p = idx % PAIRS;
-      const int col = 2 * p, owner = col / SPAN, r = col % SPAN;
+    for (int idx = threadIdx.x; idx < MROWS * 4; idx += WARPS * 32) {
+      const int owner = idx & 3, m = ((idx >> 5) << 3) | ((idx >> 2) & 7);
+      const u16* src = x + (long)min(m, M - 1) * stride_xm + k0 + owner * SPAN;
+      const u32 row = base + (m / 8) * 128 + (m % 8) * 16 + 4 * owner;
+#pragma unroll
+      for (int r = 0; r < SPAN; r += 2) {
 #if INT4
-      const int w = r % 16, slice = (r / 16) * 4 + w / 4;
+        const int w = r % 16, slice = (r / 16) * 4 + w / 4;
 #else
-      const int w = r, slice = w / 4;
+        const int w = r, slice = w / 4;
 #endif
-      const u32 dst = base + slice * SLICE + ((w % 4) / 2) * LBO + (m / 8) * 128 + (m % 8) * 16 + 4 * owner;
-      cp_async4(dst, x + (long)min(m, M - 1) * stride_xm + k0 + col);
+        cp_async4(row + slice * SLICE + ((w % 4) / 2) * LBO, src + r);
+      }
     }
   };
 
@@ -481,6 +485,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
     cp_commit();
   }
 
+#if PD == 1
   u32 wb[2][4];
 #if INT4
   scale_t sb[2], zb[2];
@@ -558,6 +563,91 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
       asm volatile("" : "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
     keep(acc);
   }
+#else
+  // Weights in a ring of two super-steps, loaded two ahead; super-step j + 1 dequantized while j's wgmma run.
+  u32 wb[2][2][4];
+  scale_t sb[2][2], zb[2][2];
+  auto load_w = [&](u32 (&wr)[2][4], scale_t (&sr)[2], scale_t (&zr)[2], int j) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      ldg128(wr[h], wp[h] + (long)j * 64);
+#if INT4
+      const long grp = ((k_lo + j * SS) / 32 + t) / blocks_per_group;
+      sr[h] = sc[srow[h] + grp * stride_sg];
+      zr[h] = mn[srow[h] + grp * stride_sg];
+#endif
+    }
+  };
+  auto dequant = [&](const u32 (&w)[2][4], const scale_t (&sr)[2], const scale_t (&zr)[2], u32 (&a)[NSLICE][4]) {
+#if INT4
+    u32 s2[2], z2[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const float sv = to_f32(sr[h]), zv = to_f32(zr[h]);
+      s2[h] = pack2(sv, sv);
+      z2[h] = pack2(zv, zv);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      u32 e0[4], e1[4];
+      nibble_pairs(w[0][i], e0);
+      nibble_pairs(w[1][i], e1);
+      const u32 one = 0x3F803F80u, m128 = 0xC300C300u;
+#pragma unroll
+      for (int hi = 0; hi < 2; hi++) {
+        u32* r = a[hi * 4 + i];
+        r[0] = fma2(fma2(e0[hi], one, m128), s2[0], z2[0]);
+        r[1] = fma2(fma2(e1[hi], one, m128), s2[1], z2[1]);
+        r[2] = fma2(fma2(e0[2 + hi], one, m128), s2[0], z2[0]);
+        r[3] = fma2(fma2(e1[2 + hi], one, m128), s2[1], z2[1]);
+      }
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      byte_pairs(w[0][i], a[i][0], a[i][2]);
+      byte_pairs(w[1][i], a[i][1], a[i][3]);
+    }
+#endif
+  };
+  u32 a[2][NSLICE][4];
+  if (nss > 0) load_w(wb[0], sb[0], zb[0], 0);
+  if (nss > 1) load_w(wb[1], sb[1], zb[1], 1);
+  if (nss > 0) dequant(wb[0], sb[0], zb[0], a[0]);
+  if (nss > 2) load_w(wb[0], sb[0], zb[0], 2);
+
+  for (int j0 = 0; j0 < nss; j0 += 2) {
+#pragma unroll
+    for (int p = 0; p < 2; p++) {
+      const int j = j0 + p;
+      if (j >= nss) break;
+      cp_wait<STAGES - 2>();
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes, seen by wgmma
+      __syncthreads();
+      {
+        const int jn = j + STAGES - 1;
+        if (jn < nss) load_x(jn, jn % STAGES);
+        cp_commit();
+      }
+      const u32 xs = sbase + (j % STAGES) * WG_STAGE;
+      keep(acc);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int s = 0; s < NSLICE; s++)
+        wgmma(acc, a[p][s][0], a[p][s][1], a[p][s][2], a[p][s][3], desc(xs + s * SLICE));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      if (j + 1 < nss) {
+        dequant(wb[1 - p], sb[1 - p], zb[1 - p], a[1 - p]);
+        if (j + 3 < nss) load_w(wb[1 - p], sb[1 - p], zb[1 - p], j + 3);
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+      for (int s = 0; s < NSLICE; s++)  // A's registers held until the wgmma that reads them is done
+        asm volatile("" : "+r"(a[p][s][0]), "+r"(a[p][s][1]), "+r"(a[p][s][2]), "+r"(a[p][s][3])::"memory");
+      keep(acc);
+    }
+  }
+#endif
   cp_wait<0>();
 
 #pragma unroll
