@@ -66,11 +66,15 @@ def check(dev: torch.device) -> list[dict]:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         b = torch.randn(n, device=dev, dtype=torch.bfloat16) if bias else None
         ref = x.float() @ w.T + (b.float() if bias else 0)
-        cfg = CudaMmaConfig(warps=8 if wg else 4, pd=1 + (m % 2) if wg else 2, split_k=split, wgmma=wg)
+        cfg = CudaMmaConfig(warps=8 if wg else 4, pd=1 + m % 2 if wg else 2, split_k=split, wgmma=wg, cluster=wg)
         err = rel_err(cuda_mma_linear(x, q, s, z, b, bits=bits, config=cfg), ref)
-        rows.append(dict(bits=bits, group=group, scale=str(sdt), m=m, bias=bias, split=split, wgmma=wg, err=round(err, 5)))
+        rows.append(
+            dict(bits=bits, group=group, scale=str(sdt), m=m, bias=bias, split=split, wgmma=wg, err=round(err, 5))
+        )
     bad = [r for r in rows if not r["err"] < 1e-2]
-    print(f"check: {len(rows)} cases, worst rel err {max(r['err'] for r in rows):.5f}, {len(bad)} over 1e-2", flush=True)
+    print(
+        f"check: {len(rows)} cases, worst rel err {max(r['err'] for r in rows):.5f}, {len(bad)} over 1e-2", flush=True
+    )
     return bad or rows[:3]
 
 
@@ -89,8 +93,12 @@ def main() -> None:
     dev, t0 = torch.device("cuda"), time.time()
     out: dict = {"benchmark": "quant_cuda_probe", "check": check(dev), "rows": []}
     sms = sm_count(dev)
-    grid = [CudaMmaConfig(1, warps, stages, pd, split, 1) for warps, stages, pd, split in
-            itertools.product((4, 8), (3, 4), (1, 2), (1, 2, 4, 8))]  # fmt: skip
+    grid = [
+        CudaMmaConfig(1, warps, stages, 2, split, 1, cluster)
+        for warps, stages, split, cluster in itertools.product((4, 8), (3, 4), (1, 2, 4, 8), (0, 1))
+        if split > 1 or not cluster
+    ]
+    grid += [CudaMmaConfig(1, 8, 3, 1, split, 1) for split in (1, 2, 4, 8)]
     grid += [CudaMmaConfig(at, 8 // at, 3, 1, split) for at, split in itertools.product((1, 2), (1, 2, 4, 8))]
     for m in args.m:
         for name, (n, k) in SHAPES.items():
@@ -109,8 +117,10 @@ def main() -> None:
             for bits, bank, ref in ((4, b4, ref4), (8, b8, ref8)):
 
                 def call(p, cfg, bits=bits, x=x):
-                    return cuda_mma_linear(x, *p, bits=bits, config=cfg) if bits == 4 else cuda_mma_linear(
-                        x, p[0], p[1], None, bits=8, config=cfg
+                    return (
+                        cuda_mma_linear(x, *p, bits=bits, config=cfg)
+                        if bits == 4
+                        else cuda_mma_linear(x, p[0], p[1], None, bits=8, config=cfg)
                     )
 
                 default = cuda_config(m, n, k, bits=bits, sms=sms)

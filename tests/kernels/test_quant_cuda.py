@@ -38,9 +38,10 @@ CASES = [
     (64, 264, 2048, 64, False, CudaMmaConfig(warps=8, split_k=8)),
     (64, 130, 640, 32, True, CudaMmaConfig(at=2, warps=8, split_k=3)),
 ]
-# the Hopper form: the same shapes, warpgroups of 4 warps (one or two a CTA), 2 to 4 stages, serial and overlapped
+# the Hopper form: the same shapes; warpgroups of 4 warps (one or two a CTA), 2 to 4 stages, serial and overlapped,
+# the K split summed by the kernel or (split 4, 8) by a cluster
 WGMMA_CASES = [
-    (m, n, k, group, bias, CudaMmaConfig(warps=4 * (1 + i % 2), stages=2 + i % 3, pd=1 + i % 2, split_k=cfg.split_k, wgmma=1))
+    (m, n, k, group, bias, CudaMmaConfig(1, 4 * (1 + i % 2), 2 + i % 3, 1 + i % 2, cfg.split_k, wgmma=1, cluster=i % 2))
     for i, (m, n, k, group, bias, cfg) in enumerate(CASES)
 ]
 CASES += [pytest.param(*case, marks=pytest.mark.skipif(not HOPPER, reason="wgmma needs sm_90")) for case in WGMMA_CASES]
@@ -75,7 +76,7 @@ def test_int8_per_channel_matches_the_dequantized_matmul(
 def test_a_cuda_graph_replays_it_with_new_inputs() -> None:
     weight = Int4Weight.quantize(torch.randn(96, 512, generator=_gen(5)), 32).to(DEVICE)
     x = torch.randn(64, 512, generator=_gen(6)).to(DEVICE, torch.bfloat16)
-    call = lambda: int4_linear(x, weight.qs, weight.scale, weight.min, gguf_blocks=True, path="cuda_mma")  # noqa: E731
+    call = lambda: int4_linear(x, weight.qs, weight.scale, weight.min, gguf_blocks=True, path="cuda_mma")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

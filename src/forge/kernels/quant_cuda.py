@@ -42,6 +42,7 @@ class CudaMmaConfig(NamedTuple):
     pd: int = 2
     split_k: int = 1
     wgmma: int = 0  # 1: the Hopper form (sm_90a: wgmma, x read by the tensor cores from shared memory)
+    cluster: int = 0  # 1 (with wgmma): a K split of 2, 4 or 8 CTAs is one cluster, summed in distributed smem
 
 
 def _super_step(bits: int) -> int:
@@ -93,7 +94,7 @@ def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig
 @functools.cache
 def _kernel(bits: int, mt: int, cfg: CudaMmaConfig, scale_kind: int):
     defines = dict(INT4=int(bits == 4), MT=mt, AT=cfg.at, WARPS=cfg.warps, STAGES=cfg.stages, PD=cfg.pd,
-                   SCALE_KIND=scale_kind, WGMMA=cfg.wgmma)  # fmt: skip
+                   SCALE_KIND=scale_kind, WGMMA=cfg.wgmma, CLUSTER=cfg.split_k if cfg.cluster else 1)  # fmt: skip
     options = [f"-D{key}={value}" for key, value in defines.items()] + ["--std=c++17"]
     kernel = torch.cuda._compile_kernel(
         _SOURCE.read_text(), "forge_quant_mma", compute_capability="90a" if cfg.wgmma else None, nvcc_options=options
@@ -108,7 +109,8 @@ def _smem(bits: int, mt: int, cfg: CudaMmaConfig) -> int:
     """Bytes of x's stages: mt * 8 rows of a super-step's columns (the mma.sync form pads rows, as XS in the
     source)."""
     row = _super_step(bits) * 2 + (0 if cfg.wgmma else 32 if bits == 4 else 16)
-    return cfg.stages * mt * 8 * row
+    partials = _rows(cfg) * (mt * 8 + 1) * 4 if cfg.cluster else 0  # the cluster's fp32 partials reuse the stages
+    return max(cfg.stages * mt * 8 * row, partials)
 
 
 def _rows(cfg: CudaMmaConfig) -> int:
@@ -143,8 +145,10 @@ def cuda_mma_linear(
     k_split = triton.cdiv(steps, split) * ss
     split = triton.cdiv(k, k_split)
     mt = min(8, max(2, triton.next_power_of_2(triton.cdiv(m, 8))))
+    clustered = bool(cfg.wgmma and cfg.cluster and split in (2, 4, 8))
+    cfg = cfg._replace(cluster=int(clustered), split_k=split if clustered else 1, at=1 if cfg.wgmma else cfg.at)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 and not clustered else y
     q = q.contiguous()
     if bits == 4:
         if minimum.stride() != scale.stride():
@@ -156,15 +160,15 @@ def cuda_mma_linear(
     b = bias.to(x.dtype).contiguous() if bias is not None else y
     if cfg.wgmma and (cfg.warps % 4 or torch.cuda.get_device_capability(x.device) != (9, 0)):
         raise ValueError(f"launch {cfg}: the wgmma form needs a Hopper GPU (sm_90) and warps in fours")
-    kernel = _kernel(bits, mt, cfg._replace(split_k=1), _SCALE_KINDS[scale.dtype])
+    kernel = _kernel(bits, mt, cfg, _SCALE_KINDS[scale.dtype])
     kernel(
         grid=(triton.cdiv(n, _rows(cfg)), split, 1),
         block=(cfg.warps * 32, 1, 1),
         args=[q, scale, minimum, b, x2, y, ws, m, n, k, x2.stride(0), *strides, blocks_per_group, k_split,
-              int(bias is not None), int(split > 1)],
+              int(bias is not None), int(split > 1 and not clustered)],
         shared_mem=_smem(bits, mt, cfg),
     )  # fmt: skip
-    if split > 1:
+    if split > 1 and not clustered:
         from forge.kernels.quant_gemm import _sum_splits
 
         mn = m * n

@@ -363,6 +363,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
 // unchanged. wgmma reads B's k columns in order, so x is staged with the threads' k permutation applied: each 4-byte
 // pair of x columns goes by cp.async to the slot its owner thread's A registers hold, in the no-swizzle K-major
 // layout of 8x16-byte core matrices (LBO: the next 8 columns of K; SBO: the next 8 rows of x).
+#undef ROWS_CTA
+#define ROWS_CTA (WARPS * 16)  // one A tile a warp
 #define LBO (MROWS * 16)
 #define SLICE (2 * LBO)
 #define WG_STAGE (SS / 16 * SLICE)
@@ -422,8 +424,17 @@ __device__ __forceinline__ void keep(float (&d)[MT][4]) {  // the accumulators s
 }
 
 #define NSLICE (SS / 16)
+#define PART_STRIDE (MROWS + 1)  // fp32 partials a weight row, padded: the reduction's reads miss no bank
+#ifndef CLUSTER
+#define CLUSTER 1
+#endif
+#if CLUSTER > 1
+#define CLUSTER_DIMS __cluster_dims__(1, CLUSTER, 1)
+#else
+#define CLUSTER_DIMS
+#endif
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
+extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS forge_quant_mma(
     const unsigned char* __restrict__ q, const scale_t* __restrict__ sc, const scale_t* __restrict__ mn,
     const u16* __restrict__ bias, const u16* __restrict__ x, u16* __restrict__ y, float* __restrict__ ws, int M,
     int N, int K, int stride_xm, int stride_sn, int stride_sg, int blocks_per_group, int k_split, int has_bias,
@@ -649,6 +660,45 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
   }
 #endif
   cp_wait<0>();
+#if CLUSTER > 1
+  // The K split's CTAs are one cluster: each puts its fp32 partial in its shared memory, and CTA rank r sums rows
+  // [r, r + 1) * ROWS_CTA / CLUSTER of all of them through distributed shared memory, then writes y.
+  __syncthreads();  // every warpgroup's wgmma done: the stages are free
+  float* part = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int h = 0; h < 2; h++)
+#pragma unroll
+    for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+      for (int c = 0; c < 2; c++) part[(warp * 16 + g + 8 * h) * PART_STRIDE + nt * 8 + 2 * t + c] = acc[nt][2 * h + c];
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  u32 rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const u32 part_addr = smem_u32(part);
+  constexpr int RPC = ROWS_CTA / CLUSTER;
+  for (int idx = threadIdx.x; idx < RPC * MROWS; idx += WARPS * 32) {
+    const int row = rank * RPC + idx % RPC, m = idx / RPC;
+    const int n = blockIdx.x * ROWS_CTA + row;
+    const u32 local = part_addr + (row * PART_STRIDE + m) * 4;
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < CLUSTER; r++) {
+      u32 remote;
+      float pv;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(r));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(pv) : "r"(remote) : "memory");
+      v += pv;
+    }
+    if (n < N && m < M) {
+#if !INT4
+      v *= to_f32(sc[(long)n * stride_sn]);
+#endif
+      if (has_bias) v += __uint_as_float(((u32)bias[n]) << 16);
+      y[(long)m * N + n] = to_bf16(v);
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
 
 #pragma unroll
   for (int h = 0; h < 2; h++) {
@@ -673,5 +723,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
           y[(long)m * N + n] = to_bf16(v + bn);
       }
   }
+#endif
 }
 #endif  // WGMMA
