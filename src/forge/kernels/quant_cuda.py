@@ -78,15 +78,17 @@ def cuda_mma_unsupported(
 
 
 def cuda_config(m: int, n: int, k: int, *, bits: int, sms: int) -> CudaMmaConfig:
-    """The launch for m rows of x against an (n, k) weight, from shapes alone: CTAs of 8 warps (128 rows of the
-    weight), 3 stages, weights one super-step ahead (the H100 sweep's best for most of Llama-1B's linears at M = 32
-    and 64, ``results/quant_cuda_probe_NVIDIA_H100_80GB_HBM3.json``); K split, up to 8 ways, while the CTAs fit
-    two per SM and each split keeps at least 4 super-steps."""
-    cfg = CudaMmaConfig(at=1, warps=8, stages=3, pd=1)
+    """The launch for m rows of x against an (n, k) weight, from shapes alone: the H100 sweep's best for Llama-1B's
+    four linears at M = 64 (``results/quant_cuda_probe_NVIDIA_H100_80GB_HBM3.json``). The mma.sync form, 3 stages,
+    weights one super-step ahead; CTAs of 8 warps and one A tile each, or for wide weights (N >= 8192: gate_up) 4
+    warps of two; K split, up to 8 ways, while two CTAs a split still fit one wave and each split keeps at least 2
+    super-steps (qkv 4, o and down 8, gate_up 1)."""
+    wide = n >= 8192
+    cfg = CudaMmaConfig(at=2 if wide else 1, warps=4 if wide else 8, stages=3, pd=1)
     tiles = triton.cdiv(n, _rows(cfg))
     steps = k // _super_step(bits)
     split = 1
-    while split < 8 and tiles * split * 2 <= 2 * sms and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
+    while split < 8 and tiles * split * 2 <= sms and steps % (2 * split) == 0 and steps // (2 * split) >= 2:
         split *= 2
     return cfg._replace(split_k=split)
 
