@@ -17,6 +17,9 @@ picks the kernel from the scheme and the number of rows of x (:mod:`forge.kernel
   tensor cores' bf16 (or fp16) operand: int8 per channel and int4 in GGUF's blocks, 5 to 64 rows. Calls they
   can't take (fp32 x, int4 outside GGUF's blocks, K not a multiple of 32) run the path they replaced: int4
   ``"dequant"``, int8 ``"gemm"``.
+- ``"cuda_mma"``: the same batch GEMM in CUDA C++ compiled by NVRTC (:mod:`forge.kernels.quant_cuda`), the
+  weight loaded straight into ``mma.sync``'s register operand; int4 in GGUF's blocks with bf16 x, 1 to 64 rows.
+  Calls it can't take (off an NVIDIA GPU, fp16 or fp32 x, K not a multiple of 128) run ``"mma"``.
 - ``"dequant"``: the weight written out in x's dtype, then cuBLAS; a long prefill, where the matmul is
   compute-bound and the extra pass over the weight is small against it.
 
@@ -52,6 +55,11 @@ _ANY = 1 << 62
 #: "gemm"'s 65; at M=16: 44 against 57 and 57. int4 (groups of 32) at M=64: 74 against bf16's 60 and
 #: "dequant"'s 112; at M=16: 65 against 57 and 109. In decode at batch 64 on the H200 (1B shape,
 #: results/quant_gpu_batch64_mma_NVIDIA_H200.json): int8 42.7k tok/s, int4 35.5k, bf16 46.1k.
+#: int4 at M = 5-64 runs "cuda_mma" (forge.kernels.quant_cuda, CUDA C++ by NVRTC; the Triton "mma" where it can't):
+#: on an H100 the four 1B linears at M = 64 in 62.3 us against the Triton kernel's 71.9 and bf16's 57.4, at M = 32
+#: 50.2 against 72.9 and 56.0 (results/quant_cuda_probe_NVIDIA_H100_80GB_HBM3.json); 1B decode at batch 64 37.0k
+#: tok/s against 32.7k, bf16 39.3k (results/quant_gpu_1b_cuda_mma_best_NVIDIA_H100_80GB_HBM3.json). int8 stays on
+#: the Triton "mma" (54.2 us against cuda_mma's best 62.3; decode 39.7k against 35.0k).
 CUDA_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
     "int4": ((4, "gemv_q16"), (64, "cuda_mma"), (_ANY, "dequant")),
     "int8": ((4, "gemv_q16"), (64, "mma"), (_ANY, "dequant")),
