@@ -9,6 +9,12 @@ straight into registers (128-bit loads, one super-step ahead), dequantized there
 ``fma.rn.bf16x2``; x is the B operand, staged by ``cp.async``. It reads the weights as Forge keeps them (GGUF's
 int4 blocks, int8 per channel): no second copy.
 
+Two forms, one source: ``mma.sync`` (any GPU from sm_80; the default) and, on Hopper, ``wgmma`` reading x through a
+shared-memory descriptor (``wgmma=1``; x's columns are copied in the threads' k order), whose K split can also be
+summed inside a thread-block cluster (``cluster=1``). On an H100 at M = 64 (``benchmarks/quant_cuda_probe.py``) the
+mma.sync form is the faster for int4 (the four 1B linears in 62.3 us, Triton's "mma" 71.9, bf16 cuBLAS 57.4), the
+wgmma form for int8 (62.3, behind Triton's 54.2, so int8 stays on Triton), and the cluster sum never won.
+
 Numerics are the Triton kernels': int4 ``(c - 128 + 128) * scale + minimum`` rounded once to bf16 per value
 (scale and minimum rounded to bf16), int8 exact with the scale on the fp32 accumulator; fp32 accumulation.
 Launch parameters come from shapes alone (:func:`cuda_config`), so the call is captured in CUDA graphs.
