@@ -496,86 +496,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS forge_quan
     cp_commit();
   }
 
-#if PD == 1
-  u32 wb[2][4];
-#if INT4
-  scale_t sb[2], zb[2];
-#endif
-  auto load_w = [&](int j) {
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      ldg128(wb[h], wp[h] + (long)j * 64);
-#if INT4
-      const long grp = ((k_lo + j * SS) / 32 + t) / blocks_per_group;
-      sb[h] = sc[srow[h] + grp * stride_sg];
-      zb[h] = mn[srow[h] + grp * stride_sg];
-#endif
-    }
-  };
-  if (nss > 0) load_w(0);
-
-  for (int j = 0; j < nss; j++) {
-    cp_wait<STAGES - 2>();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes, seen by wgmma
-    __syncthreads();
-    {
-      const int jn = j + STAGES - 1;
-      if (jn < nss) load_x(jn, jn % STAGES);
-      cp_commit();
-    }
-    u32 w[2][4];
-#pragma unroll
-    for (int h = 0; h < 2; h++)
-#pragma unroll
-      for (int c = 0; c < 4; c++) w[h][c] = wb[h][c];
-    u32 a[NSLICE][4];
-#if INT4
-    u32 s2[2], z2[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const float sv = to_f32(sb[h]), zv = to_f32(zb[h]);
-      s2[h] = pack2(sv, sv);
-      z2[h] = pack2(zv, zv);
-    }
-#endif
-    if (j + 1 < nss) load_w(j + 1);
-#if INT4
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      u32 e0[4], e1[4];
-      nibble_pairs(w[0][i], e0);
-      nibble_pairs(w[1][i], e1);
-      const u32 one = 0x3F803F80u, m128 = 0xC300C300u;
-#pragma unroll
-      for (int hi = 0; hi < 2; hi++) {
-        u32* r = a[hi * 4 + i];
-        r[0] = fma2(fma2(e0[hi], one, m128), s2[0], z2[0]);
-        r[1] = fma2(fma2(e1[hi], one, m128), s2[1], z2[1]);
-        r[2] = fma2(fma2(e0[2 + hi], one, m128), s2[0], z2[0]);
-        r[3] = fma2(fma2(e1[2 + hi], one, m128), s2[1], z2[1]);
-      }
-    }
-#else
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      byte_pairs(w[0][i], a[i][0], a[i][2]);
-      byte_pairs(w[1][i], a[i][1], a[i][3]);
-    }
-#endif
-    const u32 xs = sbase + (j % STAGES) * WG_STAGE;
-    keep(acc);
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-    for (int s = 0; s < NSLICE; s++) wgmma(acc, a[s][0], a[s][1], a[s][2], a[s][3], desc(xs + s * SLICE));
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-    for (int s = 0; s < NSLICE; s++)  // A's registers held until the wgmma that reads them is done
-      asm volatile("" : "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
-    keep(acc);
-  }
-#else
-  // Weights in a ring of two super-steps, loaded two ahead; super-step j + 1 dequantized while j's wgmma run.
+  // Weights in a ring of two super-steps (PD 2: loaded two ahead, super-step j + 1 dequantized while j's wgmma
+  // run; PD 1: one buffer, dequantized before its wgmma).
   u32 wb[2][2][4];
   scale_t sb[2][2], zb[2][2];
   auto load_w = [&](u32 (&wr)[2][4], scale_t (&sr)[2], scale_t (&zr)[2], int j) {
@@ -621,41 +543,58 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS forge_quan
     }
 #endif
   };
+  // x's stage j ready (cp.async done, made visible to the async proxy), the stage STAGES - 1 ahead requested
+  auto next_stage = [&](int j) {
+    cp_wait<STAGES - 2>();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    const int jn = j + STAGES - 1;
+    if (jn < nss) load_x(jn, jn % STAGES);
+    cp_commit();
+  };
+  auto issue = [&](int j, const u32 (&a)[NSLICE][4]) {
+    const u32 xs = sbase + (j % STAGES) * WG_STAGE;
+    keep(acc);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < NSLICE; s++) wgmma(acc, a[s][0], a[s][1], a[s][2], a[s][3], desc(xs + s * SLICE));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  };
+  auto retire = [&](u32 (&a)[NSLICE][4]) {  // A's registers held until the wgmma that reads them is done
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < NSLICE; s++)
+      asm volatile("" : "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
+    keep(acc);
+  };
+#if PD == 1
+  u32 a[NSLICE][4];
+  if (nss > 0) load_w(wb[0], sb[0], zb[0], 0);
+  for (int j = 0; j < nss; j++) {
+    next_stage(j);
+    dequant(wb[0], sb[0], zb[0], a);
+    if (j + 1 < nss) load_w(wb[0], sb[0], zb[0], j + 1);
+    issue(j, a);
+    retire(a);
+  }
+#else
   u32 a[2][NSLICE][4];
   if (nss > 0) load_w(wb[0], sb[0], zb[0], 0);
   if (nss > 1) load_w(wb[1], sb[1], zb[1], 1);
   if (nss > 0) dequant(wb[0], sb[0], zb[0], a[0]);
   if (nss > 2) load_w(wb[0], sb[0], zb[0], 2);
-
   for (int j0 = 0; j0 < nss; j0 += 2) {
 #pragma unroll
-    for (int p = 0; p < 2; p++) {
+    for (int p = 0; p < 2; p++) {  // the ring's slot a compile-time index
       const int j = j0 + p;
       if (j >= nss) break;
-      cp_wait<STAGES - 2>();
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes, seen by wgmma
-      __syncthreads();
-      {
-        const int jn = j + STAGES - 1;
-        if (jn < nss) load_x(jn, jn % STAGES);
-        cp_commit();
-      }
-      const u32 xs = sbase + (j % STAGES) * WG_STAGE;
-      keep(acc);
-      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-      for (int s = 0; s < NSLICE; s++)
-        wgmma(acc, a[p][s][0], a[p][s][1], a[p][s][2], a[p][s][3], desc(xs + s * SLICE));
-      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      next_stage(j);
+      issue(j, a[p]);
       if (j + 1 < nss) {
         dequant(wb[1 - p], sb[1 - p], zb[1 - p], a[1 - p]);
         if (j + 3 < nss) load_w(wb[1 - p], sb[1 - p], zb[1 - p], j + 3);
       }
-      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-      for (int s = 0; s < NSLICE; s++)  // A's registers held until the wgmma that reads them is done
-        asm volatile("" : "+r"(a[p][s][0]), "+r"(a[p][s][1]), "+r"(a[p][s][2]), "+r"(a[p][s][3])::"memory");
-      keep(acc);
+      retire(a[p]);
     }
   }
 #endif
