@@ -2,7 +2,7 @@
 weight on an NVIDIA GPU; everywhere, its refusals and the fallback to the Triton "mma" kernels.
 
 The kernel itself runs only on a GPU (NVRTC and mma.sync): on a CPU those tests skip, and the path's fallback is
-checked through Triton's interpreter.
+checked through Triton's interpreter. Its replay in a CUDA graph is test_quant_linear's, which runs every path.
 """
 
 from __future__ import annotations
@@ -70,25 +70,6 @@ def test_int8_per_channel_matches_the_dequantized_matmul(
     x = torch.randn(m, k, generator=_gen(m)).to(DEVICE, torch.bfloat16)
     y = cuda_mma_linear(x, weight.q, weight.scale, None, bias, bits=8, config=config)
     close(y, _expected(x, dequantize_int8(weight.q, weight.scale), bias), x.dtype)
-
-
-@gpu
-def test_a_cuda_graph_replays_it_with_new_inputs() -> None:
-    weight = Int4Weight.quantize(torch.randn(96, 512, generator=_gen(5)), 32).to(DEVICE)
-    x = torch.randn(64, 512, generator=_gen(6)).to(DEVICE, torch.bfloat16)
-    call = lambda: int4_linear(x, weight.qs, weight.scale, weight.min, gguf_blocks=True, path="cuda_mma")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()  # compiles before the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = call()
-    x.copy_(torch.randn(64, 512, generator=_gen(7)).to(DEVICE, torch.bfloat16))
-    graph.replay()
-    w = dequantize_int4(weight.qs, weight.scale, weight.min, gguf_blocks=True)
-    close(y, _expected(x, w), x.dtype)
 
 
 def test_calls_it_cant_take_are_named_and_run_the_triton_kernels() -> None:

@@ -144,6 +144,36 @@ __device__ __forceinline__ int swz(int chunk) {
 #endif
 }
 
+// One 16-row tile's accumulators (rows n0 + g and n0 + g + 8 of y^T, columns nt*8 + 2t (+1): y[m][n]) to y, or
+// with a K split to its fp32 slice of the workspace; int8's per-channel scale applied here.
+__device__ __forceinline__ void store_tile(const float (&acc)[MT][4], int n0, int g, int t, const scale_t* sc,
+                                           const u16* bias, u16* y, float* ws, int M, int N, int stride_sn,
+                                           int has_bias, int split) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int n = n0 + g + 8 * h;
+    if (n >= N) continue;
+#if INT4
+    const float sn = 1.f;
+#else
+    const float sn = to_f32(sc[(long)n * stride_sn]);
+#endif
+    const float bn = (has_bias && !split) ? __uint_as_float(((u32)bias[n]) << 16) : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < MT; nt++)
+#pragma unroll
+      for (int c = 0; c < 2; c++) {
+        const int m = nt * 8 + 2 * t + c;
+        if (m >= M) continue;
+        const float v = acc[nt][2 * h + c] * sn;
+        if (split)
+          ws[((long)blockIdx.y * M + m) * N + n] = v;
+        else
+          y[(long)m * N + n] = to_bf16(v + bn);
+      }
+  }
+}
+
 #if !WGMMA
 // One super-step of a warp: its weights w (rows g and g + 8 of each A tile, 16 bytes each) against x's stage at
 // shared address xs.
@@ -328,32 +358,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
   }
   cp_wait<0>();
 
-  // acc[a][nt]: rows n_warp + 16a + g (+8) of y^T, columns nt*8 + 2t (+1): y[m][n]
 #pragma unroll
   for (int a = 0; a < AT; a++)
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const int n = n_warp + 16 * a + g + 8 * h;
-      if (n >= N) continue;
-#if INT4
-      const float sn = 1.f;
-#else
-      const float sn = to_f32(sc[(long)n * stride_sn]);
-#endif
-      const float bn = (has_bias && !split) ? __uint_as_float(((u32)bias[n]) << 16) : 0.f;
-#pragma unroll
-      for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-          const int m = nt * 8 + 2 * t + c;
-          if (m >= M) continue;
-          const float v = acc[a][nt][2 * h + c] * sn;
-          if (split)
-            ws[((long)blockIdx.y * M + m) * N + n] = v;
-          else
-            y[(long)m * N + n] = to_bf16(v + bn);
-        }
-    }
+    store_tile(acc[a], n_warp + 16 * a, g, t, sc, bias, y, ws, M, N, stride_sn, has_bias, split);
 }
 #else  // WGMMA
 // ---------------------------------------------------------------------------------------------------------------
@@ -638,30 +645,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS forge_quan
   }
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #else
-
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const int n = n_warp + g + 8 * h;
-    if (n >= N) continue;
-#if INT4
-    const float sn = 1.f;
-#else
-    const float sn = to_f32(sc[(long)n * stride_sn]);
-#endif
-    const float bn = (has_bias && !split) ? __uint_as_float(((u32)bias[n]) << 16) : 0.f;
-#pragma unroll
-    for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-      for (int c = 0; c < 2; c++) {
-        const int m = nt * 8 + 2 * t + c;
-        if (m >= M) continue;
-        const float v = acc[nt][2 * h + c] * sn;
-        if (split)
-          ws[((long)blockIdx.y * M + m) * N + n] = v;
-        else
-          y[(long)m * N + n] = to_bf16(v + bn);
-      }
-  }
+  store_tile(acc, n_warp, g, t, sc, bias, y, ws, M, N, stride_sn, has_bias, split);
 #endif
 }
 #endif  // WGMMA
