@@ -144,6 +144,18 @@ __device__ __forceinline__ int swz(int chunk) {
 #endif
 }
 
+// Both forms' kernel: its parameters (Python passes them in this order) and first lines.
+#define KERNEL_PARAMS                                                                                          \
+  const unsigned char *__restrict__ q, const scale_t *__restrict__ sc, const scale_t *__restrict__ mn,          \
+      const u16 *__restrict__ bias, const u16 *__restrict__ x, u16 *__restrict__ y, float *__restrict__ ws,     \
+      int M, int N, int K, int stride_xm, int stride_sn, int stride_sg, int blocks_per_group, int k_split,      \
+      int has_bias, int split
+#define KERNEL_SETUP                                                                                           \
+  extern __shared__ __align__(128) unsigned char smem[];                                                       \
+  const u32 sbase = smem_u32(smem);                                                                            \
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;                                                  \
+  const int g = lane >> 2, t = lane & 3;
+
 // One 16-row tile's accumulators (rows n0 + g and n0 + g + 8 of y^T, columns nt*8 + 2t (+1): y[m][n]) to y, or
 // with a K split to its fp32 slice of the workspace; int8's per-channel scale applied here.
 __device__ __forceinline__ void store_tile(const float (&acc)[MT][4], int n0, int g, int t, const scale_t* sc,
@@ -230,15 +242,8 @@ __device__ __forceinline__ void compute(float (&acc)[AT][MT][4], const u32 (&w)[
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(
-    const unsigned char* __restrict__ q, const scale_t* __restrict__ sc, const scale_t* __restrict__ mn,
-    const u16* __restrict__ bias, const u16* __restrict__ x, u16* __restrict__ y, float* __restrict__ ws, int M,
-    int N, int K, int stride_xm, int stride_sn, int stride_sg, int blocks_per_group, int k_split, int has_bias,
-    int split) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  const u32 sbase = smem_u32(smem);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
+extern "C" __global__ void __launch_bounds__(WARPS * 32) forge_quant_mma(KERNEL_PARAMS) {
+  KERNEL_SETUP
   const int n_warp = blockIdx.x * ROWS_CTA + warp * 16 * AT;
   const int k_lo = blockIdx.y * k_split;
   const int k_hi = min(K, k_lo + k_split);
@@ -441,15 +446,8 @@ __device__ __forceinline__ void keep(float (&d)[MT][4]) {  // the accumulators s
 #define CLUSTER_DIMS
 #endif
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS forge_quant_mma(
-    const unsigned char* __restrict__ q, const scale_t* __restrict__ sc, const scale_t* __restrict__ mn,
-    const u16* __restrict__ bias, const u16* __restrict__ x, u16* __restrict__ y, float* __restrict__ ws, int M,
-    int N, int K, int stride_xm, int stride_sn, int stride_sg, int blocks_per_group, int k_split, int has_bias,
-    int split) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  const u32 sbase = smem_u32(smem);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
+extern "C" __global__ void __launch_bounds__(WARPS * 32) CLUSTER_DIMS forge_quant_mma(KERNEL_PARAMS) {
+  KERNEL_SETUP
   const int n_warp = blockIdx.x * (WARPS * 16) + warp * 16;  // warp w of a warpgroup: its rows 16w .. 16w+15
   const int k_lo = blockIdx.y * k_split;
   const int k_hi = min(K, k_lo + k_split);
