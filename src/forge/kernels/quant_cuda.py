@@ -3,7 +3,8 @@ x, compiled at run time by NVRTC (``torch.cuda._compile_kernel``; no nvcc needed
 
 Why below Triton: at M = 64 the Triton ``"mma"`` kernels (:mod:`forge.kernels.quant_gemm`) lose to bf16 cuBLAS on
 the H200 (the four Llama-1B linears in 72 us against 47), and no cheaper unpacking changed that
-(``benchmarks/quant_words_probe.py``): Triton stages a dot operand computed in registers through shared memory.
+(``benchmarks/quant_words_probe.py``); the likely cause is how Triton schedules a dot whose operand is computed in
+registers.
 This kernel is Marlin's idea cut to Forge's layouts: the weight is the ``mma.sync`` A operand, loaded from HBM
 straight into registers (128-bit loads, one super-step ahead), dequantized there with ``prmt``/``lop3`` and
 ``fma.rn.bf16x2``; x is the B operand, staged by ``cp.async``. It reads the weights as Forge keeps them (GGUF's
@@ -15,7 +16,7 @@ summed inside a thread-block cluster (``cluster=1``). On an H100 at M = 64 (``be
 mma.sync form is the faster for int4 (the four 1B linears in 62.3 us, Triton's "mma" 71.9, bf16 cuBLAS 57.4), the
 wgmma form for int8 (62.3, behind Triton's 54.2, so int8 stays on Triton), and the cluster sum never won.
 
-Numerics are the Triton kernels': int4 ``(c - 128 + 128) * scale + minimum`` rounded once to bf16 per value
+Numerics are the Triton kernels': int4 ``((128 + c) - 128) * scale + minimum`` rounded once to bf16 per value
 (scale and minimum rounded to bf16), int8 exact with the scale on the fp32 accumulator; fp32 accumulation.
 Launch parameters come from shapes alone (:func:`cuda_config`), so the call is captured in CUDA graphs.
 """

@@ -349,7 +349,7 @@ def _launch(
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path == "cuda_mma":  # quant_cuda's kernel where it takes the call, else the Triton "mma"
-        if cuda_mma_unsupported(x2, q, scale, minimum, bits=bits, gguf=gguf) is None and (bits == 8 or gguf):
+        if cuda_mma_unsupported(x2, q, scale, minimum, bits=bits, gguf=gguf) is None:
             return cuda_mma_linear(x2, q, scale, minimum, bias, bits=bits).reshape(*x.shape[:-1], n)
         path = "mma"
     if path == "mma":  # quant_gemm's kernels where they take the weight, else the path they replaced
