@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from kernel_checks import DEVICE, ON_GPU, close
 
 from forge.core.quantize import Int4Weight, Int8Weight
-from forge.kernels.quant_cuda import CudaMmaConfig, cuda_config, cuda_mma_linear, cuda_mma_unsupported
+from forge.kernels import quant_cuda
+from forge.kernels.quant_cuda import (
+    CudaCompileError,
+    CudaMmaConfig,
+    cuda_config,
+    cuda_mma_linear,
+    cuda_mma_unsupported,
+)
 from forge.kernels.quant_matmul import int4_linear, int8_linear
 from forge.kernels.reference import dequantize_int4, dequantize_int8
 
@@ -98,6 +105,30 @@ def test_calls_it_cant_take_are_named_and_run_the_triton_kernels() -> None:
         assert torch.equal(y8, int8_linear(x, int8.q, int8.scale, path="mma"))
     with pytest.raises(ValueError, match="cuda_mma_linear can't take this call"):
         cuda_mma_linear(x.float(), int8.q, int8.scale, bits=8)
+
+
+def test_a_kernel_nvrtc_cannot_build_is_refused_from_then_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NVRTC failing (no libnvrtc, an old driver): CudaCompileError with the cause, one warning, and every later
+    call refused with that reason, so path="cuda_mma" runs the Triton kernel."""
+
+    def no_nvrtc(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("libnvrtc.so: cannot open shared object file")
+
+    monkeypatch.setattr(quant_cuda, "_failed", [])
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", no_nvrtc)
+    with (
+        caplog.at_level("WARNING", logger="forge.kernels.quant_cuda"),
+        pytest.raises(CudaCompileError, match=r"NVRTC could not build .* libnvrtc\.so: cannot open"),
+    ):
+        quant_cuda._kernel.__wrapped__(4, 8, CudaMmaConfig(), 2)
+    assert "batched quantized matmuls take the Triton kernels" in caplog.text
+    int4 = Int4Weight.quantize(torch.randn(24, 256, generator=_gen(11)), 32).to(DEVICE)
+    x = torch.randn(5, 256, generator=_gen(12)).to(DEVICE, torch.bfloat16)
+    assert "libnvrtc.so" in str(cuda_mma_unsupported(x, int4.qs, int4.scale, int4.min, bits=4, gguf=True))
+    y = int4_linear(x, int4.qs, int4.scale, int4.min, gguf_blocks=True, path="cuda_mma")
+    assert torch.equal(y, int4_linear(x, int4.qs, int4.scale, int4.min, gguf_blocks=True, path="mma"))
 
 
 def test_the_launch_splits_k_to_fill_the_multiprocessors() -> None:

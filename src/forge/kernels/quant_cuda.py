@@ -24,6 +24,7 @@ Launch parameters come from shapes alone (:func:`cuda_config`), so the call is c
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,9 +33,19 @@ import triton
 
 from forge.kernels.attention_tiles import sm_count
 
-__all__ = ["CudaMmaConfig", "cuda_config", "cuda_mma_linear", "cuda_mma_unsupported"]
+__all__ = ["CudaCompileError", "CudaMmaConfig", "cuda_config", "cuda_mma_linear", "cuda_mma_unsupported"]
 
+log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "quant_mma.cu"
+#: Why NVRTC could not build the kernel in this process (empty: it could, or wasn't asked). Once it fails, every
+#: call is refused and takes the Triton kernels, with one warning.
+_failed: list[str] = []
+
+
+class CudaCompileError(RuntimeError):
+    """NVRTC could not build or load the kernel here (no libnvrtc, a driver too old for the code, ...)."""
+
+
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_M = 64
 
@@ -60,6 +71,8 @@ def cuda_mma_unsupported(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, *, bits: int, gguf: bool
 ) -> str | None:
     """Why the CUDA kernel can't take this call (None: it can)."""
+    if _failed:
+        return _failed[0]
     if x.device.type != "cuda" or torch.version.hip is not None:
         return "the CUDA kernel runs on NVIDIA GPUs"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
@@ -105,9 +118,16 @@ def _kernel(bits: int, mt: int, cfg: CudaMmaConfig, scale_kind: int):
     defines = dict(INT4=int(bits == 4), MT=mt, AT=cfg.at, WARPS=cfg.warps, STAGES=cfg.stages, PD=cfg.pd,
                    SCALE_KIND=scale_kind, WGMMA=cfg.wgmma, CLUSTER=cfg.split_k if cfg.cluster else 1)  # fmt: skip
     options = [f"-D{key}={value}" for key, value in defines.items()] + ["--std=c++17"]
-    kernel = torch.cuda._compile_kernel(
-        _SOURCE.read_text(), "forge_quant_mma", compute_capability="90a" if cfg.wgmma else None, nvcc_options=options
-    )
+    try:
+        arch = "90a" if cfg.wgmma else None  # wgmma needs sm_90a; None: the device's own
+        kernel = torch.cuda._compile_kernel(
+            _SOURCE.read_text(), "forge_quant_mma", compute_capability=arch, nvcc_options=options
+        )
+    except Exception as exc:  # no libnvrtc, an old driver, a compiler error: the Triton kernels still work
+        why = f"NVRTC could not build Forge's CUDA quantized GEMM here ({type(exc).__name__}: {exc})"
+        _failed.append(why)
+        log.warning("%s; batched quantized matmuls take the Triton kernels", why)
+        raise CudaCompileError(why) from exc
     smem = _smem(bits, mt, cfg)
     if smem >= 48 * 1024:  # past the default limit a kernel must ask for it
         kernel.set_shared_memory_config(smem)
