@@ -164,8 +164,8 @@ def cuda_mma_linear(
         raise ValueError(f"cuda_mma_linear can't take this call: {why}")
     k, n = x.shape[-1], q.shape[0]
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) % 8:
-        x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte pieces of rows
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # a new buffer: dense and aligned
     m = x2.shape[0]
     cfg = config or cuda_config(m, n, k, bits=bits, sms=sm_count(x.device))
     ss = _super_step(bits)
@@ -179,6 +179,8 @@ def cuda_mma_linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 and not clustered else y
     q = q.contiguous()
+    if q.data_ptr() % 16:  # each thread loads 16 bytes of a row at once (a view of a larger buffer may be offset)
+        q = q.clone()
     if bits == 4:
         if minimum.stride() != scale.stride():
             scale, minimum = scale.contiguous(), minimum.contiguous()
