@@ -32,8 +32,16 @@ import torch
 import triton
 
 from forge.kernels.attention_tiles import sm_count
+from forge.kernels.quant_gemm import _sum_splits
 
-__all__ = ["CudaCompileError", "CudaMmaConfig", "cuda_config", "cuda_mma_linear", "cuda_mma_unsupported"]
+__all__ = [
+    "CudaCompileError",
+    "CudaMmaConfig",
+    "cuda_config",
+    "cuda_mma_linear",
+    "cuda_mma_or_none",
+    "cuda_mma_unsupported",
+]
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "quant_mma.cu"
@@ -162,6 +170,39 @@ def cuda_mma_linear(
     why = cuda_mma_unsupported(x, q, scale, minimum, bits=bits, gguf=True)
     if why is not None:
         raise ValueError(f"cuda_mma_linear can't take this call: {why}")
+    return _run(x, q, scale, minimum, bias, bits, config)
+
+
+def cuda_mma_or_none(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    bits: int,
+    gguf: bool,
+) -> torch.Tensor | None:
+    """:func:`cuda_mma_linear` with the launch from :func:`cuda_config`, or None where the kernel can't take the call
+    (:func:`cuda_mma_unsupported`) or NVRTC can't build it here (logged once): the caller runs another kernel."""
+    if cuda_mma_unsupported(x, q, scale, minimum, bits=bits, gguf=gguf) is not None:
+        return None
+    try:
+        return _run(x, q, scale, minimum, bias, bits, None)
+    except CudaCompileError:  # from now on cuda_mma_unsupported says why
+        return None
+
+
+def _run(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    config: CudaMmaConfig | None,
+) -> torch.Tensor:
+    """The launch (and a split's sum) for a call :func:`cuda_mma_unsupported` accepted."""
     k, n = x.shape[-1], q.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte pieces of rows
@@ -200,8 +241,6 @@ def cuda_mma_linear(
         shared_mem=_smem(bits, mt, cfg),
     )  # fmt: skip
     if split > 1 and not clustered:
-        from forge.kernels.quant_gemm import _sum_splits
-
         mn = m * n
         _sum_splits[(triton.cdiv(mn, 1024),)](ws, b, y, n, mn, split, HAS_BIAS=bias is not None, BLOCK=1024)
     return y.view(*x.shape[:-1], n)

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from forge.kernels.attention_tiles import dot, dot_precision, sm_count, upcast
-from forge.kernels.quant_cuda import CudaCompileError, cuda_mma_linear, cuda_mma_unsupported
+from forge.kernels.quant_cuda import cuda_mma_or_none
 from forge.kernels.quant_gemm import MmaConfig, mma_linear
 from forge.kernels.quant_gemv import as_float as _as_float
 from forge.kernels.quant_gemv import gemv_rounded, gemv_tile, gemv_words
@@ -349,11 +349,9 @@ def _launch(
         x2 = x2.contiguous()
     m = x2.shape[0]
     if path == "cuda_mma":  # quant_cuda's kernel where it takes the call, else the Triton "mma"
-        if cuda_mma_unsupported(x2, q, scale, minimum, bits=bits, gguf=gguf) is None:
-            try:
-                return cuda_mma_linear(x2, q, scale, minimum, bias, bits=bits).reshape(*x.shape[:-1], n)
-            except CudaCompileError:  # logged once; from now on cuda_mma_unsupported says why
-                pass
+        y = cuda_mma_or_none(x2, q, scale, minimum, bias, bits=bits, gguf=gguf)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], n)
         path = "mma"
     if path == "mma":  # quant_gemm's kernels where they take the weight, else the path they replaced
         cfg = None if config is None else MmaConfig(**{f: getattr(config, f) for f in MmaConfig._fields})
